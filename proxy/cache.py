@@ -1,0 +1,68 @@
+"""The store as the data path sees it: failures open a breaker and the proxy degrades.
+
+A failing store never fails a request: `get`/`set` raise StoreUnavailable, which the handler
+turns into a pass-through (BYPASS), and after a failure the store is not tried again for
+`breaker_s`. One `store.unavailable` / `store.recovered` line is logged per state change.
+"""
+
+from __future__ import annotations
+
+import time
+
+import structlog
+
+from proxy.errors import StoreUnavailable
+from proxy.models import CachedResponse
+from proxy.stores import Store
+
+log = structlog.get_logger()
+
+
+class Cache:
+    def __init__(self, store: Store, *, breaker_s: float = 5.0) -> None:
+        self.store = store
+        self.breaker_s = breaker_s
+        self.open_until = 0.0
+        self.healthy = True
+
+    @property
+    def state(self) -> str:
+        return "ok" if self.healthy else "degraded"
+
+    def _check(self) -> None:
+        if not self.healthy and time.monotonic() < self.open_until:
+            raise StoreUnavailable("breaker open")
+
+    def _failed(self, exc: BaseException) -> StoreUnavailable:
+        if self.healthy:
+            log.warning("store.unavailable", store=self.store.name, error=str(exc)[:200])
+        self.healthy = False
+        self.open_until = time.monotonic() + self.breaker_s
+        return StoreUnavailable(str(exc))
+
+    def _ok(self) -> None:
+        if not self.healthy:
+            self.healthy = True
+            log.info("store.recovered", store=self.store.name)
+
+    async def get(self, key: str) -> CachedResponse | None:
+        self._check()
+        try:
+            entry = await self.store.get(key)
+        except Exception as exc:
+            raise self._failed(exc) from exc
+        if not self.healthy:
+            self._ok()
+        return entry
+
+    async def set(self, key: str, entry: CachedResponse, ttl_s: float) -> None:
+        self._check()
+        try:
+            await self.store.set(key, entry, ttl_s)
+        except Exception as exc:
+            raise self._failed(exc) from exc
+        if not self.healthy:
+            self._ok()
+
+    async def aclose(self) -> None:
+        await self.store.aclose()

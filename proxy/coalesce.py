@@ -1,0 +1,220 @@
+"""In-flight answers and single flight per key.
+
+A `Flight` is one upstream answer being received: its head (status, headers), then its chunks
+as they arrive. The upstream read runs in its own task and appends to the flight; every client
+asking for that answer, the one that started it (the leader) and every identical request that
+joined later, reads the flight from its first chunk and then follows it live. So:
+
+- a duplicate that joins half-way gets the whole answer from byte 0, then the rest live;
+- a client that hangs up (leader or not) stops only its own reader: the upstream read goes on
+  for the others and for the cache (bounded by `detached_max_s` once nobody reads);
+- a slow reader only lags behind in the shared chunk list; it never slows the upstream read
+  nor the other readers. A flight above `max_bytes` stops taking new joiners and is not stored,
+  and chunks every reader has passed are released, so memory per flight stays bounded;
+- an upstream error is an answer like any other (its status and body reach every reader) and is
+  never stored; a fetch task that raises or is cancelled ends the flight as `CUT`, so no reader
+  ever waits on a flight that will not finish.
+
+Limits: this registry is per process. Identical requests that reach different processes or
+instances are merged only where a shared store provides a cross-instance flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from enum import Enum
+
+from proxy.models import CachedResponse
+
+
+class Outcome(Enum):
+    PENDING = "pending"
+    COMPLETE = "complete"
+    """The upstream answer ended as a whole (it may still be an error status)."""
+    CUT = "cut"
+    """The answer broke off: readers must show their client a cut, nothing is stored."""
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    status: int
+    headers: tuple[tuple[str, str], ...]
+
+
+class Flight:
+    """One upstream answer in progress, shared by every reader of its key."""
+
+    def __init__(self, key: str, *, max_bytes: int, fingerprint: str = "") -> None:
+        self.key = key
+        self.fingerprint = fingerprint
+        """For Idempotency-Key flights: the request the key was first used with."""
+        self.max_bytes = max_bytes
+        self.started = time.monotonic()
+        self.head: Head | None = None
+        self.head_at = 0.0
+        self.chunks: list[bytes] = []
+        self.chunk_ms: list[float] = []
+        self.size = 0
+        self.outcome = Outcome.PENDING
+        self.overflow = False
+        self.readers = 0
+        self.joined = 0
+        self.detached_since: float | None = time.monotonic()
+        self.reason = ""
+        self.entry: CachedResponse | None = None
+        """Set once a good answer is whole: late joiners and debounce reuse it as is."""
+        self._base = 0  # how many leading chunks were released (overflow only)
+        self._positions: dict[int, int] = {}
+        self._changed = asyncio.Event()
+        self._head_ready = asyncio.Event()
+
+    # -- writer side (the fetch task) -------------------------------------------------------
+    def publish_head(self, status: int, headers: tuple[tuple[str, str], ...]) -> None:
+        self.head = Head(status, headers)
+        self.head_at = time.monotonic()
+        self._head_ready.set()
+        self._wake()
+
+    def append(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        self.chunks.append(chunk)
+        self.chunk_ms.append((time.monotonic() - self.head_at) * 1000.0)
+        self.size += len(chunk)
+        if self.size > self.max_bytes and not self.overflow:
+            self.overflow = True
+        if self.overflow:
+            self._release_read()
+        self._wake()
+
+    def finish(self, outcome: Outcome, reason: str = "") -> None:
+        if self.outcome is not Outcome.PENDING:
+            return
+        self.outcome = outcome
+        self.reason = reason
+        self._head_ready.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _release_read(self) -> None:
+        low = min(self._positions.values(), default=self._base + len(self.chunks))
+        drop = low - self._base
+        if drop > 0:
+            del self.chunks[:drop]
+            del self.chunk_ms[:drop]
+            self._base = low
+
+    # -- reader side (one per client) -------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self.outcome is not Outcome.PENDING
+
+    @property
+    def joinable(self) -> bool:
+        """A new reader can still get the whole answer from its first byte."""
+        return not self.overflow and self.outcome is not Outcome.CUT
+
+    async def wait_head(self, patience_s: float | None) -> Head | None:
+        """The head, or None if the flight ended without one or `patience_s` passed first."""
+        if self.head is None and not self.done:
+            try:
+                await asyncio.wait_for(self._head_ready.wait(), patience_s)
+            except TimeoutError:
+                return None
+        return self.head
+
+    def attach(self) -> Reader:
+        """A reader positioned at the first chunk; close it when the client is done."""
+        return Reader(self)
+
+    def _attach(self, token: object) -> None:
+        self.readers += 1
+        self._positions[id(token)] = self._base
+        self.detached_since = None
+
+    def _detach(self, token: object) -> None:
+        if self._positions.pop(id(token), None) is None:
+            return
+        self.readers -= 1
+        if self.readers == 0:
+            self.detached_since = time.monotonic()
+
+    def body(self) -> bytes:
+        return b"".join(self.chunks)
+
+
+class Flights:
+    """The registry of flights in this process: at most one joinable flight per key."""
+
+    def __init__(self) -> None:
+        self._flights: dict[str, Flight] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+
+    def __len__(self) -> int:
+        return len(self._flights)
+
+    def get(self, key: str) -> Flight | None:
+        flight = self._flights.get(key)
+        if flight is not None and not flight.joinable:
+            self.forget(flight)
+            return None
+        return flight
+
+    def lead(self, key: str, *, max_bytes: int, fingerprint: str = "") -> Flight:
+        flight = Flight(key, max_bytes=max_bytes, fingerprint=fingerprint)
+        self.forget_key(key)
+        self._flights[key] = flight
+        return flight
+
+    def forget(self, flight: Flight, after_s: float = 0.0) -> None:
+        """Drop the flight from the registry, now or after a debounce window."""
+        if self._flights.get(flight.key) is not flight:
+            return
+        if after_s <= 0:
+            self.forget_key(flight.key)
+            return
+        loop = asyncio.get_running_loop()
+        self._timers[flight.key] = loop.call_later(after_s, self._expire, flight)
+
+    def _expire(self, flight: Flight) -> None:
+        if self._flights.get(flight.key) is flight:
+            del self._flights[flight.key]
+            self._timers.pop(flight.key, None)
+
+    def forget_key(self, key: str) -> None:
+        self._flights.pop(key, None)
+        timer = self._timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+
+
+class Reader:
+    """One client's position in a flight. Attached from creation, so nothing it still needs
+    is released; `close()` (idempotent) lets go."""
+
+    def __init__(self, flight: Flight) -> None:
+        self.flight = flight
+        self.pos = flight._base
+        flight._attach(self)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """Every chunk from the first, then live ones, until the flight ends."""
+        f = self.flight
+        while True:
+            while self.pos - f._base < len(f.chunks):
+                chunk = f.chunks[self.pos - f._base]
+                self.pos += 1
+                f._positions[id(self)] = self.pos
+                yield chunk
+            if f.done:
+                return
+            await f._changed.wait()
+
+    def close(self) -> None:
+        self.flight._detach(self)

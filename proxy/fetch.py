@@ -1,0 +1,221 @@
+"""The upstream read behind a flight: upstream -> Flight -> store.
+
+It runs in its own task, detached from any client, so the answer is read to the end for the
+readers that remain and for the cache even when the client that started it hangs up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import structlog
+from multidict import CIMultiDict
+
+from proxy import sse
+from proxy.cache import Cache
+from proxy.coalesce import Flight, Flights, Outcome
+from proxy.errors import StoreUnavailable, UpstreamError, UpstreamTimeout, error_body
+from proxy.models import CachedResponse
+from proxy.tasks import spawn
+from proxy.upstream import Upstream, response_headers
+
+log = structlog.get_logger()
+
+JSON_HEADERS = (("Content-Type", "application/json"),)
+
+# A hook that may rewrite a whole non-streamed 2xx body before anyone sees it (image rehosting).
+# It returns the new body, or None to leave the answer as it is and not store it.
+Transform = Callable[[bytes, "FetchJob"], Awaitable[bytes | None]]
+
+
+@dataclass(slots=True)
+class FetchJob:
+    """One upstream request and what to do with its answer."""
+
+    method: str
+    path_qs: str
+    headers: CIMultiDict[str]
+    body: bytes
+    route: str
+    stream: bool
+    store_key: str = ""
+    """Where to store a good answer; "" stores nothing."""
+    ttl_s: float = 0.0
+    debounce_s: float = 0.0
+    transform: Transform | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    public_base: str = ""
+    """The base URL the client reached the proxy at (for links to images it serves)."""
+
+
+def proxy_error(flight: Flight, status: int, message: str, code: str) -> None:
+    """End a flight that has no head yet with an OpenAI-shaped error of the proxy's own."""
+    flight.publish_head(status, JSON_HEADERS)
+    flight.append(error_body(message, "proxy_error", code))
+    flight.finish(Outcome.COMPLETE, code)
+
+
+class Fetcher:
+    """Starts the upstream read for a flight and stores what came back whole and good."""
+
+    def __init__(
+        self, upstream: Upstream, cache: Cache, flights: Flights, *, detached_max_s: float
+    ) -> None:
+        self.upstream = upstream
+        self.cache = cache
+        self.flights = flights
+        self.detached_max_s = detached_max_s
+
+    def start(self, flight: Flight, job: FetchJob) -> None:
+        spawn(self.run(flight, job), name=f"fetch:{flight.key[:15]}")
+
+    async def run(self, flight: Flight, job: FetchJob) -> None:
+        started = time.monotonic()
+        try:
+            await self._read(flight, job)
+            flight.finish(Outcome.COMPLETE)
+        except UpstreamTimeout:
+            if flight.head is None:
+                proxy_error(
+                    flight, 504, "The upstream API did not answer in time.", "upstream_timeout"
+                )
+            flight.finish(Outcome.CUT, "upstream timeout")
+        except UpstreamError as exc:
+            if flight.head is None:
+                proxy_error(
+                    flight,
+                    502,
+                    f"The upstream API could not be reached: {exc}",
+                    "upstream_unreachable",
+                )
+            flight.finish(Outcome.CUT, str(exc))
+        except asyncio.CancelledError:
+            flight.finish(Outcome.CUT, "cancelled")
+            self.flights.forget(flight)
+            raise
+        except Exception as exc:
+            log.exception("fetch.failed", key=flight.key[3:15])
+            if flight.head is None:
+                proxy_error(
+                    flight,
+                    502,
+                    "The proxy failed while reading the upstream answer.",
+                    "proxy_failure",
+                )
+            flight.finish(Outcome.CUT, f"internal error: {type(exc).__name__}")
+        finally:
+            if not flight.done:
+                flight.finish(Outcome.CUT, "fetch ended early")
+        job.meta["upstream_ms"] = (time.monotonic() - started) * 1000.0
+        if flight.outcome is Outcome.CUT and flight.head is not None and flight.head.status < 400:
+            log.warning("stream.aborted", key=flight.key[3:15], reason=flight.reason)
+        await self._keep(flight, job)
+
+    async def _read(self, flight: Flight, job: FetchJob) -> None:
+        async with self.upstream.request(job.method, job.path_qs, job.headers, job.body) as resp:
+            headers = response_headers(resp.headers)
+            ctype = resp.headers.get("Content-Type", "")
+            if not job.stream and "text/event-stream" in ctype:
+                job.stream = True
+            if job.transform is not None and 200 <= resp.status < 300 and not job.stream:
+                data = await resp.read()
+                new = await job.transform(data, job)
+                if new is None:
+                    job.store_key = ""
+                    job.debounce_s = 0.0
+                else:
+                    data = new
+                flight.publish_head(resp.status, headers)
+                flight.append(data)
+                return
+            flight.publish_head(resp.status, headers)
+            async for chunk in resp.content.iter_any():
+                flight.append(chunk)
+                if (
+                    flight.detached_since is not None
+                    and time.monotonic() - flight.detached_since > self.detached_max_s
+                ):
+                    raise UpstreamError("every client left and detached_max_s passed")
+
+    async def _keep(self, flight: Flight, job: FetchJob) -> None:
+        """Store the answer if it is whole and good; then let the flight go (or debounce)."""
+        head = flight.head
+        good = (
+            flight.outcome is Outcome.COMPLETE
+            and head is not None
+            and 200 <= head.status < 300
+            and not flight.overflow
+        )
+        body = flight.body() if good else b""
+        if good and job.stream:
+            why = sse.verdict(body)
+            if why:
+                good = False
+                log.info("stream.not_stored", key=flight.key[3:15], reason=why)
+        if not good:
+            if flight.overflow:
+                log.info("stream.not_stored", key=flight.key[3:15], reason="above max_record_mb")
+            self.flights.forget(flight)
+            return
+        assert head is not None
+        entry = make_entry(head.status, head.headers, body, flight, job)
+        flight.entry = entry
+        if job.store_key:
+            try:
+                await self.cache.set(job.store_key, entry, job.ttl_s)
+                job.meta["stored"] = True
+            except StoreUnavailable:
+                pass
+        self.flights.forget(flight, after_s=job.debounce_s)
+
+
+def _stored_headers(headers: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    # Rate-limit headers describe the request that was made, not the one a HIT answers.
+    return tuple((k, v) for k, v in headers if not k.lower().startswith("x-ratelimit-"))
+
+
+def make_entry(
+    status: int,
+    headers: tuple[tuple[str, str], ...],
+    body: bytes,
+    flight: Flight,
+    job: FetchJob,
+) -> CachedResponse:
+    """The stored form of a finished flight, with its usage for cost accounting."""
+    ends: list[int] = []
+    if job.stream:
+        total = 0
+        for chunk in flight.chunks:
+            total += len(chunk)
+            ends.append(total)
+    usage = sse.usage_of_stream(body) if job.stream else usage_of_json(body)
+    meta = {k: v for k, v in job.meta.items() if k in ("fingerprint", "model", "route")}
+    if usage is not None:
+        meta["usage"] = usage
+    return CachedResponse(
+        status=status,
+        headers=_stored_headers(headers),
+        body=body,
+        created=time.time(),
+        stream=job.stream,
+        chunk_ends=tuple(ends),
+        chunk_ms=tuple(round(ms, 1) for ms in flight.chunk_ms) if job.stream else (),
+        upstream_ms=round(job.meta.get("upstream_ms", 0.0), 1),
+        meta=meta,
+    )
+
+
+def usage_of_json(body: bytes) -> dict[str, Any] | None:
+    if b'"usage"' not in body:
+        return None
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    usage = obj.get("usage") if isinstance(obj, dict) else None
+    return usage if isinstance(usage, dict) else None

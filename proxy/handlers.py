@@ -1,0 +1,413 @@
+"""The data path, top to bottom.
+
+request -> body (size-capped) -> tenant -> Plan (rule, key; memoised on the raw bytes)
+  -> no rule / no-store: pass-through, streamed both ways
+  -> cache lookup: HIT -> replay the stored bytes
+  -> flight for the key: join it (COALESCED) or lead one (MISS / REFRESH), whose upstream read
+     runs in its own task; every reader relays the flight from its first chunk, then live
+  -> one `request.done` log line.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict
+
+from proxy.cache import Cache
+from proxy.coalesce import Flight, Flights, Outcome, Reader
+from proxy.errors import StoreUnavailable, UpstreamError, UpstreamTimeout, error_body
+from proxy.fetch import Fetcher, FetchJob, Transform
+from proxy.keys import raw_digest, tenant_digest
+from proxy.models import CachedResponse
+from proxy.normalize import BadBody
+from proxy.plan import (
+    ClientControls,
+    Mode,
+    Plan,
+    idempotency_key,
+    make_plan,
+    parse_cache_control,
+    passthrough_fingerprint,
+    route_of,
+)
+from proxy.replay import CACHE_NAME, replay
+from proxy.rules import Rules
+from proxy.settings import Settings
+from proxy.stats import Stats
+from proxy.upstream import Upstream, forward_headers, response_headers
+
+log = structlog.get_logger()
+
+PLAN_MEMO_MAX = 20_000
+CACHE_STATUS = {
+    "HIT": f"{CACHE_NAME}; hit",
+    "MISS": f"{CACHE_NAME}; fwd=uri-miss",
+    "REFRESH": f"{CACHE_NAME}; fwd=request",
+    "BYPASS": f"{CACHE_NAME}; fwd=bypass",
+    "COALESCED": f"{CACHE_NAME}; fwd=miss; collapsed",
+}
+
+
+@dataclass(slots=True)
+class State:
+    """Everything the handler needs, built once by create_app."""
+
+    settings: Settings
+    rules: Rules
+    secret: bytes
+    cache: Cache
+    upstream: Upstream
+    flights: Flights
+    fetcher: Fetcher
+    stats: Stats
+    plans: dict[bytes, Plan] = field(default_factory=dict)
+    transform: Transform | None = None
+    """Rewrites image answers (set when an image store is configured)."""
+    image_routes: frozenset[str] = frozenset()
+
+
+STATE = web.AppKey("state", State)
+
+
+def json_error(status: int, message: str, type_: str, code: str | None) -> web.Response:
+    return web.Response(
+        status=status,
+        body=error_body(message, type_, code),
+        content_type="application/json",
+    )
+
+
+async def proxy_handler(request: web.Request) -> web.StreamResponse:
+    """Every path that is not the proxy's own: answer from the cache or from upstream."""
+    st = request.app[STATE]
+    t0 = time.perf_counter()
+    route, upstream_path = route_of(request.rel_url.raw_path)
+    info: dict[str, Any] = {"cache": "bypass", "route": route, "method": request.method}
+    resp: web.StreamResponse | None = None
+    try:
+        resp = await _handle(st, request, route, upstream_path, info, t0)
+        return resp
+    finally:
+        duration = (time.perf_counter() - t0) * 1000.0
+        status = resp.status if resp is not None else 499
+        nbytes = info.get("bytes")
+        if nbytes is None:
+            nbytes = resp.body_length if resp is not None else 0
+        info["status"] = status
+        info["bytes"] = nbytes
+        info["duration_ms"] = round(duration, 2)
+        info.setdefault("ttfb_ms", info["duration_ms"])
+        st.stats.record(route, info["cache"], status, nbytes)
+        log.info("request.done", **info)
+
+
+async def _handle(
+    st: State,
+    request: web.Request,
+    route: str,
+    upstream_path: str,
+    info: dict[str, Any],
+    t0: float,
+) -> web.StreamResponse:
+    settings = st.settings
+    if request.content_length is not None and request.content_length > settings.max_body_bytes:
+        return _too_large(settings)
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return _too_large(settings)
+
+    h = request.headers
+    tenant = tenant_digest(
+        st.secret,
+        h.get("Authorization") or h.get("api-key") or "",
+        h.get("OpenAI-Organization", ""),
+        h.get("OpenAI-Project", ""),
+    )
+    info["tenant"] = tenant.hex()[:12]
+    controls = parse_cache_control(h.get("Cache-Control"), h.get("X-Cache-Namespace"))
+    method = request.method
+    query = request.rel_url.raw_query_string
+    ctype = h.get("Content-Type", "")
+    if controls.namespace:
+        info["namespace"] = controls.namespace
+
+    raw = raw_digest(tenant, method, route, query, controls.namespace + "\0" + ctype, body)
+    plan = st.plans.get(raw)
+    if plan is None:
+        try:
+            plan = make_plan(
+                st.rules, st.secret, tenant, method, route, query, controls.namespace, ctype, body
+            )
+        except BadBody as exc:
+            return json_error(400, str(exc), "invalid_request_error", "invalid_body")
+        if len(st.plans) >= PLAN_MEMO_MAX:
+            st.plans.clear()
+        st.plans[raw] = plan
+    info["model"] = plan.model
+    info["stream"] = plan.stream
+
+    path_qs = upstream_path + ("?" + query if query else "")
+    if st.upstream.strip_v1 and path_qs.startswith("/v1/"):
+        path_qs = path_qs[3:]
+
+    idem = h.get("Idempotency-Key")
+    if idem:
+        fingerprint = plan.fingerprint or passthrough_fingerprint(
+            st.secret, tenant, method, route, query, body
+        )
+        return await _serve_keyed(
+            st,
+            request,
+            info,
+            body,
+            path_qs,
+            plan,
+            key=idempotency_key(st.secret, tenant, idem),
+            fingerprint=fingerprint,
+            controls=ClientControls(Mode.LOOKUP, None, controls.namespace),
+            ttl_s=settings.idempotency_ttl_s,
+            store=True,
+            t0=t0,
+        )
+    if plan.rule is None or controls.mode is Mode.BYPASS:
+        return await _passthrough(st, request, info, body, path_qs, t0)
+    ttl = plan.rule.ttl_s if controls.max_age is None else min(plan.rule.ttl_s, controls.max_age)
+    return await _serve_keyed(
+        st,
+        request,
+        info,
+        body,
+        path_qs,
+        plan,
+        key=plan.key,
+        fingerprint="",
+        controls=controls,
+        ttl_s=ttl,
+        store=plan.rule.store,
+        t0=t0,
+    )
+
+
+def _too_large(settings: Settings) -> web.Response:
+    resp = json_error(
+        413,
+        f"Request body too large: the limit is {settings.max_body_mb:g} MB.",
+        "invalid_request_error",
+        "request_too_large",
+    )
+    resp.force_close()  # the unread rest of the body must not be taken for the next request
+    return resp
+
+
+async def _serve_keyed(
+    st: State,
+    request: web.Request,
+    info: dict[str, Any],
+    body: bytes,
+    path_qs: str,
+    plan: Plan,
+    *,
+    key: str,
+    fingerprint: str,
+    controls: ClientControls,
+    ttl_s: float,
+    store: bool,
+    t0: float,
+) -> web.StreamResponse:
+    """A request with a key: answer from the cache, join a flight, or lead one."""
+    rule = plan.rule
+    info["key"] = key[-12:] if key.startswith("idem:") else key[3:15]
+    degraded = False
+    if controls.mode is Mode.LOOKUP:
+        try:
+            entry = await st.cache.get(key)
+        except StoreUnavailable:
+            entry, degraded = None, True
+        if entry is not None:
+            if fingerprint and entry.meta.get("fingerprint") != fingerprint:
+                return _idempotency_conflict()
+            age = time.time() - entry.created
+            if controls.max_age is None or age <= controls.max_age:
+                info["cache"] = "hit"
+                _saved(info, entry)
+                return await replay(request, entry, rule, "HIT", CACHE_STATUS["HIT"])
+    elif controls.mode is Mode.REFRESH and not st.cache.healthy:
+        degraded = True
+
+    coalesce = rule.coalesce if rule is not None else True
+    lock_timeout = rule.lock_timeout_s if rule is not None else 30.0
+    flight = st.flights.get(key) if coalesce else None
+    if flight is not None:
+        if fingerprint and flight.fingerprint != fingerprint:
+            return _idempotency_conflict()
+        reader = flight.attach()
+        head = await flight.wait_head(lock_timeout)
+        if head is None and not flight.done:
+            # The leader hangs: go upstream ourselves, uncached (nginx proxy_cache_lock_timeout).
+            reader.close()
+            info["lock_timeout"] = True
+            return await _passthrough(st, request, info, body, path_qs, time.perf_counter())
+        flight.joined += 1
+        info["cache"] = "coalesced"
+        if flight.entry is not None:
+            _saved(info, flight.entry)
+        return await _relay(request, info, flight, reader, "COALESCED", t0)
+
+    label = "BYPASS" if degraded else ("REFRESH" if controls.mode is Mode.REFRESH else "MISS")
+    info["cache"] = label.lower()
+    flight = st.flights.lead(
+        key, max_bytes=int(st.settings.max_record_mb * 1024 * 1024), fingerprint=fingerprint
+    )
+    if not coalesce:
+        st.flights.forget(flight)
+    job = FetchJob(
+        method=request.method,
+        path_qs=path_qs,
+        headers=forward_headers(request.headers),
+        body=body,
+        route=info["route"],
+        stream=plan.stream,
+        store_key=key if store and not degraded else "",
+        ttl_s=ttl_s,
+        debounce_s=rule.debounce_s if rule is not None else 0.0,
+        transform=st.transform if info["route"] in st.image_routes else None,
+        meta={"fingerprint": fingerprint, "model": plan.model, "route": info["route"]},
+        public_base=f"{request.scheme}://{request.host}",
+    )
+    reader = flight.attach()
+    st.fetcher.start(flight, job)
+    await flight.wait_head(None)
+    resp = await _relay(request, info, flight, reader, label, t0)
+    info["upstream_ms"] = round(job.meta.get("upstream_ms", 0.0), 2) or None
+    return resp
+
+
+def _saved(info: dict[str, Any], entry: CachedResponse) -> None:
+    info["saved_ms"] = entry.upstream_ms
+
+
+def _idempotency_conflict() -> web.Response:
+    return json_error(
+        422,
+        "This Idempotency-Key was already used with a different request body.",
+        "invalid_request_error",
+        "idempotency_key_reused",
+    )
+
+
+async def _relay(
+    request: web.Request,
+    info: dict[str, Any],
+    flight: Flight,
+    reader: Reader,
+    label: str,
+    t0: float,
+) -> web.StreamResponse:
+    """Send a flight to one client: from its first chunk, then live; show a cut as a cut."""
+    try:
+        head = flight.head
+        if head is None:
+            return json_error(
+                502,
+                f"The upstream answer failed: {flight.reason}",
+                "proxy_error",
+                "upstream_failed",
+            )
+        headers: CIMultiDict[str] = CIMultiDict(head.headers)
+        headers["X-Cache-Status"] = label
+        headers["Cache-Status"] = CACHE_STATUS[label]
+        if flight.done and flight.outcome is Outcome.COMPLETE and not flight.overflow:
+            return web.Response(status=head.status, headers=headers, body=flight.body())
+        resp = web.StreamResponse(status=head.status, headers=headers)
+        await resp.prepare(request)
+        info["ttfb_ms"] = round((time.perf_counter() - t0) * 1000.0, 2)
+        nbytes = chunks = 0
+        try:
+            async for chunk in reader.chunks():
+                await resp.write(chunk)
+                nbytes += len(chunk)
+                chunks += 1
+        except ConnectionResetError:
+            info["client_gone"] = True
+            info["bytes"], info["chunks"] = nbytes, chunks
+            return resp
+        info["bytes"], info["chunks"] = nbytes, chunks
+        if flight.outcome is Outcome.CUT:
+            info["cut"] = flight.reason
+            _cut(request)
+            return resp
+        await resp.write_eof()
+        return resp
+    finally:
+        reader.close()
+
+
+def _cut(request: web.Request) -> None:
+    """End the connection without the closing chunk, so the client sees the stream broke off."""
+    transport = request.transport
+    if transport is not None:
+        transport.close()
+
+
+async def _passthrough(
+    st: State,
+    request: web.Request,
+    info: dict[str, Any],
+    body: bytes,
+    path_qs: str,
+    t0: float,
+) -> web.StreamResponse:
+    """Forward as is and stream the answer back; nothing is read from or written to the cache."""
+    info["cache"] = "bypass"
+    resp: web.StreamResponse | None = None
+    nbytes = chunks = 0
+    t_up = time.perf_counter()
+    try:
+        async with st.upstream.request(
+            request.method, path_qs, forward_headers(request.headers), body
+        ) as up:
+            headers: CIMultiDict[str] = CIMultiDict(response_headers(up.headers))
+            headers["X-Cache-Status"] = "BYPASS"
+            headers["Cache-Status"] = CACHE_STATUS["BYPASS"]
+            resp = web.StreamResponse(status=up.status, headers=headers)
+            if "Content-Encoding" not in up.headers and up.content_length is not None:
+                resp.content_length = up.content_length
+            await resp.prepare(request)
+            info["ttfb_ms"] = round((time.perf_counter() - t0) * 1000.0, 2)
+            async for chunk in up.content.iter_any():
+                try:
+                    await resp.write(chunk)
+                except ConnectionResetError:
+                    info["client_gone"] = True
+                    break
+                nbytes += len(chunk)
+                chunks += 1
+        info["upstream_ms"] = round((time.perf_counter() - t_up) * 1000.0, 2)
+        info["bytes"], info["chunks"] = nbytes, chunks
+        if not info.get("client_gone"):
+            await resp.write_eof()
+        return resp
+    except UpstreamTimeout:
+        if resp is None:
+            return json_error(
+                504, "The upstream API did not answer in time.", "proxy_error", "upstream_timeout"
+            )
+        info["cut"] = "upstream timeout"
+    except UpstreamError as exc:
+        if resp is None:
+            return json_error(
+                502,
+                f"The upstream API could not be reached: {exc}",
+                "proxy_error",
+                "upstream_unreachable",
+            )
+        info["cut"] = str(exc)
+    info["bytes"], info["chunks"] = nbytes, chunks
+    _cut(request)
+    return resp

@@ -1,0 +1,103 @@
+"""Logging: structlog with a lean chain, one JSON line per event, written in batches.
+
+The per-request line is on the hit path, so the chain is short (a float timestamp, the
+orjson renderer) and lines go to a buffer that a background task flushes a few times a second
+(and at exit), instead of a write and flush per line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import sys
+import time
+from collections.abc import MutableMapping
+from typing import IO, Any
+
+import orjson
+import structlog
+
+FLUSH_EVERY_S = 0.2
+
+
+class BufferedSink:
+    """A file-like object for structlog's BytesLogger: write() buffers, drain() writes."""
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self.out = out
+        self._buf: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self._buf.append(data)
+        if len(self._buf) > 4096:
+            self.drain()
+
+    def flush(self) -> None:
+        """BytesLogger flushes after every line; the real flush is drain()."""
+
+    def drain(self) -> None:
+        if not self._buf:
+            return
+        data, self._buf = b"".join(self._buf), []
+        try:
+            self.out.write(data)
+            self.out.flush()
+        except (OSError, ValueError):
+            pass
+
+
+_sink: BufferedSink | None = None
+
+
+def _timestamp(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    event["ts"] = round(time.time(), 3)
+    return event
+
+
+def _orjson_bytes(_: Any, __: str, event: MutableMapping[str, Any]) -> bytes:
+    return orjson.dumps(event, option=orjson.OPT_NON_STR_KEYS, default=str)
+
+
+def configure_logging(fmt: str = "json", out: IO[bytes] | None = None) -> None:
+    """json: buffered JSON lines on stdout (or `out`); console: structlog's readable renderer."""
+    global _sink
+    if fmt == "console":
+        structlog.configure(
+            processors=[
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="%H:%M:%S", utc=False),
+                structlog.dev.ConsoleRenderer(),
+            ],
+            logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+            wrapper_class=structlog.make_filtering_bound_logger(20),
+            cache_logger_on_first_use=True,
+        )
+        return
+    _sink = BufferedSink(out if out is not None else sys.stdout.buffer)
+    atexit.register(_sink.drain)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            _timestamp,
+            _orjson_bytes,
+        ],
+        logger_factory=structlog.BytesLoggerFactory(file=_sink),  # type: ignore[arg-type]
+        wrapper_class=structlog.make_filtering_bound_logger(20),
+        cache_logger_on_first_use=True,
+    )
+
+
+def flush() -> None:
+    if _sink is not None:
+        _sink.drain()
+
+
+async def flusher() -> None:
+    """Background task: drain the buffer a few times a second until cancelled."""
+    try:
+        while True:
+            await asyncio.sleep(FLUSH_EVERY_S)
+            flush()
+    finally:
+        flush()

@@ -1,0 +1,93 @@
+"""The stored answer: status, headers and body as ready bytes, so a HIT never re-serialises."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+_MAGIC = b"OCP1"
+_COMPRESSED = b"OCZ1"
+COMPRESS_ABOVE = 16 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class CachedResponse:
+    """One upstream answer as it was recorded, ready to be sent again.
+
+    `body` is the whole body, byte for byte. For a stream, `chunk_ends` are the end offsets of
+    the chunks as they arrived and `chunk_ms` their arrival times after the first byte, so a
+    paced replay can reproduce the timing; a fast replay just sends `body`.
+    """
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    created: float
+    """Unix time the answer was stored (for Age and max-age)."""
+    stream: bool = False
+    chunk_ends: tuple[int, ...] = ()
+    chunk_ms: tuple[float, ...] = ()
+    upstream_ms: float = 0.0
+    """How long upstream took to answer: what a HIT saves in time."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """Usage and cost (tokens_in, tokens_out, cost_usd, model), the request fingerprint."""
+
+    @property
+    def size(self) -> int:
+        return len(self.body) + 64 * len(self.chunk_ends) + 256
+
+    def chunks(self) -> list[bytes]:
+        """The body cut where the upstream chunks ended."""
+        if not self.chunk_ends:
+            return [self.body]
+        out, start = [], 0
+        for end in self.chunk_ends:
+            out.append(self.body[start:end])
+            start = end
+        if start < len(self.body):
+            out.append(self.body[start:])
+        return out
+
+    def to_bytes(self, compress_above: int = COMPRESS_ABOVE) -> bytes:
+        """Serialised form for stores: magic, a JSON head, then the raw body."""
+        head = orjson.dumps(
+            {
+                "s": self.status,
+                "h": self.headers,
+                "c": self.created,
+                "st": self.stream,
+                "ce": self.chunk_ends,
+                "cm": self.chunk_ms,
+                "u": self.upstream_ms,
+                "m": self.meta,
+            }
+        )
+        raw = len(head).to_bytes(4, "big") + head + self.body
+        if len(raw) > compress_above:
+            return _COMPRESSED + zlib.compress(raw, 3)
+        return _MAGIC + raw
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> CachedResponse:
+        """Inverse of to_bytes; ValueError on anything else."""
+        magic, raw = data[:4], data[4:]
+        if magic == _COMPRESSED:
+            raw = zlib.decompress(raw)
+        elif magic != _MAGIC:
+            raise ValueError("not a stored answer")
+        n = int.from_bytes(raw[:4], "big")
+        head = orjson.loads(raw[4 : 4 + n])
+        return cls(
+            status=head["s"],
+            headers=tuple((k, v) for k, v in head["h"]),
+            body=raw[4 + n :],
+            created=head["c"],
+            stream=head["st"],
+            chunk_ends=tuple(head["ce"]),
+            chunk_ms=tuple(head["cm"]),
+            upstream_ms=head["u"],
+            meta=head["m"],
+        )

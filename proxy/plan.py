@@ -1,0 +1,164 @@
+"""Request -> Plan: which rule applies, the cache key, and how the client wants it cached. Pure.
+
+Everything the data path decides about a request before any I/O is decided here, from the
+method, path, query, headers and body bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from proxy.keys import cache_key
+from proxy.normalize import (
+    BadBody,
+    canonical_json,
+    canonical_multipart,
+    multipart_fields,
+    parse_json,
+    parse_multipart,
+)
+from proxy.rules import Rule, Rules
+
+
+class Mode(Enum):
+    LOOKUP = "lookup"
+    """Normal: answer from the cache, else fetch and store."""
+    REFRESH = "refresh"
+    """Cache-Control: no-cache: skip the lookup, store the fresh answer."""
+    BYPASS = "bypass"
+    """Cache-Control: no-store: neither read nor write, no coalescing."""
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What the proxy does with one request body on one route for one tenant."""
+
+    rule: Rule | None
+    """None: a plain pass-through."""
+    key: str
+    """Cache key; "" when no rule applies."""
+    model: str | None
+    stream: bool
+    fingerprint: str
+    """Keyed digest of the whole request, used to spot an Idempotency-Key reused for another."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientControls:
+    mode: Mode
+    max_age: float | None
+    namespace: str
+
+
+def parse_cache_control(value: str | None, namespace: str | None) -> ClientControls:
+    """Read the request's Cache-Control (no-store, no-cache, max-age=N) and X-Cache-Namespace."""
+    mode, max_age = Mode.LOOKUP, None
+    if value:
+        for part in value.lower().split(","):
+            name, _, arg = part.strip().partition("=")
+            if name == "no-store":
+                mode = Mode.BYPASS
+            elif name == "no-cache" and mode is not Mode.BYPASS:
+                mode = Mode.REFRESH
+            elif name == "max-age":
+                with contextlib.suppress(ValueError):
+                    max_age = max(0.0, float(arg.strip().strip('"')))
+    return ClientControls(mode, max_age, (namespace or "").strip())
+
+
+def route_of(path: str) -> tuple[str, str]:
+    """(route for rules, path for upstream). Accepts paths with or without the /v1 prefix."""
+    if path.startswith("/v1/") or path == "/v1":
+        return path, path
+    if path.startswith("/openai/"):
+        if path.startswith("/openai/v1/"):
+            return path[len("/openai") :], path  # Azure v1: same routes as OpenAI
+        return path, path  # Azure classic: /openai/deployments/{name}/...
+    return "/v1" + path, "/v1" + path
+
+
+def _azure_deployment(route: str) -> str | None:
+    if route.startswith("/openai/deployments/"):
+        return route.split("/")[3] or None
+    return None
+
+
+def make_plan(
+    rules: Rules,
+    secret: bytes,
+    tenant: bytes,
+    method: str,
+    route: str,
+    query: str,
+    namespace: str,
+    content_type: str,
+    body: bytes,
+) -> Plan:
+    """Decide the rule and the key. Raises BadBody for an unparsable body on a cached route."""
+    if not rules.has_route(method, route):
+        return Plan(None, "", None, False, "")
+    ctype = content_type.split(";", 1)[0].strip().lower()
+    fields: dict[str, Any]
+    if ctype == "multipart/form-data":
+        parts = parse_multipart(body, content_type)
+        fields = multipart_fields(parts)
+    elif body and (ctype == "application/json" or ctype.endswith("+json") or not ctype):
+        parsed = parse_json(body)
+        if not isinstance(parsed, dict):
+            raise BadBody("The request body must be a JSON object.")
+        fields, parts = parsed, []
+    else:
+        fields, parts = {}, []
+    model = fields.get("model")
+    if not isinstance(model, str):
+        model = _azure_deployment(route)
+    rule = rules.match(method, route, model)
+    stream = fields.get("stream") in (True, "true", "True")
+    fingerprint = _fingerprint(secret, tenant, method, route, query, ctype, body, parts, fields)
+    if rule is None or not rule.enabled or any(fields.get(f) for f in rule.never_if):
+        return Plan(None, "", model, stream, fingerprint)
+    if ctype == "multipart/form-data":
+        canonical = canonical_multipart(parts, rule.ignore_fields)
+    elif fields or body:
+        canonical = canonical_json(fields, rule.ignore_fields)
+    else:
+        canonical = b""
+    key = cache_key(secret, tenant, method, route, query, namespace, canonical)
+    return Plan(rule, key, model, stream, fingerprint)
+
+
+def _fingerprint(
+    secret: bytes,
+    tenant: bytes,
+    method: str,
+    route: str,
+    query: str,
+    ctype: str,
+    body: bytes,
+    parts: list[tuple[str, str | None, bytes]],
+    fields: dict[str, Any],
+) -> str:
+    if parts:
+        canonical = canonical_multipart(parts, ())
+    elif fields:
+        canonical = canonical_json(fields, ())
+    else:
+        canonical = body
+    return cache_key(secret, tenant, method, route, query, ctype, canonical)
+
+
+def passthrough_fingerprint(
+    secret: bytes, tenant: bytes, method: str, route: str, query: str, body: bytes
+) -> str:
+    """Fingerprint of a request on a route with no rule (raw bytes; for Idempotency-Key)."""
+    return cache_key(secret, tenant, method, route, query, "raw", body)
+
+
+def idempotency_key(secret: bytes, tenant: bytes, value: str) -> str:
+    """Store key for an Idempotency-Key value, partitioned by tenant."""
+    return "idem:" + hmac.new(secret, tenant + value.encode(), hashlib.sha256).hexdigest()

@@ -1,0 +1,175 @@
+"""Settings: one frozen dataclass, built once from flags and their PROXY_* environment twins."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import platformdirs
+
+from proxy.errors import ConfigError
+
+
+def _default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir("openai-cache-proxy", appauthor=False))
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the proxy is told at start-up. Every field is a flag and a PROXY_* variable."""
+
+    host: str = "127.0.0.1"
+    """Listen address."""
+    port: int = 8080
+    """Listen port."""
+    upstream: str = "https://api.openai.com"
+    """The OpenAI-compatible API to front (scheme://host[:port][/prefix])."""
+    data_dir: Path = field(default_factory=_default_data_dir)
+    """Where the embedded store, the local images and the key secret live."""
+    cache: str = ""
+    """Store URL: memory://[?max_mb=N], sqlite:///path.db, redis://... Empty: SQLite in data_dir."""
+    rules: Path | None = None
+    """A TOML file or a folder of them. None: the shipped rules/."""
+    max_body_mb: float = 64.0
+    """Largest request body accepted; a larger one gets 413 before anything goes upstream."""
+    log_format: str = "json"
+    """json (one line per request) or console."""
+    workers: int = 1
+    """Processes sharing the port (SO_REUSEPORT)."""
+    secret: str = ""
+    """HMAC secret for cache keys and tenant hashes. Empty: generated once and kept in data_dir."""
+    upstream_connect_timeout_s: float = 10.0
+    """Connect timeout to the upstream; past it the client gets 502."""
+    upstream_read_timeout_s: float = 600.0
+    """Longest silence while reading from the upstream; past it the client gets 504."""
+    max_record_mb: float = 32.0
+    """A streamed answer larger than this is relayed but not stored."""
+    detached_max_s: float = 600.0
+    """How long an upstream answer is still read to the end after every client hung up."""
+    idempotency_ttl_s: float = 86400.0
+    """How long an answer given to an Idempotency-Key is kept."""
+    admin_token: str = ""
+    """Guards /_proxy/stats, /_proxy/metrics and /_proxy/dashboard when set."""
+
+    @classmethod
+    def from_args(
+        cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.environ
+    ) -> Settings:
+        """Parse flags; each flag's default comes from its PROXY_* twin, then the built-in one."""
+        parser = build_parser(environ)
+        ns = parser.parse_args(argv)
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = getattr(ns, f.name, None)
+            if raw is None:
+                continue
+            values[f.name] = _convert(f.name, raw)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first setting that is wrong."""
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"--port / PROXY_PORT: {self.port} is not a port number")
+        up = urlsplit(self.upstream)
+        if up.scheme not in ("http", "https") or not up.netloc:
+            raise ConfigError(
+                f"--upstream / PROXY_UPSTREAM: {self.upstream!r} is not an http(s) URL"
+            )
+        if self.cache:
+            scheme = urlsplit(self.cache).scheme
+            if scheme not in ("memory", "sqlite", "redis", "rediss", "redis+cluster"):
+                raise ConfigError(
+                    f"--cache / PROXY_CACHE: {self.cache!r} is not memory://, sqlite:///path, "
+                    "redis:// or rediss://"
+                )
+        if self.max_body_mb <= 0:
+            raise ConfigError("--max-body-mb / PROXY_MAX_BODY_MB: must be above 0")
+        if self.log_format not in ("json", "console"):
+            raise ConfigError(
+                f"--log-format / PROXY_LOG_FORMAT: {self.log_format!r} is not json or console"
+            )
+        if self.workers < 1:
+            raise ConfigError("--workers / PROXY_WORKERS: must be 1 or more")
+        if self.rules is not None and not self.rules.exists():
+            raise ConfigError(f"--rules / PROXY_RULES: {self.rules} does not exist")
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _env(name: str) -> str:
+    return "PROXY_" + name.upper()
+
+
+_CONVERTERS: dict[str, Callable[[str], Any]] = {
+    "port": int,
+    "workers": int,
+    "max_body_mb": float,
+    "upstream_connect_timeout_s": float,
+    "upstream_read_timeout_s": float,
+    "max_record_mb": float,
+    "detached_max_s": float,
+    "idempotency_ttl_s": float,
+    "data_dir": lambda s: Path(s).expanduser(),
+    "rules": lambda s: Path(s).expanduser(),
+}
+
+
+def _convert(name: str, raw: str) -> Any:
+    conv = _CONVERTERS.get(name, str)
+    try:
+        return conv(raw)
+    except ValueError:
+        raise ConfigError(f"{_flag(name)} / {_env(name)}: {raw!r} is not a valid value") from None
+
+
+def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
+    """The argument parser; every Settings field is a flag whose default is its env twin."""
+    parser = argparse.ArgumentParser(
+        prog="python -m proxy",
+        description="A transparent caching proxy for the OpenAI API.",
+    )
+    for f in fields(Settings):
+        doc = _FIELD_DOCS.get(f.name, "")
+        parser.add_argument(
+            _flag(f.name),
+            dest=f.name,
+            default=environ.get(_env(f.name)),
+            help=f"{doc} (env {_env(f.name)})",
+        )
+    return parser
+
+
+def _field_docs() -> dict[str, str]:
+    """Read each field's docstring from the source, so --help says what the dataclass says."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(Settings))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+        ):
+            docs[node.target.id] = str(nxt.value.value)
+    return docs
+
+
+_FIELD_DOCS = _field_docs()

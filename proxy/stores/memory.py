@@ -1,0 +1,55 @@
+"""In-process LRU store, bounded by bytes."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+from proxy.models import CachedResponse
+
+
+class MemoryStore:
+    """An LRU map bounded by the total size of its entries; nothing survives a restart."""
+
+    name = "memory"
+
+    def __init__(self, max_bytes: int = 256 * 1024 * 1024) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: OrderedDict[str, tuple[float, CachedResponse]] = OrderedDict()
+
+    async def get(self, key: str) -> CachedResponse | None:
+        item = self._items.get(key)
+        if item is None:
+            return None
+        expires, entry = item
+        if expires < time.time():
+            self._drop(key)
+            return None
+        self._items.move_to_end(key)
+        return entry
+
+    async def set(self, key: str, entry: CachedResponse, ttl_s: float) -> None:
+        if entry.size > self.max_bytes:
+            return
+        self._drop(key)
+        self._items[key] = (time.time() + ttl_s, entry)
+        self.bytes += entry.size
+        while self.bytes > self.max_bytes:
+            oldest = next(iter(self._items))
+            self._drop(oldest)
+
+    async def delete(self, key: str) -> None:
+        self._drop(key)
+
+    def _drop(self, key: str) -> None:
+        item = self._items.pop(key, None)
+        if item is not None:
+            self.bytes -= item[1].size
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    async def aclose(self) -> None:
+        self._items.clear()
+        self.bytes = 0

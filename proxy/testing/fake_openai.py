@@ -1,0 +1,546 @@
+"""FakeOpenAI: an aiohttp app that answers like the OpenAI API and counts every call.
+
+It serves chat (JSON and SSE, with usage), legacy completions, the Responses API (JSON and
+named SSE events), embeddings (float or base64), models, images (URLs that expire, b64_json,
+multipart edits), speech and moderations, plus the real recorded answers under recorded/.
+Knobs, set on the instance while it runs:
+
+- `latency` (seconds before the head), `chunk_delay` (between stream chunks), `chunks`;
+- `errors`: a list of (status, body) answers to give next, one per request;
+- `cut_after`: streams stop after N chunks without their terminal event (and the connection
+  is cut); `error_after`: an `error` event after N chunks; `fail_responses`: a Responses
+  stream ends with `response.failed`;
+- `hang`: an asyncio.Event; while it is not set, every request waits for it;
+- `image_ttl_s`: how long image URLs work (like OpenAI's 60 minutes).
+
+Per request, the model name can ask for a behaviour too: `fake-error-429` answers that status;
+`recorded` replays the recorded real stream for chat and responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import base64
+import hashlib
+import struct
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+RECORDED = Path(__file__).parent / "recorded"
+CALL_N = web.RequestKey("n", int)
+BODY = web.RequestKey("json", Any)
+
+
+@functools.cache
+def recorded(name: str) -> dict[str, Any]:
+    """The first interaction of a recorded fixture: {"request": ..., "response": ...}."""
+    data: dict[str, Any] = orjson.loads((RECORDED / f"{name}.json").read_bytes())
+    interaction: dict[str, Any] = data["interactions"][0]
+    return interaction
+
+
+def make_png(seed: int, size: int = 16) -> bytes:
+    """A small valid PNG whose colour depends on `seed` (so images differ)."""
+    r, g, b = (seed * 73) % 256, (seed * 151) % 256, (seed * 199 + 40) % 256
+    row = b"\x00" + bytes((r, g, b)) * size
+    raw = row * size
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data))
+            + kind
+            + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        )
+
+    ihdr = struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+
+
+def error_json(status: int, message: str, type_: str, code: str | None) -> web.Response:
+    body = orjson.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}})
+    return web.Response(status=status, body=body, content_type="application/json")
+
+
+@dataclass
+class Call:
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+
+@dataclass
+class FakeOpenAI:
+    latency: float = 0.0
+    chunk_delay: float = 0.0
+    chunks: int = 8
+    image_ttl_s: float = 3600.0
+    errors: list[tuple[int, bytes]] = field(default_factory=list)
+    cut_after: int | None = None
+    error_after: int | None = None
+    fail_responses: bool = False
+    hang: asyncio.Event | None = None
+    calls: list[Call] = field(default_factory=list)
+    image_downloads: list[str] = field(default_factory=list)
+    base_url: str = ""
+    _runner: web.AppRunner | None = None
+    _n: int = 0
+
+    # -- running it ---------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        for path in RECORDED.glob("*.json"):  # read now, not later on the event loop
+            recorded(path.stem)
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=256 * 1024 * 1024)
+        r = app.router
+        r.add_post("/v1/chat/completions", self.chat)
+        r.add_post("/v1/completions", self.completions)
+        r.add_post("/v1/responses", self.responses)
+        r.add_post("/v1/embeddings", self.embeddings)
+        r.add_get("/v1/models", self.models)
+        r.add_get("/v1/models/{model}", self.model)
+        r.add_post("/v1/images/generations", self.images)
+        r.add_post("/v1/images/edits", self.images)
+        r.add_post("/v1/images/variations", self.images)
+        r.add_get("/blob/{name}", self.blob)
+        r.add_post("/v1/audio/speech", self.speech)
+        r.add_post("/v1/moderations", self.moderations)
+        r.add_route("*", "/{tail:.*}", self.not_found)
+        app.middlewares.append(self._middleware)
+        return app
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Serve on host:port (0: a free port); returns the base URL (no /v1)."""
+        self._runner = web.AppRunner(self.app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        server = site._server
+        assert server is not None
+        sock = server.sockets[0]  # type: ignore[attr-defined]
+        self.base_url = f"http://{host}:{sock.getsockname()[1]}"
+        return self.base_url
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def count(self, path: str | None = None) -> int:
+        """Calls so far, to one path or to any API path (image downloads are not calls)."""
+        return sum(1 for c in self.calls if path is None or c.path == path)
+
+    # -- plumbing -----------------------------------------------------------------------------
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path.startswith("/blob/"):
+            result: web.StreamResponse = await handler(request)
+            return result
+        body = await request.read()
+        self.calls.append(
+            Call(request.method, request.path, request.query_string, dict(request.headers), body)
+        )
+        self._n += 1
+        request[CALL_N] = self._n
+        if self.hang is not None:
+            await self.hang.wait()
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        auth = request.headers.get("Authorization", "")
+        if auth == "Bearer sk-bad":
+            rec = recorded("chat_completion_error")["response"]
+            return web.Response(
+                status=401, body=rec["body_text"].encode(), content_type="application/json"
+            )
+        if self.errors:
+            status, err = self.errors.pop(0)
+            return web.Response(status=status, body=err, content_type="application/json")
+        request[BODY] = orjson.loads(body) if body and request.content_type.endswith("json") else {}
+        model = request[BODY].get("model", "") if isinstance(request[BODY], dict) else ""
+        if isinstance(model, str) and model.startswith("fake-error-"):
+            status = int(model.rsplit("-", 1)[1])
+            return error_json(status, f"Fake error {status}.", "fake_error", f"fake_{status}")
+        result = await handler(request)
+        return result
+
+    def _headers(self, n: int) -> dict[str, str]:
+        return {
+            "x-request-id": f"req_fake_{n}",
+            "openai-processing-ms": "12",
+            "openai-version": "2020-10-01",
+            "x-ratelimit-remaining-requests": str(10000 - n),
+            "x-ratelimit-limit-requests": "10000",
+        }
+
+    async def _sse(
+        self, request: web.Request, events: list[bytes], terminal: bytes | None
+    ) -> web.StreamResponse:
+        """Send events one by one, honouring cut_after / error_after / chunk_delay."""
+        headers = self._headers(request[CALL_N])
+        headers["Content-Type"] = "text/event-stream; charset=utf-8"
+        resp = web.StreamResponse(status=200, headers=headers)
+        await resp.prepare(request)
+        for i, event in enumerate(events):
+            if self.cut_after is not None and i >= self.cut_after:
+                assert request.transport is not None
+                request.transport.close()
+                return resp
+            if self.error_after is not None and i >= self.error_after:
+                err = {"error": {"message": "The server had an error.", "type": "server_error"}}
+                await resp.write(b"data: " + orjson.dumps(err) + b"\n\n")
+                return resp
+            if i and self.chunk_delay:
+                await asyncio.sleep(self.chunk_delay)
+            await resp.write(event)
+        if terminal is not None:
+            if self.chunk_delay:
+                await asyncio.sleep(self.chunk_delay)
+            await resp.write(terminal)
+        await resp.write_eof()
+        return resp
+
+    def _words(self, prompt: str, n: int) -> list[str]:
+        base = f"Answer {n} to {hashlib.sha256(prompt.encode()).hexdigest()[:8]}:"
+        words = [base] + [f" word{i}" for i in range(1, self.chunks)]
+        return words[: self.chunks]
+
+    # -- routes -------------------------------------------------------------------------------
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        req, n = request[BODY], request[CALL_N]
+        model = req.get("model", "gpt-4o-mini")
+        if model == "recorded":
+            rec = recorded("chat_completion_stream_prompt_caching_cache_read")["response"]
+            events = [e + b"\n\n" for e in rec["body_text"].encode().split(b"\n\n") if e]
+            return await self._sse(request, events, None)
+        prompt = orjson.dumps(req.get("messages", []))
+        words = self._words(prompt.decode(), n)
+        usage = {
+            "prompt_tokens": len(prompt) // 4 + 1,
+            "completion_tokens": len(words),
+            "total_tokens": len(prompt) // 4 + 1 + len(words),
+        }
+        cid, created = f"chatcmpl-fake-{n}", 1_700_000_000 + n
+        if not req.get("stream"):
+            body = {
+                "id": cid,
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "".join(words)},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": usage,
+            }
+            return web.json_response(body, headers=self._headers(n), dumps=_dumps)
+        include_usage = bool((req.get("stream_options") or {}).get("include_usage"))
+        events = []
+        for i, word in enumerate(words):
+            delta: dict[str, Any] = {"content": word}
+            if i == 0:
+                delta["role"] = "assistant"
+            chunk: dict[str, Any] = {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": delta,
+                        "finish_reason": "stop" if i == len(words) - 1 else None,
+                    }
+                ],
+            }
+            if include_usage:
+                chunk["usage"] = None
+            events.append(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        if include_usage:
+            last = {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [],
+                "usage": usage,
+            }
+            events.append(b"data: " + orjson.dumps(last) + b"\n\n")
+        return await self._sse(request, events, b"data: [DONE]\n\n")
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        req, n = request[BODY], request[CALL_N]
+        words = self._words(str(req.get("prompt", "")), n)
+        base = {
+            "id": f"cmpl-fake-{n}",
+            "object": "text_completion",
+            "created": n,
+            "model": req.get("model", "gpt-3.5-turbo-instruct"),
+        }
+        if not req.get("stream"):
+            body = {
+                **base,
+                "choices": [
+                    {"index": 0, "text": "".join(words), "finish_reason": "stop", "logprobs": None}
+                ],
+                "usage": {
+                    "prompt_tokens": 5,
+                    "completion_tokens": len(words),
+                    "total_tokens": 5 + len(words),
+                },
+            }
+            return web.json_response(body, headers=self._headers(n), dumps=_dumps)
+        events = [
+            b"data: "
+            + orjson.dumps(
+                {
+                    **base,
+                    "choices": [{"index": 0, "text": w, "finish_reason": None, "logprobs": None}],
+                }
+            )
+            + b"\n\n"
+            for w in words
+        ]
+        return await self._sse(request, events, b"data: [DONE]\n\n")
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        req, n = request[BODY], request[CALL_N]
+        model = req.get("model", "gpt-4.1")
+        if model == "recorded":
+            rec = recorded("response_stream")["response"]
+            events = [e + b"\n\n" for e in rec["body_text"].encode().split(b"\n\n") if e]
+            return await self._sse(request, events, None)
+        words = self._words(orjson.dumps(req.get("input", "")).decode(), n)
+        text = "".join(words)
+        rid, mid = f"resp_fake_{n}", f"msg_fake_{n}"
+        usage = {
+            "input_tokens": 11,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": len(words),
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": 11 + len(words),
+        }
+
+        def response(status: str, output: list[Any], with_usage: bool) -> dict[str, Any]:
+            return {
+                "id": rid,
+                "object": "response",
+                "created_at": 1_700_000_000 + n,
+                "status": status,
+                "model": model,
+                "output": output,
+                "error": None,
+                "incomplete_details": None,
+                "instructions": None,
+                "parallel_tool_calls": True,
+                "tool_choice": "auto",
+                "tools": [],
+                "temperature": 1.0,
+                "top_p": 1.0,
+                "metadata": {},
+                "usage": usage if with_usage else None,
+            }
+
+        message = {
+            "type": "message",
+            "id": mid,
+            "status": "completed",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": []}],
+        }
+        if not req.get("stream"):
+            body = response("completed", [message], True)
+            return web.json_response(body, headers=self._headers(n), dumps=_dumps)
+        seq = 0
+
+        def ev(kind: str, **data: Any) -> bytes:
+            nonlocal seq
+            payload = {"type": kind, "sequence_number": seq, **data}
+            seq += 1
+            return f"event: {kind}\n".encode() + b"data: " + orjson.dumps(payload) + b"\n\n"
+
+        events = [
+            ev("response.created", response=response("in_progress", [], False)),
+            ev("response.in_progress", response=response("in_progress", [], False)),
+            ev(
+                "response.output_item.added",
+                output_index=0,
+                item={**message, "status": "in_progress", "content": []},
+            ),
+            ev(
+                "response.content_part.added",
+                item_id=mid,
+                output_index=0,
+                content_index=0,
+                part={"type": "output_text", "text": "", "annotations": []},
+            ),
+        ]
+        events += [
+            ev(
+                "response.output_text.delta",
+                item_id=mid,
+                output_index=0,
+                content_index=0,
+                delta=w,
+                logprobs=[],
+            )
+            for w in words
+        ]
+        events += [
+            ev(
+                "response.output_text.done",
+                item_id=mid,
+                output_index=0,
+                content_index=0,
+                text=text,
+                logprobs=[],
+            ),
+            ev(
+                "response.content_part.done",
+                item_id=mid,
+                output_index=0,
+                content_index=0,
+                part={"type": "output_text", "text": text, "annotations": []},
+            ),
+            ev("response.output_item.done", output_index=0, item=message),
+        ]
+        if self.fail_responses:
+            failed = response("failed", [], False)
+            failed["error"] = {"code": "server_error", "message": "The model failed."}
+            terminal = ev("response.failed", response=failed)
+        else:
+            terminal = ev("response.completed", response=response("completed", [message], True))
+        return await self._sse(request, events, terminal)
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        req, n = request[BODY], request[CALL_N]
+        inputs = req.get("input", "")
+        items = inputs if isinstance(inputs, list) else [inputs]
+        dims = int(req.get("dimensions") or 8)
+        data = []
+        for i, item in enumerate(items):
+            digest = hashlib.sha256(orjson.dumps(item) + str(n).encode()).digest()
+            vec = [((digest[(j * 3) % 32] + j) % 200 - 100) / 100.0 for j in range(dims)]
+            emb: Any = vec
+            if req.get("encoding_format") == "base64":
+                emb = base64.b64encode(struct.pack(f"<{dims}f", *vec)).decode()
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+        body = {
+            "object": "list",
+            "data": data,
+            "model": req.get("model", ""),
+            "usage": {"prompt_tokens": 4 * len(items), "total_tokens": 4 * len(items)},
+        }
+        return web.json_response(body, headers=self._headers(n), dumps=_dumps)
+
+    async def models(self, request: web.Request) -> web.StreamResponse:
+        data = [
+            {"id": m, "object": "model", "created": 1_700_000_000, "owned_by": "fake"}
+            for m in ("gpt-4o-mini", "gpt-4.1", "text-embedding-3-small", "dall-e-3")
+        ]
+        return web.json_response(
+            {"object": "list", "data": data}, headers=self._headers(request[CALL_N]), dumps=_dumps
+        )
+
+    async def model(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["model"]
+        if name.startswith("missing"):
+            return error_json(
+                404,
+                f"The model '{name}' does not exist",
+                "invalid_request_error",
+                "model_not_found",
+            )
+        return web.json_response(
+            {"id": name, "object": "model", "created": 1, "owned_by": "fake"},
+            headers=self._headers(request[CALL_N]),
+            dumps=_dumps,
+        )
+
+    async def images(self, request: web.Request) -> web.StreamResponse:
+        n = request[CALL_N]
+        if request.content_type == "multipart/form-data":
+            form = await request.post()
+            req: dict[str, Any] = {k: v for k, v in form.items() if isinstance(v, str)}
+        else:
+            req = request[BODY]
+        count = int(req.get("n") or 1)
+        model = str(req.get("model") or "dall-e-2")
+        fmt = req.get("response_format") or ("b64_json" if model.startswith("gpt-image") else "url")
+        expires = int(time.time() + self.image_ttl_s)
+        data: list[dict[str, Any]] = []
+        for i in range(count):
+            if fmt == "b64_json":
+                data.append({"b64_json": base64.b64encode(make_png(n * 10 + i)).decode()})
+            else:
+                url = f"{self.base_url}/blob/img-{n}-{i}.png?se={expires}&sig=fake{n}"
+                data.append({"url": url, "revised_prompt": req.get("prompt")})
+        body: dict[str, Any] = {"created": 1_700_000_000 + n, "data": data}
+        if model.startswith("gpt-image"):
+            body["usage"] = {"input_tokens": 10, "output_tokens": 4160, "total_tokens": 4170}
+        return web.json_response(body, headers=self._headers(n), dumps=_dumps)
+
+    async def blob(self, request: web.Request) -> web.StreamResponse:
+        """The image host: serves PNGs until their `se` expiry, then 403 like Azure Blob."""
+        name = request.match_info["name"]
+        self.image_downloads.append(name)
+        try:
+            expires = int(request.query.get("se", "0"))
+        except ValueError:
+            expires = 0
+        if time.time() > expires:
+            return web.Response(
+                status=403,
+                content_type="application/xml",
+                text="<Error><Code>AuthenticationFailed</Code></Error>",
+            )
+        parts = name.removesuffix(".png").split("-")
+        seed = int(parts[1]) * 10 + int(parts[2])
+        return web.Response(body=make_png(seed), content_type="image/png")
+
+    async def speech(self, request: web.Request) -> web.StreamResponse:
+        req, n = request[BODY], request[CALL_N]
+        audio = b"ID3\x04\x00" + hashlib.sha256(str(req.get("input")).encode()).digest() * 64
+        resp = web.StreamResponse(headers={**self._headers(n), "Content-Type": "audio/mpeg"})
+        await resp.prepare(request)
+        for i in range(0, len(audio), 512):
+            await resp.write(audio[i : i + 512])
+        await resp.write_eof()
+        return resp
+
+    async def moderations(self, request: web.Request) -> web.StreamResponse:
+        rec = recorded("moderation")["response"]
+        return web.Response(
+            body=rec["body_text"].encode(),
+            content_type="application/json",
+            headers=self._headers(request[CALL_N]),
+        )
+
+    async def not_found(self, request: web.Request) -> web.StreamResponse:
+        return error_json(
+            404, f"Invalid URL ({request.method} {request.path})", "invalid_request_error", None
+        )
+
+
+def _dumps(obj: Any) -> str:
+    return orjson.dumps(obj).decode()

@@ -1,0 +1,130 @@
+"""The upstream API: one shared aiohttp ClientSession, exceptions mapped at this edge."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from urllib.parse import urlsplit
+
+import aiohttp
+from multidict import CIMultiDict
+
+from proxy.errors import UpstreamError, UpstreamTimeout
+
+LARGE_BODY = 1024 * 1024
+
+# Never forwarded in either direction (RFC 9110 7.6.1), plus what aiohttp recomputes.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+# Read by the proxy, never sent upstream. Accept-Encoding is dropped so that aiohttp asks for
+# the encodings it can decode itself.
+PROXY_REQUEST_HEADERS = frozenset(
+    {"cache-control", "x-cache-namespace", "idempotency-key", "accept-encoding"}
+)
+# Never passed back to clients, nor stored.
+DROP_RESPONSE_HEADERS = HOP_BY_HOP | {"content-encoding", "set-cookie", "date", "server"}
+
+
+@contextmanager
+def map_exceptions() -> Iterator[None]:
+    """aiohttp's exceptions -> the proxy's, so the core never sees aiohttp types."""
+    try:
+        yield
+    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        raise UpstreamTimeout("the upstream did not answer in time") from exc
+    except aiohttp.ClientPayloadError as exc:
+        raise UpstreamError(f"the upstream answer broke off: {exc}") from exc
+    except (aiohttp.ClientError, OSError) as exc:
+        raise UpstreamError(f"the upstream could not be reached: {exc}") from exc
+
+
+class Upstream:
+    """Sends requests to the configured base URL and streams the answers back."""
+
+    def __init__(self, base_url: str, *, connect_timeout_s: float, read_timeout_s: float) -> None:
+        parts = urlsplit(base_url)
+        self.origin = f"{parts.scheme}://{parts.netloc}"
+        prefix = parts.path.rstrip("/")
+        # A base URL given with /v1 would double it: the request path carries /v1 already.
+        self.strip_v1 = prefix.endswith("/v1")
+        self.prefix = prefix[:-3] if self.strip_v1 else prefix
+        self.base_url = base_url
+        self.timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=connect_timeout_s,
+            sock_connect=connect_timeout_s,
+            sock_read=read_timeout_s,
+        )
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+                timeout=self.timeout,
+                auto_decompress=True,
+                skip_auto_headers=("User-Agent",),
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+        return self._session
+
+    def url_for(self, path_qs: str) -> str:
+        return self.origin + self.prefix + path_qs
+
+    @asynccontextmanager
+    async def request(
+        self, method: str, path_qs: str, headers: CIMultiDict[str], body: bytes
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """Send one request; the response is open inside the block. Raises UpstreamError."""
+        with map_exceptions():
+            async with self.session.request(
+                method,
+                self.url_for(path_qs),
+                headers=headers,
+                # Large bodies go as a stream so the loop is not held by one big write.
+                data=(io.BytesIO(body) if len(body) > LARGE_BODY else body) if body else None,
+                allow_redirects=False,
+            ) as resp:
+                yield resp
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            # Let the connector's transports close before the loop goes (aiohttp's advice).
+            await asyncio.sleep(0)
+
+
+def forward_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
+    """The client's request headers minus hop-by-hop and the proxy's own control headers."""
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        low = name.lower()
+        if low in HOP_BY_HOP or low in PROXY_REQUEST_HEADERS:
+            continue
+        out.add(name, value)
+    return out
+
+
+def response_headers(headers: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """Upstream response headers a client may see again (hop-by-hop and cookies dropped)."""
+    return tuple(
+        (name, value)
+        for name, value in headers.items()
+        if name.lower() not in DROP_RESPONSE_HEADERS
+    )

@@ -1,0 +1,211 @@
+"""Shared fixtures: a background event loop that runs the fake upstream and the proxies, so
+the official SDK clients (sync and async) talk to them over real sockets, as users do."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Coroutine, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import openai
+import pytest
+from aiohttp import web
+from blockbuster import blockbuster_ctx
+
+from proxy.app import create_app
+from proxy.settings import Settings
+from proxy.testing import FakeOpenAI
+
+T = TypeVar("T")
+
+
+class BackgroundLoop:
+    """An event loop in a thread; servers live here, tests drive them with `run`."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def call(self, fn: Any, *args: Any) -> None:
+        self.loop.call_soon_threadsafe(fn, *args)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture(autouse=True)
+def no_blocking_calls() -> Iterator[None]:
+    """Fail any blocking call (sqlite3, file or socket I/O, time.sleep) that the proxy's own
+    code makes on an event loop thread."""
+    with blockbuster_ctx(scanned_modules=["proxy"]) as bb:
+        # Start-up work (rules, secret) is read before the loop starts; the log sink's
+        # buffered write to stdout is the one deliberate, tiny blocking write.
+        for name in ("io.BufferedWriter.write", "io.TextIOWrapper.write"):
+            if name in bb.functions:
+                bb.functions[name].deactivate()
+        yield
+
+
+@pytest.fixture(scope="session")
+def bg() -> Iterator[BackgroundLoop]:
+    loop = BackgroundLoop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture
+def fake(bg: BackgroundLoop) -> Iterator[FakeOpenAI]:
+    """A fake OpenAI API on a free port that counts its calls."""
+    f = FakeOpenAI()
+    bg.run(f.start())
+    yield f
+    bg.run(f.stop())
+
+
+@dataclass
+class ProxyServer:
+    url: str
+    app: web.Application
+    runner: web.AppRunner
+    settings: Settings
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+
+async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(
+        app, access_log=None, handler_cancellation=False, shutdown_timeout=1.0
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def start_proxy(bg: BackgroundLoop, fake: FakeOpenAI, tmp_path: Path) -> Iterator[Any]:
+    """Factory: start a proxy in front of `fake` with Settings overrides; stopped after the test."""
+    started: list[ProxyServer] = []
+
+    def start(**overrides: Any) -> ProxyServer:
+        values: dict[str, Any] = {
+            "upstream": fake.base_url,
+            "data_dir": tmp_path / "data",
+            "cache": "memory://",
+            "secret": "test-secret",
+        }
+        values.update(overrides)
+        settings = Settings(**values)
+        settings.validate()
+
+        # Built outside any event loop, as `python -m proxy` does (async tests run one here).
+        with ThreadPoolExecutor(1) as pool:
+            app = pool.submit(create_app, settings).result()
+        runner, url = bg.run(_serve(app))
+        server = ProxyServer(url, app, runner, settings)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        bg.run(server.runner.cleanup())
+
+
+@pytest.fixture
+def proxy(start_proxy: Any) -> ProxyServer:
+    server: ProxyServer = start_proxy()
+    return server
+
+
+def sdk(proxy: ProxyServer, key: str = "sk-test-a", **kw: Any) -> openai.OpenAI:
+    return openai.OpenAI(base_url=proxy.base_url, api_key=key, max_retries=0, **kw)
+
+
+def async_sdk(proxy: ProxyServer, key: str = "sk-test-a", **kw: Any) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=proxy.base_url, api_key=key, max_retries=0, **kw)
+
+
+@pytest.fixture
+def client(proxy: ProxyServer) -> Iterator[openai.OpenAI]:
+    c = sdk(proxy)
+    yield c
+    c.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class RedisServer:
+    port: int
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def start_redis(port: int | None = None, *extra: str) -> RedisServer:
+    """A real redis-server on a free port, keeping nothing on disk."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.fail("redis-server is not installed (scripts/test installs it)")
+    port = port or free_port()
+    proc = subprocess.Popen(
+        [
+            exe,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            *extra,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return RedisServer(port, proc)
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    pytest.fail("redis-server did not start")
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    server = start_redis()
+    yield server
+    server.stop()
