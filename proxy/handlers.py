@@ -97,7 +97,10 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         status = resp.status if resp is not None else 499
         nbytes = info.get("bytes")
         if nbytes is None:
-            nbytes = resp.body_length if resp is not None else 0
+            if isinstance(resp, web.Response) and isinstance(resp.body, bytes):
+                nbytes = len(resp.body)
+            else:
+                nbytes = resp.body_length if resp is not None else 0
         info["status"] = status
         info["bytes"] = nbytes
         info["duration_ms"] = round(duration, 2)
@@ -323,6 +326,7 @@ async def _relay(
         headers["X-Cache-Status"] = label
         headers["Cache-Status"] = CACHE_STATUS[label]
         if flight.done and flight.outcome is Outcome.COMPLETE and not flight.overflow:
+            info["chunks"] = len(flight.chunks)
             return web.Response(status=head.status, headers=headers, body=flight.body())
         resp = web.StreamResponse(status=head.status, headers=headers)
         await resp.prepare(request)

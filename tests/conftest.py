@@ -9,8 +9,8 @@ import socket
 import subprocess
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -89,9 +89,7 @@ class ProxyServer:
 
 
 async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(
-        app, access_log=None, handler_cancellation=False, shutdown_timeout=1.0
-    )
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=False, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -113,10 +111,10 @@ def start_proxy(bg: BackgroundLoop, fake: FakeOpenAI, tmp_path: Path) -> Iterato
         }
         values.update(overrides)
         settings = Settings(**values)
-        settings.validate()
 
         # Built outside any event loop, as `python -m proxy` does (async tests run one here).
         with ThreadPoolExecutor(1) as pool:
+            pool.submit(settings.validate).result()
             app = pool.submit(create_app, settings).result()
         runner, url = bg.run(_serve(app))
         server = ProxyServer(url, app, runner, settings)

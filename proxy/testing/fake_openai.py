@@ -20,8 +20,8 @@ Per request, the model name can ask for a behaviour too: `fake-error-429` answer
 from __future__ import annotations
 
 import asyncio
-import functools
 import base64
+import functools
 import hashlib
 import struct
 import time
@@ -99,6 +99,8 @@ class FakeOpenAI:
     hang: asyncio.Event | None = None
     calls: list[Call] = field(default_factory=list)
     image_downloads: list[str] = field(default_factory=list)
+    sent: list[float] = field(default_factory=list)
+    """time.monotonic() at which each stream chunk was written (all streams, in order)."""
     base_url: str = ""
     _runner: web.AppRunner | None = None
     _n: int = 0
@@ -210,6 +212,7 @@ class FakeOpenAI:
             if i and self.chunk_delay:
                 await asyncio.sleep(self.chunk_delay)
             await resp.write(event)
+            self.sent.append(time.monotonic())
         if terminal is not None:
             if self.chunk_delay:
                 await asyncio.sleep(self.chunk_delay)

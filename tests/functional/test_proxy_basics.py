@@ -124,9 +124,13 @@ async def _post(url, body: bytes, headers=None):
 async def test_key_ignores_order_whitespace_and_identity_headers(proxy, fake):
     """Reordered keys, other whitespace, 1.0 vs 1 and other SDK identity headers are one key."""
     url = proxy.url + "/v1/chat/completions"
-    a = b'{"model": "gpt-4o-mini", "temperature": 1, "messages": [{"role": "user", "content": "x"}]}'
+    a = (
+        b'{"model": "gpt-4o-mini", "temperature": 1, '
+        b'"messages": [{"role": "user", "content": "x"}]}'
+    )
     b = b'{"messages":[{"content":"x","role":"user"}],\n "temperature":1.0,"model":"gpt-4o-mini"}'
-    s1, h1, b1 = await _post(url, a, {"User-Agent": "OpenAI/Python 1.0", "X-Stainless-Os": "Linux"})
+    ident = {"User-Agent": "OpenAI/Python 1.0", "X-Stainless-Os": "Linux"}
+    s1, _h1, b1 = await _post(url, a, ident)
     s2, h2, b2 = await _post(
         url, b, {"User-Agent": "OpenAI/JS 4.0", "X-Stainless-Retry-Count": "2", "Accept": "*/*"}
     )
@@ -138,7 +142,7 @@ async def test_key_ignores_order_whitespace_and_identity_headers(proxy, fake):
 async def test_no_v1_prefix_still_works(proxy, fake):
     """A base URL without /v1 reaches the same route and the same cache entry."""
     body = orjson.dumps(CHAT)
-    _, h1, b1 = await _post(proxy.url + "/v1/chat/completions", body)
+    _, _h1, b1 = await _post(proxy.url + "/v1/chat/completions", body)
     _, h2, b2 = await _post(proxy.url + "/chat/completions", body)
     assert h2["X-Cache-Status"] == "HIT" and b1 == b2
     assert fake.calls[0].path == "/v1/chat/completions"

@@ -1,0 +1,224 @@
+"""Streamed answers: relayed live, recorded, stored only when whole, replayed byte for byte
+(issue 3)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import openai
+import orjson
+import pytest
+from structlog.testing import capture_logs
+
+from proxy.handlers import STATE
+from proxy.testing.fake_openai import recorded
+from tests.conftest import async_sdk
+
+CHAT = {
+    "model": "gpt-4o-mini",
+    "messages": [{"role": "user", "content": "Stream a persona"}],
+    "stream": True,
+}
+HEADERS = {"Authorization": "Bearer sk-test-a", "Content-Type": "application/json"}
+
+
+async def post_stream(url: str, body: dict, headers: dict | None = None):
+    """POST and collect (status, headers, chunks with their arrival times)."""
+    chunks: list[tuple[float, bytes]] = []
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(url, data=orjson.dumps(body), headers={**HEADERS, **(headers or {})}) as r,
+    ):
+        async for chunk in r.content.iter_any():
+            chunks.append((time.monotonic(), chunk))
+        return r.status, r.headers, chunks
+
+
+def joined(chunks) -> bytes:
+    return b"".join(c for _, c in chunks)
+
+
+async def wait_until(cond, within_s: float = 5.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+async def test_miss_is_relayed_live_not_buffered(proxy, fake):
+    """With 8 chunks 60 ms apart, the client has the first chunk before the second is sent."""
+    fake.chunk_delay = 0.06
+    status, headers, chunks = await post_stream(proxy.url + "/v1/chat/completions", CHAT)
+    assert status == 200 and headers["X-Cache-Status"] == "MISS"
+    assert headers["Content-Type"].startswith("text/event-stream")
+    assert chunks[0][0] < fake.sent[1], "first chunk arrived only after the second was sent"
+    assert joined(chunks).endswith(b"data: [DONE]\n\n")
+    assert len(chunks) >= 8
+
+
+async def test_hit_replays_identical_bytes(proxy, fake):
+    """A repeated streamed request is a HIT with the very same bytes and no upstream call."""
+    _, _, first = await post_stream(proxy.url + "/v1/chat/completions", CHAT)
+    await wait_until(lambda: len(proxy.app[STATE].flights) == 0)
+    status, headers, second = await post_stream(proxy.url + "/v1/chat/completions", CHAT)
+    assert status == 200 and headers["X-Cache-Status"] == "HIT"
+    assert headers["Content-Type"].startswith("text/event-stream")
+    assert joined(second) == joined(first)
+    assert fake.count() == 1
+
+
+async def test_recorded_real_stream_replays_byte_for_byte(proxy, fake):
+    """The recorded real OpenAI stream (usage chunk included) comes back byte for byte."""
+    body = {**CHAT, "model": "recorded", "stream_options": {"include_usage": True}}
+    want = recorded("chat_completion_stream_prompt_caching_cache_read")["response"]["body_text"]
+    _, _, first = await post_stream(proxy.url + "/v1/chat/completions", body)
+    await wait_until(lambda: len(proxy.app[STATE].flights) == 0)
+    _, headers, second = await post_stream(proxy.url + "/v1/chat/completions", body)
+    assert headers["X-Cache-Status"] == "HIT"
+    assert joined(first) == joined(second) == want.encode()
+
+
+async def test_sdk_chat_stream_with_usage_same_text_and_usage(proxy, fake):
+    """The SDK's stream parser yields the same text and usage from a HIT as from the MISS."""
+
+    async def run():
+        async with async_sdk(proxy) as c:
+            stream = await c.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=[{"role": "user", "content": "usage please"}],
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            text, usage = "", None
+            async for chunk in stream:
+                if chunk.choices:
+                    text += chunk.choices[0].delta.content or ""
+                if chunk.usage:
+                    usage = chunk.usage.model_dump()
+            return text, usage
+
+    first = await run()
+    await wait_until(lambda: len(proxy.app[STATE].flights) == 0)
+    second = await run()
+    assert first == second
+    assert first[0] and first[1]["completion_tokens"] == 8
+    assert fake.count() == 1
+
+
+@pytest.mark.parametrize("model", ["gpt-4.1", "recorded"])
+async def test_sdk_responses_stream_helper(proxy, fake, model):
+    """client.responses.stream(...) gives the same text and usage from a HIT."""
+
+    async def run():
+        async with async_sdk(proxy) as c:
+            async with c.responses.stream(model=model, input="Who won in 2020?") as stream:
+                deltas = [e.delta async for e in stream if e.type == "response.output_text.delta"]
+                final = await stream.get_final_response()
+            return "".join(deltas), final.output_text, final.usage.model_dump()
+
+    first = await run()
+    await wait_until(lambda: len(proxy.app[STATE].flights) == 0)
+    second = await run()
+    assert first == second and first[0] == first[1]
+    assert fake.count() == 1
+
+
+@pytest.mark.parametrize("knob", ["cut_after", "error_after"])
+async def test_broken_chat_stream_is_shown_and_not_stored(proxy, fake, knob):
+    """A stream cut half-way, or carrying an error event, reaches the client as such and is
+    not stored: the next request goes upstream again."""
+    setattr(fake, knob, 4)
+    if knob == "cut_after":
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await post_stream(proxy.url + "/v1/chat/completions", CHAT)
+    else:
+        _, _, chunks = await post_stream(proxy.url + "/v1/chat/completions", CHAT)
+        assert b'"error"' in joined(chunks) and b"[DONE]" not in joined(chunks)
+    await wait_until(lambda: len(proxy.app[STATE].flights) == 0)
+    setattr(fake, knob, None)
+    _, headers, chunks = await post_stream(proxy.url + "/v1/chat/completions", CHAT)
+    assert headers["X-Cache-Status"] == "MISS"
+    assert joined(chunks).endswith(b"data: [DONE]\n\n")
+    assert fake.count() == 2
+
+
+async def test_sdk_sees_the_cut(proxy, fake):
+    """Through the SDK, a cut stream raises instead of ending quietly."""
+    fake.cut_after = 3
+    async with async_sdk(proxy) as c:
+        with pytest.raises((openai.APIError, Exception)) as info:
+            stream = await c.chat.completions.create(**CHAT)
+            async for _ in stream:
+                pass
+    assert not isinstance(info.value, AssertionError)
+
+
+async def test_response_failed_is_not_stored(proxy, fake):
+    """A Responses stream ending in response.failed is relayed but never stored."""
+    fake.fail_responses = True
+    body = {"model": "gpt-4.1", "input": "x", "stream": True}
+    _, _, chunks = await post_stream(proxy.url + "/v1/responses", body)
+    assert b"response.failed" in joined(chunks)
+    await wait_until(lambda: len(proxy.app[STATE].flights) == 0)
+    fake.fail_responses = False
+    _, headers, chunks = await post_stream(proxy.url + "/v1/responses", body)
+    assert headers["X-Cache-Status"] == "MISS" and b"response.completed" in joined(chunks)
+    assert fake.count() == 2
+
+
+async def test_client_hangs_up_answer_still_kept(proxy, fake):
+    """A client leaving after the first chunk: upstream is read to the end and stored; the
+    identical request afterwards is a HIT with the complete stream, 1 upstream call in all."""
+    fake.chunk_delay = 0.03
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(proxy.url + "/v1/chat/completions", data=orjson.dumps(CHAT), headers=HEADERS) as r,
+    ):
+        first = await r.content.readany()
+        assert first.startswith(b"data: ")
+    await wait_until(lambda: len(proxy.app[STATE].flights) == 0)
+    _status, headers, chunks = await post_stream(proxy.url + "/v1/chat/completions", CHAT)
+    assert headers["X-Cache-Status"] == "HIT"
+    assert joined(chunks).startswith(first) and joined(chunks).endswith(b"data: [DONE]\n\n")
+    assert fake.count() == 1
+
+
+async def test_stream_above_record_limit_is_relayed_not_stored(start_proxy, fake):
+    """A stream larger than --max-record-mb reaches the client whole but is not stored."""
+    proxy = start_proxy(max_record_mb=0.0005)  # about 500 bytes
+    _, _, chunks = await post_stream(proxy.url + "/v1/chat/completions", CHAT)
+    assert joined(chunks).endswith(b"data: [DONE]\n\n") and len(joined(chunks)) > 600
+    await wait_until(lambda: len(proxy.app[STATE].flights) == 0)
+    _, headers, _ = await post_stream(proxy.url + "/v1/chat/completions", CHAT)
+    assert headers["X-Cache-Status"] == "MISS"
+
+
+async def test_paced_replay_follows_recorded_timing(start_proxy, fake, tmp_path):
+    """replay = "paced" replays at the recorded pace (replay_speed scales it)."""
+    rules = tmp_path / "paced.toml"
+    rules.write_text('[[rule]]\nroute = "/v1/chat/completions"\nreplay = "paced"\n')
+    proxy = start_proxy(rules=rules)
+    fake.chunk_delay = 0.04
+    _, _, first = await post_stream(proxy.url + "/v1/chat/completions", CHAT)
+    await wait_until(lambda: len(proxy.app[STATE].flights) == 0)
+    t0 = time.monotonic()
+    _, headers, second = await post_stream(proxy.url + "/v1/chat/completions", CHAT)
+    took = time.monotonic() - t0
+    assert headers["X-Cache-Status"] == "HIT" and joined(second) == joined(first)
+    recorded_span = first[-1][0] - first[0][0]
+    assert took >= 0.8 * recorded_span and len(second) >= 8
+
+
+async def test_log_line_says_stream_ttfb_and_chunks(proxy, fake):
+    """request.done says the request streamed, its time to first byte and chunk count."""
+    with capture_logs() as logs:
+        await post_stream(proxy.url + "/v1/chat/completions", CHAT)
+    done = [e for e in logs if e["event"] == "request.done"]
+    assert len(done) == 1
+    line = done[0]
+    assert line["stream"] is True and line["cache"] == "miss"
+    assert line["ttfb_ms"] > 0 and line["chunks"] >= 1 and line["bytes"] > 0
+    assert "Bearer" not in orjson.dumps(line).decode()
