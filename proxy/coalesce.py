@@ -64,6 +64,8 @@ class Flight:
         self.joined = 0
         self.detached_since: float | None = time.monotonic()
         self.reason = ""
+        self.task: asyncio.Task[None] | None = None
+        """The upstream read feeding this flight."""
         self.entry: CachedResponse | None = None
         """Set once a good answer is whole: late joiners and debounce reuse it as is."""
         self._base = 0  # how many leading chunks were released (overflow only)

@@ -72,7 +72,7 @@ class Fetcher:
         self.detached_max_s = detached_max_s
 
     def start(self, flight: Flight, job: FetchJob) -> None:
-        spawn(self.run(flight, job), name=f"fetch:{flight.key[:15]}")
+        flight.task = spawn(self.run(flight, job), name=f"fetch:{flight.key[:15]}")
 
     async def run(self, flight: Flight, job: FetchJob) -> None:
         started = time.monotonic()

@@ -5,7 +5,8 @@ named SSE events), embeddings (float or base64), models, images (URLs that expir
 multipart edits), speech and moderations, plus the real recorded answers under recorded/.
 Knobs, set on the instance while it runs:
 
-- `latency` (seconds before the head), `chunk_delay` (between stream chunks), `chunks`;
+- `latency` (seconds before the head; `latencies` for the next calls one by one),
+  `chunk_delay` (between stream chunks), `chunks`;
 - `errors`: a list of (status, body) answers to give next, one per request;
 - `cut_after`: streams stop after N chunks without their terminal event (and the connection
   is cut); `error_after`: an `error` event after N chunks; `fail_responses`: a Responses
@@ -35,7 +36,7 @@ from aiohttp import web
 
 RECORDED = Path(__file__).parent / "recorded"
 CALL_N = web.RequestKey("n", int)
-BODY = web.RequestKey("json", Any)
+BODY: web.RequestKey[dict[str, Any]] = web.RequestKey("json", dict)
 
 
 @functools.cache
@@ -93,6 +94,8 @@ class FakeOpenAI:
     chunks: int = 8
     image_ttl_s: float = 3600.0
     errors: list[tuple[int, bytes]] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
+    """Per-call latencies for the next calls, used before `latency`."""
     cut_after: int | None = None
     error_after: int | None = None
     fail_responses: bool = False
@@ -164,8 +167,9 @@ class FakeOpenAI:
         request[CALL_N] = self._n
         if self.hang is not None:
             await self.hang.wait()
-        if self.latency:
-            await asyncio.sleep(self.latency)
+        delay = self.latencies.pop(0) if self.latencies else self.latency
+        if delay:
+            await asyncio.sleep(delay)
         auth = request.headers.get("Authorization", "")
         if auth == "Bearer sk-bad":
             rec = recorded("chat_completion_error")["response"]
@@ -175,8 +179,9 @@ class FakeOpenAI:
         if self.errors:
             status, err = self.errors.pop(0)
             return web.Response(status=status, body=err, content_type="application/json")
-        request[BODY] = orjson.loads(body) if body and request.content_type.endswith("json") else {}
-        model = request[BODY].get("model", "") if isinstance(request[BODY], dict) else ""
+        parsed = orjson.loads(body) if body and request.content_type.endswith("json") else {}
+        request[BODY] = parsed if isinstance(parsed, dict) else {}
+        model = request[BODY].get("model", "")
         if isinstance(model, str) and model.startswith("fake-error-"):
             status = int(model.rsplit("-", 1)[1])
             return error_json(status, f"Fake error {status}.", "fake_error", f"fake_{status}")

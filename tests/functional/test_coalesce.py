@@ -1,0 +1,238 @@
+"""Identical requests in flight share one upstream call, streams included (issue 4)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import orjson
+
+from proxy.handlers import STATE
+from tests.functional.test_streams import HEADERS, joined, post_stream, wait_until
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Persona for Ann"}]}
+STREAM = {**CHAT, "stream": True}
+
+
+async def post(url: str, body: dict, headers: dict | None = None):
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(url, data=orjson.dumps(body), headers={**HEADERS, **(headers or {})}) as r,
+    ):
+        return r.status, r.headers, await r.read()
+
+
+async def test_fifty_identical_requests_one_upstream_call(proxy, fake):
+    """50 concurrent identical requests (upstream 600 ms): 1 call, 50 identical answers, at
+    least 49 COALESCED, in about one upstream latency."""
+    fake.latency = 0.6
+    url = proxy.url + "/v1/chat/completions"
+    t0 = time.monotonic()
+    results = await asyncio.gather(*(post(url, CHAT) for _ in range(50)))
+    took = time.monotonic() - t0
+    assert fake.count() == 1
+    assert {body for _, _, body in results} == {results[0][2]}
+    assert all(status == 200 for status, _, _ in results)
+    labels = [h["X-Cache-Status"] for _, h, _ in results]
+    assert labels.count("COALESCED") >= 49 and labels.count("MISS") == 1
+    coalesced = next(h for _, h, _ in results if h["X-Cache-Status"] == "COALESCED")
+    assert coalesced["Cache-Status"].endswith("fwd=miss; collapsed")
+    assert took < 1.5, f"took {took:.2f}s for one 0.6s upstream call"
+
+
+async def test_twenty_identical_streams_one_upstream_call(proxy, fake):
+    """20 concurrent identical streamed requests: 1 call, 20 complete identical streams."""
+    fake.chunk_delay = 0.02
+    url = proxy.url + "/v1/chat/completions"
+    results = await asyncio.gather(*(post_stream(url, STREAM) for _ in range(20)))
+    assert fake.count() == 1
+    bodies = {joined(chunks) for _, _, chunks in results}
+    assert len(bodies) == 1 and next(iter(bodies)).endswith(b"data: [DONE]\n\n")
+
+
+async def test_late_joiner_gets_whole_stream_and_ends_with_leader(proxy, fake):
+    """A duplicate starting 300 ms into a stream gets it all from byte 0 and ends with the
+    leader, not a whole stream later."""
+    fake.chunk_delay = 0.1  # 8 chunks: about 0.8 s
+    url = proxy.url + "/v1/chat/completions"
+    leader = asyncio.ensure_future(post_stream(url, STREAM))
+    await asyncio.sleep(0.3)
+    _, jh, joiner_chunks = await post_stream(url, STREAM)
+    _, lh, leader_chunks = await leader
+    assert jh["X-Cache-Status"] == "COALESCED" and lh["X-Cache-Status"] == "MISS"
+    assert joined(joiner_chunks) == joined(leader_chunks)
+    assert abs(joiner_chunks[-1][0] - leader_chunks[-1][0]) < 0.1
+    assert joiner_chunks[0][0] < leader_chunks[-1][0] - 0.2  # the start came at once, then live
+    assert fake.count() == 1
+
+
+async def test_upstream_error_reaches_every_waiter_then_retries(proxy, fake):
+    """10 concurrent requests whose upstream answers 500: all get the 500 from one call, and
+    the next identical request goes upstream again."""
+    fake.latency = 0.3
+    body = {**CHAT, "model": "fake-error-500"}
+    url = proxy.url + "/v1/chat/completions"
+    results = await asyncio.gather(*(post(url, body) for _ in range(10)))
+    assert [s for s, _, _ in results] == [500] * 10
+    assert {b for _, _, b in results} == {results[0][2]}
+    assert orjson.loads(results[0][2])["error"]["code"] == "fake_500"
+    assert fake.count() == 1
+    status, _, _ = await post(url, body)
+    assert status == 500 and fake.count() == 2
+
+
+async def test_different_prompts_and_tenants_never_merge(proxy, fake):
+    """Concurrent requests that differ in prompt or tenant each get their own upstream call."""
+    fake.latency = 0.2
+    url = proxy.url + "/v1/chat/completions"
+    jobs = [
+        post(url, {**CHAT, "messages": [{"role": "user", "content": f"p{i}"}]}) for i in range(5)
+    ]
+    jobs += [post(url, CHAT, {"Authorization": f"Bearer sk-tenant-{i}"}) for i in range(3)]
+    jobs += [post(url, CHAT, {"OpenAI-Organization": "org-other"})]
+    results = await asyncio.gather(*jobs)
+    assert fake.count() == 9
+    assert len({b for _, _, b in results}) == 9
+
+
+async def test_hanging_leader_waiters_go_upstream_after_lock_timeout(start_proxy, fake, tmp_path):
+    """A leader that hangs: a duplicate waits lock_timeout_s, then goes upstream itself,
+    uncached, like nginx's proxy_cache_lock_timeout."""
+    rules = tmp_path / "r.toml"
+    rules.write_text('[[rule]]\nroute = "/v1/chat/completions"\nlock_timeout_s = 0.3\n')
+    proxy = start_proxy(rules=rules)
+    fake.latencies = [3.0]  # the first call hangs for 3 s, the next answers at once
+    url = proxy.url + "/v1/chat/completions"
+    leader = asyncio.ensure_future(post(url, CHAT))
+    await asyncio.sleep(0.1)
+    t0 = time.monotonic()
+    status, headers, _ = await post(url, CHAT)
+    took = time.monotonic() - t0
+    assert status == 200 and headers["X-Cache-Status"] == "BYPASS"
+    assert 0.25 < took < 1.5
+    assert fake.count() == 2
+    leader.cancel()
+
+
+async def test_cancelled_leader_task_fails_waiters_fast(proxy, fake, bg):
+    """A fetch task that is cancelled leaves no stuck flight: every waiter gets an error."""
+    fake.latency = 2.0
+    url = proxy.url + "/v1/chat/completions"
+    jobs = [asyncio.ensure_future(post(url, CHAT)) for _ in range(3)]
+    st = proxy.app[STATE]
+    await wait_until(lambda: len(st.flights) == 1 and fake.count() == 1)
+    flight = st.flights.get(next(iter(st.flights._flights)))
+    assert flight is not None and flight.task is not None
+    bg.call(flight.task.cancel)
+    t0 = time.monotonic()
+    results = await asyncio.gather(*jobs)
+    assert time.monotonic() - t0 < 1.0
+    assert [s for s, _, _ in results] == [502] * 3
+    await wait_until(lambda: len(st.flights) == 0)
+
+
+async def test_leader_client_hangs_up_waiters_still_served(proxy, fake):
+    """The leader's client leaving does not stop the fetch: waiters get the whole stream, and
+    a waiter leaving affects nobody else."""
+    fake.chunk_delay = 0.05
+    url = proxy.url + "/v1/chat/completions"
+
+    async def leave_after_first_chunk():
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(url, data=orjson.dumps(STREAM), headers=HEADERS) as r,
+        ):
+            return await r.content.readany()
+
+    first = await leave_after_first_chunk()  # the leader leaves
+    quitter = asyncio.ensure_future(leave_after_first_chunk())  # a waiter leaves too
+    _, headers, chunks = await post_stream(url, STREAM)
+    await quitter
+    assert headers["X-Cache-Status"] in ("COALESCED", "HIT")
+    assert joined(chunks).startswith(first) and joined(chunks).endswith(b"data: [DONE]\n\n")
+    assert fake.count() == 1
+
+
+async def test_slow_waiter_does_not_slow_the_others(proxy, fake):
+    """One reader that reads slowly lags alone; the others finish with the upstream."""
+    fake.chunk_delay = 0.02
+    url = proxy.url + "/v1/chat/completions"
+
+    async def slow():
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(url, data=orjson.dumps(STREAM), headers=HEADERS) as r,
+        ):
+            data = b""
+            while chunk := await r.content.read(64):
+                data += chunk
+                await asyncio.sleep(0.05)
+            return time.monotonic(), data
+
+    slow_job = asyncio.ensure_future(slow())
+    await asyncio.sleep(0.05)
+    fast = await asyncio.gather(*(post_stream(url, STREAM) for _ in range(5)))
+    fast_end = max(chunks[-1][0] for _, _, chunks in fast)
+    slow_end, slow_body = await slow_job
+    assert slow_end > fast_end
+    assert {joined(c) for _, _, c in fast} == {slow_body}
+    assert fake.count() == 1
+
+
+async def test_coalesce_without_store_and_debounce(start_proxy, fake, tmp_path):
+    """store = false keeps coalescing; debounce_s reuses a just-finished answer for a while;
+    Cache-Control: no-store opts out of both."""
+    rules = tmp_path / "r.toml"
+    rules.write_text('[[rule]]\nroute = "/v1/chat/completions"\nstore = false\ndebounce_s = 0.5\n')
+    proxy = start_proxy(rules=rules)
+    url = proxy.url + "/v1/chat/completions"
+    fake.latency = 0.2
+    burst = await asyncio.gather(*(post(url, CHAT) for _ in range(5)))
+    assert fake.count() == 1 and len({b for _, _, b in burst}) == 1
+    fake.latency = 0.0
+    _, headers, body = await post(url, CHAT)  # within the debounce window
+    assert headers["X-Cache-Status"] == "COALESCED" and body == burst[0][2]
+    _, headers, _ = await post(url, CHAT, {"Cache-Control": "no-store"})
+    assert headers["X-Cache-Status"] == "BYPASS" and fake.count() == 2
+    await asyncio.sleep(0.6)
+    _status, headers, body = await post(url, CHAT)  # after it: not stored, so upstream again
+    assert headers["X-Cache-Status"] == "MISS" and body != burst[0][2]
+    assert fake.count() == 3
+
+
+async def test_idempotency_key(start_proxy, fake, tmp_path):
+    """Idempotency-Key: same key and tenant -> the same answer, even on an uncached route;
+    the same key with another body -> 422; the header never goes upstream."""
+    rules = tmp_path / "r.toml"
+    rules.write_text('[[rule]]\nroute = "/v1/chat/completions"\nenabled = false\n')
+    proxy = start_proxy(rules=rules)
+    url = proxy.url + "/v1/chat/completions"
+    key = {"Idempotency-Key": "order-42"}
+    s1, _h1, b1 = await post(url, CHAT, key)
+    s2, h2, b2 = await post(url, CHAT, key)
+    assert (s1, s2) == (200, 200) and b1 == b2 and h2["X-Cache-Status"] == "HIT"
+    assert fake.count() == 1
+    other = {**CHAT, "messages": [{"role": "user", "content": "something else"}]}
+    s3, _, b3 = await post(url, other, key)
+    assert s3 == 422
+    err = orjson.loads(b3)["error"]
+    assert err["code"] == "idempotency_key_reused" and err["type"] == "invalid_request_error"
+    s4, _, b4 = await post(url, CHAT, {**key, "Authorization": "Bearer sk-someone-else"})
+    assert s4 == 200 and b4 != b1  # keys are per tenant
+    without = await post(url, CHAT)
+    assert without[2] != b1  # the route itself is not cached
+    assert fake.count() == 3
+    assert all("idempotency-key" not in {k.lower() for k in c.headers} for c in fake.calls)
+
+
+async def test_idempotency_key_concurrent_duplicates_coalesce(start_proxy, fake):
+    """Concurrent retries with one Idempotency-Key make one upstream call."""
+    proxy = start_proxy()
+    fake.latency = 0.3
+    url = proxy.url + "/v1/embeddings"
+    body = {"model": "text-embedding-3-small", "input": "x"}
+    results = await asyncio.gather(
+        *(post(url, body, {"Idempotency-Key": "k1", "Cache-Control": "no-store"}) for _ in range(5))
+    )
+    assert fake.count() == 1 and len({b for _, _, b in results}) == 1
