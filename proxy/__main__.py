@@ -2,50 +2,80 @@
 
 from __future__ import annotations
 
+import asyncio
+import multiprocessing
+import signal
 import sys
 from collections.abc import Sequence
-
-from aiohttp import web
 
 from proxy.errors import ConfigError
 from proxy.log import configure_logging
 from proxy.settings import Settings
 
 
-def serve(settings: Settings) -> None:
-    from proxy.app import create_app
+async def _serve(settings: Settings) -> None:
+    from proxy.app import ProxyApp, running
 
+    app = ProxyApp(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with running(app, settings.host, settings.port, reuse_port=settings.workers > 1):
+        await stop.wait()
+
+
+def _run_worker(settings: Settings) -> None:
+    configure_logging(settings.log_format)
     try:
         import uvloop
 
         uvloop.install()
-    except ImportError:  # not on every platform; asyncio's loop works too
+    except ImportError:  # not on every platform; asyncio's own loop works too
         pass
-    app = create_app(settings)
+    asyncio.run(_serve(settings))
+
+
+def serve(settings: Settings) -> None:
+    """Run the proxy; with --workers N, N processes share the port (SO_REUSEPORT)."""
+    base = f"http://{settings.host}:{settings.port}"
     print(
-        f"openai-cache-proxy on http://{settings.host}:{settings.port}  "
-        f"(upstream {settings.upstream}; set OPENAI_BASE_URL=http://{settings.host}:{settings.port}/v1)",
+        f"openai-cache-proxy on {base} (upstream {settings.upstream}, "
+        f"{settings.workers} worker(s)). Point clients at OPENAI_BASE_URL={base}/v1",
         file=sys.stderr,
     )
-    web.run_app(
-        app,
-        host=settings.host,
-        port=settings.port,
-        print=None,
-        access_log=None,
-        reuse_port=settings.workers > 1 or None,
-    )
+    if settings.workers == 1:
+        _run_worker(settings)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_run_worker, args=(settings,)) for _ in range(settings.workers)]
+    for p in procs:
+        p.start()
+
+    def forward(signum: int, _frame: object) -> None:
+        for p in procs:
+            if p.pid is not None and p.is_alive():
+                p.terminate()
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for p in procs:
+        p.join()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         settings = Settings.from_args(args)
-        configure_logging(settings.log_format)
+        from proxy.app import build_state
+
+        build_state(settings)  # fail fast, in one line, on a bad setting or rule
         serve(settings)
     except ConfigError as exc:
         print(f"openai-cache-proxy: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        pass
     return 0
 
 

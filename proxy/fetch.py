@@ -175,8 +175,16 @@ class Fetcher:
 
 
 def _stored_headers(headers: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
-    # Rate-limit headers describe the request that was made, not the one a HIT answers.
-    return tuple((k, v) for k, v in headers if not k.lower().startswith("x-ratelimit-"))
+    # Rate-limit headers describe the request that was made, not the one a HIT answers; the
+    # cache's own status headers are added on the way out.
+    return tuple(
+        (k, v)
+        for k, v in headers
+        if not k.lower().startswith("x-ratelimit-") and k.lower() not in OWN_HEADERS
+    )
+
+
+OWN_HEADERS = frozenset({"x-cache-status", "cache-status", "age"})
 
 
 def make_entry(

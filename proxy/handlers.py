@@ -23,9 +23,11 @@ from proxy.coalesce import Flight, Flights, Outcome, Reader
 from proxy.errors import StoreUnavailable, UpstreamError, UpstreamTimeout, error_body
 from proxy.fetch import Fetcher, FetchJob, Transform
 from proxy.keys import raw_digest, tenant_digest
+from proxy.log import request_done
 from proxy.models import CachedResponse
 from proxy.normalize import BadBody
 from proxy.plan import (
+    DEFAULT_CONTROLS,
     ClientControls,
     Mode,
     Plan,
@@ -35,7 +37,7 @@ from proxy.plan import (
     passthrough_fingerprint,
     route_of,
 )
-from proxy.replay import CACHE_NAME, replay
+from proxy.replay import CACHE_NAME, is_fast, replay, whole
 from proxy.rules import Rules
 from proxy.settings import Settings
 from proxy.stats import Stats
@@ -51,6 +53,7 @@ CACHE_STATUS = {
     "BYPASS": f"{CACHE_NAME}; fwd=bypass",
     "COALESCED": f"{CACHE_NAME}; fwd=miss; collapsed",
 }
+HIT_STATUS = CACHE_STATUS["HIT"]
 
 
 @dataclass(slots=True)
@@ -60,18 +63,23 @@ class State:
     settings: Settings
     rules: Rules
     secret: bytes
+    mac_key: bytes
+    """Key of the per-request BLAKE2b digests (tenant, raw body), derived from `secret`."""
     cache: Cache
     upstream: Upstream
     flights: Flights
     fetcher: Fetcher
     stats: Stats
-    plans: dict[bytes, Plan] = field(default_factory=dict)
+    plans: dict[bytes, tuple[Plan, bytes, str]] = field(default_factory=dict)
+    """Memo: raw request digest -> (plan, tenant digest, tenant id for logs)."""
     transform: Transform | None = None
     """Rewrites image answers (set when an image store is configured)."""
     image_routes: frozenset[str] = frozenset()
+    max_body: int = 0
+    """settings.max_body_bytes, computed once."""
 
-
-STATE = web.AppKey("state", State)
+    def __post_init__(self) -> None:
+        self.max_body = self.settings.max_body_bytes
 
 
 def json_error(status: int, message: str, type_: str, code: str | None) -> web.Response:
@@ -82,43 +90,47 @@ def json_error(status: int, message: str, type_: str, code: str | None) -> web.R
     )
 
 
-async def proxy_handler(request: web.Request) -> web.StreamResponse:
-    """Every path that is not the proxy's own: answer from the cache or from upstream."""
-    st = request.app[STATE]
+async def proxy_handler(st: State, request: web.BaseRequest) -> web.StreamResponse:
+    """Answer from the cache or from upstream; log one line."""
     t0 = time.perf_counter()
-    route, upstream_path = route_of(request.rel_url.raw_path)
+    raw_path, _, query = request.raw_path.partition("?")
+    route, upstream_path = route_of(raw_path)
     info: dict[str, Any] = {"cache": "bypass", "route": route, "method": request.method}
     resp: web.StreamResponse | None = None
     try:
-        resp = await _handle(st, request, route, upstream_path, info, t0)
+        resp = await _handle(st, request, route, upstream_path, query, info, t0)
         return resp
     finally:
         duration = (time.perf_counter() - t0) * 1000.0
         status = resp.status if resp is not None else 499
         nbytes = info.get("bytes")
         if nbytes is None:
-            if isinstance(resp, web.Response) and isinstance(resp.body, bytes):
-                nbytes = len(resp.body)
+            body = resp.body if isinstance(resp, web.Response) else None
+            if isinstance(body, bytes):
+                nbytes = len(body)
             else:
                 nbytes = resp.body_length if resp is not None else 0
         info["status"] = status
         info["bytes"] = nbytes
-        info["duration_ms"] = round(duration, 2)
-        info.setdefault("ttfb_ms", info["duration_ms"])
+        info["duration_ms"] = duration = round(duration, 2)
+        if "ttfb_ms" not in info:
+            info["ttfb_ms"] = duration
         st.stats.record(route, info["cache"], status, nbytes)
-        log.info("request.done", **info)
+        request_done(info)
 
 
 async def _handle(
     st: State,
-    request: web.Request,
+    request: web.BaseRequest,
     route: str,
     upstream_path: str,
+    query: str,
     info: dict[str, Any],
     t0: float,
 ) -> web.StreamResponse:
     settings = st.settings
-    if request.content_length is not None and request.content_length > settings.max_body_bytes:
+    length = request.content_length
+    if length is not None and length > st.max_body:
         return _too_large(settings)
     try:
         body = await request.read()
@@ -126,23 +138,20 @@ async def _handle(
         return _too_large(settings)
 
     h = request.headers
-    tenant = tenant_digest(
-        st.secret,
-        h.get("Authorization") or h.get("api-key") or "",
-        h.get("OpenAI-Organization", ""),
-        h.get("OpenAI-Project", ""),
-    )
-    info["tenant"] = tenant.hex()[:12]
+    credential = h.get("Authorization") or h.get("api-key") or ""
+    org = h.get("OpenAI-Organization", "")
+    project = h.get("OpenAI-Project", "")
     controls = parse_cache_control(h.get("Cache-Control"), h.get("X-Cache-Namespace"))
     method = request.method
-    query = request.rel_url.raw_query_string
     ctype = h.get("Content-Type", "")
     if controls.namespace:
         info["namespace"] = controls.namespace
 
-    raw = raw_digest(tenant, method, route, query, controls.namespace + "\0" + ctype, body)
-    plan = st.plans.get(raw)
-    if plan is None:
+    head = "\0".join((credential, org, project, method, route, query, controls.namespace, ctype))
+    raw = raw_digest(st.mac_key, head, body)
+    memo = st.plans.get(raw)
+    if memo is None:
+        tenant = tenant_digest(st.mac_key, credential, org, project)
         try:
             plan = make_plan(
                 st.rules, st.secret, tenant, method, route, query, controls.namespace, ctype, body
@@ -151,15 +160,25 @@ async def _handle(
             return json_error(400, str(exc), "invalid_request_error", "invalid_body")
         if len(st.plans) >= PLAN_MEMO_MAX:
             st.plans.clear()
-        st.plans[raw] = plan
+        memo = st.plans[raw] = (plan, tenant, tenant.hex()[:12])
+    plan, tenant, info["tenant"] = memo
     info["model"] = plan.model
     info["stream"] = plan.stream
+    idem = h.get("Idempotency-Key")
+
+    if controls is DEFAULT_CONTROLS and plan.rule is not None and not idem:
+        # The cache-hit fast path: a hot entry, sent whole.
+        entry = st.cache.peek(plan.key)
+        if entry is not None and is_fast(entry, plan.rule):
+            info["cache"] = "hit"
+            info["key"] = plan.key[3:15]
+            info["saved_ms"] = entry.upstream_ms
+            return whole(entry, "HIT", HIT_STATUS)
 
     path_qs = upstream_path + ("?" + query if query else "")
     if st.upstream.strip_v1 and path_qs.startswith("/v1/"):
         path_qs = path_qs[3:]
 
-    idem = h.get("Idempotency-Key")
     if idem:
         fingerprint = plan.fingerprint or passthrough_fingerprint(
             st.secret, tenant, method, route, query, body
@@ -210,7 +229,7 @@ def _too_large(settings: Settings) -> web.Response:
 
 async def _serve_keyed(
     st: State,
-    request: web.Request,
+    request: web.BaseRequest,
     info: dict[str, Any],
     body: bytes,
     path_qs: str,
@@ -228,10 +247,12 @@ async def _serve_keyed(
     info["key"] = key[-12:] if key.startswith("idem:") else key[3:15]
     degraded = False
     if controls.mode is Mode.LOOKUP:
-        try:
-            entry = await st.cache.get(key)
-        except StoreUnavailable:
-            entry, degraded = None, True
+        entry = st.cache.peek(key)
+        if entry is None:
+            try:
+                entry = await st.cache.get(key)
+            except StoreUnavailable:
+                degraded = True
         if entry is not None:
             if fingerprint and entry.meta.get("fingerprint") != fingerprint:
                 return _idempotency_conflict()
@@ -239,7 +260,9 @@ async def _serve_keyed(
             if controls.max_age is None or age <= controls.max_age:
                 info["cache"] = "hit"
                 _saved(info, entry)
-                return await replay(request, entry, rule, "HIT", CACHE_STATUS["HIT"])
+                if is_fast(entry, rule):
+                    return whole(entry, "HIT", HIT_STATUS)
+                return await replay(request, entry, rule, "HIT", HIT_STATUS)
     elif controls.mode is Mode.REFRESH and not st.cache.healthy:
         degraded = True
 
@@ -305,7 +328,7 @@ def _idempotency_conflict() -> web.Response:
 
 
 async def _relay(
-    request: web.Request,
+    request: web.BaseRequest,
     info: dict[str, Any],
     flight: Flight,
     reader: Reader,
@@ -352,7 +375,7 @@ async def _relay(
         reader.close()
 
 
-def _cut(request: web.Request) -> None:
+def _cut(request: web.BaseRequest) -> None:
     """End the connection without the closing chunk, so the client sees the stream broke off."""
     transport = request.transport
     if transport is not None:
@@ -361,7 +384,7 @@ def _cut(request: web.Request) -> None:
 
 async def _passthrough(
     st: State,
-    request: web.Request,
+    request: web.BaseRequest,
     info: dict[str, Any],
     body: bytes,
     path_qs: str,

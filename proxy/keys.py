@@ -16,10 +16,16 @@ def _frame(*parts: bytes) -> bytes:
     return b"".join(len(p).to_bytes(4, "big") + p for p in parts)
 
 
-def tenant_digest(secret: bytes, credential: str, org: str, project: str) -> bytes:
-    """32 bytes naming the tenant: the credential plus OpenAI-Organization and OpenAI-Project."""
-    msg = _frame(b"tenant", credential.encode(), org.encode(), project.encode())
-    return hmac.new(secret, msg, hashlib.sha256).digest()
+def mac_key(secret: bytes) -> bytes:
+    """The 32-byte key for the per-request keyed BLAKE2b digests, derived from the secret."""
+    return hmac.new(secret, b"openai-cache-proxy/blake2b", hashlib.sha256).digest()
+
+
+def tenant_digest(key: bytes, credential: str, org: str, project: str) -> bytes:
+    """32 bytes naming the tenant: a keyed BLAKE2b (a MAC, like HMAC) of the credential plus
+    OpenAI-Organization and OpenAI-Project. Computed on every request, so it is the cheap one."""
+    msg = f"{len(credential)}:{credential}{len(org)}:{org}{project}".encode()
+    return hashlib.blake2b(msg, key=key, digest_size=32, person=b"tenant").digest()
 
 
 def cache_key(
@@ -38,12 +44,13 @@ def cache_key(
     return "v1:" + hmac.new(secret, msg, hashlib.sha256).hexdigest()
 
 
-def raw_digest(tenant: bytes, method: str, path: str, query: str, extra: str, body: bytes) -> bytes:
-    """A fast digest of the request as it arrived, to skip re-parsing a body seen before.
+def raw_digest(key: bytes, head: str, body: bytes) -> bytes:
+    """A keyed digest of the request as it arrived, to skip re-parsing a body seen before.
 
-    It includes the tenant digest, so a memo keyed on it can never cross tenants.
+    `head` joins the credential, organisation, project, method, path, query and the headers
+    that matter with NUL, which no header value, path or query can hold, so no two requests
+    share a head; the memo keyed on it therefore never crosses tenants.
     """
-    h = hashlib.blake2b(digest_size=20)
-    h.update(_frame(tenant, method.encode(), path.encode(), query.encode(), extra.encode()))
+    h = hashlib.blake2b(head.encode(), key=key, digest_size=24, person=b"raw")
     h.update(body)
     return h.digest()

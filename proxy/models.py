@@ -11,6 +11,8 @@ import orjson
 _MAGIC = b"OCP1"
 _COMPRESSED = b"OCZ1"
 COMPRESS_ABOVE = 16 * 1024
+HIT_CACHE_STATUS = "openai-cache-proxy; hit"
+"""RFC 9211 Cache-Status of a HIT (the cache's name is openai-cache-proxy)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +36,15 @@ class CachedResponse:
     """How long upstream took to answer: what a HIT saves in time."""
     meta: dict[str, Any] = field(default_factory=dict)
     """Usage and cost (tokens_in, tokens_out, cost_usd, model), the request fingerprint."""
+    hit_headers: tuple[tuple[str, str], ...] = field(init=False, repr=False, compare=False)
+    """`headers` plus the HIT status headers, built once: a HIT only adds Age."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self,
+            "hit_headers",
+            (*self.headers, ("X-Cache-Status", "HIT"), ("Cache-Status", HIT_CACHE_STATUS)),
+        )
 
     @property
     def size(self) -> int:

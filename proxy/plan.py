@@ -55,8 +55,13 @@ class ClientControls:
     namespace: str
 
 
+DEFAULT_CONTROLS = ClientControls(Mode.LOOKUP, None, "")
+
+
 def parse_cache_control(value: str | None, namespace: str | None) -> ClientControls:
     """Read the request's Cache-Control (no-store, no-cache, max-age=N) and X-Cache-Namespace."""
+    if value is None and namespace is None:
+        return DEFAULT_CONTROLS
     mode, max_age = Mode.LOOKUP, None
     if value:
         for part in value.lower().split(","):

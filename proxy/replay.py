@@ -6,31 +6,50 @@ import asyncio
 import time
 
 from aiohttp import web
-from multidict import CIMultiDict
 
-from proxy.models import CachedResponse
+from proxy.models import HIT_CACHE_STATUS, CachedResponse
 from proxy.rules import Rule
 
 CACHE_NAME = "openai-cache-proxy"
+assert f"{CACHE_NAME}; hit" == HIT_CACHE_STATUS
 
 
-def entry_headers(entry: CachedResponse, status: str, cache_status: str) -> CIMultiDict[str]:
-    headers: CIMultiDict[str] = CIMultiDict(entry.headers)
-    headers["X-Cache-Status"] = status
-    headers["Cache-Status"] = cache_status
-    return headers
+def whole(entry: CachedResponse, status: str, cache_status: str) -> web.Response:
+    """A stored answer as one response (the fast replay, and every non-stream answer)."""
+    resp = web.Response(status=entry.status, body=entry.body)
+    headers = resp.headers
+    if status == "HIT":
+        headers.extend(entry.hit_headers)
+        headers.add("Age", str(max(0, int(time.time() - entry.created))))
+        return resp
+    headers.extend(entry.headers)
+    headers.add("X-Cache-Status", status)
+    headers.add("Cache-Status", cache_status)
+    return resp
+
+
+def is_fast(entry: CachedResponse, rule: Rule | None) -> bool:
+    return not entry.stream or rule is None or rule.replay == "fast" or not entry.chunk_ms
 
 
 async def replay(
-    request: web.Request, entry: CachedResponse, rule: Rule | None, status: str, cache_status: str
+    request: web.BaseRequest,
+    entry: CachedResponse,
+    rule: Rule | None,
+    status: str,
+    cache_status: str,
 ) -> web.StreamResponse:
     """Send a stored answer: whole at once, or at its recorded pace if the rule says so."""
-    headers = entry_headers(entry, status, cache_status)
+    if is_fast(entry, rule):
+        return whole(entry, status, cache_status)
+    assert rule is not None
+    resp = web.StreamResponse(status=entry.status)
+    headers = resp.headers
+    headers.extend(entry.headers)
+    headers["X-Cache-Status"] = status
+    headers["Cache-Status"] = cache_status
     if status == "HIT":
         headers["Age"] = str(max(0, int(time.time() - entry.created)))
-    if not entry.stream or rule is None or rule.replay == "fast" or not entry.chunk_ms:
-        return web.Response(status=entry.status, headers=headers, body=entry.body)
-    resp = web.StreamResponse(status=entry.status, headers=headers)
     await resp.prepare(request)
     loop = asyncio.get_running_loop()
     start = loop.time()

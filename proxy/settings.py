@@ -36,6 +36,10 @@ class Settings:
     """Store URL: memory://[?max_mb=N], sqlite:///path.db, redis://... Empty: SQLite in data_dir."""
     rules: Path | None = None
     """A TOML file or a folder of them. None: the shipped rules/."""
+    hot_cache_mb: float = 64.0
+    """In-process hot tier in front of SQLite or Redis (0 turns it off)."""
+    hot_cache_ttl_s: float = 5.0
+    """Longest time a hot entry is served without asking the shared store again."""
     max_body_mb: float = 64.0
     """Largest request body accepted; a larger one gets 413 before anything goes upstream."""
     log_format: str = "json"
@@ -118,6 +122,8 @@ _CONVERTERS: dict[str, Callable[[str], Any]] = {
     "port": int,
     "workers": int,
     "max_body_mb": float,
+    "hot_cache_mb": float,
+    "hot_cache_ttl_s": float,
     "upstream_connect_timeout_s": float,
     "upstream_read_timeout_s": float,
     "max_record_mb": float,

@@ -17,10 +17,10 @@ from typing import Any, TypeVar
 
 import openai
 import pytest
-from aiohttp import web
 from blockbuster import blockbuster_ctx
 
-from proxy.app import create_app
+from proxy.app import ProxyApp, running
+from proxy.handlers import State
 from proxy.settings import Settings
 from proxy.testing import FakeOpenAI
 
@@ -79,22 +79,28 @@ def fake(bg: BackgroundLoop) -> Iterator[FakeOpenAI]:
 @dataclass
 class ProxyServer:
     url: str
-    app: web.Application
-    runner: web.AppRunner
+    app: ProxyApp
     settings: Settings
+    stop: Any
 
     @property
     def base_url(self) -> str:
         return self.url + "/v1"
 
+    @property
+    def state(self) -> State:
+        return self.app.state
 
-async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=False, shutdown_timeout=1.0)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    return runner, f"http://127.0.0.1:{port}"
+
+async def _serve(app: ProxyApp) -> tuple[str, Any]:
+    """Start `app` on a free port; returns its URL and a coroutine function that stops it."""
+    ctx = running(app, "127.0.0.1", 0, shutdown_timeout=1.0)
+    url = await ctx.__aenter__()
+
+    async def stop() -> None:
+        await ctx.__aexit__(None, None, None)
+
+    return url, stop
 
 
 @pytest.fixture
@@ -111,19 +117,18 @@ def start_proxy(bg: BackgroundLoop, fake: FakeOpenAI, tmp_path: Path) -> Iterato
         }
         values.update(overrides)
         settings = Settings(**values)
-
         # Built outside any event loop, as `python -m proxy` does (async tests run one here).
         with ThreadPoolExecutor(1) as pool:
             pool.submit(settings.validate).result()
-            app = pool.submit(create_app, settings).result()
-        runner, url = bg.run(_serve(app))
-        server = ProxyServer(url, app, runner, settings)
+            app = pool.submit(ProxyApp, settings).result()
+        url, stop = bg.run(_serve(app))
+        server = ProxyServer(url, app, settings, stop)
         started.append(server)
         return server
 
     yield start
     for server in started:
-        bg.run(server.runner.cleanup())
+        bg.run(server.stop())
 
 
 @pytest.fixture

@@ -19,6 +19,10 @@ class MemoryStore:
         self._items: OrderedDict[str, tuple[float, CachedResponse]] = OrderedDict()
 
     async def get(self, key: str) -> CachedResponse | None:
+        return self.peek(key)
+
+    def peek(self, key: str) -> CachedResponse | None:
+        """get() without a coroutine, for the hot tier in front of another store."""
         item = self._items.get(key)
         if item is None:
             return None
@@ -30,6 +34,9 @@ class MemoryStore:
         return entry
 
     async def set(self, key: str, entry: CachedResponse, ttl_s: float) -> None:
+        self.put(key, entry, ttl_s)
+
+    def put(self, key: str, entry: CachedResponse, ttl_s: float) -> None:
         if entry.size > self.max_bytes:
             return
         self._drop(key)

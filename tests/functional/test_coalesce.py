@@ -8,7 +8,6 @@ import time
 import aiohttp
 import orjson
 
-from proxy.handlers import STATE
 from tests.functional.test_streams import HEADERS, joined, post_stream, wait_until
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Persona for Ann"}]}
@@ -120,7 +119,7 @@ async def test_cancelled_leader_task_fails_waiters_fast(proxy, fake, bg):
     fake.latency = 2.0
     url = proxy.url + "/v1/chat/completions"
     jobs = [asyncio.ensure_future(post(url, CHAT)) for _ in range(3)]
-    st = proxy.app[STATE]
+    st = proxy.state
     await wait_until(lambda: len(st.flights) == 1 and fake.count() == 1)
     flight = st.flights.get(next(iter(st.flights._flights)))
     assert flight is not None and flight.task is not None

@@ -12,7 +12,6 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
-from proxy.handlers import STATE
 from proxy.testing.fake_openai import recorded
 from tests.conftest import async_sdk
 
@@ -62,7 +61,7 @@ async def test_miss_is_relayed_live_not_buffered(proxy, fake):
 async def test_hit_replays_identical_bytes(proxy, fake):
     """A repeated streamed request is a HIT with the very same bytes and no upstream call."""
     _, _, first = await post_stream(proxy.url + "/v1/chat/completions", CHAT)
-    await wait_until(lambda: len(proxy.app[STATE].flights) == 0)
+    await wait_until(lambda: len(proxy.state.flights) == 0)
     status, headers, second = await post_stream(proxy.url + "/v1/chat/completions", CHAT)
     assert status == 200 and headers["X-Cache-Status"] == "HIT"
     assert headers["Content-Type"].startswith("text/event-stream")
@@ -75,7 +74,7 @@ async def test_recorded_real_stream_replays_byte_for_byte(proxy, fake):
     body = {**CHAT, "model": "recorded", "stream_options": {"include_usage": True}}
     want = recorded("chat_completion_stream_prompt_caching_cache_read")["response"]["body_text"]
     _, _, first = await post_stream(proxy.url + "/v1/chat/completions", body)
-    await wait_until(lambda: len(proxy.app[STATE].flights) == 0)
+    await wait_until(lambda: len(proxy.state.flights) == 0)
     _, headers, second = await post_stream(proxy.url + "/v1/chat/completions", body)
     assert headers["X-Cache-Status"] == "HIT"
     assert joined(first) == joined(second) == want.encode()
@@ -101,7 +100,7 @@ async def test_sdk_chat_stream_with_usage_same_text_and_usage(proxy, fake):
             return text, usage
 
     first = await run()
-    await wait_until(lambda: len(proxy.app[STATE].flights) == 0)
+    await wait_until(lambda: len(proxy.state.flights) == 0)
     second = await run()
     assert first == second
     assert first[0] and first[1]["completion_tokens"] == 8
@@ -120,7 +119,7 @@ async def test_sdk_responses_stream_helper(proxy, fake, model):
             return "".join(deltas), final.output_text, final.usage.model_dump()
 
     first = await run()
-    await wait_until(lambda: len(proxy.app[STATE].flights) == 0)
+    await wait_until(lambda: len(proxy.state.flights) == 0)
     second = await run()
     assert first == second and first[0] == first[1]
     assert fake.count() == 1
@@ -137,7 +136,7 @@ async def test_broken_chat_stream_is_shown_and_not_stored(proxy, fake, knob):
     else:
         _, _, chunks = await post_stream(proxy.url + "/v1/chat/completions", CHAT)
         assert b'"error"' in joined(chunks) and b"[DONE]" not in joined(chunks)
-    await wait_until(lambda: len(proxy.app[STATE].flights) == 0)
+    await wait_until(lambda: len(proxy.state.flights) == 0)
     setattr(fake, knob, None)
     _, headers, chunks = await post_stream(proxy.url + "/v1/chat/completions", CHAT)
     assert headers["X-Cache-Status"] == "MISS"
@@ -162,7 +161,7 @@ async def test_response_failed_is_not_stored(proxy, fake):
     body = {"model": "gpt-4.1", "input": "x", "stream": True}
     _, _, chunks = await post_stream(proxy.url + "/v1/responses", body)
     assert b"response.failed" in joined(chunks)
-    await wait_until(lambda: len(proxy.app[STATE].flights) == 0)
+    await wait_until(lambda: len(proxy.state.flights) == 0)
     fake.fail_responses = False
     _, headers, chunks = await post_stream(proxy.url + "/v1/responses", body)
     assert headers["X-Cache-Status"] == "MISS" and b"response.completed" in joined(chunks)
@@ -179,7 +178,7 @@ async def test_client_hangs_up_answer_still_kept(proxy, fake):
     ):
         first = await r.content.readany()
         assert first.startswith(b"data: ")
-    await wait_until(lambda: len(proxy.app[STATE].flights) == 0)
+    await wait_until(lambda: len(proxy.state.flights) == 0)
     _status, headers, chunks = await post_stream(proxy.url + "/v1/chat/completions", CHAT)
     assert headers["X-Cache-Status"] == "HIT"
     assert joined(chunks).startswith(first) and joined(chunks).endswith(b"data: [DONE]\n\n")
@@ -191,7 +190,7 @@ async def test_stream_above_record_limit_is_relayed_not_stored(start_proxy, fake
     proxy = start_proxy(max_record_mb=0.0005)  # about 500 bytes
     _, _, chunks = await post_stream(proxy.url + "/v1/chat/completions", CHAT)
     assert joined(chunks).endswith(b"data: [DONE]\n\n") and len(joined(chunks)) > 600
-    await wait_until(lambda: len(proxy.app[STATE].flights) == 0)
+    await wait_until(lambda: len(proxy.state.flights) == 0)
     _, headers, _ = await post_stream(proxy.url + "/v1/chat/completions", CHAT)
     assert headers["X-Cache-Status"] == "MISS"
 
@@ -203,7 +202,7 @@ async def test_paced_replay_follows_recorded_timing(start_proxy, fake, tmp_path)
     proxy = start_proxy(rules=rules)
     fake.chunk_delay = 0.04
     _, _, first = await post_stream(proxy.url + "/v1/chat/completions", CHAT)
-    await wait_until(lambda: len(proxy.app[STATE].flights) == 0)
+    await wait_until(lambda: len(proxy.state.flights) == 0)
     t0 = time.monotonic()
     _, headers, second = await post_stream(proxy.url + "/v1/chat/completions", CHAT)
     took = time.monotonic() - t0

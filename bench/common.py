@@ -1,0 +1,117 @@
+"""Helpers shared by the benchmark scripts: start processes, wait for ports, run wrk."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, within_s: float = 15.0) -> None:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+@contextmanager
+def process(args: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[None]:
+    proc = subprocess.Popen(
+        args,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(port)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@contextmanager
+def fake_upstream(**knobs: float) -> Iterator[str]:
+    port = free_port()
+    args = [sys.executable, "-m", "bench.servers", "fake", "--port", str(port)]
+    for name, value in knobs.items():
+        args += [f"--{name.replace('_', '-')}", str(value)]
+    with process(args, port):
+        yield f"http://127.0.0.1:{port}"
+
+
+@contextmanager
+def proxy(upstream: str, *flags: str, log_to: str = os.devnull) -> Iterator[str]:
+    """`python -m proxy` with its per-request JSON log line on (written to `log_to`)."""
+    port = free_port()
+    data_dir = tempfile.mkdtemp(prefix="ocp-bench-")
+    args = [
+        sys.executable, "-m", "proxy", "--port", str(port), "--upstream", upstream,
+        "--data-dir", data_dir, *flags,
+    ]
+    with open(log_to, "wb") as log:
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.DEVNULL)
+        try:
+            wait_port(port)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            proc.terminate()
+            proc.wait(10)
+            shutil.rmtree(data_dir, ignore_errors=True)
+
+
+WRK_LUA = """
+wrk.method = "POST"
+wrk.body = [[{body}]]
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer sk-bench"
+"""
+
+
+def wrk(url: str, body: str, *, connections: int, seconds: int, threads: int = 1) -> dict[str, float]:
+    """Run wrk; returns requests/s and latency percentiles in ms."""
+    exe = shutil.which("wrk")
+    if exe is None:
+        raise SystemExit("wrk is not installed: apt-get install wrk")
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(WRK_LUA.format(body=body))
+        script = f.name
+    out = subprocess.run(
+        [exe, f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", script, url],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    os.unlink(script)
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    result = {"rps": rps}
+    for pct in ("50", "99"):
+        m = re.search(rf"\s{pct}(?:\.000)?%\s+([\d.]+)(us|ms|s)", out)
+        assert m is not None, out
+        value, unit = float(m.group(1)), m.group(2)
+        result[f"p{pct}_ms"] = value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    result["non_2xx"] = float(errors.group(1)) if errors else 0.0
+    return result
