@@ -22,6 +22,9 @@ from proxy.coalesce import Flights
 from proxy.errors import ConfigError
 from proxy.fetch import Fetcher
 from proxy.handlers import State, json_error, proxy_handler
+from proxy.images import LocalImageStore, open_image_store
+from proxy.images.base import NAME_RE
+from proxy.images.rehost import ImageRehoster
 from proxy.keys import mac_key
 from proxy.rules import load_rules
 from proxy.settings import Settings
@@ -68,6 +71,18 @@ def build_state(settings: Settings) -> State:
         connect_timeout_s=settings.upstream_connect_timeout_s,
         read_timeout_s=settings.upstream_read_timeout_s,
     )
+    images = open_image_store(
+        settings.images,
+        settings.data_dir,
+        public_url=settings.public_url,
+        images_public_url=settings.images_public_url,
+        s3_endpoint_url=settings.s3_endpoint_url,
+    )
+    rehoster = ImageRehoster(
+        images,
+        allowed_hosts=settings.image_source_hosts,
+        max_bytes=int(settings.image_max_mb * 1024 * 1024),
+    )
     flights = Flights()
     fetcher = Fetcher(upstream, cache, flights, detached_max_s=settings.detached_max_s)
     return State(
@@ -80,6 +95,7 @@ def build_state(settings: Settings) -> State:
         flights=flights,
         fetcher=fetcher,
         stats=Stats(),
+        rehoster=rehoster,
     )
 
 
@@ -103,6 +119,26 @@ def admin_only(handler: AdminHandler) -> AdminHandler:
         return await handler(st, request)
 
     return guarded
+
+
+async def serve_image(st: State, request: web.BaseRequest) -> web.StreamResponse:
+    """GET /_proxy/images/<sha256>.<ext>: a rehosted image, immutable, never sniffed."""
+    name = request.path[len("/_proxy/images/") :]
+    store = st.rehoster.store if st.rehoster is not None else None
+    found = None
+    if isinstance(store, LocalImageStore) and NAME_RE.match(name):
+        found = await store.get(name)
+    if found is None:
+        return json_error(404, "No such image.", "invalid_request_error", "not_found")
+    data, ctype = found
+    return web.Response(
+        body=data,
+        headers={
+            "Content-Type": ctype,
+            "Cache-Control": "public, max-age=31536000, immutable",
+            "X-Content-Type-Options": "nosniff",
+        },
+    )
 
 
 async def health(st: State, request: web.BaseRequest) -> web.StreamResponse:
@@ -154,8 +190,8 @@ class ProxyApp:
                 own = self.routes.get(("GET", path.rstrip("/") + "/*"))
             if own is not None:
                 return await own(self.state, request)
-            if path.startswith("/_proxy/images/"):
-                return json_error(404, "No such image.", "invalid_request_error", "not_found")
+            if path.startswith("/_proxy/images/") and request.method in ("GET", "HEAD"):
+                return await serve_image(self.state, request)
             return json_error(404, f"No proxy route {path}.", "invalid_request_error", None)
         return await proxy_handler(self.state, request)
 
@@ -178,6 +214,8 @@ class ProxyApp:
         if self._flusher is not None:
             self._flusher.cancel()
         await self.state.upstream.aclose()
+        if self.state.rehoster is not None:
+            await self.state.rehoster.aclose()
         await self.state.cache.aclose()
         logmod.flush()
 

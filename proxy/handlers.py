@@ -22,6 +22,7 @@ from proxy.cache import Cache
 from proxy.coalesce import Flight, Flights, Outcome, Reader
 from proxy.errors import StoreUnavailable, UpstreamError, UpstreamTimeout, error_body
 from proxy.fetch import Fetcher, FetchJob, Transform
+from proxy.images.rehost import ImageRehoster, rewrites, transform_for
 from proxy.keys import raw_digest, tenant_digest
 from proxy.log import request_done
 from proxy.models import CachedResponse
@@ -72,14 +73,16 @@ class State:
     stats: Stats
     plans: dict[bytes, tuple[Plan, bytes, str]] = field(default_factory=dict)
     """Memo: raw request digest -> (plan, tenant digest, tenant id for logs)."""
+    rehoster: ImageRehoster | None = None
+    """Copies image URLs in answers to the image store."""
     transform: Transform | None = None
-    """Rewrites image answers (set when an image store is configured)."""
-    image_routes: frozenset[str] = frozenset()
     max_body: int = 0
     """settings.max_body_bytes, computed once."""
 
     def __post_init__(self) -> None:
         self.max_body = self.settings.max_body_bytes
+        if self.rehoster is not None:
+            self.transform = transform_for(self.rehoster)
 
 
 def json_error(status: int, message: str, type_: str, code: str | None) -> web.Response:
@@ -302,9 +305,11 @@ async def _serve_keyed(
         store_key=key if store and not degraded else "",
         ttl_s=ttl_s,
         debounce_s=rule.debounce_s if rule is not None else 0.0,
-        transform=st.transform if info["route"] in st.image_routes else None,
+        transform=st.transform
+        if rule is not None and rule.rehost_images and rewrites(info["route"])
+        else None,
         meta={"fingerprint": fingerprint, "model": plan.model, "route": info["route"]},
-        public_base=f"{request.scheme}://{request.host}",
+        public_base=st.settings.public_url or f"{request.scheme}://{request.host}",
     )
     reader = flight.attach()
     st.fetcher.start(flight, job)

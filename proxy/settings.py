@@ -58,6 +58,18 @@ class Settings:
     """How long an upstream answer is still read to the end after every client hung up."""
     idempotency_ttl_s: float = 86400.0
     """How long an answer given to an Idempotency-Key is kept."""
+    images: str = ""
+    """Image store: file:///dir or s3://bucket/prefix. Empty: file:// under data_dir."""
+    public_url: str = ""
+    """Base URL for links to images the proxy serves. Empty: from each request's Host."""
+    images_public_url: str = ""
+    """Base URL of a public bucket or custom domain for S3/R2 links. Empty: presigned URLs."""
+    s3_endpoint_url: str = ""
+    """S3-compatible endpoint (R2). Empty: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS."""
+    image_source_hosts: str = ""
+    """Comma-separated hosts images may be fetched from. Empty: OpenAI's image blob host."""
+    image_max_mb: float = 50.0
+    """Largest image fetched for rehosting."""
     admin_token: str = ""
     """Guards /_proxy/stats, /_proxy/metrics and /_proxy/dashboard when set."""
 
@@ -94,6 +106,14 @@ class Settings:
                     f"--cache / PROXY_CACHE: {self.cache!r} is not memory://, sqlite:///path, "
                     "redis:// or rediss://"
                 )
+        if self.images and urlsplit(self.images).scheme not in ("file", "s3"):
+            raise ConfigError(
+                f"--images / PROXY_IMAGES: {self.images!r} is not file:///dir or s3://bucket/prefix"
+            )
+        for name in ("public_url", "images_public_url", "s3_endpoint_url"):
+            value = getattr(self, name)
+            if value and urlsplit(value).scheme not in ("http", "https"):
+                raise ConfigError(f"{_flag(name)} / {_env(name)}: {value!r} is not an http(s) URL")
         if self.max_body_mb <= 0:
             raise ConfigError("--max-body-mb / PROXY_MAX_BODY_MB: must be above 0")
         if self.log_format not in ("json", "console"):
@@ -129,6 +149,7 @@ _CONVERTERS: dict[str, Callable[[str], Any]] = {
     "max_record_mb": float,
     "detached_max_s": float,
     "idempotency_ttl_s": float,
+    "image_max_mb": float,
     "data_dir": lambda s: Path(s).expanduser(),
     "rules": lambda s: Path(s).expanduser(),
 }

@@ -34,6 +34,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from proxy.normalize import multipart_fields, parse_multipart
+
 RECORDED = Path(__file__).parent / "recorded"
 CALL_N = web.RequestKey("n", int)
 BODY: web.RequestKey[dict[str, Any]] = web.RequestKey("json", dict)
@@ -93,6 +95,8 @@ class FakeOpenAI:
     chunk_delay: float = 0.0
     chunks: int = 8
     image_ttl_s: float = 3600.0
+    image_url: str | None = None
+    """If set, every image answer carries this URL instead of one on the fake's blob host."""
     errors: list[tuple[int, bytes]] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
     """Per-call latencies for the next calls, used before `latency`."""
@@ -126,6 +130,7 @@ class FakeOpenAI:
         r.add_post("/v1/images/edits", self.images)
         r.add_post("/v1/images/variations", self.images)
         r.add_get("/blob/{name}", self.blob)
+        r.add_get("/_fake/stats", self.fake_stats)
         r.add_post("/v1/audio/speech", self.speech)
         r.add_post("/v1/moderations", self.moderations)
         r.add_route("*", "/{tail:.*}", self.not_found)
@@ -156,7 +161,7 @@ class FakeOpenAI:
     # -- plumbing -----------------------------------------------------------------------------
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.path.startswith("/blob/"):
+        if request.path.startswith(("/blob/", "/_fake/")):
             result: web.StreamResponse = await handler(request)
             return result
         body = await request.read()
@@ -488,8 +493,9 @@ class FakeOpenAI:
     async def images(self, request: web.Request) -> web.StreamResponse:
         n = request[CALL_N]
         if request.content_type == "multipart/form-data":
-            form = await request.post()
-            req: dict[str, Any] = {k: v for k, v in form.items() if isinstance(v, str)}
+            raw = await request.read()  # already read by the middleware: no second read
+            parts = parse_multipart(raw, request.headers["Content-Type"])
+            req: dict[str, Any] = multipart_fields(parts)
         else:
             req = request[BODY]
         count = int(req.get("n") or 1)
@@ -501,7 +507,9 @@ class FakeOpenAI:
             if fmt == "b64_json":
                 data.append({"b64_json": base64.b64encode(make_png(n * 10 + i)).decode()})
             else:
-                url = f"{self.base_url}/blob/img-{n}-{i}.png?se={expires}&sig=fake{n}"
+                url = self.image_url or (
+                    f"{self.base_url}/blob/img-{n}-{i}.png?se={expires}&sig=fake{n}"
+                )
                 data.append({"url": url, "revised_prompt": req.get("prompt")})
         body: dict[str, Any] = {"created": 1_700_000_000 + n, "data": data}
         if model.startswith("gpt-image"):
@@ -525,6 +533,20 @@ class FakeOpenAI:
         parts = name.removesuffix(".png").split("-")
         seed = int(parts[1]) * 10 + int(parts[2])
         return web.Response(body=make_png(seed), content_type="image/png")
+
+    async def fake_stats(self, request: web.Request) -> web.StreamResponse:
+        """Not an OpenAI route: how many calls the fake has answered (for benchmarks, the demo)."""
+        by_path: dict[str, int] = {}
+        for call in self.calls:
+            by_path[call.path] = by_path.get(call.path, 0) + 1
+        return web.json_response(
+            {
+                "calls": len(self.calls),
+                "by_path": by_path,
+                "image_downloads": len(self.image_downloads),
+            },
+            dumps=_dumps,
+        )
 
     async def speech(self, request: web.Request) -> web.StreamResponse:
         req, n = request[BODY], request[CALL_N]
