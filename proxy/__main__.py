@@ -66,6 +66,10 @@ def serve(settings: Settings) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
+        if args[:2] == ["images", "backfill"]:
+            from proxy.backfill import main as backfill_main
+
+            return backfill_main(args[2:])
         settings = Settings.from_args(args)
         from proxy.app import build_state
 

@@ -266,3 +266,48 @@ def test_s3_down_passes_the_answer_through(start_proxy, fake):
         assert r.data[0].url.startswith(fake.base_url)
         again = c.images.with_raw_response.generate(prompt="down", response_format="url")
         assert again.headers["x-cache-status"] == "MISS"
+
+
+def test_backfill_rehosts_entries_cached_before(start_proxy, fake, tmp_path, capsys):
+    """`python -m proxy images backfill` rehosts image answers cached with upstream URLs, and
+    reports the ones whose URL had already expired."""
+    from proxy.__main__ import main
+
+    rules = tmp_path / "no-rehost.toml"
+    rules.write_text('[[rule]]\nroute = "/v1/images/*"\nrehost_images = false\n')
+    db = tmp_path / "cache.db"
+    before = start_proxy(cache=f"sqlite:///{db}", rules=rules, image_source_hosts="127.0.0.1")
+    with sdk(before) as c:
+        kept = c.images.generate(prompt="keep me", response_format="url")
+        fake.image_ttl_s = -1
+        lost = c.images.generate(prompt="too late", response_format="url")
+    assert kept.data[0].url.startswith(fake.base_url)
+    assert lost.data[0].url.startswith(fake.base_url)
+
+    public = "http://images.example"
+    argv = [
+        "images",
+        "backfill",
+        "--cache",
+        f"sqlite:///{db}",
+        "--data-dir",
+        str(tmp_path / "d"),
+        "--image-source-hosts",
+        "127.0.0.1",
+        "--public-url",
+        public,
+        "--secret",
+        "s",
+    ]
+    assert main(argv) == 1  # one answer could not be rescued
+    out = capsys.readouterr().out
+    assert "2 image answers: 1 rehosted" in out and "1 could not be rescued" in out
+
+    after = start_proxy(cache=f"sqlite:///{db}", data_dir=tmp_path / "d")
+    with sdk(after) as c:
+        again = c.images.with_raw_response.generate(prompt="keep me", response_format="url")
+    assert again.headers["x-cache-status"] == "HIT"
+    url = again.parse().data[0].url
+    assert url.startswith(public + "/_proxy/images/")
+    status, _, data = get(after.url + urlsplit(url).path)
+    assert status == 200 and data == make_png(10)
