@@ -66,6 +66,10 @@ def serve(settings: Settings) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
+        if args[:1] == ["demo"]:
+            from proxy.demo import main as demo_main
+
+            return demo_main(args[1:])
         if args[:2] == ["images", "backfill"]:
             from proxy.backfill import main as backfill_main
 

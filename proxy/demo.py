@@ -1,0 +1,176 @@
+"""`python -m proxy demo`: the proxy doing its job in seconds, with no OpenAI key.
+
+It starts the packaged fake OpenAI upstream and the proxy in one process (embedded store,
+local image store, in a temporary folder), runs a short tour through the official `openai`
+SDK and prints what happened, with numbers measured in this run. `--serve` keeps the proxy
+running afterwards (in front of the fake upstream) for your own client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import openai
+from rich.console import Console
+from rich.table import Table
+
+from proxy.app import ProxyApp, running
+from proxy.log import configure_logging
+from proxy.settings import Settings
+from proxy.testing import FakeOpenAI
+
+
+@dataclass
+class Row:
+    step: str
+    status: str
+    ms: float
+    calls: int
+    note: str = ""
+
+
+def _http_status(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, b""
+
+
+async def tour(client: openai.AsyncOpenAI, fake: FakeOpenAI) -> list[Row]:
+    rows: list[Row] = []
+    chat: dict[str, Any] = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "Invent a user persona for a bakery app"}],
+    }
+
+    for step in ("chat: first call", "chat: same call again"):
+        t0 = time.perf_counter()
+        raw = await client.chat.completions.with_raw_response.create(**chat)
+        ms = (time.perf_counter() - t0) * 1000
+        rows.append(Row(step, raw.headers["x-cache-status"], ms, fake.count()))
+
+    for step in ("stream: first call (first byte)", "stream: replayed (first byte)"):
+        t0 = time.perf_counter()
+        async with client.chat.completions.with_streaming_response.create(
+            **chat, stream=True, stream_options={"include_usage": True}
+        ) as resp:
+            first_ms = 0.0
+            async for _line in resp.iter_lines():
+                if not first_ms:
+                    first_ms = (time.perf_counter() - t0) * 1000
+            rows.append(Row(step, resp.headers["x-cache-status"], first_ms, fake.count()))
+
+    dup = {**chat, "messages": [{"role": "user", "content": "Same question, 20 clicks"}]}
+    t0 = time.perf_counter()
+    answers = await asyncio.gather(
+        *(client.chat.completions.with_raw_response.create(**dup) for _ in range(20))
+    )
+    ms = (time.perf_counter() - t0) * 1000
+    labels = [a.headers["x-cache-status"] for a in answers]
+    summary = f"{labels.count('MISS')} MISS + {labels.count('COALESCED')} COALESCED"
+    same = len({a.parse().choices[0].message.content for a in answers}) == 1
+    rows.append(
+        Row("20 identical calls at once", summary, ms, fake.count(), f"identical answers: {same}")
+    )
+
+    t0 = time.perf_counter()
+    raw_img = await client.images.with_raw_response.generate(
+        prompt="portrait of the persona", model="dall-e-2", response_format="url"
+    )
+    ms = (time.perf_counter() - t0) * 1000
+    images = raw_img.parse().data or []
+    url = (images[0].url if images else None) or ""
+    rows.append(Row("image: generate", raw_img.headers["x-cache-status"], ms, fake.count(), url))
+
+    upstream_url = next(
+        (f"{fake.base_url}/blob/{n}?se={int(time.time()) + 1}" for n in fake.image_downloads), ""
+    )
+    await asyncio.sleep(max(0.0, fake.image_ttl_s) + 1.2)  # let the upstream URL expire
+    expired_url = upstream_url.split("?")[0] + f"?se={int(time.time()) - 1}"
+    up_status, _ = await asyncio.to_thread(_http_status, expired_url)
+    t0 = time.perf_counter()
+    kept_status, data = await asyncio.to_thread(_http_status, url)
+    ms = (time.perf_counter() - t0) * 1000
+    rows.append(
+        Row(
+            "image: after upstream URL expired",
+            f"upstream {up_status}, ours {kept_status}",
+            ms,
+            fake.count(),
+            f"{len(data)} PNG bytes still served",
+        )
+    )
+    return rows
+
+
+def print_table(rows: list[Row], console: Console) -> None:
+    table = Table(title="openai-cache-proxy demo (fake upstream, no key, no network)")
+    table.add_column("step")
+    table.add_column("X-Cache-Status")
+    table.add_column("ms", justify="right")
+    table.add_column("upstream calls so far", justify="right")
+    table.add_column("note")
+    for r in rows:
+        table.add_row(r.step, r.status, f"{r.ms:.1f}", str(r.calls), r.note)
+    console.print(table)
+
+
+async def run(app: ProxyApp, fake: FakeOpenAI, serve: bool, port: int) -> int:
+    console = Console(width=None if sys.stdout.isatty() else 130)
+    async with running(app, "127.0.0.1", port) as url:
+        async with openai.AsyncOpenAI(
+            base_url=url + "/v1", api_key="sk-demo-not-a-real-key", max_retries=0
+        ) as client:
+            rows = await tour(client, fake)
+        print_table(rows, console)
+        if serve:
+            console.print(
+                f"\nThe proxy keeps running in front of the fake upstream. Try it:\n"
+                f"  export OPENAI_BASE_URL={url}/v1 OPENAI_API_KEY=sk-anything\n"
+                f"Ctrl-C to stop."
+            )
+            print(f"OPENAI_BASE_URL={url}/v1", flush=True)
+            await asyncio.Event().wait()
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m proxy demo", description=__doc__)
+    p.add_argument("--serve", action="store_true", help="keep the proxy running afterwards")
+    p.add_argument("--port", type=int, default=8080, help="port for --serve (default 8080)")
+    args = p.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="openai-cache-proxy-demo-"))
+    log = (work / "requests.log").open("wb")
+    configure_logging("json", out=log)  # the tour's request.done lines go to this file
+    fake = FakeOpenAI(latency=0.25, chunk_delay=0.04, image_ttl_s=1.0)
+
+    async def main_async() -> int:
+        await fake.start()
+        settings = Settings(
+            upstream=fake.base_url,
+            data_dir=work,
+            image_source_hosts="127.0.0.1",
+            port=args.port,
+        )
+        app = await asyncio.to_thread(ProxyApp, settings)
+        try:
+            return await run(app, fake, args.serve, args.port if args.serve else 0)
+        finally:
+            await fake.stop()
+
+    try:
+        return asyncio.run(main_async())
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        log.close()
+        print(f"(request log: {work / 'requests.log'})", file=sys.stderr)

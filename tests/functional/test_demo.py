@@ -1,0 +1,81 @@
+"""`python -m proxy demo` works offline, fast, with numbers from the run (issue 8)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openai
+
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_demo_runs_offline_in_under_15_seconds():
+    """The tour exits 0 in under 15 s and shows the HIT, one upstream call for 20 duplicates
+    and an image URL that outlives the upstream one."""
+    env = {**os.environ, "NO_PROXY": "*", "HTTPS_PROXY": "", "HTTP_PROXY": ""}
+    t0 = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "demo"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    took = time.monotonic() - t0
+    assert done.returncode == 0, done.stderr
+    assert took < 15
+    out = done.stdout
+    rows = {
+        line.split("│")[1].strip(): [c.strip() for c in line.split("│")[1:-1]]
+        for line in out.splitlines()
+        if line.startswith("│")
+    }
+    assert rows["chat: first call"][1] == "MISS" and rows["chat: same call again"][1] == "HIT"
+    assert rows["chat: same call again"][3] == rows["chat: first call"][3] == "1"
+    assert float(rows["chat: same call again"][2]) < float(rows["chat: first call"][2])
+    assert rows["stream: replayed (first byte)"][1] == "HIT"
+    dup = rows["20 identical calls at once"]
+    assert dup[1] == "1 MISS + 19 COALESCED"
+    assert int(dup[3]) == int(rows["stream: replayed (first byte)"][3]) + 1
+    kept = rows["image: after upstream URL expired"]
+    assert kept[1] == "upstream 403, ours 200"
+    assert re.search(r"\d+ PNG bytes still served", kept[4])
+
+
+def test_demo_serve_answers_an_sdk_request():
+    """`demo --serve` keeps the proxy up at the printed base URL; an SDK call gets through."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "demo", "--serve", "--port", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        base = ""
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not base:
+            line = proc.stdout.readline()
+            if line.startswith("OPENAI_BASE_URL="):
+                base = line.strip().split("=", 1)[1]
+        assert base == f"http://127.0.0.1:{port}/v1"
+        with openai.OpenAI(base_url=base, api_key="sk-mine", max_retries=0) as c:
+            r = c.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "hello from me"}]
+            )
+        assert r.choices[0].message.content
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
