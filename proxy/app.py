@@ -17,6 +17,7 @@ from aiohttp import web
 
 from proxy import __version__
 from proxy import log as logmod
+from proxy.bus import RedisBus
 from proxy.cache import Cache
 from proxy.coalesce import Flights
 from proxy.errors import ConfigError
@@ -30,6 +31,7 @@ from proxy.rules import load_rules
 from proxy.settings import Settings
 from proxy.stats import Stats
 from proxy.stores import MemoryStore, open_store
+from proxy.stores.redis import RedisStore
 from proxy.tasks import spawn
 from proxy.upstream import Upstream
 
@@ -65,7 +67,7 @@ def build_state(settings: Settings) -> State:
         hot = store  # the store is the hot tier itself
     elif settings.hot_cache_mb > 0:
         hot = MemoryStore(max_bytes=int(settings.hot_cache_mb * 1024 * 1024))
-    cache = Cache(store, hot=hot, hot_ttl_s=settings.hot_cache_ttl_s)
+    cache = Cache(store, hot=hot, hot_ttl_s=settings.hot_cache_ttl_s, breaker_s=settings.breaker_s)
     upstream = Upstream(
         settings.upstream,
         connect_timeout_s=settings.upstream_connect_timeout_s,
@@ -83,6 +85,14 @@ def build_state(settings: Settings) -> State:
         allowed_hosts=settings.image_source_hosts,
         max_bytes=int(settings.image_max_mb * 1024 * 1024),
     )
+    bus = None
+    if isinstance(store, RedisStore):
+        bus = RedisBus(
+            store.blocking_client(),
+            prefix=store.prefix,
+            lease_s=settings.lease_s,
+            breaker_s=settings.breaker_s,
+        )
     flights = Flights()
     fetcher = Fetcher(upstream, cache, flights, detached_max_s=settings.detached_max_s)
     return State(
@@ -96,6 +106,7 @@ def build_state(settings: Settings) -> State:
         fetcher=fetcher,
         stats=Stats(),
         rehoster=rehoster,
+        bus=bus,
     )
 
 
@@ -217,6 +228,8 @@ class ProxyApp:
         if self.state.rehoster is not None:
             await self.state.rehoster.aclose()
         await self.state.cache.aclose()
+        if self.state.bus is not None:
+            await self.state.bus.aclose()
         logmod.flush()
 
 

@@ -17,6 +17,7 @@ import structlog
 from multidict import CIMultiDict
 
 from proxy import sse
+from proxy.bus import BusError, RedisBus
 from proxy.cache import Cache
 from proxy.coalesce import Flight, Flights, Outcome
 from proxy.errors import StoreUnavailable, UpstreamError, UpstreamTimeout, error_body
@@ -73,6 +74,50 @@ class Fetcher:
 
     def start(self, flight: Flight, job: FetchJob) -> None:
         flight.task = spawn(self.run(flight, job), name=f"fetch:{flight.key[:15]}")
+
+    def lead_shared(self, bus: RedisBus, flight: Flight, job: FetchJob, token: str) -> None:
+        """Lead across instances: fetch, and mirror the flight to the bus for the others."""
+        spawn(bus.mirror(flight, flight.key, token), name=f"mirror:{flight.key[3:15]}")
+        self.start(flight, job)
+
+    def follow(self, bus: RedisBus, flight: Flight, job: FetchJob) -> None:
+        """Feed `flight` from another instance's leader; take over if that leader dies."""
+        flight.task = spawn(self._follow(bus, flight, job), name=f"follow:{flight.key[3:15]}")
+
+    async def _follow(self, bus: RedisBus, flight: Flight, job: FetchJob) -> None:
+        key = flight.key
+        while True:
+            try:
+                result = await bus.follow(flight, key)
+            except BusError:
+                result = "bus failed"
+            if result == "done":
+                self.flights.forget(flight)
+                return
+            token: str | None = None
+            if result == "orphaned":
+                log.warning("coalesce.leader_lost", key=key[3:15])
+                try:
+                    token = await bus.try_lead(key)
+                except BusError:
+                    result = "bus failed"
+            if flight.head is None:
+                # Nothing reached our clients yet: fetch into this very flight, seamlessly.
+                if token is not None:
+                    self.lead_shared(bus, flight, job, token)
+                    return
+                if result == "bus failed":
+                    self.start(flight, job)
+                    return
+                continue  # another instance took over: follow its new stream
+            # Our clients already have part of the lost answer: they get a cut; the one
+            # instance that won the lease fetches again for newcomers and the cache.
+            flight.finish(Outcome.CUT, "the leading instance was lost")
+            self.flights.forget(flight)
+            if token is not None:
+                fresh = self.flights.lead(key, max_bytes=flight.max_bytes)
+                self.lead_shared(bus, fresh, job, token)
+            return
 
     async def run(self, flight: Flight, job: FetchJob) -> None:
         started = time.monotonic()

@@ -18,6 +18,7 @@ import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
+from proxy.bus import BusError, RedisBus
 from proxy.cache import Cache
 from proxy.coalesce import Flight, Flights, Outcome, Reader
 from proxy.errors import StoreUnavailable, UpstreamError, UpstreamTimeout, error_body
@@ -73,6 +74,8 @@ class State:
     stats: Stats
     plans: dict[bytes, tuple[Plan, bytes, str]] = field(default_factory=dict)
     """Memo: raw request digest -> (plan, tenant digest, tenant id for logs)."""
+    bus: RedisBus | None = None
+    """Cross-instance flights (with a Redis store)."""
     rehoster: ImageRehoster | None = None
     """Copies image URLs in answers to the image store."""
     transform: Transform | None = None
@@ -312,7 +315,28 @@ async def _serve_keyed(
         public_base=st.settings.public_url or f"{request.scheme}://{request.host}",
     )
     reader = flight.attach()
-    st.fetcher.start(flight, job)
+    bus = st.bus if coalesce and not degraded else None
+    token: str | None = "local"
+    if bus is not None and bus.usable:
+        try:
+            token = await bus.try_lead(key)
+        except BusError:
+            token = "local"  # Redis is down: coalesce in this process only
+    if token is None and bus is not None:
+        # Another instance leads: follow its stream like any duplicate would.
+        info["cache"] = "coalesced"
+        label = "COALESCED"
+        st.fetcher.follow(bus, flight, job)
+        head = await flight.wait_head(lock_timeout)
+        if head is None and not flight.done:
+            reader.close()
+            info["lock_timeout"] = True
+            return await _passthrough(st, request, info, body, path_qs, time.perf_counter())
+        return await _relay(request, info, flight, reader, label, t0)
+    if bus is not None and token is not None and token != "local":
+        st.fetcher.lead_shared(bus, flight, job, token)
+    else:
+        st.fetcher.start(flight, job)
     await flight.wait_head(None)
     resp = await _relay(request, info, flight, reader, label, t0)
     info["upstream_ms"] = round(job.meta.get("upstream_ms", 0.0), 2) or None

@@ -40,6 +40,11 @@ class Settings:
     """In-process hot tier in front of SQLite or Redis (0 turns it off)."""
     hot_cache_ttl_s: float = 5.0
     """Longest time a hot entry is served without asking the shared store again."""
+    breaker_s: float = 5.0
+    """After a store failure, how long the store is left alone (pass-through meanwhile)."""
+    lease_s: float = 5.0
+    """With Redis: how long a leader's lease lasts without renewal (a dead leader's flight is
+    taken over after about this long)."""
     max_body_mb: float = 64.0
     """Largest request body accepted; a larger one gets 413 before anything goes upstream."""
     log_format: str = "json"
@@ -143,6 +148,8 @@ _CONVERTERS: dict[str, Callable[[str], Any]] = {
     "workers": int,
     "max_body_mb": float,
     "hot_cache_mb": float,
+    "lease_s": float,
+    "breaker_s": float,
     "hot_cache_ttl_s": float,
     "upstream_connect_timeout_s": float,
     "upstream_read_timeout_s": float,

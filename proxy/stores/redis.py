@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
+import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
@@ -19,12 +20,27 @@ from proxy.models import CachedResponse
 DEFAULT_TIMEOUT_S = 0.5
 
 
+def _driver_info() -> dict[str, Any]:
+    """The client's CLIENT SETINFO data, built once here: left to redis-py, it reads package
+    metadata from disk for every new connection, on the event loop."""
+    try:
+        from redis.driver_info import DriverInfo
+    except ImportError:  # redis-py before 7
+        return {"lib_version": redis.__version__}
+    return {"driver_info": DriverInfo(lib_version=redis.__version__)}
+
+
 class RedisStore:
     name = "redis"
 
-    def __init__(self, client: Any, prefix: str = "ocp") -> None:
+    def __init__(self, client: Any, prefix: str = "ocp", blocking: Any = None) -> None:
         self.client = client
         self.prefix = prefix
+        self._blocking = blocking or client
+
+    def blocking_client(self) -> Any:
+        """A client whose socket timeout leaves room for blocking stream reads."""
+        return self._blocking
 
     @classmethod
     def from_url(cls, url: str) -> RedisStore:
@@ -42,14 +58,18 @@ class RedisStore:
             "socket_timeout": timeout,
             "socket_connect_timeout": timeout,
             "health_check_interval": 15,
+            **_driver_info(),
         }
+        slow = {**kwargs, "socket_timeout": timeout + 2.0}
         if parts.scheme == "redis+cluster":
             plain = urlunsplit(("redis", parts.netloc, parts.path, rest, ""))
             client: Any = RedisCluster.from_url(plain, **kwargs)
+            blocking: Any = RedisCluster.from_url(plain, **slow)
         else:
             plain = urlunsplit((parts.scheme, parts.netloc, parts.path, rest, ""))
             client = aioredis.from_url(plain, **kwargs)
-        return cls(client, prefix)
+            blocking = aioredis.from_url(plain, **slow)
+        return cls(client, prefix, blocking)
 
     def _k(self, key: str) -> str:
         return f"{self.prefix}:resp:{key}"

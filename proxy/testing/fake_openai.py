@@ -221,7 +221,10 @@ class FakeOpenAI:
                 return resp
             if i and self.chunk_delay:
                 await asyncio.sleep(self.chunk_delay)
-            await resp.write(event)
+            try:
+                await resp.write(event)
+            except ConnectionResetError:  # the client (a proxy instance) went away
+                return resp
             self.sent.append(time.monotonic())
         if terminal is not None:
             if self.chunk_delay:

@@ -1,0 +1,205 @@
+"""Cross-instance flights through Redis: one upstream call per key across every instance.
+
+The instance that wins the lease (`SET lease token NX PX`) leads: it fetches upstream as usual
+and mirrors its flight into a Redis Stream (head, chunks, then an end entry), renewing the
+lease at a third of its life through a compare-token script and releasing it the same way.
+A leader that cannot renew has lost the lease and stops publishing.
+
+Every other instance follows: it reads that stream from its first entry with blocking reads
+and feeds a local flight, which its own duplicates join as usual. If the lease vanishes with
+no end entry (the leader died), exactly one follower wins the lease and fetches again; a
+follower whose clients already got part of the dead leader's answer ends them with a cut.
+
+The lease is for efficiency, not correctness (stored answers are idempotent), so a single
+Redis is enough (no Redlock). A lease key and its stream share a Redis Cluster hash slot
+({key} hash tags); both always carry a TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from typing import Any
+
+import orjson
+import structlog
+from redis.exceptions import RedisError
+
+from proxy.coalesce import Flight, Outcome
+from proxy.tasks import spawn
+
+log = structlog.get_logger()
+
+RENEW = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return 0
+"""
+RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('del', KEYS[1])
+end
+return 0
+"""
+
+
+class BusError(Exception):
+    """Redis failed under the bus; callers fall back to in-process coalescing."""
+
+
+class RedisBus:
+    def __init__(
+        self,
+        client: Any,
+        *,
+        prefix: str = "ocp",
+        lease_s: float = 5.0,
+        stream_ttl_s: float = 60.0,
+        block_s: float = 0.25,
+        breaker_s: float = 5.0,
+    ) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.lease_ms = int(lease_s * 1000)
+        self.stream_ttl_ms = int(stream_ttl_s * 1000)
+        self.block_ms = int(block_s * 1000)
+        self.breaker_s = breaker_s
+        self.down_until = 0.0
+
+    @property
+    def usable(self) -> bool:
+        return time.monotonic() >= self.down_until
+
+    def lease_key(self, key: str) -> str:
+        return f"{self.prefix}:{{{key}}}:lease"
+
+    def stream_key(self, key: str) -> str:
+        return f"{self.prefix}:{{{key}}}:stream"
+
+    async def _call(self, coro: Any) -> Any:
+        try:
+            return await coro
+        except (RedisError, OSError, TimeoutError) as exc:
+            if self.usable:
+                log.warning("bus.unavailable", error=str(exc)[:200])
+            self.down_until = time.monotonic() + self.breaker_s
+            raise BusError(str(exc)) from exc
+
+    async def try_lead(self, key: str) -> str | None:
+        """A token if this instance now holds the lease for `key`, else None."""
+        token = secrets.token_hex(16)
+        got = await self._call(
+            self.client.set(self.lease_key(key), token, nx=True, px=self.lease_ms)
+        )
+        if not got:
+            return None
+        # A new leader starts a new stream: entries of a dead leader must not be replayed.
+        await self._call(self.client.delete(self.stream_key(key)))
+        return token
+
+    async def renew(self, key: str, token: str) -> bool:
+        done = await self._call(
+            self.client.eval(RENEW, 1, self.lease_key(key), token, self.lease_ms)
+        )
+        return bool(done)
+
+    async def release(self, key: str, token: str) -> None:
+        await self._call(self.client.eval(RELEASE, 1, self.lease_key(key), token))
+
+    async def lease_alive(self, key: str) -> bool:
+        return bool(await self._call(self.client.exists(self.lease_key(key))))
+
+    async def publish(self, key: str, fields: dict[str, bytes | str | int]) -> None:
+        skey = self.stream_key(key)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xadd(skey, fields)
+        pipe.pexpire(skey, self.stream_ttl_ms)
+        await self._call(pipe.execute())
+
+    async def read(self, key: str, last_id: str) -> list[tuple[str, dict[bytes, bytes]]]:
+        got = await self._call(
+            self.client.xread({self.stream_key(key): last_id}, block=self.block_ms, count=512)
+        )
+        if not got:
+            return []
+        entries: list[tuple[str, dict[bytes, bytes]]] = []
+        for _stream, items in got:
+            for entry_id, fields in items:
+                eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                entries.append((eid, fields))
+        return entries
+
+    # -- leader side ----------------------------------------------------------------------------
+    async def mirror(self, flight: Flight, key: str, token: str) -> None:
+        """Publish a local flight to the stream while renewing the lease; release at the end."""
+        reader = flight.attach()
+        lost = asyncio.Event()
+        renewer = spawn(self._renew_loop(key, token, lost), name=f"lease:{key[3:15]}")
+        try:
+            await flight.wait_head(None)
+            if flight.head is not None:
+                await self.publish(
+                    key,
+                    {"t": "h", "s": flight.head.status, "h": orjson.dumps(flight.head.headers)},
+                )
+            async for chunk in reader.chunks():
+                if lost.is_set():
+                    return
+                await self.publish(key, {"t": "c", "d": chunk})
+            if not lost.is_set():
+                outcome = (
+                    "ok" if flight.outcome is Outcome.COMPLETE and not flight.overflow else "cut"
+                )
+                await self.publish(key, {"t": "e", "o": outcome})
+        except BusError:
+            pass
+        finally:
+            reader.close()
+            renewer.cancel()
+            if not lost.is_set():
+                with contextlib.suppress(BusError):
+                    await self.release(key, token)
+
+    async def _renew_loop(self, key: str, token: str, lost: asyncio.Event) -> None:
+        while True:
+            await asyncio.sleep(self.lease_ms / 3000.0)
+            try:
+                if not await self.renew(key, token):
+                    log.warning("bus.lease_lost", key=key[3:15])
+                    lost.set()
+                    return
+            except BusError:
+                lost.set()
+                return
+
+    # -- follower side --------------------------------------------------------------------------
+    async def follow(self, flight: Flight, key: str) -> str:
+        """Feed `flight` from the leader's stream. Returns "done", or "orphaned" when the leader
+        vanished without finishing (the flight is left as it is for the caller to resolve)."""
+        last = "0-0"
+        while True:
+            entries = await self.read(key, last)
+            if not entries:
+                if await self.lease_alive(key):
+                    continue
+                entries = await self.read(key, last)  # anything written just before it died
+                if not entries:
+                    return "orphaned"
+            for entry_id, fields in entries:
+                last = entry_id
+                kind = fields.get(b"t")
+                if kind == b"h":
+                    headers = tuple(tuple(h) for h in orjson.loads(fields[b"h"]))
+                    flight.publish_head(int(fields[b"s"]), headers)
+                elif kind == b"c":
+                    flight.append(fields[b"d"])
+                elif kind == b"e":
+                    ok = fields.get(b"o") == b"ok"
+                    flight.finish(Outcome.COMPLETE if ok else Outcome.CUT, "leader's stream")
+                    return "done"
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
