@@ -84,6 +84,18 @@ def proxy(upstream: str, *flags: str, log_to: str = os.devnull) -> Iterator[str]
             shutil.rmtree(data_dir, ignore_errors=True)
 
 
+@contextmanager
+def redis_server() -> Iterator[str]:
+    """A throwaway redis-server on a free port (yields "" if it is not installed)."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        yield ""
+        return
+    port = free_port()
+    with process([exe, "--port", str(port), "--save", "", "--appendonly", "no"], port):
+        yield f"redis://127.0.0.1:{port}/0"
+
+
 WRK_LUA = """
 wrk.method = "POST"
 wrk.body = [[{body}]]

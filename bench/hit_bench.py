@@ -14,7 +14,7 @@ import urllib.request
 
 import orjson
 
-from bench.common import fake_upstream, free_port, process, proxy, wrk
+from bench.common import fake_upstream, free_port, process, proxy, redis_server, wrk
 
 BODY = orjson.dumps(
     {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Describe a persona"}]}
@@ -44,11 +44,18 @@ def main() -> None:
         wrk(url, BODY, connections=args.connections, seconds=2)  # warm-up
         rows.append(("bare aiohttp app", wrk(url, BODY, connections=args.connections,
                                              seconds=args.seconds)))
-    with fake_upstream() as upstream:
-        for label, flags in (
-            ("proxy HIT, memory store", ["--cache", "memory://"]),
-            ("proxy HIT, SQLite store (default)", []),
-        ):
+    configs = [
+        ("proxy HIT, memory store", ["--cache", "memory://"]),
+        ("proxy HIT, SQLite store (default)", []),
+    ]
+    with fake_upstream() as upstream, redis_server() as redis_url:
+        if redis_url:
+            configs += [
+                ("proxy HIT, Redis, 1 worker", ["--cache", redis_url]),
+                ("proxy HIT, Redis, 2 workers", ["--cache", redis_url, "--workers", "2"]),
+                ("proxy HIT, Redis, no hot tier", ["--cache", redis_url, "--hot-cache-mb", "0"]),
+            ]
+        for label, flags in configs:
             with proxy(upstream, *flags) as base:
                 url = base + "/v1/chat/completions"
                 warm(url)
