@@ -34,15 +34,20 @@ async def calls(session: aiohttp.ClientSession, upstream: str) -> int:
 
 async def run(base: str, upstream: str, sizes: list[int]) -> None:
     url = base + "/v1/chat/completions"
-    print(f"{'requests':>8} {'stream':>6} {'upstream calls':>14} {'identical':>9} "
-          f"{'p50 ms':>8} {'p99 ms':>8} {'wall s':>7}")
+    print(
+        f"{'requests':>8} {'stream':>6} {'upstream calls':>14} {'identical':>9} "
+        f"{'p50 ms':>8} {'p99 ms':>8} {'wall s':>7}"
+    )
     conn = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=conn) as s:
         for stream in (False, True):
             for n in sizes:
                 data = orjson.dumps(
-                    {"model": "gpt-4o-mini", "stream": stream,
-                     "messages": [{"role": "user", "content": f"burst {n} {stream}"}]}
+                    {
+                        "model": "gpt-4o-mini",
+                        "stream": stream,
+                        "messages": [{"role": "user", "content": f"burst {n} {stream}"}],
+                    }
                 )
                 before = await calls(s, upstream)
                 t0 = time.perf_counter()
@@ -52,8 +57,10 @@ async def run(base: str, upstream: str, sizes: list[int]) -> None:
                 lat = sorted(ms for ms, _ in results)
                 same = len({b for _, b in results}) == 1
                 p99 = statistics.quantiles(lat, n=100)[98] if n > 1 else lat[0]
-                print(f"{n:8d} {str(stream):>6} {used:14d} {str(same):>9} "
-                      f"{statistics.median(lat):8.1f} {p99:8.1f} {wall:7.2f}")
+                print(
+                    f"{n:8d} {stream!s:>6} {used:14d} {same!s:>9} "
+                    f"{statistics.median(lat):8.1f} {p99:8.1f} {wall:7.2f}"
+                )
 
 
 def main() -> None:

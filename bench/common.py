@@ -70,8 +70,16 @@ def proxy(upstream: str, *flags: str, log_to: str = os.devnull) -> Iterator[str]
     port = free_port()
     data_dir = tempfile.mkdtemp(prefix="ocp-bench-")
     args = [
-        sys.executable, "-m", "proxy", "--port", str(port), "--upstream", upstream,
-        "--data-dir", data_dir, *flags,
+        sys.executable,
+        "-m",
+        "proxy",
+        "--port",
+        str(port),
+        "--upstream",
+        upstream,
+        "--data-dir",
+        data_dir,
+        *flags,
     ]
     with open(log_to, "wb") as log:
         proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.DEVNULL)
@@ -104,7 +112,9 @@ wrk.headers["Authorization"] = "Bearer sk-bench"
 """
 
 
-def wrk(url: str, body: str, *, connections: int, seconds: int, threads: int = 1) -> dict[str, float]:
+def wrk(
+    url: str, body: str, *, connections: int, seconds: int, threads: int = 1
+) -> dict[str, float]:
     """Run wrk; returns requests/s and latency percentiles in ms."""
     exe = shutil.which("wrk")
     if exe is None:
@@ -114,7 +124,9 @@ def wrk(url: str, body: str, *, connections: int, seconds: int, threads: int = 1
         script = f.name
     out = subprocess.run(
         [exe, f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", script, url],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     os.unlink(script)
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
@@ -123,7 +135,9 @@ def wrk(url: str, body: str, *, connections: int, seconds: int, threads: int = 1
         m = re.search(rf"\s{pct}(?:\.000)?%\s+([\d.]+)(us|ms|s)", out)
         assert m is not None, out
         value, unit = float(m.group(1)), m.group(2)
-        result[f"p{pct}_ms"] = value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+        result[f"p{pct}_ms"] = (
+            value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+        )
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     result["non_2xx"] = float(errors.group(1)) if errors else 0.0
     return result

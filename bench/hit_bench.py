@@ -23,7 +23,9 @@ BODY = orjson.dumps(
 
 def warm(url: str) -> None:
     req = urllib.request.Request(
-        url, data=BODY.encode(), method="POST",
+        url,
+        data=BODY.encode(),
+        method="POST",
         headers={"Content-Type": "application/json", "Authorization": "Bearer sk-bench"},
     )
     for _ in range(2):
@@ -42,8 +44,9 @@ def main() -> None:
     with process([sys.executable, "-m", "bench.servers", "bare", "--port", str(port)], port):
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         wrk(url, BODY, connections=args.connections, seconds=2)  # warm-up
-        rows.append(("bare aiohttp app", wrk(url, BODY, connections=args.connections,
-                                             seconds=args.seconds)))
+        rows.append(
+            ("bare aiohttp app", wrk(url, BODY, connections=args.connections, seconds=args.seconds))
+        )
     configs = [
         ("proxy HIT, memory store", ["--cache", "memory://"]),
         ("proxy HIT, SQLite store (default)", []),
@@ -60,13 +63,16 @@ def main() -> None:
                 url = base + "/v1/chat/completions"
                 warm(url)
                 wrk(url, BODY, connections=args.connections, seconds=2)
-                rows.append((label, wrk(url, BODY, connections=args.connections,
-                                        seconds=args.seconds)))
+                rows.append(
+                    (label, wrk(url, BODY, connections=args.connections, seconds=args.seconds))
+                )
     bare_rps = rows[0][1]["rps"]
     print(f"{'':36} {'req/s':>9} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7} {'non-2xx':>7}")
     for label, r in rows:
-        print(f"{label:36} {r['rps']:9.0f} {r['rps'] / bare_rps:6.2f} {r['p50_ms']:7.2f} "
-              f"{r['p99_ms']:7.2f} {r['non_2xx']:7.0f}")
+        print(
+            f"{label:36} {r['rps']:9.0f} {r['rps'] / bare_rps:6.2f} {r['p50_ms']:7.2f} "
+            f"{r['p99_ms']:7.2f} {r['non_2xx']:7.0f}"
+        )
 
 
 if __name__ == "__main__":

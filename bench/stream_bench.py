@@ -23,8 +23,11 @@ HEADERS = {"Authorization": "Bearer sk-bench", "Content-Type": "application/json
 
 def body(i: int) -> bytes:
     return orjson.dumps(
-        {"model": "gpt-4o-mini", "stream": True,
-         "messages": [{"role": "user", "content": f"stream {i}"}]}
+        {
+            "model": "gpt-4o-mini",
+            "stream": True,
+            "messages": [{"role": "user", "content": f"stream {i}"}],
+        }
     )
 
 
@@ -70,9 +73,10 @@ def main() -> None:
     p.add_argument("--cache", default="", help="store URL; default: the embedded SQLite store")
     args = p.parse_args()
     flags = ["--cache", args.cache] if args.cache else []
-    with fake_upstream(latency=args.latency, chunk_delay=args.chunk_delay) as upstream, proxy(
-        upstream, *flags
-    ) as base:
+    with (
+        fake_upstream(latency=args.latency, chunk_delay=args.chunk_delay) as upstream,
+        proxy(upstream, *flags) as base,
+    ):
         asyncio.run(run(base, args.hits, args.misses))
 
 
