@@ -13,6 +13,10 @@ from proxy.settings import Settings
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
+        if args[:1] == ["report"]:
+            from proxy.report import main as report_main
+
+            return report_main(args[1:])
         if args[:1] == ["demo"]:
             from proxy.demo import main as demo_main
 

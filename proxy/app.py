@@ -20,6 +20,7 @@ from proxy import log as logmod
 from proxy.bus import RedisBus
 from proxy.cache import Cache
 from proxy.coalesce import Flights
+from proxy.cost import Prices
 from proxy.errors import ConfigError
 from proxy.fetch import Fetcher
 from proxy.handlers import State, json_error, proxy_handler
@@ -27,7 +28,9 @@ from proxy.images import LocalImageStore, open_image_store
 from proxy.images.base import NAME_RE
 from proxy.images.rehost import ImageRehoster
 from proxy.keys import mac_key
-from proxy.rules import load_rules
+from proxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from proxy.metrics import registry_for, render
+from proxy.rules import default_rules_path, load_rules
 from proxy.settings import Settings
 from proxy.stats import Stats
 from proxy.stores import MemoryStore, open_store
@@ -94,7 +97,11 @@ def build_state(settings: Settings) -> State:
             breaker_s=settings.breaker_s,
         )
     flights = Flights()
-    fetcher = Fetcher(upstream, cache, flights, detached_max_s=settings.detached_max_s)
+    rules_dir = settings.rules if settings.rules and settings.rules.is_dir() else None
+    prices = Prices.load((rules_dir or default_rules_path()) / "prices.toml")
+    fetcher = Fetcher(
+        upstream, cache, flights, detached_max_s=settings.detached_max_s, prices=prices
+    )
     return State(
         settings=settings,
         rules=rules,
@@ -120,6 +127,8 @@ def admin_only(handler: AdminHandler) -> AdminHandler:
         token = st.settings.admin_token
         if token:
             given = request.headers.get("Authorization", "")
+            if not given and "token" in request.query:  # a browser opening the dashboard
+                given = "Bearer " + request.query["token"]
             if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
                 return json_error(
                     401,
@@ -147,6 +156,23 @@ async def serve_image(st: State, request: web.BaseRequest) -> web.StreamResponse
         headers={
             "Content-Type": ctype,
             "Cache-Control": "public, max-age=31536000, immutable",
+            "X-Content-Type-Options": "nosniff",
+        },
+    )
+
+
+DASHBOARD = (Path(__file__).parent / "dashboard.html").read_bytes()
+
+
+async def dashboard(st: State, request: web.BaseRequest) -> web.StreamResponse:
+    """One self-contained page (no CDN) that refreshes itself from /_proxy/stats."""
+    return web.Response(
+        body=DASHBOARD,
+        headers={
+            "Content-Type": "text/html; charset=utf-8",
+            "Cache-Control": "no-store",
+            "Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
+            "style-src 'unsafe-inline'",
             "X-Content-Type-Options": "nosniff",
         },
     )
@@ -184,11 +210,19 @@ class ProxyApp:
     def __init__(self, settings: Settings, state: State | None = None) -> None:
         self.settings = settings
         self.state = state or build_state(settings)
+        self.registry = registry_for(self.state)
         self.routes: dict[tuple[str, str], AdminHandler] = {
             ("GET", "/_proxy/health"): health,
             ("GET", "/_proxy/stats"): admin_only(stats),
+            ("GET", "/_proxy/metrics"): admin_only(self.metrics),
+            ("GET", "/_proxy/dashboard"): admin_only(dashboard),
         }
         self._flusher: asyncio.Task[None] | None = None
+
+    async def metrics(self, st: State, request: web.BaseRequest) -> web.StreamResponse:
+        return web.Response(
+            body=render(self.registry), headers={"Content-Type": METRICS_CONTENT_TYPE}
+        )
 
     def add_route(self, method: str, path: str, handler: AdminHandler) -> None:
         self.routes[(method, path)] = handler

@@ -20,6 +20,7 @@ from proxy import sse
 from proxy.bus import BusError, RedisBus
 from proxy.cache import Cache
 from proxy.coalesce import Flight, Flights, Outcome
+from proxy.cost import Cost, Prices
 from proxy.errors import StoreUnavailable, UpstreamError, UpstreamTimeout, error_body
 from proxy.models import CachedResponse
 from proxy.tasks import spawn
@@ -65,8 +66,15 @@ class Fetcher:
     """Starts the upstream read for a flight and stores what came back whole and good."""
 
     def __init__(
-        self, upstream: Upstream, cache: Cache, flights: Flights, *, detached_max_s: float
+        self,
+        upstream: Upstream,
+        cache: Cache,
+        flights: Flights,
+        *,
+        detached_max_s: float,
+        prices: Prices | None = None,
     ) -> None:
+        self.prices = prices or Prices()
         self.upstream = upstream
         self.cache = cache
         self.flights = flights
@@ -92,6 +100,12 @@ class Fetcher:
             except BusError:
                 result = "bus failed"
             if result == "done":
+                head = flight.head
+                if flight.outcome is Outcome.COMPLETE and head is not None and head.status < 300:
+                    body = flight.body()
+                    flight.entry = make_entry(
+                        head.status, head.headers, body, flight, job, self.prices
+                    )
                 self.flights.forget(flight)
                 return
             token: str | None = None
@@ -208,7 +222,7 @@ class Fetcher:
             self.flights.forget(flight)
             return
         assert head is not None
-        entry = make_entry(head.status, head.headers, body, flight, job)
+        entry = make_entry(head.status, head.headers, body, flight, job, self.prices)
         flight.entry = entry
         if job.store_key:
             try:
@@ -238,8 +252,9 @@ def make_entry(
     body: bytes,
     flight: Flight,
     job: FetchJob,
+    prices: Prices,
 ) -> CachedResponse:
-    """The stored form of a finished flight, with its usage for cost accounting."""
+    """The stored form of a finished flight, with its usage and cost."""
     ends: list[int] = []
     if job.stream:
         total = 0
@@ -248,8 +263,9 @@ def make_entry(
             ends.append(total)
     usage = sse.usage_of_stream(body) if job.stream else usage_of_json(body)
     meta = {k: v for k, v in job.meta.items() if k in ("fingerprint", "model", "route")}
-    if usage is not None:
-        meta["usage"] = usage
+    cost = answer_cost(prices, job.route, job.meta.get("model"), usage, job.meta.get("hints"), body)
+    if cost is not None:
+        meta["cost"] = cost.fields()
     return CachedResponse(
         status=status,
         headers=_stored_headers(headers),
@@ -261,6 +277,21 @@ def make_entry(
         upstream_ms=round(job.meta.get("upstream_ms", 0.0), 1),
         meta=meta,
     )
+
+
+def answer_cost(
+    prices: Prices,
+    route: str,
+    model: str | None,
+    usage: dict[str, Any] | None,
+    hints: dict[str, Any] | None,
+    body: bytes,
+) -> Cost | None:
+    """Tokens and dollars of one good answer (images counted from the answer's items)."""
+    images = 0
+    if "/images/" in route and not usage:
+        images = body.count(b'"url"') + body.count(b'"b64_json"')
+    return prices.cost(route, model, usage, hints or {}, images=images)
 
 
 def usage_of_json(body: bytes) -> dict[str, Any] | None:

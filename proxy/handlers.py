@@ -18,11 +18,12 @@ import structlog
 from aiohttp import web
 from multidict import CIMultiDict
 
+from proxy import sse
 from proxy.bus import BusError, RedisBus
 from proxy.cache import Cache
 from proxy.coalesce import Flight, Flights, Outcome, Reader
 from proxy.errors import StoreUnavailable, UpstreamError, UpstreamTimeout, error_body
-from proxy.fetch import Fetcher, FetchJob, Transform
+from proxy.fetch import Fetcher, FetchJob, Transform, answer_cost, usage_of_json
 from proxy.images.rehost import ImageRehoster, rewrites, transform_for
 from proxy.keys import raw_digest, tenant_digest
 from proxy.log import request_done
@@ -42,12 +43,13 @@ from proxy.plan import (
 from proxy.replay import CACHE_NAME, is_fast, replay, whole
 from proxy.rules import Rules
 from proxy.settings import Settings
-from proxy.stats import Stats
+from proxy.stats import Money, Stats
 from proxy.upstream import Upstream, forward_headers, response_headers
 
 log = structlog.get_logger()
 
 PLAN_MEMO_MAX = 20_000
+COUNT_BYTES = 4 * 1024 * 1024
 CACHE_STATUS = {
     "HIT": f"{CACHE_NAME}; hit",
     "MISS": f"{CACHE_NAME}; fwd=uri-miss",
@@ -121,7 +123,25 @@ async def proxy_handler(st: State, request: web.BaseRequest) -> web.StreamRespon
         info["duration_ms"] = duration = round(duration, 2)
         if "ttfb_ms" not in info:
             info["ttfb_ms"] = duration
-        st.stats.record(route, info["cache"], status, nbytes)
+        money = None
+        if "tokens_in" in info:
+            saved = "saved_usd" in info
+            money = Money(
+                saved,
+                info["tokens_in"],
+                info["tokens_out"],
+                info["saved_usd"] if saved else info.get("cost_usd"),
+                info.get("saved_ms", 0.0) if saved else 0.0,
+            )
+        st.stats.record(
+            info.get("rule", "other"),
+            info.get("model"),
+            info["cache"],
+            status,
+            nbytes,
+            duration / 1000.0,
+            money,
+        )
         request_done(info)
 
 
@@ -168,6 +188,7 @@ async def _handle(
             st.plans.clear()
         memo = st.plans[raw] = (plan, tenant, tenant.hex()[:12])
     plan, tenant, info["tenant"] = memo
+    info["rule"] = plan.rule.route if plan.rule is not None else "other"
     info["model"] = plan.model
     info["stream"] = plan.stream
     idem = h.get("Idempotency-Key")
@@ -178,7 +199,7 @@ async def _handle(
         if entry is not None and is_fast(entry, plan.rule):
             info["cache"] = "hit"
             info["key"] = plan.key[3:15]
-            info["saved_ms"] = entry.upstream_ms
+            _saved(info, entry)
             return whole(entry, "HIT", HIT_STATUS)
 
     path_qs = upstream_path + ("?" + query if query else "")
@@ -204,7 +225,7 @@ async def _handle(
             t0=t0,
         )
     if plan.rule is None or controls.mode is Mode.BYPASS:
-        return await _passthrough(st, request, info, body, path_qs, t0)
+        return await _passthrough(st, request, info, body, path_qs, t0, plan)
     ttl = plan.rule.ttl_s if controls.max_age is None else min(plan.rule.ttl_s, controls.max_age)
     return await _serve_keyed(
         st,
@@ -287,9 +308,10 @@ async def _serve_keyed(
             return await _passthrough(st, request, info, body, path_qs, time.perf_counter())
         flight.joined += 1
         info["cache"] = "coalesced"
+        resp = await _relay(request, info, flight, reader, "COALESCED", t0)
         if flight.entry is not None:
             _saved(info, flight.entry)
-        return await _relay(request, info, flight, reader, "COALESCED", t0)
+        return resp
 
     label = "BYPASS" if degraded else ("REFRESH" if controls.mode is Mode.REFRESH else "MISS")
     info["cache"] = label.lower()
@@ -311,7 +333,12 @@ async def _serve_keyed(
         transform=st.transform
         if rule is not None and rule.rehost_images and rewrites(info["route"])
         else None,
-        meta={"fingerprint": fingerprint, "model": plan.model, "route": info["route"]},
+        meta={
+            "fingerprint": fingerprint,
+            "model": plan.model,
+            "route": info["route"],
+            "hints": plan.hints,
+        },
         public_base=st.settings.public_url or f"{request.scheme}://{request.host}",
     )
     reader = flight.attach()
@@ -332,7 +359,10 @@ async def _serve_keyed(
             reader.close()
             info["lock_timeout"] = True
             return await _passthrough(st, request, info, body, path_qs, time.perf_counter())
-        return await _relay(request, info, flight, reader, label, t0)
+        resp = await _relay(request, info, flight, reader, label, t0)
+        if flight.entry is not None:
+            _saved(info, flight.entry)
+        return resp
     if bus is not None and token is not None and token != "local":
         st.fetcher.lead_shared(bus, flight, job, token)
     else:
@@ -340,11 +370,25 @@ async def _serve_keyed(
     await flight.wait_head(None)
     resp = await _relay(request, info, flight, reader, label, t0)
     info["upstream_ms"] = round(job.meta.get("upstream_ms", 0.0), 2) or None
+    if flight.entry is not None:
+        _money(info, flight.entry.meta.get("cost"))
     return resp
 
 
 def _saved(info: dict[str, Any], entry: CachedResponse) -> None:
+    """A HIT or COALESCED answer: what its reuse saved (the original cost and time)."""
     info["saved_ms"] = entry.upstream_ms
+    _money(info, entry.meta.get("cost"), saved=True)
+
+
+def _money(info: dict[str, Any], cost: dict[str, Any] | None, *, saved: bool = False) -> None:
+    if not cost:
+        return
+    info["tokens_in"] = cost["tokens_in"]
+    info["tokens_out"] = cost["tokens_out"]
+    info["saved_usd" if saved else "cost_usd"] = cost["cost_usd"]
+    if cost["cost_usd"] is None:
+        info["unpriced"] = True
 
 
 def _idempotency_conflict() -> web.Response:
@@ -418,11 +462,16 @@ async def _passthrough(
     body: bytes,
     path_qs: str,
     t0: float,
+    plan: Plan | None = None,
 ) -> web.StreamResponse:
-    """Forward as is and stream the answer back; nothing is read from or written to the cache."""
+    """Forward as is and stream the answer back; nothing is read from or written to the cache.
+
+    For a request that names a model, up to COUNT_BYTES of the answer are kept on the side to
+    count the tokens and dollars it cost."""
     info["cache"] = "bypass"
     resp: web.StreamResponse | None = None
     nbytes = chunks = 0
+    kept: list[bytes] | None = [] if plan is not None and plan.model else None
     t_up = time.perf_counter()
     try:
         async with st.upstream.request(
@@ -444,7 +493,21 @@ async def _passthrough(
                     break
                 nbytes += len(chunk)
                 chunks += 1
+                if kept is not None:
+                    kept.append(chunk)
+                    if nbytes > COUNT_BYTES:
+                        kept = None
+            status = up.status
+            streamed = "text/event-stream" in up.headers.get("Content-Type", "")
         info["upstream_ms"] = round((time.perf_counter() - t_up) * 1000.0, 2)
+        if kept is not None and plan is not None and 200 <= status < 300:
+            data = b"".join(kept)
+            usage = sse.usage_of_stream(data) if streamed else usage_of_json(data)
+            cost = answer_cost(
+                st.fetcher.prices, info["route"], plan.model, usage, plan.hints, data
+            )
+            if cost is not None:
+                _money(info, cost.fields())
         info["bytes"], info["chunks"] = nbytes, chunks
         if not info.get("client_gone"):
             await resp.write_eof()

@@ -46,6 +46,8 @@ class Plan:
     stream: bool
     fingerprint: str
     """Keyed digest of the whole request, used to spot an Idempotency-Key reused for another."""
+    hints: dict[str, Any] | None = None
+    """What pricing needs from the request: image size and quality, speech input length."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,8 +127,9 @@ def make_plan(
     rule = rules.match(method, route, model)
     stream = fields.get("stream") in (True, "true", "True")
     fingerprint = _fingerprint(secret, tenant, method, route, query, ctype, body, parts, fields)
+    hints = _hints(route, fields)
     if rule is None or not rule.enabled or any(fields.get(f) for f in rule.never_if):
-        return Plan(None, "", model, stream, fingerprint)
+        return Plan(None, "", model, stream, fingerprint, hints)
     if ctype == "multipart/form-data":
         canonical = canonical_multipart(parts, rule.ignore_fields)
     elif fields or body:
@@ -134,7 +137,16 @@ def make_plan(
     else:
         canonical = b""
     key = cache_key(secret, tenant, method, route, query, namespace, canonical)
-    return Plan(rule, key, model, stream, fingerprint)
+    return Plan(rule, key, model, stream, fingerprint, hints)
+
+
+def _hints(route: str, fields: dict[str, Any]) -> dict[str, Any] | None:
+    if "/images/" in route:
+        return {"size": fields.get("size"), "quality": fields.get("quality")}
+    if route.endswith("/audio/speech"):
+        text = fields.get("input")
+        return {"input_chars": len(text) if isinstance(text, str) else 0}
+    return None
 
 
 def _fingerprint(

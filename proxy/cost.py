@@ -1,0 +1,200 @@
+"""What an answer cost: tokens and dollars from the answer's own usage and rules/prices.toml.
+
+Pure. Usage comes from the answer (`usage` of a JSON answer, the usage chunk of a chat stream,
+`response.completed` of a Responses stream), images are counted per item at the request's
+model, size and quality, speech per input character. A model with no price is counted in
+tokens and reported unpriced (cost None), never guessed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import tomllib
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+from proxy.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class Cost:
+    tokens_in: int
+    tokens_out: int
+    usd: float | None
+    """None: unpriced (the model has no entry in the price table)."""
+
+    def fields(self) -> dict[str, Any]:
+        return {"tokens_in": self.tokens_in, "tokens_out": self.tokens_out, "cost_usd": self.usd}
+
+
+@dataclass(frozen=True, slots=True)
+class TokenPrice:
+    models: tuple[str, ...]
+    since: dt.date
+    input: float
+    cached_input: float | None
+    output: float
+
+
+@dataclass(frozen=True, slots=True)
+class ImagePrice:
+    model: str
+    size: str
+    quality: str
+    since: dt.date
+    per_image: float
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechPrice:
+    models: tuple[str, ...]
+    since: dt.date
+    per_1m_chars: float
+
+
+def _date(value: Any, where: str) -> dt.date:
+    if isinstance(value, dt.date):
+        return value
+    try:
+        return dt.date.fromisoformat(str(value))
+    except ValueError:
+        raise ConfigError(f"prices {where}: 'since' must be a date (YYYY-MM-DD)") from None
+
+
+def _num(raw: dict[str, Any], name: str, where: str, default: float | None = None) -> float:
+    value = raw.get(name, default)
+    if value is None or isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ConfigError(f"prices {where}: {name!r} must be a number >= 0")
+    return float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Prices:
+    tokens: tuple[TokenPrice, ...] = ()
+    images: tuple[ImagePrice, ...] = ()
+    speech: tuple[SpeechPrice, ...] = ()
+
+    @classmethod
+    def load(cls, path: Path) -> Prices:
+        try:
+            doc = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return cls()
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"prices {path}: {exc}") from None
+        tokens, images, speech = [], [], []
+        for i, raw in enumerate(doc.get("tokens", [])):
+            where = f"{path} tokens #{i + 1}"
+            tokens.append(
+                TokenPrice(
+                    models=tuple(raw["models"]),
+                    since=_date(raw.get("since", "2000-01-01"), where),
+                    input=_num(raw, "input", where),
+                    cached_input=(
+                        _num(raw, "cached_input", where) if "cached_input" in raw else None
+                    ),
+                    output=_num(raw, "output", where, 0.0),
+                )
+            )
+        for i, raw in enumerate(doc.get("images", [])):
+            where = f"{path} images #{i + 1}"
+            images.append(
+                ImagePrice(
+                    model=str(raw["model"]),
+                    size=str(raw.get("size", "*")),
+                    quality=str(raw.get("quality", "*")),
+                    since=_date(raw.get("since", "2000-01-01"), where),
+                    per_image=_num(raw, "per_image", where),
+                )
+            )
+        for i, raw in enumerate(doc.get("speech", [])):
+            where = f"{path} speech #{i + 1}"
+            speech.append(
+                SpeechPrice(
+                    models=tuple(raw["models"]),
+                    since=_date(raw.get("since", "2000-01-01"), where),
+                    per_1m_chars=_num(raw, "per_1m_chars", where),
+                )
+            )
+        return cls(tuple(tokens), tuple(images), tuple(speech))
+
+    def token_price(self, model: str, today: dt.date) -> TokenPrice | None:
+        best: tuple[int, dt.date, TokenPrice] | None = None
+        for p in self.tokens:
+            if p.since > today:
+                continue
+            for pattern in p.models:
+                if fnmatchcase(model, pattern):
+                    rank = (len(pattern.replace("*", "")), p.since, p)
+                    if best is None or rank[:2] > best[:2]:
+                        best = rank
+        return best[2] if best else None
+
+    def image_price(self, model: str, size: str, quality: str, today: dt.date) -> float | None:
+        best: tuple[int, dt.date, float] | None = None
+        for p in self.images:
+            if p.since > today or not fnmatchcase(model, p.model):
+                continue
+            if not fnmatchcase(size, p.size) or not fnmatchcase(quality, p.quality):
+                continue
+            rank = ((p.size != "*") + (p.quality != "*"), p.since, p.per_image)
+            if best is None or rank[:2] > best[:2]:
+                best = rank
+        return best[2] if best else None
+
+    def speech_price(self, model: str, today: dt.date) -> float | None:
+        best: tuple[int, dt.date, float] | None = None
+        for p in self.speech:
+            if p.since > today:
+                continue
+            for pattern in p.models:
+                if fnmatchcase(model, pattern):
+                    rank = (len(pattern.replace("*", "")), p.since, p.per_1m_chars)
+                    if best is None or rank[:2] > best[:2]:
+                        best = rank
+        return best[2] if best else None
+
+    def cost(
+        self,
+        route: str,
+        model: str | None,
+        usage: dict[str, Any] | None,
+        hints: dict[str, Any],
+        *,
+        today: dt.date | None = None,
+        images: int = 0,
+    ) -> Cost | None:
+        """The cost of one good answer, or None if it carries nothing countable."""
+        today = today or dt.date.today()
+        model = model or ""
+        if route.endswith("/audio/speech"):
+            chars = int(hints.get("input_chars", 0))
+            per = self.speech_price(model, today)
+            return Cost(chars, 0, None if per is None else round(chars * per / 1e6, 8))
+        if images and not usage:
+            size = str(hints.get("size") or "1024x1024")
+            quality = str(hints.get("quality") or "standard")
+            per_image = self.image_price(model or "dall-e-2", size, quality, today)
+            return Cost(0, 0, None if per_image is None else round(images * per_image, 8))
+        if not usage:
+            return None
+        tin = _int(usage, "prompt_tokens", "input_tokens")
+        tout = _int(usage, "completion_tokens", "output_tokens")
+        details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
+        cached = int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
+        price = self.token_price(model, today)
+        if price is None:
+            return Cost(tin, tout, None)
+        cached_rate = price.cached_input if price.cached_input is not None else price.input
+        usd = ((tin - cached) * price.input + cached * cached_rate + tout * price.output) / 1e6
+        return Cost(tin, tout, round(usd, 8))
+
+
+def _int(usage: dict[str, Any], *names: str) -> int:
+    for name in names:
+        value = usage.get(name)
+        if isinstance(value, int):
+            return value
+    return 0

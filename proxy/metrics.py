@@ -1,0 +1,105 @@
+"""GET /_proxy/metrics: the Stats counters in the Prometheus text format.
+
+A collector reads Stats at scrape time, so the log line, /_proxy/stats and the metrics can
+never disagree. Labels: route (a rule's route or "other"), model (bounded), cache status.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from proxy.stats import LATENCY_BUCKETS_S
+
+if TYPE_CHECKING:
+    from proxy.handlers import State
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class StatsCollector(Collector):
+    def __init__(self, state: State) -> None:
+        self.state = state
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.state.stats
+        labels = ["route", "model", "cache"]
+        requests = CounterMetricFamily(
+            "ocp_requests", "Requests by route, model and cache status.", labels=labels
+        )
+        errors = CounterMetricFamily("ocp_errors", "Answers with status >= 400.", labels=labels)
+        tokens = CounterMetricFamily(
+            "ocp_tokens",
+            "Tokens spent upstream (MISS) or saved by reuse (HIT, COALESCED).",
+            labels=["route", "model", "direction", "kind"],
+        )
+        usd = CounterMetricFamily(
+            "ocp_usd", "US dollars spent upstream or saved.", labels=["route", "model", "kind"]
+        )
+        for (route, model, cache), t in sorted(stats.cells.items()):
+            requests.add_metric([route, model, cache], t.requests)
+            errors.add_metric([route, model, cache], t.errors)
+        spent_saved: dict[tuple[str, str], list[float]] = {}
+        for (route, model, _cache), t in stats.cells.items():
+            row = spent_saved.setdefault((route, model), [0, 0, 0, 0, 0.0, 0.0])
+            row[0] += t.tokens_in_spent
+            row[1] += t.tokens_out_spent
+            row[2] += t.tokens_in_saved
+            row[3] += t.tokens_out_saved
+            row[4] += t.usd_spent
+            row[5] += t.usd_saved
+        for (route, model), row in sorted(spent_saved.items()):
+            tokens.add_metric([route, model, "in", "spent"], row[0])
+            tokens.add_metric([route, model, "out", "spent"], row[1])
+            tokens.add_metric([route, model, "in", "saved"], row[2])
+            tokens.add_metric([route, model, "out", "saved"], row[3])
+            usd.add_metric([route, model, "spent"], round(row[4], 8))
+            usd.add_metric([route, model, "saved"], round(row[5], 8))
+        yield requests
+        yield errors
+        yield tokens
+        yield usd
+        latency = HistogramMetricFamily(
+            "ocp_request_duration_seconds", "Time to answer, by cache status.", labels=["cache"]
+        )
+        for status, hist in stats.latency.items():
+            cumulative, buckets = 0, []
+            for bound, count in zip(LATENCY_BUCKETS_S, hist.counts, strict=False):
+                cumulative += count
+                buckets.append((repr(bound), cumulative))
+            buckets.append(("+Inf", hist.count))
+            latency.add_metric([status], buckets, hist.sum)
+        yield latency
+        store_state = self.state.cache
+        store_up = GaugeMetricFamily(
+            "ocp_store_up", "1 while the cache store answers, 0 while degraded.", labels=["store"]
+        )
+        store_up.add_metric([store_state.store.name], 1.0 if store_state.healthy else 0.0)
+        yield store_up
+        breaker = GaugeMetricFamily(
+            "ocp_breaker_open", "1 while the store breaker is open.", labels=["store"]
+        )
+        breaker.add_metric([store_state.store.name], 0.0 if store_state.healthy else 1.0)
+        yield breaker
+        in_flight = GaugeMetricFamily("ocp_flights", "Upstream answers in flight in this process.")
+        in_flight.add_metric([], len(self.state.flights))
+        yield in_flight
+
+
+def registry_for(state: State) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StatsCollector(state))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)

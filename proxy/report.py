@@ -1,0 +1,302 @@
+"""`python -m proxy report`: what the cache saved, from the proxy's own JSON log lines.
+
+Streams plain or gzipped files (or stdin) line by line in bounded memory: latency
+percentiles come from fixed log-scale histograms (2 % wide buckets), not from kept samples.
+Lines that are not `request.done` lines of this proxy are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import gzip
+import math
+import sys
+import time
+from array import array
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+GROUPS = ("route", "model", "tenant", "namespace", "day")
+_RATIO = math.log(1.02)
+_MIN_MS = 0.001
+_BUCKETS = int(math.log(1e8 / _MIN_MS) / _RATIO) + 2
+
+
+class Latency:
+    """A log-scale histogram of milliseconds; percentiles are bucket midpoints (±1 %)."""
+
+    __slots__ = ("counts", "n")
+
+    def __init__(self) -> None:
+        self.counts = array("l", bytes(8 * _BUCKETS))
+        self.n = 0
+
+    def add(self, ms: float) -> None:
+        i = 0 if ms <= _MIN_MS else min(_BUCKETS - 1, int(math.log(ms / _MIN_MS) / _RATIO) + 1)
+        self.counts[i] += 1
+        self.n += 1
+
+    def pct(self, q: float) -> float | None:
+        if not self.n:
+            return None
+        rank, seen = q / 100.0 * self.n, 0
+        for i, c in enumerate(self.counts):
+            seen += c
+            if seen >= rank and c:
+                return round(_MIN_MS * math.exp((i - 0.5) * _RATIO), 3) if i else _MIN_MS
+        return None
+
+
+@dataclass
+class Group:
+    requests: int = 0
+    hits: int = 0
+    coalesced: int = 0
+    misses: int = 0
+    errors: int = 0
+    tokens_in_spent: int = 0
+    tokens_out_spent: int = 0
+    tokens_in_saved: int = 0
+    tokens_out_saved: int = 0
+    spent_usd: float = 0.0
+    saved_usd: float = 0.0
+    unpriced: int = 0
+    hit_ms: Latency = field(default_factory=Latency)
+    miss_ms: Latency = field(default_factory=Latency)
+
+    def add(self, line: dict[str, Any]) -> None:
+        self.requests += 1
+        cache = line.get("cache")
+        status = line.get("status")
+        if isinstance(status, int) and status >= 400:
+            self.errors += 1
+        ms = line.get("duration_ms")
+        if cache == "hit":
+            self.hits += 1
+            if isinstance(ms, int | float):
+                self.hit_ms.add(ms)
+        elif cache == "coalesced":
+            self.coalesced += 1
+        elif cache == "miss":
+            self.misses += 1
+            if isinstance(ms, int | float):
+                self.miss_ms.add(ms)
+        tin, tout = line.get("tokens_in") or 0, line.get("tokens_out") or 0
+        if "saved_usd" in line:
+            self.tokens_in_saved += tin
+            self.tokens_out_saved += tout
+            self.saved_usd += line["saved_usd"] or 0.0
+        elif "cost_usd" in line:
+            self.tokens_in_spent += tin
+            self.tokens_out_spent += tout
+            self.spent_usd += line["cost_usd"] or 0.0
+        if line.get("unpriced"):
+            self.unpriced += 1
+
+    def row(self) -> dict[str, Any]:
+        served = self.hits + self.coalesced
+        return {
+            "requests": self.requests,
+            "hit_ratio": round(served / self.requests, 4) if self.requests else 0.0,
+            "hits": self.hits,
+            "coalesced": self.coalesced,
+            "misses": self.misses,
+            "errors": self.errors,
+            "tokens_in_spent": self.tokens_in_spent,
+            "tokens_out_spent": self.tokens_out_spent,
+            "tokens_in_saved": self.tokens_in_saved,
+            "tokens_out_saved": self.tokens_out_saved,
+            "spent_usd": round(self.spent_usd, 6),
+            "saved_usd": round(self.saved_usd, 6),
+            "unpriced": self.unpriced,
+            "hit_p50_ms": self.hit_ms.pct(50),
+            "hit_p95_ms": self.hit_ms.pct(95),
+            "miss_p50_ms": self.miss_ms.pct(50),
+            "miss_p95_ms": self.miss_ms.pct(95),
+        }
+
+
+@dataclass
+class Report:
+    by: str
+    groups: dict[str, Group] = field(default_factory=dict)
+    total: Group = field(default_factory=Group)
+    lines: int = 0
+    skipped: int = 0
+    nbytes: int = 0
+    seconds: float = 0.0
+
+    def feed(self, raw: bytes, since: float | None, until: float | None) -> None:
+        self.lines += 1
+        self.nbytes += len(raw)
+        try:
+            line = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            self.skipped += 1
+            return
+        if not isinstance(line, dict) or line.get("event") != "request.done":
+            self.skipped += 1
+            return
+        ts = line.get("ts")
+        if (since is not None or until is not None) and not isinstance(ts, int | float):
+            self.skipped += 1
+            return
+        if since is not None and ts < since:  # type: ignore[operator]
+            return
+        if until is not None and ts >= until:  # type: ignore[operator]
+            return
+        if self.by == "day":
+            key = dt.datetime.fromtimestamp(float(ts or 0), dt.UTC).date().isoformat()
+        else:
+            key = str(line.get(self.by) or "-")
+        group = self.groups.get(key)
+        if group is None:
+            group = self.groups[key] = Group()
+        group.add(line)
+        self.total.add(line)
+
+    def rows(self) -> list[dict[str, Any]]:
+        out = [{self.by: k, **g.row()} for k, g in sorted(self.groups.items())]
+        out.append({self.by: "all", **self.total.row()})
+        return out
+
+    def throughput(self) -> dict[str, float]:
+        secs = max(self.seconds, 1e-9)
+        return {
+            "lines": self.lines,
+            "skipped": self.skipped,
+            "mb": round(self.nbytes / 1e6, 1),
+            "seconds": round(self.seconds, 2),
+            "mb_per_s": round(self.nbytes / 1e6 / secs, 1),
+            "lines_per_s": round(self.lines / secs),
+        }
+
+
+def open_log(name: str) -> tuple[IO[bytes], IO[bytes]]:
+    """(the raw file, its lines): gzip is recognised by its magic bytes; - is stdin."""
+    raw: IO[bytes]
+    if name == "-":
+        raw = sys.stdin.buffer
+        head = sys.stdin.buffer.peek(2)[:2] if hasattr(sys.stdin.buffer, "peek") else b""
+    else:
+        raw = open(name, "rb")  # noqa: SIM115 -- closed by the caller
+        head = raw.read(2)
+        raw.seek(0)
+    if head == b"\x1f\x8b":
+        return raw, gzip.GzipFile(fileobj=raw)  # type: ignore[return-value]
+    return raw, raw
+
+
+def _when(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise SystemExit(f"report: {value!r} is not an ISO date or time") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return moment.timestamp()
+
+
+def run(names: list[str], by: str, since: str | None, until: str | None, progress: bool) -> Report:
+    report = Report(by=by)
+    lo, hi = _when(since), _when(until)
+    t0 = time.perf_counter()
+    sized = progress and "-" not in names
+    from rich.progress import Progress, TransferSpeedColumn
+
+    with Progress(
+        *Progress.get_default_columns(), TransferSpeedColumn(), transient=True, disable=not sized
+    ) as bar:
+        total = sum(Path(n).stat().st_size for n in names) if sized else None
+        task = bar.add_task("reading logs", total=total)
+        done = 0
+        for name in names:
+            raw, lines = open_log(name)
+            try:
+                for i, line in enumerate(lines):
+                    report.feed(line, lo, hi)
+                    if sized and i % 20000 == 0:
+                        bar.update(task, completed=done + raw.tell())
+            finally:
+                if raw is not sys.stdin.buffer:
+                    raw.close()
+            if sized:
+                done += Path(name).stat().st_size
+                bar.update(task, completed=done)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def render(report: Report, fmt: str, out: IO[str]) -> None:
+    rows = report.rows()
+    if fmt == "json":
+        out.write(
+            orjson.dumps(
+                {"by": report.by, "rows": rows, "throughput": report.throughput()}
+            ).decode()
+            + "\n"
+        )
+        return
+    if fmt == "csv":
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"cache report by {report.by}")
+    columns = [
+        report.by,
+        "requests",
+        "hit_ratio",
+        "hits",
+        "coalesced",
+        "misses",
+        "errors",
+        "tokens_in_spent",
+        "tokens_out_spent",
+        "tokens_in_saved",
+        "tokens_out_saved",
+        "spent_usd",
+        "saved_usd",
+        "hit_p50_ms",
+        "hit_p95_ms",
+        "miss_p50_ms",
+        "miss_p95_ms",
+    ]
+    for col in columns:
+        table.add_column(col, justify="left" if col == report.by else "right")
+    for row in rows:
+        table.add_row(*("-" if row[c] is None else str(row[c]) for c in columns))
+    Console(file=out, width=250).print(table)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m proxy report", description=__doc__)
+    p.add_argument("files", nargs="*", default=["-"], help="log files (plain or .gz); - is stdin")
+    p.add_argument("--by", choices=GROUPS, default="route")
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.add_argument("--since", help="ISO date/time (UTC unless it says otherwise)")
+    p.add_argument("--until", help="ISO date/time, exclusive")
+    args = p.parse_args(argv)
+    for name in args.files:
+        if name != "-" and not Path(name).is_file():
+            print(f"report: {name}: no such file", file=sys.stderr)
+            return 2
+    report = run(args.files, args.by, args.since, args.until, progress=sys.stderr.isatty())
+    render(report, args.format, sys.stdout)
+    t = report.throughput()
+    print(
+        f"read {t['lines']} lines ({t['mb']} MB) in {t['seconds']} s: {t['mb_per_s']} MB/s, "
+        f"{t['lines_per_s']} lines/s; {t['skipped']} lines were not the proxy's and were skipped",
+        file=sys.stderr,
+    )
+    return 0
