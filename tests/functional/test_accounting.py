@@ -8,6 +8,7 @@ import io
 import math
 
 import aiohttp
+import openai
 import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -57,7 +58,7 @@ async def test_scripted_workload_adds_up_everywhere(start_proxy, fake):
             tokens_spent += one.total_tokens
             tokens_saved += 4 * one.total_tokens
 
-            with pytest.raises(Exception):
+            with pytest.raises(openai.InternalServerError):
                 await c.chat.completions.create(**{**chat, "model": "fake-error-500"})
 
             usage = None
