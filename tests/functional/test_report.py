@@ -1,0 +1,104 @@
+"""`python -m proxy report`: streaming, gzip, filters, formats, bounded memory (issue 7)."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+
+from proxy.testing.logs import lines
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", "report", *args],
+        cwd=ROOT,
+        input=stdin,
+        capture_output=True,
+        check=True,
+        timeout=300,
+    )
+
+
+def test_report_plain_gzip_stdin_agree_and_skip_foreign_lines(tmp_path):
+    """Plain, gzipped and piped logs give the same figures; foreign lines are counted."""
+    data = b"".join(lines(3000)) + b"not json\n" + b'{"event": "other"}\n'
+    plain = tmp_path / "a.log"
+    plain.write_bytes(data)
+    gz = tmp_path / "a.log.gz"
+    gz.write_bytes(gzip.compress(data))
+    outs = [
+        orjson.loads(run(str(plain), "--format", "json").stdout),
+        orjson.loads(run(str(gz), "--format", "json").stdout),
+        orjson.loads(run("-", "--format", "json", stdin=data).stdout),
+    ]
+    assert outs[0]["rows"] == outs[1]["rows"] == outs[2]["rows"]
+    total = outs[0]["rows"][-1]
+    assert total["requests"] == 3000 and outs[0]["throughput"]["skipped"] == 2
+    want_saved = sum(orjson.loads(ln).get("saved_usd", 0) for ln in lines(3000))
+    assert abs(total["saved_usd"] - round(want_saved, 6)) < 1e-6
+    assert total["hit_p50_ms"] < 2.1 < 200 < total["miss_p50_ms"]
+
+
+def test_group_by_and_time_filters(tmp_path):
+    """--by day with --since/--until keeps the lines of that window only; csv works."""
+    log = tmp_path / "b.log"
+    log.write_bytes(b"".join(lines(2 * 86400 // 60, start_ts=1_767_225_600.0)))  # spans 2 h
+    out = orjson.loads(
+        run(
+            str(log),
+            "--by",
+            "model",
+            "--format",
+            "json",
+            "--since",
+            "2026-01-01T00:30:00",
+            "--until",
+            "2026-01-01T00:40:00",
+        ).stdout
+    )
+    assert out["rows"][-1]["requests"] == 600
+    assert {r["model"] for r in out["rows"]} >= {"gpt-4o-mini", "all"}
+    rows = list(
+        csv.DictReader(io.StringIO(run(str(log), "--by", "day", "--format", "csv").stdout.decode()))
+    )
+    assert [r["day"] for r in rows] == ["2026-01-01", "all"]
+    table = run(str(log), "--by", "route").stdout.decode()
+    assert "/v1/chat/completions" in table and "hit_ratio" in table
+
+
+def test_report_memory_stays_bounded(tmp_path):
+    """A 100 MB log is read in bounded memory (the 1 GB run is bench/report_bench.py)."""
+    log = tmp_path / "big.log"
+    with log.open("wb") as f:
+        size = 0
+        for line in lines(10_000_000):
+            f.write(line)
+            size += len(line)
+            if size > 100e6:
+                break
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK, str(log), "--by", "tenant", "--format", "json"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+        timeout=300,
+    )
+    peak_mb = int(done.stderr.decode().strip().splitlines()[-1]) / 1024
+    assert peak_mb < 200, f"peak RSS {peak_mb:.0f} MB"
+    assert b"MB/s" in done.stderr
+    assert orjson.loads(done.stdout)["rows"][-1]["requests"] > 200_000
+
+
+# Runs the report in this very process and prints its own peak RSS (KiB) last on stderr.
+PEAK = (
+    "import resource, sys; from proxy.__main__ import main; rc = main(['report', *sys.argv[1:]]);"
+    " print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)"
+)
