@@ -1,0 +1,54 @@
+"""The official Node `openai` SDK through the proxy: the same behaviour as for Python."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import orjson
+import pytest
+
+NODE_DIR = Path(__file__).resolve().parents[1] / "node"
+
+
+@pytest.fixture(scope="session")
+def node_sdk() -> Path:
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.fail("node and npm are needed for the Node SDK test")
+    if not (NODE_DIR / "node_modules" / "openai").is_dir():
+        subprocess.run(
+            [npm, "install", "--no-audit", "--no-fund", "--silent"],
+            cwd=NODE_DIR,
+            check=True,
+            timeout=300,
+        )
+    return Path(node)
+
+
+def test_node_sdk_through_the_proxy(node_sdk, start_proxy, fake):
+    """Chat (JSON and SSE with usage), the responses stream helper, base64 embeddings,
+    images, errors and models all behave through the proxy, with HITs replayed faithfully."""
+    proxy = start_proxy(image_source_hosts="127.0.0.1")
+    done = subprocess.run(
+        [str(node_sdk), "smoke.mjs", proxy.base_url],
+        cwd=NODE_DIR,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    out = orjson.loads(done.stdout)
+    assert out["chat_first"]["status"] == "MISS" and out["chat_second"]["status"] == "HIT"
+    assert out["chat_first"]["id"] == out["chat_second"]["id"]
+    assert out["stream_first"] == out["stream_second"] and out["stream_first"]["usage"]
+    assert out["responses_first"] == out["responses_second"]
+    assert out["responses_first"]["deltas"] == out["responses_first"]["text"]
+    assert len(out["embedding"]) == 4
+    assert out["image_url"].startswith(proxy.url + "/_proxy/images/")
+    assert out["error"] == {"name": "RateLimitError", "status": 429, "code": "fake_429"}
+    assert "gpt-4o-mini" in out["models"]
+    # one upstream call per distinct request, whatever the SDK
+    assert fake.count("/v1/chat/completions") == 3  # JSON, stream, the 429
+    assert fake.count("/v1/responses") == 1

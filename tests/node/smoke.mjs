@@ -1,0 +1,51 @@
+// The official Node SDK through the proxy: prints one JSON object with what it saw.
+// Usage: node smoke.mjs <base URL ending in /v1>
+import OpenAI from "openai";
+
+const client = new OpenAI({ baseURL: process.argv[2], apiKey: "sk-node-test", maxRetries: 0 });
+const out = {};
+const chat = { model: "gpt-4o-mini", messages: [{ role: "user", content: "node persona" }] };
+
+for (const step of ["first", "second"]) {
+  const { data, response } = await client.chat.completions.create(chat).withResponse();
+  out[`chat_${step}`] = { status: response.headers.get("x-cache-status"), id: data.id,
+                          text: data.choices[0].message.content };
+}
+
+for (const step of ["first", "second"]) {
+  const stream = await client.chat.completions.create({
+    ...chat, stream: true, stream_options: { include_usage: true },
+  });
+  let text = "";
+  let usage = null;
+  for await (const chunk of stream) {
+    if (chunk.choices.length) text += chunk.choices[0].delta.content ?? "";
+    if (chunk.usage) usage = chunk.usage;
+  }
+  out[`stream_${step}`] = { text, usage };
+}
+
+for (const step of ["first", "second"]) {
+  const stream = client.responses.stream({ model: "gpt-4.1", input: "node responses" });
+  let deltas = "";
+  stream.on("response.output_text.delta", (e) => { deltas += e.delta; });
+  const final = await stream.finalResponse();
+  out[`responses_${step}`] = { deltas, text: final.output_text, usage: final.usage };
+}
+
+const emb = await client.embeddings.create({ model: "text-embedding-3-small", input: "x", dimensions: 4 });
+out.embedding = emb.data[0].embedding;
+
+const img = await client.images.generate({ prompt: "node image", response_format: "url" });
+out.image_url = img.data[0].url;
+
+try {
+  await client.chat.completions.create({ ...chat, model: "fake-error-429" });
+  out.error = "none";
+} catch (e) {
+  out.error = { name: e.constructor.name, status: e.status, code: e.code };
+}
+
+const models = await client.models.list();
+out.models = models.data.map((m) => m.id);
+console.log(JSON.stringify(out));
