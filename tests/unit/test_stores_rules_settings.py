@@ -1,0 +1,126 @@
+"""The memory store's byte bound, rule and setting validation."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from proxy.errors import ConfigError
+from proxy.models import CachedResponse
+from proxy.rules import Rules, load_rules, parse_rules
+from proxy.settings import Settings
+from proxy.stores import MemoryStore, open_store
+
+
+def entry(n: int) -> CachedResponse:
+    return CachedResponse(200, (), b"x" * n, time.time())
+
+
+async def test_memory_store_stays_under_its_byte_bound():
+    """The LRU evicts the least recently used entries to stay under max_bytes."""
+    store = MemoryStore(max_bytes=10_000)
+    for i in range(50):
+        await store.set(f"k{i}", entry(1000), 60)
+        assert store.bytes <= 10_000
+    assert len(store) < 10
+    await store.get("k45")  # touch: survives the next evictions
+    for i in range(50, 55):
+        await store.set(f"k{i}", entry(1000), 60)
+    assert await store.get("k45") is not None and await store.get("k40") is None
+    await store.set("huge", entry(20_000), 60)  # larger than the bound: not kept
+    assert await store.get("huge") is None and store.bytes <= 10_000
+
+
+async def test_memory_store_ttl():
+    """Expired entries are gone."""
+    store = MemoryStore()
+    await store.set("k", entry(1), -1)
+    assert await store.get("k") is None and store.bytes == 0
+
+
+def test_shipped_rules_load_and_match():
+    """The shipped rules cache the documented routes; others pass through."""
+    rules = load_rules(None)
+    for route in (
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/responses",
+        "/v1/embeddings",
+        "/v1/images/generations",
+        "/v1/images/edits",
+        "/v1/images/variations",
+        "/v1/audio/speech",
+        "/v1/moderations",
+    ):
+        assert rules.match("POST", route, "gpt-4o") is not None, route
+    assert rules.match("GET", "/v1/models", None) is None
+    assert rules.match("POST", "/v1/files", None) is None
+    assert rules.match("POST", "/openai/deployments/d1/chat/completions", "d1") is not None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[[rule]]\nroute = "v1/x"', "must be a path"),
+        ('[[rule]]\nroute = "/v1/x"\nttl_s = -1', "'ttl_s' must be a number >= 0"),
+        ('[[rule]]\nroute = "/v1/x"\nreplay = "slow"', "'replay'"),
+        ('[[rule]]\nroute = "/v1/x"\ncolor = 1', "unknown field"),
+        ('[rule]\nroute = "/v1/x"', "use [[rule]]"),
+        ("[[rule]\n", "not valid TOML"),
+        ('[[rule]]\nroute = "/v1/x"\nenabled = "yes"', "true or false"),
+    ],
+)
+def test_bad_rules_stop_the_boot_with_one_clear_line(text, message):
+    """A bad rule raises ConfigError naming the file, the rule and what is wrong."""
+    with pytest.raises(ConfigError, match="rules f.toml") as info:
+        parse_rules(text, "f.toml")
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_model_globs_and_first_match_wins():
+    """A model-specific rule listed first wins over the route's general rule."""
+    rules = Rules(
+        parse_rules(
+            '[[rule]]\nroute = "/v1/chat/*"\nmodels = ["gpt-4o-mini*"]\nttl_s = 5\n'
+            '[[rule]]\nroute = "/v1/chat/*"\nttl_s = 9\n',
+            "t",
+        )
+    )
+    assert rules.match("POST", "/v1/chat/completions", "gpt-4o-mini-2024").ttl_s == 5
+    assert rules.match("POST", "/v1/chat/completions", "gpt-4o").ttl_s == 9
+    assert rules.match("POST", "/v1/chat/completions", None).ttl_s == 9
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (["--port", "0"], {}, "--port / PROXY_PORT"),
+        ([], {"PROXY_PORT": "http"}, "--port / PROXY_PORT"),
+        (["--cache", "mongo://x"], {}, "--cache / PROXY_CACHE"),
+        (["--upstream", "ftp://x"], {}, "--upstream / PROXY_UPSTREAM"),
+        (["--log-format", "xml"], {}, "--log-format / PROXY_LOG_FORMAT"),
+        (["--images", "gs://b"], {}, "--images / PROXY_IMAGES"),
+        (["--max-body-mb", "0"], {}, "--max-body-mb / PROXY_MAX_BODY_MB"),
+        (["--rules", "/nonexistent/rules"], {}, "--rules / PROXY_RULES"),
+    ],
+)
+def test_bad_settings_name_the_setting(argv, env, message):
+    """A bad flag or variable raises ConfigError naming both forms of the setting."""
+    with pytest.raises(ConfigError, match=message):
+        Settings.from_args(argv, env)
+
+
+def test_env_twins_and_flags():
+    """Every flag has a PROXY_* twin; the flag wins over the variable."""
+    s = Settings.from_args(["--port", "9000"], {"PROXY_PORT": "8000", "PROXY_CACHE": "memory://"})
+    assert s.port == 9000 and s.cache == "memory://"
+
+
+def test_open_store_urls(tmp_path):
+    """Store URLs map to their backends; an empty one is SQLite in the data dir."""
+    assert open_store("memory://?max_mb=1", tmp_path).name == "memory"
+    assert open_store("", tmp_path).name == "sqlite"
+    assert open_store(f"sqlite:///{tmp_path}/c.db", tmp_path).name == "sqlite"
+    with pytest.raises(ConfigError, match="max_mb"):
+        open_store("memory://?max_mb=lots", tmp_path)
