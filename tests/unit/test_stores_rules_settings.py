@@ -73,7 +73,7 @@ def test_shipped_rules_load_and_match():
 )
 def test_bad_rules_stop_the_boot_with_one_clear_line(text, message):
     """A bad rule raises ConfigError naming the file, the rule and what is wrong."""
-    with pytest.raises(ConfigError, match="rules f.toml") as info:
+    with pytest.raises(ConfigError, match=r"rules f\.toml") as info:
         parse_rules(text, "f.toml")
     assert message in str(info.value) and "\n" not in str(info.value)
 
