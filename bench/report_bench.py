@@ -6,7 +6,6 @@ python -m bench.report_bench [--gb 1.0]
 from __future__ import annotations
 
 import argparse
-import resource
 import subprocess
 import sys
 import tempfile
@@ -16,6 +15,13 @@ from pathlib import Path
 from proxy.testing.logs import lines
 
 ROOT = Path(__file__).resolve().parent.parent
+# Runs the report in this very process and prints its own peak RSS last on stderr: VmHWM in
+# KiB, which exec resets (ru_maxrss would carry over the forking parent's peak).
+PEAK = (
+    "import re, sys; from proxy.__main__ import main; rc = main(['report', *sys.argv[1:]]);"
+    " hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1);"
+    " print(hwm, file=sys.stderr); sys.exit(rc)"
+)
 
 
 def main() -> None:
@@ -37,25 +43,16 @@ def main() -> None:
         print(f"generated {written / 1e9:.2f} GB, {n} lines in {time.perf_counter() - t0:.1f} s")
         t0 = time.perf_counter()
         done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "proxy",
-                "report",
-                str(log),
-                "--by",
-                "model",
-                "--format",
-                "json",
-            ],
+            [sys.executable, "-c", PEAK, str(log), "--by", "model", "--format", "json"],
             cwd=ROOT,
             capture_output=True,
             text=True,
             check=True,
         )
         took = time.perf_counter() - t0
-        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        print(done.stderr.strip())
+        *said, peak = done.stderr.strip().splitlines()
+        peak_mb = int(peak) / 1024
+        print("\n".join(said))
         print(
             f"report: {took:.1f} s wall, {written / 1e6 / took:.0f} MB/s, peak RSS {peak_mb:.0f} MB"
         )

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from proxy import __version__
 from proxy import log as logmod
+from proxy.auth import CredentialCheck
 from proxy.bus import RedisBus
 from proxy.cache import Cache
 from proxy.coalesce import Flights
@@ -114,6 +115,9 @@ def build_state(settings: Settings) -> State:
         stats=Stats(),
         rehoster=rehoster,
         bus=bus,
+        auth=CredentialCheck(upstream, settings.auth_recheck_s)
+        if settings.auth_recheck_s > 0
+        else None,
     )
 
 

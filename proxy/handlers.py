@@ -19,6 +19,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy import sse
+from proxy.auth import CredentialCheck
 from proxy.bus import BusError, RedisBus
 from proxy.cache import Cache
 from proxy.coalesce import Flight, Flights, Outcome, Reader
@@ -76,6 +77,8 @@ class State:
     stats: Stats
     plans: dict[bytes, tuple[Plan, bytes, str]] = field(default_factory=dict)
     """Memo: raw request digest -> (plan, tenant digest, tenant id for logs)."""
+    auth: CredentialCheck | None = None
+    """Re-checks credentials before serving them cached answers."""
     bus: RedisBus | None = None
     """Cross-instance flights (with a Redis store)."""
     rehoster: ImageRehoster | None = None
@@ -196,7 +199,11 @@ async def _handle(
     if controls is DEFAULT_CONTROLS and plan.rule is not None and not idem:
         # The cache-hit fast path: a hot entry, sent whole.
         entry = st.cache.peek(plan.key)
-        if entry is not None and is_fast(entry, plan.rule):
+        if (
+            entry is not None
+            and is_fast(entry, plan.rule)
+            and (st.auth is None or st.auth.fresh(tenant))
+        ):
             info["cache"] = "hit"
             info["key"] = plan.key[3:15]
             _saved(info, entry)
@@ -218,6 +225,7 @@ async def _handle(
             path_qs,
             plan,
             key=idempotency_key(st.secret, tenant, idem),
+            tenant=tenant,
             fingerprint=fingerprint,
             controls=ClientControls(Mode.LOOKUP, None, controls.namespace),
             ttl_s=settings.idempotency_ttl_s,
@@ -235,6 +243,7 @@ async def _handle(
         path_qs,
         plan,
         key=plan.key,
+        tenant=tenant,
         fingerprint="",
         controls=controls,
         ttl_s=ttl,
@@ -263,6 +272,7 @@ async def _serve_keyed(
     plan: Plan,
     *,
     key: str,
+    tenant: bytes,
     fingerprint: str,
     controls: ClientControls,
     ttl_s: float,
@@ -285,6 +295,13 @@ async def _serve_keyed(
                 return _idempotency_conflict()
             age = time.time() - entry.created
             if controls.max_age is None or age <= controls.max_age:
+                if st.auth is not None and not st.auth.fresh(tenant):
+                    refusal = await st.auth.check(tenant, request.headers)
+                    if refusal is not None:
+                        info["auth_refused"] = True
+                        refused = web.Response(status=refusal.status, body=refusal.body)
+                        refused.headers.extend(refusal.headers)
+                        return refused
                 info["cache"] = "hit"
                 _saved(info, entry)
                 if is_fast(entry, rule):
@@ -370,6 +387,8 @@ async def _serve_keyed(
     await flight.wait_head(None)
     resp = await _relay(request, info, flight, reader, label, t0)
     info["upstream_ms"] = round(job.meta.get("upstream_ms", 0.0), 2) or None
+    if st.auth is not None and flight.head is not None and flight.head.status < 300:
+        st.auth.seen(tenant)
     if flight.entry is not None:
         _money(info, flight.entry.meta.get("cost"))
     return resp

@@ -57,6 +57,10 @@ class Settings:
     """Connect timeout to the upstream; past it the client gets 502."""
     upstream_read_timeout_s: float = 600.0
     """Longest silence while reading from the upstream; past it the client gets 504."""
+    auth_recheck_s: float = 3600.0
+    """A credential served from the cache is re-checked upstream (GET /v1/models) when it was
+    last seen accepted longer ago than this, so a revoked key stops getting cached answers
+    within this window. 0 turns the check off."""
     max_record_mb: float = 32.0
     """A streamed answer larger than this is relayed but not stored."""
     detached_max_s: float = 600.0
@@ -154,6 +158,7 @@ _CONVERTERS: dict[str, Callable[[str], Any]] = {
     "upstream_connect_timeout_s": float,
     "upstream_read_timeout_s": float,
     "max_record_mb": float,
+    "auth_recheck_s": float,
     "detached_max_s": float,
     "idempotency_ttl_s": float,
     "image_max_mb": float,

@@ -98,6 +98,8 @@ class FakeOpenAI:
     image_url: str | None = None
     """If set, every image answer carries this URL instead of one on the fake's blob host."""
     errors: list[tuple[int, bytes]] = field(default_factory=list)
+    revoked_keys: set[str] = field(default_factory=lambda: {"sk-bad"})
+    """API keys this fake answers 401 to (like revoked or wrong keys)."""
     latencies: list[float] = field(default_factory=list)
     """Per-call latencies for the next calls, used before `latency`."""
     cut_after: int | None = None
@@ -176,7 +178,7 @@ class FakeOpenAI:
         if delay:
             await asyncio.sleep(delay)
         auth = request.headers.get("Authorization", "")
-        if auth == "Bearer sk-bad":
+        if auth.removeprefix("Bearer ") in self.revoked_keys:
             rec = recorded("chat_completion_error")["response"]
             return web.Response(
                 status=401, body=rec["body_text"].encode(), content_type="application/json"

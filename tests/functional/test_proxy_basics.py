@@ -252,7 +252,8 @@ def test_embedded_store_survives_restart(start_proxy, fake):
     with sdk(second) as c:
         again = c.chat.completions.with_raw_response.create(**CHAT)
     assert again.headers["x-cache-status"] == "HIT" and again.parse().id == answer
-    assert fake.count() == 1
+    assert fake.count("/v1/chat/completions") == 1
+    assert fake.count("/v1/models") == 1  # the new process checked the credential once
 
 
 async def test_unreachable_upstream_is_502(start_proxy):
@@ -274,3 +275,24 @@ async def test_upstream_timeout_is_504(start_proxy, fake):
     assert orjson.loads(body)["error"]["code"] == "upstream_timeout"
     status, _, _ = await _post(proxy.url + "/v1/files", b"{}")
     assert status == 504
+
+
+async def test_revoked_key_stops_getting_cached_answers(start_proxy, fake):
+    """Past --auth-recheck-s, a HIT re-checks the credential upstream: a revoked key gets
+    upstream's 401 instead of the cached answer; a valid key still gets its HITs."""
+    import asyncio
+
+    proxy = start_proxy(auth_recheck_s=0.3)
+    async with async_sdk(proxy, "sk-soon-revoked") as a, async_sdk(proxy, "sk-fine") as b:
+        await a.chat.completions.create(**CHAT)
+        await b.chat.completions.create(**CHAT)
+        hit = await a.chat.completions.with_raw_response.create(**CHAT)
+        assert hit.headers["x-cache-status"] == "HIT"
+        assert fake.count("/v1/models") == 0  # seen accepted a moment ago: no check
+        fake.revoked_keys.add("sk-soon-revoked")
+        await asyncio.sleep(0.4)
+        with pytest.raises(openai.AuthenticationError):
+            await a.chat.completions.create(**CHAT)
+        ok = await b.chat.completions.with_raw_response.create(**CHAT)
+        assert ok.headers["x-cache-status"] == "HIT"
+    assert fake.count("/v1/chat/completions") == 2 and fake.count("/v1/models") == 2

@@ -22,6 +22,7 @@ from tests.functional.test_streams import HEADERS, joined, post_stream, wait_unt
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Shared persona"}]}
 STREAM = {**CHAT, "stream": True}
 ROOT = Path(__file__).resolve().parents[2]
+CHAT_PATH = "/v1/chat/completions"
 
 
 async def post(url: str, body: dict, headers: dict | None = None):
@@ -77,7 +78,7 @@ def test_instance_b_hits_what_a_stored_and_restart_keeps_it(two, start_proxy, re
     with sdk(c) as cc:
         again = cc.chat.completions.with_raw_response.create(**CHAT)
     assert again.headers["x-cache-status"] == "HIT" and again.parse().id == first.id
-    assert fake.count() == 1
+    assert fake.count(CHAT_PATH) == 1
 
 
 async def test_forty_requests_over_two_instances_one_call(two, fake):
@@ -86,7 +87,7 @@ async def test_forty_requests_over_two_instances_one_call(two, fake):
     fake.latency = 0.5
     urls = [p.url + "/v1/chat/completions" for p in (a, b)]
     results = await asyncio.gather(*(post(urls[i % 2], CHAT) for i in range(40)))
-    assert fake.count() == 1
+    assert fake.count(CHAT_PATH) == 1
     assert [s for s, _, _ in results] == [200] * 40
     assert len({b for _, _, b in results}) == 1
     labels = [h["X-Cache-Status"] for _, h, _ in results]
@@ -99,7 +100,7 @@ async def test_twenty_streams_over_two_instances_one_call(two, fake):
     fake.chunk_delay = 0.03
     urls = [p.url + "/v1/chat/completions" for p in (a, b)]
     results = await asyncio.gather(*(post_stream(urls[i % 2], STREAM) for i in range(20)))
-    assert fake.count() == 1
+    assert fake.count(CHAT_PATH) == 1
     bodies = {joined(chunks) for _, _, chunks in results}
     assert len(bodies) == 1 and next(iter(bodies)).endswith(b"data: [DONE]\n\n")
 
@@ -111,9 +112,9 @@ async def test_upstream_error_crosses_instances_uncached(two, fake):
     body = {**CHAT, "model": "fake-error-503"}
     urls = [p.url + "/v1/chat/completions" for p in (a, b)]
     results = await asyncio.gather(*(post(urls[i % 2], body) for i in range(6)))
-    assert [s for s, _, _ in results] == [503] * 6 and fake.count() == 1
+    assert [s for s, _, _ in results] == [503] * 6 and fake.count(CHAT_PATH) == 1
     status, _, _ = await post(urls[1], body)
-    assert status == 503 and fake.count() == 2
+    assert status == 503 and fake.count(CHAT_PATH) == 2
 
 
 def test_leader_instance_killed_mid_stream(start_proxy, redis_server, fake, tmp_path):
@@ -157,15 +158,18 @@ def test_leader_instance_killed_mid_stream(start_proxy, redis_server, fake, tmp_
         t0 = time.monotonic()
         outcomes = await asyncio.gather(first, follower, return_exceptions=True)
         ended = time.monotonic() - t0
-        await wait_until(lambda: fake.count() == 2, within_s=5)
+        await wait_until(lambda: fake.count(CHAT_PATH) == 2, within_s=5)
         await wait_until(lambda: len(b.state.flights) == 0, within_s=10)
         return outcomes, ended
 
-    outcomes, ended = asyncio.run(scenario())
-    leader.wait(10)
+    try:
+        outcomes, ended = asyncio.run(scenario())
+    finally:
+        leader.kill()
+        leader.wait(10)
     assert all(isinstance(o, Exception | tuple) for o in outcomes)
     assert ended < 1.0 + 30.0
-    assert fake.count() == 2  # the original call and exactly one re-fetch
+    assert fake.count(CHAT_PATH) == 2  # the original call and exactly one re-fetch
     r = redis.Redis.from_url(redis_server.url)
     assert not [k for k in r.scan_iter(match="*:lease")]
     r.close()
@@ -288,9 +292,9 @@ async def test_coalescing_on_redis_cluster(start_proxy, redis_cluster, fake):
     fake.latency = 0.5
     urls = [p.url + "/v1/chat/completions" for p in (a, b)]
     results = await asyncio.gather(*(post(urls[i % 2], CHAT) for i in range(20)))
-    assert fake.count() == 1 and len({b for _, _, b in results}) == 1
+    assert fake.count(CHAT_PATH) == 1 and len({b for _, _, b in results}) == 1
     fake.chunk_delay = 0.02
     streams = await asyncio.gather(*(post_stream(urls[i % 2], STREAM) for i in range(10)))
-    assert fake.count() == 2 and len({joined(c) for _, _, c in streams}) == 1
+    assert fake.count(CHAT_PATH) == 2 and len({joined(c) for _, _, c in streams}) == 1
     _status, headers, _ = await post(urls[1], CHAT)
     assert headers["X-Cache-Status"] == "HIT"

@@ -97,8 +97,10 @@ def test_report_memory_stays_bounded(tmp_path):
     assert orjson.loads(done.stdout)["rows"][-1]["requests"] > 200_000
 
 
-# Runs the report in this very process and prints its own peak RSS (KiB) last on stderr.
+# Runs the report in this very process and prints its own peak RSS last on stderr: VmHWM in
+# KiB, which exec resets (ru_maxrss would carry over the forking parent's peak).
 PEAK = (
-    "import resource, sys; from proxy.__main__ import main; rc = main(['report', *sys.argv[1:]]);"
-    " print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)"
+    "import re, sys; from proxy.__main__ import main; rc = main(['report', *sys.argv[1:]]);"
+    " hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1);"
+    " print(hwm, file=sys.stderr); sys.exit(rc)"
 )
