@@ -98,6 +98,8 @@ class FakeOpenAI:
     image_url: str | None = None
     """If set, every image answer carries this URL instead of one on the fake's blob host."""
     errors: list[tuple[int, bytes]] = field(default_factory=list)
+    gzip: bool = False
+    """Compress JSON answers (Content-Encoding: gzip), as the real API does."""
     revoked_keys: set[str] = field(default_factory=lambda: {"sk-bad"})
     """API keys this fake answers 401 to (like revoked or wrong keys)."""
     latencies: list[float] = field(default_factory=list)
@@ -193,6 +195,8 @@ class FakeOpenAI:
             status = int(model.rsplit("-", 1)[1])
             return error_json(status, f"Fake error {status}.", "fake_error", f"fake_{status}")
         result = await handler(request)
+        if self.gzip and isinstance(result, web.Response):
+            result.enable_compression(web.ContentCoding.gzip)
         return result
 
     def _headers(self, n: int) -> dict[str, str]:

@@ -296,3 +296,32 @@ async def test_revoked_key_stops_getting_cached_answers(start_proxy, fake):
         ok = await b.chat.completions.with_raw_response.create(**CHAT)
         assert ok.headers["x-cache-status"] == "HIT"
     assert fake.count("/v1/chat/completions") == 2 and fake.count("/v1/models") == 2
+
+
+async def test_gzipped_upstream_answers_are_decoded_once(proxy, fake):
+    """A gzip-encoded upstream answer reaches the client decoded (no stale Content-Encoding or
+    Content-Length), and its HIT carries the same bytes."""
+    fake.gzip = True
+    body = orjson.dumps(CHAT)
+    raw_headers = {"Accept-Encoding": "identity"}
+    s1, h1, b1 = await _post(proxy.url + "/v1/chat/completions", body, raw_headers)
+    s2, h2, b2 = await _post(proxy.url + "/v1/chat/completions", body, raw_headers)
+    assert (s1, s2) == (200, 200) and b1 == b2
+    assert orjson.loads(b1)["object"] == "chat.completion"
+    assert "Content-Encoding" not in h1 and "Content-Encoding" not in h2
+    assert h2["X-Cache-Status"] == "HIT" and int(h2["Content-Length"]) == len(b2)
+    assert "gzip" in fake.calls[0].headers.get("Accept-Encoding", "")
+
+
+async def test_sqlite_on_the_event_loop_would_fail_the_suite(tmp_path):
+    """The guard that proves the SQLite store stays off the loop can fail: a direct sqlite
+    call on the loop raises."""
+    from blockbuster import BlockingError
+
+    from proxy.stores import SQLiteStore
+
+    store = SQLiteStore(tmp_path / "c.db")
+    with pytest.raises(BlockingError):
+        store._get("k")  # what get() runs on its worker thread
+    assert await store.get("k") is None  # through the thread: fine
+    await store.aclose()
