@@ -12,13 +12,12 @@ import dataclasses
 import sys
 from urllib.parse import urlsplit
 
-import orjson
 from rich.progress import Progress
 
 from proxy.app import build_state
 from proxy.errors import ConfigError
 from proxy.handlers import State
-from proxy.images.rehost import rewrites
+from proxy.images.rehost import rewrites, url_items
 from proxy.settings import Settings
 
 
@@ -32,19 +31,8 @@ class BackfillReport:
 
 
 def _needs_rehost(body: bytes, allowed: frozenset[str]) -> bool:
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return False
-    items = doc.get("data") if isinstance(doc, dict) else None
-    if not isinstance(items, list):
-        return False
-    return any(
-        isinstance(it, dict)
-        and isinstance(it.get("url"), str)
-        and (urlsplit(it["url"]).hostname or "").lower() in allowed
-        for it in items
-    )
+    _, items = url_items(body)
+    return any((urlsplit(it["url"]).hostname or "").lower() in allowed for it in items)
 
 
 async def backfill(st: State, *, show_progress: bool = True) -> BackfillReport:

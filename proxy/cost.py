@@ -13,7 +13,7 @@ import tomllib
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from proxy.errors import ConfigError
 
@@ -121,16 +121,7 @@ class Prices:
         return cls(tuple(tokens), tuple(images), tuple(speech))
 
     def token_price(self, model: str, today: dt.date) -> TokenPrice | None:
-        best: tuple[int, dt.date, TokenPrice] | None = None
-        for p in self.tokens:
-            if p.since > today:
-                continue
-            for pattern in p.models:
-                if fnmatchcase(model, pattern):
-                    rank = (len(pattern.replace("*", "")), p.since, p)
-                    if best is None or rank[:2] > best[:2]:
-                        best = rank
-        return best[2] if best else None
+        return _most_specific(self.tokens, model, today)
 
     def image_price(self, model: str, size: str, quality: str, today: dt.date) -> float | None:
         best: tuple[int, dt.date, float] | None = None
@@ -145,16 +136,8 @@ class Prices:
         return best[2] if best else None
 
     def speech_price(self, model: str, today: dt.date) -> float | None:
-        best: tuple[int, dt.date, float] | None = None
-        for p in self.speech:
-            if p.since > today:
-                continue
-            for pattern in p.models:
-                if fnmatchcase(model, pattern):
-                    rank = (len(pattern.replace("*", "")), p.since, p.per_1m_chars)
-                    if best is None or rank[:2] > best[:2]:
-                        best = rank
-        return best[2] if best else None
+        found = _most_specific(self.speech, model, today)
+        return found.per_1m_chars if found else None
 
     def cost(
         self,
@@ -190,6 +173,23 @@ class Prices:
         cached_rate = price.cached_input if price.cached_input is not None else price.input
         usd = ((tin - cached) * price.input + cached * cached_rate + tout * price.output) / 1e6
         return Cost(tin, tout, round(usd, 8))
+
+
+P = TypeVar("P", TokenPrice, SpeechPrice)
+
+
+def _most_specific(prices: tuple[P, ...], model: str, today: dt.date) -> P | None:
+    """The entry in force today whose glob matches most specifically (then the latest)."""
+    best: tuple[int, dt.date, P] | None = None
+    for p in prices:
+        if p.since > today:
+            continue
+        for pattern in p.models:
+            if fnmatchcase(model, pattern):
+                rank = (len(pattern.replace("*", "")), p.since, p)
+                if best is None or rank[:2] > best[:2]:
+                    best = rank
+    return best[2] if best else None
 
 
 def _int(usage: dict[str, Any], *names: str) -> int:

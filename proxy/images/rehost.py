@@ -138,15 +138,8 @@ class ImageRehoster:
     async def rewrite(self, body: bytes, request_base: str) -> bytes | None:
         """The answer with every `url` rehosted; the body as is if it has no URL; None if
         any image failed (the caller then passes the original on and stores nothing)."""
-        try:
-            doc = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return body
-        items = doc.get("data") if isinstance(doc, dict) else None
-        if not isinstance(items, list):
-            return body
-        targets = [it for it in items if isinstance(it, dict) and isinstance(it.get("url"), str)]
-        if not targets:
+        doc, targets = url_items(body)
+        if doc is None or not targets:
             return body
         try:
             urls = await asyncio.gather(
@@ -164,6 +157,18 @@ class ImageRehoster:
         if self._session is not None:
             await self._session.close()
         await self.store.aclose()
+
+
+def url_items(body: bytes) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """(the parsed image answer, its items that carry a `url`); (None, []) if it is none."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None, []
+    items = doc.get("data") if isinstance(doc, dict) else None
+    if not isinstance(items, list):
+        return None, []
+    return doc, [it for it in items if isinstance(it, dict) and isinstance(it.get("url"), str)]
 
 
 def rewrites(route: str) -> bool:
