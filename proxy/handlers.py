@@ -316,19 +316,10 @@ async def _serve_keyed(
     if flight is not None:
         if fingerprint and flight.fingerprint != fingerprint:
             return _idempotency_conflict()
-        reader = flight.attach()
-        head = await flight.wait_head(lock_timeout)
-        if head is None and not flight.done:
-            # The leader hangs: go upstream ourselves, uncached (nginx proxy_cache_lock_timeout).
-            reader.close()
-            info["lock_timeout"] = True
-            return await _passthrough(st, request, info, body, path_qs, time.perf_counter())
         flight.joined += 1
-        info["cache"] = "coalesced"
-        resp = await _relay(request, info, flight, reader, "COALESCED", t0)
-        if flight.entry is not None:
-            _saved(info, flight.entry)
-        return resp
+        return await _join(
+            st, request, info, body, path_qs, flight, flight.attach(), lock_timeout, t0
+        )
 
     label = "BYPASS" if degraded else ("REFRESH" if controls.mode is Mode.REFRESH else "MISS")
     info["cache"] = label.lower()
@@ -368,18 +359,8 @@ async def _serve_keyed(
             token = "local"  # Redis is down: coalesce in this process only
     if token is None and bus is not None:
         # Another instance leads: follow its stream like any duplicate would.
-        info["cache"] = "coalesced"
-        label = "COALESCED"
         st.fetcher.follow(bus, flight, job)
-        head = await flight.wait_head(lock_timeout)
-        if head is None and not flight.done:
-            reader.close()
-            info["lock_timeout"] = True
-            return await _passthrough(st, request, info, body, path_qs, time.perf_counter())
-        resp = await _relay(request, info, flight, reader, label, t0)
-        if flight.entry is not None:
-            _saved(info, flight.entry)
-        return resp
+        return await _join(st, request, info, body, path_qs, flight, reader, lock_timeout, t0)
     if bus is not None and token is not None and token != "local":
         st.fetcher.lead_shared(bus, flight, job, token)
     else:
@@ -391,6 +372,31 @@ async def _serve_keyed(
         st.auth.seen(tenant)
     if flight.entry is not None:
         _money(info, flight.entry.meta.get("cost"))
+    return resp
+
+
+async def _join(
+    st: State,
+    request: web.BaseRequest,
+    info: dict[str, Any],
+    body: bytes,
+    path_qs: str,
+    flight: Flight,
+    reader: Reader,
+    lock_timeout: float,
+    t0: float,
+) -> web.StreamResponse:
+    """Answer with a flight someone else leads (here or on another instance)."""
+    head = await flight.wait_head(lock_timeout)
+    if head is None and not flight.done:
+        # The leader hangs: go upstream ourselves, uncached (nginx proxy_cache_lock_timeout).
+        reader.close()
+        info["lock_timeout"] = True
+        return await _passthrough(st, request, info, body, path_qs, time.perf_counter())
+    info["cache"] = "coalesced"
+    resp = await _relay(request, info, flight, reader, "COALESCED", t0)
+    if flight.entry is not None:
+        _saved(info, flight.entry)
     return resp
 
 

@@ -238,23 +238,18 @@ async def test_redis_killed_while_requests_flow(start_proxy, fake):
 @pytest.fixture
 def redis_cluster(tmp_path):
     """A local Redis Cluster: 3 masters made with redis-cli --cluster create."""
-    ports = [free_port() for _ in range(3)]
+    ports = cluster_ports(3)
     servers = []
-    for port in ports:
-        d = tmp_path / f"node{port}"
-        d.mkdir()
-        servers.append(
-            start_redis(
-                port,
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                str(d / "nodes.conf"),
-                "--dir",
-                str(d),
-            )
-        )
     try:
+        for port in ports:
+            d = tmp_path / f"node{port}"
+            d.mkdir()
+            conf = str(d / "nodes.conf")
+            servers.append(
+                start_redis(
+                    port, "--cluster-enabled", "yes", "--cluster-config-file", conf, "--dir", str(d)
+                )
+            )
         subprocess.run(
             [
                 "redis-cli",
@@ -283,6 +278,30 @@ def redis_cluster(tmp_path):
     finally:
         for s in servers:
             s.stop()
+
+
+def cluster_ports(n: int) -> list[int]:
+    """Ports P whose cluster bus port P + 10000 is free too (ephemeral ports may not be)."""
+    import random
+    import socket
+
+    found: list[int] = []
+    while len(found) < n:
+        port = random.randrange(20000, 30000)
+        socks = []
+        try:
+            for p in (port, port + 10000):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+        if port not in found:
+            found.append(port)
+    return found
 
 
 async def test_coalescing_on_redis_cluster(start_proxy, redis_cluster, fake):
