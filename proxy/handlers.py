@@ -44,7 +44,7 @@ from proxy.plan import (
 from proxy.replay import CACHE_NAME, is_fast, replay, whole
 from proxy.rules import Rules
 from proxy.settings import Settings
-from proxy.stats import Money, Stats
+from proxy.stats import Stats
 from proxy.upstream import Upstream, forward_headers, response_headers
 
 log = structlog.get_logger()
@@ -126,25 +126,7 @@ async def proxy_handler(st: State, request: web.BaseRequest) -> web.StreamRespon
         info["duration_ms"] = duration = round(duration, 2)
         if "ttfb_ms" not in info:
             info["ttfb_ms"] = duration
-        money = None
-        if "tokens_in" in info:
-            saved = "saved_usd" in info
-            money = Money(
-                saved,
-                info["tokens_in"],
-                info["tokens_out"],
-                info["saved_usd"] if saved else info.get("cost_usd"),
-                info.get("saved_ms", 0.0) if saved else 0.0,
-            )
-        st.stats.record(
-            info.get("rule", "other"),
-            info.get("model"),
-            info["cache"],
-            status,
-            nbytes,
-            duration / 1000.0,
-            money,
-        )
+        st.stats.record(info, duration / 1000.0)
         request_done(info)
 
 
@@ -201,11 +183,12 @@ async def _handle(
         entry = st.cache.peek(plan.key)
         if (
             entry is not None
-            and is_fast(entry, plan.rule)
+            and (not entry.stream or plan.rule.replay == "fast")
             and (st.auth is None or st.auth.fresh(tenant))
         ):
             info["cache"] = "hit"
             info["key"] = plan.key[3:15]
+            info["bytes"] = len(entry.body)
             _saved(info, entry)
             return whole(entry, "HIT", HIT_STATUS)
 
@@ -402,16 +385,16 @@ async def _join(
 
 def _saved(info: dict[str, Any], entry: CachedResponse) -> None:
     """A HIT or COALESCED answer: what its reuse saved (the original cost and time)."""
-    info["saved_ms"] = entry.upstream_ms
-    _money(info, entry.meta.get("cost"), saved=True)
+    info.update(entry.saved_fields)
 
 
-def _money(info: dict[str, Any], cost: dict[str, Any] | None, *, saved: bool = False) -> None:
+def _money(info: dict[str, Any], cost: dict[str, Any] | None) -> None:
+    """A request that went upstream: what it cost."""
     if not cost:
         return
     info["tokens_in"] = cost["tokens_in"]
     info["tokens_out"] = cost["tokens_out"]
-    info["saved_usd" if saved else "cost_usd"] = cost["cost_usd"]
+    info["cost_usd"] = cost["cost_usd"]
     if cost["cost_usd"] is None:
         info["unpriced"] = True
 

@@ -38,6 +38,8 @@ class CachedResponse:
     """Usage and cost (tokens_in, tokens_out, cost_usd, model), the request fingerprint."""
     hit_headers: tuple[tuple[str, str], ...] = field(init=False, repr=False, compare=False)
     """`headers` plus the HIT status headers, built once: a HIT only adds Age."""
+    saved_fields: dict[str, Any] = field(init=False, repr=False, compare=False)
+    """The log fields of a request that reuses this answer (saved_ms, tokens, saved_usd)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -45,6 +47,15 @@ class CachedResponse:
             "hit_headers",
             (*self.headers, ("X-Cache-Status", "HIT"), ("Cache-Status", HIT_CACHE_STATUS)),
         )
+        saved: dict[str, Any] = {"saved_ms": self.upstream_ms}
+        cost = self.meta.get("cost")
+        if cost:
+            saved["tokens_in"] = cost.get("tokens_in", 0)
+            saved["tokens_out"] = cost.get("tokens_out", 0)
+            saved["saved_usd"] = cost.get("cost_usd")
+            if saved["saved_usd"] is None:
+                saved["unpriced"] = True
+        object.__setattr__(self, "saved_fields", saved)
 
     @property
     def size(self) -> int:

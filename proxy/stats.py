@@ -8,6 +8,7 @@ seen (then "other"); no key or tenant is ever a label.
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -57,37 +58,30 @@ class Totals:
     ms_saved: float = 0.0
     unpriced: int = 0
 
-    def add(self, status: int, nbytes: int, money: Money | None) -> None:
+    def add(self, line: dict[str, Any]) -> None:
+        """Count one request.done line (see handlers: the fields it carries)."""
         self.requests += 1
-        self.bytes += nbytes
-        if status >= 400:
+        self.bytes += line["bytes"]
+        if line["status"] >= 400:
             self.errors += 1
-        if money is not None:
-            money.apply(self)
-
-
-@dataclass(frozen=True, slots=True)
-class Money:
-    """What one request spent upstream or saved by not going there."""
-
-    saved: bool
-    tokens_in: int
-    tokens_out: int
-    usd: float | None
-    ms: float = 0.0
-
-    def apply(self, t: Totals) -> None:
-        if self.saved:
-            t.tokens_in_saved += self.tokens_in
-            t.tokens_out_saved += self.tokens_out
-            t.usd_saved += self.usd or 0.0
-            t.ms_saved += self.ms
+        tokens_in = line.get("tokens_in")
+        if tokens_in is None:
+            return
+        if "saved_usd" in line:
+            self.tokens_in_saved += tokens_in
+            self.tokens_out_saved += line["tokens_out"]
+            self.usd_saved += line["saved_usd"] or 0.0
+            self.ms_saved += line.get("saved_ms", 0.0)
         else:
-            t.tokens_in_spent += self.tokens_in
-            t.tokens_out_spent += self.tokens_out
-            t.usd_spent += self.usd or 0.0
-        if self.usd is None:
-            t.unpriced += 1
+            self.tokens_in_spent += tokens_in
+            self.tokens_out_spent += line["tokens_out"]
+            self.usd_spent += line.get("cost_usd") or 0.0
+        if "unpriced" in line:
+            self.unpriced += 1
+
+    def merge(self, other: Totals) -> None:
+        for name in self.__slots__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 @dataclass(slots=True)
@@ -106,11 +100,7 @@ class Histogram:
 
     def observe(self, seconds: float) -> None:
         self.sum += seconds
-        for i, bound in enumerate(LATENCY_BUCKETS_S):
-            if seconds <= bound:
-                self.counts[i] += 1
-                return
-        self.counts[-1] += 1
+        self.counts[bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
 
     @property
     def count(self) -> int:
@@ -120,12 +110,16 @@ class Histogram:
 class Stats:
     def __init__(self) -> None:
         self.started = time.time()
-        self.by_status: dict[str, int] = dict.fromkeys(STATUSES, 0)
-        self.total = Totals()
         self.cells: dict[tuple[str, str, str], Totals] = {}
+        """(rule, model label, cache) -> counters; models past the first 64 share "other"."""
+        self._lookup: dict[tuple[str, str | None, str], Totals] = {}
+        """(rule, model as sent, cache) -> its cell: one dict lookup per request."""
         self.latency: dict[str, Histogram] = {s: Histogram() for s in STATUSES}
         self.models: set[str] = set()
         self.series: deque[Minute] = deque(maxlen=SERIES_MINUTES)
+        self._minute = Minute(int(self.started // 60))
+        self._minute_ends = (self._minute.minute + 1) * 60.0
+        self.series.append(self._minute)
 
     def model_label(self, model: str | None) -> str:
         if not model:
@@ -137,40 +131,57 @@ class Stats:
             return model
         return "other"
 
-    def record(
-        self,
-        route: str,
-        model: str | None,
-        cache: str,
-        status: int,
-        nbytes: int,
-        duration_s: float,
-        money: Money | None = None,
-    ) -> None:
-        self.by_status[cache] += 1
-        self.total.add(status, nbytes, money)
-        key = (route, self.model_label(model), cache)
-        cell = self.cells.get(key)
+    def _cell(self, key: tuple[str, str | None, str]) -> Totals:
+        """The counters for a key seen for the first time (labels bounded here, once)."""
+        bounded = (key[0], self.model_label(key[1]), key[2])
+        cell = self.cells.get(bounded)
         if cell is None:
-            cell = self.cells[key] = Totals()
-        cell.add(status, nbytes, money)
+            cell = self.cells[bounded] = Totals()
+        if len(self._lookup) < 10_000:
+            self._lookup[key] = cell
+        return cell
+
+    def record(self, line: dict[str, Any], duration_s: float) -> None:
+        """Count one request from its request.done fields (cache, rule, model, status...)."""
+        cache = line["cache"]
+        key = (line.get("rule", "other"), line.get("model"), cache)
+        cell = self._lookup.get(key) or self._cell(key)
+        cell.add(line)
         self.latency[cache].observe(duration_s)
-        minute = int(time.time() // 60)
-        if not self.series or self.series[-1].minute != minute:
-            self.series.append(Minute(minute))
-        m = self.series[-1]
+        now = time.time()
+        if now >= self._minute_ends:
+            self._minute = Minute(int(now // 60))
+            self._minute_ends = (self._minute.minute + 1) * 60.0
+            self.series.append(self._minute)
+        m = self._minute
         m.requests += 1
-        if cache in ("hit", "coalesced"):
+        if cache == "hit" or cache == "coalesced":
             m.served += 1
-        if money is not None and money.usd:
-            if money.saved:
-                m.usd_saved += money.usd
-            else:
-                m.usd_spent += money.usd
+        usd = line.get("saved_usd")
+        if usd:
+            m.usd_saved += usd
+        else:
+            usd = line.get("cost_usd")
+            if usd:
+                m.usd_spent += usd
+
+    @property
+    def total(self) -> Totals:
+        total = Totals()
+        for cell in self.cells.values():
+            total.merge(cell)
+        return total
+
+    @property
+    def by_status(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATUSES, 0)
+        for (_rule, _model, cache), cell in self.cells.items():
+            counts[cache] += cell.requests
+        return counts
 
     def _window(self, minutes: int) -> dict[str, Any]:
         since = int(time.time() // 60) - minutes + 1
-        rows = [m for m in self.series if m.minute >= since]
+        rows = [m for m in self.series if m.minute >= since and m.requests]
         requests = sum(m.requests for m in rows)
         served = sum(m.served for m in rows)
         return {
@@ -210,11 +221,12 @@ class Stats:
 
     def snapshot(self) -> dict[str, Any]:
         t = self.total
-        served = self.by_status["hit"] + self.by_status["coalesced"]
+        by_status = self.by_status
+        served = by_status["hit"] + by_status["coalesced"]
         return {
             "uptime_s": round(time.time() - self.started, 1),
             "requests": t.requests,
-            **{_PLURAL[k]: v for k, v in self.by_status.items()},
+            **{_PLURAL[k]: v for k, v in by_status.items()},
             "errors": t.errors,
             "bytes": t.bytes,
             "hit_ratio": round(served / t.requests, 4) if t.requests else 0.0,
