@@ -7,7 +7,9 @@ COPY rules ./rules
 RUN pip install --no-cache-dir --prefix=/install .
 
 FROM python:3.11-slim
-RUN useradd --create-home --uid 10001 proxy
+RUN useradd --create-home --uid 10001 proxy \
+    && mkdir -p /home/proxy/data \
+    && chown proxy:proxy /home/proxy/data
 COPY --from=build /install /usr/local
 USER proxy
 ENV PROXY_DATA_DIR=/home/proxy/data \
