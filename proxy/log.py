@@ -70,7 +70,7 @@ def configure_logging(fmt: str = "json", out: IO[bytes] | None = None) -> None:
             processors=[
                 structlog.processors.add_log_level,
                 structlog.processors.TimeStamper(fmt="%H:%M:%S", utc=False),
-                structlog.dev.ConsoleRenderer(),
+                structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()),
             ],
             logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
             wrapper_class=structlog.make_filtering_bound_logger(20),

@@ -1,0 +1,91 @@
+"""`python -m proxy` as users run it: the JSON log lines it writes and a clean shutdown."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openai
+import orjson
+
+from tests.conftest import free_port
+from tests.functional.test_redis import _listening
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_proxy(fake, tmp_path, *flags: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "proxy",
+            "--port",
+            str(port),
+            "--upstream",
+            fake.base_url,
+            "--data-dir",
+            str(tmp_path),
+            *flags,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 20
+    while not _listening(port):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr
+        time.sleep(0.05)
+    return proc, f"http://127.0.0.1:{port}/v1"
+
+
+def test_json_log_lines_from_a_real_process(fake, tmp_path):
+    """One request.done JSON line per request, with the documented fields and never the key
+    or the prompt; SIGTERM stops the process cleanly and flushes the lines."""
+    proc, base = run_proxy(fake, tmp_path)
+    try:
+        with openai.OpenAI(base_url=base, api_key="sk-secret-key-123", max_retries=0) as c:
+            for _ in range(2):
+                c.chat.completions.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": "private prompt"}]
+                )
+            c.models.list()
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0, err
+    lines = [orjson.loads(line) for line in out.splitlines() if line.startswith(b"{")]
+    done = [ln for ln in lines if ln.get("event") == "request.done"]
+    assert [ln["cache"] for ln in done] == ["miss", "hit", "bypass"]
+    for field in (
+        "route",
+        "model",
+        "stream",
+        "status",
+        "duration_ms",
+        "ttfb_ms",
+        "bytes",
+        "tenant",
+        "level",
+        "ts",
+    ):
+        assert field in done[0], field
+    assert done[0]["upstream_ms"] > 0 and done[0]["cost_usd"] > 0 and done[1]["saved_usd"] > 0
+    assert len(done[0]["key"]) == 12 and len(done[0]["tenant"]) == 12
+    assert b"sk-secret-key-123" not in out + err and b"private prompt" not in out + err
+
+
+def test_console_log_format(fake, tmp_path):
+    """--log-format console writes readable lines instead of JSON."""
+    proc, base = run_proxy(fake, tmp_path, "--log-format", "console")
+    try:
+        with openai.OpenAI(base_url=base, api_key="sk-x", max_retries=0) as c:
+            c.models.list()
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=15)
+    text = (out + err).decode()
+    assert "request.done" in text and "cache=bypass" in text and not text.lstrip().startswith("{")
