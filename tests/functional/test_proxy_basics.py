@@ -325,3 +325,34 @@ async def test_sqlite_on_the_event_loop_would_fail_the_suite(tmp_path):
         store._get("k")  # what get() runs on its worker thread
     assert await store.get("k") is None  # through the thread: fine
     await store.aclose()
+
+
+async def test_async_sdk_sees_what_upstream_says(proxy, fake):
+    """Through the async SDK, embeddings, responses and models work, and each error arrives
+    exactly as the same SDK gets it from the upstream directly (type, status, body)."""
+    direct = openai.AsyncOpenAI(base_url=fake.base_url + "/v1", api_key="sk-test-a", max_retries=0)
+    async with async_sdk(proxy) as c, direct:
+        emb = await c.embeddings.create(model="text-embedding-3-small", input="hi", dimensions=8)
+        assert len(emb.data[0].embedding) == 8
+        r1 = await c.responses.create(model="gpt-4.1", input="async hello")
+        r2 = await c.responses.create(model="gpt-4.1", input="async hello")
+        assert r1.id == r2.id and r1.output_text
+        assert "gpt-4o-mini" in [m.id async for m in c.models.list()]
+        for status in (400, 404, 429, 500):
+            body = {**CHAT, "model": f"fake-error-{status}"}
+            errors = []
+            for client in (c, direct):
+                with pytest.raises(openai.APIStatusError) as info:
+                    await client.chat.completions.create(**body)
+                errors.append(info.value)
+            via, upstream = errors
+            assert type(via) is type(upstream) and via.status_code == upstream.status_code
+            assert via.body == upstream.body and via.message == upstream.message
+        for client in (c, direct):  # a wrong key: the recorded real 401
+            client.api_key = "sk-bad"
+        errs = []
+        for client in (c, direct):
+            with pytest.raises(openai.AuthenticationError) as info:
+                await client.chat.completions.create(**CHAT)
+            errs.append(info.value)
+        assert errs[0].body == errs[1].body and errs[0].status_code == 401
