@@ -158,6 +158,11 @@ class RedisBus:
             pass
         finally:
             reader.close()
+            task = flight.task
+            if task is not None and not task.done():
+                # Hold the lease until the answer is stored, or a newcomer on another
+                # instance could find neither the lease nor the stored answer, and fetch again.
+                await asyncio.wait({task})
             renewer.cancel()
             if not lost.is_set():
                 with contextlib.suppress(BusError):
