@@ -8,7 +8,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import platformdirs
@@ -175,9 +175,15 @@ def _convert(name: str, raw: str) -> Any:
         raise ConfigError(f"{_flag(name)} / {_env(name)}: {raw!r} is not a valid value") from None
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line naming what is wrong (not argparse's usage block)."""
+        raise ConfigError(f"{message} (see python -m proxy --help)")
+
+
 def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
     """The argument parser; every Settings field is a flag whose default is its env twin."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m proxy",
         description="A transparent caching proxy for the OpenAI API.",
     )

@@ -150,3 +150,10 @@ def test_stats_labels_stay_bounded():
     snap = stats.snapshot()
     assert snap["requests"] == 200 and snap["hits"] == 200 and snap["saved_usd"] == 100.0
     assert snap["tokens"]["out_saved"] == 400 and snap["last_hour"]["served_from_cache"] == 200
+
+
+def test_unknown_flag_is_one_line():
+    """An unknown flag stops start-up with one line, not argparse's usage block."""
+    with pytest.raises(ConfigError, match="unrecognized arguments: --bogus") as info:
+        Settings.from_args(["--bogus"], {})
+    assert "\n" not in str(info.value)
