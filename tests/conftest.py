@@ -7,6 +7,7 @@ import asyncio
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Coroutine, Iterator
@@ -212,3 +213,47 @@ def redis_server() -> Iterator[RedisServer]:
     server = start_redis()
     yield server
     server.stop()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
+
+
+def spawn_proxy(
+    upstream: str, data_dir: Path, *flags: str, wait: bool = True, output: int | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
+    """`python -m proxy` as a separate process on a free port; returns it and its port."""
+    port = free_port()
+    out = subprocess.DEVNULL if output is None else output
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "proxy",
+            "--port",
+            str(port),
+            "--upstream",
+            upstream,
+            "--data-dir",
+            str(data_dir),
+            *flags,
+        ],
+        cwd=ROOT,
+        stdout=out,
+        stderr=out,
+    )
+    deadline = time.monotonic() + 20
+    while wait and not listening(port):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            proc.wait()
+            pytest.fail("python -m proxy did not start")
+        time.sleep(0.05)
+    return proc, port

@@ -3,42 +3,18 @@
 from __future__ import annotations
 
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import openai
 import orjson
 
-from tests.conftest import free_port
-from tests.functional.test_redis import _listening
+from tests.conftest import spawn_proxy
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_proxy(fake, tmp_path, *flags: str) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "proxy",
-            "--port",
-            str(port),
-            "--upstream",
-            fake.base_url,
-            "--data-dir",
-            str(tmp_path),
-            *flags,
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 20
-    while not _listening(port):
-        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr
-        time.sleep(0.05)
+    proc, port = spawn_proxy(fake.base_url, tmp_path, *flags, output=subprocess.PIPE)
     return proc, f"http://127.0.0.1:{port}/v1"
 
 

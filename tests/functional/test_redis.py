@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 import redis
 from structlog.testing import capture_logs
 
-from tests.conftest import free_port, sdk, start_redis
+from tests.conftest import sdk, spawn_proxy, start_redis
 from tests.functional.test_streams import HEADERS, joined, post_stream, wait_until
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Shared persona"}]}
@@ -121,33 +120,19 @@ def test_leader_instance_killed_mid_stream(start_proxy, redis_server, fake, tmp_
     """The leading instance dies mid-stream: exactly one re-fetch, nobody hangs beyond the
     lease plus the wait timeout, and no lease key is left behind."""
     fake.chunk_delay = 0.25  # 8 chunks: about 2 s
-    port = free_port()
-    leader = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "proxy",
-            "--port",
-            str(port),
-            "--upstream",
-            fake.base_url,
-            "--cache",
-            redis_server.url,
-            "--lease-s",
-            "1",
-            "--secret",
-            "test-secret",
-            "--data-dir",
-            str(tmp_path / "leader"),
-        ],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    leader, port = spawn_proxy(
+        fake.base_url,
+        tmp_path / "leader",
+        "--cache",
+        redis_server.url,
+        "--lease-s",
+        "1",
+        "--secret",
+        "test-secret",
     )
     b = start_proxy(cache=redis_server.url, lease_s=1.0)
 
     async def scenario():
-        await wait_until(lambda: _listening(port), within_s=15)
         first = asyncio.ensure_future(
             post_stream(f"http://127.0.0.1:{port}/v1/chat/completions", STREAM)
         )
@@ -177,16 +162,6 @@ def test_leader_instance_killed_mid_stream(start_proxy, redis_server, fake, tmp_
     with sdk(b) as c, c.chat.completions.with_streaming_response.create(**STREAM) as hit:
         assert hit.headers["x-cache-status"] == "HIT"
         assert b"".join(hit.iter_bytes()).endswith(b"data: [DONE]\n\n")
-
-
-def _listening(port: int) -> bool:
-    import socket
-
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-        return True
-    except OSError:
-        return False
 
 
 async def test_redis_killed_while_requests_flow(start_proxy, fake):

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import openai
 
-from tests.conftest import free_port
-from tests.functional.test_redis import _listening
+from tests.conftest import spawn_proxy
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -18,29 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_two_workers_share_the_embedded_store(fake, tmp_path):
     """Two worker processes on one port answer from one SQLite store: 1 upstream call for
     20 sequential identical requests, whichever worker takes each."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "proxy",
-            "--workers",
-            "2",
-            "--port",
-            str(port),
-            "--upstream",
-            fake.base_url,
-            "--data-dir",
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc, port = spawn_proxy(fake.base_url, tmp_path, "--workers", "2")
     try:
-        deadline = time.monotonic() + 20
-        while not _listening(port) and time.monotonic() < deadline:
-            time.sleep(0.1)
         base = f"http://127.0.0.1:{port}/v1"
         labels = []
         for _ in range(20):
