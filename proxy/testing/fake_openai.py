@@ -507,6 +507,8 @@ class FakeOpenAI:
             req: dict[str, Any] = multipart_fields(parts)
         else:
             req = request[BODY]
+        if req.get("stream") in (True, "true"):
+            return await self._image_stream(request, req)
         count = int(req.get("n") or 1)
         model = str(req.get("model") or "dall-e-2")
         fmt = req.get("response_format") or ("b64_json" if model.startswith("gpt-image") else "url")
@@ -524,6 +526,30 @@ class FakeOpenAI:
         if model.startswith("gpt-image"):
             body["usage"] = {"input_tokens": 10, "output_tokens": 4160, "total_tokens": 4170}
         return web.json_response(body, headers=self._headers(n), dumps=_dumps)
+
+    async def _image_stream(self, request: web.Request, req: dict[str, Any]) -> web.StreamResponse:
+        """gpt-image streaming: partial images, then image_generation.completed (edits:
+        image_edit.*)."""
+        n = request[CALL_N]
+        kind = "image_edit" if request.path.endswith("/edits") else "image_generation"
+        partials = int(req.get("partial_images") or 2)
+        events = []
+        for i in range(partials):
+            data = {
+                "type": f"{kind}.partial_image",
+                "partial_image_index": i,
+                "b64_json": base64.b64encode(make_png(n * 10 + i)).decode(),
+            }
+            events.append(
+                f"event: {kind}.partial_image\n".encode() + b"data: " + orjson.dumps(data) + b"\n\n"
+            )
+        done = {
+            "type": f"{kind}.completed",
+            "b64_json": base64.b64encode(make_png(n)).decode(),
+            "usage": {"input_tokens": 10, "output_tokens": 4160, "total_tokens": 4170},
+        }
+        terminal = f"event: {kind}.completed\n".encode() + b"data: " + orjson.dumps(done) + b"\n\n"
+        return await self._sse(request, events, terminal)
 
     async def blob(self, request: web.Request) -> web.StreamResponse:
         """The image host: serves PNGs until their `se` expiry, then 403 like Azure Blob."""

@@ -221,3 +221,29 @@ async def test_log_line_says_stream_ttfb_and_chunks(proxy, fake):
     assert line["stream"] is True and line["cache"] == "miss"
     assert line["ttfb_ms"] > 0 and line["chunks"] >= 1 and line["bytes"] > 0
     assert "Bearer" not in orjson.dumps(line).decode()
+
+
+async def test_streamed_image_generation_is_recorded_and_replayed(proxy, fake):
+    """A gpt-image stream (partial images, then image_generation.completed) is stored whole and
+    replayed byte for byte."""
+    body = {"model": "gpt-image-1", "prompt": "a cat", "stream": True, "partial_images": 2}
+    _, h1, first = await post_stream(proxy.url + "/v1/images/generations", body)
+    assert h1["X-Cache-Status"] == "MISS"
+    assert joined(first).count(b"image_generation.partial_image") == 4  # event: and type
+    await wait_until(lambda: len(proxy.state.flights) == 0)
+    _, h2, second = await post_stream(proxy.url + "/v1/images/generations", body)
+    assert h2["X-Cache-Status"] == "HIT" and joined(second) == joined(first)
+    assert fake.count() == 1
+
+
+def test_binary_speech_is_cached_whole(proxy, fake):
+    """audio.speech (binary MP3 bytes, chunked) is stored complete and replayed identical."""
+    from tests.conftest import sdk
+
+    with sdk(proxy) as c:
+        a = c.audio.speech.with_raw_response.create(model="tts-1", voice="alloy", input="Hello")
+        b = c.audio.speech.with_raw_response.create(model="tts-1", voice="alloy", input="Hello")
+        assert a.headers["x-cache-status"] == "MISS" and b.headers["x-cache-status"] == "HIT"
+        assert b.headers["content-type"] == "audio/mpeg"
+        assert a.content == b.content and a.content.startswith(b"ID3")
+    assert fake.count() == 1
