@@ -38,6 +38,11 @@ if redis.call('get', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+PUBLISH = """
+local id = redis.call('xadd', KEYS[1], '*', unpack(ARGV, 2))
+redis.call('pexpire', KEYS[1], ARGV[1])
+return id
+"""
 RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
   return redis.call('del', KEYS[1])
@@ -113,11 +118,11 @@ class RedisBus:
         return bool(await self._call(self.client.exists(self.lease_key(key))))
 
     async def publish(self, key: str, fields: dict[str, bytes | str | int]) -> None:
-        skey = self.stream_key(key)
-        pipe = self.client.pipeline(transaction=False)
-        pipe.xadd(skey, fields)
-        pipe.pexpire(skey, self.stream_ttl_ms)
-        await self._call(pipe.execute())
+        """XADD and PEXPIRE in one script: the stream never exists without a TTL."""
+        args: list[bytes | str | int] = [self.stream_ttl_ms]
+        for name, value in fields.items():
+            args += [name, value]
+        await self._call(self.client.eval(PUBLISH, 1, self.stream_key(key), *args))
 
     async def read(self, key: str, last_id: str) -> list[tuple[str, dict[bytes, bytes]]]:
         got = await self._call(
