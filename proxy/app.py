@@ -53,9 +53,17 @@ def load_secret(settings: Settings) -> bytes:
         pass
     except ValueError:
         raise ConfigError(f"--data-dir / PROXY_DATA_DIR: {path} is not a hex secret") from None
-    path.parent.mkdir(parents=True, exist_ok=True)
     value = secrets.token_bytes(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another worker wrote it first
+        return bytes.fromhex(path.read_text().strip())
+    except OSError as exc:
+        raise ConfigError(
+            f"--data-dir / PROXY_DATA_DIR: cannot write the key secret in {path.parent}: "
+            f"{exc.strerror}"
+        ) from None
     with os.fdopen(fd, "w") as f:
         f.write(value.hex())
     return value

@@ -125,6 +125,7 @@ class FakeOpenAI:
         app = web.Application(client_max_size=256 * 1024 * 1024)
         r = app.router
         r.add_post("/v1/chat/completions", self.chat)
+        r.add_post("/openai/deployments/{deployment}/chat/completions", self.chat)
         r.add_post("/v1/completions", self.completions)
         r.add_post("/v1/responses", self.responses)
         r.add_post("/v1/embeddings", self.embeddings)

@@ -356,3 +356,32 @@ async def test_async_sdk_sees_what_upstream_says(proxy, fake):
                 await client.chat.completions.create(**CHAT)
             errs.append(info.value)
         assert errs[0].body == errs[1].body and errs[0].status_code == 401
+
+
+async def test_background_requests_are_never_cached(proxy, fake):
+    """A request with side effects (background: true) passes through every time."""
+    body = orjson.dumps({"model": "gpt-4.1", "input": "long job", "background": True})
+    for _ in range(2):
+        status, headers, _ = await _post(proxy.url + "/v1/responses", body)
+        assert status == 200 and headers["X-Cache-Status"] == "BYPASS"
+    assert fake.count("/v1/responses") == 2
+
+
+async def test_azure_deployment_paths_are_cached_per_api_version(proxy, fake):
+    """Azure classic paths with an api-key header are cached; api-version splits the key."""
+    path = "/openai/deployments/my-gpt/chat/completions"
+    body = orjson.dumps({"messages": [{"role": "user", "content": "azure"}]})
+    azure = {"api-key": "azure-key-1", "Authorization": ""}
+    results = []
+    for version in ("2024-06-01", "2024-06-01", "2025-01-01"):
+        url = f"{proxy.url}{path}?api-version={version}"
+        results.append(await _post(url, body, azure))
+    assert [h["X-Cache-Status"] for _, h, _ in results] == ["MISS", "HIT", "MISS"]
+    assert fake.calls[0].path == path and fake.calls[0].query == "api-version=2024-06-01"
+    assert fake.calls[0].headers.get("api-key") == "azure-key-1"
+    other_key = await _post(
+        f"{proxy.url}{path}?api-version=2024-06-01",
+        body,
+        {"api-key": "azure-key-2", "Authorization": ""},
+    )
+    assert other_key[1]["X-Cache-Status"] == "MISS"
