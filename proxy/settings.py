@@ -62,7 +62,7 @@ class Settings:
     last seen accepted longer ago than this, so a revoked key stops getting cached answers
     within this window. 0 turns the check off."""
     max_record_mb: float = 32.0
-    """A streamed answer larger than this is relayed but not stored."""
+    """An answer (streamed or not) larger than this is relayed whole but not stored."""
     detached_max_s: float = 600.0
     """How long an upstream answer is still read to the end after every client hung up."""
     idempotency_ttl_s: float = 86400.0
