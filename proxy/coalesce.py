@@ -61,7 +61,6 @@ class Flight:
         self.outcome = Outcome.PENDING
         self.overflow = False
         self.readers = 0
-        self.joined = 0
         self.detached_since: float | None = time.monotonic()
         self.reason = ""
         self.task: asyncio.Task[None] | None = None

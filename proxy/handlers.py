@@ -28,7 +28,7 @@ from proxy.fetch import Fetcher, FetchJob, Transform, answer_cost, usage_of_json
 from proxy.images.rehost import ImageRehoster, rewrites, transform_for
 from proxy.keys import raw_digest, tenant_digest
 from proxy.log import request_done
-from proxy.models import CachedResponse
+from proxy.models import CachedResponse, money_fields
 from proxy.normalize import BadBody
 from proxy.plan import (
     DEFAULT_CONTROLS,
@@ -299,7 +299,6 @@ async def _serve_keyed(
     if flight is not None:
         if fingerprint and flight.fingerprint != fingerprint:
             return _idempotency_conflict()
-        flight.joined += 1
         return await _join(
             st, request, info, body, path_qs, flight, flight.attach(), lock_timeout, t0
         )
@@ -354,7 +353,7 @@ async def _serve_keyed(
     if st.auth is not None and flight.head is not None and flight.head.status < 300:
         st.auth.seen(tenant)
     if flight.entry is not None:
-        _money(info, flight.entry.meta.get("cost"))
+        info.update(money_fields(flight.entry.meta.get("cost"), saved=False))
     return resp
 
 
@@ -386,17 +385,6 @@ async def _join(
 def _saved(info: dict[str, Any], entry: CachedResponse) -> None:
     """A HIT or COALESCED answer: what its reuse saved (the original cost and time)."""
     info.update(entry.saved_fields)
-
-
-def _money(info: dict[str, Any], cost: dict[str, Any] | None) -> None:
-    """A request that went upstream: what it cost."""
-    if not cost:
-        return
-    info["tokens_in"] = cost["tokens_in"]
-    info["tokens_out"] = cost["tokens_out"]
-    info["cost_usd"] = cost["cost_usd"]
-    if cost["cost_usd"] is None:
-        info["unpriced"] = True
 
 
 def _idempotency_conflict() -> web.Response:
@@ -515,7 +503,7 @@ async def _passthrough(
                 st.fetcher.prices, info["route"], plan.model, usage, plan.hints, data
             )
             if cost is not None:
-                _money(info, cost.fields())
+                info.update(money_fields(cost.fields(), saved=False))
         info["bytes"], info["chunks"] = nbytes, chunks
         if not info.get("client_gone"):
             await resp.write_eof()

@@ -47,14 +47,7 @@ class CachedResponse:
             "hit_headers",
             (*self.headers, ("X-Cache-Status", "HIT"), ("Cache-Status", HIT_CACHE_STATUS)),
         )
-        saved: dict[str, Any] = {"saved_ms": self.upstream_ms}
-        cost = self.meta.get("cost")
-        if cost:
-            saved["tokens_in"] = cost.get("tokens_in", 0)
-            saved["tokens_out"] = cost.get("tokens_out", 0)
-            saved["saved_usd"] = cost.get("cost_usd")
-            if saved["saved_usd"] is None:
-                saved["unpriced"] = True
+        saved = {"saved_ms": self.upstream_ms, **money_fields(self.meta.get("cost"), saved=True)}
         object.__setattr__(self, "saved_fields", saved)
 
     @property
@@ -113,3 +106,19 @@ class CachedResponse:
             upstream_ms=head["u"],
             meta=head["m"],
         )
+
+
+def money_fields(cost: dict[str, Any] | None, *, saved: bool) -> dict[str, Any]:
+    """The request.done fields for an answer's stored cost: what it spent, or what reusing it
+    saved. {} when the answer had nothing countable."""
+    if not cost:
+        return {}
+    usd = cost.get("cost_usd")
+    fields = {
+        "tokens_in": cost.get("tokens_in", 0),
+        "tokens_out": cost.get("tokens_out", 0),
+        "saved_usd" if saved else "cost_usd": usd,
+    }
+    if usd is None:
+        fields["unpriced"] = True
+    return fields

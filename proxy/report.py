@@ -21,6 +21,8 @@ from typing import IO, Any
 
 import orjson
 
+from proxy.stats import Totals
+
 GROUPS = ("route", "model", "tenant", "namespace", "day")
 _RATIO = math.log(1.02)
 _MIN_MS = 0.001
@@ -54,27 +56,18 @@ class Latency:
 
 @dataclass
 class Group:
-    requests: int = 0
+    """One row: the same money counters as /_proxy/stats, plus HIT/MISS latencies."""
+
     hits: int = 0
     coalesced: int = 0
     misses: int = 0
-    errors: int = 0
-    tokens_in_spent: int = 0
-    tokens_out_spent: int = 0
-    tokens_in_saved: int = 0
-    tokens_out_saved: int = 0
-    spent_usd: float = 0.0
-    saved_usd: float = 0.0
-    unpriced: int = 0
+    money: Totals = field(default_factory=Totals)
     hit_ms: Latency = field(default_factory=Latency)
     miss_ms: Latency = field(default_factory=Latency)
 
     def add(self, line: dict[str, Any]) -> None:
-        self.requests += 1
+        self.money.add(line)
         cache = line.get("cache")
-        status = line.get("status")
-        if isinstance(status, int) and status >= 400:
-            self.errors += 1
         ms = line.get("duration_ms")
         if cache == "hit":
             self.hits += 1
@@ -86,34 +79,24 @@ class Group:
             self.misses += 1
             if isinstance(ms, int | float):
                 self.miss_ms.add(ms)
-        tin, tout = line.get("tokens_in") or 0, line.get("tokens_out") or 0
-        if "saved_usd" in line:
-            self.tokens_in_saved += tin
-            self.tokens_out_saved += tout
-            self.saved_usd += line["saved_usd"] or 0.0
-        elif "cost_usd" in line:
-            self.tokens_in_spent += tin
-            self.tokens_out_spent += tout
-            self.spent_usd += line["cost_usd"] or 0.0
-        if line.get("unpriced"):
-            self.unpriced += 1
 
     def row(self) -> dict[str, Any]:
+        t = self.money
         served = self.hits + self.coalesced
         return {
-            "requests": self.requests,
-            "hit_ratio": round(served / self.requests, 4) if self.requests else 0.0,
+            "requests": t.requests,
+            "hit_ratio": round(served / t.requests, 4) if t.requests else 0.0,
             "hits": self.hits,
             "coalesced": self.coalesced,
             "misses": self.misses,
-            "errors": self.errors,
-            "tokens_in_spent": self.tokens_in_spent,
-            "tokens_out_spent": self.tokens_out_spent,
-            "tokens_in_saved": self.tokens_in_saved,
-            "tokens_out_saved": self.tokens_out_saved,
-            "spent_usd": round(self.spent_usd, 6),
-            "saved_usd": round(self.saved_usd, 6),
-            "unpriced": self.unpriced,
+            "errors": t.errors,
+            "tokens_in_spent": t.tokens_in_spent,
+            "tokens_out_spent": t.tokens_out_spent,
+            "tokens_in_saved": t.tokens_in_saved,
+            "tokens_out_saved": t.tokens_out_saved,
+            "spent_usd": round(t.usd_spent, 6),
+            "saved_usd": round(t.usd_saved, 6),
+            "unpriced": t.unpriced,
             "hit_p50_ms": self.hit_ms.pct(50),
             "hit_p95_ms": self.hit_ms.pct(95),
             "miss_p50_ms": self.miss_ms.pct(50),

@@ -61,20 +61,20 @@ class Totals:
     def add(self, line: dict[str, Any]) -> None:
         """Count one request.done line (see handlers: the fields it carries)."""
         self.requests += 1
-        self.bytes += line["bytes"]
-        if line["status"] >= 400:
+        self.bytes += line.get("bytes") or 0
+        if (line.get("status") or 0) >= 400:
             self.errors += 1
         tokens_in = line.get("tokens_in")
         if tokens_in is None:
             return
         if "saved_usd" in line:
             self.tokens_in_saved += tokens_in
-            self.tokens_out_saved += line["tokens_out"]
+            self.tokens_out_saved += line.get("tokens_out") or 0
             self.usd_saved += line["saved_usd"] or 0.0
-            self.ms_saved += line.get("saved_ms", 0.0)
+            self.ms_saved += line.get("saved_ms") or 0.0
         else:
             self.tokens_in_spent += tokens_in
-            self.tokens_out_spent += line["tokens_out"]
+            self.tokens_out_spent += line.get("tokens_out") or 0
             self.usd_spent += line.get("cost_usd") or 0.0
         if "unpriced" in line:
             self.unpriced += 1
