@@ -10,14 +10,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import sys
-from urllib.parse import urlsplit
 
 from rich.progress import Progress
 
 from proxy.app import build_state
 from proxy.errors import ConfigError
 from proxy.handlers import State
-from proxy.images.rehost import rewrites, url_items
+from proxy.images.base import PLACEHOLDER_BASE, has_placeholder
+from proxy.images.rehost import ImageRehoster, rewrites, url_items
 from proxy.settings import Settings
 
 
@@ -30,9 +30,9 @@ class BackfillReport:
     lost: list[str] = dataclasses.field(default_factory=list)
 
 
-def _needs_rehost(body: bytes, allowed: frozenset[str]) -> bool:
+def _needs_rehost(body: bytes, rehoster: ImageRehoster) -> bool:
     _, items = url_items(body)
-    return any((urlsplit(it["url"]).hostname or "").lower() in allowed for it in items)
+    return any(rehoster.allows(it["url"]) for it in items)
 
 
 async def backfill(st: State, *, show_progress: bool = True) -> BackfillReport:
@@ -42,7 +42,7 @@ async def backfill(st: State, *, show_progress: bool = True) -> BackfillReport:
     keys_fn = getattr(store, "keys", None)
     if keys_fn is None:
         raise ConfigError("images backfill needs a persistent store (sqlite:// or redis://)")
-    base = settings.public_url or f"http://{settings.host}:{settings.port}"
+    base = settings.public_url or PLACEHOLDER_BASE
     report = BackfillReport()
     try:
         keys: list[str] = await keys_fn()
@@ -55,7 +55,7 @@ async def backfill(st: State, *, show_progress: bool = True) -> BackfillReport:
                 if entry is None or not rewrites(str(entry.meta.get("route", ""))):
                     continue
                 report.image_entries += 1
-                if not _needs_rehost(entry.body, rehoster.allowed):
+                if not _needs_rehost(entry.body, rehoster):
                     report.already += 1
                     continue
                 new = await rehoster.rewrite(entry.body, base)
@@ -64,7 +64,8 @@ async def backfill(st: State, *, show_progress: bool = True) -> BackfillReport:
                     continue
                 rule = st.rules.match("POST", str(entry.meta["route"]), entry.meta.get("model"))
                 ttl = rule.ttl_s if rule is not None else 365 * 86400.0
-                await store.set(key, dataclasses.replace(entry, body=new), ttl)
+                meta = {**entry.meta, "rebase": True} if has_placeholder(new) else entry.meta
+                await store.set(key, dataclasses.replace(entry, body=new, meta=meta), ttl)
                 report.rehosted += 1
     finally:
         await rehoster.aclose()

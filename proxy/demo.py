@@ -158,7 +158,7 @@ def main(argv: list[str]) -> int:
         settings = Settings(
             upstream=fake.base_url,
             data_dir=work,
-            image_source_hosts="127.0.0.1",
+            image_source_hosts=fake.netloc,
             port=args.port,
         )
         app = await asyncio.to_thread(ProxyApp, settings)

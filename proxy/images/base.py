@@ -44,3 +44,30 @@ class ImageStore(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+PLACEHOLDER_BASE = "http://openai-cache-proxy.invalid"
+"""Stands for "the base URL the asking client reached the proxy at" in stored answers whose
+image links the proxy serves itself (no --public-url): each client gets links under its own
+Host, and no Host is ever baked into an answer another client receives."""
+_PLACEHOLDER = PLACEHOLDER_BASE.encode()
+_HOST_RE = re.compile(  # linear: no nested quantifiers on a client-given Host
+    r"^[A-Za-z0-9.-]{1,253}(?::[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]{2,45}\](?::[0-9]{1,5})?$"
+)
+
+
+def has_placeholder(body: bytes) -> bool:
+    return _PLACEHOLDER in body
+
+
+def client_base(scheme: str, host: str | None, fallback: str) -> str:
+    """The base URL for one client's links: its own scheme and Host when the Host is a plain
+    host[:port] (anything else, such as quotes or paths in a forged Host, gets `fallback`)."""
+    if host and len(host) <= 261 and _HOST_RE.match(host):
+        return f"{'https' if scheme == 'https' else 'http'}://{host}"
+    return fallback
+
+
+def rebase(body: bytes, base: str) -> bytes:
+    """The stored answer with its placeholder links pointing at `base`."""
+    return body.replace(_PLACEHOLDER, base.rstrip("/").encode())

@@ -55,12 +55,25 @@ class PublicOnlyResolver(AbstractResolver):
         await self._inner.close()
 
 
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
 def parse_hosts(value: str) -> tuple[frozenset[str], bool]:
-    """(allowed hosts, strict): the operator's list is trusted as listed; the default is strict."""
+    """(allowed hosts, strict): the operator's list is trusted as listed; the default is strict.
+
+    An entry is `host` (its scheme's default port only) or `host:port` (that port only)."""
     hosts = frozenset(h.strip().lower() for h in value.split(",") if h.strip())
     if hosts:
         return hosts, False
     return frozenset(DEFAULT_IMAGE_HOSTS), True
+
+
+def _allowed(allowed: frozenset[str], host: str, port: int | None, scheme: str) -> bool:
+    """A bare host allows its scheme's default port; `host:port` allows that port."""
+    default = DEFAULT_PORTS.get(scheme)
+    if port is None or port == default:
+        return host in allowed or f"{host}:{default}" in allowed
+    return f"{host}:{port}" in allowed
 
 
 class ImageRehoster:
@@ -95,12 +108,25 @@ class ImageRehoster:
         """Raise RehostError unless `url` may be fetched at all (before any connection)."""
         parts = urlsplit(url)
         host = (parts.hostname or "").lower()
-        if host not in self.allowed:
-            raise RehostError(f"host {host or '?'} is not an allowed image source")
         if parts.scheme not in ("http", "https"):
             raise RehostError(f"scheme {parts.scheme!r} is not fetched")
+        try:
+            port = parts.port
+        except ValueError:
+            raise RehostError("the image URL has an invalid port") from None
+        if not _allowed(self.allowed, host, port, parts.scheme):
+            where = f"{host or '?'}:{port}" if port is not None else (host or "?")
+            raise RehostError(f"host {where} is not an allowed image source")
         if host in self.strict and parts.scheme != "https":
             raise RehostError(f"{host} must be fetched over https")
+
+    def allows(self, url: str) -> bool:
+        """Would `url` be fetched at all (host, port and scheme allowed)?"""
+        try:
+            self.check_url(url)
+        except RehostError:
+            return False
+        return True
 
     async def fetch(self, url: str) -> tuple[bytes, str, str]:
         """(bytes, extension, content type) of one image; RehostError on any doubt."""

@@ -116,6 +116,11 @@ class FakeOpenAI:
     _runner: web.AppRunner | None = None
     _n: int = 0
 
+    @property
+    def netloc(self) -> str:
+        """host:port, as --image-source-hosts takes it for a non-default port."""
+        return self.base_url.split("://", 1)[1]
+
     # -- running it ---------------------------------------------------------------------------
     def __post_init__(self) -> None:
         for path in RECORDED.glob("*.json"):  # read now, not later on the event loop

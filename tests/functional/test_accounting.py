@@ -34,7 +34,7 @@ async def get_json(url: str, token: str | None = None):
 async def test_scripted_workload_adds_up_everywhere(start_proxy, fake):
     """Misses spend, hits and coalesced duplicates save, errors count nothing; every view of
     the numbers agrees exactly."""
-    proxy = start_proxy(image_source_hosts="127.0.0.1")
+    proxy = start_proxy(image_source_hosts=fake.netloc)
     spent = saved = 0.0
     tokens_spent = tokens_saved = 0
     with capture_logs() as logs:

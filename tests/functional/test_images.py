@@ -28,8 +28,8 @@ def get(url: str) -> tuple[int, dict[str, str], bytes]:
 
 @pytest.fixture
 def image_proxy(start_proxy, fake):
-    """A proxy that may fetch images from the fake upstream's host (127.0.0.1)."""
-    return start_proxy(image_source_hosts="127.0.0.1")
+    """A proxy that may fetch images from the fake upstream's host and port."""
+    return start_proxy(image_source_hosts=fake.netloc)
 
 
 def test_url_answer_is_rehosted_and_outlives_upstream_url(image_proxy, fake):
@@ -135,7 +135,7 @@ def test_redirect_is_never_followed(start_proxy, fake, recorder):
     """A trusted host whose image URL redirects: the redirect is not followed."""
     hits, port = recorder
     fake.image_url = f"http://127.0.0.1:{port}/redirect"
-    proxy = start_proxy(image_source_hosts="127.0.0.1")
+    proxy = start_proxy(image_source_hosts=f"127.0.0.1:{port}")
     with sdk(proxy) as c:
         r = c.images.generate(prompt="redirect", response_format="url")
     assert r.data[0].url == fake.image_url
@@ -149,7 +149,8 @@ async def test_strict_host_resolving_to_private_address_is_never_fetched(recorde
     from proxy.images import LocalImageStore
 
     rehoster = ImageRehoster(LocalImageStore(tmp_path))
-    rehoster.allowed = rehoster.strict = frozenset({"localhost"})
+    rehoster.allowed = frozenset({f"localhost:{port}"})  # a non-default port is listed with it
+    rehoster.strict = frozenset({"localhost"})
     with pytest.raises(RehostError, match="https"):
         await rehoster.fetch(f"http://localhost:{port}/img.png")
     with pytest.raises(RehostError, match="DNSError"):  # the resolver refused every address
@@ -232,7 +233,7 @@ def test_s3_store(start_proxy, fake, s3_server, public):
     the rewritten URLs (presigned, or on the public base URL) serve them."""
     public_url = f"{s3_server}/images" if public else ""
     proxy = start_proxy(
-        image_source_hosts="127.0.0.1",
+        image_source_hosts=fake.netloc,
         images="s3://images/generated",
         s3_endpoint_url=s3_server,
         images_public_url=public_url,
@@ -257,7 +258,7 @@ def test_s3_store(start_proxy, fake, s3_server, public):
 def test_s3_down_passes_the_answer_through(start_proxy, fake):
     """An image store that cannot be reached: the original answer, nothing cached."""
     proxy = start_proxy(
-        image_source_hosts="127.0.0.1",
+        image_source_hosts=fake.netloc,
         images="s3://images/x",
         s3_endpoint_url=f"http://127.0.0.1:{free_port()}",
     )
@@ -276,7 +277,7 @@ def test_backfill_rehosts_entries_cached_before(start_proxy, fake, tmp_path, cap
     rules = tmp_path / "no-rehost.toml"
     rules.write_text('[[rule]]\nroute = "/v1/images/*"\nrehost_images = false\n')
     db = tmp_path / "cache.db"
-    before = start_proxy(cache=f"sqlite:///{db}", rules=rules, image_source_hosts="127.0.0.1")
+    before = start_proxy(cache=f"sqlite:///{db}", rules=rules, image_source_hosts=fake.netloc)
     with sdk(before) as c:
         kept = c.images.generate(prompt="keep me", response_format="url")
         fake.image_ttl_s = -1
@@ -293,7 +294,7 @@ def test_backfill_rehosts_entries_cached_before(start_proxy, fake, tmp_path, cap
         "--data-dir",
         str(tmp_path / "d"),
         "--image-source-hosts",
-        "127.0.0.1",
+        fake.netloc,
         "--public-url",
         public,
         "--secret",

@@ -30,7 +30,7 @@ def node_sdk() -> Path:
 def test_node_sdk_through_the_proxy(node_sdk, start_proxy, fake):
     """Chat (JSON and SSE with usage), the responses stream helper, base64 embeddings,
     images, errors and models all behave through the proxy, with HITs replayed faithfully."""
-    proxy = start_proxy(image_source_hosts="127.0.0.1")
+    proxy = start_proxy(image_source_hosts=fake.netloc)
     done = subprocess.run(
         [str(node_sdk), "smoke.mjs", proxy.base_url],
         cwd=NODE_DIR,
