@@ -230,6 +230,7 @@ class ProxyApp:
             ("GET", "/_proxy/dashboard"): admin_only(dashboard),
         }
         self._flusher: asyncio.Task[None] | None = None
+        logmod.guard_aiohttp_logs()
 
     async def metrics(self, st: State, request: web.BaseRequest) -> web.StreamResponse:
         return web.Response(
@@ -262,7 +263,14 @@ class ProxyApp:
                 message, payload, protocol, writer, task, protocol._loop, client_max_size=max_size
             )
 
-        return web.Server(self.handle, request_factory=request_factory, access_log=None)
+        # Request bodies are read raw: proxy.body decodes them, capped while decoding, and
+        # forwards the decoded bytes without their Content-Encoding.
+        return web.Server(
+            self.handle,
+            request_factory=request_factory,
+            access_log=None,
+            auto_decompress=False,
+        )
 
     async def startup(self) -> None:
         self._flusher = spawn(logmod.flusher(), name="log-flusher")
@@ -270,6 +278,7 @@ class ProxyApp:
     async def shutdown(self) -> None:
         if self._flusher is not None:
             self._flusher.cancel()
+        self.state.cpu.shutdown(wait=False, cancel_futures=True)
         await self.state.upstream.aclose()
         if self.state.rehoster is not None:
             await self.state.rehoster.aclose()

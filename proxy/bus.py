@@ -93,9 +93,10 @@ class RedisBus:
             self.down_until = time.monotonic() + self.breaker_s
             raise BusError(str(exc)) from exc
 
-    async def try_lead(self, key: str) -> str | None:
-        """A token if this instance now holds the lease for `key`, else None."""
-        token = secrets.token_hex(16)
+    async def try_lead(self, key: str, fingerprint: str = "") -> str | None:
+        """A token if this instance now holds the lease for `key`, else None. The token ends
+        with the request's fingerprint (Idempotency-Key flights), see `conflicts`."""
+        token = secrets.token_hex(16) + "/" + fingerprint
         got = await self._call(
             self.client.set(self.lease_key(key), token, nx=True, px=self.lease_ms)
         )
@@ -104,6 +105,15 @@ class RedisBus:
         # A new leader starts a new stream: entries of a dead leader must not be replayed.
         await self._call(self.client.delete(self.stream_key(key)))
         return token
+
+    async def conflicts(self, key: str, fingerprint: str) -> bool:
+        """Does the instance leading `key` serve another request than `fingerprint`? (The same
+        Idempotency-Key reused with another body while the first is still in flight.)"""
+        value = await self._call(self.client.get(self.lease_key(key)))
+        if value is None:
+            return False
+        led = value.decode() if isinstance(value, bytes) else str(value)
+        return led.partition("/")[2] != fingerprint
 
     async def renew(self, key: str, token: str) -> bool:
         done = await self._call(

@@ -5,7 +5,9 @@ outside the process (SQLite, Redis): a HIT on a hot entry costs no thread hop or
 Its entries live `hot_ttl_s` at most, so an entry replaced or expired in the shared store is
 served by another process for that long at most.
 
-A failing store never fails a request: `get`/`set` raise StoreUnavailable, which the handler
+A failing store never fails a request: stores raise StoreUnavailable for their connection and
+timeout errors (a damaged entry is a MISS inside the store, and a bug is not an outage);
+`get`/`set` pass it on, which the handler
 turns into a pass-through (BYPASS), and after a failure the store is not tried again for
 `breaker_s`. One `store.unavailable` / `store.recovered` line is logged per state change.
 """
@@ -73,7 +75,7 @@ class Cache:
         self._check()
         try:
             entry = await self.store.get(key)
-        except Exception as exc:
+        except StoreUnavailable as exc:  # only an outage opens the breaker, never a bug
             raise self._failed(exc) from exc
         if not self.healthy:
             self._ok()
@@ -90,7 +92,7 @@ class Cache:
         self._check()
         try:
             await self.store.set(key, entry, ttl_s)
-        except Exception as exc:
+        except StoreUnavailable as exc:
             raise self._failed(exc) from exc
         if not self.healthy:
             self._ok()

@@ -52,7 +52,10 @@ class Flight:
         self.fingerprint = fingerprint
         """For Idempotency-Key flights: the request the key was first used with."""
         self.max_bytes = max_bytes
-        self.started = time.monotonic()
+        self.rebase = False
+        """The answer holds image links under PLACEHOLDER_BASE: each reader rebases it."""
+        self.expected_size: int | None = None
+        """The upstream's Content-Length (unencoded answers): a body of another size is cut."""
         self.head: Head | None = None
         self.head_at = 0.0
         self.chunks: list[bytes] = []

@@ -16,6 +16,13 @@ class ConfigError(ProxyError, ValueError):
 class UpstreamError(ProxyError):
     """The upstream could not be reached or broke off."""
 
+    def client_message(self) -> str:
+        """The message a client gets in the proxy's 502: one sentence, bounded (the cause can
+        quote upstream bytes)."""
+        text = str(self) or "the upstream failed"
+        text = text[0].upper() + text[1:]
+        return text if len(text) <= 300 else text[:299] + "~"
+
 
 class UpstreamTimeout(UpstreamError, TimeoutError):
     """The upstream did not answer in time."""

@@ -22,6 +22,7 @@ from proxy.cache import Cache
 from proxy.coalesce import Flight, Flights, Outcome
 from proxy.cost import Cost, Prices
 from proxy.errors import StoreUnavailable, UpstreamError, UpstreamTimeout, error_body
+from proxy.images.base import has_placeholder
 from proxy.models import CachedResponse
 from proxy.tasks import spawn
 from proxy.upstream import Upstream, response_headers
@@ -52,7 +53,8 @@ class FetchJob:
     transform: Transform | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     public_base: str = ""
-    """The base URL the client reached the proxy at (for links to images it serves)."""
+    """Base URL of links to images the proxy serves: --public-url, or PLACEHOLDER_BASE, which
+    each reader's own base replaces on the way out."""
 
 
 def proxy_error(flight: Flight, status: int, message: str, code: str) -> None:
@@ -112,7 +114,7 @@ class Fetcher:
             if result == "orphaned":
                 log.warning("coalesce.leader_lost", key=key[3:15])
                 try:
-                    token = await bus.try_lead(key)
+                    token = await bus.try_lead(key, flight.fingerprint)
                 except BusError:
                     result = "bus failed"
             if flight.head is None:
@@ -149,7 +151,7 @@ class Fetcher:
                 proxy_error(
                     flight,
                     502,
-                    f"The upstream API could not be reached: {exc}",
+                    exc.client_message(),
                     "upstream_unreachable",
                 )
             flight.finish(Outcome.CUT, str(exc))
@@ -189,9 +191,12 @@ class Fetcher:
                     job.debounce_s = 0.0
                 else:
                     data = new
+                    flight.rebase = has_placeholder(data)
                 flight.publish_head(resp.status, headers)
                 flight.append(data)
                 return
+            if "Content-Encoding" not in resp.headers:
+                flight.expected_size = resp.content_length
             flight.publish_head(resp.status, headers)
             async for chunk in resp.content.iter_any():
                 flight.append(chunk)
@@ -211,18 +216,25 @@ class Fetcher:
             and not flight.overflow
         )
         body = flight.body() if good else b""
-        if good and job.stream:
-            why = sse.verdict(body)
+        usage: Any = _UNKNOWN
+        if good:
+            assert head is not None
+            if job.stream:
+                why = sse.verdict(body)
+            else:
+                why, usage = await _json_verdict(head.headers, body)
+            if not why and flight.expected_size is not None and flight.size != flight.expected_size:
+                why = "length differs from Content-Length"
             if why:
                 good = False
-                log.info("stream.not_stored", key=flight.key[3:15], reason=why)
+                log.info("answer.not_stored", key=flight.key[3:15], reason=why)
         if not good:
             if flight.overflow:
                 log.info("stream.not_stored", key=flight.key[3:15], reason="above max_record_mb")
             self.flights.forget(flight)
             return
         assert head is not None
-        entry = make_entry(head.status, head.headers, body, flight, job, self.prices)
+        entry = make_entry(head.status, head.headers, body, flight, job, self.prices, usage)
         flight.entry = entry
         if job.store_key:
             try:
@@ -253,16 +265,21 @@ def make_entry(
     flight: Flight,
     job: FetchJob,
     prices: Prices,
+    usage: Any = None,
 ) -> CachedResponse:
-    """The stored form of a finished flight, with its usage and cost."""
+    """The stored form of a finished flight, with its usage and cost (`usage` if the caller
+    already read it from the body)."""
     ends: list[int] = []
     if job.stream:
         total = 0
         for chunk in flight.chunks:
             total += len(chunk)
             ends.append(total)
-    usage = sse.usage_of_stream(body) if job.stream else usage_of_json(body)
+    if usage is _UNKNOWN or usage is None:
+        usage = sse.usage_of_stream(body) if job.stream else usage_of_json(body)
     meta = {k: v for k, v in job.meta.items() if k in ("fingerprint", "model", "route")}
+    if flight.rebase:
+        meta["rebase"] = True
     cost = answer_cost(prices, job.route, job.meta.get("model"), usage, job.meta.get("hints"), body)
     if cost is not None:
         meta["cost"] = cost.fields()
@@ -292,6 +309,31 @@ def answer_cost(
     if "/images/" in route and not usage:
         images = body.count(b'"url"') + body.count(b'"b64_json"')
     return prices.cost(route, model, usage, hints or {}, images=images)
+
+
+_UNKNOWN: Any = object()
+JSON_OFF_LOOP = 256 * 1024
+
+
+async def _json_verdict(headers: tuple[tuple[str, str], ...], body: bytes) -> tuple[str, Any]:
+    """(why not to store, usage) for a whole non-streamed 2xx answer. A JSON answer must parse
+    and must not be an error object; other types (audio, text) are taken as they are."""
+    ctype = next((v for k, v in headers if k.lower() == "content-type"), "")
+    if "json" not in ctype.lower():
+        return "", _UNKNOWN
+    try:
+        if len(body) > JSON_OFF_LOOP:
+            doc = await asyncio.to_thread(orjson.loads, body)
+        else:
+            doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return "a JSON answer that does not parse", None
+    if not isinstance(doc, dict):
+        return "", None
+    if doc.get("error"):
+        return "an error object under a 2xx status", None
+    usage = doc.get("usage")
+    return "", usage if isinstance(usage, dict) else None
 
 
 def usage_of_json(body: bytes) -> dict[str, Any] | None:

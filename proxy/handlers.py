@@ -10,9 +10,13 @@ request -> body (size-capped) -> tenant -> Plan (rule, key; memoised on the raw 
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import structlog
 from aiohttp import web
@@ -20,13 +24,15 @@ from multidict import CIMultiDict
 
 from proxy import sse
 from proxy.auth import CredentialCheck
+from proxy.body import BodyTooLarge, decodable, decode
 from proxy.bus import BusError, RedisBus
 from proxy.cache import Cache
 from proxy.coalesce import Flight, Flights, Outcome, Reader
 from proxy.errors import StoreUnavailable, UpstreamError, UpstreamTimeout, error_body
 from proxy.fetch import Fetcher, FetchJob, Transform, answer_cost, usage_of_json
+from proxy.images.base import PLACEHOLDER_BASE, client_base, rebase
 from proxy.images.rehost import ImageRehoster, rewrites, transform_for
-from proxy.keys import raw_digest, tenant_digest
+from proxy.keys import credential_of, header_values, raw_digest, tenant_digest
 from proxy.log import request_done
 from proxy.models import CachedResponse, money_fields
 from proxy.normalize import BadBody
@@ -35,6 +41,7 @@ from proxy.plan import (
     ClientControls,
     Mode,
     Plan,
+    bounded,
     idempotency_key,
     make_plan,
     parse_cache_control,
@@ -48,8 +55,13 @@ from proxy.stats import Stats
 from proxy.upstream import Upstream, forward_headers, response_headers
 
 log = structlog.get_logger()
+T = TypeVar("T")
 
 PLAN_MEMO_MAX = 20_000
+ROUTE_MAX = 256
+"""Longest route copied into a log line or an entry (the key covers the whole path)."""
+OFF_LOOP_BYTES = 64 * 1024
+"""Bodies larger than this are decoded, hashed and parsed on State.cpu, not on the loop."""
 COUNT_BYTES = 4 * 1024 * 1024
 CACHE_STATUS = {
     "HIT": f"{CACHE_NAME}; hit",
@@ -86,6 +98,10 @@ class State:
     transform: Transform | None = None
     max_body: int = 0
     """settings.max_body_bytes, computed once."""
+    cpu: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="request-cpu")
+    )
+    """Where large bodies are decoded, hashed and parsed (see OFF_LOOP_BYTES)."""
 
     def __post_init__(self) -> None:
         self.max_body = self.settings.max_body_bytes
@@ -106,7 +122,11 @@ async def proxy_handler(st: State, request: web.BaseRequest) -> web.StreamRespon
     t0 = time.perf_counter()
     raw_path, _, query = request.raw_path.partition("?")
     route, upstream_path = route_of(raw_path)
-    info: dict[str, Any] = {"cache": "bypass", "route": route, "method": request.method}
+    info: dict[str, Any] = {
+        "cache": "bypass",
+        "route": bounded(route, ROUTE_MAX),
+        "method": bounded(request.method, 16),
+    }
     resp: web.StreamResponse | None = None
     try:
         resp = await _handle(st, request, route, upstream_path, query, info, t0)
@@ -140,35 +160,70 @@ async def _handle(
     t0: float,
 ) -> web.StreamResponse:
     settings = st.settings
+    h = request.headers
     length = request.content_length
     if length is not None and length > st.max_body:
         return _too_large(settings)
+    if h.get("Expect"):
+        refused = await _expect(request)
+        if refused is not None:
+            return refused
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         return _too_large(settings)
 
-    h = request.headers
-    credential = h.get("Authorization") or h.get("api-key") or ""
-    org = h.get("OpenAI-Organization", "")
-    project = h.get("OpenAI-Project", "")
+    encoding = h.get("Content-Encoding")
+    decoded = False
+    if encoding is not None and body:
+        if decodable(encoding):
+            try:
+                body = await _off_loop(st, len(body), decode, body, encoding, st.max_body)
+            except BodyTooLarge:
+                return _too_large(settings)
+            except BadBody as exc:
+                return json_error(400, str(exc), "invalid_request_error", exc.code)
+            decoded = True
+        else:
+            # Not a coding the proxy can read: forward it as it came, never keyed.
+            info["tenant"] = None
+            path_qs = _path_qs(st, upstream_path, query)
+            return await _passthrough(st, request, info, body, forward_headers(h), path_qs, t0)
+
+    credential = credential_of(h)
+    org = header_values(h, "OpenAI-Organization")
+    project = header_values(h, "OpenAI-Project")
     controls = parse_cache_control(h.get("Cache-Control"), h.get("X-Cache-Namespace"))
     method = request.method
     ctype = h.get("Content-Type", "")
     if controls.namespace:
-        info["namespace"] = controls.namespace
+        info["namespace"] = bounded(controls.namespace)
 
     head = "\0".join((credential, org, project, method, route, query, controls.namespace, ctype))
-    raw = raw_digest(st.mac_key, head, body)
+    if len(body) > OFF_LOOP_BYTES:
+        raw = await _off_loop(st, len(body), raw_digest, st.mac_key, head, body)
+    else:
+        raw = raw_digest(st.mac_key, head, body)
     memo = st.plans.get(raw)
     if memo is None:
         tenant = tenant_digest(st.mac_key, credential, org, project)
         try:
-            plan = make_plan(
-                st.rules, st.secret, tenant, method, route, query, controls.namespace, ctype, body
+            plan = await _off_loop(
+                st,
+                len(body),
+                make_plan,
+                st.rules,
+                st.secret,
+                tenant,
+                method,
+                route,
+                query,
+                controls.namespace,
+                ctype,
+                body,
             )
         except BadBody as exc:
-            return json_error(400, str(exc), "invalid_request_error", "invalid_body")
+            return json_error(exc.status, str(exc), "invalid_request_error", exc.code)
         if len(st.plans) >= PLAN_MEMO_MAX:
             st.plans.clear()
         memo = st.plans[raw] = (plan, tenant, tenant.hex()[:12])
@@ -190,11 +245,12 @@ async def _handle(
             info["key"] = plan.key[3:15]
             info["bytes"] = len(entry.body)
             _saved(info, entry)
+            if entry.rebase:
+                return whole(entry, "HIT", HIT_STATUS, rebase(entry.body, _client_base(request)))
             return whole(entry, "HIT", HIT_STATUS)
 
-    path_qs = upstream_path + ("?" + query if query else "")
-    if st.upstream.strip_v1 and path_qs.startswith("/v1/"):
-        path_qs = path_qs[3:]
+    path_qs = _path_qs(st, upstream_path, query)
+    fwd = forward_headers(h, decoded=decoded)
 
     if idem:
         fingerprint = plan.fingerprint or passthrough_fingerprint(
@@ -205,6 +261,7 @@ async def _handle(
             request,
             info,
             body,
+            fwd,
             path_qs,
             plan,
             key=idempotency_key(st.secret, tenant, idem),
@@ -216,13 +273,14 @@ async def _handle(
             t0=t0,
         )
     if plan.rule is None or controls.mode is Mode.BYPASS:
-        return await _passthrough(st, request, info, body, path_qs, t0, plan)
+        return await _passthrough(st, request, info, body, fwd, path_qs, t0, plan)
     ttl = plan.rule.ttl_s if controls.max_age is None else min(plan.rule.ttl_s, controls.max_age)
     return await _serve_keyed(
         st,
         request,
         info,
         body,
+        fwd,
         path_qs,
         plan,
         key=plan.key,
@@ -233,6 +291,33 @@ async def _handle(
         store=plan.rule.store,
         t0=t0,
     )
+
+
+def _path_qs(st: State, upstream_path: str, query: str) -> str:
+    path_qs = upstream_path + ("?" + query if query else "")
+    if st.upstream.strip_v1 and path_qs.startswith("/v1/"):
+        path_qs = path_qs[3:]
+    return path_qs
+
+
+async def _expect(request: web.BaseRequest) -> web.Response | None:
+    """Answer `Expect: 100-continue` as a server does (the header never goes upstream)."""
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        return json_error(
+            417, "Only Expect: 100-continue is supported.", "invalid_request_error", None
+        )
+    if request.version >= (1, 1):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the 100 is not part of the answer
+    return None
+
+
+async def _off_loop(st: State, size: int, fn: Callable[..., T], *args: Any) -> T:
+    """Run CPU-bound request work (decoding, hashing, parsing) off the event loop when the
+    body is large, on a small pool, so one huge or hostile body never stalls other requests."""
+    if size <= OFF_LOOP_BYTES:
+        return fn(*args)
+    return await asyncio.get_running_loop().run_in_executor(st.cpu, partial(fn, *args))
 
 
 def _too_large(settings: Settings) -> web.Response:
@@ -251,6 +336,7 @@ async def _serve_keyed(
     request: web.BaseRequest,
     info: dict[str, Any],
     body: bytes,
+    fwd: CIMultiDict[str],
     path_qs: str,
     plan: Plan,
     *,
@@ -287,6 +373,9 @@ async def _serve_keyed(
                         return refused
                 info["cache"] = "hit"
                 _saved(info, entry)
+                if entry.rebase:
+                    body = rebase(entry.body, _client_base(request))
+                    return whole(entry, "HIT", HIT_STATUS, body)
                 if is_fast(entry, rule):
                     return whole(entry, "HIT", HIT_STATUS)
                 return await replay(request, entry, rule, "HIT", HIT_STATUS)
@@ -300,7 +389,7 @@ async def _serve_keyed(
         if fingerprint and flight.fingerprint != fingerprint:
             return _idempotency_conflict()
         return await _join(
-            st, request, info, body, path_qs, flight, flight.attach(), lock_timeout, t0
+            st, request, info, body, fwd, path_qs, flight, flight.attach(), lock_timeout, t0
         )
 
     label = "BYPASS" if degraded else ("REFRESH" if controls.mode is Mode.REFRESH else "MISS")
@@ -313,7 +402,7 @@ async def _serve_keyed(
     job = FetchJob(
         method=request.method,
         path_qs=path_qs,
-        headers=forward_headers(request.headers),
+        headers=fwd,
         body=body,
         route=info["route"],
         stream=plan.stream,
@@ -329,20 +418,24 @@ async def _serve_keyed(
             "route": info["route"],
             "hints": plan.hints,
         },
-        public_base=st.settings.public_url or f"{request.scheme}://{request.host}",
+        public_base=st.settings.public_url or PLACEHOLDER_BASE,
     )
     reader = flight.attach()
     bus = st.bus if coalesce and not degraded else None
     token: str | None = "local"
     if bus is not None and bus.usable:
         try:
-            token = await bus.try_lead(key)
+            token = await bus.try_lead(key, fingerprint)
+            if token is None and fingerprint and await bus.conflicts(key, fingerprint):
+                reader.close()
+                st.flights.forget(flight)
+                return _idempotency_conflict()
         except BusError:
             token = "local"  # Redis is down: coalesce in this process only
     if token is None and bus is not None:
         # Another instance leads: follow its stream like any duplicate would.
         st.fetcher.follow(bus, flight, job)
-        return await _join(st, request, info, body, path_qs, flight, reader, lock_timeout, t0)
+        return await _join(st, request, info, body, fwd, path_qs, flight, reader, lock_timeout, t0)
     if bus is not None and token is not None and token != "local":
         st.fetcher.lead_shared(bus, flight, job, token)
     else:
@@ -362,6 +455,7 @@ async def _join(
     request: web.BaseRequest,
     info: dict[str, Any],
     body: bytes,
+    fwd: CIMultiDict[str],
     path_qs: str,
     flight: Flight,
     reader: Reader,
@@ -374,7 +468,7 @@ async def _join(
         # The leader hangs: go upstream ourselves, uncached (nginx proxy_cache_lock_timeout).
         reader.close()
         info["lock_timeout"] = True
-        return await _passthrough(st, request, info, body, path_qs, time.perf_counter())
+        return await _passthrough(st, request, info, body, fwd, path_qs, time.perf_counter())
     info["cache"] = "coalesced"
     resp = await _relay(request, info, flight, reader, "COALESCED", t0)
     if flight.entry is not None:
@@ -417,6 +511,10 @@ async def _relay(
         headers: CIMultiDict[str] = CIMultiDict(head.headers)
         headers["X-Cache-Status"] = label
         headers["Cache-Status"] = CACHE_STATUS[label]
+        if flight.rebase:  # a small image answer: whole, with links under this client's base
+            body = b"".join([chunk async for chunk in reader.chunks()])
+            body = rebase(body, _client_base(request))
+            return web.Response(status=head.status, headers=headers, body=body)
         if flight.done and flight.outcome is Outcome.COMPLETE and not flight.overflow:
             info["chunks"] = len(flight.chunks)
             return web.Response(status=head.status, headers=headers, body=flight.body())
@@ -435,13 +533,23 @@ async def _relay(
             return resp
         info["bytes"], info["chunks"] = nbytes, chunks
         if flight.outcome is Outcome.CUT:
-            info["cut"] = flight.reason
+            info["cut"] = bounded(flight.reason, 200)
             _cut(request)
             return resp
         await resp.write_eof()
         return resp
     finally:
         reader.close()
+
+
+def _client_base(request: web.BaseRequest) -> str:
+    """The base URL this client reached the proxy at, for links to images the proxy serves."""
+    sock = request.transport.get_extra_info("sockname") if request.transport else None
+    fallback = "http://127.0.0.1"
+    if isinstance(sock, tuple) and len(sock) >= 2:
+        host = f"[{sock[0]}]" if ":" in str(sock[0]) else str(sock[0])
+        fallback = f"http://{host}:{sock[1]}"
+    return client_base(request.scheme, request.headers.get("Host"), fallback)
 
 
 def _cut(request: web.BaseRequest) -> None:
@@ -456,6 +564,7 @@ async def _passthrough(
     request: web.BaseRequest,
     info: dict[str, Any],
     body: bytes,
+    fwd: CIMultiDict[str],
     path_qs: str,
     t0: float,
     plan: Plan | None = None,
@@ -470,9 +579,7 @@ async def _passthrough(
     kept: list[bytes] | None = [] if plan is not None and plan.model else None
     t_up = time.perf_counter()
     try:
-        async with st.upstream.request(
-            request.method, path_qs, forward_headers(request.headers), body
-        ) as up:
+        async with st.upstream.request(request.method, path_qs, fwd, body) as up:
             headers: CIMultiDict[str] = CIMultiDict(response_headers(up.headers))
             headers["X-Cache-Status"] = "BYPASS"
             headers["Cache-Status"] = CACHE_STATUS["BYPASS"]
@@ -518,11 +625,11 @@ async def _passthrough(
         if resp is None:
             return json_error(
                 502,
-                f"The upstream API could not be reached: {exc}",
+                exc.client_message(),
                 "proxy_error",
                 "upstream_unreachable",
             )
-        info["cut"] = str(exc)
+        info["cut"] = bounded(str(exc), 200)
     info["bytes"], info["chunks"] = nbytes, chunks
     _cut(request)
     return resp

@@ -9,6 +9,31 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from typing import Protocol
+
+CREDENTIAL_HEADERS = ("Authorization", "api-key", "x-api-key")
+"""Every header an OpenAI-compatible upstream may read a credential from (OpenAI, Azure, and
+the gateways that take x-api-key). All of them, every value, make the tenant."""
+
+
+class Headers(Protocol):
+    def getall(self, key: str, default: tuple[()], /) -> list[str] | tuple[()]: ...
+
+
+def header_values(headers: Headers, name: str) -> str:
+    """Every value of one header, framed so that no two lists of values give one string."""
+    values = headers.getall(name, ())
+    if not values:
+        return ""
+    if len(values) == 1:
+        v = values[0]
+        return f"{len(v)}:{v}"
+    return "".join(f"{len(v)}:{v}" for v in values)
+
+
+def credential_of(headers: Headers) -> str:
+    """The tenant's credential part: every credential header, never the first one present."""
+    return "|".join(header_values(headers, name) for name in CREDENTIAL_HEADERS)
 
 
 def _frame(*parts: bytes) -> bytes:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import logging
 import sys
 import time
 from collections.abc import MutableMapping
@@ -90,6 +91,35 @@ def configure_logging(fmt: str = "json", out: IO[bytes] | None = None) -> None:
         cache_logger_on_first_use=True,
     )
     _fast = _sink
+
+
+class _AiohttpGuard(logging.Handler):
+    """aiohttp's own error lines, redacted: its server logs a malformed request with the
+    exception, whose message quotes the raw header or body bytes (an Authorization value, the
+    start of a prompt). Only the exception's type and status go out, as a structlog event."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        exc = record.exc_info[1] if record.exc_info else None
+        fields: dict[str, Any] = {"logger": record.name}
+        if exc is not None:
+            fields["error"] = type(exc).__name__
+            code = getattr(exc, "code", None) or getattr(exc, "status", None)
+            if isinstance(code, int):
+                fields["status"] = code
+        _log.warning("http.error" if exc is not None else "http.warning", **fields)
+
+
+_GUARD = _AiohttpGuard(level=logging.WARNING)
+
+
+def guard_aiohttp_logs() -> None:
+    """Route every aiohttp logger through the redacting guard (idempotent)."""
+    logger = logging.getLogger("aiohttp")
+    if _GUARD not in logger.handlers:
+        logger.addHandler(_GUARD)
+    logger.propagate = False
+    if logger.level == logging.NOTSET or logger.level < logging.WARNING:
+        logger.setLevel(logging.WARNING)
 
 
 def request_done(fields: dict[str, Any]) -> None:

@@ -15,6 +15,10 @@ HIT_CACHE_STATUS = "openai-cache-proxy; hit"
 """RFC 9211 Cache-Status of a HIT (the cache's name is openai-cache-proxy)."""
 
 
+class CorruptEntry(ValueError):
+    """Stored bytes that are not a whole stored answer."""
+
+
 @dataclass(frozen=True, slots=True)
 class CachedResponse:
     """One upstream answer as it was recorded, ready to be sent again.
@@ -40,6 +44,8 @@ class CachedResponse:
     """`headers` plus the HIT status headers, built once: a HIT only adds Age."""
     saved_fields: dict[str, Any] = field(init=False, repr=False, compare=False)
     """The log fields of a request that reuses this answer (saved_ms, tokens, saved_usd)."""
+    rebase: bool = field(init=False, repr=False, compare=False)
+    """Its image links stand under PLACEHOLDER_BASE: each client gets them under its own base."""
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -49,6 +55,7 @@ class CachedResponse:
         )
         saved = {"saved_ms": self.upstream_ms, **money_fields(self.meta.get("cost"), saved=True)}
         object.__setattr__(self, "saved_fields", saved)
+        object.__setattr__(self, "rebase", bool(self.meta.get("rebase")))
 
     @property
     def size(self) -> int:
@@ -87,25 +94,36 @@ class CachedResponse:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> CachedResponse:
-        """Inverse of to_bytes; ValueError on anything else."""
-        magic, raw = data[:4], data[4:]
-        if magic == _COMPRESSED:
-            raw = zlib.decompress(raw)
-        elif magic != _MAGIC:
-            raise ValueError("not a stored answer")
-        n = int.from_bytes(raw[:4], "big")
-        head = orjson.loads(raw[4 : 4 + n])
-        return cls(
-            status=head["s"],
-            headers=tuple((k, v) for k, v in head["h"]),
-            body=raw[4 + n :],
-            created=head["c"],
-            stream=head["st"],
-            chunk_ends=tuple(head["ce"]),
-            chunk_ms=tuple(head["cm"]),
-            upstream_ms=head["u"],
-            meta=head["m"],
-        )
+        """Inverse of to_bytes; CorruptEntry (a ValueError) on anything else, never another
+        exception: a damaged entry is a MISS, not a store failure."""
+        try:
+            magic, raw = data[:4], data[4:]
+            if magic == _COMPRESSED:
+                raw = zlib.decompress(raw)
+            elif magic != _MAGIC:
+                raise CorruptEntry("not a stored answer")
+            n = int.from_bytes(raw[:4], "big")
+            head = orjson.loads(raw[4 : 4 + n])
+            entry = cls(
+                status=int(head["s"]),
+                headers=tuple((str(k), str(v)) for k, v in head["h"]),
+                body=raw[4 + n :],
+                created=float(head["c"]),
+                stream=bool(head["st"]),
+                chunk_ends=tuple(int(e) for e in head["ce"]),
+                chunk_ms=tuple(float(m) for m in head["cm"]),
+                upstream_ms=float(head["u"]),
+                meta=dict(head["m"]),
+            )
+        except CorruptEntry:
+            raise
+        except Exception as exc:  # any damage at all: zlib, JSON, types, missing fields
+            raise CorruptEntry(f"damaged stored answer ({type(exc).__name__})") from None
+        if not 100 <= entry.status < 600 or (
+            entry.chunk_ends and entry.chunk_ends[-1] > len(entry.body)
+        ):
+            raise CorruptEntry("damaged stored answer (inconsistent)")
+        return entry
 
 
 def money_fields(cost: dict[str, Any] | None, *, saved: bool) -> dict[str, Any]:

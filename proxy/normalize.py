@@ -15,28 +15,66 @@ from typing import Any
 
 import orjson
 
+MAX_DEPTH = 128
+"""Deepest nesting of arrays and objects keyed (orjson writes at most 254 levels)."""
+MAX_PARTS = 1000
+"""Most parts in a multipart body (OpenAI's multipart routes take a few: image[] up to 16)."""
+EXACT = float(2**53)
+"""Floats at or above this magnitude may stand for a larger integer orjson could not keep."""
+
 
 class BadBody(ValueError):
-    """The body could not be parsed as what its content type says."""
+    """The body could not be parsed as what its content type says, or is out of bounds."""
+
+    status = 400
+    code = "invalid_body"
+
+
+class TooManyParts(BadBody):
+    code = "too_many_parts"
+
+
+class TooDeep(BadBody):
+    code = "nested_too_deeply"
+
+
+class Inexact(Exception):
+    """A number in the body has no exact canonical form here (an integer past 64 bits):
+    the body must be keyed by its exact bytes instead."""
 
 
 def parse_json(body: bytes) -> Any:
-    """Parse a JSON body; BadBody if it is not JSON."""
+    """Parse a JSON body; BadBody if it is not JSON (or nested past orjson's limit)."""
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise BadBody(f"We could not parse the JSON body of your request: {exc}") from None
 
 
-def _canon_value(value: Any) -> Any:
+def try_json(body: bytes) -> Any:
+    """The parsed body if it is JSON, else None (for bodies sent under another type)."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _canon_value(value: Any, depth: int = 0) -> Any:
+    """Numbers unified (1.0 is 1), nesting bounded. Raises TooDeep or Inexact."""
     if isinstance(value, float):
-        if value.is_integer() and abs(value) < 2**53:
-            return int(value)
-        return value
+        if abs(value) >= EXACT:
+            raise Inexact  # orjson gives integers past 64 bits as floats: two could merge
+        return int(value) if value.is_integer() else value
+    if depth >= MAX_DEPTH:
+        raise TooDeep(f"The request body is nested more than {MAX_DEPTH} levels deep.")
+    depth += 1
     if isinstance(value, dict):
-        return {k: _canon_value(v) for k, v in value.items()}
+        out = {}
+        for k, v in value.items():
+            out[k] = _canon_value(v, depth) if isinstance(v, (dict, list, float)) else v
+        return out
     if isinstance(value, list):
-        return [_canon_value(v) for v in value]
+        return [_canon_value(v, depth) if isinstance(v, (dict, list, float)) else v for v in value]
     return value
 
 
@@ -61,14 +99,28 @@ def drop_ignored(obj: dict[str, Any], ignore: tuple[str, ...]) -> dict[str, Any]
 
 
 def canonical_json(obj: Any, ignore: tuple[str, ...]) -> bytes:
-    """Canonical bytes of a JSON body: ignored fields gone, keys sorted, numbers unified."""
+    """Canonical bytes of a JSON body: ignored fields gone, keys sorted, numbers unified.
+
+    Raises TooDeep past MAX_DEPTH and Inexact when a number has no exact form here."""
     if isinstance(obj, dict):
         obj = drop_ignored(obj, ignore)
     return orjson.dumps(_canon_value(obj), option=orjson.OPT_SORT_KEYS)
 
 
+def raw_canonical(ctype: str, body: bytes) -> bytes:
+    """The canonical form of a body keyed by its exact bytes (it has no other one here)."""
+    return b"raw\0" + ctype.encode("latin-1", "replace") + b"\0" + body
+
+
 def parse_multipart(body: bytes, content_type: str) -> list[tuple[str, str | None, bytes]]:
-    """(name, filename, bytes) for every part of a multipart/form-data body, in order."""
+    """(name, filename, bytes) for every part of a multipart/form-data body, in order.
+
+    At most MAX_PARTS parts (counted before parsing, so a body of 20k parts costs a count)."""
+    boundary = _boundary(content_type)
+    if boundary is None:
+        raise BadBody("The multipart/form-data Content-Type of your request has no boundary.")
+    if body.count(b"--" + boundary) > MAX_PARTS + 1:
+        raise TooManyParts(f"The multipart/form-data body has more than {MAX_PARTS} parts.")
     head = b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n"
     msg = BytesParser(policy=HTTP).parsebytes(head + body)
     if not msg.is_multipart():
@@ -82,6 +134,16 @@ def parse_multipart(body: bytes, content_type: str) -> list[tuple[str, str | Non
         data = payload if isinstance(payload, bytes) else b""
         parts.append((name, part.get_filename(), data))
     return parts
+
+
+def _boundary(content_type: str) -> bytes | None:
+    for param in content_type.split(";")[1:]:
+        name, _, value = param.strip().partition("=")
+        if name.strip().lower() == "boundary":
+            value = value.strip().strip('"')
+            if value:
+                return value.encode("latin-1", "replace")
+    return None
 
 
 def multipart_fields(parts: list[tuple[str, str | None, bytes]]) -> dict[str, Any]:

@@ -16,13 +16,24 @@ from typing import Any
 from proxy.keys import cache_key
 from proxy.normalize import (
     BadBody,
+    Inexact,
     canonical_json,
     canonical_multipart,
     multipart_fields,
     parse_json,
     parse_multipart,
+    raw_canonical,
+    try_json,
 )
 from proxy.rules import Rule, Rules
+
+LABEL_MAX = 96
+"""Longest client-given string (model, namespace) copied into logs, stats and memos."""
+
+
+def bounded(value: str, limit: int = LABEL_MAX) -> str:
+    """`value` cut to `limit` characters (marked with "~"), for logs, labels and memos."""
+    return value if len(value) <= limit else value[: limit - 1] + "~"
 
 
 class Mode(Enum):
@@ -106,67 +117,84 @@ def make_plan(
     content_type: str,
     body: bytes,
 ) -> Plan:
-    """Decide the rule and the key. Raises BadBody for an unparsable body on a cached route."""
+    """Decide the rule and the key. Raises BadBody for a body that claims a type it is not
+    (JSON, multipart) or is out of bounds.
+
+    A body that parses as a JSON object is keyed by its content whatever its Content-Type
+    says (curl -d sends form encoding); any other body is keyed by its exact bytes and type,
+    never as an empty body."""
     if not rules.has_route(method, route):
         return Plan(None, "", None, False, "")
     ctype = content_type.split(";", 1)[0].strip().lower()
-    fields: dict[str, Any]
+    fields: dict[str, Any] = {}
+    parts: list[tuple[str, str | None, bytes]] = []
+    raw = False
     if ctype == "multipart/form-data":
         parts = parse_multipart(body, content_type)
         fields = multipart_fields(parts)
-    elif body and (ctype == "application/json" or ctype.endswith("+json") or not ctype):
-        parsed = parse_json(body)
+    elif ctype == "application/json" or ctype.endswith("+json"):
+        parsed = parse_json(body) if body else {}
         if not isinstance(parsed, dict):
             raise BadBody("The request body must be a JSON object.")
-        fields, parts = parsed, []
-    else:
-        fields, parts = {}, []
+        fields = parsed
+    elif body:
+        parsed = try_json(body)
+        if isinstance(parsed, dict):
+            fields = parsed
+        else:
+            raw = True
     model = fields.get("model")
     if not isinstance(model, str):
         model = _azure_deployment(route)
     rule = rules.match(method, route, model)
+    label = bounded(model) if model is not None else None
     stream = fields.get("stream") in (True, "true", "True")
-    fingerprint = _fingerprint(secret, tenant, method, route, query, ctype, body, parts, fields)
     hints = _hints(route, fields)
-    if rule is None or not rule.enabled or any(fields.get(f) for f in rule.never_if):
-        return Plan(None, "", model, stream, fingerprint, hints)
-    if ctype == "multipart/form-data":
-        canonical = canonical_multipart(parts, rule.ignore_fields)
-    elif fields or body:
-        canonical = canonical_json(fields, rule.ignore_fields)
+    if raw:
+        canonical_all = raw_canonical(ctype, body)
     else:
-        canonical = b""
+        canonical_all = _canonical(fields, parts, (), ctype, body)
+    fingerprint = cache_key(secret, tenant, method, route, query, ctype, canonical_all)
+    if rule is None or not rule.enabled or any(fields.get(f) for f in rule.never_if):
+        return Plan(None, "", label, stream, fingerprint, hints)
+    if raw or not rule.ignore_fields:
+        canonical = canonical_all
+    else:
+        canonical = _canonical(fields, parts, rule.ignore_fields, ctype, body)
     key = cache_key(secret, tenant, method, route, query, namespace, canonical)
-    return Plan(rule, key, model, stream, fingerprint, hints)
+    return Plan(rule, key, label, stream, fingerprint, hints)
+
+
+def _canonical(
+    fields: dict[str, Any],
+    parts: list[tuple[str, str | None, bytes]],
+    ignore: tuple[str, ...],
+    ctype: str,
+    body: bytes,
+) -> bytes:
+    """The canonical bytes of a parsed body; its exact bytes where a number has no exact form."""
+    if parts or ctype == "multipart/form-data":
+        return canonical_multipart(parts, ignore)
+    if not fields and not body:
+        return b""
+    try:
+        return canonical_json(fields, ignore)
+    except Inexact:
+        return raw_canonical(ctype, body)
 
 
 def _hints(route: str, fields: dict[str, Any]) -> dict[str, Any] | None:
     if "/images/" in route:
-        return {"size": fields.get("size"), "quality": fields.get("quality")}
+        return {"size": _short(fields.get("size")), "quality": _short(fields.get("quality"))}
     if route.endswith("/audio/speech"):
         text = fields.get("input")
         return {"input_chars": len(text) if isinstance(text, str) else 0}
     return None
 
 
-def _fingerprint(
-    secret: bytes,
-    tenant: bytes,
-    method: str,
-    route: str,
-    query: str,
-    ctype: str,
-    body: bytes,
-    parts: list[tuple[str, str | None, bytes]],
-    fields: dict[str, Any],
-) -> str:
-    if parts:
-        canonical = canonical_multipart(parts, ())
-    elif fields:
-        canonical = canonical_json(fields, ())
-    else:
-        canonical = body
-    return cache_key(secret, tenant, method, route, query, ctype, canonical)
+def _short(value: Any) -> str | None:
+    """A pricing hint as a short string (hints are kept in memos and entries)."""
+    return bounded(value, 32) if isinstance(value, str) else None
 
 
 def passthrough_fingerprint(

@@ -14,9 +14,12 @@ CACHE_NAME = "openai-cache-proxy"
 assert f"{CACHE_NAME}; hit" == HIT_CACHE_STATUS
 
 
-def whole(entry: CachedResponse, status: str, cache_status: str) -> web.Response:
-    """A stored answer as one response (the fast replay, and every non-stream answer)."""
-    resp = web.Response(status=entry.status, body=entry.body)
+def whole(
+    entry: CachedResponse, status: str, cache_status: str, body: bytes | None = None
+) -> web.Response:
+    """A stored answer as one response (the fast replay, and every non-stream answer);
+    `body` replaces the stored one (an answer rebased for its client)."""
+    resp = web.Response(status=entry.status, body=entry.body if body is None else body)
     headers = resp.headers
     if status == "HIT":
         headers.extend(entry.hit_headers)

@@ -41,6 +41,9 @@ LATENCY_BUCKETS_S = (
     120.0,
 )
 MAX_MODELS = 64
+MAX_CELLS = 512
+"""Most (route, model, cache) counters: with MAX_MODELS and bounded label lengths this keeps
+/_proxy/metrics well under 1 MB whatever clients send (then models count as "other")."""
 SERIES_MINUTES = 24 * 60
 
 
@@ -135,6 +138,9 @@ class Stats:
         """The counters for a key seen for the first time (labels bounded here, once)."""
         bounded = (key[0], self.model_label(key[1]), key[2])
         cell = self.cells.get(bounded)
+        if cell is None and len(self.cells) >= MAX_CELLS:
+            bounded = (key[0], "other", key[2])
+            cell = self.cells.get(bounded)
         if cell is None:
             cell = self.cells[bounded] = Totals()
         if len(self._lookup) < 10_000:

@@ -33,8 +33,9 @@ HOP_BY_HOP = frozenset(
 )
 # Read by the proxy, never sent upstream. Accept-Encoding is dropped so that aiohttp asks for
 # the encodings it can decode itself.
+# Expect is answered by the proxy itself (100 Continue), never passed on.
 PROXY_REQUEST_HEADERS = frozenset(
-    {"cache-control", "x-cache-namespace", "idempotency-key", "accept-encoding"}
+    {"cache-control", "x-cache-namespace", "idempotency-key", "accept-encoding", "expect"}
 )
 # Never passed back to clients, nor stored.
 DROP_RESPONSE_HEADERS = HOP_BY_HOP | {"content-encoding", "set-cookie", "date", "server"}
@@ -110,12 +111,15 @@ class Upstream:
             await asyncio.sleep(0)
 
 
-def forward_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
-    """The client's request headers minus hop-by-hop and the proxy's own control headers."""
+def forward_headers(headers: Mapping[str, str], *, decoded: bool = False) -> CIMultiDict[str]:
+    """The client's request headers minus hop-by-hop and the proxy's own control headers;
+    `decoded`: the body goes up decoded, so its Content-Encoding must not."""
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         low = name.lower()
         if low in HOP_BY_HOP or low in PROXY_REQUEST_HEADERS:
+            continue
+        if decoded and low == "content-encoding":
             continue
         out.add(name, value)
     return out

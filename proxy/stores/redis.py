@@ -7,15 +7,23 @@ into pass-through. `redis+cluster://host:port` talks to a Redis Cluster.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
+import structlog
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
-from proxy.errors import ConfigError
-from proxy.models import CachedResponse
+from proxy.errors import ConfigError, StoreUnavailable
+from proxy.models import CachedResponse, CorruptEntry
+
+log = structlog.get_logger()
+T = TypeVar("T")
 
 DEFAULT_TIMEOUT_S = 0.5
 
@@ -55,6 +63,9 @@ class RedisStore:
             ) from None
         rest = "&".join(f"{k}={v[0]}" for k, v in query.items())
         kwargs: dict[str, Any] = {
+            # A pooled connection that died with a Redis restart is retried once, at once,
+            # before the store is declared down (redis-py's default backs off several times).
+            "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
             "socket_timeout": timeout,
             "socket_connect_timeout": timeout,
             "health_check_interval": 15,
@@ -74,20 +85,31 @@ class RedisStore:
     def _k(self, key: str) -> str:
         return f"{self.prefix}:resp:{key}"
 
+    async def _call(self, call: Awaitable[T]) -> T:
+        """One client call; whatever the client raises (connection, timeout, and the cluster
+        client's odd errors during a reshard) is the store being unavailable."""
+        try:
+            return await call
+        except Exception as exc:
+            raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+
     async def get(self, key: str) -> CachedResponse | None:
-        raw = await self.client.get(self._k(key))
+        raw = await self._call(self.client.get(self._k(key)))
         if raw is None:
             return None
         try:
             return CachedResponse.from_bytes(raw)
-        except (ValueError, KeyError):
+        except CorruptEntry as exc:
+            log.warning("store.corrupt_entry", store=self.name, key=key[3:15], error=str(exc))
+            await self.delete(key)
             return None
 
     async def set(self, key: str, entry: CachedResponse, ttl_s: float) -> None:
-        await self.client.set(self._k(key), entry.to_bytes(), px=max(1, int(ttl_s * 1000)))
+        value = entry.to_bytes()
+        await self._call(self.client.set(self._k(key), value, px=max(1, int(ttl_s * 1000))))
 
     async def delete(self, key: str) -> None:
-        await self.client.delete(self._k(key))
+        await self._call(self.client.delete(self._k(key)))
 
     async def keys(self) -> list[str]:
         """Every stored key (maintenance commands only: it scans)."""

@@ -9,8 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+import structlog
+
 from proxy.errors import StoreUnavailable
-from proxy.models import CachedResponse
+from proxy.models import CachedResponse, CorruptEntry
+
+log = structlog.get_logger()
 
 T = TypeVar("T")
 
@@ -94,7 +98,9 @@ class SQLiteStore:
             return None
         try:
             return CachedResponse.from_bytes(raw)
-        except (ValueError, KeyError):
+        except CorruptEntry as exc:
+            log.warning("store.corrupt_entry", store=self.name, key=key[3:15], error=str(exc))
+            await self.delete(key)
             return None
 
     async def set(self, key: str, entry: CachedResponse, ttl_s: float) -> None:

@@ -1,0 +1,436 @@
+"""Hostile clients and odd upstreams against the real `python -m proxy` process: no wrong
+answer, no shared answer, no stall, no leak (issue: hostile input)."""
+
+from __future__ import annotations
+
+import gzip
+import socket
+import subprocess
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import brotli
+import openai
+import orjson
+import pytest
+import redis
+
+from proxy.testing.hostile import HostileUpstream
+from tests.conftest import BackgroundLoop, spawn_proxy, start_redis
+
+CHAT = "/v1/chat/completions"
+
+
+@pytest.fixture
+def hostile(bg: BackgroundLoop) -> Iterator[HostileUpstream]:
+    up = HostileUpstream()
+    bg.run(up.start())
+    yield up
+    bg.run(up.stop())
+
+
+class Proc:
+    """A running `python -m proxy` whose output is kept for the secrets check."""
+
+    def __init__(self, upstream: str, data_dir: Path, *flags: str) -> None:
+        self.proc, self.port = spawn_proxy(
+            upstream, data_dir, "--auth-recheck-s", "0", *flags, output=subprocess.PIPE
+        )
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> tuple[bytes, bytes]:
+        self.proc.terminate()
+        out, err = self.proc.communicate(timeout=20)
+        return out, err
+
+    def rss_kb(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+
+@pytest.fixture
+def proc(hostile: HostileUpstream, tmp_path: Path) -> Iterator[Proc]:
+    p = Proc(hostile.base_url, tmp_path / "data")
+    yield p
+    if p.proc.poll() is None:
+        p.stop()
+
+
+def raw(port: int, data: bytes, *, read_timeout: float = 10.0) -> bytes:
+    """Send raw bytes, return everything the proxy answers until it closes or goes quiet."""
+    with socket.create_connection(("127.0.0.1", port), timeout=read_timeout) as s:
+        s.sendall(data)
+        chunks = []
+        try:
+            while True:
+                got = s.recv(65536)
+                if not got:
+                    break
+                chunks.append(got)
+                if b"\r\n\r\n" in b"".join(chunks) and _complete(b"".join(chunks)):
+                    break
+        except TimeoutError:
+            pass
+    return b"".join(chunks)
+
+
+def _complete(data: bytes) -> bool:
+    head, _, body = data.partition(b"\r\n\r\n")
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return len(body) >= int(line.split(b":")[1])
+    return False
+
+
+def post(port: int, body: bytes, headers: dict[str, str], path: str = CHAT) -> bytes:
+    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    head += f"Content-Length: {len(body)}\r\n\r\n"
+    return raw(port, head.encode() + body)
+
+
+def status_of(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1])
+
+
+def header(answer: bytes, name: str) -> str | None:
+    head = answer.partition(b"\r\n\r\n")[0].decode("latin-1")
+    for line in head.split("\r\n")[1:]:
+        k, _, v = line.partition(":")
+        if k.strip().lower() == name.lower():
+            return v.strip()
+    return None
+
+
+def body_of(answer: bytes) -> bytes:
+    """The body, de-chunked when the answer was sent chunked."""
+    body = answer.partition(b"\r\n\r\n")[2]
+    if (header(answer, "Transfer-Encoding") or "").lower() != "chunked":
+        return body
+    out = b""
+    while body:
+        size_line, _, rest = body.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            break
+        out += rest[:size]
+        body = rest[size + 2 :]
+    return out
+
+
+def chat(prompt: str, model: str = "gpt-4o-mini") -> bytes:
+    return orjson.dumps({"model": model, "messages": [{"role": "user", "content": prompt}]})
+
+
+def test_every_credential_partitions_the_cache(proc, hostile):
+    """Clients that share `Authorization` but send different `api-key`s (which is what this
+    upstream reads) never get each other's answers."""
+    answers = {}
+    for key in ("azure-key-1", "azure-key-2", "azure-key-1"):
+        c = openai.OpenAI(
+            base_url=proc.url + "/v1",
+            api_key="sk-shared",
+            default_headers={"api-key": key},
+            max_retries=0,
+        )
+        r = c.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "who am i"}]
+        )
+        answers.setdefault(key, []).append((r.headers["x-cache-status"], r.parse()))
+        c.close()
+    (s1, a1), (s1b, a1b) = answers["azure-key-1"]
+    ((s2, a2),) = answers["azure-key-2"]
+    assert (s1, s2, s1b) == ("MISS", "MISS", "HIT")
+    assert a1.choices[0].message.content != a2.choices[0].message.content
+    assert a1.choices[0].message.content == a1b.choices[0].message.content
+    assert hostile.calls(CHAT) == 2
+
+
+@pytest.mark.parametrize("ctype", ["application/x-www-form-urlencoded", "text/plain", None])
+def test_json_under_another_content_type_is_keyed_by_its_content(proc, hostile, ctype):
+    """curl -d and text/plain JSON bodies: each prompt gets its own answer; a repeat is a HIT."""
+    headers = {"api-key": "k"} | ({"Content-Type": ctype} if ctype else {})
+    first = post(proc.port, chat("prompt one"), headers)
+    second = post(proc.port, chat("prompt two"), headers)
+    again = post(proc.port, chat("prompt one"), headers)
+    assert b"echo[" in body_of(first) and b"prompt one" in body_of(first)
+    assert b"prompt two" in body_of(second)
+    assert header(again, "X-Cache-Status") == "HIT" and b"prompt one" in body_of(again)
+    assert hostile.calls(CHAT) == 2
+
+
+def test_unparsable_bodies_are_never_keyed_as_empty(proc, hostile):
+    """Two different non-JSON bodies both reach the upstream: neither is served the other's
+    (or an empty body's) answer."""
+    for body in (b"", b"garbage one", b"garbage two", b"garbage one"):
+        answer = post(proc.port, body, {"api-key": "k", "Content-Type": "text/plain"})
+        assert status_of(answer) == (200 if not body else 400)  # the upstream's own answers
+    assert hostile.calls(CHAT) == 4
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "br"])
+def test_encoded_request_bodies_go_up_decoded_without_the_header(proc, hostile, coding):
+    """The upstream receives the decoded body without Content-Encoding; the key is the
+    content's (a plain repeat is a HIT)."""
+    body = chat("compressed prompt")
+    packed = {"gzip": gzip.compress, "deflate": zlib.compress, "br": brotli.compress}[coding](body)
+    headers = {"api-key": "k", "Content-Type": "application/json", "Content-Encoding": coding}
+    answer = post(proc.port, packed, headers)
+    assert status_of(answer) == 200 and b"compressed prompt" in body_of(answer)
+    got = hostile.requests[-1]
+    assert got.body == body and "content-encoding" not in got.headers
+    plain = post(proc.port, body, {"api-key": "k", "Content-Type": "application/json"})
+    assert header(plain, "X-Cache-Status") == "HIT"
+
+
+def test_a_gzip_bomb_is_a_413_at_once_with_memory_bounded(hostile, tmp_path):
+    """1 MB of gzip that would inflate to 1 GiB: 413 while decoding, RSS bounded by the cap."""
+    p = Proc(hostile.base_url, tmp_path / "d", "--max-body-mb", "16")
+    try:
+        bomb = gzip.compress(b"\0" * (1024 * 1024 * 1024), compresslevel=9)
+        assert len(bomb) < 1.1 * 1024 * 1024
+        before = p.rss_kb()
+        t0 = time.monotonic()
+        answer = post(
+            p.port, bomb, {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+        )
+        took = time.monotonic() - t0
+        assert status_of(answer) == 413, answer[:200]
+        assert orjson.loads(body_of(answer))["error"]["code"] == "request_too_large"
+        assert took < 5 and p.rss_kb() - before < 100 * 1024
+        assert hostile.calls(CHAT) == 0
+    finally:
+        p.stop()
+
+
+def test_deep_nesting_and_huge_multipart_get_openai_shaped_400s(proc, hostile):
+    """Nesting past the limits and 20k-part multipart bodies: 400 in OpenAI's error shape."""
+    for depth in (200, 5000):
+        deep = b'{"model":"m","x":' + b"[" * depth + b"]" * depth + b"}"
+        answer = post(proc.port, deep, {"Content-Type": "application/json"})
+        assert status_of(answer) == 400
+        assert set(orjson.loads(body_of(answer))["error"]) == {"message", "type", "param", "code"}
+    part = '--bnd\r\nContent-Disposition: form-data; name="f"\r\n\r\nv\r\n'
+    multipart = (part * 20_000 + "--bnd--\r\n").encode()
+    answer = post(
+        proc.port,
+        multipart,
+        {"Content-Type": "multipart/form-data; boundary=bnd"},
+        path="/v1/images/edits",
+    )
+    assert status_of(answer) == 400
+    assert orjson.loads(body_of(answer))["error"]["code"] == "too_many_parts"
+    assert hostile.calls() == 0
+
+
+def test_health_answers_quickly_while_pathological_bodies_are_parsed(proc):
+    """While clients send big flat JSON bodies, /_proxy/health keeps answering fast."""
+    import threading
+
+    flat = b'{"model":"m","x":[' + b"0," * 3_000_000 + b"0]}"
+    stop = threading.Event()
+
+    def attack() -> None:
+        while not stop.is_set():
+            post(proc.port, flat, {"Content-Type": "application/json", "api-key": "k"})
+
+    threads = [threading.Thread(target=attack, daemon=True) for _ in range(2)]
+    for t in threads:
+        t.start()
+    worst = 0.0
+    try:
+        time.sleep(0.5)
+        for _ in range(40):
+            t0 = time.monotonic()
+            answer = raw(
+                proc.port, b"GET /_proxy/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            worst = max(worst, time.monotonic() - t0)
+            assert status_of(answer) == 200
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert worst < 0.5  # the bench measures p99 on a quiet machine; this guards against stalls
+
+
+def test_client_strings_never_grow_logs_metrics_or_memory(proc, hostile):
+    """Megabyte model names and long namespaces: every log line < 8 KB, metrics < 1 MB, and
+    the process does not grow by the names' size."""
+    before = proc.rss_kb()
+    for i in range(60):
+        body = orjson.dumps({"model": f"{i}-" + "m" * 1_000_000, "messages": []})
+        post(
+            proc.port,
+            body,
+            {"Content-Type": "application/json", "api-key": "k", "X-Cache-Namespace": "n" * 4000},
+        )
+    grown = proc.rss_kb() - before
+    metrics = raw(
+        proc.port, b"GET /_proxy/metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    out, _err = proc.stop()
+    assert len(body_of(metrics)) < 1024 * 1024
+    lines = out.splitlines()
+    assert lines and max(len(line) for line in lines) < 8 * 1024
+    assert grown < 120 * 1024, grown  # 60 MB of names went through
+
+
+def test_no_secret_reaches_stdout_or_stderr_for_malformed_http(proc):
+    """Malformed requests carrying a key and a prompt: aiohttp's error logging is redacted."""
+    secret, prompt = "sk-LEAKED-SECRET-123", "LEAKED-PROMPT-TEXT"
+    bad = [
+        f"POST {CHAT} HTTP/1.1\r\nAuthorization: Bearer {secret}\x01\r\n\r\n".encode(),
+        f"POST {CHAT} HTTP/1.1\r\nAuthorization: Bearer {secret}\r\nTransfer-Encoding: chunked\r\n"
+        f"\r\nzz\r\n{prompt}\r\n".encode(),
+        f"POST {CHAT} HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n"
+        f"Authorization: Bearer {secret}\r\n\r\n{prompt}".encode(),
+        f"GET /{prompt}\x00 HTTP/1.1\r\nAuthorization: {secret}\r\n\r\n".encode(),
+    ]
+    for data in bad:
+        raw(proc.port, data, read_timeout=2)
+    out, err = proc.stop()
+    assert secret.encode() not in out + err and prompt.encode() not in out + err
+    assert b"http.error" in out  # the failure is still reported, redacted
+
+
+def test_expect_100_continue_is_answered_here_and_never_forwarded(proc, hostile):
+    """The proxy answers 100 Continue at once; the upstream (which ignores Expect) never sees
+    the header; a 2 MB body goes through without the client's wait."""
+    body = chat("x" * 2_000_000)
+    head = (
+        f"POST {CHAT} HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\napi-key: k\r\n"
+        f"Expect: 100-continue\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", proc.port), timeout=5) as s:
+        s.sendall(head.encode())
+        t0 = time.monotonic()
+        interim = s.recv(100)
+        assert interim.startswith(b"HTTP/1.1 100 Continue") and time.monotonic() - t0 < 0.5
+        s.sendall(body)
+        data = b""
+        while not _complete(data.partition(b"HTTP/1.1 100 Continue\r\n\r\n")[2] or data):
+            got = s.recv(65536)
+            if not got:
+                break
+            data += got
+    final = data.split(b"\r\n\r\n", 1)[1] if data.startswith(b"HTTP/1.1 100") else data
+    assert status_of(final) == 200
+    assert "expect" not in hostile.requests[-1].headers
+
+
+@pytest.mark.parametrize("model", ["broken-json", "error-200", "lie-long", "lie-short"])
+def test_unsound_answers_are_relayed_but_never_stored(proc, hostile, model):
+    """A 200 with broken JSON, an error object, or a length that disagrees with its
+    Content-Length reaches the client as it came and is never served again from the cache."""
+    for _ in range(2):
+        answer = post(
+            proc.port, chat("p", model), {"api-key": "k", "Content-Type": "application/json"}
+        )
+        if model in ("broken-json", "error-200"):
+            assert status_of(answer) == 200
+        elif model == "lie-long":  # aiohttp refuses data past Content-Length: a clear 502
+            assert status_of(answer) in (200, 502)
+        # lie-short: the body is cut short; the client sees the connection end
+        assert header(answer, "X-Cache-Status") != "HIT"
+    assert hostile.calls(CHAT) == 2
+
+
+def test_a_corrupt_entry_is_a_miss_that_replaces_it_and_redis_restarts_are_retried(
+    hostile, tmp_path
+):
+    """Damaged bytes in Redis: a MISS (not BYPASS), the entry is replaced, other keys keep
+    hitting and the store stays healthy; after a Redis restart the next call reconnects."""
+    server = start_redis()
+    port = server.port
+    p = Proc(hostile.base_url, tmp_path / "d", "--cache", server.url, "--hot-cache-mb", "0")
+    try:
+        headers = {"api-key": "k", "Content-Type": "application/json"}
+        for prompt in ("one", "two"):
+            post(p.port, chat(prompt), headers)
+        r = redis.Redis(port=port)
+        keys = sorted(r.scan_iter("ocp:resp:*"))
+        assert len(keys) == 2
+        r.set(keys[0], b"OCZ1 this is not zlib")
+        statuses = [
+            header(post(p.port, chat(x), headers), "X-Cache-Status") for x in ("one", "two")
+        ]
+        assert sorted(statuses) == ["HIT", "MISS"]
+        assert header(post(p.port, chat("one"), headers), "X-Cache-Status") == "HIT"
+        health = orjson.loads(
+            body_of(raw(p.port, b"GET /_proxy/health HTTP/1.1\r\nHost: x\r\n\r\n"))
+        )
+        assert health["status"] == "ok"
+        r.close()
+        server.stop()
+        server = start_redis(port)
+        miss = post(p.port, chat("one"), headers)
+        assert header(miss, "X-Cache-Status") == "MISS"  # reconnected: not BYPASS
+        assert header(post(p.port, chat("one"), headers), "X-Cache-Status") == "HIT"
+    finally:
+        p.stop()
+        server.stop()
+
+
+def test_image_links_follow_each_client(fake, tmp_path):
+    """Without --public-url, clients reaching the proxy by two names each get links they can
+    open, and a forged Host reaches nobody else."""
+    proc, port = spawn_proxy(
+        fake.base_url, tmp_path / "d", "--image-source-hosts", fake.netloc, "--auth-recheck-s", "0"
+    )
+    try:
+        body = orjson.dumps({"prompt": "a cat", "response_format": "url"})
+        urls = []
+        for host in ("evil.example", f"127.0.0.1:{port}", f"localhost:{port}"):
+            head = (
+                f"POST /v1/images/generations HTTP/1.1\r\nHost: {host}\r\n"
+                f"Authorization: Bearer sk-a\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            )
+            answer = raw(port, head.encode() + body)
+            urls.append(orjson.loads(body_of(answer))["data"][0]["url"])
+        assert urls[0].startswith("http://evil.example/_proxy/images/")
+        assert urls[1].startswith(f"http://127.0.0.1:{port}/_proxy/images/")
+        assert urls[2].startswith(f"http://localhost:{port}/_proxy/images/")
+        assert len({u.rsplit("/", 1)[1] for u in urls}) == 1
+        assert fake.count("/v1/images/generations") == 1
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def test_idempotency_key_conflict_across_instances(fake, tmp_path, redis_server):
+    """The same Idempotency-Key with another body on a second instance, while the first is
+    in flight, is a 422; with the same body it shares the first answer."""
+    import threading
+
+    fake.latency = 1.5
+    shared = ("--cache", redis_server.url, "--secret", "one-deployment")
+    a, pa = spawn_proxy(fake.base_url, tmp_path / "a", *shared)
+    b, pb = spawn_proxy(fake.base_url, tmp_path / "b", *shared)
+    try:
+        headers = {
+            "Authorization": "Bearer sk-a",
+            "Content-Type": "application/json",
+            "Idempotency-Key": "order-42",
+        }
+        results: dict[str, bytes] = {}
+        first = threading.Thread(target=lambda: results.update(a=post(pa, chat("one"), headers)))
+        first.start()
+        time.sleep(0.5)
+        other = post(pb, chat("two"), headers)
+        same = post(pb, chat("one"), headers)
+        first.join(20)
+        assert status_of(other) == 422
+        assert orjson.loads(body_of(other))["error"]["code"] == "idempotency_key_reused"
+        assert status_of(same) == 200 and body_of(same) == body_of(results["a"])
+        assert fake.count(CHAT) == 1
+    finally:
+        for p in (a, b):
+            p.terminate()
+            p.wait(20)
