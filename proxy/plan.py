@@ -19,6 +19,7 @@ from proxy.normalize import (
     Inexact,
     canonical_json,
     canonical_multipart,
+    has_float,
     multipart_fields,
     parse_json,
     parse_multipart,
@@ -178,7 +179,7 @@ def _canonical(
     if not fields and not body:
         return b""
     try:
-        return canonical_json(fields, ignore)
+        return canonical_json(fields, ignore, has_float(body))
     except Inexact:
         return raw_canonical(ctype, body)
 
