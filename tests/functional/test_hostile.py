@@ -434,3 +434,29 @@ def test_idempotency_key_conflict_across_instances(fake, tmp_path, redis_server)
         for p in (a, b):
             p.terminate()
             p.wait(20)
+
+
+def test_integers_past_64_bits_never_share_a_key(proc, hostile):
+    """Seeds one apart past 2**64 (read as equal floats by the JSON parser) get two answers."""
+    headers = {"api-key": "k", "Content-Type": "application/json"}
+    for seed in ("18446744073709551616", "18446744073709551617", "18446744073709551616"):
+        body = b'{"model":"gpt-4o-mini","seed":' + seed.encode() + b',"messages":[]}'
+        post(proc.port, body, headers)
+    assert hostile.calls(CHAT) == 2  # the third repeats the first: a HIT
+
+
+def test_a_bare_image_host_allows_only_its_default_port(fake, tmp_path):
+    """--image-source-hosts 127.0.0.1 does not allow 127.0.0.1:<other port>: the upstream's
+    URL passes through untouched and nothing is stored."""
+    proc, port = spawn_proxy(
+        fake.base_url, tmp_path / "d", "--image-source-hosts", "127.0.0.1", "--auth-recheck-s", "0"
+    )
+    try:
+        with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-a") as c:
+            r = c.images.generate(prompt="a port", response_format="url")
+            assert r.data[0].url.startswith(fake.base_url)
+            c.images.generate(prompt="a port", response_format="url")
+        assert fake.count("/v1/images/generations") == 2 and fake.image_downloads == []
+    finally:
+        proc.terminate()
+        proc.wait(20)
