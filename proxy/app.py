@@ -32,6 +32,7 @@ from proxy.keys import mac_key
 from proxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from proxy.metrics import registry_for, render
 from proxy.rules import default_rules_path, load_rules
+from proxy.server import GuardedServer
 from proxy.settings import Settings
 from proxy.stats import Stats
 from proxy.stores import MemoryStore, open_store
@@ -84,6 +85,7 @@ def build_state(settings: Settings) -> State:
         settings.upstream,
         connect_timeout_s=settings.upstream_connect_timeout_s,
         read_timeout_s=settings.upstream_read_timeout_s,
+        ca_file=settings.upstream_ca_file,
     )
     images = open_image_store(
         settings.images,
@@ -101,6 +103,7 @@ def build_state(settings: Settings) -> State:
     if isinstance(store, RedisStore):
         bus = RedisBus(
             store.blocking_client(),
+            ready=store.blocking_ready,
             prefix=store.prefix,
             lease_s=settings.lease_s,
             breaker_s=settings.breaker_s,
@@ -109,7 +112,12 @@ def build_state(settings: Settings) -> State:
     rules_dir = settings.rules if settings.rules and settings.rules.is_dir() else None
     prices = Prices.load((rules_dir or default_rules_path()) / "prices.toml")
     fetcher = Fetcher(
-        upstream, cache, flights, detached_max_s=settings.detached_max_s, prices=prices
+        upstream,
+        cache,
+        flights,
+        detached_max_s=settings.detached_max_s,
+        prices=prices,
+        image_timeout_s=settings.image_timeout_s,
     )
     return State(
         settings=settings,
@@ -191,19 +199,29 @@ async def dashboard(st: State, request: web.BaseRequest) -> web.StreamResponse:
 
 
 async def health(st: State, request: web.BaseRequest) -> web.StreamResponse:
-    body = {
+    body: dict[str, Any] = {
         "status": "ok" if st.cache.healthy else "degraded",
-        "store": {"backend": st.cache.store.name, "state": st.cache.state},
+        "store": {
+            "backend": st.cache.store.name,
+            "state": st.cache.state,
+            "write_errors": st.cache.write_errors,
+        },
         "upstream": st.upstream.base_url,
         "version": __version__,
         "in_flight": len(st.flights),
     }
+    if st.cache.warnings:
+        body["warnings"] = st.cache.warnings
     return _json(body)
 
 
 async def stats(st: State, request: web.BaseRequest) -> web.StreamResponse:
     snap = st.stats.snapshot()
-    snap["store"] = {"backend": st.cache.store.name, "state": st.cache.state}
+    snap["store"] = {
+        "backend": st.cache.store.name,
+        "state": st.cache.state,
+        "write_errors": st.cache.write_errors,
+    }
     return _json(snap)
 
 
@@ -253,7 +271,7 @@ class ProxyApp:
             return json_error(404, f"No proxy route {path}.", "invalid_request_error", None)
         return await proxy_handler(self.state, request)
 
-    def server(self) -> web.Server:
+    def server(self) -> GuardedServer:
         max_size = self.state.max_body
 
         def request_factory(
@@ -265,15 +283,18 @@ class ProxyApp:
 
         # Request bodies are read raw: proxy.body decodes them, capped while decoding, and
         # forwards the decoded bytes without their Content-Encoding.
-        return web.Server(
+        return GuardedServer(
             self.handle,
             request_factory=request_factory,
             access_log=None,
             auto_decompress=False,
+            header_timeout_s=self.settings.header_timeout_s,
+            keepalive_timeout=self.settings.keepalive_timeout_s,
         )
 
     async def startup(self) -> None:
         self._flusher = spawn(logmod.flusher(), name="log-flusher")
+        await self.state.cache.warm()
 
     async def shutdown(self) -> None:
         if self._flusher is not None:

@@ -21,13 +21,14 @@ import asyncio
 import contextlib
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 import structlog
-from redis.exceptions import RedisError
 
 from proxy.coalesce import Flight, Outcome
+from proxy.stores.redis import RACES
 from proxy.tasks import spawn
 
 log = structlog.get_logger()
@@ -60,6 +61,7 @@ class RedisBus:
         self,
         client: Any,
         *,
+        ready: Callable[[], Awaitable[None]] | None = None,
         prefix: str = "ocp",
         lease_s: float = 5.0,
         stream_ttl_s: float = 60.0,
@@ -67,6 +69,7 @@ class RedisBus:
         breaker_s: float = 5.0,
     ) -> None:
         self.client = client
+        self._ready = ready
         self.prefix = prefix
         self.lease_ms = int(lease_s * 1000)
         self.stream_ttl_ms = int(stream_ttl_s * 1000)
@@ -84,12 +87,22 @@ class RedisBus:
     def stream_key(self, key: str) -> str:
         return f"{self.prefix}:{{{key}}}:stream"
 
-    async def _call(self, coro: Any) -> Any:
+    async def _call(self, call: Callable[[], Awaitable[Any]], *, retry: bool = True) -> Any:
+        """One client call; anything it raises (the cluster client raises AttributeError and
+        RuntimeError during a cold start or a reshard) is the bus failing: BusError. Those
+        races get one immediate retry first, for commands that may run twice (`retry`)."""
         try:
-            return await coro
-        except (RedisError, OSError, TimeoutError) as exc:
+            if self._ready is not None:
+                await self._ready()
+            try:
+                return await call()
+            except RACES:
+                if not retry:
+                    raise
+                return await call()
+        except Exception as exc:
             if self.usable:
-                log.warning("bus.unavailable", error=str(exc)[:200])
+                log.warning("bus.unavailable", error=f"{type(exc).__name__}: {str(exc)[:200]}")
             self.down_until = time.monotonic() + self.breaker_s
             raise BusError(str(exc)) from exc
 
@@ -98,18 +111,18 @@ class RedisBus:
         with the request's fingerprint (Idempotency-Key flights), see `conflicts`."""
         token = secrets.token_hex(16) + "/" + fingerprint
         got = await self._call(
-            self.client.set(self.lease_key(key), token, nx=True, px=self.lease_ms)
+            lambda: self.client.set(self.lease_key(key), token, nx=True, px=self.lease_ms)
         )
         if not got:
             return None
         # A new leader starts a new stream: entries of a dead leader must not be replayed.
-        await self._call(self.client.delete(self.stream_key(key)))
+        await self._call(lambda: self.client.delete(self.stream_key(key)))
         return token
 
     async def conflicts(self, key: str, fingerprint: str) -> bool:
         """Does the instance leading `key` serve another request than `fingerprint`? (The same
         Idempotency-Key reused with another body while the first is still in flight.)"""
-        value = await self._call(self.client.get(self.lease_key(key)))
+        value = await self._call(lambda: self.client.get(self.lease_key(key)))
         if value is None:
             return False
         led = value.decode() if isinstance(value, bytes) else str(value)
@@ -117,26 +130,29 @@ class RedisBus:
 
     async def renew(self, key: str, token: str) -> bool:
         done = await self._call(
-            self.client.eval(RENEW, 1, self.lease_key(key), token, self.lease_ms)
+            lambda: self.client.eval(RENEW, 1, self.lease_key(key), token, self.lease_ms)
         )
         return bool(done)
 
     async def release(self, key: str, token: str) -> None:
-        await self._call(self.client.eval(RELEASE, 1, self.lease_key(key), token))
+        await self._call(lambda: self.client.eval(RELEASE, 1, self.lease_key(key), token))
 
     async def lease_alive(self, key: str) -> bool:
-        return bool(await self._call(self.client.exists(self.lease_key(key))))
+        return bool(await self._call(lambda: self.client.exists(self.lease_key(key))))
 
     async def publish(self, key: str, fields: dict[str, bytes | str | int]) -> None:
         """XADD and PEXPIRE in one script: the stream never exists without a TTL."""
         args: list[bytes | str | int] = [self.stream_ttl_ms]
         for name, value in fields.items():
             args += [name, value]
-        await self._call(self.client.eval(PUBLISH, 1, self.stream_key(key), *args))
+        stream = self.stream_key(key)
+        await self._call(lambda: self.client.eval(PUBLISH, 1, stream, *args), retry=False)
 
     async def read(self, key: str, last_id: str) -> list[tuple[str, dict[bytes, bytes]]]:
         got = await self._call(
-            self.client.xread({self.stream_key(key): last_id}, block=self.block_ms, count=512)
+            lambda: self.client.xread(
+                {self.stream_key(key): last_id}, block=self.block_ms, count=512
+            )
         )
         if not got:
             return []
@@ -170,7 +186,7 @@ class RedisBus:
                 )
                 await self.publish(key, {"t": "e", "o": outcome})
         except BusError:
-            pass
+            pass  # followers see the lease go without an end entry and take over
         finally:
             reader.close()
             task = flight.task

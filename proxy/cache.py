@@ -40,6 +40,9 @@ class Cache:
         self.breaker_s = breaker_s
         self.open_until = 0.0
         self.healthy = True
+        self.write_errors = 0
+        """Writes skipped because the store refused them (reads went on)."""
+        self._write_logged = -1e9
 
     @property
     def state(self) -> str:
@@ -84,6 +87,9 @@ class Cache:
         return entry
 
     async def set(self, key: str, entry: CachedResponse, ttl_s: float) -> None:
+        """Store an answer. A failed write (disk full, Redis at maxmemory with noeviction) is
+        skipped and counted, and never opens the breaker: reads go on for every tenant; only a
+        failed read (the store is really gone) switches caching off."""
         if self.hot is self.store:
             await self.store.set(key, entry, ttl_s)
             return
@@ -93,9 +99,33 @@ class Cache:
         try:
             await self.store.set(key, entry, ttl_s)
         except StoreUnavailable as exc:
-            raise self._failed(exc) from exc
-        if not self.healthy:
-            self._ok()
+            self.write_errors += 1
+            now = time.monotonic()
+            if now - self._write_logged > 10.0:  # one line per burst, not one per write
+                self._write_logged = now
+                log.warning(
+                    "store.write_failed",
+                    store=self.store.name,
+                    error=str(exc)[:200],
+                    skipped=self.write_errors,
+                )
+            raise
+
+    async def warm(self) -> None:
+        """Connect to the store before the first request, if it has anything to warm; a store
+        that cannot be reached starts out degraded (the breaker open) instead of failing."""
+        warm = getattr(self.store, "warm", None)
+        if warm is None:
+            return
+        try:
+            await warm()
+        except StoreUnavailable as exc:
+            self._failed(exc)  # start degraded; the breaker tries again after breaker_s
+
+    @property
+    def warnings(self) -> list[str]:
+        found = getattr(self.store, "warnings", None)
+        return list(found) if found else []
 
     async def aclose(self) -> None:
         await self.store.aclose()

@@ -28,6 +28,14 @@ from dataclasses import dataclass
 from enum import Enum
 
 from proxy.models import CachedResponse
+from proxy.sse import Scanner
+
+LAG_BYTES = 4 * 1024 * 1024
+"""Least a reader of an overflowing flight may lag behind the upstream before it is cut."""
+
+
+class Lagged(Exception):
+    """A reader fell behind the part of an overflowing flight that is still kept."""
 
 
 class Outcome(Enum):
@@ -52,6 +60,11 @@ class Flight:
         self.fingerprint = fingerprint
         """For Idempotency-Key flights: the request the key was first used with."""
         self.max_bytes = max_bytes
+        self.scan: Scanner | None = None
+        """An SSE answer's checks (framing, terminal event, usage), fed as chunks arrive."""
+        self.busy = False
+        """The leader has its answer and is working on it (rehosting images): waiters keep
+        waiting; the lock timeout is for a silent leader."""
         self.rebase = False
         """The answer holds image links under PLACEHOLDER_BASE: each reader rebases it."""
         self.expected_size: int | None = None
@@ -61,6 +74,8 @@ class Flight:
         self.chunks: list[bytes] = []
         self.chunk_ms: list[float] = []
         self.size = 0
+        self.kept = 0
+        """Bytes of the chunks still held (all of them until the flight overflows)."""
         self.outcome = Outcome.PENDING
         self.overflow = False
         self.readers = 0
@@ -78,6 +93,10 @@ class Flight:
     # -- writer side (the fetch task) -------------------------------------------------------
     def publish_head(self, status: int, headers: tuple[tuple[str, str], ...]) -> None:
         self.head = Head(status, headers)
+        if 200 <= status < 300 and any(
+            k.lower() == "content-type" and "text/event-stream" in v.lower() for k, v in headers
+        ):
+            self.scan = Scanner()
         self.head_at = time.monotonic()
         self._head_ready.set()
         self._wake()
@@ -88,10 +107,14 @@ class Flight:
         self.chunks.append(chunk)
         self.chunk_ms.append((time.monotonic() - self.head_at) * 1000.0)
         self.size += len(chunk)
+        self.kept += len(chunk)
         if self.size > self.max_bytes and not self.overflow:
             self.overflow = True
+            self.scan = None  # not stored: no need to check it
         if self.overflow:
-            self._release_read()
+            self._release()
+        elif self.scan is not None:
+            self.scan.feed(chunk)
         self._wake()
 
     def finish(self, outcome: Outcome, reason: str = "") -> None:
@@ -106,13 +129,20 @@ class Flight:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    def _release_read(self) -> None:
+    def _release(self) -> None:
+        """Past max_bytes: drop the chunks every reader has passed, and beyond that keep at
+        most max(max_bytes, LAG_BYTES) for readers that lag (one that falls out is cut)."""
         low = min(self._positions.values(), default=self._base + len(self.chunks))
-        drop = low - self._base
-        if drop > 0:
+        drop = freed = 0
+        window = max(self.max_bytes, LAG_BYTES)
+        while drop < len(self.chunks) and (self._base + drop < low or self.kept - freed > window):
+            freed += len(self.chunks[drop])
+            drop += 1
+        if drop:
             del self.chunks[:drop]
             del self.chunk_ms[:drop]
-            self._base = low
+            self._base += drop
+            self.kept -= freed
 
     # -- reader side (one per client) -------------------------------------------------------
     @property
@@ -125,12 +155,14 @@ class Flight:
         return not self.overflow and self.outcome is not Outcome.CUT
 
     async def wait_head(self, patience_s: float | None) -> Head | None:
-        """The head, or None if the flight ended without one or `patience_s` passed first."""
-        if self.head is None and not self.done:
+        """The head, or None if the flight ended without one or `patience_s` of silence passed
+        first (a leader that is `busy` is not silent: the wait goes on)."""
+        while self.head is None and not self.done:
             try:
                 await asyncio.wait_for(self._head_ready.wait(), patience_s)
             except TimeoutError:
-                return None
+                if not self.busy:
+                    return None
         return self.head
 
     def attach(self) -> Reader:
@@ -208,11 +240,17 @@ class Reader:
         flight._attach(self)
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """Every chunk from the first, then live ones, until the flight ends."""
+        """Every chunk from the first, then live ones, until the flight ends. Raises Lagged
+        if this reader fell so far behind an overflowing flight that its chunks were let go."""
         f = self.flight
         while True:
-            while self.pos - f._base < len(f.chunks):
-                chunk = f.chunks[self.pos - f._base]
+            while True:
+                index = self.pos - f._base
+                if index < 0:  # released while this client lagged: never index from the end
+                    raise Lagged("this client read too slowly: its part of the answer was let go")
+                if index >= len(f.chunks):
+                    break
+                chunk = f.chunks[index]
                 self.pos += 1
                 f._positions[id(self)] = self.pos
                 yield chunk

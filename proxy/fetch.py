@@ -23,13 +23,15 @@ from proxy.coalesce import Flight, Flights, Outcome
 from proxy.cost import Cost, Prices
 from proxy.errors import StoreUnavailable, UpstreamError, UpstreamTimeout, error_body
 from proxy.images.base import has_placeholder
-from proxy.models import CachedResponse
+from proxy.models import CLOCK, CachedResponse
 from proxy.tasks import spawn
 from proxy.upstream import Upstream, response_headers
 
 log = structlog.get_logger()
 
 JSON_HEADERS = (("Content-Type", "application/json"),)
+_UNKNOWN: Any = object()
+"""make_entry's `usage` when the caller did not read it: it is read from the body."""
 
 # A hook that may rewrite a whole non-streamed 2xx body before anyone sees it (image rehosting).
 # It returns the new body, or None to leave the answer as it is and not store it.
@@ -75,8 +77,10 @@ class Fetcher:
         *,
         detached_max_s: float,
         prices: Prices | None = None,
+        image_timeout_s: float = 15.0,
     ) -> None:
         self.prices = prices or Prices()
+        self.image_timeout_s = image_timeout_s
         self.upstream = upstream
         self.cache = cache
         self.flights = flights
@@ -92,7 +96,23 @@ class Fetcher:
 
     def follow(self, bus: RedisBus, flight: Flight, job: FetchJob) -> None:
         """Feed `flight` from another instance's leader; take over if that leader dies."""
-        flight.task = spawn(self._follow(bus, flight, job), name=f"follow:{flight.key[3:15]}")
+        flight.task = spawn(self._follow_safe(bus, flight, job), name=f"follow:{flight.key[3:15]}")
+
+    async def _follow_safe(self, bus: RedisBus, flight: Flight, job: FetchJob) -> None:
+        """_follow, and whatever goes wrong in it the flight is fed or finished (fail open)."""
+        try:
+            await self._follow(bus, flight, job)
+        except asyncio.CancelledError:
+            flight.finish(Outcome.CUT, "cancelled")
+            self.flights.forget(flight)
+            raise
+        except Exception as exc:
+            log.warning("bus.follow_failed", key=flight.key[3:15], error=type(exc).__name__)
+            if flight.head is None and not flight.done:
+                self.start(flight, job)  # nothing reached a client yet: fetch it ourselves
+            else:
+                flight.finish(Outcome.CUT, "following the leading instance failed")
+                self.flights.forget(flight)
 
     async def _follow(self, bus: RedisBus, flight: Flight, job: FetchJob) -> None:
         key = flight.key
@@ -185,7 +205,14 @@ class Fetcher:
                 job.stream = True
             if job.transform is not None and 200 <= resp.status < 300 and not job.stream:
                 data = await resp.read()
-                new = await job.transform(data, job)
+                flight.busy = True  # the leader works: duplicates keep waiting for it
+                try:
+                    new = await asyncio.wait_for(job.transform(data, job), self.image_timeout_s)
+                except TimeoutError:
+                    log.warning("image.rehost_failed", reason="image_timeout_s passed")
+                    new = None
+                finally:
+                    flight.busy = False
                 if new is None:
                     job.store_key = ""
                     job.debounce_s = 0.0
@@ -219,7 +246,10 @@ class Fetcher:
         usage: Any = _UNKNOWN
         if good:
             assert head is not None
-            if job.stream:
+            if job.stream and flight.scan is not None:
+                flight.scan.close()
+                why, usage = flight.scan.verdict(), flight.scan.usage
+            elif job.stream:
                 why = sse.verdict(body)
             else:
                 why, usage = await _json_verdict(head.headers, body)
@@ -265,7 +295,7 @@ def make_entry(
     flight: Flight,
     job: FetchJob,
     prices: Prices,
-    usage: Any = None,
+    usage: Any = _UNKNOWN,
 ) -> CachedResponse:
     """The stored form of a finished flight, with its usage and cost (`usage` if the caller
     already read it from the body)."""
@@ -275,7 +305,7 @@ def make_entry(
         for chunk in flight.chunks:
             total += len(chunk)
             ends.append(total)
-    if usage is _UNKNOWN or usage is None:
+    if usage is _UNKNOWN:
         usage = sse.usage_of_stream(body) if job.stream else usage_of_json(body)
     meta = {k: v for k, v in job.meta.items() if k in ("fingerprint", "model", "route")}
     if flight.rebase:
@@ -287,7 +317,7 @@ def make_entry(
         status=status,
         headers=_stored_headers(headers),
         body=body,
-        created=time.time(),
+        created=CLOCK.now(),
         stream=job.stream,
         chunk_ends=tuple(ends),
         chunk_ms=tuple(round(ms, 1) for ms in flight.chunk_ms) if job.stream else (),
@@ -311,7 +341,6 @@ def answer_cost(
     return prices.cost(route, model, usage, hints or {}, images=images)
 
 
-_UNKNOWN: Any = object()
 JSON_OFF_LOOP = 256 * 1024
 
 

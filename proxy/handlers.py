@@ -27,14 +27,14 @@ from proxy.auth import CredentialCheck
 from proxy.body import BodyTooLarge, decodable, decode
 from proxy.bus import BusError, RedisBus
 from proxy.cache import Cache
-from proxy.coalesce import Flight, Flights, Outcome, Reader
+from proxy.coalesce import Flight, Flights, Lagged, Outcome, Reader
 from proxy.errors import StoreUnavailable, UpstreamError, UpstreamTimeout, error_body
 from proxy.fetch import Fetcher, FetchJob, Transform, answer_cost, usage_of_json
 from proxy.images.base import PLACEHOLDER_BASE, client_base, rebase
 from proxy.images.rehost import ImageRehoster, rewrites, transform_for
 from proxy.keys import credential_of, header_values, raw_digest, tenant_digest
 from proxy.log import request_done
-from proxy.models import CachedResponse, money_fields
+from proxy.models import CLOCK, CachedResponse, money_fields
 from proxy.normalize import BadBody
 from proxy.plan import (
     DEFAULT_CONTROLS,
@@ -48,7 +48,7 @@ from proxy.plan import (
     passthrough_fingerprint,
     route_of,
 )
-from proxy.replay import CACHE_NAME, is_fast, replay, whole
+from proxy.replay import CACHE_NAME, is_fast, replay, whole, whole_in_pieces
 from proxy.rules import Rules
 from proxy.settings import Settings
 from proxy.stats import Stats
@@ -58,6 +58,9 @@ log = structlog.get_logger()
 T = TypeVar("T")
 
 PLAN_MEMO_MAX = 20_000
+WHOLE_MAX = 1024 * 1024
+"""Answers up to this size are handed to aiohttp whole; larger ones are written piece by piece
+under the write timeout, so a client that reads nothing pins at most a socket buffer's worth."""
 ROUTE_MAX = 256
 """Longest route copied into a log line or an entry (the key covers the whole path)."""
 OFF_LOOP_BYTES = 64 * 1024
@@ -193,7 +196,10 @@ async def _handle(
     credential = credential_of(h)
     org = header_values(h, "OpenAI-Organization")
     project = header_values(h, "OpenAI-Project")
-    controls = parse_cache_control(h.get("Cache-Control"), h.get("X-Cache-Namespace"))
+    cache_control = h.getall("Cache-Control", None)
+    controls = parse_cache_control(
+        ",".join(cache_control) if cache_control else None, h.get("X-Cache-Namespace")
+    )
     method = request.method
     ctype = h.get("Content-Type", "")
     if controls.namespace:
@@ -239,6 +245,7 @@ async def _handle(
         if (
             entry is not None
             and (not entry.stream or plan.rule.replay == "fast")
+            and len(entry.body) <= WHOLE_MAX
             and (st.auth is None or st.auth.fresh(tenant))
         ):
             info["cache"] = "hit"
@@ -362,7 +369,7 @@ async def _serve_keyed(
         if entry is not None:
             if fingerprint and entry.meta.get("fingerprint") != fingerprint:
                 return _idempotency_conflict()
-            age = time.time() - entry.created
+            age = CLOCK.now() - entry.created
             if controls.max_age is None or age <= controls.max_age:
                 if st.auth is not None and not st.auth.fresh(tenant):
                     refusal = await st.auth.check(tenant, request.headers)
@@ -377,6 +384,9 @@ async def _serve_keyed(
                     body = rebase(entry.body, _client_base(request))
                     return whole(entry, "HIT", HIT_STATUS, body)
                 if is_fast(entry, rule):
+                    if len(entry.body) > WHOLE_MAX:
+                        wt = st.settings.write_timeout_s
+                        return await whole_in_pieces(request, entry, "HIT", HIT_STATUS, wt)
                     return whole(entry, "HIT", HIT_STATUS)
                 return await replay(request, entry, rule, "HIT", HIT_STATUS)
     elif controls.mode is Mode.REFRESH and not st.cache.healthy:
@@ -422,26 +432,35 @@ async def _serve_keyed(
     )
     reader = flight.attach()
     bus = st.bus if coalesce and not degraded else None
-    token: str | None = "local"
-    if bus is not None and bus.usable:
-        try:
-            token = await bus.try_lead(key, fingerprint)
-            if token is None and fingerprint and await bus.conflicts(key, fingerprint):
-                reader.close()
-                st.flights.forget(flight)
-                return _idempotency_conflict()
-        except BusError:
-            token = "local"  # Redis is down: coalesce in this process only
-    if token is None and bus is not None:
-        # Another instance leads: follow its stream like any duplicate would.
-        st.fetcher.follow(bus, flight, job)
-        return await _join(st, request, info, body, fwd, path_qs, flight, reader, lock_timeout, t0)
-    if bus is not None and token is not None and token != "local":
-        st.fetcher.lead_shared(bus, flight, job, token)
-    else:
-        st.fetcher.start(flight, job)
+    fed = False
+    try:  # whatever happens before a feeder starts, the flight must not stay registered
+        token: str | None = "local"
+        if bus is not None and bus.usable:
+            try:
+                token = await bus.try_lead(key, fingerprint)
+                if token is None and fingerprint and await bus.conflicts(key, fingerprint):
+                    return _idempotency_conflict()
+            except BusError:
+                token = "local"  # Redis is down: coalesce in this process only
+        if token is None and bus is not None:
+            # Another instance leads: follow its stream like any duplicate would.
+            st.fetcher.follow(bus, flight, job)
+            fed = True
+            return await _join(
+                st, request, info, body, fwd, path_qs, flight, reader, lock_timeout, t0
+            )
+        if bus is not None and token is not None and token != "local":
+            st.fetcher.lead_shared(bus, flight, job, token)
+        else:
+            st.fetcher.start(flight, job)
+        fed = True
+    finally:
+        if not fed:
+            reader.close()
+            flight.finish(Outcome.CUT, "no upstream read was started")
+            st.flights.forget(flight)
     await flight.wait_head(None)
-    resp = await _relay(request, info, flight, reader, label, t0)
+    resp = await _relay(request, info, flight, reader, label, t0, st.settings.write_timeout_s)
     info["upstream_ms"] = round(job.meta.get("upstream_ms", 0.0), 2) or None
     if st.auth is not None and flight.head is not None and flight.head.status < 300:
         st.auth.seen(tenant)
@@ -470,7 +489,7 @@ async def _join(
         info["lock_timeout"] = True
         return await _passthrough(st, request, info, body, fwd, path_qs, time.perf_counter())
     info["cache"] = "coalesced"
-    resp = await _relay(request, info, flight, reader, "COALESCED", t0)
+    resp = await _relay(request, info, flight, reader, "COALESCED", t0, st.settings.write_timeout_s)
     if flight.entry is not None:
         _saved(info, flight.entry)
     return resp
@@ -497,6 +516,7 @@ async def _relay(
     reader: Reader,
     label: str,
     t0: float,
+    write_timeout: float,
 ) -> web.StreamResponse:
     """Send a flight to one client: from its first chunk, then live; show a cut as a cut."""
     try:
@@ -515,21 +535,30 @@ async def _relay(
             body = b"".join([chunk async for chunk in reader.chunks()])
             body = rebase(body, _client_base(request))
             return web.Response(status=head.status, headers=headers, body=body)
-        if flight.done and flight.outcome is Outcome.COMPLETE and not flight.overflow:
+        whole = flight.done and flight.outcome is Outcome.COMPLETE and not flight.overflow
+        if whole and flight.size <= WHOLE_MAX:
             info["chunks"] = len(flight.chunks)
             return web.Response(status=head.status, headers=headers, body=flight.body())
         resp = web.StreamResponse(status=head.status, headers=headers)
+        if whole:
+            resp.content_length = flight.size
         await resp.prepare(request)
         info["ttfb_ms"] = round((time.perf_counter() - t0) * 1000.0, 2)
         nbytes = chunks = 0
         try:
             async for chunk in reader.chunks():
-                await resp.write(chunk)
+                async with asyncio.timeout(write_timeout):
+                    await resp.write(chunk)
                 nbytes += len(chunk)
                 chunks += 1
-        except ConnectionResetError:
-            info["client_gone"] = True
+        except (ConnectionResetError, TimeoutError, Lagged) as exc:
+            # gone, or taking nothing for write_timeout, or too slow for an overflowing flight
+            info["client_gone" if isinstance(exc, ConnectionResetError) else "client_dropped"] = (
+                True
+            )
             info["bytes"], info["chunks"] = nbytes, chunks
+            if not isinstance(exc, ConnectionResetError):
+                _cut(request)
             return resp
         info["bytes"], info["chunks"] = nbytes, chunks
         if flight.outcome is Outcome.CUT:
@@ -550,6 +579,13 @@ def _client_base(request: web.BaseRequest) -> str:
         host = f"[{sock[0]}]" if ":" in str(sock[0]) else str(sock[0])
         fallback = f"http://{host}:{sock[1]}"
     return client_base(request.scheme, request.headers.get("Host"), fallback)
+
+
+def _drop(request: web.BaseRequest) -> None:
+    """Drop a client that takes nothing: at once, freeing what its socket still buffers."""
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
 
 
 def _cut(request: web.BaseRequest) -> None:
@@ -590,9 +626,11 @@ async def _passthrough(
             info["ttfb_ms"] = round((time.perf_counter() - t0) * 1000.0, 2)
             async for chunk in up.content.iter_any():
                 try:
-                    await resp.write(chunk)
-                except ConnectionResetError:
-                    info["client_gone"] = True
+                    async with asyncio.timeout(st.settings.write_timeout_s):
+                        await resp.write(chunk)
+                except (ConnectionResetError, TimeoutError) as exc:
+                    gone = isinstance(exc, ConnectionResetError)
+                    info["client_gone" if gone else "client_dropped"] = True
                     break
                 nbytes += len(chunk)
                 chunks += 1
@@ -612,7 +650,9 @@ async def _passthrough(
             if cost is not None:
                 info.update(money_fields(cost.fields(), saved=False))
         info["bytes"], info["chunks"] = nbytes, chunks
-        if not info.get("client_gone"):
+        if info.get("client_dropped"):
+            _drop(request)
+        elif not info.get("client_gone"):
             await resp.write_eof()
         return resp
     except UpstreamTimeout:

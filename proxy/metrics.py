@@ -90,6 +90,13 @@ class StatsCollector(Collector):
         )
         breaker.add_metric([store_state.store.name], 0.0 if store_state.healthy else 1.0)
         yield breaker
+        skipped = CounterMetricFamily(
+            "ocp_store_write_errors",
+            "Answers not stored because the store refused the write (reads went on).",
+            labels=["store"],
+        )
+        skipped.add_metric([store_state.store.name], store_state.write_errors)
+        yield skipped
         in_flight = GaugeMetricFamily("ocp_flights", "Upstream answers in flight in this process.")
         in_flight.add_metric([], len(self.state.flights))
         yield in_flight

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +14,21 @@ _COMPRESSED = b"OCZ1"
 COMPRESS_ABOVE = 16 * 1024
 HIT_CACHE_STATUS = "openai-cache-proxy; hit"
 """RFC 9211 Cache-Status of a HIT (the cache's name is openai-cache-proxy)."""
+
+
+class Clock:
+    """Wall-clock time on the shared store's clock: `offset` is the store's time minus this
+    machine's (Redis TIME, read at start-up), so `created`, Age and max-age agree across
+    instances whose clocks differ. 0 for stores that live on this machine."""
+
+    offset = 0.0
+
+    def now(self) -> float:
+        return time.time() + self.offset
+
+
+CLOCK = Clock()
+"""The process's one clock; RedisStore.warm sets its offset."""
 
 
 class CorruptEntry(ValueError):

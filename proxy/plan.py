@@ -6,7 +6,6 @@ method, path, query, headers and body bytes.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 from dataclasses import dataclass
@@ -72,21 +71,38 @@ class ClientControls:
 DEFAULT_CONTROLS = ClientControls(Mode.LOOKUP, None, "")
 
 
+DELTA_MAX = 2**31
+"""RFC 9111 1.2.2: a delta-seconds too large to represent counts as 2^31."""
+
+
+def delta_seconds(arg: str) -> float | None:
+    """A Cache-Control delta-seconds (digits only, RFC 9111 1.2.2); None when invalid, so the
+    directive is ignored (a negative, fractional or `nan` value is not 0)."""
+    arg = arg.strip().strip('"')
+    if not arg or not arg.isascii() or not arg.isdigit():
+        return None
+    return float(min(int(arg[:12]), DELTA_MAX))
+
+
 def parse_cache_control(value: str | None, namespace: str | None) -> ClientControls:
-    """Read the request's Cache-Control (no-store, no-cache, max-age=N) and X-Cache-Namespace."""
+    """Read the request's Cache-Control (no-store, no-cache, max-age=N) and X-Cache-Namespace.
+
+    `value` is every Cache-Control line joined with commas (RFC 9110 5.3: one list)."""
     if value is None and namespace is None:
         return DEFAULT_CONTROLS
     mode, max_age = Mode.LOOKUP, None
     if value:
         for part in value.lower().split(","):
             name, _, arg = part.strip().partition("=")
+            name = name.strip()
             if name == "no-store":
                 mode = Mode.BYPASS
             elif name == "no-cache" and mode is not Mode.BYPASS:
                 mode = Mode.REFRESH
             elif name == "max-age":
-                with contextlib.suppress(ValueError):
-                    max_age = max(0.0, float(arg.strip().strip('"')))
+                seconds = delta_seconds(arg)
+                if seconds is not None:
+                    max_age = seconds if max_age is None else min(max_age, seconds)
     return ClientControls(mode, max_age, (namespace or "").strip())
 
 

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 from aiohttp import web
 
-from proxy.models import HIT_CACHE_STATUS, CachedResponse
+from proxy.models import CLOCK, HIT_CACHE_STATUS, CachedResponse
 from proxy.rules import Rule
 
 CACHE_NAME = "openai-cache-proxy"
 assert f"{CACHE_NAME}; hit" == HIT_CACHE_STATUS
+
+
+PIECE = 256 * 1024
 
 
 def whole(
@@ -20,14 +22,45 @@ def whole(
     """A stored answer as one response (the fast replay, and every non-stream answer);
     `body` replaces the stored one (an answer rebased for its client)."""
     resp = web.Response(status=entry.status, body=entry.body if body is None else body)
+    _headers(resp, entry, status, cache_status)
+    return resp
+
+
+def _headers(resp: web.StreamResponse, entry: CachedResponse, status: str, cs: str) -> None:
     headers = resp.headers
     if status == "HIT":
         headers.extend(entry.hit_headers)
-        headers.add("Age", str(max(0, int(time.time() - entry.created))))
-        return resp
+        headers.add("Age", str(max(0, int(CLOCK.now() - entry.created))))
+        return
     headers.extend(entry.headers)
     headers.add("X-Cache-Status", status)
-    headers.add("Cache-Status", cache_status)
+    headers.add("Cache-Status", cs)
+
+
+async def whole_in_pieces(
+    request: web.BaseRequest,
+    entry: CachedResponse,
+    status: str,
+    cache_status: str,
+    write_timeout: float,
+    body: bytes | None = None,
+) -> web.StreamResponse:
+    """whole() for a large answer: written PIECE by PIECE, each under `write_timeout`, so a
+    client that reads nothing holds a socket buffer's worth, not a copy of the answer."""
+    data = memoryview(entry.body if body is None else body)
+    resp = web.StreamResponse(status=entry.status)
+    _headers(resp, entry, status, cache_status)
+    resp.content_length = len(data)
+    await resp.prepare(request)
+    try:
+        for start in range(0, len(data), PIECE):
+            async with asyncio.timeout(write_timeout):
+                await resp.write(data[start : start + PIECE])
+    except (ConnectionResetError, TimeoutError):
+        if request.transport is not None:
+            request.transport.abort()  # takes nothing: drop it and what its socket buffers
+        return resp
+    await resp.write_eof()
     return resp
 
 
@@ -52,7 +85,7 @@ async def replay(
     headers["X-Cache-Status"] = status
     headers["Cache-Status"] = cache_status
     if status == "HIT":
-        headers["Age"] = str(max(0, int(time.time() - entry.created)))
+        headers["Age"] = str(max(0, int(CLOCK.now() - entry.created)))
     await resp.prepare(request)
     loop = asyncio.get_running_loop()
     start = loop.time()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import signal
 import sys
@@ -23,8 +24,23 @@ async def _serve(settings: Settings) -> None:
         await stop.wait()
 
 
+def raise_open_files_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: every client connection is a descriptor, and
+    a 1024 soft limit lets 1000 idle connections lock everyone else out."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1_048_576
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def run_worker(settings: Settings) -> None:
     configure_logging(settings.log_format)
+    raise_open_files_limit()
     try:
         import uvloop
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -33,7 +34,8 @@ class Settings:
     data_dir: Path = field(default_factory=_default_data_dir)
     """Where the embedded store, the local images and the key secret live."""
     cache: str = ""
-    """Store URL: memory://[?max_mb=N], sqlite:///path.db, redis://... Empty: SQLite in data_dir."""
+    """Store URL: memory://[?max_mb=N], sqlite:///path.db[?max_mb=N], redis://... Empty: SQLite
+    in data_dir (capped at 1024 MB)."""
     rules: Path | None = None
     """A TOML file or a folder of them. None: the shipped rules/."""
     hot_cache_mb: float = 64.0
@@ -79,6 +81,19 @@ class Settings:
     """Comma-separated hosts images may be fetched from. Empty: OpenAI's image blob host."""
     image_max_mb: float = 50.0
     """Largest image fetched for rehosting."""
+    image_timeout_s: float = 15.0
+    """Longest time rehosting one answer's images may take, as a whole (downloads and
+    uploads); past it the client gets the original answer and nothing is stored."""
+    header_timeout_s: float = 30.0
+    """A connection whose request head is not complete this long after its first byte (or
+    after it opened) is closed."""
+    keepalive_timeout_s: float = 75.0
+    """Idle keep-alive connections are closed after this long."""
+    write_timeout_s: float = 60.0
+    """A client that takes no bytes of its answer for this long is dropped."""
+    upstream_ca_file: str = ""
+    """A PEM bundle of CA certificates to trust for the upstream (a private CA). Empty: the
+    system store (and SSL_CERT_FILE)."""
     admin_token: str = ""
     """Guards /_proxy/stats, /_proxy/metrics and /_proxy/dashboard when set."""
 
@@ -123,8 +138,21 @@ class Settings:
             value = getattr(self, name)
             if value and urlsplit(value).scheme not in ("http", "https"):
                 raise ConfigError(f"{_flag(name)} / {_env(name)}: {value!r} is not an http(s) URL")
-        if self.max_body_mb <= 0:
-            raise ConfigError("--max-body-mb / PROXY_MAX_BODY_MB: must be above 0")
+        for name in POSITIVE:
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{_flag(name)} / {_env(name)}: {value:g} must be above 0")
+        for name in ZERO_IS_OFF:
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(
+                    f"{_flag(name)} / {_env(name)}: {value:g} must be 0 (off) or more"
+                )
+        if self.upstream_ca_file and not Path(self.upstream_ca_file).is_file():
+            raise ConfigError(
+                f"--upstream-ca-file / PROXY_UPSTREAM_CA_FILE: {self.upstream_ca_file} "
+                "is not a file"
+            )
         if self.log_format not in ("json", "console"):
             raise ConfigError(
                 f"--log-format / PROXY_LOG_FORMAT: {self.log_format!r} is not json or console"
@@ -137,6 +165,27 @@ class Settings:
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
+
+
+POSITIVE = (
+    "max_body_mb",
+    "hot_cache_ttl_s",
+    "breaker_s",
+    "lease_s",
+    "upstream_connect_timeout_s",
+    "upstream_read_timeout_s",
+    "max_record_mb",
+    "detached_max_s",
+    "idempotency_ttl_s",
+    "image_max_mb",
+    "image_timeout_s",
+    "header_timeout_s",
+    "keepalive_timeout_s",
+    "write_timeout_s",
+)
+"""Sizes and times that make no sense at 0 or below: start-up stops naming the setting."""
+ZERO_IS_OFF = ("hot_cache_mb", "auth_recheck_s")
+"""Sizes and times where 0 turns the feature off; below 0 stops start-up."""
 
 
 def _flag(name: str) -> str:
@@ -162,6 +211,10 @@ _CONVERTERS: dict[str, Callable[[str], Any]] = {
     "detached_max_s": float,
     "idempotency_ttl_s": float,
     "image_max_mb": float,
+    "image_timeout_s": float,
+    "header_timeout_s": float,
+    "keepalive_timeout_s": float,
+    "write_timeout_s": float,
     "data_dir": lambda s: Path(s).expanduser(),
     "rules": lambda s: Path(s).expanduser(),
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import ssl
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from urllib.parse import urlsplit
@@ -57,7 +58,14 @@ def map_exceptions() -> Iterator[None]:
 class Upstream:
     """Sends requests to the configured base URL and streams the answers back."""
 
-    def __init__(self, base_url: str, *, connect_timeout_s: float, read_timeout_s: float) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        connect_timeout_s: float,
+        read_timeout_s: float,
+        ca_file: str = "",
+    ) -> None:
         parts = urlsplit(base_url)
         self.origin = f"{parts.scheme}://{parts.netloc}"
         prefix = parts.path.rstrip("/")
@@ -72,12 +80,16 @@ class Upstream:
             sock_read=read_timeout_s,
         )
         self._session: aiohttp.ClientSession | None = None
+        self.ssl: ssl.SSLContext | bool = True
+        if ca_file:  # a private CA, on top of the system's
+            self.ssl = ssl.create_default_context()
+            self.ssl.load_verify_locations(cafile=ca_file)
 
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, ssl=self.ssl),
                 timeout=self.timeout,
                 auto_decompress=True,
                 skip_auto_headers=("User-Agent",),

@@ -33,7 +33,11 @@ class S3ImageStore:
             "s3",
             endpoint_url=endpoint_url,
             config=Config(
-                connect_timeout=5, read_timeout=30, retries={"max_attempts": 3, "mode": "standard"}
+                # One retry at most: rehosting as a whole is bounded by --image-timeout-s, and
+                # stacked 30 s attempts only held answers back.
+                connect_timeout=5,
+                read_timeout=10,
+                retries={"max_attempts": 2, "mode": "standard"},
             ),
         )
 

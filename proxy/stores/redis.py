@@ -7,7 +7,9 @@ into pass-through. `redis+cluster://host:port` talks to a Redis Cluster.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
@@ -20,7 +22,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from proxy.errors import ConfigError, StoreUnavailable
-from proxy.models import CachedResponse, CorruptEntry
+from proxy.models import CLOCK, CachedResponse, CorruptEntry
 
 log = structlog.get_logger()
 T = TypeVar("T")
@@ -38,6 +40,38 @@ def _driver_info() -> dict[str, Any]:
     return {"driver_info": DriverInfo(lib_version=redis.__version__)}
 
 
+RACES = (AttributeError, RuntimeError, TypeError, IndexError, KeyError)
+"""What redis-py's async cluster client raises when coroutines race over its connections
+and topology (seen on cold starts and reshards): not Redis being down. Retried once."""
+
+EVICTING_POLICIES = ("allkeys-lru", "allkeys-lfu", "allkeys-random")
+"""maxmemory policies that may evict keys without a TTL protection: a lease or a stream key
+can vanish mid-flight (cut streams, repeated upstream calls)."""
+
+
+class Ready:
+    """Initialises a Redis Cluster client once, behind a lock, before its first command.
+
+    redis-py's async cluster client fails in odd ways (AttributeError on a connection not yet
+    made, "Connection closed by server") when many coroutines make it initialise at once, as
+    on a cold start under load. A plain client needs nothing."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.done = not isinstance(client, RedisCluster)
+        self._lock: asyncio.Lock | None = None
+
+    async def __call__(self) -> None:
+        if self.done:
+            return
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if not self.done:
+                await self.client.initialize()
+                self.done = True
+
+
 class RedisStore:
     name = "redis"
 
@@ -45,6 +79,49 @@ class RedisStore:
         self.client = client
         self.prefix = prefix
         self._blocking = blocking or client
+        self._ready = Ready(client)
+        self.blocking_ready = Ready(self._blocking)
+        self.warnings: list[str] = []
+        """What an operator should know about this Redis (an evicting maxmemory policy)."""
+
+    async def warm(self) -> None:
+        """Connect (and initialise a cluster client) before the first request, and check the
+        eviction policy. Raises StoreUnavailable if Redis cannot be reached."""
+        await self._call(self.client.ping)
+        await self._call(self._blocking.ping, ready=self.blocking_ready)
+        await self._read_clock()
+        try:
+            got = await self.client.config_get("maxmemory-policy")
+        except Exception:  # managed Redis often forbids CONFIG: nothing to say then
+            return
+        policies = set(got.values()) if isinstance(got, dict) else set()
+        if isinstance(got, list):  # a cluster client answers per node
+            for item in got:
+                policies |= set(item.values()) if isinstance(item, dict) else set()
+        for raw in policies:
+            policy = raw.decode() if isinstance(raw, bytes) else str(raw)
+            if policy in EVICTING_POLICIES:
+                msg = (
+                    f"Redis maxmemory-policy is {policy}: it may evict lease and stream keys "
+                    "mid-flight; use noeviction or a volatile-* policy (see README)"
+                )
+                self.warnings.append(msg)
+                log.warning("store.eviction_policy", store=self.name, policy=policy)
+
+    async def _read_clock(self) -> None:
+        """Take Redis's clock as the one for `created`, Age and max-age (see models.Clock)."""
+        try:
+            before = time.time()
+            got = await self._call(self.client.time)
+            if isinstance(got, dict):  # a cluster client may answer per node
+                got = next(iter(got.values()))
+            seconds, micros = got
+            CLOCK.offset = float(seconds) + float(micros) / 1e6 - (before + time.time()) / 2
+        except Exception as exc:  # no TIME (a proxy in front of Redis...): this machine's clock
+            log.info("store.clock_unavailable", store=self.name, error=type(exc).__name__)
+            return
+        if abs(CLOCK.offset) > 1.0:
+            log.warning("store.clock_skew", store=self.name, offset_s=round(CLOCK.offset, 3))
 
     def blocking_client(self) -> Any:
         """A client whose socket timeout leaves room for blocking stream reads."""
@@ -85,16 +162,21 @@ class RedisStore:
     def _k(self, key: str) -> str:
         return f"{self.prefix}:resp:{key}"
 
-    async def _call(self, call: Awaitable[T]) -> T:
+    async def _call(self, call: Callable[[], Awaitable[T]], ready: Ready | None = None) -> T:
         """One client call; whatever the client raises (connection, timeout, and the cluster
-        client's odd errors during a reshard) is the store being unavailable."""
+        client's odd errors during a cold start or a reshard) is the store being unavailable.
+        Those odd errors (a connection raced by another coroutine) get one immediate retry."""
         try:
-            return await call
+            await (ready or self._ready)()
+            try:
+                return await call()
+            except RACES:
+                return await call()
         except Exception as exc:
             raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
 
     async def get(self, key: str) -> CachedResponse | None:
-        raw = await self._call(self.client.get(self._k(key)))
+        raw = await self._call(lambda: self.client.get(self._k(key)))
         if raw is None:
             return None
         try:
@@ -106,10 +188,11 @@ class RedisStore:
 
     async def set(self, key: str, entry: CachedResponse, ttl_s: float) -> None:
         value = entry.to_bytes()
-        await self._call(self.client.set(self._k(key), value, px=max(1, int(ttl_s * 1000))))
+        px = max(1, int(ttl_s * 1000))
+        await self._call(lambda: self.client.set(self._k(key), value, px=px))
 
     async def delete(self, key: str) -> None:
-        await self._call(self.client.delete(self._k(key)))
+        await self._call(lambda: self.client.delete(self._k(key)))
 
     async def keys(self) -> list[str]:
         """Every stored key (maintenance commands only: it scans)."""

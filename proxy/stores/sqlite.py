@@ -1,4 +1,11 @@
-"""Embedded on-disk store: SQLite in WAL mode, every call on one worker thread off the loop."""
+"""Embedded on-disk store: SQLite in WAL mode, every call on one worker thread off the loop.
+
+Bounded: the file holds at most `max_bytes` of answers (`sqlite:///path?max_mb=N`; the
+default store in the data dir is capped at DEFAULT_MAX_MB). Past the cap the least recently
+used entries go; expired entries go on a timer. Both run in batches of BATCH rows, each its
+own short job on the store thread, so a lookup waits a few milliseconds at most behind them,
+and the space they free is handed back to the file system (incremental vacuum).
+"""
 
 from __future__ import annotations
 
@@ -13,19 +20,36 @@ import structlog
 
 from proxy.errors import StoreUnavailable
 from proxy.models import CachedResponse, CorruptEntry
+from proxy.tasks import spawn
 
 log = structlog.get_logger()
 
 T = TypeVar("T")
 
+DEFAULT_MAX_MB = 1024.0
+BATCH = 200
+"""Rows deleted per job on the store thread (a few milliseconds)."""
+ATIME_EVERY_S = 60.0
+"""An entry's last-use time is written at most this often (a HIT is a read, not a write)."""
+VACUUM_PAGES = 2000
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
     key TEXT PRIMARY KEY,
     expires REAL NOT NULL,
-    value BLOB NOT NULL
+    value BLOB NOT NULL,
+    size INTEGER NOT NULL DEFAULT 0,
+    atime REAL NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS entries_expires ON entries(expires);
+CREATE TABLE IF NOT EXISTS totals (id INTEGER PRIMARY KEY CHECK (id = 0), bytes INTEGER NOT NULL);
+INSERT OR IGNORE INTO totals(id, bytes) VALUES (0, 0);
 """
+_MIGRATE = (  # stores written by earlier versions: size and last use
+    "ALTER TABLE entries ADD COLUMN size INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE entries ADD COLUMN atime REAL NOT NULL DEFAULT 0",
+)
+_ATIME_INDEX = "CREATE INDEX IF NOT EXISTS entries_atime ON entries(atime)"
 
 
 class SQLiteStore:
@@ -33,19 +57,46 @@ class SQLiteStore:
 
     name = "sqlite"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_bytes: int | None = int(DEFAULT_MAX_MB * 1024 * 1024),
+        sweep_every_s: float = 30.0,
+    ) -> None:
         self.path = path
+        self.max_bytes = max_bytes
+        """None: no cap."""
+        self.sweep_every_s = sweep_every_s
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
         self._db: sqlite3.Connection | None = None
-        self._writes = 0
+        self._sweeper: asyncio.Task[None] | None = None
+        self._evicting = False
+        self.evicted = 0
+        self.expired = 0
 
+    # -- on the store thread ---------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
         if self._db is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, timeout=5.0, check_same_thread=False)
+            new = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+            if new:  # only a file without tables can switch to incremental vacuum
+                db.execute("PRAGMA auto_vacuum=INCREMENTAL")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
+            columns = {r[1] for r in db.execute("PRAGMA table_info(entries)")}
+            if columns and "size" not in columns:
+                with db:
+                    for stmt in _MIGRATE:
+                        db.execute(stmt)
+                    db.execute("UPDATE entries SET size = length(value)")
             db.executescript(_SCHEMA)
+            db.execute(_ATIME_INDEX)
+            if columns and "size" not in columns:
+                with db:
+                    total = db.execute("SELECT coalesce(sum(size), 0) FROM entries").fetchone()
+                    db.execute("UPDATE totals SET bytes = ? WHERE id = 0", (total[0],))
             self._db = db
         return self._db
 
@@ -57,32 +108,59 @@ class SQLiteStore:
             raise StoreUnavailable(f"sqlite: {exc}") from exc
 
     def _get(self, key: str) -> bytes | None:
-        row = (
-            self._connect()
-            .execute("SELECT value, expires FROM entries WHERE key = ?", (key,))
-            .fetchone()
-        )
+        db = self._connect()
+        row = db.execute(
+            "SELECT value, expires, atime FROM entries WHERE key = ?", (key,)
+        ).fetchone()
         if row is None:
             return None
-        if row[1] < time.time():
+        now = time.time()
+        if row[1] < now:
             return None
+        if now - row[2] > ATIME_EVERY_S:
+            with db:
+                db.execute("UPDATE entries SET atime = ? WHERE key = ?", (now, key))
         return bytes(row[0])
 
-    def _set(self, key: str, value: bytes, expires: float) -> None:
+    def _set(self, key: str, value: bytes, expires: float) -> int:
+        """Write one entry; returns the store's total bytes after it."""
         db = self._connect()
         with db:
+            old = db.execute("SELECT size FROM entries WHERE key = ?", (key,)).fetchone()
             db.execute(
-                "INSERT OR REPLACE INTO entries(key, expires, value) VALUES (?, ?, ?)",
-                (key, expires, value),
+                "INSERT OR REPLACE INTO entries(key, expires, value, size, atime) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (key, expires, value, len(value), time.time()),
             )
-            self._writes += 1
-            if self._writes % 1000 == 0:
-                db.execute("DELETE FROM entries WHERE expires < ?", (time.time(),))
+            delta = len(value) - (old[0] if old else 0)
+            db.execute("UPDATE totals SET bytes = bytes + ? WHERE id = 0", (delta,))
+        return int(db.execute("SELECT bytes FROM totals WHERE id = 0").fetchone()[0])
 
     def _delete(self, key: str) -> None:
         db = self._connect()
         with db:
-            db.execute("DELETE FROM entries WHERE key = ?", (key,))
+            row = db.execute("DELETE FROM entries WHERE key = ? RETURNING size", (key,)).fetchone()
+            if row is not None:
+                db.execute("UPDATE totals SET bytes = bytes - ? WHERE id = 0", (row[0],))
+
+    def _delete_batch(self, where: str, order: str, args: tuple[Any, ...]) -> tuple[int, int]:
+        """Delete up to BATCH rows chosen by `where`/`order`; (rows, bytes left in the store)."""
+        db = self._connect()
+        with db:
+            rows = db.execute(
+                # fixed SQL from this module, arguments bound
+                f"DELETE FROM entries WHERE key IN "
+                f"(SELECT key FROM entries {where} {order} LIMIT {BATCH}) RETURNING size",
+                args,
+            ).fetchall()
+            freed = sum(r[0] for r in rows)
+            if freed:
+                db.execute("UPDATE totals SET bytes = bytes - ? WHERE id = 0", (freed,))
+        total = int(db.execute("SELECT bytes FROM totals WHERE id = 0").fetchone()[0])
+        return len(rows), total
+
+    def _vacuum(self) -> None:
+        self._connect().execute(f"PRAGMA incremental_vacuum({VACUUM_PAGES})")
 
     def _close(self) -> None:
         if self._db is not None:
@@ -91,6 +169,16 @@ class SQLiteStore:
 
     def _keys(self) -> list[str]:
         return [r[0] for r in self._connect().execute("SELECT key FROM entries")]
+
+    def _total(self) -> int:
+        return int(self._connect().execute("SELECT bytes FROM totals WHERE id = 0").fetchone()[0])
+
+    # -- on the loop ------------------------------------------------------------------------
+    async def warm(self) -> None:
+        """Open the file and start the expiry sweeper (called once at start-up)."""
+        await self._run(self._connect)
+        if self._sweeper is None:
+            self._sweeper = spawn(self._sweep_forever(), name="sqlite-sweeper")
 
     async def get(self, key: str) -> CachedResponse | None:
         raw = await self._run(self._get, key)
@@ -104,10 +192,55 @@ class SQLiteStore:
             return None
 
     async def set(self, key: str, entry: CachedResponse, ttl_s: float) -> None:
-        await self._run(self._set, key, entry.to_bytes(), time.time() + ttl_s)
+        total = await self._run(self._set, key, entry.to_bytes(), time.time() + ttl_s)
+        if self.max_bytes is not None and total > self.max_bytes and not self._evicting:
+            self._evicting = True
+            try:
+                await self._evict()
+            finally:
+                self._evicting = False
+
+    async def _evict(self) -> None:
+        """Least recently used entries go, a batch per job, until the store is under its cap
+        (with a tenth of headroom, so eviction does not run on every write)."""
+        assert self.max_bytes is not None
+        target = int(self.max_bytes * 0.9)
+        total = await self._run(self._total)
+        while total > target:
+            n, total = await self._run(self._delete_batch, "", "ORDER BY atime", ())
+            self.evicted += n
+            if n == 0:
+                break
+        await self._run(self._vacuum)
+
+    async def sweep(self) -> int:
+        """Delete every expired entry, a batch per job; returns how many went."""
+        gone: int = 0
+        while True:
+            n, _ = await self._run(self._delete_batch, "WHERE expires < ?", "", (time.time(),))
+            gone += int(n)
+            if n < BATCH:
+                break
+        if gone:
+            await self._run(self._vacuum)
+        self.expired += gone
+        return gone
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.sweep_every_s)
+            try:
+                await self.sweep()
+            except StoreUnavailable as exc:
+                log.warning("store.sweep_failed", store=self.name, error=str(exc)[:200])
 
     async def delete(self, key: str) -> None:
         await self._run(self._delete, key)
+
+    async def total_bytes(self) -> int:
+        """Bytes of answers held (what the cap counts)."""
+        total: int = await self._run(self._total)
+        return total
 
     async def keys(self) -> list[str]:
         """Every stored key (for maintenance commands such as images backfill)."""
@@ -115,6 +248,8 @@ class SQLiteStore:
         return result
 
     async def aclose(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         try:
             await self._run(self._close)
         finally:

@@ -113,6 +113,8 @@ class FakeOpenAI:
     sent: list[float] = field(default_factory=list)
     """time.monotonic() at which each stream chunk was written (all streams, in order)."""
     base_url: str = ""
+    speech_mb: float = 0.0
+    """When above 0, /v1/audio/speech answers this many MB (a large answer)."""
     _runner: web.AppRunner | None = None
     _n: int = 0
 
@@ -594,6 +596,12 @@ class FakeOpenAI:
         audio = b"ID3\x04\x00" + hashlib.sha256(str(req.get("input")).encode()).digest() * 64
         resp = web.StreamResponse(headers={**self._headers(n), "Content-Type": "audio/mpeg"})
         await resp.prepare(request)
+        if self.speech_mb > 0:  # a large answer, sent in 1 MB pieces
+            piece = (audio * (1024 * 1024 // len(audio) + 1))[: 1024 * 1024]
+            for _ in range(int(self.speech_mb)):
+                await resp.write(piece)
+            await resp.write_eof()
+            return resp
         for i in range(0, len(audio), 512):
             await resp.write(audio[i : i + 512])
         await resp.write_eof()

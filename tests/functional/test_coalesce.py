@@ -8,7 +8,7 @@ import time
 import aiohttp
 import orjson
 
-from tests.functional.test_streams import HEADERS, joined, post_stream, wait_until
+from tests.helpers import HEADERS, joined, post_stream, wait_until
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Persona for Ann"}]}
 STREAM = {**CHAT, "stream": True}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import redis
 from structlog.testing import capture_logs
 
 from tests.conftest import sdk, spawn_proxy, start_redis
-from tests.functional.test_streams import HEADERS, joined, post_stream, wait_until
+from tests.helpers import HEADERS, joined, post_stream, wait_until
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Shared persona"}]}
 STREAM = {**CHAT, "stream": True}
@@ -208,75 +207,6 @@ async def test_redis_killed_while_requests_flow(start_proxy, fake):
             assert (await r.json())["status"] == "ok"
     finally:
         server.stop()
-
-
-@pytest.fixture
-def redis_cluster(tmp_path):
-    """A local Redis Cluster: 3 masters made with redis-cli --cluster create."""
-    ports = cluster_ports(3)
-    servers = []
-    try:
-        for port in ports:
-            d = tmp_path / f"node{port}"
-            d.mkdir()
-            conf = str(d / "nodes.conf")
-            servers.append(
-                start_redis(
-                    port, "--cluster-enabled", "yes", "--cluster-config-file", conf, "--dir", str(d)
-                )
-            )
-        subprocess.run(
-            [
-                "redis-cli",
-                "--cluster",
-                "create",
-                *[f"127.0.0.1:{p}" for p in ports],
-                "--cluster-replicas",
-                "0",
-                "--cluster-yes",
-            ],
-            check=True,
-            capture_output=True,
-            timeout=30,
-        )
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            info = subprocess.run(
-                ["redis-cli", "-p", str(ports[0]), "cluster", "info"],
-                capture_output=True,
-                text=True,
-            ).stdout
-            if "cluster_state:ok" in info:
-                break
-            time.sleep(0.1)
-        yield f"redis+cluster://127.0.0.1:{ports[0]}"
-    finally:
-        for s in servers:
-            s.stop()
-
-
-def cluster_ports(n: int) -> list[int]:
-    """Ports P whose cluster bus port P + 10000 is free too (ephemeral ports may not be)."""
-    import random
-    import socket
-
-    found: list[int] = []
-    while len(found) < n:
-        port = random.randrange(20000, 30000)
-        socks = []
-        try:
-            for p in (port, port + 10000):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-        if port not in found:
-            found.append(port)
-    return found
 
 
 async def test_coalescing_on_redis_cluster(start_proxy, redis_cluster, fake):

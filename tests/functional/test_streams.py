@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import aiohttp
@@ -14,37 +13,13 @@ from structlog.testing import capture_logs
 
 from proxy.testing.fake_openai import recorded
 from tests.conftest import async_sdk
+from tests.helpers import HEADERS, joined, post_stream, wait_until
 
 CHAT = {
     "model": "gpt-4o-mini",
     "messages": [{"role": "user", "content": "Stream a persona"}],
     "stream": True,
 }
-HEADERS = {"Authorization": "Bearer sk-test-a", "Content-Type": "application/json"}
-
-
-async def post_stream(url: str, body: dict, headers: dict | None = None):
-    """POST and collect (status, headers, chunks with their arrival times)."""
-    chunks: list[tuple[float, bytes]] = []
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(url, data=orjson.dumps(body), headers={**HEADERS, **(headers or {})}) as r,
-    ):
-        async for chunk in r.content.iter_any():
-            chunks.append((time.monotonic(), chunk))
-        return r.status, r.headers, chunks
-
-
-def joined(chunks) -> bytes:
-    return b"".join(c for _, c in chunks)
-
-
-async def wait_until(cond, within_s: float = 5.0) -> None:
-    deadline = time.monotonic() + within_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 async def test_miss_is_relayed_live_not_buffered(proxy, fake):

@@ -1,0 +1,127 @@
+"""Helpers shared by the functional tests: a `python -m proxy` process kept for its output,
+and a raw HTTP/1.1 client for what SDKs cannot send (malformed, encoded or odd requests)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import aiohttp
+import orjson
+
+from tests.conftest import spawn_proxy
+
+CHAT = "/v1/chat/completions"
+
+
+class Proc:
+    """A running `python -m proxy` whose output is kept for the secrets check."""
+
+    def __init__(self, upstream: str, data_dir: Path, *flags: str) -> None:
+        self.proc, self.port = spawn_proxy(
+            upstream, data_dir, "--auth-recheck-s", "0", *flags, output=subprocess.PIPE
+        )
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> tuple[bytes, bytes]:
+        self.proc.terminate()
+        out, err = self.proc.communicate(timeout=20)
+        return out, err
+
+    def rss_kb(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+
+def raw(port: int, data: bytes, *, read_timeout: float = 10.0) -> bytes:
+    """Send raw bytes, return everything the proxy answers until it closes or goes quiet."""
+    with socket.create_connection(("127.0.0.1", port), timeout=read_timeout) as s:
+        s.sendall(data)
+        chunks = []
+        try:
+            while True:
+                got = s.recv(65536)
+                if not got:
+                    break
+                chunks.append(got)
+                if b"\r\n\r\n" in b"".join(chunks) and _complete(b"".join(chunks)):
+                    break
+        except TimeoutError:
+            pass
+    return b"".join(chunks)
+
+
+def _complete(data: bytes) -> bool:
+    head, _, body = data.partition(b"\r\n\r\n")
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return len(body) >= int(line.split(b":")[1])
+    return False
+
+
+def post(port: int, body: bytes, headers: dict[str, str], path: str = CHAT) -> bytes:
+    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    head += f"Content-Length: {len(body)}\r\n\r\n"
+    return raw(port, head.encode() + body)
+
+
+def status_of(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1])
+
+
+def header(answer: bytes, name: str) -> str | None:
+    head = answer.partition(b"\r\n\r\n")[0].decode("latin-1")
+    for line in head.split("\r\n")[1:]:
+        k, _, v = line.partition(":")
+        if k.strip().lower() == name.lower():
+            return v.strip()
+    return None
+
+
+def body_of(answer: bytes) -> bytes:
+    """The body, de-chunked when the answer was sent chunked."""
+    body = answer.partition(b"\r\n\r\n")[2]
+    if (header(answer, "Transfer-Encoding") or "").lower() != "chunked":
+        return body
+    out = b""
+    while body:
+        size_line, _, rest = body.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            break
+        out += rest[:size]
+        body = rest[size + 2 :]
+    return out
+
+
+HEADERS = {"Authorization": "Bearer sk-test-a", "Content-Type": "application/json"}
+
+
+async def post_stream(url: str, body: dict, headers: dict | None = None):
+    """POST and collect (status, headers, chunks with their arrival times)."""
+    chunks: list[tuple[float, bytes]] = []
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(url, data=orjson.dumps(body), headers={**HEADERS, **(headers or {})}) as r,
+    ):
+        async for chunk in r.content.iter_any():
+            chunks.append((time.monotonic(), chunk))
+        return r.status, r.headers, chunks
+
+
+def joined(chunks) -> bytes:
+    return b"".join(c for _, c in chunks)
+
+
+async def wait_until(cond, within_s: float = 5.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
