@@ -41,6 +41,7 @@ def main() -> None:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--latency", type=float, default=0.0)
     p.add_argument("--chunk-delay", type=float, default=0.0)
+    p.add_argument("--speech-mb", type=float, default=0.0)
     args = p.parse_args()
     try:
         import uvloop
@@ -56,6 +57,7 @@ def main() -> None:
 
     async def run_fake() -> None:
         fake = FakeOpenAI(latency=args.latency, chunk_delay=args.chunk_delay)
+        fake.speech_mb = args.speech_mb
         await fake.start(port=args.port)
         await asyncio.Event().wait()
 

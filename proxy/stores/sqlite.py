@@ -32,6 +32,8 @@ BATCH = 200
 ATIME_EVERY_S = 60.0
 """An entry's last-use time is written at most this often (a HIT is a read, not a write)."""
 VACUUM_PAGES = 2000
+PAUSE_S = 0.01
+"""Between two batches of a sweep or an eviction: lookups get the store thread."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -159,8 +161,12 @@ class SQLiteStore:
         total = int(db.execute("SELECT bytes FROM totals WHERE id = 0").fetchone()[0])
         return len(rows), total
 
-    def _vacuum(self) -> None:
-        self._connect().execute(f"PRAGMA incremental_vacuum({VACUUM_PAGES})")
+    def _vacuum(self) -> int:
+        """Give up to VACUUM_PAGES free pages back to the file system; the free pages left."""
+        db = self._connect()
+        # executescript steps the pragma to its end: execute() would free one page a call
+        db.executescript(f"PRAGMA incremental_vacuum({VACUUM_PAGES});")
+        return int(db.execute("PRAGMA freelist_count").fetchone()[0])
 
     def _close(self) -> None:
         if self._db is not None:
@@ -211,28 +217,49 @@ class SQLiteStore:
             self.evicted += n
             if n == 0:
                 break
-        await self._run(self._vacuum)
+            await asyncio.sleep(PAUSE_S)
+        await self._vacuum_all()
 
     async def sweep(self) -> int:
-        """Delete every expired entry, a batch per job; returns how many went."""
+        """Delete every expired entry, a batch per job with a pause between batches (lookups
+        run in between and the sweep takes at most about half of the store thread); then give
+        the freed pages back to the file system. Returns how many entries went."""
         gone: int = 0
         while True:
             n, _ = await self._run(self._delete_batch, "WHERE expires < ?", "", (time.time(),))
             gone += int(n)
             if n < BATCH:
                 break
+            await asyncio.sleep(PAUSE_S)
         if gone:
-            await self._run(self._vacuum)
+            await self._vacuum_all()
         self.expired += gone
         return gone
 
+    async def _vacuum_all(self) -> None:
+        """Vacuum step by step while steps make progress (in WAL mode a few free pages can
+        stay until a checkpoint)."""
+        left = await self._run(self._vacuum)
+        while left:
+            await asyncio.sleep(PAUSE_S)
+            before, left = left, await self._run(self._vacuum)
+            if left >= before:
+                break
+
     async def _sweep_forever(self) -> None:
+        delay = min(1.0, self.sweep_every_s)  # the first sweep soon after start-up
         while True:
-            await asyncio.sleep(self.sweep_every_s)
+            await asyncio.sleep(delay)
+            delay = self.sweep_every_s
+            t0 = time.monotonic()
             try:
-                await self.sweep()
+                gone = await self.sweep()
             except StoreUnavailable as exc:
                 log.warning("store.sweep_failed", store=self.name, error=str(exc)[:200])
+                continue
+            if gone:
+                took = round((time.monotonic() - t0) * 1000.0, 1)
+                log.info("store.swept", store=self.name, expired=gone, ms=took)
 
     async def delete(self, key: str) -> None:
         await self._run(self._delete, key)

@@ -1,0 +1,87 @@
+"""Pure pieces of the edge work: the incremental SSE scanner, the lagging reader, the clock."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy import sse
+from proxy.coalesce import Flight, Lagged
+from proxy.models import CLOCK, CachedResponse
+from proxy.replay import whole
+from proxy.testing.fake_openai import recorded
+
+STREAMS = [
+    "chat_completion_stream_prompt_caching_cache_read",
+    "chat_completion_tool_call_streamed",
+    "response_stream",
+    "response_stream_incomplete",
+]
+
+
+def one_pass(body: bytes) -> tuple[str, object]:
+    return sse.verdict(body), sse.usage_of_stream(body)
+
+
+@settings(max_examples=60, deadline=None)
+@given(name=st.sampled_from(STREAMS), cuts=st.lists(st.integers(0, 10_000), max_size=30))
+def test_scanner_fed_in_any_pieces_agrees_with_one_pass(name, cuts):
+    """Split a recorded real stream anywhere (mid-line, mid-CRLF): same verdict and usage."""
+    body = recorded(name)["response"]["body_text"].encode()
+    points = sorted({c % (len(body) + 1) for c in cuts})
+    scan = sse.Scanner()
+    start = 0
+    for p in [*points, len(body)]:
+        scan.feed(body[start:p])
+        start = p
+    scan.close()
+    assert (scan.verdict(), scan.usage) == one_pass(body)
+
+
+def test_scanner_sees_a_cut_and_an_error_event():
+    scan = sse.Scanner()
+    scan.feed(b'data: {"choices":[]}\n\n')
+    scan.close()
+    assert scan.verdict() == "stream ended without its terminal event"
+    scan = sse.Scanner()
+    scan.feed(b'data: {"error":{"message":"x"}}\n\ndata: [DONE]\n\n')
+    scan.close()
+    assert scan.verdict() == "stream carried an error event"
+
+
+async def test_a_reader_that_lags_behind_an_overflowing_flight_is_cut():
+    """Past max_bytes the flight keeps a window; a reader whose chunks left it gets Lagged,
+    never a chunk from the wrong place."""
+    flight = Flight("k", max_bytes=10)
+    slow, fast = flight.attach(), flight.attach()
+    flight.publish_head(200, ())
+    got_fast = []
+    for i in range(2000):
+        flight.append(bytes([i % 256]) * 4096)  # 8 MB: past the 4 MB lag window
+        async for chunk in _take(fast, 1):
+            got_fast.append(chunk)
+    assert flight.kept <= 4 * 1024 * 1024 + 4096
+    with pytest.raises(Lagged):
+        async for _ in slow.chunks():
+            pass
+    assert [c[0] for c in got_fast] == [i % 256 for i in range(2000)]
+
+
+async def _take(reader, n):
+    it = reader.chunks()
+    for _ in range(n):
+        yield await asyncio.wait_for(it.__anext__(), 1)
+
+
+def test_age_uses_the_store_clock():
+    """With Redis's clock ahead of this machine's, Age counts from the store's time."""
+    entry = CachedResponse(200, (), b"x", created=time.time() + 100)
+    try:
+        CLOCK.offset = 130.0
+        assert whole(entry, "HIT", "x").headers["Age"] in ("29", "30")
+    finally:
+        CLOCK.offset = 0.0
