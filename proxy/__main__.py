@@ -25,6 +25,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             from proxy.backfill import main as backfill_main
 
             return backfill_main(args[2:])
+        if args[:1] == ["purge"]:
+            from proxy.purge import main as purge_main
+
+            return purge_main(args[1:])
+        if args[:1] == ["healthcheck"]:
+            from proxy.serve import healthcheck
+
+            return healthcheck(
+                Settings.from_args(
+                    args[1:],
+                    prog="python -m proxy healthcheck",
+                    description="Exit 0 if the proxy running on this machine answers "
+                    "/_proxy/health (it finds the port in the data folder), else 1.",
+                    epilog=None,
+                )
+            )
         settings = Settings.from_args(args)
         from proxy.app import build_state
 

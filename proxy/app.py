@@ -22,7 +22,7 @@ from proxy.bus import RedisBus
 from proxy.cache import Cache
 from proxy.coalesce import Flights
 from proxy.cost import Prices
-from proxy.errors import ConfigError
+from proxy.errors import ConfigError, StoreUnavailable
 from proxy.fetch import Fetcher
 from proxy.handlers import State, json_error, proxy_handler
 from proxy.images import LocalImageStore, open_image_store
@@ -198,7 +198,38 @@ async def dashboard(st: State, request: web.BaseRequest) -> web.StreamResponse:
     )
 
 
+PROBE_EVERY_S = 1.0
+"""How often the store is probed (a dead Redis shows as degraded within this plus its timeout)."""
+
+
+async def purge(st: State, request: web.BaseRequest) -> web.StreamResponse:
+    """POST /_proxy/purge {"namespace"?, "tenant"?, "model"?, "route"?}: {"purged": N}.
+    Needs --admin-token: 403 (saying how to enable it) when none is configured."""
+    if not st.settings.admin_token:
+        return json_error(
+            403,
+            "Purge needs an admin token: start the proxy with --admin-token (PROXY_ADMIN_TOKEN) "
+            "and send it as Authorization: Bearer <token>.",
+            "invalid_request_error",
+            "admin_token_not_configured",
+        )
+    from proxy.purge import BadFilter, pattern_of
+
+    body = await request.read()
+    try:
+        pattern = pattern_of(orjson.loads(body) if body else {})
+    except (BadFilter, orjson.JSONDecodeError) as exc:
+        return json_error(400, str(exc), "invalid_request_error", "invalid_purge_filter")
+    try:
+        purged = await st.cache.purge(pattern)
+    except StoreUnavailable as exc:
+        return json_error(503, f"The store is unavailable: {exc}", "proxy_error", "store_down")
+    log.info("cache.purged", purged=purged)
+    return _json({"purged": purged})
+
+
 async def health(st: State, request: web.BaseRequest) -> web.StreamResponse:
+    """200 while the proxy serves (degraded: passing through); ?strict=1: 503 when degraded."""
     body: dict[str, Any] = {
         "status": "ok" if st.cache.healthy else "degraded",
         "store": {
@@ -210,9 +241,12 @@ async def health(st: State, request: web.BaseRequest) -> web.StreamResponse:
         "version": __version__,
         "in_flight": len(st.flights),
     }
+    if st.cache.reason:
+        body["store"]["reason"] = st.cache.reason
     if st.cache.warnings:
         body["warnings"] = st.cache.warnings
-    return _json(body)
+    strict = request.query.get("strict", "") not in ("", "0", "false")
+    return _json(body, 503 if strict and not st.cache.healthy else 200)
 
 
 async def stats(st: State, request: web.BaseRequest) -> web.StreamResponse:
@@ -246,8 +280,10 @@ class ProxyApp:
             ("GET", "/_proxy/stats"): admin_only(stats),
             ("GET", "/_proxy/metrics"): admin_only(self.metrics),
             ("GET", "/_proxy/dashboard"): admin_only(dashboard),
+            ("POST", "/_proxy/purge"): admin_only(purge),
         }
         self._flusher: asyncio.Task[None] | None = None
+        self._prober: asyncio.Task[None] | None = None
         logmod.guard_aiohttp_logs()
 
     async def metrics(self, st: State, request: web.BaseRequest) -> web.StreamResponse:
@@ -294,11 +330,29 @@ class ProxyApp:
 
     async def startup(self) -> None:
         self._flusher = spawn(logmod.flusher(), name="log-flusher")
-        await self.state.cache.warm()
+        cache = self.state.cache
+        await cache.warm()
+        await cache.probe()
+        log.info(
+            "proxy.started",
+            store=cache.store.name,
+            store_state=cache.state,
+            reason=cache.reason or None,
+            data_dir=str(self.settings.data_dir),
+            upstream=self.settings.upstream,
+        )
+        self._prober = spawn(self._probe_forever(), name="store-probe")
+
+    async def _probe_forever(self) -> None:
+        while True:
+            await asyncio.sleep(PROBE_EVERY_S)
+            await self.state.cache.probe()
 
     async def shutdown(self) -> None:
         if self._flusher is not None:
             self._flusher.cancel()
+        if self._prober is not None:
+            self._prober.cancel()
         self.state.cpu.shutdown(wait=False, cancel_futures=True)
         await self.state.upstream.aclose()
         if self.state.rehoster is not None:

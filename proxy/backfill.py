@@ -18,6 +18,7 @@ from proxy.errors import ConfigError
 from proxy.handlers import State
 from proxy.images.base import PLACEHOLDER_BASE, has_placeholder
 from proxy.images.rehost import ImageRehoster, rewrites, url_items
+from proxy.keys import key_id
 from proxy.settings import Settings
 
 
@@ -60,7 +61,7 @@ async def backfill(st: State, *, show_progress: bool = True) -> BackfillReport:
                     continue
                 new = await rehoster.rewrite(entry.body, base)
                 if new is None:
-                    report.lost.append(key[3:15])
+                    report.lost.append(key_id(key))
                     continue
                 rule = st.rules.match("POST", str(entry.meta["route"]), entry.meta.get("model"))
                 ttl = rule.ttl_s if rule is not None else 365 * 86400.0
@@ -75,7 +76,14 @@ async def backfill(st: State, *, show_progress: bool = True) -> BackfillReport:
 
 
 def main(argv: list[str]) -> int:
-    settings = Settings.from_args(argv)
+    settings = Settings.from_args(
+        argv,
+        prog="python -m proxy images backfill",
+        description="Rehost the images of answers cached before rehosting was on, and list "
+        "those whose upstream URL no longer answers. It works on the store the server's "
+        "flags name (the proxy may be stopped), so it takes the same flags.",
+        epilog=None,
+    )
     state = build_state(settings)  # before the loop: it reads files
     report = asyncio.run(backfill(state, show_progress=sys.stderr.isatty()))
     print(

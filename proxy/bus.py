@@ -28,6 +28,7 @@ import orjson
 import structlog
 
 from proxy.coalesce import Flight, Outcome
+from proxy.keys import key_id
 from proxy.stores.redis import RACES
 from proxy.tasks import spawn
 
@@ -168,7 +169,7 @@ class RedisBus:
         """Publish a local flight to the stream while renewing the lease; release at the end."""
         reader = flight.attach()
         lost = asyncio.Event()
-        renewer = spawn(self._renew_loop(key, token, lost), name=f"lease:{key[3:15]}")
+        renewer = spawn(self._renew_loop(key, token, lost), name=f"lease:{key_id(key)}")
         try:
             await flight.wait_head(None)
             if flight.head is not None:
@@ -204,7 +205,7 @@ class RedisBus:
             await asyncio.sleep(self.lease_ms / 3000.0)
             try:
                 if not await self.renew(key, token):
-                    log.warning("bus.lease_lost", key=key[3:15])
+                    log.warning("bus.lease_lost", key=key_id(key))
                     lost.set()
                     return
             except BusError:

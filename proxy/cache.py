@@ -40,6 +40,8 @@ class Cache:
         self.breaker_s = breaker_s
         self.open_until = 0.0
         self.healthy = True
+        self.reason = ""
+        """Why the store is degraded (the last failure), for /_proxy/health."""
         self.write_errors = 0
         """Writes skipped because the store refused them (reads went on)."""
         self._write_logged = -1e9
@@ -53,8 +55,9 @@ class Cache:
             raise StoreUnavailable("breaker open")
 
     def _failed(self, exc: BaseException) -> StoreUnavailable:
+        self.reason = str(exc)[:200]
         if self.healthy:
-            log.warning("store.unavailable", store=self.store.name, error=str(exc)[:200])
+            log.warning("store.unavailable", store=self.store.name, error=self.reason)
         self.healthy = False
         self.open_until = time.monotonic() + self.breaker_s
         return StoreUnavailable(str(exc))
@@ -62,7 +65,23 @@ class Cache:
     def _ok(self) -> None:
         if not self.healthy:
             self.healthy = True
+            self.reason = ""
             log.info("store.recovered", store=self.store.name)
+
+    async def probe(self) -> None:
+        """Ask the store whether it answers (PING, SELECT 1), without waiting for traffic:
+        health tells the truth at start-up and while idle; a store back up closes the
+        breaker at once."""
+        ping = getattr(self.store, "ping", None)
+        if ping is None:
+            return
+        try:
+            await ping()
+        except StoreUnavailable as exc:
+            self._failed(exc)
+            return
+        self.open_until = 0.0
+        self._ok()
 
     def peek(self, key: str) -> CachedResponse | None:
         """The hot tier only, without a coroutine: the cheapest possible HIT."""
@@ -110,6 +129,18 @@ class Cache:
                     skipped=self.write_errors,
                 )
             raise
+
+    async def purge(self, pattern: str) -> int:
+        """Delete from the store (and this process's hot tier) every entry whose key matches
+        `pattern` (see keys.purge_pattern). Other processes' hot tiers let go of them within
+        hot_ttl_s. Raises StoreUnavailable."""
+        if self.hot is not None and self.hot is not self.store:
+            self.hot.purge_now(pattern)
+        purge = getattr(self.store, "purge", None)
+        if purge is None:
+            return 0
+        gone: int = await purge(pattern)
+        return gone
 
     async def warm(self) -> None:
         """Connect to the store before the first request, if it has anything to warm; a store

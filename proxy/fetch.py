@@ -23,6 +23,7 @@ from proxy.coalesce import Flight, Flights, Outcome
 from proxy.cost import Cost, Prices
 from proxy.errors import StoreUnavailable, UpstreamError, UpstreamTimeout, error_body
 from proxy.images.base import has_placeholder
+from proxy.keys import key_id
 from proxy.models import CLOCK, CachedResponse
 from proxy.tasks import spawn
 from proxy.upstream import Upstream, response_headers
@@ -91,12 +92,14 @@ class Fetcher:
 
     def lead_shared(self, bus: RedisBus, flight: Flight, job: FetchJob, token: str) -> None:
         """Lead across instances: fetch, and mirror the flight to the bus for the others."""
-        spawn(bus.mirror(flight, flight.key, token), name=f"mirror:{flight.key[3:15]}")
+        spawn(bus.mirror(flight, flight.key, token), name=f"mirror:{key_id(flight.key)}")
         self.start(flight, job)
 
     def follow(self, bus: RedisBus, flight: Flight, job: FetchJob) -> None:
         """Feed `flight` from another instance's leader; take over if that leader dies."""
-        flight.task = spawn(self._follow_safe(bus, flight, job), name=f"follow:{flight.key[3:15]}")
+        flight.task = spawn(
+            self._follow_safe(bus, flight, job), name=f"follow:{key_id(flight.key)}"
+        )
 
     async def _follow_safe(self, bus: RedisBus, flight: Flight, job: FetchJob) -> None:
         """_follow, and whatever goes wrong in it the flight is fed or finished (fail open)."""
@@ -107,7 +110,7 @@ class Fetcher:
             self.flights.forget(flight)
             raise
         except Exception as exc:
-            log.warning("bus.follow_failed", key=flight.key[3:15], error=type(exc).__name__)
+            log.warning("bus.follow_failed", key=key_id(flight.key), error=type(exc).__name__)
             if flight.head is None and not flight.done:
                 self.start(flight, job)  # nothing reached a client yet: fetch it ourselves
             else:
@@ -132,7 +135,7 @@ class Fetcher:
                 return
             token: str | None = None
             if result == "orphaned":
-                log.warning("coalesce.leader_lost", key=key[3:15])
+                log.warning("coalesce.leader_lost", key=key_id(key))
                 try:
                     token = await bus.try_lead(key, flight.fingerprint)
                 except BusError:
@@ -180,7 +183,7 @@ class Fetcher:
             self.flights.forget(flight)
             raise
         except Exception as exc:
-            log.exception("fetch.failed", key=flight.key[3:15])
+            log.exception("fetch.failed", key=key_id(flight.key))
             if flight.head is None:
                 proxy_error(
                     flight,
@@ -194,7 +197,7 @@ class Fetcher:
                 flight.finish(Outcome.CUT, "fetch ended early")
         job.meta["upstream_ms"] = (time.monotonic() - started) * 1000.0
         if flight.outcome is Outcome.CUT and flight.head is not None and flight.head.status < 400:
-            log.warning("stream.aborted", key=flight.key[3:15], reason=flight.reason)
+            log.warning("stream.aborted", key=key_id(flight.key), reason=flight.reason)
         await self._keep(flight, job)
 
     async def _read(self, flight: Flight, job: FetchJob) -> None:
@@ -257,10 +260,10 @@ class Fetcher:
                 why = "length differs from Content-Length"
             if why:
                 good = False
-                log.info("answer.not_stored", key=flight.key[3:15], reason=why)
+                log.info("answer.not_stored", key=key_id(flight.key), reason=why)
         if not good:
             if flight.overflow:
-                log.info("stream.not_stored", key=flight.key[3:15], reason="above max_record_mb")
+                log.info("stream.not_stored", key=key_id(flight.key), reason="above max_record_mb")
             self.flights.forget(flight)
             return
         assert head is not None

@@ -32,7 +32,7 @@ from proxy.errors import StoreUnavailable, UpstreamError, UpstreamTimeout, error
 from proxy.fetch import Fetcher, FetchJob, Transform, answer_cost, usage_of_json
 from proxy.images.base import PLACEHOLDER_BASE, client_base, rebase
 from proxy.images.rehost import ImageRehoster, rewrites, transform_for
-from proxy.keys import credential_of, header_values, raw_digest, tenant_digest
+from proxy.keys import credential_of, header_values, key_id, raw_digest, tenant_digest
 from proxy.log import request_done
 from proxy.models import CLOCK, CachedResponse, money_fields
 from proxy.normalize import BadBody
@@ -249,7 +249,7 @@ async def _handle(
             and (st.auth is None or st.auth.fresh(tenant))
         ):
             info["cache"] = "hit"
-            info["key"] = plan.key[3:15]
+            info["key"] = key_id(plan.key)
             info["bytes"] = len(entry.body)
             _saved(info, entry)
             if entry.rebase:
@@ -357,7 +357,7 @@ async def _serve_keyed(
 ) -> web.StreamResponse:
     """A request with a key: answer from the cache, join a flight, or lead one."""
     rule = plan.rule
-    info["key"] = key[-12:] if key.startswith("idem:") else key[3:15]
+    info["key"] = key_id(key)
     degraded = False
     if controls.mode is Mode.LOOKUP:
         entry = st.cache.peek(key)

@@ -79,3 +79,40 @@ def raw_digest(key: bytes, head: str, body: bytes) -> bytes:
     h = hashlib.blake2b(head.encode(), key=key, digest_size=24, person=b"raw")
     h.update(body)
     return h.digest()
+
+
+def tag(value: str) -> str:
+    """8 hex characters standing for a namespace, model or route inside a store key."""
+    return hashlib.blake2b(value.encode(), digest_size=4, person=b"tag").hexdigest()
+
+
+def store_key(tenant_id: str, namespace: str, model: str | None, route: str, key: str) -> str:
+    """The key an answer is stored under: `v2:<tenant>.<ns>.<model>.<route>.<hmac>`.
+
+    The HMAC (`cache_key`) decides what is the same request; the tags in front let a purge
+    find every answer of a tenant, namespace, model or route by key pattern (Redis SCAN
+    MATCH, SQLite GLOB) without reading values or keeping an index. `tenant_id` is the
+    12-character id of the log lines; the tags are short digests, never the values."""
+    return f"v2:{tenant_id}.{tag(namespace)}.{tag(model or '')}.{tag(route)}.{key[3:]}"
+
+
+def purge_pattern(
+    *,
+    tenant: str | None = None,
+    namespace: str | None = None,
+    model: str | None = None,
+    route: str | None = None,
+) -> str:
+    """The glob (`*` only) that matches the store keys of every filter given (ANDed)."""
+    parts = [
+        tenant or "*",
+        tag(namespace) if namespace is not None else "*",
+        tag(model) if model is not None else "*",
+        tag(route) if route is not None else "*",
+    ]
+    return "v2:" + ".".join(parts) + ".*"
+
+
+def key_id(key: str) -> str:
+    """The 12-character id of a key in log lines (the start of its HMAC)."""
+    return key[-64:-52]

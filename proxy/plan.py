@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from proxy.keys import cache_key
+from proxy.keys import cache_key, store_key
 from proxy.normalize import (
     BadBody,
     Inexact,
@@ -178,7 +178,13 @@ def make_plan(
         canonical = canonical_all
     else:
         canonical = _canonical(fields, parts, rule.ignore_fields, ctype, body)
-    key = cache_key(secret, tenant, method, route, query, namespace, canonical)
+    key = store_key(
+        tenant.hex()[:12],
+        namespace,
+        label,
+        route,
+        cache_key(secret, tenant, method, route, query, namespace, canonical),
+    )
     return Plan(rule, key, label, stream, fingerprint, hints)
 
 

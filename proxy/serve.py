@@ -21,6 +21,7 @@ async def _serve(settings: Settings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with running(app, settings.host, settings.port, reuse_port=settings.workers > 1):
+        await asyncio.to_thread(write_listening, settings)
         await stop.wait()
 
 
@@ -50,14 +51,59 @@ def run_worker(settings: Settings) -> None:
     asyncio.run(_serve(settings))
 
 
+LISTENING = "listening"
+"""File in the data folder naming the URL the running proxy answers at (for healthcheck)."""
+
+
+def client_url(settings: Settings) -> str:
+    """A URL a client on this machine can use (never 0.0.0.0)."""
+    host = settings.host
+    if host in ("0.0.0.0", "::", ""):
+        return f"http://127.0.0.1:{settings.port}"
+    return f"http://{'[' + host + ']' if ':' in host else host}:{settings.port}"
+
+
+def write_listening(settings: Settings) -> None:
+    with contextlib.suppress(OSError):
+        (settings.data_dir / LISTENING).write_text(client_url(settings) + "\n")
+
+
+def healthcheck(settings: Settings) -> int:
+    """0 if the proxy on this machine answers /_proxy/health (the port it was started with,
+    flag or environment, as it wrote it in the data folder), else 1."""
+    import urllib.request
+
+    try:
+        base = (settings.data_dir / LISTENING).read_text().strip()
+    except OSError:
+        base = client_url(settings)
+    try:
+        with urllib.request.urlopen(base + "/_proxy/health", timeout=3) as resp:
+            return 0 if resp.status == 200 else 1
+    except OSError:
+        return 1
+
+
+def startup_line(settings: Settings) -> str:
+    """What the proxy says when it starts: where it listens, a URL a client can use (never
+    0.0.0.0), the upstream and the data folder."""
+    host = settings.host
+    reach = client_url(settings)
+    if host in ("0.0.0.0", "::", ""):
+        listen = f"all interfaces ({host or '0.0.0.0'}) port {settings.port}"
+    else:
+        listen = reach
+    store = settings.cache.split("?", 1)[0] or f"sqlite in {settings.data_dir}"
+    return (
+        f"openai-cache-proxy listening on {listen} (upstream {settings.upstream}, "
+        f"{settings.workers} worker(s), store {store}, data folder {settings.data_dir}). "
+        f"Point clients at OPENAI_BASE_URL={reach}/v1"
+    )
+
+
 def serve(settings: Settings) -> None:
     """Run the proxy; with --workers N, N processes share the port (SO_REUSEPORT)."""
-    base = f"http://{settings.host}:{settings.port}"
-    print(
-        f"openai-cache-proxy on {base} (upstream {settings.upstream}, "
-        f"{settings.workers} worker(s)). Point clients at OPENAI_BASE_URL={base}/v1",
-        file=sys.stderr,
-    )
+    print(startup_line(settings), file=sys.stderr)
     if settings.workers == 1:
         run_worker(settings)
         return

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
@@ -99,10 +100,14 @@ class Settings:
 
     @classmethod
     def from_args(
-        cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.environ
+        cls,
+        argv: Sequence[str] | None = None,
+        environ: Mapping[str, str] = os.environ,
+        **parser_kw: Any,
     ) -> Settings:
-        """Parse flags; each flag's default comes from its PROXY_* twin, then the built-in one."""
-        parser = build_parser(environ)
+        """Parse flags; each flag's default comes from its PROXY_* twin, then the built-in one.
+        `parser_kw` (prog, description, epilog) serve subcommands that take the server's flags."""
+        parser = build_parser(environ, **parser_kw)
         ns = parser.parse_args(argv)
         values: dict[str, Any] = {}
         for f in fields(cls):
@@ -234,25 +239,57 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see python -m proxy --help)")
 
 
-def build_parser(environ: Mapping[str, str] = os.environ) -> argparse.ArgumentParser:
+DESCRIPTION = "A transparent caching proxy for the OpenAI API."
+SUBCOMMANDS = """subcommands (each has its own --help):
+  demo [--serve]               the proxy doing its job on a fake upstream, offline
+  report [FILE ...|-]          hit ratios, tokens and dollars from request.done lines
+  images backfill [flags]      rehost images in answers cached before rehosting was on
+  purge --namespace|--tenant|--model|--route ... [flags]
+                               delete cached answers from the configured store
+  healthcheck [flags]          exit 0 if the proxy on this machine answers its health route
+
+Every flag has a PROXY_* environment twin (shown with each flag)."""
+
+
+def _shown_default(f: Any) -> str:
+    if f.default_factory is not MISSING:
+        return str(f.default_factory())
+    if f.default in ("", None):
+        return "none"
+    return str(f.default)
+
+
+def build_parser(
+    environ: Mapping[str, str] = os.environ,
+    *,
+    prog: str = "python -m proxy",
+    description: str = DESCRIPTION,
+    epilog: str | None = SUBCOMMANDS,
+) -> argparse.ArgumentParser:
     """The argument parser; every Settings field is a flag whose default is its env twin."""
     parser = _Parser(
-        prog="python -m proxy",
-        description="A transparent caching proxy for the OpenAI API.",
+        prog=prog,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    docs = field_docs()
     for f in fields(Settings):
-        doc = _FIELD_DOCS.get(f.name, "")
+        doc = " ".join(docs.get(f.name, "").split()).replace("%", "%%")
+        shown = _shown_default(f).replace("%", "%%")
         parser.add_argument(
             _flag(f.name),
             dest=f.name,
             default=environ.get(_env(f.name)),
-            help=f"{doc} (env {_env(f.name)})",
+            help=f"{doc} [default: {shown}; env {_env(f.name)}]",
         )
     return parser
 
 
-def _field_docs() -> dict[str, str]:
-    """Read each field's docstring from the source, so --help says what the dataclass says."""
+@functools.cache
+def field_docs() -> dict[str, str]:
+    """Each field's docstring, read from the source the first time --help (or the README
+    check) asks, so --help says what the dataclass says; never at import."""
     import ast
     import inspect
 
@@ -268,6 +305,3 @@ def _field_docs() -> dict[str, str]:
         ):
             docs[node.target.id] = str(nxt.value.value)
     return docs
-
-
-_FIELD_DOCS = _field_docs()

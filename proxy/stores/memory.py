@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import time
 from collections import OrderedDict
 
@@ -53,6 +54,16 @@ class MemoryStore:
         item = self._items.pop(key, None)
         if item is not None:
             self.bytes -= item[1].size
+
+    async def purge(self, pattern: str) -> int:
+        """Drop every entry whose key matches the glob `pattern`; how many went."""
+        return self.purge_now(pattern)
+
+    def purge_now(self, pattern: str) -> int:
+        gone = [k for k in self._items if fnmatch.fnmatchcase(k, pattern)]
+        for key in gone:
+            self._drop(key)
+        return len(gone)
 
     def __len__(self) -> int:
         return len(self._items)

@@ -22,6 +22,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from proxy.errors import ConfigError, StoreUnavailable
+from proxy.keys import key_id
 from proxy.models import CLOCK, CachedResponse, CorruptEntry
 
 log = structlog.get_logger()
@@ -83,6 +84,10 @@ class RedisStore:
         self.blocking_ready = Ready(self._blocking)
         self.warnings: list[str] = []
         """What an operator should know about this Redis (an evicting maxmemory policy)."""
+
+    async def ping(self) -> None:
+        """StoreUnavailable unless Redis answers a PING."""
+        await self._call(self.client.ping)
 
     async def warm(self) -> None:
         """Connect (and initialise a cluster client) before the first request, and check the
@@ -182,7 +187,7 @@ class RedisStore:
         try:
             return CachedResponse.from_bytes(raw)
         except CorruptEntry as exc:
-            log.warning("store.corrupt_entry", store=self.name, key=key[3:15], error=str(exc))
+            log.warning("store.corrupt_entry", store=self.name, key=key_id(key), error=str(exc))
             await self.delete(key)
             return None
 
@@ -193,6 +198,35 @@ class RedisStore:
 
     async def delete(self, key: str) -> None:
         await self._call(lambda: self.client.delete(self._k(key)))
+
+    async def purge(self, pattern: str) -> int:
+        """UNLINK every entry whose key matches the glob `pattern`: SCAN MATCH in batches of
+        1000 (every master of a cluster), so Redis is never blocked; how many went."""
+        match = self._k(pattern)
+        gone = 0
+        batch: list[Any] = []
+
+        async def flush() -> None:
+            nonlocal gone, batch
+            if not batch:
+                return
+            pipe = self.client.pipeline(transaction=False)
+            for k in batch:
+                pipe.unlink(k)
+            results = await pipe.execute()
+            gone += sum(int(r) for r in results if isinstance(r, int))
+            batch = []
+
+        try:
+            await self._ready()
+            async for key in self.client.scan_iter(match=match, count=1000):
+                batch.append(key)
+                if len(batch) >= 500:
+                    await flush()
+            await flush()
+        except Exception as exc:
+            raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+        return gone
 
     async def keys(self) -> list[str]:
         """Every stored key (maintenance commands only: it scans)."""

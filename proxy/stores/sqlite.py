@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import structlog
 
 from proxy.errors import StoreUnavailable
+from proxy.keys import key_id
 from proxy.models import CachedResponse, CorruptEntry
 from proxy.tasks import spawn
 
@@ -186,6 +187,13 @@ class SQLiteStore:
         if self._sweeper is None:
             self._sweeper = spawn(self._sweep_forever(), name="sqlite-sweeper")
 
+    def _ping(self) -> None:
+        self._connect().execute("SELECT count(*) FROM totals").fetchone()
+
+    async def ping(self) -> None:
+        """StoreUnavailable unless the file can be opened and read."""
+        await self._run(self._ping)
+
     async def get(self, key: str) -> CachedResponse | None:
         raw = await self._run(self._get, key)
         if raw is None:
@@ -193,7 +201,7 @@ class SQLiteStore:
         try:
             return CachedResponse.from_bytes(raw)
         except CorruptEntry as exc:
-            log.warning("store.corrupt_entry", store=self.name, key=key[3:15], error=str(exc))
+            log.warning("store.corrupt_entry", store=self.name, key=key_id(key), error=str(exc))
             await self.delete(key)
             return None
 
@@ -263,6 +271,20 @@ class SQLiteStore:
 
     async def delete(self, key: str) -> None:
         await self._run(self._delete, key)
+
+    async def purge(self, pattern: str) -> int:
+        """Delete every entry whose key matches the glob `pattern`, a batch per job with pauses
+        (a tenant's keys share a prefix, which the primary key index finds); how many went."""
+        gone = 0
+        while True:
+            n, _ = await self._run(self._delete_batch, "WHERE key GLOB ?", "", (pattern,))
+            gone += int(n)
+            if n < BATCH:
+                break
+            await asyncio.sleep(PAUSE_S)
+        if gone:
+            await self._vacuum_all()
+        return gone
 
     async def total_bytes(self) -> int:
         """Bytes of answers held (what the cap counts)."""

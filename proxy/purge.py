@@ -1,0 +1,99 @@
+"""Purge: delete cached answers by namespace, tenant, model and route (ANDed).
+
+`POST /_proxy/purge` with a JSON object of filters (admin token required), or
+`python -m proxy purge --namespace ... [server flags]` straight on the configured store, with
+the proxy running or stopped. Answers are found by their key pattern (keys.purge_pattern):
+Redis is scanned in batches (never blocked), SQLite deleted in batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from proxy.errors import ConfigError
+from proxy.keys import purge_pattern
+from proxy.settings import Settings
+
+FILTERS = ("namespace", "tenant", "model", "route")
+TENANT_RE = re.compile(r"^[0-9a-f]{12}$")
+
+
+class BadFilter(ValueError):
+    """The purge filters are missing or malformed."""
+
+
+def pattern_of(filters: dict[str, Any]) -> str:
+    """The key glob for a JSON object of filters; BadFilter unless it is one."""
+    if not isinstance(filters, dict):
+        raise BadFilter("The purge body must be a JSON object of filters.")
+    unknown = sorted(set(filters) - set(FILTERS))
+    if unknown:
+        raise BadFilter(f"Unknown purge filter(s): {', '.join(unknown)}; use {', '.join(FILTERS)}.")
+    given = {k: v for k, v in filters.items() if v is not None}
+    if not given:
+        raise BadFilter(f"Give at least one filter: {', '.join(FILTERS)}.")
+    for name, value in given.items():
+        if not isinstance(value, str) or len(value) > 8192:
+            raise BadFilter(f"The purge filter {name} must be a string.")
+    tenant = given.get("tenant")
+    if tenant is not None and not TENANT_RE.match(tenant):
+        raise BadFilter("tenant is the 12-character id of the log lines (hex).")
+    return purge_pattern(
+        tenant=tenant,
+        namespace=given.get("namespace"),
+        model=given.get("model"),
+        route=_route(given.get("route")),
+    )
+
+
+def _route(route: str | None) -> str | None:
+    """Routes as the proxy keys them: /chat/completions is /v1/chat/completions."""
+    if route is None:
+        return None
+    from proxy.plan import route_of
+
+    return route_of(route)[0]
+
+
+def main(argv: Sequence[str]) -> int:
+    own = argparse.ArgumentParser(add_help=False)
+    for name in FILTERS:
+        own.add_argument(f"--{name}")
+    filters, rest = own.parse_known_args(list(argv))
+    settings = Settings.from_args(
+        rest,
+        prog="python -m proxy purge",
+        description="Delete cached answers matching every filter given (at least one): "
+        "--namespace NAME, --tenant ID (the 12-character id of the log lines), --model "
+        "NAME, --route /v1/... . It works straight on the store the server's flags name "
+        '(embedded SQLite or Redis), so the proxy may be stopped; it prints {"purged": N}.',
+        epilog="Filters: --namespace, --tenant, --model, --route (ANDed).",
+    )
+    try:
+        pattern = pattern_of(vars(filters))
+    except BadFilter as exc:
+        raise ConfigError(str(exc)) from None
+    from proxy.stores import open_store
+
+    store = open_store(settings.cache, settings.data_dir)
+
+    async def run() -> int:
+        try:
+            purge = getattr(store, "purge", None)
+            if purge is None:
+                return 0
+            gone: int = await purge(pattern)
+            return gone
+        finally:
+            await store.aclose()
+
+    purged = asyncio.run(run())
+    sys.stdout.write(orjson.dumps({"purged": purged}).decode() + "\n")
+    return 0
