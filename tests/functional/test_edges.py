@@ -131,17 +131,22 @@ def test_a_full_redis_skips_writes_and_keeps_serving_reads(start_proxy, fake):
         # Fill Redis to its last bytes; the filling connection stays open (closing it would
         # free its buffers, room for a few more writes).
         r = redis.Redis(port=server.port)
-        for size in (64 * 1024, 4096, 256, 64):
-            with pytest.raises(redis.exceptions.OutOfMemoryError):
-                for i in range(100_000):
-                    r.set(f"junk:{size}:{i}", os.urandom(size))
+        n = iter(range(10**9))
+
+        def fill(*sizes: int) -> None:  # up to the limit (Redis's used memory drifts below it)
+            for size in sizes:
+                with pytest.raises(redis.exceptions.OutOfMemoryError):
+                    for _ in range(100_000):
+                        r.set(f"junk:{next(n)}", os.urandom(size))
+
+        fill(64 * 1024, 4096, 256, 64)
         for i in range(10):
+            fill(64)
             assert header(post(port, chat(f"a{i}"), AUTH), "X-Cache-Status") == "MISS"
             hit = post(port, chat(f"b{i % 3}"), b_headers)
             assert header(hit, "X-Cache-Status") == "HIT"
         r.close()
-        # Redis's accounting lets a small write through now and then; most are refused
-        assert proxy.state.cache.write_errors >= 3 and proxy.state.cache.healthy
+        assert proxy.state.cache.write_errors >= 8 and proxy.state.cache.healthy
         stats = orjson.loads(body_of(raw(port, b"GET /_proxy/stats HTTP/1.1\r\nHost: x\r\n\r\n")))
         assert stats["store"]["write_errors"] == proxy.state.cache.write_errors
     finally:
