@@ -138,6 +138,10 @@ def wrk(
         result[f"p{pct}_ms"] = (
             value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
         )
+    lat = re.search(r"Latency\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)", out)
+    if lat is not None:
+        value, unit = float(lat.group(1)), lat.group(2)
+        result["max_ms"] = value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     result["non_2xx"] = float(errors.group(1)) if errors else 0.0
     return result
