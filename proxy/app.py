@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import os
 import secrets
@@ -34,7 +35,7 @@ from proxy.metrics import registry_for, render
 from proxy.rules import default_rules_path, load_rules
 from proxy.server import GuardedServer
 from proxy.settings import Settings
-from proxy.stats import Stats
+from proxy.stats import Shared, Stats
 from proxy.stores import MemoryStore, open_store
 from proxy.stores.redis import RedisStore
 from proxy.tasks import spawn
@@ -199,6 +200,8 @@ async def dashboard(st: State, request: web.BaseRequest) -> web.StreamResponse:
 
 
 PROBE_EVERY_S = 1.0
+SHARE_EVERY_S = 1.0
+"""How often each of --workers N writes its counters for the others to add up."""
 """How often the store is probed (a dead Redis shows as degraded within this plus its timeout)."""
 
 
@@ -249,8 +252,15 @@ async def health(st: State, request: web.BaseRequest) -> web.StreamResponse:
     return _json(body, 503 if strict and not st.cache.healthy else 200)
 
 
+async def combined_stats(st: State) -> Stats:
+    """Every worker's counters added up (files read off the loop), or this process's."""
+    if st.shared is None or st.shared.folder is None:
+        return st.stats
+    return await asyncio.to_thread(st.shared.combined)
+
+
 async def stats(st: State, request: web.BaseRequest) -> web.StreamResponse:
-    snap = st.stats.snapshot()
+    snap = (await combined_stats(st)).snapshot()
     snap["store"] = {
         "backend": st.cache.store.name,
         "state": st.cache.state,
@@ -284,12 +294,13 @@ class ProxyApp:
         }
         self._flusher: asyncio.Task[None] | None = None
         self._prober: asyncio.Task[None] | None = None
+        self._sharer: asyncio.Task[None] | None = None
         logmod.guard_aiohttp_logs()
 
     async def metrics(self, st: State, request: web.BaseRequest) -> web.StreamResponse:
-        return web.Response(
-            body=render(self.registry), headers={"Content-Type": METRICS_CONTENT_TYPE}
-        )
+        shown = await combined_stats(st)
+        registry = self.registry if shown is st.stats else registry_for(st, shown)
+        return web.Response(body=render(registry), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     def add_route(self, method: str, path: str, handler: AdminHandler) -> None:
         self.routes[(method, path)] = handler
@@ -342,6 +353,21 @@ class ProxyApp:
             upstream=self.settings.upstream,
         )
         self._prober = spawn(self._probe_forever(), name="store-probe")
+        if self.settings.workers > 1:
+            self.state.shared = Shared(self.state.stats, self.settings.data_dir / "stats")
+            self._sharer = spawn(self._share_forever(), name="stats-share")
+
+    async def _share_forever(self) -> None:
+        shared = self.state.shared
+        assert shared is not None
+        try:
+            while True:
+                with contextlib.suppress(OSError):
+                    await asyncio.to_thread(shared.write)
+                await asyncio.sleep(SHARE_EVERY_S)
+        finally:
+            with contextlib.suppress(OSError):
+                shared.remove()
 
     async def _probe_forever(self) -> None:
         while True:
@@ -353,6 +379,8 @@ class ProxyApp:
             self._flusher.cancel()
         if self._prober is not None:
             self._prober.cancel()
+        if self._sharer is not None:
+            self._sharer.cancel()
         self.state.cpu.shutdown(wait=False, cancel_futures=True)
         await self.state.upstream.aclose()
         if self.state.rehoster is not None:

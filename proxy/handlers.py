@@ -51,7 +51,7 @@ from proxy.plan import (
 from proxy.replay import CACHE_NAME, is_fast, replay, whole, whole_in_pieces
 from proxy.rules import Rules
 from proxy.settings import Settings
-from proxy.stats import Stats
+from proxy.stats import Shared, Stats
 from proxy.upstream import Upstream, forward_headers, response_headers
 
 log = structlog.get_logger()
@@ -92,6 +92,8 @@ class State:
     stats: Stats
     plans: dict[bytes, tuple[Plan, bytes, str]] = field(default_factory=dict)
     """Memo: raw request digest -> (plan, tenant digest, tenant id for logs)."""
+    shared: Shared | None = None
+    """With --workers N: every worker's counters (stats, metrics and the dashboard add up)."""
     auth: CredentialCheck | None = None
     """Re-checks credentials before serving them cached answers."""
     bus: RedisBus | None = None

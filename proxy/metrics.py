@@ -18,7 +18,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from proxy.stats import LATENCY_BUCKETS_S
+from proxy.stats import LATENCY_BUCKETS_S, Stats
 
 if TYPE_CHECKING:
     from proxy.handlers import State
@@ -27,11 +27,13 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class StatsCollector(Collector):
-    def __init__(self, state: State) -> None:
+    def __init__(self, state: State, stats: Stats | None = None) -> None:
         self.state = state
+        self.stats = stats
+        """The counters to show (every worker's, added up); None: this process's."""
 
     def collect(self) -> Iterator[Metric]:
-        stats = self.state.stats
+        stats = self.stats if self.stats is not None else self.state.stats
         labels = ["route", "model", "cache"]
         requests = CounterMetricFamily(
             "ocp_requests", "Requests by route, model and cache status.", labels=labels
@@ -102,9 +104,9 @@ class StatsCollector(Collector):
         yield in_flight
 
 
-def registry_for(state: State) -> CollectorRegistry:
+def registry_for(state: State, stats: Stats | None = None) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(StatsCollector(state))
+    registry.register(StatsCollector(state, stats))
     return registry
 
 

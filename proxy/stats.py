@@ -7,11 +7,15 @@ seen (then "other"); no key or tenant is ever a label.
 
 from __future__ import annotations
 
+import os
 import time
 from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import orjson
 
 STATUSES = ("hit", "miss", "refresh", "bypass", "coalesced")
 _PLURAL = {
@@ -260,3 +264,96 @@ class Stats:
                 for m in list(self.series)[-60:]
             ],
         }
+
+    # -- across worker processes ----------------------------------------------------------
+    def dump(self) -> bytes:
+        """This process's counters as JSON, for the other workers to add up (see Shared)."""
+        return orjson.dumps(
+            {
+                "started": self.started,
+                "cells": [
+                    [*k, [getattr(t, n) for n in Totals.__slots__]] for k, t in self.cells.items()
+                ],
+                "latency": {k: [h.counts, h.sum] for k, h in self.latency.items()},
+                "series": [
+                    [m.minute, m.requests, m.served, m.usd_saved, m.usd_spent] for m in self.series
+                ],
+            }
+        )
+
+    def add_dump(self, data: bytes) -> None:
+        """Add another process's dumped counters to these."""
+        doc = orjson.loads(data)
+        self.started = min(self.started, float(doc["started"]))
+        names = Totals.__slots__
+        for rule, model, cache, values in doc["cells"]:
+            cell = self.cells.setdefault((rule, model, cache), Totals())
+            cell.merge(Totals(**dict(zip(names, values, strict=True))))
+        for status, (counts, total) in doc["latency"].items():
+            hist = self.latency.setdefault(status, Histogram())
+            hist.counts = [a + b for a, b in zip(hist.counts, counts, strict=False)]
+            hist.sum += total
+        minutes = {m.minute: m for m in self.series}
+        for minute, requests, served, saved, spent in doc["series"]:
+            m = minutes.get(minute)
+            if m is None:
+                m = minutes[minute] = Minute(minute)
+            m.requests += requests
+            m.served += served
+            m.usd_saved += saved
+            m.usd_spent += spent
+        self.series = deque(
+            sorted(minutes.values(), key=lambda m: m.minute)[-SERIES_MINUTES:],
+            maxlen=SERIES_MINUTES,
+        )
+
+
+class Shared:
+    """The counters of every worker of one `--workers N` proxy, whichever worker is asked.
+
+    Each worker writes its counters to `<data_dir>/stats/<pid>.json` every second (atomic
+    rename); a worker asked for stats adds its own live counters to the other live workers'
+    latest files. With one worker it is just the process's own Stats."""
+
+    def __init__(self, stats: Stats, folder: Path | None) -> None:
+        self.stats = stats
+        self.folder = folder
+        self.path = folder / f"{os.getpid()}.json" if folder is not None else None
+
+    def write(self) -> None:
+        if self.folder is None or self.path is None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_bytes(self.stats.dump())
+        os.replace(tmp, self.path)
+
+    def remove(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+    def combined(self) -> Stats:
+        """This worker's counters plus every other live worker's (read from their files)."""
+        if self.folder is None:
+            return self.stats
+        total = Stats()
+        total.started = self.stats.started
+        total.add_dump(self.stats.dump())
+        for path in self.folder.glob("*.json"):
+            if path == self.path or not _alive(path.stem):
+                continue
+            try:
+                total.add_dump(path.read_bytes())
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # a worker that is just writing or just gone
+        return total
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True

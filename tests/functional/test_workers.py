@@ -29,3 +29,44 @@ def test_two_workers_share_the_embedded_store(fake, tmp_path):
     finally:
         proc.terminate()
         assert proc.wait(15) is not None
+
+
+def test_two_workers_stats_add_up_whichever_answers(fake, tmp_path):
+    """With --workers 2, /_proxy/stats and /_proxy/metrics count every request sent, whichever
+    worker answers (each shares its counters in the data folder every second)."""
+    import re
+    import time
+
+    import orjson
+
+    from tests.helpers import body_of, post, raw
+
+    proc, port = spawn_proxy(fake.base_url, tmp_path, "--workers", "2")
+    try:
+        headers = {"Authorization": "Bearer sk-w", "Content-Type": "application/json"}
+        for i in range(30):  # a new connection each: the kernel spreads them over the workers
+            body = orjson.dumps(
+                {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"q{i % 10}"}]}
+            )
+            post(port, body, headers)
+        time.sleep(2.5)
+        for _ in range(8):
+            snap = orjson.loads(
+                body_of(
+                    raw(port, b"GET /_proxy/stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                )
+            )
+            assert snap["requests"] == 30 and snap["misses"] == 10 and snap["hits"] == 20
+            metrics = body_of(
+                raw(port, b"GET /_proxy/metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            ).decode()
+            total = sum(
+                float(v) for v in re.findall(r"^ocp_requests_total\{.*\} (\S+)$", metrics, re.M)
+            )
+            assert total == 30
+        shares = [orjson.loads(p.read_bytes()) for p in (tmp_path / "stats").glob("*.json")]
+        per_worker = [sum(c[3][0] for c in share["cells"]) for share in shares]
+        assert len(per_worker) == 2 and sum(per_worker) == 30 and min(per_worker) > 0
+    finally:
+        proc.terminate()
+        assert proc.wait(15) is not None
