@@ -12,10 +12,12 @@ import csv
 import datetime as dt
 import gzip
 import math
+import shutil
 import sys
 import time
 from array import array
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import IO, Any
 
@@ -62,13 +64,24 @@ class Group:
     coalesced: int = 0
     misses: int = 0
     money: Totals = field(default_factory=Totals)
+    spent: Decimal = Decimal(0)
+    saved: Decimal = Decimal(0)
+    """Dollars as the logged decimals add up exactly (JSON and CSV show them unrounded)."""
     hit_ms: Latency = field(default_factory=Latency)
     miss_ms: Latency = field(default_factory=Latency)
 
     def add(self, line: dict[str, Any]) -> None:
         self.money.add(line)
+        for name in ("cost_usd", "saved_usd"):
+            value = line.get(name)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                if name == "cost_usd":
+                    self.spent += Decimal(repr(value))
+                else:
+                    self.saved += Decimal(repr(value))
         cache = line.get("cache")
         ms = line.get("duration_ms")
+        failed = (line.get("status") or 0) >= 500 or "error" in line
         if cache == "hit":
             self.hits += 1
             if isinstance(ms, int | float):
@@ -77,7 +90,7 @@ class Group:
             self.coalesced += 1
         elif cache == "miss":
             self.misses += 1
-            if isinstance(ms, int | float):
+            if isinstance(ms, int | float) and not failed:  # a failure is no MISS latency
                 self.miss_ms.add(ms)
 
     def row(self) -> dict[str, Any]:
@@ -94,8 +107,8 @@ class Group:
             "tokens_out_spent": t.tokens_out_spent,
             "tokens_in_saved": t.tokens_in_saved,
             "tokens_out_saved": t.tokens_out_saved,
-            "spent_usd": round(t.usd_spent, 6),
-            "saved_usd": round(t.usd_saved, 6),
+            "spent_usd": float(self.spent),
+            "saved_usd": float(self.saved),
             "unpriced": t.unpriced,
             "hit_p50_ms": self.hit_ms.pct(50),
             "hit_p95_ms": self.hit_ms.pct(95),
@@ -111,6 +124,8 @@ class Report:
     total: Group = field(default_factory=Group)
     lines: int = 0
     skipped: int = 0
+    other_events: int = 0
+    """The proxy's own lines other than request.done (image.rehosted, store.unavailable...)."""
     nbytes: int = 0
     seconds: float = 0.0
 
@@ -122,8 +137,11 @@ class Report:
         except orjson.JSONDecodeError:
             self.skipped += 1
             return
-        if not isinstance(line, dict) or line.get("event") != "request.done":
+        if not isinstance(line, dict) or "event" not in line:
             self.skipped += 1
+            return
+        if line["event"] != "request.done":
+            self.other_events += 1
             return
         ts = line.get("ts")
         if (since is not None or until is not None) and not isinstance(ts, int | float):
@@ -153,6 +171,7 @@ class Report:
         return {
             "lines": self.lines,
             "skipped": self.skipped,
+            "other_events": self.other_events,
             "mb": round(self.nbytes / 1e6, 1),
             "seconds": round(self.seconds, 2),
             "mb_per_s": round(self.nbytes / 1e6 / secs, 1),
@@ -217,7 +236,7 @@ def run(names: list[str], by: str, since: str | None, until: str | None, progres
     return report
 
 
-def render(report: Report, fmt: str, out: IO[str]) -> None:
+def render(report: Report, fmt: str, out: IO[str], width: int | None = None) -> None:
     rows = report.rows()
     if fmt == "json":
         out.write(
@@ -235,31 +254,84 @@ def render(report: Report, fmt: str, out: IO[str]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"cache report by {report.by}")
-    columns = [
-        report.by,
-        "requests",
-        "hit_ratio",
-        "hits",
-        "coalesced",
-        "misses",
-        "errors",
-        "tokens_in_spent",
-        "tokens_out_spent",
-        "tokens_in_saved",
-        "tokens_out_saved",
-        "spent_usd",
-        "saved_usd",
-        "hit_p50_ms",
-        "hit_p95_ms",
-        "miss_p50_ms",
-        "miss_p95_ms",
-    ]
+    width = width or shutil.get_terminal_size((100, 24)).columns
+    cells = [{c: _cell(c, row[c]) for c in (report.by, *COLUMNS)} for row in rows]
+    shown = _fit([report.by, *COLUMNS], cells, width)
+    left_out = len(COLUMNS) + 1 - len(shown)
+    caption = f"{left_out} more columns: a wider terminal or --format json" if left_out else None
+    table = Table(title=f"cache report by {report.by}", caption=caption, pad_edge=False)
+    for col in shown:
+        table.add_column(HEADERS.get(col, col), justify="left" if col == report.by else "right")
+    for cell in cells:
+        table.add_row(*(cell[c] for c in shown))
+    Console(file=out, width=width).print(table)
+
+
+COLUMNS = (
+    "requests",
+    "hit_ratio",
+    "saved_usd",
+    "spent_usd",
+    "errors",
+    "hits",
+    "misses",
+    "hit_p50_ms",
+    "miss_p50_ms",
+    "coalesced",
+    "tokens_in_saved",
+    "tokens_out_saved",
+    "tokens_in_spent",
+    "tokens_out_spent",
+    "hit_p95_ms",
+    "miss_p95_ms",
+)
+"""Table columns, most wanted first: a narrow terminal shows the first ones that fit."""
+HEADERS = {
+    "hit_ratio": "hit %",
+    "saved_usd": "saved $",
+    "spent_usd": "spent $",
+    "hit_p50_ms": "hit p50 ms",
+    "miss_p50_ms": "miss p50 ms",
+    "hit_p95_ms": "hit p95 ms",
+    "miss_p95_ms": "miss p95 ms",
+    "tokens_in_saved": "in saved",
+    "tokens_out_saved": "out saved",
+    "tokens_in_spent": "in spent",
+    "tokens_out_spent": "out spent",
+}
+
+
+def usd(value: float) -> str:
+    """Dollars in fixed notation with at least 3 significant digits (never 2.9e-05)."""
+    if value == 0:
+        return "0"
+    digits = max(2, 3 - math.floor(math.log10(abs(value))))
+    return f"{value:,.{digits}f}"
+
+
+def _cell(col: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if col.endswith("_usd"):
+        return usd(float(value))
+    if col == "hit_ratio":
+        return f"{value * 100:.1f}"
+    if isinstance(value, float):
+        return f"{value:g}" if abs(value) < 1e6 else f"{value:.0f}"
+    return str(value)
+
+
+def _fit(columns: list[str], cells: list[dict[str, str]], width: int) -> list[str]:
+    """The leading columns whose widths (3 characters of border each) fit `width`."""
+    shown: list[str] = []
+    used = 1
     for col in columns:
-        table.add_column(col, justify="left" if col == report.by else "right")
-    for row in rows:
-        table.add_row(*("-" if row[c] is None else str(row[c]) for c in columns))
-    Console(file=out, width=250).print(table)
+        need = max(len(HEADERS.get(col, col)), *(len(c[col]) for c in cells)) + 3
+        if used + need > width and shown:
+            break
+        shown.append(col)
+        used += need
+    return shown
 
 
 def main(argv: list[str]) -> int:
@@ -279,7 +351,8 @@ def main(argv: list[str]) -> int:
     t = report.throughput()
     print(
         f"read {t['lines']} lines ({t['mb']} MB) in {t['seconds']} s: {t['mb_per_s']} MB/s, "
-        f"{t['lines_per_s']} lines/s; {t['skipped']} lines were not the proxy's and were skipped",
+        f"{t['lines_per_s']} lines/s; {t['other_events']} other events of the proxy; "
+        f"{t['skipped']} lines were not the proxy's and were skipped",
         file=sys.stderr,
     )
     return 0

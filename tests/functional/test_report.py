@@ -7,6 +7,7 @@ import gzip
 import io
 import subprocess
 import sys
+from decimal import Decimal
 from pathlib import Path
 
 import orjson
@@ -28,8 +29,11 @@ def run(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[b
 
 
 def test_report_plain_gzip_stdin_agree_and_skip_foreign_lines(tmp_path):
-    """Plain, gzipped and piped logs give the same figures; foreign lines are counted."""
-    data = b"".join(lines(3000)) + b"not json\n" + b'{"event": "other"}\n'
+    """Plain, gzipped and piped logs give the same figures; foreign lines are counted, the
+    proxy's other events apart."""
+    data = (
+        b"".join(lines(3000)) + b"not json\n" + b'{"msg": "x"}\n' + b'{"event": "image.rehosted"}\n'
+    )
     plain = tmp_path / "a.log"
     plain.write_bytes(data)
     gz = tmp_path / "a.log.gz"
@@ -42,8 +46,13 @@ def test_report_plain_gzip_stdin_agree_and_skip_foreign_lines(tmp_path):
     assert outs[0]["rows"] == outs[1]["rows"] == outs[2]["rows"]
     total = outs[0]["rows"][-1]
     assert total["requests"] == 3000 and outs[0]["throughput"]["skipped"] == 2
-    want_saved = sum(orjson.loads(ln).get("saved_usd", 0) for ln in lines(3000))
-    assert abs(total["saved_usd"] - round(want_saved, 6)) < 1e-6
+    assert outs[0]["throughput"]["other_events"] == 1
+    want_saved = sum(
+        Decimal(repr(orjson.loads(ln)["saved_usd"]))
+        for ln in lines(3000)
+        if "saved_usd" in orjson.loads(ln)
+    )
+    assert total["saved_usd"] == float(want_saved)  # the logged decimals, summed exactly
     assert total["hit_p50_ms"] < 2.1 < 200 < total["miss_p50_ms"]
 
 
@@ -71,7 +80,50 @@ def test_group_by_and_time_filters(tmp_path):
     )
     assert [r["day"] for r in rows] == ["2026-01-01", "all"]
     table = run(str(log), "--by", "route").stdout.decode()
-    assert "/v1/chat/completions" in table and "hit_ratio" in table
+    assert "/v1/chat/completions" in table and "hit %" in table
+
+
+def test_table_fits_the_terminal_and_prints_dollars_in_fixed_notation(tmp_path):
+    """At 80 and 100 columns every line fits; dollars never print as 2.9e-05; upstream
+    failures are errors and stay out of the MISS latency percentiles."""
+    import os
+
+    log = tmp_path / "c.log"
+    extra = [
+        {
+            "event": "request.done",
+            "cache": "miss",
+            "route": "/v1/x",
+            "status": 200,
+            "duration_ms": 100.0,
+            "cost_usd": 2.9e-05,
+            "tokens_in": 1,
+            "tokens_out": 1,
+        },
+        {
+            "event": "request.done",
+            "cache": "miss",
+            "route": "/v1/x",
+            "status": 502,
+            "duration_ms": 90000.0,
+            "error": "upstream_unreachable",
+        },
+    ]
+    log.write_bytes(b"".join(lines(500)) + b"".join(orjson.dumps(e) + b"\n" for e in extra))
+    for width in (80, 100):
+        out = subprocess.run(
+            [sys.executable, "-m", "proxy", "report", str(log)],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+            timeout=120,
+            env={**os.environ, "COLUMNS": str(width)},
+        ).stdout.decode()
+        assert max(len(line) for line in out.splitlines()) <= width
+        assert "e-0" not in out and "0.000029" in out
+    rows = orjson.loads(run(str(log), "--by", "route", "--format", "json").stdout)["rows"]
+    x = next(r for r in rows if r["route"] == "/v1/x")
+    assert x["errors"] == 1 and x["miss_p95_ms"] < 200  # the 90 s failure is not a latency
 
 
 def test_report_memory_stays_bounded(tmp_path):
