@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import sys
 import tempfile
 import time
@@ -35,6 +36,10 @@ class Row:
     ms: float
     calls: int
     note: str = ""
+    measures: str = "the whole call"
+    """What `ms` is the time of (SDK overhead is always inside it)."""
+    link: str = ""
+    """A URL printed whole under the table."""
 
 
 def _http_status(url: str) -> tuple[int, bytes]:
@@ -58,7 +63,7 @@ async def tour(client: openai.AsyncOpenAI, fake: FakeOpenAI) -> list[Row]:
         ms = (time.perf_counter() - t0) * 1000
         rows.append(Row(step, raw.headers["x-cache-status"], ms, fake.count()))
 
-    for step in ("stream: first call (first byte)", "stream: replayed (first byte)"):
+    for step in ("stream: first call", "stream: replayed"):
         t0 = time.perf_counter()
         async with client.chat.completions.with_streaming_response.create(
             **chat, stream=True, stream_options={"include_usage": True}
@@ -67,7 +72,15 @@ async def tour(client: openai.AsyncOpenAI, fake: FakeOpenAI) -> list[Row]:
             async for _line in resp.iter_lines():
                 if not first_ms:
                     first_ms = (time.perf_counter() - t0) * 1000
-            rows.append(Row(step, resp.headers["x-cache-status"], first_ms, fake.count()))
+            rows.append(
+                Row(
+                    step,
+                    resp.headers["x-cache-status"],
+                    first_ms,
+                    fake.count(),
+                    measures="to the first byte",
+                )
+            )
 
     dup = {**chat, "messages": [{"role": "user", "content": "Same question, 20 clicks"}]}
     t0 = time.perf_counter()
@@ -79,7 +92,14 @@ async def tour(client: openai.AsyncOpenAI, fake: FakeOpenAI) -> list[Row]:
     summary = f"{labels.count('MISS')} MISS + {labels.count('COALESCED')} COALESCED"
     same = len({a.parse().choices[0].message.content for a in answers}) == 1
     rows.append(
-        Row("20 identical calls at once", summary, ms, fake.count(), f"identical answers: {same}")
+        Row(
+            "20 identical calls at once",
+            summary,
+            ms,
+            fake.count(),
+            f"identical answers: {same}",
+            measures="the batch of 20",
+        )
     )
 
     t0 = time.perf_counter()
@@ -89,7 +109,16 @@ async def tour(client: openai.AsyncOpenAI, fake: FakeOpenAI) -> list[Row]:
     ms = (time.perf_counter() - t0) * 1000
     images = raw_img.parse().data or []
     url = (images[0].url if images else None) or ""
-    rows.append(Row("image: generate", raw_img.headers["x-cache-status"], ms, fake.count(), url))
+    rows.append(
+        Row(
+            "image: generate",
+            raw_img.headers["x-cache-status"],
+            ms,
+            fake.count(),
+            "link below",
+            link=url,
+        )
+    )
 
     upstream_url = next(
         (f"{fake.base_url}/blob/{n}?se={int(time.time()) + 1}" for n in fake.image_downloads), ""
@@ -107,25 +136,36 @@ async def tour(client: openai.AsyncOpenAI, fake: FakeOpenAI) -> list[Row]:
             ms,
             fake.count(),
             f"{len(data)} PNG bytes still served",
+            measures="one image download",
         )
     )
     return rows
 
 
 def print_table(rows: list[Row], console: Console) -> None:
-    table = Table(title="openai-cache-proxy demo (fake upstream, no key, no network)")
+    table = Table(
+        title="openai-cache-proxy demo (fake upstream, no key, no network)",
+        caption="Times are as the official SDK sees them, its own overhead included; the "
+        "fake upstream takes 250 ms to answer.",
+    )
     table.add_column("step")
     table.add_column("X-Cache-Status")
     table.add_column("ms", justify="right")
+    table.add_column("the time of")
     table.add_column("upstream calls so far", justify="right")
     table.add_column("note")
     for r in rows:
-        table.add_row(r.step, r.status, f"{r.ms:.1f}", str(r.calls), r.note)
+        table.add_row(r.step, r.status, f"{r.ms:.1f}", r.measures, str(r.calls), r.note)
     console.print(table)
+    for r in rows:
+        if r.link:
+            console.print(f"{r.step}: {r.link}", soft_wrap=True)  # whole, to copy
 
 
-async def run(app: ProxyApp, fake: FakeOpenAI, serve: bool, port: int) -> int:
-    console = Console(width=None if sys.stdout.isatty() else 130)
+async def run(
+    app: ProxyApp, fake: FakeOpenAI, serve: bool, port: int, log_path: Path | None = None
+) -> int:
+    console = Console(width=None if sys.stdout.isatty() else 170)
     async with running(app, "127.0.0.1", port) as url:
         async with openai.AsyncOpenAI(
             base_url=url + "/v1", api_key="sk-demo-not-a-real-key", max_retries=0
@@ -136,7 +176,8 @@ async def run(app: ProxyApp, fake: FakeOpenAI, serve: bool, port: int) -> int:
             console.print(
                 f"\nThe proxy keeps running in front of the fake upstream. Try it:\n"
                 f"  export OPENAI_BASE_URL={url}/v1 OPENAI_API_KEY=sk-anything\n"
-                f"Ctrl-C to stop."
+                f"Its request log (one JSON line per request): {log_path}\n"
+                f"Ctrl-C to stop (the demo's temporary folder goes with it)."
             )
             print(f"OPENAI_BASE_URL={url}/v1", flush=True)
             await asyncio.Event().wait()
@@ -163,7 +204,8 @@ def main(argv: list[str]) -> int:
         )
         app = await asyncio.to_thread(ProxyApp, settings)
         try:
-            return await run(app, fake, args.serve, args.port if args.serve else 0)
+            port = args.port if args.serve else 0
+            return await run(app, fake, args.serve, port, work / "requests.log")
         finally:
             await fake.stop()
 
@@ -173,4 +215,4 @@ def main(argv: list[str]) -> int:
         return 0
     finally:
         log.close()
-        print(f"(request log: {work / 'requests.log'})", file=sys.stderr)
+        shutil.rmtree(work, ignore_errors=True)  # the store, images and log of the tour

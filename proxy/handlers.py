@@ -61,6 +61,8 @@ PLAN_MEMO_MAX = 20_000
 WHOLE_MAX = 1024 * 1024
 """Answers up to this size are handed to aiohttp whole; larger ones are written piece by piece
 under the write timeout, so a client that reads nothing pins at most a socket buffer's worth."""
+PROXY_FAILURES = frozenset({"upstream_unreachable", "upstream_timeout", "proxy_failure"})
+"""A flight's reason when the proxy answered for a failed upstream (logged as `error`)."""
 ROUTE_MAX = 256
 """Longest route copied into a log line or an entry (the key covers the whole path)."""
 OFF_LOOP_BYTES = 64 * 1024
@@ -524,12 +526,15 @@ async def _relay(
     try:
         head = flight.head
         if head is None:
+            info["error"] = "upstream_failed"
             return json_error(
                 502,
-                f"The upstream answer failed: {flight.reason}",
+                f"The upstream answer failed: {bounded(flight.reason, 200)}",
                 "proxy_error",
                 "upstream_failed",
             )
+        if flight.reason in PROXY_FAILURES:
+            info["error"] = flight.reason  # the 502/504 is the proxy's own answer
         headers: CIMultiDict[str] = CIMultiDict(head.headers)
         headers["X-Cache-Status"] = label
         headers["Cache-Status"] = CACHE_STATUS[label]
@@ -658,12 +663,14 @@ async def _passthrough(
             await resp.write_eof()
         return resp
     except UpstreamTimeout:
+        info["error"] = "upstream_timeout"
         if resp is None:
             return json_error(
                 504, "The upstream API did not answer in time.", "proxy_error", "upstream_timeout"
             )
         info["cut"] = "upstream timeout"
     except UpstreamError as exc:
+        info["error"] = "upstream_unreachable"
         if resp is None:
             return json_error(
                 502,

@@ -48,6 +48,20 @@ class BackgroundLoop:
         self.loop.close()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def quiet_logs() -> Iterator[None]:
+    """The in-process proxies log through structlog's default printer: send it nowhere, so
+    pytest's output holds no stray lines (capture_logs() still sees every event)."""
+    import os
+
+    import structlog
+
+    with open(os.devnull, "w") as sink:
+        structlog.configure(logger_factory=structlog.PrintLoggerFactory(file=sink))
+        yield
+        structlog.reset_defaults()
+
+
 @pytest.fixture(autouse=True)
 def no_blocking_calls() -> Iterator[None]:
     """Fail any blocking call (sqlite3, file or socket I/O, time.sleep) that the proxy's own

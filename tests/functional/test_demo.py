@@ -16,10 +16,11 @@ from tests.conftest import free_port
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_demo_runs_offline_in_under_15_seconds():
+def test_demo_runs_offline_in_under_15_seconds(tmp_path):
     """The tour exits 0 in under 15 s and shows the HIT, one upstream call for 20 duplicates
     and an image URL that outlives the upstream one."""
     env = {**os.environ, "NO_PROXY": "*", "HTTPS_PROXY": "", "HTTP_PROXY": ""}
+    env["TMPDIR"] = str(tmp_path)
     t0 = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-m", "proxy", "demo"],
@@ -39,15 +40,21 @@ def test_demo_runs_offline_in_under_15_seconds():
         if line.startswith("│")
     }
     assert rows["chat: first call"][1] == "MISS" and rows["chat: same call again"][1] == "HIT"
-    assert rows["chat: same call again"][3] == rows["chat: first call"][3] == "1"
+    assert rows["chat: same call again"][4] == rows["chat: first call"][4] == "1"
     assert float(rows["chat: same call again"][2]) < float(rows["chat: first call"][2])
-    assert rows["stream: replayed (first byte)"][1] == "HIT"
+    assert (
+        rows["stream: replayed"][1] == "HIT" and rows["stream: replayed"][3] == "to the first byte"
+    )
     dup = rows["20 identical calls at once"]
-    assert dup[1] == "1 MISS + 19 COALESCED"
-    assert int(dup[3]) == int(rows["stream: replayed (first byte)"][3]) + 1
+    assert dup[1] == "1 MISS + 19 COALESCED" and dup[3] == "the batch of 20"
+    assert int(dup[4]) == int(rows["stream: replayed"][4]) + 1
     kept = rows["image: after upstream URL expired"]
     assert kept[1] == "upstream 403, ours 200"
-    assert re.search(r"\d+ PNG bytes still served", kept[4])
+    assert "PNG bytes still" in kept[5]
+    assert "its own overhead included" in out
+    link = re.search(r"^image: generate: (http://\S+\.png)$", out, re.M)
+    assert link is not None  # the image URL whole, on one line
+    assert list(tmp_path.iterdir()) == []  # the demo removed its temporary folder
 
 
 def test_demo_serve_answers_an_sdk_request():
@@ -64,11 +71,15 @@ def test_demo_serve_answers_an_sdk_request():
         base = ""
         assert proc.stdout is not None
         deadline = time.monotonic() + 20
+        said = ""
         while time.monotonic() < deadline and not base:
             line = proc.stdout.readline()
+            said += line
             if line.startswith("OPENAI_BASE_URL="):
                 base = line.strip().split("=", 1)[1]
         assert base == f"http://127.0.0.1:{port}/v1"
+        log = re.search(r"request log \(one JSON line per request\): (\S+)", said)
+        assert log is not None and Path(log.group(1)).exists()
         with openai.OpenAI(base_url=base, api_key="sk-mine", max_retries=0) as c:
             r = c.chat.completions.create(
                 model="gpt-4o-mini", messages=[{"role": "user", "content": "hello from me"}]

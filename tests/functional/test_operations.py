@@ -284,3 +284,19 @@ def test_healthcheck_follows_the_port_the_proxy_was_started_with(fake, tmp_path)
     )
     assert run.returncode == 1  # stopped: unhealthy
     assert Path(data / "listening").read_text().strip() == f"http://127.0.0.1:{port}"
+
+
+def test_an_upstream_failure_is_named_in_the_log_and_said_once(start_proxy):
+    """An unreachable upstream: a 502 whose message does not repeat itself, and a
+    request.done line with error: upstream_unreachable."""
+    from structlog.testing import capture_logs
+
+    proxy = start_proxy(upstream=f"http://127.0.0.1:{free_port()}")
+    with capture_logs() as logs:
+        answer = post(port_of(proxy), chat("x"), {"Authorization": "Bearer sk-a"})
+        uncached = post(port_of(proxy), b"{}", {"Authorization": "Bearer sk-a"}, "/v1/files")
+    assert status_of(answer) == 502 and status_of(uncached) == 502
+    message = orjson.loads(body_of(answer))["error"]["message"]
+    assert message.lower().count("could not be reached") == 1
+    done = [e for e in logs if e["event"] == "request.done"]
+    assert [e.get("error") for e in done] == ["upstream_unreachable", "upstream_unreachable"]
