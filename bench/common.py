@@ -145,3 +145,25 @@ def wrk(
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     result["non_2xx"] = float(errors.group(1)) if errors else 0.0
     return result
+
+
+HIT_BODY = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Describe a persona"}]}'
+"""The chat completion every HIT benchmark asks for."""
+
+
+def warm(url: str, body: str = HIT_BODY) -> str:
+    """Ask twice, so the second answer (and every later one) is a HIT; its X-Cache-Status."""
+    import urllib.request
+
+    req = urllib.request.Request(
+        url,
+        data=body.encode(),
+        method="POST",
+        headers={"Content-Type": "application/json", "Authorization": "Bearer sk-bench"},
+    )
+    status = ""
+    for _ in range(2):
+        with urllib.request.urlopen(req) as r:
+            r.read()
+            status = r.headers["X-Cache-Status"]
+    return status

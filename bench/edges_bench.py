@@ -19,16 +19,12 @@ import sqlite3
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import orjson
 
-from bench.common import ROOT, fake_upstream, free_port, wait_port, wrk
-
-BODY = orjson.dumps(
-    {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Describe a persona"}]}
-).decode()
+from bench.common import HIT_BODY as BODY
+from bench.common import ROOT, fake_upstream, free_port, wait_port, warm, wrk
 
 
 def seed_expired(db: Path, rows: int) -> None:
@@ -73,18 +69,6 @@ def start_proxy(upstream: str, data: Path, *flags: str) -> tuple[object, int]:
     )
     wait_port(port)
     return proc, port
-
-
-def warm(url: str) -> None:
-    req = urllib.request.Request(
-        url,
-        data=BODY.encode(),
-        method="POST",
-        headers={"Content-Type": "application/json", "Authorization": "Bearer sk-bench"},
-    )
-    for _ in range(2):
-        with urllib.request.urlopen(req) as r:
-            r.read()
 
 
 def rss_mb(pid: int) -> float:

@@ -20,13 +20,11 @@ import urllib.request
 import orjson
 import redis
 
-from bench.common import fake_upstream, proxy, redis_server, wrk
+from bench.common import HIT_BODY as BODY
+from bench.common import fake_upstream, proxy, redis_server, warm, wrk
 from proxy.keys import tag
 from proxy.models import CachedResponse
 
-BODY = orjson.dumps(
-    {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Describe a persona"}]}
-).decode()
 TOKEN = "bench-admin"
 
 
@@ -71,14 +69,7 @@ def main() -> None:
         proxy(up, "--cache", rurl, "--hot-cache-mb", "0", "--admin-token", TOKEN) as base,
     ):
         url = base + "/v1/chat/completions"
-        req = urllib.request.Request(
-            url,
-            data=BODY.encode(),
-            method="POST",
-            headers={"Content-Type": "application/json", "Authorization": "Bearer sk-bench"},
-        )
-        for _ in range(2):
-            urllib.request.urlopen(req).read()
+        assert warm(url) == "HIT"
         t0 = time.monotonic()
         fill(rurl, args.entries)
         print(f"fill took {time.monotonic() - t0:.1f} s")

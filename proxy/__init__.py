@@ -2,15 +2,48 @@
 
 The data path, one request (handlers.proxy_handler):
 
-1. read the body (capped: 413), name the tenant (HMAC of key + org + project)
+1. read the body (capped: 413; `Expect: 100-continue` answered here), decode its
+   Content-Encoding capped while decoding (body.py), name the tenant from every credential
+   header (keys.py)
 2. plan.make_plan: the first matching rule (rules.py) and the key (keys.py) over the
-   canonical body (normalize.py); memoised on a digest of the raw bytes
+   canonical body (normalize.py: JSON under any content type, bounded depth, exact numbers);
+   memoised on a digest of the raw bytes; large bodies are planned off the loop
 3. no rule, or Cache-Control: no-store -> pass-through, streamed both ways
-4. cache.Cache.get (a Store from stores/, behind a breaker) -> HIT: replay.replay
-5. coalesce.Flights: join the key's flight (COALESCED) or lead one (MISS / REFRESH);
-   fetch.Fetcher reads upstream.Upstream in its own task into the flight, readers relay it
-   from the first chunk then live, and a whole, clean 2xx answer becomes a models.CachedResponse
+4. cache.Cache.get (a Store from stores/, behind a hot tier and a breaker) -> HIT: replay.py
+5. coalesce.Flights: join the key's flight (COALESCED) or lead one (MISS / REFRESH), across
+   instances through bus.py; fetch.Fetcher reads upstream.Upstream in its own task into the
+   flight, readers relay it from the first chunk then live (bounded, with a write timeout),
+   and a whole, sound 2xx answer becomes a models.CachedResponse
 6. one `request.done` line (log.py) and the counters behind /_proxy/stats (stats.py)
+
+Module map:
+
+    __main__.py   subcommands -> Settings.from_args() -> serve.serve()
+    settings.py   Settings (one frozen dataclass, a flag and a PROXY_* twin per field)
+    serve.py      one process or --workers N; start-up line; healthcheck
+    server.py     aiohttp's low-level server with a deadline for request heads
+    app.py        build_state, ProxyApp: the /_proxy/ routes (health, stats, metrics,
+                  dashboard, purge, images), start-up and shutdown
+    handlers.py   proxy_handler: the data path above
+    body.py       request Content-Encoding, decoded with a cap                   [pure]
+    normalize.py  body -> canonical bytes                                         [pure]
+    keys.py       tenant digest, cache key, store key with purge tags            [pure]
+    plan.py       request -> Plan; Cache-Control                                  [pure]
+    rules.py      rules/*.toml -> Rules                                           [pure]
+    sse.py        SSE checks, fed incrementally (Scanner)                         [pure]
+    cost.py       usage -> tokens and dollars                                     [pure]
+    models.py     CachedResponse, the store clock
+    stores/       memory, sqlite (capped, swept), redis (+ cluster); open_store()
+    cache.py      hot tier, breaker (reads only), probe, purge
+    coalesce.py   Flight, Reader: single flight in one process, bounded buffers
+    bus.py        Redis lease + stream: flights across instances
+    fetch.py      upstream -> flight -> sound? -> store
+    upstream.py   one ClientSession, header filters, exception mapping
+    replay.py     a stored answer -> the client (whole, in pieces, or paced)
+    purge.py      purge filters -> key pattern; the purge subcommand
+    images/       rehosting image URLs to a local folder or S3/R2 (SSRF-guarded)
+    log.py, stats.py, metrics.py, report.py, dashboard.html, auth.py, backfill.py, demo.py
+    testing/      the fake OpenAI upstream, a hostile upstream, log line generators
 """
 
 __version__ = "0.1.0"

@@ -232,16 +232,22 @@ class SQLiteStore:
         """Delete every expired entry, a batch per job with a pause between batches (lookups
         run in between and the sweep takes at most about half of the store thread); then give
         the freed pages back to the file system. Returns how many entries went."""
-        gone: int = 0
+        gone = await self._delete_all("WHERE expires < ?", (time.time(),))
+        self.expired += gone
+        return gone
+
+    async def _delete_all(self, where: str, args: tuple[Any, ...]) -> int:
+        """Delete every row `where` selects, BATCH rows a job with PAUSE_S between jobs, then
+        vacuum; how many rows went."""
+        gone = 0
         while True:
-            n, _ = await self._run(self._delete_batch, "WHERE expires < ?", "", (time.time(),))
+            n, _ = await self._run(self._delete_batch, where, "", args)
             gone += int(n)
             if n < BATCH:
                 break
             await asyncio.sleep(PAUSE_S)
         if gone:
             await self._vacuum_all()
-        self.expired += gone
         return gone
 
     async def _vacuum_all(self) -> None:
@@ -275,16 +281,7 @@ class SQLiteStore:
     async def purge(self, pattern: str) -> int:
         """Delete every entry whose key matches the glob `pattern`, a batch per job with pauses
         (a tenant's keys share a prefix, which the primary key index finds); how many went."""
-        gone = 0
-        while True:
-            n, _ = await self._run(self._delete_batch, "WHERE key GLOB ?", "", (pattern,))
-            gone += int(n)
-            if n < BATCH:
-                break
-            await asyncio.sleep(PAUSE_S)
-        if gone:
-            await self._vacuum_all()
-        return gone
+        return await self._delete_all("WHERE key GLOB ?", (pattern,))
 
     async def total_bytes(self) -> int:
         """Bytes of answers held (what the cap counts)."""
