@@ -52,6 +52,9 @@ class FetchJob:
     store_key: str = ""
     """Where to store a good answer; "" stores nothing."""
     ttl_s: float = 0.0
+    """How long the answer is fresh."""
+    keep_s: float = 0.0
+    """How much longer it is kept, stale, for stale-if-error."""
     debounce_s: float = 0.0
     transform: Transform | None = None
     meta: dict[str, Any] = field(default_factory=dict)
@@ -271,7 +274,7 @@ class Fetcher:
         flight.entry = entry
         if job.store_key:
             try:
-                await self.cache.set(job.store_key, entry, job.ttl_s)
+                await self.cache.set(job.store_key, entry, job.ttl_s + job.keep_s)
                 job.meta["stored"] = True
             except StoreUnavailable:
                 pass
@@ -311,6 +314,7 @@ def make_entry(
     if usage is _UNKNOWN:
         usage = sse.usage_of_stream(body) if job.stream else usage_of_json(body)
     meta = {k: v for k, v in job.meta.items() if k in ("fingerprint", "model", "route")}
+    meta["ttl"] = job.ttl_s  # freshness; the store keeps it keep_s longer (stale-if-error)
     if flight.rebase:
         meta["rebase"] = True
     cost = answer_cost(prices, job.route, job.meta.get("model"), usage, job.meta.get("hints"), body)

@@ -248,6 +248,7 @@ async def _handle(
         entry = st.cache.peek(plan.key)
         if (
             entry is not None
+            and entry.fresh_until >= CLOCK.now()
             and (not entry.stream or plan.rule.replay == "fast")
             and len(entry.body) <= WHOLE_MAX
             and (st.auth is None or st.auth.fresh(tenant))
@@ -286,6 +287,8 @@ async def _handle(
     if plan.rule is None or controls.mode is Mode.BYPASS:
         return await _passthrough(st, request, info, body, fwd, path_qs, t0, plan)
     ttl = plan.rule.ttl_s if controls.max_age is None else min(plan.rule.ttl_s, controls.max_age)
+    # kept past freshness for stale-if-error: the rule's window, or the request's directive
+    keep = max(plan.rule.stale_if_error_s, controls.stale_if_error or 0.0)
     return await _serve_keyed(
         st,
         request,
@@ -299,6 +302,7 @@ async def _handle(
         fingerprint="",
         controls=controls,
         ttl_s=ttl,
+        keep_s=keep,
         store=plan.rule.store,
         t0=t0,
     )
@@ -358,11 +362,13 @@ async def _serve_keyed(
     ttl_s: float,
     store: bool,
     t0: float,
+    keep_s: float = 0.0,
 ) -> web.StreamResponse:
     """A request with a key: answer from the cache, join a flight, or lead one."""
     rule = plan.rule
     info["key"] = key_id(key)
     degraded = False
+    stale: CachedResponse | None = None
     if controls.mode is Mode.LOOKUP:
         entry = st.cache.peek(key)
         if entry is None:
@@ -373,8 +379,13 @@ async def _serve_keyed(
         if entry is not None:
             if fingerprint and entry.meta.get("fingerprint") != fingerprint:
                 return _idempotency_conflict()
-            age = CLOCK.now() - entry.created
-            if controls.max_age is None or age <= controls.max_age:
+            now = CLOCK.now()
+            age = now - entry.created
+            fresh = now <= entry.fresh_until
+            window = controls.stale_window(rule.stale_if_error_s if rule is not None else 0.0)
+            if not fresh and window > 0 and now <= entry.fresh_until + window:
+                stale = entry  # served only if the upstream fails for this request
+            if fresh and (controls.max_age is None or age <= controls.max_age):
                 if st.auth is not None and not st.auth.fresh(tenant):
                     refusal = await st.auth.check(tenant, request.headers)
                     if refusal is not None:
@@ -403,7 +414,17 @@ async def _serve_keyed(
         if fingerprint and flight.fingerprint != fingerprint:
             return _idempotency_conflict()
         return await _join(
-            st, request, info, body, fwd, path_qs, flight, flight.attach(), lock_timeout, t0
+            st,
+            request,
+            info,
+            body,
+            fwd,
+            path_qs,
+            flight,
+            flight.attach(),
+            lock_timeout,
+            t0,
+            stale=stale,
         )
 
     label = "BYPASS" if degraded else ("REFRESH" if controls.mode is Mode.REFRESH else "MISS")
@@ -422,6 +443,7 @@ async def _serve_keyed(
         stream=plan.stream,
         store_key=key if store and not degraded else "",
         ttl_s=ttl_s,
+        keep_s=keep_s,
         debounce_s=rule.debounce_s if rule is not None else 0.0,
         transform=st.transform
         if rule is not None and rule.rehost_images and rewrites(info["route"])
@@ -451,7 +473,17 @@ async def _serve_keyed(
             st.fetcher.follow(bus, flight, job)
             fed = True
             return await _join(
-                st, request, info, body, fwd, path_qs, flight, reader, lock_timeout, t0
+                st,
+                request,
+                info,
+                body,
+                fwd,
+                path_qs,
+                flight,
+                reader,
+                lock_timeout,
+                t0,
+                stale=stale,
             )
         if bus is not None and token is not None and token != "local":
             st.fetcher.lead_shared(bus, flight, job, token)
@@ -464,6 +496,9 @@ async def _serve_keyed(
             flight.finish(Outcome.CUT, "no upstream read was started")
             st.flights.forget(flight)
     await flight.wait_head(None)
+    if stale is not None and failed(flight):
+        reader.close()
+        return _serve_stale(info, flight, stale)
     resp = await _relay(request, info, flight, reader, label, t0, st.settings.write_timeout_s)
     info["upstream_ms"] = round(job.meta.get("upstream_ms", 0.0), 2) or None
     if st.auth is not None and flight.head is not None and flight.head.status < 300:
@@ -484,6 +519,8 @@ async def _join(
     reader: Reader,
     lock_timeout: float,
     t0: float,
+    *,
+    stale: CachedResponse | None = None,
 ) -> web.StreamResponse:
     """Answer with a flight someone else leads (here or on another instance)."""
     head = await flight.wait_head(lock_timeout)
@@ -492,11 +529,40 @@ async def _join(
         reader.close()
         info["lock_timeout"] = True
         return await _passthrough(st, request, info, body, fwd, path_qs, time.perf_counter())
+    if stale is not None and failed(flight):
+        reader.close()
+        return _serve_stale(info, flight, stale)
     info["cache"] = "coalesced"
     resp = await _relay(request, info, flight, reader, "COALESCED", t0, st.settings.write_timeout_s)
     if flight.entry is not None:
         _saved(info, flight.entry)
     return resp
+
+
+STALE_STATUSES = frozenset({429, 500, 502, 503, 504})
+"""Upstream answers that make a stale answer the better one (RFC 5861 stale-if-error): rate
+limits, server errors, and the proxy's own 502/504 for an unreachable or silent upstream.
+Never 400/401/403/404: those are about the request or the key."""
+
+
+def failed(flight: Flight) -> bool:
+    """Did the upstream fail for this flight in a way a stale answer may cover?"""
+    head = flight.head
+    return head is None or head.status in STALE_STATUSES
+
+
+def _serve_stale(info: dict[str, Any], flight: Flight, entry: CachedResponse) -> web.Response:
+    """The stale answer in place of the upstream's failure, saying which failure it covers."""
+    head = flight.head
+    if head is None or flight.reason in PROXY_FAILURES:
+        info["error"] = flight.reason if flight.reason in PROXY_FAILURES else "upstream_failed"
+        cause = f"detail={info['error'].replace('_', '-')}"
+    else:
+        info["upstream_status"] = head.status
+        cause = f"fwd-status={head.status}"
+    info["cache"] = "stale"
+    _saved(info, entry)
+    return whole(entry, "STALE", f"{CACHE_NAME}; fwd=stale; {cause}")
 
 
 def _saved(info: dict[str, Any], entry: CachedResponse) -> None:

@@ -60,6 +60,9 @@ class CachedResponse:
     """`headers` plus the HIT status headers, built once: a HIT only adds Age."""
     saved_fields: dict[str, Any] = field(init=False, repr=False, compare=False)
     """The log fields of a request that reuses this answer (saved_ms, tokens, saved_usd)."""
+    fresh_until: float = field(init=False, repr=False, compare=False)
+    """`created` + the rule's ttl_s when it was stored (meta "ttl"): past it the answer is
+    stale, kept only to be served when the upstream fails (stale-if-error)."""
     rebase: bool = field(init=False, repr=False, compare=False)
     """Its image links stand under PLACEHOLDER_BASE: each client gets them under its own base."""
 
@@ -72,6 +75,9 @@ class CachedResponse:
         saved = {"saved_ms": self.upstream_ms, **money_fields(self.meta.get("cost"), saved=True)}
         object.__setattr__(self, "saved_fields", saved)
         object.__setattr__(self, "rebase", bool(self.meta.get("rebase")))
+        ttl = self.meta.get("ttl")
+        fresh = self.created + float(ttl) if isinstance(ttl, int | float) else float("inf")
+        object.__setattr__(self, "fresh_until", fresh)
 
     @property
     def size(self) -> int:

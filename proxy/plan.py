@@ -66,6 +66,16 @@ class ClientControls:
     mode: Mode
     max_age: float | None
     namespace: str
+    stale_if_error: float | None = None
+    """Cache-Control: stale-if-error=N: this request accepts an answer up to N s stale when
+    the upstream fails."""
+
+    def stale_window(self, rule_s: float) -> float:
+        """Seconds past freshness an answer may be served when the upstream fails: the rule's
+        option, the request's directive, or the smaller of both."""
+        if self.stale_if_error is None:
+            return rule_s
+        return min(self.stale_if_error, rule_s) if rule_s > 0 else self.stale_if_error
 
 
 DEFAULT_CONTROLS = ClientControls(Mode.LOOKUP, None, "")
@@ -91,6 +101,7 @@ def parse_cache_control(value: str | None, namespace: str | None) -> ClientContr
     if value is None and namespace is None:
         return DEFAULT_CONTROLS
     mode, max_age = Mode.LOOKUP, None
+    stale: float | None = None
     if value:
         for part in value.lower().split(","):
             name, _, arg = part.strip().partition("=")
@@ -103,7 +114,11 @@ def parse_cache_control(value: str | None, namespace: str | None) -> ClientContr
                 seconds = delta_seconds(arg)
                 if seconds is not None:
                     max_age = seconds if max_age is None else min(max_age, seconds)
-    return ClientControls(mode, max_age, (namespace or "").strip())
+            elif name == "stale-if-error":
+                seconds = delta_seconds(arg)
+                if seconds is not None:
+                    stale = seconds if stale is None else min(stale, seconds)
+    return ClientControls(mode, max_age, (namespace or "").strip(), stale)
 
 
 def route_of(path: str) -> tuple[str, str]:

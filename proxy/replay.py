@@ -35,6 +35,8 @@ def _headers(resp: web.StreamResponse, entry: CachedResponse, status: str, cs: s
     headers.extend(entry.headers)
     headers.add("X-Cache-Status", status)
     headers.add("Cache-Status", cs)
+    if status == "STALE":
+        headers.add("Age", str(max(0, int(CLOCK.now() - entry.created))))
 
 
 async def whole_in_pieces(

@@ -63,6 +63,7 @@ class Group:
     hits: int = 0
     coalesced: int = 0
     misses: int = 0
+    stale: int = 0
     money: Totals = field(default_factory=Totals)
     spent: Decimal = Decimal(0)
     saved: Decimal = Decimal(0)
@@ -88,6 +89,8 @@ class Group:
                 self.hit_ms.add(ms)
         elif cache == "coalesced":
             self.coalesced += 1
+        elif cache == "stale":
+            self.stale += 1
         elif cache == "miss":
             self.misses += 1
             if isinstance(ms, int | float) and not failed:  # a failure is no MISS latency
@@ -95,13 +98,14 @@ class Group:
 
     def row(self) -> dict[str, Any]:
         t = self.money
-        served = self.hits + self.coalesced
+        served = self.hits + self.coalesced + self.stale
         return {
             "requests": t.requests,
             "hit_ratio": round(served / t.requests, 4) if t.requests else 0.0,
             "hits": self.hits,
             "coalesced": self.coalesced,
             "misses": self.misses,
+            "stale": self.stale,
             "errors": t.errors,
             "tokens_in_spent": t.tokens_in_spent,
             "tokens_out_spent": t.tokens_out_spent,
@@ -275,6 +279,7 @@ COLUMNS = (
     "errors",
     "hits",
     "misses",
+    "stale",
     "hit_p50_ms",
     "miss_p50_ms",
     "coalesced",

@@ -58,6 +58,9 @@ class Rule:
     """With replay = "paced": 2.0 replays twice as fast as recorded."""
     rehost_images: bool = True
     """Copy image URLs in the answer to the image store and rewrite them (image routes)."""
+    stale_if_error_s: float = 0.0
+    """An answer past its ttl_s is kept this much longer and served (STALE) only when the
+    upstream fails for its request: 429, 500, 502, 503, 504, unreachable, timed out (RFC 5861)."""
 
     def matches(self, method: str, route: str, model: str | None) -> bool:
         if method not in self.methods or not fnmatchcase(route, self.route):
@@ -99,7 +102,7 @@ class Rules:
 
 _FIELDS = {f.name: f for f in fields(Rule)}
 _TUPLES = {"methods", "models", "ignore_fields", "never_if"}
-_FLOATS = {"ttl_s", "debounce_s", "lock_timeout_s", "replay_speed"}
+_FLOATS = {"ttl_s", "debounce_s", "lock_timeout_s", "replay_speed", "stale_if_error_s"}
 _BOOLS = {"enabled", "store", "coalesce", "rehost_images"}
 
 

@@ -17,13 +17,16 @@ from typing import Any
 
 import orjson
 
-STATUSES = ("hit", "miss", "refresh", "bypass", "coalesced")
+STATUSES = ("hit", "miss", "refresh", "bypass", "coalesced", "stale")
+SERVED = frozenset({"hit", "coalesced", "stale"})
+"""Answers that came from the cache (a stale one too: it was not paid for again)."""
 _PLURAL = {
     "hit": "hits",
     "miss": "misses",
     "refresh": "refreshes",
     "bypass": "bypasses",
     "coalesced": "coalesced",
+    "stale": "stale",
 }
 LATENCY_BUCKETS_S = (
     0.0005,
@@ -165,7 +168,7 @@ class Stats:
             self.series.append(self._minute)
         m = self._minute
         m.requests += 1
-        if cache == "hit" or cache == "coalesced":
+        if cache in SERVED:
             m.served += 1
         usd = line.get("saved_usd")
         if usd:
@@ -223,7 +226,7 @@ class Stats:
             row["spent_usd"] += cell.usd_spent
             row["saved_usd"] += cell.usd_saved
         for row in out.values():
-            served = row["hit"] + row["coalesced"]
+            served = row["hit"] + row["coalesced"] + row["stale"]
             row["hit_ratio"] = round(served / row["requests"], 4) if row["requests"] else 0.0
             row["spent_usd"] = round(row["spent_usd"], 6)
             row["saved_usd"] = round(row["saved_usd"], 6)
@@ -232,7 +235,7 @@ class Stats:
     def snapshot(self) -> dict[str, Any]:
         t = self.total
         by_status = self.by_status
-        served = by_status["hit"] + by_status["coalesced"]
+        served = by_status["hit"] + by_status["coalesced"] + by_status["stale"]
         return {
             "uptime_s": round(time.time() - self.started, 1),
             "requests": t.requests,

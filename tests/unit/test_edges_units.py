@@ -85,3 +85,15 @@ def test_age_uses_the_store_clock():
         assert whole(entry, "HIT", "x").headers["Age"] in ("29", "30")
     finally:
         CLOCK.offset = 0.0
+
+
+def test_stale_if_error_directive_and_window():
+    """The directive is read like max-age (invalid values ignored); the window is the rule's
+    option, the directive's, or the smaller of both."""
+    from proxy.plan import parse_cache_control
+
+    c = parse_cache_control("max-age=10, stale-if-error=600", None)
+    assert c.max_age == 10 and c.stale_if_error == 600
+    assert c.stale_window(0) == 600 and c.stale_window(60) == 60 and c.stale_window(6000) == 600
+    plain = parse_cache_control("stale-if-error=-5", None)
+    assert plain.stale_if_error is None and plain.stale_window(30) == 30
