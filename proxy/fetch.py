@@ -315,6 +315,8 @@ def make_entry(
         usage = sse.usage_of_stream(body) if job.stream else usage_of_json(body)
     meta = {k: v for k, v in job.meta.items() if k in ("fingerprint", "model", "route")}
     meta["ttl"] = job.ttl_s  # freshness; the store keeps it keep_s longer (stale-if-error)
+    if job.stream and job.route.endswith("/chat/completions") and usage:
+        meta["sse_usage"] = True  # the stream carries its usage chunk (see twins)
     if flight.rebase:
         meta["rebase"] = True
     cost = answer_cost(prices, job.route, job.meta.get("model"), usage, job.meta.get("hints"), body)

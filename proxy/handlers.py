@@ -52,6 +52,7 @@ from proxy.replay import CACHE_NAME, is_fast, replay, whole, whole_in_pieces
 from proxy.rules import Rules
 from proxy.settings import Settings
 from proxy.stats import Shared, Stats
+from proxy.twins import NotConvertible, convert
 from proxy.upstream import Upstream, forward_headers, response_headers
 
 log = structlog.get_logger()
@@ -94,6 +95,8 @@ class State:
     stats: Stats
     plans: dict[bytes, tuple[Plan, bytes, str]] = field(default_factory=dict)
     """Memo: raw request digest -> (plan, tenant digest, tenant id for logs)."""
+    converted: dict[tuple[str, float, str], bytes] = field(default_factory=dict)
+    """Twins converted to the other form, newest last (see _twin)."""
     shared: Shared | None = None
     """With --workers N: every worker's counters (stats, metrics and the dashboard add up)."""
     auth: CredentialCheck | None = None
@@ -249,6 +252,7 @@ async def _handle(
         if (
             entry is not None
             and entry.fresh_until >= CLOCK.now()
+            and (not plan.form or plan.form == entry.form)
             and (not entry.stream or plan.rule.replay == "fast")
             and len(entry.body) <= WHOLE_MAX
             and (st.auth is None or st.auth.fresh(tenant))
@@ -393,23 +397,34 @@ async def _serve_keyed(
                         refused = web.Response(status=refusal.status, body=refusal.body)
                         refused.headers.extend(refusal.headers)
                         return refused
-                info["cache"] = "hit"
-                _saved(info, entry)
-                if entry.rebase:
-                    body = rebase(entry.body, _client_base(request))
-                    return whole(entry, "HIT", HIT_STATUS, body)
-                if is_fast(entry, rule):
-                    if len(entry.body) > WHOLE_MAX:
-                        wt = st.settings.write_timeout_s
-                        return await whole_in_pieces(request, entry, "HIT", HIT_STATUS, wt)
-                    return whole(entry, "HIT", HIT_STATUS)
-                return await replay(request, entry, rule, "HIT", HIT_STATUS)
+                if plan.form and plan.form != entry.form:
+                    converted = _twin(st, info, key, entry, plan)
+                    if converted is not None:
+                        info["cache"] = "hit"
+                        _saved(info, entry)
+                        return converted
+                    # not convertible: fetched again below, in the form asked for
+                else:
+                    info["cache"] = "hit"
+                    _saved(info, entry)
+                    if entry.rebase:
+                        body = rebase(entry.body, _client_base(request))
+                        return whole(entry, "HIT", HIT_STATUS, body)
+                    if is_fast(entry, rule):
+                        if len(entry.body) > WHOLE_MAX:
+                            wt = st.settings.write_timeout_s
+                            return await whole_in_pieces(request, entry, "HIT", HIT_STATUS, wt)
+                        return whole(entry, "HIT", HIT_STATUS)
+                    return await replay(request, entry, rule, "HIT", HIT_STATUS)
     elif controls.mode is Mode.REFRESH and not st.cache.healthy:
         degraded = True
 
     coalesce = rule.coalesce if rule is not None else True
     lock_timeout = rule.lock_timeout_s if rule is not None else 30.0
-    flight = st.flights.get(key) if coalesce else None
+    # Twins share the store key, never a flight: a streamed and a non-streamed request in
+    # flight at once each go upstream (a live stream is not converted half-way).
+    fkey = f"{key}#{plan.form}" if plan.twin else key
+    flight = st.flights.get(fkey) if coalesce else None
     if flight is not None:
         if fingerprint and flight.fingerprint != fingerprint:
             return _idempotency_conflict()
@@ -430,7 +445,7 @@ async def _serve_keyed(
     label = "BYPASS" if degraded else ("REFRESH" if controls.mode is Mode.REFRESH else "MISS")
     info["cache"] = label.lower()
     flight = st.flights.lead(
-        key, max_bytes=int(st.settings.max_record_mb * 1024 * 1024), fingerprint=fingerprint
+        fkey, max_bytes=int(st.settings.max_record_mb * 1024 * 1024), fingerprint=fingerprint
     )
     if not coalesce:
         st.flights.forget(flight)
@@ -463,8 +478,8 @@ async def _serve_keyed(
         token: str | None = "local"
         if bus is not None and bus.usable:
             try:
-                token = await bus.try_lead(key, fingerprint)
-                if token is None and fingerprint and await bus.conflicts(key, fingerprint):
+                token = await bus.try_lead(fkey, fingerprint)
+                if token is None and fingerprint and await bus.conflicts(fkey, fingerprint):
                     return _idempotency_conflict()
             except BusError:
                 token = "local"  # Redis is down: coalesce in this process only
@@ -563,6 +578,50 @@ def _serve_stale(info: dict[str, Any], flight: Flight, entry: CachedResponse) ->
     info["cache"] = "stale"
     _saved(info, entry)
     return whole(entry, "STALE", f"{CACHE_NAME}; fwd=stale; {cause}")
+
+
+CONVERTED_MAX = 256
+"""Converted twins kept (per process) so a repeat costs what a plain HIT costs."""
+
+
+def _twin(
+    st: State, info: dict[str, Any], key: str, entry: CachedResponse, plan: Plan
+) -> web.Response | None:
+    """The stored answer in the form this request wants, when that is the other form (a
+    streamed request for a stored JSON answer, or the reverse); None when the forms match or
+    the stored answer cannot be converted (it is then fetched again)."""
+    assert plan.twin is not None
+    memo_key = (key, entry.created, plan.form)
+    body = st.converted.get(memo_key)
+    if body is None:
+        try:
+            source = entry.body
+            if entry.stream and plan.form != "json":  # stream -> stream with(out) usage
+                source = convert(plan.twin, source, to_stream=False, include_usage=False)
+            body = convert(
+                plan.twin,
+                source,
+                to_stream=plan.form != "json",
+                include_usage=plan.form == "sse+usage",
+            )
+        except NotConvertible:
+            return None
+        if len(st.converted) >= CONVERTED_MAX:
+            st.converted.pop(next(iter(st.converted)))
+        st.converted[memo_key] = body
+    info["converted"] = f"{entry.form}->{plan.form}"
+    info["bytes"] = len(body)
+    resp = web.Response(status=entry.status, body=body)
+    headers = resp.headers
+    for name, value in entry.headers:
+        if name.lower() != "content-type":
+            headers.add(name, value)
+    sse = plan.form != "json"
+    headers["Content-Type"] = "text/event-stream; charset=utf-8" if sse else "application/json"
+    headers["X-Cache-Status"] = "HIT"
+    headers["Cache-Status"] = HIT_STATUS
+    headers["Age"] = str(max(0, int(CLOCK.now() - entry.created)))
+    return resp
 
 
 def _saved(info: dict[str, Any], entry: CachedResponse) -> None:

@@ -115,4 +115,4 @@ def purge_pattern(
 
 def key_id(key: str) -> str:
     """The 12-character id of a key in log lines (the start of its HMAC)."""
-    return key[-64:-52]
+    return key.partition("#")[0][-64:-52]

@@ -63,6 +63,9 @@ class CachedResponse:
     fresh_until: float = field(init=False, repr=False, compare=False)
     """`created` + the rule's ttl_s when it was stored (meta "ttl"): past it the answer is
     stale, kept only to be served when the upstream fails (stale-if-error)."""
+    form: str = field(init=False, repr=False, compare=False)
+    """"json", "sse" or "sse+usage" (a chat stream with its usage chunk): what a twin of the
+    other form needs converting from."""
     rebase: bool = field(init=False, repr=False, compare=False)
     """Its image links stand under PLACEHOLDER_BASE: each client gets them under its own base."""
 
@@ -78,6 +81,8 @@ class CachedResponse:
         ttl = self.meta.get("ttl")
         fresh = self.created + float(ttl) if isinstance(ttl, int | float) else float("inf")
         object.__setattr__(self, "fresh_until", fresh)
+        form = ("sse+usage" if self.meta.get("sse_usage") else "sse") if self.stream else "json"
+        object.__setattr__(self, "form", form)
 
     @property
     def size(self) -> int:

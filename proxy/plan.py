@@ -26,6 +26,7 @@ from proxy.normalize import (
     try_json,
 )
 from proxy.rules import Rule, Rules
+from proxy.twins import kind_of
 
 LABEL_MAX = 96
 """Longest client-given string (model, namespace) copied into logs, stats and memos."""
@@ -59,6 +60,10 @@ class Plan:
     """Keyed digest of the whole request, used to spot an Idempotency-Key reused for another."""
     hints: dict[str, Any] | None = None
     """What pricing needs from the request: image size and quality, speech input length."""
+    twin: str | None = None
+    """"chat" or "responses": the streamed and the non-streamed form share this key (twins.py)."""
+    form: str = ""
+    """For twins, the form this request wants: "json", "sse" or "sse+usage"."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,10 +194,12 @@ def make_plan(
     fingerprint = cache_key(secret, tenant, method, route, query, ctype, canonical_all)
     if rule is None or not rule.enabled or any(fields.get(f) for f in rule.never_if):
         return Plan(None, "", label, stream, fingerprint, hints)
-    if raw or not rule.ignore_fields:
+    twin = kind_of(route) if not raw and not parts else None
+    ignore = rule.ignore_fields + (("stream", "stream_options") if twin else ())
+    if raw or not ignore:
         canonical = canonical_all
     else:
-        canonical = _canonical(fields, parts, rule.ignore_fields, ctype, body)
+        canonical = _canonical(fields, parts, ignore, ctype, body)
     key = store_key(
         tenant.hex()[:12],
         namespace,
@@ -200,7 +207,12 @@ def make_plan(
         route,
         cache_key(secret, tenant, method, route, query, namespace, canonical),
     )
-    return Plan(rule, key, label, stream, fingerprint, hints)
+    form = ""
+    if twin:
+        options = fields.get("stream_options")
+        usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        form = ("sse+usage" if usage and twin == "chat" else "sse") if stream else "json"
+    return Plan(rule, key, label, stream, fingerprint, hints, twin, form)
 
 
 def _canonical(

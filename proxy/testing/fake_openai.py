@@ -15,7 +15,8 @@ Knobs, set on the instance while it runs:
 - `image_ttl_s`: how long image URLs work (like OpenAI's 60 minutes).
 
 Per request, the model name can ask for a behaviour too: `fake-error-429` answers that status;
-`recorded` replays the recorded real stream for chat and responses.
+`recorded` replays the recorded real stream for chat and responses; `recorded-tools` answers
+the recorded real tool call (JSON, or streamed when asked).
 """
 
 from __future__ import annotations
@@ -260,6 +261,13 @@ class FakeOpenAI:
             rec = recorded("chat_completion_stream_prompt_caching_cache_read")["response"]
             events = [e + b"\n\n" for e in rec["body_text"].encode().split(b"\n\n") if e]
             return await self._sse(request, events, None)
+        if model == "recorded-tools":  # the recorded real tool call, in the form asked for
+            if req.get("stream"):
+                rec = recorded("chat_completion_tool_call_streamed")["response"]
+                events = [e + b"\n\n" for e in rec["body_text"].encode().split(b"\n\n") if e]
+                return await self._sse(request, events, None)
+            rec = recorded("chat_completion_tool_call")["response"]
+            return web.Response(body=rec["body_text"].encode(), content_type="application/json")
         prompt = orjson.dumps(req.get("messages", []))
         words = self._words(prompt.decode(), n)
         usage = {

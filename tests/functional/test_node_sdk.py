@@ -50,5 +50,20 @@ def test_node_sdk_through_the_proxy(node_sdk, start_proxy, fake):
     assert out["error"] == {"name": "RateLimitError", "status": 429, "code": "fake_429"}
     assert "gpt-4o-mini" in out["models"]
     # one upstream call per distinct request, whatever the SDK
-    assert fake.count("/v1/chat/completions") == 3  # JSON, stream, the 429
-    assert fake.count("/v1/responses") == 1
+    # the stream is the JSON answer's twin: served from it, with its usage chunk
+    tw = out["twin_chat"]
+    assert (tw["json"]["status"], tw["stream"]["status"]) == ("MISS", "HIT")
+    assert (
+        tw["json"]["text"] == tw["stream"]["text"] and tw["json"]["usage"] == tw["stream"]["usage"]
+    )
+    tools = out["twin_tools"]
+    assert tools["json"]["status"] == "HIT" and tools["json"]["calls"] == tools["stream"]["calls"]
+    assert tools["stream"]["calls"][0]["name"] == "extract_student_info"
+    assert tools["json"]["usage"] == tools["stream"]["usage"]
+    tr = out["twin_responses"]
+    assert tr["first"] == "MISS" and tr["text"] == tr["deltas"] == tr["streamed"]
+    assert tr["usage"][0] == tr["usage"][1]
+    # one upstream call per distinct request, whatever the SDK and the form
+    # the persona (JSON, its stream a twin), the twin chat, the tool call, the 429
+    assert fake.count("/v1/chat/completions") == 4
+    assert fake.count("/v1/responses") == 2

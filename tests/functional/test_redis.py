@@ -18,7 +18,8 @@ from tests.conftest import sdk, spawn_proxy, start_redis
 from tests.helpers import HEADERS, joined, post_stream, wait_until
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Shared persona"}]}
-STREAM = {**CHAT, "stream": True}
+# Its own prompt: a stream of CHAT's prompt would be CHAT's twin (served from its answer).
+STREAM = {**CHAT, "messages": [{"role": "user", "content": "Shared stream"}], "stream": True}
 ROOT = Path(__file__).resolve().parents[2]
 CHAT_PATH = "/v1/chat/completions"
 

@@ -43,6 +43,10 @@ def test_two_workers_stats_add_up_whichever_answers(fake, tmp_path):
 
     proc, port = spawn_proxy(fake.base_url, tmp_path, "--workers", "2")
     try:
+        deadline = time.monotonic() + 20  # both workers up (each writes its counters)
+        while len(list((tmp_path / "stats").glob("*.json"))) < 2:
+            assert time.monotonic() < deadline, "the second worker did not start"
+            time.sleep(0.1)
         headers = {"Authorization": "Bearer sk-w", "Content-Type": "application/json"}
         for i in range(30):  # a new connection each: the kernel spreads them over the workers
             body = orjson.dumps(

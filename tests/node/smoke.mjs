@@ -33,6 +33,48 @@ for (const step of ["first", "second"]) {
   out[`responses_${step}`] = { deltas, text: final.output_text, usage: final.usage };
 }
 
+// Twins: the other form of a stored answer (chat JSON -> stream, stream -> JSON, tool calls,
+// Responses both ways), each converted by the proxy.
+async function streamed(body) {
+  const { data: stream, response } = await client.chat.completions
+    .create({ ...body, stream: true, stream_options: { include_usage: true } }).withResponse();
+  let text = "";
+  let usage = null;
+  const calls = {};
+  for await (const chunk of stream) {
+    if (chunk.usage) usage = chunk.usage;
+    for (const ch of chunk.choices) {
+      text += ch.delta.content ?? "";
+      for (const call of ch.delta.tool_calls ?? []) {
+        const slot = (calls[call.index] ??= { name: "", arguments: "" });
+        slot.name += call.function?.name ?? "";
+        slot.arguments += call.function?.arguments ?? "";
+      }
+    }
+  }
+  return { status: response.headers.get("x-cache-status"), text, usage, calls: Object.values(calls) };
+}
+async function plain(body) {
+  const { data, response } = await client.chat.completions.create(body).withResponse();
+  const msg = data.choices[0].message;
+  return { status: response.headers.get("x-cache-status"), text: msg.content ?? "", usage: data.usage,
+           calls: (msg.tool_calls ?? []).map((t) => ({ name: t.function.name, arguments: t.function.arguments })) };
+}
+const twinChat = { model: "gpt-4o-mini", messages: [{ role: "user", content: "node twin" }] };
+out.twin_chat = { json: await plain(twinChat), stream: await streamed(twinChat) };
+const tools = [{ type: "function", function: { name: "extract_student_info", parameters: { type: "object" } } }];
+const toolChat = { model: "recorded-tools", messages: [{ role: "user", content: "node tools" }], tools };
+out.twin_tools = { stream: await streamed(toolChat), json: await plain(toolChat) };
+{
+  const { data, response } = await client.responses.create({ model: "gpt-4.1", input: "node twin r" }).withResponse();
+  const stream = client.responses.stream({ model: "gpt-4.1", input: "node twin r" });
+  let deltas = "";
+  stream.on("response.output_text.delta", (e) => { deltas += e.delta; });
+  const final = await stream.finalResponse();
+  out.twin_responses = { first: response.headers.get("x-cache-status"), text: data.output_text,
+                         deltas, streamed: final.output_text, usage: [data.usage, final.usage] };
+}
+
 const emb = await client.embeddings.create({ model: "text-embedding-3-small", input: "x", dimensions: 4 });
 out.embedding = emb.data[0].embedding;
 
