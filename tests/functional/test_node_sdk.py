@@ -63,6 +63,9 @@ def test_node_sdk_through_the_proxy(node_sdk, start_proxy, fake):
     tr = out["twin_responses"]
     assert tr["first"] == "MISS" and tr["text"] == tr["deltas"] == tr["streamed"]
     assert tr["usage"][0] == tr["usage"][1]
+    back = out["twin_responses_back"]
+    assert back["status"] == "HIT" and back["text"] == out["responses_first"]["text"]
+    assert back["usage"] == out["responses_first"]["usage"]
     # one upstream call per distinct request, whatever the SDK and the form
     # the persona (JSON, its stream a twin), the twin chat, the tool call, the 429
     assert fake.count("/v1/chat/completions") == 4

@@ -73,6 +73,10 @@ out.twin_tools = { stream: await streamed(toolChat), json: await plain(toolChat)
   const final = await stream.finalResponse();
   out.twin_responses = { first: response.headers.get("x-cache-status"), text: data.output_text,
                          deltas, streamed: final.output_text, usage: [data.usage, final.usage] };
+  // the stream stored by the steps above, asked for as one object
+  const back = await client.responses.create({ model: "gpt-4.1", input: "node responses" }).withResponse();
+  out.twin_responses_back = { status: back.response.headers.get("x-cache-status"),
+                              text: back.data.output_text, usage: back.data.usage };
 }
 
 const emb = await client.embeddings.create({ model: "text-embedding-3-small", input: "x", dimensions: 4 });
