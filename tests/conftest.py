@@ -303,15 +303,17 @@ def redis_cluster(tmp_path):
             timeout=30,
         )
         deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
+        waiting = list(ports)  # every node must say so, not only the first
+        while waiting and time.monotonic() < deadline:
             info = subprocess.run(
-                ["redis-cli", "-p", str(ports[0]), "cluster", "info"],
+                ["redis-cli", "-p", str(waiting[0]), "cluster", "info"],
                 capture_output=True,
                 text=True,
             ).stdout
             if "cluster_state:ok" in info:
-                break
-            time.sleep(0.1)
+                waiting.pop(0)
+            else:
+                time.sleep(0.1)
         yield f"redis+cluster://127.0.0.1:{ports[0]}"
     finally:
         for s in servers:

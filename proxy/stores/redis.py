@@ -81,6 +81,11 @@ class RedisStore:
         self.prefix = prefix
         self._blocking = blocking or client
         self._ready = Ready(client)
+        # redis-py leaves a cluster node's connections without retries (its cluster layer
+        # decides); a connection closed under a cold start gets one retry here, at once.
+        self._retry_on: tuple[type[BaseException], ...] = RACES + (
+            (RedisConnectionError,) if isinstance(client, RedisCluster) else ()
+        )
         self.blocking_ready = Ready(self._blocking)
         self.warnings: list[str] = []
         """What an operator should know about this Redis (an evicting maxmemory policy)."""
@@ -175,7 +180,7 @@ class RedisStore:
             await (ready or self._ready)()
             try:
                 return await call()
-            except RACES:
+            except self._retry_on:
                 return await call()
         except Exception as exc:
             raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
