@@ -398,7 +398,7 @@ async def _serve_keyed(
                         refused.headers.extend(refusal.headers)
                         return refused
                 if plan.form and plan.form != entry.form:
-                    converted = _twin(st, info, key, entry, plan)
+                    converted = await _twin(st, info, key, entry, plan)
                     if converted is not None:
                         info["cache"] = "hit"
                         _saved(info, entry)
@@ -582,9 +582,11 @@ def _serve_stale(info: dict[str, Any], flight: Flight, entry: CachedResponse) ->
 
 CONVERTED_MAX = 256
 """Converted twins kept (per process) so a repeat costs what a plain HIT costs."""
+CONVERTED_KEEP_BYTES = 256 * 1024
+"""Only converted answers up to this size are kept: the memo stays under 64 MB."""
 
 
-def _twin(
+async def _twin(
     st: State, info: dict[str, Any], key: str, entry: CachedResponse, plan: Plan
 ) -> web.Response | None:
     """The stored answer in the form this request wants, when that is the other form (a
@@ -594,21 +596,14 @@ def _twin(
     memo_key = (key, entry.created, plan.form)
     body = st.converted.get(memo_key)
     if body is None:
-        try:
-            source = entry.body
-            if entry.stream and plan.form != "json":  # stream -> stream with(out) usage
-                source = convert(plan.twin, source, to_stream=False, include_usage=False)
-            body = convert(
-                plan.twin,
-                source,
-                to_stream=plan.form != "json",
-                include_usage=plan.form == "sse+usage",
-            )
+        try:  # a large answer is converted off the loop, like a large request body
+            body = await _off_loop(st, len(entry.body), _convert_twin, plan, entry)
         except NotConvertible:
             return None
-        if len(st.converted) >= CONVERTED_MAX:
-            st.converted.pop(next(iter(st.converted)))
-        st.converted[memo_key] = body
+        if len(body) <= CONVERTED_KEEP_BYTES:
+            if len(st.converted) >= CONVERTED_MAX:
+                st.converted.pop(next(iter(st.converted)))
+            st.converted[memo_key] = body
     info["converted"] = f"{entry.form}->{plan.form}"
     info["bytes"] = len(body)
     resp = web.Response(status=entry.status, body=body)
@@ -622,6 +617,17 @@ def _twin(
     headers["Cache-Status"] = HIT_STATUS
     headers["Age"] = str(max(0, int(CLOCK.now() - entry.created)))
     return resp
+
+
+def _convert_twin(plan: Plan, entry: CachedResponse) -> bytes:
+    """The stored answer in the plan's form (a stream to a stream goes through its object)."""
+    assert plan.twin is not None
+    source = entry.body
+    if entry.stream and plan.form != "json":  # stream -> stream with(out) its usage chunk
+        source = convert(plan.twin, source, to_stream=False, include_usage=False)
+    return convert(
+        plan.twin, source, to_stream=plan.form != "json", include_usage=plan.form == "sse+usage"
+    )
 
 
 def _saved(info: dict[str, Any], entry: CachedResponse) -> None:

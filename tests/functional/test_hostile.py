@@ -296,6 +296,15 @@ def test_a_corrupt_entry_is_a_miss_that_replaces_it_and_redis_restarts_are_retri
         r.close()
         server.stop()
         server = start_redis(port)
+        # the store probe (every second) may have seen Redis down meanwhile: let it see it back
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            got = raw(
+                p.port, b"GET /_proxy/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            if orjson.loads(body_of(got))["status"] == "ok":
+                break
+            time.sleep(0.1)
         miss = post(p.port, chat("one"), headers)
         assert header(miss, "X-Cache-Status") == "MISS"  # reconnected: not BYPASS
         assert header(post(p.port, chat("one"), headers), "X-Cache-Status") == "HIT"

@@ -131,3 +131,16 @@ async def test_twins_in_flight_each_go_upstream(proxy, fake):
             )
             assert raw.headers["x-cache-status"] == "HIT"
     assert fake.count("/v1/chat/completions") == 2
+
+
+def test_a_large_answer_converts_off_the_loop_and_whole(proxy, fake):
+    """A stored answer over 64 KB is converted on the worker pool (not the event loop) and
+    reaches the streaming client whole; it is too large to be memoised, and converts again."""
+    fake.chunks = 40_000  # about 340 KB of content: past the memo bound (256 KB)
+    with sdk(proxy) as c:
+        a = json_chat(c, model="gpt-4o-mini", messages=PROMPT)
+        assert len(a[1]) > 64 * 1024
+        for _ in range(2):
+            b = stream_chat(c, model="gpt-4o-mini", messages=PROMPT)
+            assert b[0] == "HIT" and b[1:] == a[1:]
+    assert proxy.state.converted == {} and fake.count("/v1/chat/completions") == 1
