@@ -10,6 +10,8 @@ The data path, one request (handlers.proxy_handler):
    memoised on a digest of the raw bytes; large bodies are planned off the loop
 3. no rule, or Cache-Control: no-store -> pass-through, streamed both ways
 4. cache.Cache.get (a Store from stores/, behind a hot tier and a breaker) -> HIT: replay.py
+   (twins.py converts a stored stream to JSON or back); on an exact miss, a rule with
+   `semantic` looks the request up by meaning (vectors.py, guards in semantic.py) -> HIT
 5. coalesce.Flights: join the key's flight (COALESCED) or lead one (MISS / REFRESH), across
    instances through bus.py; fetch.Fetcher reads upstream.Upstream in its own task into the
    flight, readers relay it from the first chunk then live (bounded, with a write timeout),
@@ -29,6 +31,7 @@ Module map:
     normalize.py  body -> canonical bytes                                         [pure]
     keys.py       tenant digest, cache key, store key with purge tags            [pure]
     plan.py       request -> Plan; Cache-Control                                  [pure]
+    semantic.py   what a semantic lookup compares; the numbers / negation guards  [pure]
     rules.py      rules/*.toml -> Rules                                           [pure]
     sse.py        SSE checks, fed incrementally (Scanner)                         [pure]
     cost.py       usage -> tokens and dollars                                     [pure]
@@ -40,6 +43,8 @@ Module map:
     fetch.py      upstream -> flight -> sound? -> store
     upstream.py   one ClientSession, header filters, exception mapping
     replay.py     a stored answer -> the client (whole, in pieces, or paced)
+    twins.py      a stored stream <-> its JSON object (Chat Completions, Responses) [pure]
+    vectors.py    embeddings (through the exact cache), the shared vector index, lookup
     purge.py      purge filters -> key pattern; the purge subcommand
     images/       rehosting image URLs to a local folder or S3/R2 (SSRF-guarded)
     log.py, stats.py, metrics.py, report.py, dashboard.html, auth.py, backfill.py, demo.py

@@ -40,6 +40,7 @@ from proxy.stores import MemoryStore, open_store
 from proxy.stores.redis import RedisStore
 from proxy.tasks import spawn
 from proxy.upstream import Upstream
+from proxy.vectors import Embedder, Semantic, VectorIndex
 
 log = structlog.get_logger()
 
@@ -120,7 +121,18 @@ def build_state(settings: Settings) -> State:
         prices=prices,
         image_timeout_s=settings.image_timeout_s,
     )
-    return State(
+    semantic = None
+    if any(r.semantic != "off" for r in rules.rules):
+        embedder = Embedder(
+            upstream, cache, rules, secret, prices, timeout_s=settings.semantic_timeout_s
+        )
+        index = VectorIndex(
+            cache,
+            keep=settings.semantic_max_entries,
+            max_bytes=int(settings.semantic_memory_mb * 1024 * 1024),
+        )
+        semantic = (embedder, index)
+    state = State(
         settings=settings,
         rules=rules,
         secret=secret,
@@ -136,6 +148,9 @@ def build_state(settings: Settings) -> State:
         if settings.auth_recheck_s > 0
         else None,
     )
+    if semantic is not None:
+        state.semantic = Semantic(*semantic, cache, state.mac_key, state.cpu)
+    return state
 
 
 AdminHandler = Callable[[State, web.BaseRequest], Awaitable[web.StreamResponse]]

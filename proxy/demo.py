@@ -39,7 +39,12 @@ class Row:
     measures: str = "the whole call"
     """What `ms` is the time of (SDK overhead is always inside it)."""
     link: str = ""
-    """A URL printed whole under the table."""
+    """A URL (or the question asked) printed whole under the table."""
+
+
+def calls(fake: FakeOpenAI) -> int:
+    """Upstream calls for answers (the semantic cache's embedding calls are not counted)."""
+    return fake.count() - fake.count("/v1/embeddings")
 
 
 def _http_status(url: str) -> tuple[int, bytes]:
@@ -61,7 +66,7 @@ async def tour(client: openai.AsyncOpenAI, fake: FakeOpenAI) -> list[Row]:
         t0 = time.perf_counter()
         raw = await client.chat.completions.with_raw_response.create(**chat)
         ms = (time.perf_counter() - t0) * 1000
-        rows.append(Row(step, raw.headers["x-cache-status"], ms, fake.count()))
+        rows.append(Row(step, raw.headers["x-cache-status"], ms, calls(fake)))
 
     for step in ("stream: first call", "stream: replayed"):
         t0 = time.perf_counter()
@@ -77,7 +82,7 @@ async def tour(client: openai.AsyncOpenAI, fake: FakeOpenAI) -> list[Row]:
                     step,
                     resp.headers["x-cache-status"],
                     first_ms,
-                    fake.count(),
+                    calls(fake),
                     measures="to the first byte",
                 )
             )
@@ -96,11 +101,13 @@ async def tour(client: openai.AsyncOpenAI, fake: FakeOpenAI) -> list[Row]:
             "20 identical calls at once",
             summary,
             ms,
-            fake.count(),
+            calls(fake),
             f"identical answers: {same}",
             measures="the batch of 20",
         )
     )
+
+    rows += await semantic_steps(client, fake, chat)
 
     t0 = time.perf_counter()
     raw_img = await client.images.with_raw_response.generate(
@@ -114,7 +121,7 @@ async def tour(client: openai.AsyncOpenAI, fake: FakeOpenAI) -> list[Row]:
             "image: generate",
             raw_img.headers["x-cache-status"],
             ms,
-            fake.count(),
+            calls(fake),
             "link below",
             link=url,
         )
@@ -134,7 +141,7 @@ async def tour(client: openai.AsyncOpenAI, fake: FakeOpenAI) -> list[Row]:
             "image: after upstream URL expired",
             f"upstream {up_status}, ours {kept_status}",
             ms,
-            fake.count(),
+            calls(fake),
             f"{len(data)} PNG bytes still served",
             measures="one image download",
         )
@@ -142,11 +149,52 @@ async def tour(client: openai.AsyncOpenAI, fake: FakeOpenAI) -> list[Row]:
     return rows
 
 
+async def semantic_steps(
+    client: openai.AsyncOpenAI, fake: FakeOpenAI, chat: dict[str, Any]
+) -> list[Row]:
+    """The semantic cache (the demo's rules turn it on for chat): a paraphrase of the first
+    question is a HIT; the same words with another number are not (the numbers guard)."""
+    rows: list[Row] = []
+    steps = (
+        ("semantic: a paraphrase", "Please invent a user persona for the bakery app"),
+        ("semantic: another number", "Invent 2 user personas for a bakery app"),
+    )
+    for step, text in steps:
+        chat_calls = fake.count("/v1/chat/completions")
+        t0 = time.perf_counter()
+        raw = await client.chat.completions.with_raw_response.create(
+            model=chat["model"], messages=[{"role": "user", "content": text}]
+        )
+        ms = (time.perf_counter() - t0) * 1000
+        detail = "semantic" if "detail=semantic" in raw.headers.get("cache-status", "") else ""
+        went = fake.count("/v1/chat/completions") - chat_calls
+        note = "served by meaning" if detail else f"{went} chat call (numbers guard)"
+        rows.append(Row(step, raw.headers["x-cache-status"], ms, calls(fake), note, link=text))
+    return rows
+
+
+def demo_rules(work: Path) -> Path:
+    """The shipped rules with the semantic cache on (it is off unless a rule asks)."""
+    from proxy.rules import default_rules_path
+
+    folder = work / "rules"
+    folder.mkdir()
+    shipped = default_rules_path()
+    for source in shipped.glob("*.toml"):
+        text = source.read_text(encoding="utf-8")
+        if source.name != "prices.toml":
+            text = text.replace("[defaults]\n", '[defaults]\nsemantic = "on"\n', 1)
+        (folder / source.name).write_text(text, encoding="utf-8")
+    return folder
+
+
 def print_table(rows: list[Row], console: Console) -> None:
     table = Table(
         title="openai-cache-proxy demo (fake upstream, no key, no network)",
         caption="Times are as the official SDK sees them, its own overhead included; the "
-        "fake upstream takes 250 ms to answer.",
+        "fake upstream takes 250 ms to answer (embeddings 20 ms). The semantic cache is on "
+        "for chat here: a first call waits for its embedding too (embedding calls are not "
+        "counted as upstream calls).",
     )
     table.add_column("step")
     table.add_column("X-Cache-Status")
@@ -193,6 +241,7 @@ def main(argv: list[str]) -> int:
     log = (work / "requests.log").open("wb")
     configure_logging("json", out=log)  # the tour's request.done lines go to this file
     fake = FakeOpenAI(latency=0.25, chunk_delay=0.04, image_ttl_s=1.0)
+    fake.path_latency["/v1/embeddings"] = 0.02
 
     async def main_async() -> int:
         await fake.start()
@@ -201,6 +250,7 @@ def main(argv: list[str]) -> int:
             data_dir=work,
             image_source_hosts=fake.netloc,
             port=args.port,
+            rules=demo_rules(work),
         )
         app = await asyncio.to_thread(ProxyApp, settings)
         try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +61,8 @@ class FetchJob:
     public_base: str = ""
     """Base URL of links to images the proxy serves: --public-url, or PLACEHOLDER_BASE, which
     each reader's own base replaces on the way out."""
+    on_stored: Callable[[CachedResponse], Coroutine[Any, Any, None]] | None = None
+    """Run (in its own task) once the answer is stored: the semantic layer indexes it."""
 
 
 def proxy_error(flight: Flight, status: int, message: str, code: str) -> None:
@@ -276,6 +278,8 @@ class Fetcher:
             try:
                 await self.cache.set(job.store_key, entry, job.ttl_s + job.keep_s)
                 job.meta["stored"] = True
+                if job.on_stored is not None:
+                    spawn(job.on_stored(entry), name=f"stored:{key_id(job.store_key)}")
             except StoreUnavailable:
                 pass
         self.flights.forget(flight, after_s=job.debounce_s)

@@ -52,8 +52,10 @@ from proxy.replay import CACHE_NAME, is_fast, replay, whole, whole_in_pieces
 from proxy.rules import Rules
 from proxy.settings import Settings
 from proxy.stats import Shared, Stats
+from proxy.tasks import spawn
 from proxy.twins import NotConvertible, convert
 from proxy.upstream import Upstream, forward_headers, response_headers
+from proxy.vectors import Probe, Semantic
 
 log = structlog.get_logger()
 T = TypeVar("T")
@@ -77,6 +79,10 @@ CACHE_STATUS = {
     "COALESCED": f"{CACHE_NAME}; fwd=miss; collapsed",
 }
 HIT_STATUS = CACHE_STATUS["HIT"]
+AFTER = "_after"
+"""info key of a task the request's line waits for (a shadow semantic lookup)."""
+SEMANTIC_STATUS = f"{HIT_STATUS}; detail=semantic"
+"""A HIT found by meaning (vectors.py): RFC 9211's `detail` says so."""
 
 
 @dataclass(slots=True)
@@ -105,6 +111,8 @@ class State:
     """Cross-instance flights (with a Redis store)."""
     rehoster: ImageRehoster | None = None
     """Copies image URLs in answers to the image store."""
+    semantic: Semantic | None = None
+    """The semantic layer (rules with `semantic` on or shadow)."""
     transform: Transform | None = None
     max_body: int = 0
     """settings.max_body_bytes, computed once."""
@@ -156,8 +164,17 @@ async def proxy_handler(st: State, request: web.BaseRequest) -> web.StreamRespon
         info["duration_ms"] = duration = round(duration, 2)
         if "ttfb_ms" not in info:
             info["ttfb_ms"] = duration
-        st.stats.record(info, duration / 1000.0)
-        request_done(info)
+        after: asyncio.Task[Any] | None = info.pop(AFTER, None)
+        if after is None or after.done():
+            st.stats.record(info, duration / 1000.0)
+            request_done(info)
+        else:  # a shadow semantic lookup still runs: its fields belong on this line
+            after.add_done_callback(lambda _: _done(st, info, duration))
+
+
+def _done(st: State, info: dict[str, Any], duration: float) -> None:
+    st.stats.record(info, duration / 1000.0)
+    request_done(info)
 
 
 async def _handle(
@@ -390,32 +407,13 @@ async def _serve_keyed(
             if not fresh and window > 0 and now <= entry.fresh_until + window:
                 stale = entry  # served only if the upstream fails for this request
             if fresh and (controls.max_age is None or age <= controls.max_age):
-                if st.auth is not None and not st.auth.fresh(tenant):
-                    refusal = await st.auth.check(tenant, request.headers)
-                    if refusal is not None:
-                        info["auth_refused"] = True
-                        refused = web.Response(status=refusal.status, body=refusal.body)
-                        refused.headers.extend(refusal.headers)
-                        return refused
-                if plan.form and plan.form != entry.form:
-                    converted = await _twin(st, info, key, entry, plan)
-                    if converted is not None:
-                        info["cache"] = "hit"
-                        _saved(info, entry)
-                        return converted
-                    # not convertible: fetched again below, in the form asked for
-                else:
-                    info["cache"] = "hit"
-                    _saved(info, entry)
-                    if entry.rebase:
-                        body = rebase(entry.body, _client_base(request))
-                        return whole(entry, "HIT", HIT_STATUS, body)
-                    if is_fast(entry, rule):
-                        if len(entry.body) > WHOLE_MAX:
-                            wt = st.settings.write_timeout_s
-                            return await whole_in_pieces(request, entry, "HIT", HIT_STATUS, wt)
-                        return whole(entry, "HIT", HIT_STATUS)
-                    return await replay(request, entry, rule, "HIT", HIT_STATUS)
+                refused = await _auth_refusal(st, tenant, request, info)
+                if refused is not None:
+                    return refused
+                served = await _serve_entry(st, request, info, key, entry, plan, HIT_STATUS)
+                if served is not None:
+                    return served
+                # not convertible: fetched again below, in the form asked for
     elif controls.mode is Mode.REFRESH and not st.cache.healthy:
         degraded = True
 
@@ -425,6 +423,30 @@ async def _serve_keyed(
     # flight at once each go upstream (a live stream is not converted half-way).
     fkey = f"{key}#{plan.form}" if plan.twin else key
     flight = st.flights.get(fkey) if coalesce else None
+    semantic = (
+        rule.semantic
+        if rule is not None
+        and plan.semantic is not None
+        and st.semantic is not None
+        and controls.mode is Mode.LOOKUP
+        and not degraded
+        and not fingerprint
+        else "off"
+    )
+    probe: Probe | None = None
+    if flight is None and semantic == "on":
+        probe = await _probe(st, request, info, plan, tenant, controls)
+        if probe.hit and probe.entry is not None:
+            refused = await _auth_refusal(st, tenant, request, info)
+            if refused is not None:
+                return refused
+            served = await _serve_entry(
+                st, request, info, probe.member, probe.entry, plan, SEMANTIC_STATUS
+            )
+            if served is not None:
+                info["semantic_key"] = key_id(probe.member)
+                return served
+        flight = st.flights.get(fkey) if coalesce else None  # one may have started meanwhile
     if flight is not None:
         if fingerprint and flight.fingerprint != fingerprint:
             return _idempotency_conflict()
@@ -449,6 +471,7 @@ async def _serve_keyed(
     )
     if not coalesce:
         st.flights.forget(flight)
+    shadow: asyncio.Task[Probe] | None = None
     job = FetchJob(
         method=request.method,
         path_qs=path_qs,
@@ -471,6 +494,12 @@ async def _serve_keyed(
         },
         public_base=st.settings.public_url or PLACEHOLDER_BASE,
     )
+    if semantic != "off" and store and not degraded:
+        if probe is None:  # shadow: the lookup runs beside the upstream call
+            shadow = spawn(
+                _probe(st, request, info, plan, tenant, controls), name="semantic-shadow"
+            )
+        job.on_stored = partial(_remember, st, plan, probe, shadow, key)
     reader = flight.attach()
     bus = st.bus if coalesce and not degraded else None
     fed = False
@@ -520,6 +549,8 @@ async def _serve_keyed(
         st.auth.seen(tenant)
     if flight.entry is not None:
         info.update(money_fields(flight.entry.meta.get("cost"), saved=False))
+    if shadow is not None and not shadow.done():
+        info[AFTER] = shadow  # the answer goes now; its line when the lookup is done
     return resp
 
 
@@ -552,6 +583,94 @@ async def _join(
     if flight.entry is not None:
         _saved(info, flight.entry)
     return resp
+
+
+async def _probe(
+    st: State,
+    request: web.BaseRequest,
+    info: dict[str, Any],
+    plan: Plan,
+    tenant: bytes,
+    controls: ClientControls,
+) -> Probe:
+    """One semantic lookup; its fields go on the request's line."""
+    assert st.semantic is not None and plan.rule is not None
+    probe = await st.semantic.probe(
+        plan,
+        tenant=tenant,
+        namespace=controls.namespace,
+        headers=request.headers,
+        route=info["route"],
+        query=request.query_string,
+        max_age=controls.max_age,
+    )
+    info["semantic"] = plan.rule.semantic
+    info.update(probe.fields())
+    if probe.entry is not None:
+        info["semantic_key"] = key_id(probe.member)
+    return probe
+
+
+async def _remember(
+    st: State,
+    plan: Plan,
+    probe: Probe | None,
+    shadow: asyncio.Task[Probe] | None,
+    key: str,
+    entry: CachedResponse,
+) -> None:
+    """A stored MISS: index it under its request's vector, for later paraphrases."""
+    assert st.semantic is not None
+    if probe is None and shadow is not None:
+        probe = await asyncio.shield(shadow)
+    if probe is not None:
+        await st.semantic.remember(plan, probe, key, entry.fresh_until)
+
+
+async def _auth_refusal(
+    st: State, tenant: bytes, request: web.BaseRequest, info: dict[str, Any]
+) -> web.Response | None:
+    """The upstream's refusal of a credential not checked lately (auth.py), else None."""
+    if st.auth is None or st.auth.fresh(tenant):
+        return None
+    refusal = await st.auth.check(tenant, request.headers)
+    if refusal is None:
+        return None
+    info["auth_refused"] = True
+    refused = web.Response(status=refusal.status, body=refusal.body)
+    refused.headers.extend(refusal.headers)
+    return refused
+
+
+async def _serve_entry(
+    st: State,
+    request: web.BaseRequest,
+    info: dict[str, Any],
+    key: str,
+    entry: CachedResponse,
+    plan: Plan,
+    cache_status: str,
+) -> web.StreamResponse | None:
+    """A fresh stored answer as a HIT, in the form this request wants; None when it cannot
+    be given in that form (it is fetched again)."""
+    rule = plan.rule
+    if plan.form and plan.form != entry.form:
+        converted = await _twin(st, info, key, entry, plan, cache_status)
+        if converted is None:
+            return None
+        info["cache"] = "hit"
+        _saved(info, entry)
+        return converted
+    info["cache"] = "hit"
+    _saved(info, entry)
+    if entry.rebase:
+        return whole(entry, "HIT", cache_status, rebase(entry.body, _client_base(request)))
+    if is_fast(entry, rule):
+        if len(entry.body) > WHOLE_MAX:
+            wt = st.settings.write_timeout_s
+            return await whole_in_pieces(request, entry, "HIT", cache_status, wt)
+        return whole(entry, "HIT", cache_status)
+    return await replay(request, entry, rule, "HIT", cache_status)
 
 
 STALE_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -587,7 +706,12 @@ CONVERTED_KEEP_BYTES = 256 * 1024
 
 
 async def _twin(
-    st: State, info: dict[str, Any], key: str, entry: CachedResponse, plan: Plan
+    st: State,
+    info: dict[str, Any],
+    key: str,
+    entry: CachedResponse,
+    plan: Plan,
+    cache_status: str = HIT_STATUS,
 ) -> web.Response | None:
     """The stored answer in the form this request wants, when that is the other form (a
     streamed request for a stored JSON answer, or the reverse); None when the forms match or
@@ -614,7 +738,7 @@ async def _twin(
     sse = plan.form != "json"
     headers["Content-Type"] = "text/event-stream; charset=utf-8" if sse else "application/json"
     headers["X-Cache-Status"] = "HIT"
-    headers["Cache-Status"] = HIT_STATUS
+    headers["Cache-Status"] = cache_status
     headers["Age"] = str(max(0, int(CLOCK.now() - entry.created)))
     return resp
 

@@ -96,6 +96,17 @@ def store_key(tenant_id: str, namespace: str, model: str | None, route: str, key
     return f"v2:{tenant_id}.{tag(namespace)}.{tag(model or '')}.{tag(route)}.{key[3:]}"
 
 
+def partition_key(tenant_id: str, namespace: str, model: str | None, route: str, key: str) -> str:
+    """Where a semantic partition's vectors are kept: `v2:<tenant>.<ns>.<model>.<route>.s<id>`,
+    beside the entries it indexes, so a purge pattern takes both."""
+    return f"v2:{tenant_id}.{tag(namespace)}.{tag(model or '')}.{tag(route)}.s{key[3:35]}"
+
+
+def is_partition(key: str) -> bool:
+    """A store key of a semantic partition (vectors), not of an answer."""
+    return key.rpartition(".")[2].startswith("s")
+
+
 def purge_pattern(
     *,
     tenant: str | None = None,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from proxy.keys import cache_key, store_key
+from proxy.keys import cache_key, partition_key, store_key
 from proxy.normalize import (
     BadBody,
     Inexact,
@@ -26,6 +26,7 @@ from proxy.normalize import (
     try_json,
 )
 from proxy.rules import Rule, Rules
+from proxy.semantic import query_of
 from proxy.twins import kind_of
 
 LABEL_MAX = 96
@@ -64,6 +65,17 @@ class Plan:
     """"chat" or "responses": the streamed and the non-streamed form share this key (twins.py)."""
     form: str = ""
     """For twins, the form this request wants: "json", "sse" or "sse+usage"."""
+    semantic: SemanticQuery | None = None
+    """With a rule's `semantic` on or shadow: what a semantic lookup compares, and where."""
+
+
+@dataclass(frozen=True, slots=True)
+class SemanticQuery:
+    partition: str
+    """Store key of the vectors of every request that differs from this one only in its
+    last user message's text (same tenant, namespace, model, route, every other field)."""
+    text: str
+    """That text (kept in process memory only; never stored or logged)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,7 +224,40 @@ def make_plan(
         options = fields.get("stream_options")
         usage = isinstance(options, dict) and bool(options.get("include_usage"))
         form = ("sse+usage" if usage and twin == "chat" else "sse") if stream else "json"
-    return Plan(rule, key, label, stream, fingerprint, hints, twin, form)
+    semantic = None
+    if twin and rule.semantic != "off":
+        semantic = _semantic(
+            rule, secret, tenant, method, route, query, namespace, label, twin, fields, ignore, body
+        )
+    return Plan(rule, key, label, stream, fingerprint, hints, twin, form, semantic)
+
+
+def _semantic(
+    rule: Rule,
+    secret: bytes,
+    tenant: bytes,
+    method: str,
+    route: str,
+    query: str,
+    namespace: str,
+    label: str | None,
+    twin: str,
+    fields: dict[str, Any],
+    ignore: tuple[str, ...],
+    body: bytes,
+) -> SemanticQuery | None:
+    """The request's semantic query, or None when it is not a candidate (semantic.query_of)."""
+    found = query_of(twin, fields)
+    if found is None:
+        return None
+    text, rest = found
+    try:
+        canonical = canonical_json(rest, ignore, has_float(body))
+    except Inexact:
+        return None
+    scope = b"semantic\0" + rule.semantic_model.encode() + b"\0" + canonical
+    digest = cache_key(secret, tenant, method, route, query, namespace, scope)
+    return SemanticQuery(partition_key(tenant.hex()[:12], namespace, label, route, digest), text)
 
 
 def _canonical(

@@ -28,14 +28,14 @@ def whole(
 
 def _headers(resp: web.StreamResponse, entry: CachedResponse, status: str, cs: str) -> None:
     headers = resp.headers
-    if status == "HIT":
+    if status == "HIT" and cs == HIT_CACHE_STATUS:  # prebuilt for the plain HIT
         headers.extend(entry.hit_headers)
         headers.add("Age", str(max(0, int(CLOCK.now() - entry.created))))
         return
     headers.extend(entry.headers)
     headers.add("X-Cache-Status", status)
     headers.add("Cache-Status", cs)
-    if status == "STALE":
+    if status in ("STALE", "HIT"):
         headers.add("Age", str(max(0, int(CLOCK.now() - entry.created))))
 
 

@@ -70,9 +70,19 @@ class Group:
     """Dollars as the logged decimals add up exactly (JSON and CSV show them unrounded)."""
     hit_ms: Latency = field(default_factory=Latency)
     miss_ms: Latency = field(default_factory=Latency)
+    semantic_hits: int = 0
+    """HITs served by meaning (semantic = "on")."""
+    shadow_lookups: int = 0
+    """MISSes that ran a shadow semantic lookup."""
+    shadow_would: int = 0
+    """... of which the best candidate cleared the rule's threshold (would have been HITs)."""
+    shadow_would_usd: Decimal = Decimal(0)
+    """What those MISSes cost: what the semantic layer would have saved."""
 
     def add(self, line: dict[str, Any]) -> None:
         self.money.add(line)
+        if "semantic_score" in line or "semantic" in line:
+            self._semantic(line)
         for name in ("cost_usd", "saved_usd"):
             value = line.get(name)
             if isinstance(value, int | float) and not isinstance(value, bool):
@@ -96,6 +106,17 @@ class Group:
             if isinstance(ms, int | float) and not failed:  # a failure is no MISS latency
                 self.miss_ms.add(ms)
 
+    def _semantic(self, line: dict[str, Any]) -> None:
+        if line.get("cache") == "hit" and "semantic_score" in line:
+            self.semantic_hits += 1
+        elif line.get("semantic") == "shadow" and line.get("cache") == "miss":
+            self.shadow_lookups += 1
+            if line.get("semantic_hit") is True:
+                self.shadow_would += 1
+                cost = line.get("cost_usd")
+                if isinstance(cost, int | float) and not isinstance(cost, bool):
+                    self.shadow_would_usd += Decimal(repr(cost))
+
     def row(self) -> dict[str, Any]:
         t = self.money
         served = self.hits + self.coalesced + self.stale
@@ -118,7 +139,59 @@ class Group:
             "hit_p95_ms": self.hit_ms.pct(95),
             "miss_p50_ms": self.miss_ms.pct(50),
             "miss_p95_ms": self.miss_ms.pct(95),
+            "semantic_hits": self.semantic_hits,
+            "shadow_lookups": self.shadow_lookups,
+            "shadow_would_hit": self.shadow_would,
+            "shadow_hit_ratio": round(self.shadow_would / self.shadow_lookups, 4)
+            if self.shadow_lookups
+            else None,
+            "shadow_saved_usd": float(self.shadow_would_usd),
         }
+
+
+THRESHOLDS = (0.80, 0.85, 0.88, 0.90, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99)
+"""Thresholds the score distribution is shown at (what a rule's semantic_threshold could be)."""
+
+
+@dataclass
+class Scores:
+    """The distribution of semantic scores: at each threshold, how many lookups would have
+    been HITs and what they would have saved. Scores are of the best candidate that passed
+    the guards, so the guards are already applied."""
+
+    lookups: int = 0
+    at: list[int] = field(default_factory=lambda: [0] * len(THRESHOLDS))
+    usd: list[Decimal] = field(default_factory=lambda: [Decimal(0)] * len(THRESHOLDS))
+
+    def add(self, line: dict[str, Any]) -> None:
+        if "semantic" not in line:
+            return
+        self.lookups += 1
+        score = line.get("semantic_score")
+        if not isinstance(score, int | float) or isinstance(score, bool):
+            return
+        value = line.get("saved_usd" if line.get("cache") == "hit" else "cost_usd")
+        money = (
+            Decimal(repr(value))
+            if isinstance(value, int | float) and not isinstance(value, bool)
+            else Decimal(0)
+        )
+        for i, t in enumerate(THRESHOLDS):
+            if score >= t:
+                self.at[i] += 1
+                self.usd[i] += money
+
+    def rows(self) -> list[dict[str, Any]]:
+        n = self.lookups
+        return [
+            {
+                "threshold": t,
+                "hits": self.at[i],
+                "hit_ratio": round(self.at[i] / n, 4) if n else 0.0,
+                "usd": float(self.usd[i]),
+            }
+            for i, t in enumerate(THRESHOLDS)
+        ]
 
 
 @dataclass
@@ -132,6 +205,7 @@ class Report:
     """The proxy's own lines other than request.done (image.rehosted, store.unavailable...)."""
     nbytes: int = 0
     seconds: float = 0.0
+    scores: Scores = field(default_factory=Scores)
 
     def feed(self, raw: bytes, since: float | None, until: float | None) -> None:
         self.lines += 1
@@ -164,6 +238,7 @@ class Report:
             group = self.groups[key] = Group()
         group.add(line)
         self.total.add(line)
+        self.scores.add(line)
 
     def rows(self) -> list[dict[str, Any]]:
         out = [{self.by: k, **g.row()} for k, g in sorted(self.groups.items())]
@@ -245,7 +320,15 @@ def render(report: Report, fmt: str, out: IO[str], width: int | None = None) -> 
     if fmt == "json":
         out.write(
             orjson.dumps(
-                {"by": report.by, "rows": rows, "throughput": report.throughput()}
+                {
+                    "by": report.by,
+                    "rows": rows,
+                    "semantic_scores": {
+                        "lookups": report.scores.lookups,
+                        "thresholds": report.scores.rows(),
+                    },
+                    "throughput": report.throughput(),
+                }
             ).decode()
             + "\n"
         )
@@ -268,7 +351,30 @@ def render(report: Report, fmt: str, out: IO[str], width: int | None = None) -> 
         table.add_column(HEADERS.get(col, col), justify="left" if col == report.by else "right")
     for cell in cells:
         table.add_row(*(cell[c] for c in shown))
-    Console(file=out, width=width).print(table)
+    console = Console(file=out, width=width)
+    console.print(table)
+    if report.scores.lookups:
+        console.print(_scores_table(report.scores))
+
+
+def _scores_table(scores: Scores) -> Any:
+    """Semantic lookups by threshold: pick a rule's semantic_threshold from data."""
+    from rich.table import Table
+
+    table = Table(
+        title=f"semantic lookups ({scores.lookups}): HITs had the threshold been",
+        pad_edge=False,
+    )
+    for name in ("threshold", "hits", "hit %", "saved $"):
+        table.add_column(name, justify="right")
+    for row in scores.rows():
+        table.add_row(
+            f"{row['threshold']:.2f}",
+            str(row["hits"]),
+            f"{row['hit_ratio'] * 100:.1f}",
+            usd(row["usd"]),
+        )
+    return table
 
 
 COLUMNS = (
@@ -289,6 +395,10 @@ COLUMNS = (
     "tokens_out_spent",
     "hit_p95_ms",
     "miss_p95_ms",
+    "semantic_hits",
+    "shadow_hit_ratio",
+    "shadow_saved_usd",
+    "shadow_lookups",
 )
 """Table columns, most wanted first: a narrow terminal shows the first ones that fit."""
 HEADERS = {
@@ -303,6 +413,10 @@ HEADERS = {
     "tokens_out_saved": "out saved",
     "tokens_in_spent": "in spent",
     "tokens_out_spent": "out spent",
+    "semantic_hits": "sem hits",
+    "shadow_hit_ratio": "shadow hit %",
+    "shadow_saved_usd": "shadow saved $",
+    "shadow_lookups": "shadow lookups",
 }
 
 
@@ -319,7 +433,7 @@ def _cell(col: str, value: Any) -> str:
         return "-"
     if col.endswith("_usd"):
         return usd(float(value))
-    if col == "hit_ratio":
+    if col in ("hit_ratio", "shadow_hit_ratio"):
         return f"{value * 100:.1f}"
     if isinstance(value, float):
         return f"{value:g}" if abs(value) < 1e6 else f"{value:.0f}"

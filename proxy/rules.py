@@ -62,6 +62,15 @@ class Rule:
     """An answer past its ttl_s is kept this much longer and served (STALE) only when the
     upstream fails for its request: 429, 500, 502, 503, 504, unreachable, timed out (RFC 5861)."""
 
+    semantic: Literal["off", "shadow", "on"] = "off"
+    """Chat Completions and Responses: on an exact miss, look for a cached answer to a request
+    that differs only in the wording of its last user message ("on" serves it; "shadow" only
+    logs what it would have served). See proxy/semantic.py and proxy/vectors.py."""
+    semantic_threshold: float = 0.95
+    """Least cosine similarity of the two last user messages' embeddings for a semantic HIT."""
+    semantic_model: str = "text-embedding-3-small"
+    """The embeddings model the compared texts are embedded with."""
+
     def matches(self, method: str, route: str, model: str | None) -> bool:
         if method not in self.methods or not fnmatchcase(route, self.route):
             return False
@@ -102,7 +111,14 @@ class Rules:
 
 _FIELDS = {f.name: f for f in fields(Rule)}
 _TUPLES = {"methods", "models", "ignore_fields", "never_if"}
-_FLOATS = {"ttl_s", "debounce_s", "lock_timeout_s", "replay_speed", "stale_if_error_s"}
+_FLOATS = {
+    "ttl_s",
+    "debounce_s",
+    "lock_timeout_s",
+    "replay_speed",
+    "stale_if_error_s",
+    "semantic_threshold",
+}
 _BOOLS = {"enabled", "store", "coalesce", "rehost_images"}
 
 
@@ -128,9 +144,16 @@ def _rule_from(raw: dict[str, Any], where: str) -> Rule:
         elif key == "replay":
             if value not in ("fast", "paced"):
                 raise ConfigError(f'rules {where}: \'replay\' must be "fast" or "paced"')
+        elif key == "semantic":
+            if value not in ("off", "shadow", "on"):
+                raise ConfigError(f'rules {where}: \'semantic\' must be "off", "shadow" or "on"')
         elif not isinstance(value, str):
             raise ConfigError(f"rules {where}: {key!r} must be a string")
         values[key] = value
+    if not 0 < values.get("semantic_threshold", 0.95) <= 1:
+        raise ConfigError(f"rules {where}: 'semantic_threshold' must be above 0 and at most 1")
+    if not values.get("semantic_model", "x").strip():
+        raise ConfigError(f"rules {where}: 'semantic_model' must name a model")
     if values.get("replay_speed", 1.0) <= 0:
         raise ConfigError(f"rules {where}: 'replay_speed' must be above 0")
     return Rule(**values)

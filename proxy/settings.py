@@ -95,6 +95,13 @@ class Settings:
     upstream_ca_file: str = ""
     """A PEM bundle of CA certificates to trust for the upstream (a private CA). Empty: the
     system store (and SSL_CERT_FILE)."""
+    semantic_timeout_s: float = 2.0
+    """Longest wait for the embedding of a semantic lookup (rules with `semantic`); past it,
+    or on any failure, the request is a plain MISS."""
+    semantic_max_entries: int = 10000
+    """Vectors kept per semantic partition (the newest)."""
+    semantic_memory_mb: float = 256.0
+    """Vectors each process keeps in memory for searching, over all partitions."""
     admin_token: str = ""
     """Guards /_proxy/stats, /_proxy/metrics and /_proxy/dashboard when set."""
 
@@ -187,6 +194,9 @@ POSITIVE = (
     "header_timeout_s",
     "keepalive_timeout_s",
     "write_timeout_s",
+    "semantic_timeout_s",
+    "semantic_max_entries",
+    "semantic_memory_mb",
 )
 """Sizes and times that make no sense at 0 or below: start-up stops naming the setting."""
 ZERO_IS_OFF = ("hot_cache_mb", "auth_recheck_s")
@@ -220,6 +230,9 @@ _CONVERTERS: dict[str, Callable[[str], Any]] = {
     "header_timeout_s": float,
     "keepalive_timeout_s": float,
     "write_timeout_s": float,
+    "semantic_timeout_s": float,
+    "semantic_max_entries": int,
+    "semantic_memory_mb": float,
     "data_dir": lambda s: Path(s).expanduser(),
     "rules": lambda s: Path(s).expanduser(),
 }

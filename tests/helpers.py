@@ -125,3 +125,12 @@ async def wait_until(cond, within_s: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.01)
+
+
+def eventually(cond, within_s: float = 10.0) -> None:
+    """wait_until for synchronous tests (the proxy runs on its own loop in a thread)."""
+    deadline = time.monotonic() + within_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)

@@ -19,3 +19,15 @@ class Store(Protocol):
     async def delete(self, key: str) -> None: ...
 
     async def aclose(self) -> None: ...
+
+    async def vectors_add(
+        self, part: str, member: str, record: bytes, expires: float, keep: int
+    ) -> None:
+        """Append one semantic index record to partition `part` (newest `keep` are kept).
+        `member` is the entry it indexes: where the store can, deleting that entry deletes
+        the record."""
+
+    async def vectors_since(self, part: str, after: int, limit: int) -> list[tuple[int, bytes]]:
+        """Up to `limit` records of `part` added after sequence number `after`, oldest first,
+        as (sequence number, record)."""
+        ...

@@ -18,6 +18,11 @@ class MemoryStore:
         self.max_bytes = max_bytes
         self.bytes = 0
         self._items: OrderedDict[str, tuple[float, CachedResponse]] = OrderedDict()
+        self._vectors: dict[str, dict[int, tuple[str, float, bytes]]] = {}
+        """Semantic index: partition -> seq -> (member, expires, record), oldest first."""
+        self._members: dict[str, tuple[str, int]] = {}
+        """member -> (partition, seq) of its record: dropping an entry drops its record."""
+        self._seq = 0
 
     async def get(self, key: str) -> CachedResponse | None:
         return self.peek(key)
@@ -54,6 +59,42 @@ class MemoryStore:
         item = self._items.pop(key, None)
         if item is not None:
             self.bytes -= item[1].size
+        if key in self._members:
+            self._drop_record(key)
+
+    def _drop_record(self, member: str) -> None:
+        part, seq = self._members.pop(member)
+        records = self._vectors.get(part)
+        if records is not None:
+            gone = records.pop(seq, None)
+            if gone is not None:
+                self.bytes -= len(gone[2])
+            if not records:
+                del self._vectors[part]
+
+    async def vectors_add(
+        self, part: str, member: str, record: bytes, expires: float, keep: int
+    ) -> None:
+        """Index records count against max_bytes and go with their entry."""
+        if member not in self._items:
+            return
+        if member in self._members:
+            self._drop_record(member)
+        self._seq += 1
+        records = self._vectors.setdefault(part, {})
+        records[self._seq] = (member, expires, record)
+        self._members[member] = (part, self._seq)
+        self.bytes += len(record)
+        while len(records) > keep:
+            self._drop_record(records[next(iter(records))][0])
+        while self.bytes > self.max_bytes and self._items:
+            self._drop(next(iter(self._items)))
+
+    async def vectors_since(self, part: str, after: int, limit: int) -> list[tuple[int, bytes]]:
+        now = time.time()
+        records = self._vectors.get(part, {})
+        out = [(seq, rec) for seq, (_, exp, rec) in records.items() if seq > after and exp >= now]
+        return out[:limit]
 
     async def purge(self, pattern: str) -> int:
         """Drop every entry whose key matches the glob `pattern`; how many went."""
@@ -70,4 +111,6 @@ class MemoryStore:
 
     async def aclose(self) -> None:
         self._items.clear()
+        self._vectors.clear()
+        self._members.clear()
         self.bytes = 0

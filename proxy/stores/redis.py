@@ -22,13 +22,15 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from proxy.errors import ConfigError, StoreUnavailable
-from proxy.keys import key_id
+from proxy.keys import is_partition, key_id
 from proxy.models import CLOCK, CachedResponse, CorruptEntry
 
 log = structlog.get_logger()
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT_S = 0.5
+SEQ_MASK = (1 << 22) - 1
+"""A stream id `ms-seq` as one int: ms << 22 | seq (the semantic index's sequence numbers)."""
 
 
 def _driver_info() -> dict[str, Any]:
@@ -233,12 +235,42 @@ class RedisStore:
             raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
         return gone
 
+    async def vectors_add(
+        self, part: str, member: str, record: bytes, expires: float, keep: int
+    ) -> None:
+        """XADD to the partition's stream (trimmed to about `keep`), which lives as long as its
+        newest record. A deleted entry's record stays until then; lookups skip it."""
+        name = self._k(part)
+        ttl = max(1, int(expires - CLOCK.now()) + 1)
+
+        async def add() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.xadd(name, {b"r": record}, maxlen=keep, approximate=True)
+            pipe.expire(name, ttl)
+            await pipe.execute()
+
+        await self._call(add)
+
+    async def vectors_since(self, part: str, after: int, limit: int) -> list[tuple[int, bytes]]:
+        start = "-" if after == 0 else f"{after >> 22}-{(after & SEQ_MASK) + 1}"
+        rows = await self._call(
+            lambda: self.client.xrange(self._k(part), min=start, max="+", count=limit)
+        )
+        out: list[tuple[int, bytes]] = []
+        for raw_id, fields in rows:
+            ms, _, seq = (raw_id.decode() if isinstance(raw_id, bytes) else raw_id).partition("-")
+            record = fields.get(b"r")
+            if record is not None:
+                out.append(((int(ms) << 22) | int(seq), record))
+        return out
+
     async def keys(self) -> list[str]:
-        """Every stored key (maintenance commands only: it scans)."""
+        """Every stored answer's key (maintenance commands only: it scans)."""
         start = len(self.prefix) + len(":resp:")
-        return [
+        found = [
             k.decode()[start:] async for k in self.client.scan_iter(match=self._k("*"), count=500)
         ]
+        return [k for k in found if not is_partition(k)]
 
     async def aclose(self) -> None:
         await self.client.aclose()

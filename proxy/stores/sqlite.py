@@ -1,10 +1,11 @@
 """Embedded on-disk store: SQLite in WAL mode, every call on one worker thread off the loop.
 
-Bounded: the file holds at most `max_bytes` of answers (`sqlite:///path?max_mb=N`; the
-default store in the data dir is capped at DEFAULT_MAX_MB). Past the cap the least recently
-used entries go; expired entries go on a timer. Both run in batches of BATCH rows, each its
-own short job on the store thread, so a lookup waits a few milliseconds at most behind them,
-and the space they free is handed back to the file system (incremental vacuum).
+Bounded: the file holds at most `max_bytes` of answers and their semantic index records
+(`sqlite:///path?max_mb=N`; the default store in the data dir is capped at DEFAULT_MAX_MB).
+Past the cap the least recently used entries go, with their index records (a trigger);
+expired entries and records go on a timer. Both run in batches of BATCH rows, each its own
+short job on the store thread, so a lookup waits a few milliseconds at most behind them, and
+the space they free is handed back to the file system (incremental vacuum).
 """
 
 from __future__ import annotations
@@ -45,6 +46,21 @@ CREATE TABLE IF NOT EXISTS entries (
     atime REAL NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS entries_expires ON entries(expires);
+CREATE TABLE IF NOT EXISTS vectors (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    part TEXT NOT NULL,
+    member TEXT NOT NULL,
+    expires REAL NOT NULL,
+    record BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS vectors_part ON vectors(part, seq);
+CREATE INDEX IF NOT EXISTS vectors_member ON vectors(member);
+CREATE INDEX IF NOT EXISTS vectors_expires ON vectors(expires);
+CREATE TRIGGER IF NOT EXISTS entries_vectors AFTER DELETE ON entries BEGIN
+    UPDATE totals SET bytes = bytes - coalesce(
+        (SELECT sum(length(record)) FROM vectors WHERE member = old.key), 0) WHERE id = 0;
+    DELETE FROM vectors WHERE member = old.key;
+END;
 CREATE TABLE IF NOT EXISTS totals (id INTEGER PRIMARY KEY CHECK (id = 0), bytes INTEGER NOT NULL);
 INSERT OR IGNORE INTO totals(id, bytes) VALUES (0, 0);
 """
@@ -162,6 +178,54 @@ class SQLiteStore:
         total = int(db.execute("SELECT bytes FROM totals WHERE id = 0").fetchone()[0])
         return len(rows), total
 
+    def _vadd(self, part: str, member: str, record: bytes, expires: float, keep: int) -> int:
+        """Add one index record (it counts against the cap, like answers); the total after."""
+        db = self._connect()
+        with db:
+            if db.execute("SELECT 1 FROM entries WHERE key = ?", (member,)).fetchone() is None:
+                return self._total()  # its entry went already (evicted, purged)
+            freed = db.execute(
+                "DELETE FROM vectors WHERE member = ? RETURNING length(record)", (member,)
+            ).fetchall()
+            seq = db.execute(
+                "INSERT INTO vectors(part, member, expires, record) VALUES (?, ?, ?, ?)",
+                (part, member, expires, record),
+            ).lastrowid
+            if seq is not None and seq % 64 == 0:  # now and then: keep the newest `keep`
+                freed += db.execute(
+                    "DELETE FROM vectors WHERE part = ? AND seq <= (SELECT seq FROM vectors "
+                    "WHERE part = ? ORDER BY seq DESC LIMIT 1 OFFSET ?) RETURNING length(record)",
+                    (part, part, keep),
+                ).fetchall()
+            delta = len(record) - sum(r[0] for r in freed)
+            db.execute("UPDATE totals SET bytes = bytes + ? WHERE id = 0", (delta,))
+        return self._total()
+
+    def _vsince(self, part: str, after: int, limit: int) -> list[tuple[int, bytes]]:
+        # by (part, seq) only: an `expires` test here lets the planner pick the expires index
+        # and read every live row (expired ones are masked in the search, and swept)
+        rows = self._connect().execute(
+            "SELECT seq, record FROM vectors INDEXED BY vectors_part WHERE part = ? AND seq > ? "
+            "ORDER BY seq LIMIT ?",
+            (part, after, limit),
+        )
+        return [(int(seq), bytes(record)) for seq, record in rows]
+
+    def _vsweep(self, now: float) -> int:
+        """Delete up to BATCH expired index records; how many went."""
+        db = self._connect()
+        with db:
+            freed = db.execute(
+                "DELETE FROM vectors WHERE seq IN "
+                f"(SELECT seq FROM vectors WHERE expires < ? LIMIT {BATCH}) "
+                "RETURNING length(record)",
+                (now,),
+            ).fetchall()
+            db.execute(
+                "UPDATE totals SET bytes = bytes - ? WHERE id = 0", (sum(r[0] for r in freed),)
+            )
+        return len(freed)
+
     def _vacuum(self) -> int:
         """Give up to VACUUM_PAGES free pages back to the file system; the free pages left."""
         db = self._connect()
@@ -207,6 +271,9 @@ class SQLiteStore:
 
     async def set(self, key: str, entry: CachedResponse, ttl_s: float) -> None:
         total = await self._run(self._set, key, entry.to_bytes(), time.time() + ttl_s)
+        await self._over_cap(total)
+
+    async def _over_cap(self, total: int) -> None:
         if self.max_bytes is not None and total > self.max_bytes and not self._evicting:
             self._evicting = True
             try:
@@ -232,8 +299,14 @@ class SQLiteStore:
         """Delete every expired entry, a batch per job with a pause between batches (lookups
         run in between and the sweep takes at most about half of the store thread); then give
         the freed pages back to the file system. Returns how many entries went."""
-        gone = await self._delete_all("WHERE expires < ?", (time.time(),))
+        now = time.time()
+        gone = await self._delete_all("WHERE expires < ?", (now,))
         self.expired += gone
+        while True:  # semantic index records, a batch per job
+            n = await self._run(self._vsweep, now)
+            if n < BATCH:
+                break
+            await asyncio.sleep(PAUSE_S)
         return gone
 
     async def _delete_all(self, where: str, args: tuple[Any, ...]) -> int:
@@ -280,8 +353,19 @@ class SQLiteStore:
 
     async def purge(self, pattern: str) -> int:
         """Delete every entry whose key matches the glob `pattern`, a batch per job with pauses
-        (a tenant's keys share a prefix, which the primary key index finds); how many went."""
+        (a tenant's keys share a prefix, which the primary key index finds); how many went.
+        Their semantic index records go with them (a trigger)."""
         return await self._delete_all("WHERE key GLOB ?", (pattern,))
+
+    async def vectors_add(
+        self, part: str, member: str, record: bytes, expires: float, keep: int
+    ) -> None:
+        total = await self._run(self._vadd, part, member, record, expires, keep)
+        await self._over_cap(total)
+
+    async def vectors_since(self, part: str, after: int, limit: int) -> list[tuple[int, bytes]]:
+        rows: list[tuple[int, bytes]] = await self._run(self._vsince, part, after, limit)
+        return rows
 
     async def total_bytes(self) -> int:
         """Bytes of answers held (what the cap counts)."""

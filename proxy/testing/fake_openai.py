@@ -12,6 +12,8 @@ Knobs, set on the instance while it runs:
   is cut); `error_after`: an `error` event after N chunks; `fail_responses`: a Responses
   stream ends with `response.failed`;
 - `hang`: an asyncio.Event; while it is not set, every request waits for it;
+- `path_latency` / `path_errors`: one path is slow, or answers an error status;
+- embeddings are a hashed bag of words (`bag_of_words`): paraphrases embed alike;
 - `image_ttl_s`: how long image URLs work (like OpenAI's 60 minutes).
 
 Per request, the model name can ask for a behaviour too: `fake-error-429` answers that status;
@@ -25,6 +27,7 @@ import asyncio
 import base64
 import functools
 import hashlib
+import re
 import struct
 import time
 import zlib
@@ -48,6 +51,91 @@ def recorded(name: str) -> dict[str, Any]:
     data: dict[str, Any] = orjson.loads((RECORDED / f"{name}.json").read_bytes())
     interaction: dict[str, Any] = data["interactions"][0]
     return interaction
+
+
+EMBEDDING_DIMS = {
+    "text-embedding-3-small": 1536,
+    "text-embedding-3-large": 3072,
+    "text-embedding-ada-002": 1536,
+}
+"""The real models' dimensions, so the semantic index is measured at its real size."""
+STOPWORDS = frozenset(
+    {
+        "a",
+        "an",
+        "the",
+        "is",
+        "are",
+        "was",
+        "were",
+        "be",
+        "of",
+        "to",
+        "in",
+        "on",
+        "at",
+        "for",
+        "and",
+        "or",
+        "what",
+        "what's",
+        "whats",
+        "which",
+        "who",
+        "how",
+        "do",
+        "does",
+        "did",
+        "me",
+        "my",
+        "i",
+        "you",
+        "your",
+        "please",
+        "tell",
+        "can",
+        "could",
+        "would",
+        "will",
+        "it",
+        "its",
+        "it's",
+        "this",
+        "that",
+        "about",
+        "give",
+        "say",
+        "show",
+        "explain",
+        "not",
+        "no",
+        "never",
+        "n't",
+    }
+)
+"""Left out of the fake's embeddings: a paraphrase in other small words embeds the same. So
+do negations, as with real embeddings, where "is X" and "is X not" are close: the proxy's
+guards have to tell them apart."""
+
+
+def bag_of_words(item: Any, dims: int) -> list[float]:
+    """A deterministic "semantic" embedding: hashed bag of words (lower-case, plural -s
+    dropped, stopwords left out), unit length. Texts with the same content words embed the
+    same; one different word in a few lowers the cosine clearly."""
+    text = item if isinstance(item, str) else orjson.dumps(item).decode()
+    vec = [0.0] * dims
+    for word in re.findall(r"[a-z0-9]+(?:'[a-z]+)?", text.lower()):
+        if word in STOPWORDS:
+            continue
+        if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
+            word = word[:-1]
+        digest = hashlib.blake2b(word.encode(), digest_size=8).digest()
+        index = int.from_bytes(digest[:4], "little") % dims
+        vec[index] += 1.0 if digest[4] & 1 else -1.0
+    norm = sum(v * v for v in vec) ** 0.5
+    if norm == 0:
+        vec[0], norm = 1.0, 1.0
+    return [v / norm for v in vec]
 
 
 def make_png(seed: int, size: int = 16) -> bytes:
@@ -105,6 +193,11 @@ class FakeOpenAI:
     """API keys this fake answers 401 to (like revoked or wrong keys)."""
     latencies: list[float] = field(default_factory=list)
     """Per-call latencies for the next calls, used before `latency`."""
+    path_latency: dict[str, float] = field(default_factory=dict)
+    """Seconds before answering one path, instead of `latency` (a slow or a fast embeddings
+    service, say)."""
+    path_errors: dict[str, int] = field(default_factory=dict)
+    """A status every call to one path answers (a failing embeddings service, say)."""
     cut_after: int | None = None
     error_after: int | None = None
     fail_responses: bool = False
@@ -186,8 +279,12 @@ class FakeOpenAI:
         if self.hang is not None:
             await self.hang.wait()
         delay = self.latencies.pop(0) if self.latencies else self.latency
+        delay = self.path_latency.get(request.path, delay)
         if delay:
             await asyncio.sleep(delay)
+        if request.path in self.path_errors:
+            status = self.path_errors[request.path]
+            return error_json(status, f"Fake error {status}.", "fake_error", f"fake_{status}")
         auth = request.headers.get("Authorization", "")
         if auth.removeprefix("Bearer ") in self.revoked_keys:
             rec = recorded("chat_completion_error")["response"]
@@ -474,11 +571,11 @@ class FakeOpenAI:
         req, n = request[BODY], request[CALL_N]
         inputs = req.get("input", "")
         items = inputs if isinstance(inputs, list) else [inputs]
-        dims = int(req.get("dimensions") or 8)
+        model = str(req.get("model", ""))
+        dims = int(req.get("dimensions") or EMBEDDING_DIMS.get(model, 256))
         data = []
         for i, item in enumerate(items):
-            digest = hashlib.sha256(orjson.dumps(item) + str(n).encode()).digest()
-            vec = [((digest[(j * 3) % 32] + j) % 200 - 100) / 100.0 for j in range(dims)]
+            vec = bag_of_words(item, dims)
             emb: Any = vec
             if req.get("encoding_format") == "base64":
                 emb = base64.b64encode(struct.pack(f"<{dims}f", *vec)).decode()

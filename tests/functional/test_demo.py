@@ -48,6 +48,10 @@ def test_demo_runs_offline_in_under_15_seconds(tmp_path):
     dup = rows["20 identical calls at once"]
     assert dup[1] == "1 MISS + 19 COALESCED" and dup[3] == "the batch of 20"
     assert int(dup[4]) == int(rows["stream: replayed"][4]) + 1
+    paraphrase, number = rows["semantic: a paraphrase"], rows["semantic: another number"]
+    assert paraphrase[1] == "HIT" and "served by meaning" in paraphrase[5]
+    assert paraphrase[4] == dup[4]  # no chat call
+    assert number[1] == "MISS" and int(number[4]) == int(dup[4]) + 1
     kept = rows["image: after upstream URL expired"]
     assert kept[1] == "upstream 403, ours 200"
     assert "PNG bytes still" in kept[5]

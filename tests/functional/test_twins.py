@@ -8,6 +8,7 @@ import asyncio
 import orjson
 
 from tests.conftest import async_sdk, sdk
+from tests.helpers import eventually
 
 PROMPT = [{"role": "user", "content": "twin persona"}]
 
@@ -140,6 +141,7 @@ def test_a_large_answer_converts_off_the_loop_and_whole(proxy, fake):
     with sdk(proxy) as c:
         a = json_chat(c, model="gpt-4o-mini", messages=PROMPT)
         assert len(a[1]) > 64 * 1024
+        eventually(lambda: len(proxy.state.cache.store) == 1)  # stored after it was relayed
         for _ in range(2):
             b = stream_chat(c, model="gpt-4o-mini", messages=PROMPT)
             assert b[0] == "HIT" and b[1:] == a[1:]

@@ -1,0 +1,561 @@
+"""The semantic layer's I/O half: embeddings, the shared vector index, and the lookup.
+
+- **Embeddings** come from the upstream's embeddings route with the caller's own credential
+  (cost and tenancy stay the caller's). They go through the exact cache like any embeddings
+  request, are bounded by `--semantic-timeout-s`, and identical ones in flight share one call.
+  Any failure is a plain MISS: `semantic.embeddings_unavailable` is logged once per burst, and
+  after a failure that is not the caller's (timeout, 5xx, unreachable) no embedding is asked
+  for `BREAKER_S`, so a dead embeddings service costs each request nothing.
+- **The index** lives in the store beside the entries (SQLite table, Redis stream per
+  partition, memory), so every instance and worker sees the same candidates. A record holds
+  the entry's key, its freshness, the guards' digests and the vector (float16); never the
+  text. Each process keeps the partitions it searches in memory (numpy, bounded by
+  `--semantic-memory-mb`) and reads only the records added since its last look.
+- **The lookup** (`Semantic.probe`): embed, sync, one matrix product, then the best
+  candidates in order: the guards (semantic.py), then the entry itself, which must exist and
+  be fresh. A candidate whose entry is gone is forgotten.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import struct
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+import structlog
+from multidict import CIMultiDict
+
+from proxy.cache import Cache
+from proxy.cost import Prices
+from proxy.errors import StoreUnavailable, UpstreamError
+from proxy.keys import CREDENTIAL_HEADERS, Headers
+from proxy.models import CLOCK, CachedResponse
+from proxy.plan import Plan, make_plan
+from proxy.rules import Rule, Rules
+from proxy.semantic import features, signature, signature_guard
+from proxy.upstream import Upstream, response_headers
+
+log = structlog.get_logger()
+
+BREAKER_S = 10.0
+"""After an embeddings failure that is not the caller's, no embedding is asked for this long."""
+LOG_EVERY_S = 60.0
+"""`semantic.embeddings_unavailable` is logged once per burst of failures, at most this often."""
+TOP_K = 8
+"""Candidates checked (guards, then the entry) per lookup, best first."""
+PAGE = 2000
+"""Records read from the store per call when a partition is synced."""
+OFF_LOOP = 262_144
+"""Matrix products larger than this (rows x dimensions) run on the request-cpu pool."""
+FORWARDED = (*CREDENTIAL_HEADERS, "OpenAI-Organization", "OpenAI-Project")
+_HEAD = struct.Struct("<dH16sH")  # expires, key length, guard digests, dimensions
+
+
+class EmbeddingFailed(Exception):
+    """No embedding for this request; `caller` when the upstream refused this caller (4xx)."""
+
+    def __init__(self, reason: str, *, caller: bool = False) -> None:
+        super().__init__(reason)
+        self.caller = caller
+
+
+def pack(member: str, sig: bytes, expires: float, vector: np.ndarray) -> bytes:
+    """One index record: the entry's key, its freshness, the guards' digests, the vector."""
+    key = member.encode()
+    v16 = np.asarray(vector, dtype="<f2")
+    return _HEAD.pack(expires, len(key), sig, v16.shape[0]) + key + v16.tobytes()
+
+
+def unpack(record: bytes) -> tuple[str, bytes, float, np.ndarray]:
+    """(member, guard digests, expires, vector as float32); ValueError when damaged."""
+    expires, klen, sig, dims = _HEAD.unpack_from(record)
+    start = _HEAD.size + klen
+    if len(record) != start + 2 * dims:
+        raise ValueError("damaged vector record")
+    member = record[_HEAD.size : start].decode()
+    vector = np.frombuffer(record, dtype="<f2", count=dims, offset=start).astype(np.float32)
+    return member, sig, expires, vector
+
+
+class Partition:
+    """One partition's vectors in this process: rows in store order, newest last."""
+
+    __slots__ = ("after", "dims", "expires", "keep", "matrix", "members", "n", "sigs")
+
+    def __init__(self, keep: int) -> None:
+        self.after = 0
+        """The store's sequence number of the last record read."""
+        self.dims = 0
+        self.matrix = np.zeros((0, 0), dtype=np.float32)
+        self.n = 0
+        self.members: list[str] = []
+        self.sigs: list[bytes] = []
+        self.expires = np.zeros(0, dtype=np.float64)
+        self.keep = keep
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held, with a floor per partition (so empty ones are bounded in number too)."""
+        return int(self.matrix.nbytes + self.expires.nbytes) + 64 * len(self.members) + 1024
+
+    def add(self, rows: list[tuple[int, bytes]]) -> None:
+        """Append records read from the store (those already held are skipped)."""
+        for seq, record in rows:
+            if seq <= self.after:
+                continue
+            self.after = seq
+            try:
+                member, sig, expires, vector = unpack(record)
+            except (ValueError, struct.error, UnicodeDecodeError):
+                continue
+            if self.dims == 0:
+                self.dims = vector.shape[0]
+                self.matrix = np.zeros((8, self.dims), dtype=np.float32)
+                self.expires = np.zeros(8, dtype=np.float64)
+            if vector.shape[0] != self.dims:
+                continue
+            if self.n == self.matrix.shape[0]:
+                self._grow()
+            norm = float(np.linalg.norm(vector))
+            self.matrix[self.n] = vector / norm if norm > 0 else vector
+            self.expires[self.n] = expires
+            self.members.append(member)
+            self.sigs.append(sig)
+            self.n += 1
+        if self.n > self.keep + max(64, self.keep // 8):
+            self._keep_newest(self.keep)
+
+    def _grow(self) -> None:
+        cap = max(8, self.matrix.shape[0] * 2)
+        matrix = np.zeros((cap, self.dims), dtype=np.float32)
+        matrix[: self.n] = self.matrix[: self.n]
+        expires = np.zeros(cap, dtype=np.float64)
+        expires[: self.n] = self.expires[: self.n]
+        self.matrix, self.expires = matrix, expires
+
+    def _keep_newest(self, keep: int) -> None:
+        drop = self.n - keep
+        self.matrix = self.matrix[drop : self.n].copy()
+        self.expires = self.expires[drop : self.n].copy()
+        self.members = self.members[drop:]
+        self.sigs = self.sigs[drop:]
+        self.n = keep
+
+    def view(self) -> View:
+        """The rows as they are now: later syncs append after them or build new arrays, so a
+        view stays true while its product runs off the loop."""
+        n = self.n
+        return View(self, self.matrix[:n], self.expires[:n], self.members, self.sigs)
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    part: Partition
+    matrix: np.ndarray
+    expires: np.ndarray
+    members: list[str]
+    sigs: list[bytes]
+
+    def scores(self, query: np.ndarray, now: float) -> np.ndarray:
+        """Cosine similarity of every row with `query` (a unit vector); -2 for expired rows."""
+        scores: np.ndarray = self.matrix @ query
+        scores[self.expires < now] = -2.0
+        return scores
+
+    def forget(self, row: int) -> None:
+        """A candidate whose entry is gone is never offered again."""
+        if self.part.members is self.members:  # not compacted since
+            self.part.expires[row] = 0.0
+
+
+def top(scores: np.ndarray, k: int) -> list[int]:
+    """The rows of the k best scores, best first."""
+    if scores.shape[0] <= k:
+        return [int(i) for i in np.argsort(-scores)]
+    best = np.argpartition(-scores, k)[:k]
+    return [int(i) for i in best[np.argsort(-scores[best])]]
+
+
+class VectorIndex:
+    """The partitions this process searched lately, synced from the store on every lookup."""
+
+    def __init__(self, cache: Cache, *, keep: int, max_bytes: int) -> None:
+        self.cache = cache
+        self.keep = keep
+        self.max_bytes = max_bytes
+        self.parts: OrderedDict[str, Partition] = OrderedDict()
+        self.bytes = 0
+        """What the partitions held hold (Partition.nbytes), kept as they change."""
+
+    async def sync(self, part: str) -> Partition:
+        """The partition with every record the store holds for it (StoreUnavailable)."""
+        p = self.parts.get(part)
+        if p is None:
+            p = self.parts[part] = Partition(self.keep)
+            self.bytes += p.nbytes
+        self.parts.move_to_end(part)
+        store = self.cache.store
+        while True:
+            rows = await store.vectors_since(part, p.after, PAGE)
+            if rows:
+                before = p.nbytes
+                p.add(rows)
+                if self.parts.get(part) is p:
+                    self.bytes += p.nbytes - before
+            if len(rows) < PAGE:
+                break
+        while self.bytes > self.max_bytes and len(self.parts) > 1:
+            _, gone = self.parts.popitem(last=False)
+            self.bytes -= gone.nbytes
+        return p
+
+    async def add(self, part: str, member: str, record: bytes, expires: float) -> None:
+        await self.cache.store.vectors_add(part, member, record, expires, self.keep)
+
+
+@dataclass(slots=True)
+class Embedding:
+    vector: np.ndarray
+    """A unit vector."""
+    cost_usd: float | None
+    """What the call cost the caller; None when it came from the cache."""
+
+
+class Embedder:
+    """Embeddings through the exact cache, time-limited, fail-open."""
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        cache: Cache,
+        rules: Rules,
+        secret: bytes,
+        prices: Prices,
+        *,
+        timeout_s: float,
+    ) -> None:
+        self.upstream = upstream
+        self.cache = cache
+        self.rules = rules
+        self.secret = secret
+        self.prices = prices
+        self.timeout_s = timeout_s
+        self.down_until = 0.0
+        self.failing = False
+        self._logged = -1e9
+        self._inflight: dict[str, asyncio.Future[Embedding]] = {}
+
+    async def embed(
+        self,
+        model: str,
+        text: str,
+        *,
+        tenant: bytes,
+        namespace: str,
+        headers: Headers,
+        route: str,
+        query: str,
+    ) -> Embedding:
+        """The unit vector of `text`; raises EmbeddingFailed (never anything else)."""
+        if time.monotonic() < self.down_until:
+            raise EmbeddingFailed("embeddings unavailable (waiting after a failure)")
+        path = _embeddings_route(route, model)
+        body = orjson.dumps({"model": model, "input": text, "encoding_format": "base64"})
+        qs = query if path.startswith("/openai/deployments/") else ""
+        plan = make_plan(
+            self.rules, self.secret, tenant, "POST", path, qs, namespace, "application/json", body
+        )
+        memo = plan.key or plan.fingerprint
+        shared = self._inflight.get(memo)
+        if shared is not None:
+            return await asyncio.shield(shared)
+        future: asyncio.Future[Embedding] = asyncio.get_running_loop().create_future()
+        self._inflight[memo] = future
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                result = await self._embed(plan, path, qs, body, headers)
+        except BaseException as exc:
+            failure = (
+                exc
+                if isinstance(exc, EmbeddingFailed)
+                else EmbeddingFailed(
+                    f"no embedding within {self.timeout_s:g} s"
+                    if isinstance(exc, TimeoutError)
+                    else type(exc).__name__
+                )
+            )
+            future.set_exception(failure)
+            future.exception()  # retrieved: a future nobody shared must not warn
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            self._failed(failure)
+            raise failure from None
+        finally:
+            self._inflight.pop(memo, None)
+        future.set_result(result)
+        if self.failing:
+            self.failing = False
+            log.info("semantic.embeddings_recovered")
+        return result
+
+    def _failed(self, exc: EmbeddingFailed) -> None:
+        if not exc.caller:
+            self.down_until = time.monotonic() + BREAKER_S
+        now = time.monotonic()
+        if not self.failing or now - self._logged > LOG_EVERY_S:
+            log.warning("semantic.embeddings_unavailable", reason=str(exc)[:200])
+            self._logged = now
+        self.failing = True
+
+    async def _embed(
+        self,
+        plan: Plan,
+        path: str,
+        qs: str,
+        body: bytes,
+        headers: Headers,
+    ) -> Embedding:
+        rule = plan.rule
+        if rule is not None and plan.key:
+            entry = self.cache.peek(plan.key)
+            if entry is None:
+                try:
+                    entry = await self.cache.get(plan.key)
+                except StoreUnavailable:
+                    entry = None
+            if entry is not None and entry.fresh_until >= CLOCK.now():
+                return Embedding(_vector_of(entry.body), None)
+        fwd: CIMultiDict[str] = CIMultiDict()
+        for name in FORWARDED:
+            for value in headers.getall(name, ()):
+                fwd.add(name, value)
+        fwd["Content-Type"] = "application/json"
+        path_qs = path + ("?" + qs if qs else "")
+        if self.upstream.strip_v1 and path_qs.startswith("/v1/"):
+            path_qs = path_qs[3:]
+        started = time.monotonic()
+        try:
+            async with self.upstream.request("POST", path_qs, fwd, body) as resp:
+                data = await resp.read()
+                status, head = resp.status, response_headers(resp.headers)
+        except UpstreamError as exc:
+            raise EmbeddingFailed(f"embeddings: {type(exc).__name__}") from None
+        if status != 200:
+            raise EmbeddingFailed(f"embeddings answered {status}", caller=400 <= status < 500)
+        vector = _vector_of(data)
+        usage = _usage(data)
+        cost = self.prices.cost(path, plan.model, usage, {})
+        if rule is not None and rule.store and plan.key:
+            await self._store(plan, rule, head, data, started)
+        return Embedding(vector, cost.usd if cost is not None else None)
+
+    async def _store(
+        self,
+        plan: Plan,
+        rule: Rule,
+        head: tuple[tuple[str, str], ...],
+        data: bytes,
+        started: float,
+    ) -> None:
+        entry = CachedResponse(
+            status=200,
+            headers=tuple((k, v) for k, v in head if not k.lower().startswith("x-ratelimit-")),
+            body=data,
+            created=CLOCK.now(),
+            stream=False,
+            upstream_ms=round((time.monotonic() - started) * 1000.0, 1),
+            meta={"model": plan.model, "route": "/v1/embeddings", "ttl": rule.ttl_s},
+        )
+        with contextlib.suppress(StoreUnavailable):  # a failed write is only a later miss
+            await self.cache.set(plan.key, entry, rule.ttl_s + rule.stale_if_error_s)
+
+
+def _embeddings_route(route: str, model: str) -> str:
+    """Where the embedding of a request on `route` is asked for (Azure: the deployment)."""
+    if route.startswith("/openai/deployments/"):
+        return f"/openai/deployments/{model}/embeddings"
+    return "/v1/embeddings"
+
+
+def _usage(data: bytes) -> dict[str, Any] | None:
+    try:
+        usage = orjson.loads(data).get("usage")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return usage if isinstance(usage, dict) else None
+
+
+def _vector_of(data: bytes) -> np.ndarray:
+    """The unit vector in an embeddings answer (base64 or floats); EmbeddingFailed if none."""
+    try:
+        doc = orjson.loads(data)
+        raw = doc["data"][0]["embedding"]
+        if isinstance(raw, str):
+            vector = np.frombuffer(base64.b64decode(raw), dtype="<f4").astype(np.float32)
+        else:
+            vector = np.asarray(raw, dtype=np.float32)
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError) as exc:
+        raise EmbeddingFailed(f"embeddings answer unreadable: {type(exc).__name__}") from None
+    norm = float(np.linalg.norm(vector)) if vector.ndim == 1 and vector.size else 0.0
+    if not np.isfinite(norm) or norm == 0.0:
+        raise EmbeddingFailed("embeddings answer holds no usable vector")
+    return vector / norm
+
+
+@dataclass(slots=True)
+class Probe:
+    """What one semantic lookup found (logged on the request's line)."""
+
+    vector: np.ndarray | None = None
+    sig: bytes = b""
+    score: float | None = None
+    """The best candidate's similarity (after the guards, whose entry exists)."""
+    member: str = ""
+    entry: CachedResponse | None = None
+    hit: bool = False
+    """The best candidate clears the threshold (served in "on", would be in "shadow")."""
+    guard: str | None = None
+    """The guard that turned down a candidate above the threshold."""
+    error: str | None = None
+    ms: float = 0.0
+    embed_ms: float = 0.0
+    embed_usd: float | None = None
+
+    def fields(self) -> dict[str, Any]:
+        """The request.done fields."""
+        out: dict[str, Any] = {"semantic_ms": round(self.ms, 2)}
+        if self.score is not None:
+            out["semantic_score"] = round(self.score, 4)
+            out["semantic_hit"] = self.hit
+        if self.guard:
+            out["semantic_guard"] = self.guard
+        if self.error:
+            out["semantic_error"] = self.error
+        if self.embed_usd:
+            out["semantic_cost_usd"] = self.embed_usd
+        return out
+
+
+class Semantic:
+    """The lookup and the indexing, as the handler calls them."""
+
+    def __init__(
+        self,
+        embedder: Embedder,
+        index: VectorIndex,
+        cache: Cache,
+        mac_key: bytes,
+        cpu: ThreadPoolExecutor,
+    ) -> None:
+        self.embedder = embedder
+        self.index = index
+        self.cache = cache
+        self.mac_key = mac_key
+        self.cpu = cpu
+        self.indexed = 0
+        """Answers indexed by this process (tests and benchmarks wait on it)."""
+
+    async def probe(
+        self,
+        plan: Plan,
+        *,
+        tenant: bytes,
+        namespace: str,
+        headers: Headers,
+        route: str,
+        query: str,
+        max_age: float | None,
+    ) -> Probe:
+        """Look for an entry that answers this request's meaning; never raises."""
+        started = time.perf_counter()
+        probe = Probe()
+        try:
+            await self._probe(probe, plan, tenant, namespace, headers, route, query, max_age)
+        except EmbeddingFailed as exc:
+            probe.error = str(exc)[:200]
+        except StoreUnavailable:
+            probe.error = "store unavailable"
+        probe.ms = (time.perf_counter() - started) * 1000.0
+        return probe
+
+    async def _probe(
+        self,
+        probe: Probe,
+        plan: Plan,
+        tenant: bytes,
+        namespace: str,
+        headers: Headers,
+        route: str,
+        query: str,
+        max_age: float | None,
+    ) -> None:
+        assert plan.semantic is not None and plan.rule is not None
+        rule = plan.rule
+        t0 = time.perf_counter()
+        emb = await self.embedder.embed(
+            rule.semantic_model,
+            plan.semantic.text,
+            tenant=tenant,
+            namespace=namespace,
+            headers=headers,
+            route=route,
+            query=query,
+        )
+        probe.embed_ms = (time.perf_counter() - t0) * 1000.0
+        probe.embed_usd = emb.cost_usd
+        probe.vector = emb.vector
+        probe.sig = signature(self.mac_key, features(plan.semantic.text))
+        part = await self.index.sync(plan.semantic.partition)
+        if part.n == 0 or part.dims != emb.vector.shape[0]:
+            return
+        view = part.view()
+        now = CLOCK.now()
+        if part.n * part.dims > OFF_LOOP:
+            loop = asyncio.get_running_loop()
+            scores = await loop.run_in_executor(self.cpu, view.scores, emb.vector, now)
+        else:
+            scores = view.scores(emb.vector, now)
+        prefix = plan.semantic.partition.rpartition(".")[0] + "."
+        for row in top(scores, TOP_K):
+            score = float(scores[row])
+            if score < -1.0:
+                break  # the rest are expired
+            member = view.members[row]
+            if not member.startswith(prefix):
+                continue  # never another tenant's, namespace's, model's or route's entry
+            why = signature_guard(probe.sig, view.sigs[row])
+            if why is not None:
+                if score >= rule.semantic_threshold and probe.guard is None:
+                    probe.guard = why
+                continue
+            entry = self.cache.peek(member)
+            if entry is None:
+                entry = await self.cache.get(member)
+            if entry is None or entry.fresh_until < CLOCK.now():
+                view.forget(row)
+                continue
+            if max_age is not None and CLOCK.now() - entry.created > max_age:
+                continue
+            probe.score, probe.member, probe.entry = score, member, entry
+            probe.hit = score >= rule.semantic_threshold
+            return
+
+    async def remember(self, plan: Plan, probe: Probe, member: str, expires: float) -> None:
+        """Index a stored answer under its request's vector (fail open)."""
+        if probe.vector is None or plan.semantic is None:
+            return
+        record = pack(member, probe.sig, expires, probe.vector)
+        try:
+            await self.index.add(plan.semantic.partition, member, record, expires)
+        except StoreUnavailable as exc:
+            log.info("semantic.index_failed", error=str(exc)[:200])
+            return
+        self.indexed += 1

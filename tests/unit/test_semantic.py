@@ -1,0 +1,314 @@
+"""The semantic layer's pure parts: guards, what is compared, partitions, the index records
+and rows, the stores' vector records, rule options and the report's semantic columns."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.errors import ConfigError
+from proxy.models import CachedResponse
+from proxy.plan import make_plan
+from proxy.report import Report
+from proxy.rules import Rules, parse_rules
+from proxy.semantic import (
+    TEXT_MAX,
+    features,
+    guard,
+    query_of,
+    signature,
+    signature_guard,
+)
+from proxy.stores import MemoryStore
+from proxy.stores.sqlite import SQLiteStore
+from proxy.vectors import Partition, pack, top, unpack
+
+KEY = b"k" * 32
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "why"),
+    [
+        ("Is Paris the capital of France?", "Is Paris not the capital of France?", "negation"),
+        ("Is it safe?", "Isn't it safe?", "negation"),
+        ("Do I need a visa?", "I don't need a visa?", "negation"),
+        ("Should I go?", "Should I never go?", "negation"),
+        ("What is 17 and 25?", "What is 17 and 26?", "numbers"),
+        ("Split 1,000 dollars", "Split 1,001 dollars", "numbers"),
+        ("Three apples", "Four apples", "numbers"),
+        ("twenty five", "twenty six", "numbers"),
+        ("Give me 2 ideas", "Give me ideas", "numbers"),
+        ("a hundred", "a thousand", "numbers"),
+    ],
+)
+def test_guards_turn_down_the_known_false_hits(a, b, why):
+    assert guard(features(a), features(b)) == why
+    assert signature_guard(signature(KEY, features(a)), signature(KEY, features(b))) == why
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("What is 17 and 25?", "what's seventeen and twenty-five"),
+        ("Split 1,000 dollars", "split 1000 dollars"),
+        ("0.50 or 2.0", "0.5 or 2"),
+        ("two hundred and five", "205"),
+        ("one thousand two hundred", "1200"),
+        ("Isn't it safe?", "Is it not safe?"),
+        ("What is the capital of France?", "Tell me France's capital"),
+    ],
+)
+def test_guards_let_the_same_numbers_and_negations_through(a, b):
+    assert guard(features(a), features(b)) is None
+    assert signature(KEY, features(a)) == signature(KEY, features(b))
+
+
+@given(st.text(max_size=200), st.text(max_size=200))
+def test_signatures_agree_with_the_guards(a, b):
+    """The stored digests decide exactly as the features do (and never raise)."""
+    fa, fb = features(a), features(b)
+    assert signature_guard(signature(KEY, fa), signature(KEY, fb)) == guard(fa, fb)
+    assert guard(fa, fa) is None
+
+
+def chat(*messages, **extra):
+    return {"model": "gpt-4o-mini", "messages": list(messages), **extra}
+
+
+USER = {"role": "user", "content": "hello there"}
+
+
+@pytest.mark.parametrize(
+    ("twin", "fields", "text"),
+    [
+        ("chat", chat(USER), "hello there"),
+        (
+            "chat",
+            chat(
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+                }
+            ),
+            "a\nb",
+        ),
+        ("chat", chat({"role": "user", "content": [{"type": "image_url", "image_url": {}}]}), None),
+        ("chat", chat({"role": "user", "content": [{"type": "text", "text": "a", "x": 1}]}), None),
+        ("chat", chat({"role": "tool", "tool_call_id": "1", "content": "42"}), None),
+        ("chat", chat(USER, {"role": "assistant", "content": "hi"}), None),
+        ("chat", chat({"role": "user", "content": "   "}), None),
+        ("chat", chat({"role": "user", "content": "x" * (TEXT_MAX + 1)}), None),
+        ("chat", {"model": "m"}, None),
+        ("responses", {"model": "m", "input": "hello"}, "hello"),
+        (
+            "responses",
+            {
+                "model": "m",
+                "input": [{"role": "user", "content": [{"type": "input_text", "text": "q"}]}],
+            },
+            "q",
+        ),
+        (
+            "responses",
+            {"model": "m", "input": [{"type": "function_call_output", "output": "1"}]},
+            None,
+        ),
+        (
+            "responses",
+            {"model": "m", "input": [{"role": "user", "content": [{"type": "input_image"}]}]},
+            None,
+        ),
+    ],
+)
+def test_only_plain_user_text_is_compared(twin, fields, text):
+    found = query_of(twin, fields)
+    assert (found[0] if found else None) == text
+
+
+RULES = Rules(
+    parse_rules(
+        '[[rule]]\nroute = "/v1/chat/completions"\nsemantic = "on"\n'
+        '[[rule]]\nroute = "/v1/responses"\n',
+        "t",
+    )
+)
+
+
+def partition(
+    body: dict,
+    *,
+    tenant: bytes = b"t" * 32,
+    namespace: str = "",
+    route: str = "/v1/chat/completions",
+):
+    plan = make_plan(
+        RULES, b"s", tenant, "POST", route, "", namespace, "application/json", orjson.dumps(body)
+    )
+    return plan.semantic.partition if plan.semantic else None
+
+
+def test_partitions_hold_everything_but_the_last_user_text():
+    base = partition(chat({"role": "user", "content": "What is the capital of France?"}))
+    assert base is not None and base.rpartition(".")[2].startswith("s")
+    assert partition(chat({"role": "user", "content": "France's capital?"})) == base
+    # twins share one partition, as they share one key; ignored fields do not count
+    assert partition(chat({"role": "user", "content": "x"}, stream=True, user="u")) == base
+    others = [
+        partition(chat({"role": "system", "content": "s"}, {"role": "user", "content": "x"})),
+        partition({**chat({"role": "user", "content": "x"}), "model": "gpt-4.1"}),
+        partition(chat({"role": "user", "content": "x"}, temperature=0.5)),
+        partition(chat({"role": "user", "content": "x"}, tools=[{"type": "function"}])),
+        partition(chat({"role": "user", "content": "x"}), tenant=b"u" * 32),
+        partition(chat({"role": "user", "content": "x"}), namespace="n"),
+    ]
+    assert base not in others and len(set(others)) == len(others)
+    assert partition({"model": "m", "input": "x"}, route="/v1/responses") is None  # rule off
+
+
+def test_rule_options_are_validated():
+    rule = parse_rules(
+        '[[rule]]\nroute = "/x"\nsemantic = "shadow"\nsemantic_threshold = 0.9\n', "t"
+    )[0]
+    assert (rule.semantic, rule.semantic_threshold, rule.semantic_model) == (
+        "shadow",
+        0.9,
+        "text-embedding-3-small",
+    )
+    for bad in (
+        'semantic = "yes"',
+        "semantic_threshold = 0",
+        "semantic_threshold = 1.5",
+        'semantic_model = " "',
+    ):
+        with pytest.raises(ConfigError):
+            parse_rules(f'[[rule]]\nroute = "/x"\n{bad}\n', "t")
+
+
+def unit(*values: float) -> np.ndarray:
+    v = np.asarray(values, dtype=np.float32)
+    return v / np.linalg.norm(v)
+
+
+def test_records_round_trip_without_the_text():
+    record = pack("v2:a.b.c.d.e", b"s" * 16, 123.5, unit(1, 2, 3))
+    member, sig, expires, vector = unpack(record)
+    assert (member, sig, expires) == ("v2:a.b.c.d.e", b"s" * 16, 123.5)
+    assert np.allclose(vector, unit(1, 2, 3), atol=1e-3)
+    with pytest.raises(ValueError):
+        unpack(record[:-1])
+
+
+def test_a_partition_keeps_the_newest_and_ranks_by_cosine():
+    part = Partition(keep=100)
+    future = time.time() + 60
+    rows = [(i + 1, pack(f"m{i}", b"s" * 16, future, unit(1, i, 0))) for i in range(200)]
+    part.add(rows)
+    part.add(rows[-5:])  # read twice (two syncs at once): nothing doubles
+    assert part.n <= 100 + 64 and part.members[-1] == "m199"
+    view = part.view()
+    scores = view.scores(unit(1, 0, 0), time.time())
+    best = top(scores, 3)
+    assert view.members[best[0]] == part.members[0]  # the smallest angle left
+    assert scores[best[0]] >= scores[best[1]] >= scores[best[2]]
+    view.forget(best[0])
+    assert part.view().scores(unit(1, 0, 0), time.time())[best[0]] == -2.0
+
+
+def test_an_expired_or_other_sized_record_is_never_a_candidate():
+    part = Partition(keep=10)
+    part.add([(1, pack("old", b"s" * 16, time.time() - 1, unit(1, 0)))])
+    part.add([(2, pack("odd", b"s" * 16, time.time() + 60, unit(1, 0, 0)))])
+    assert part.n == 1
+    assert part.view().scores(unit(1, 0), time.time())[0] == -2.0
+
+
+def entry() -> CachedResponse:
+    return CachedResponse(status=200, headers=(), body=b"{}", created=time.time(), stream=False)
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_stores_keep_records_and_drop_them_with_their_entry(kind, tmp_path):
+    async def go() -> None:
+        store = MemoryStore() if kind == "memory" else SQLiteStore(tmp_path / "v.db")
+        later = time.time() + 60
+        for i in range(3):
+            await store.set(f"v2:t.n.m.r.{i}", entry(), 60)
+            await store.vectors_add("v2:t.n.m.r.sP", f"v2:t.n.m.r.{i}", b"r%d" % i, later, 10)
+        got = await store.vectors_since("v2:t.n.m.r.sP", 0, 100)
+        assert [r for _, r in got] == [b"r0", b"r1", b"r2"]
+        assert [r for _, r in await store.vectors_since("v2:t.n.m.r.sP", got[0][0], 100)] == [
+            b"r1",
+            b"r2",
+        ]
+        await store.delete("v2:t.n.m.r.1")
+        assert [r for _, r in await store.vectors_since("v2:t.n.m.r.sP", 0, 100)] == [b"r0", b"r2"]
+        await store.purge("v2:t.*")
+        assert await store.vectors_since("v2:t.n.m.r.sP", 0, 100) == []
+        await store.aclose()
+
+    asyncio.run(go())
+
+
+def test_the_report_shows_would_be_hits_and_the_score_distribution():
+    report = Report(by="route")
+    lines = [
+        {
+            "cache": "miss",
+            "semantic": "shadow",
+            "semantic_score": 0.97,
+            "semantic_hit": True,
+            "cost_usd": 0.25,
+        },
+        {
+            "cache": "miss",
+            "semantic": "shadow",
+            "semantic_score": 0.91,
+            "semantic_hit": False,
+            "cost_usd": 0.5,
+        },
+        {"cache": "miss", "semantic": "shadow", "cost_usd": 1.0},
+        {"cache": "miss", "cost_usd": 1.0},
+    ]
+    for line in lines:
+        report.feed(
+            orjson.dumps({"event": "request.done", "route": "/v1/chat/completions", **line}),
+            None,
+            None,
+        )
+    row = report.rows()[-1]
+    assert (row["shadow_lookups"], row["shadow_would_hit"], row["shadow_hit_ratio"]) == (
+        3,
+        1,
+        0.3333,
+    )
+    assert row["shadow_saved_usd"] == 0.25
+    at = {r["threshold"]: r for r in report.scores.rows()}
+    assert report.scores.lookups == 3
+    assert (at[0.90]["hits"], at[0.90]["usd"]) == (2, 0.75)
+    assert (at[0.95]["hits"], at[0.99]["hits"]) == (1, 0)
+
+
+def test_sqlite_index_records_count_against_the_cap(tmp_path):
+    """A record adds its bytes to the store's total; deleting its entry takes them back."""
+
+    async def go() -> None:
+        store = SQLiteStore(tmp_path / "c.db", max_bytes=None)
+        await store.set("v2:a", entry(), 60)
+        before = await store.total_bytes()
+        await store.vectors_add("p", "v2:a", b"x" * 1000, time.time() + 60, 10)
+        await store.vectors_add("p", "v2:gone", b"y" * 1000, time.time() + 60, 10)  # no entry
+        assert await store.total_bytes() == before + 1000
+        await store.vectors_add("p", "v2:a", b"z" * 500, time.time() + 60, 10)  # replaced
+        assert await store.total_bytes() == before + 500
+        await store.delete("v2:a")
+        assert await store.total_bytes() == 0
+        assert await store.vectors_since("p", 0, 10) == []
+        await store.aclose()
+
+    asyncio.run(go())
