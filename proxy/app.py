@@ -121,17 +121,6 @@ def build_state(settings: Settings) -> State:
         prices=prices,
         image_timeout_s=settings.image_timeout_s,
     )
-    semantic = None
-    if any(r.semantic != "off" for r in rules.rules):
-        embedder = Embedder(
-            upstream, cache, rules, secret, prices, timeout_s=settings.semantic_timeout_s
-        )
-        index = VectorIndex(
-            cache,
-            keep=settings.semantic_max_entries,
-            max_bytes=int(settings.semantic_memory_mb * 1024 * 1024),
-        )
-        semantic = (embedder, index)
     state = State(
         settings=settings,
         rules=rules,
@@ -148,8 +137,17 @@ def build_state(settings: Settings) -> State:
         if settings.auth_recheck_s > 0
         else None,
     )
-    if semantic is not None:
-        state.semantic = Semantic(*semantic, cache, state.mac_key, state.cpu)
+    if any(r.semantic != "off" for r in rules.rules):
+        index = VectorIndex(
+            cache,
+            keep=settings.semantic_max_entries,
+            max_bytes=int(settings.semantic_memory_mb * 1024 * 1024),
+            cpu=state.cpu,
+        )
+        embedder = Embedder(
+            upstream, cache, rules, secret, prices, timeout_s=settings.semantic_timeout_s
+        )
+        state.semantic = Semantic(embedder, index, cache, state.mac_key, state.cpu)
     return state
 
 

@@ -606,7 +606,7 @@ async def _probe(
     )
     info["semantic"] = plan.rule.semantic
     info.update(probe.fields())
-    if probe.entry is not None:
+    if probe.member:
         info["semantic_key"] = key_id(probe.member)
     return probe
 

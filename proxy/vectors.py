@@ -51,8 +51,10 @@ LOG_EVERY_S = 60.0
 """`semantic.embeddings_unavailable` is logged once per burst of failures, at most this often."""
 TOP_K = 8
 """Candidates checked (guards, then the entry) per lookup, best first."""
-PAGE = 2000
+PAGE = 500
 """Records read from the store per call when a partition is synced."""
+ADD_ON_LOOP = 32
+"""More records than this in one sync are unpacked off the event loop."""
 OFF_LOOP = 262_144
 """Matrix products larger than this (rows x dimensions) run on the request-cpu pool."""
 FORWARDED = (*CREDENTIAL_HEADERS, "OpenAI-Organization", "OpenAI-Project")
@@ -88,7 +90,7 @@ def unpack(record: bytes) -> tuple[str, bytes, float, np.ndarray]:
 class Partition:
     """One partition's vectors in this process: rows in store order, newest last."""
 
-    __slots__ = ("after", "dims", "expires", "keep", "matrix", "members", "n", "sigs")
+    __slots__ = ("after", "dims", "expires", "keep", "lock", "matrix", "members", "n", "sigs")
 
     def __init__(self, keep: int) -> None:
         self.after = 0
@@ -100,6 +102,8 @@ class Partition:
         self.sigs: list[bytes] = []
         self.expires = np.zeros(0, dtype=np.float64)
         self.keep = keep
+        self.lock = asyncio.Lock()
+        """One sync at a time (a large batch of records is added off the event loop)."""
 
     @property
     def nbytes(self) -> int:
@@ -187,35 +191,44 @@ def top(scores: np.ndarray, k: int) -> list[int]:
 class VectorIndex:
     """The partitions this process searched lately, synced from the store on every lookup."""
 
-    def __init__(self, cache: Cache, *, keep: int, max_bytes: int) -> None:
+    def __init__(
+        self, cache: Cache, *, keep: int, max_bytes: int, cpu: ThreadPoolExecutor | None = None
+    ) -> None:
         self.cache = cache
+        self.cpu = cpu
         self.keep = keep
         self.max_bytes = max_bytes
         self.parts: OrderedDict[str, Partition] = OrderedDict()
         self.bytes = 0
         """What the partitions held hold (Partition.nbytes), kept as they change."""
 
-    async def sync(self, part: str) -> Partition:
-        """The partition with every record the store holds for it (StoreUnavailable)."""
+    async def sync(self, part: str) -> View:
+        """The partition with every record the store holds for it, as a view taken while no
+        add runs (its rows stay aligned with their keys); StoreUnavailable."""
         p = self.parts.get(part)
         if p is None:
             p = self.parts[part] = Partition(self.keep)
             self.bytes += p.nbytes
         self.parts.move_to_end(part)
         store = self.cache.store
-        while True:
-            rows = await store.vectors_since(part, p.after, PAGE)
-            if rows:
-                before = p.nbytes
-                p.add(rows)
-                if self.parts.get(part) is p:
-                    self.bytes += p.nbytes - before
-            if len(rows) < PAGE:
-                break
+        async with p.lock:
+            while True:
+                rows = await store.vectors_since(part, p.after, PAGE)
+                if rows:
+                    before = p.nbytes
+                    if len(rows) > ADD_ON_LOOP:  # a first sync: thousands of records
+                        await asyncio.get_running_loop().run_in_executor(self.cpu, p.add, rows)
+                    else:
+                        p.add(rows)
+                    if self.parts.get(part) is p:
+                        self.bytes += p.nbytes - before
+                if len(rows) < PAGE:
+                    break
+            view = p.view()
         while self.bytes > self.max_bytes and len(self.parts) > 1:
             _, gone = self.parts.popitem(last=False)
             self.bytes -= gone.nbytes
-        return p
+        return view
 
     async def add(self, part: str, member: str, record: bytes, expires: float) -> None:
         await self.cache.store.vectors_add(part, member, record, expires, self.keep)
@@ -417,7 +430,8 @@ class Probe:
     vector: np.ndarray | None = None
     sig: bytes = b""
     score: float | None = None
-    """The best candidate's similarity (after the guards, whose entry exists)."""
+    """The best candidate's similarity after the guards (above the threshold: the best
+    whose entry is still stored and fresh)."""
     member: str = ""
     entry: CachedResponse | None = None
     hit: bool = False
@@ -513,12 +527,12 @@ class Semantic:
         probe.embed_usd = emb.cost_usd
         probe.vector = emb.vector
         probe.sig = signature(self.mac_key, features(plan.semantic.text))
-        part = await self.index.sync(plan.semantic.partition)
-        if part.n == 0 or part.dims != emb.vector.shape[0]:
+        view = await self.index.sync(plan.semantic.partition)
+        rows, dims = view.matrix.shape
+        if rows == 0 or dims != emb.vector.shape[0]:
             return
-        view = part.view()
         now = CLOCK.now()
-        if part.n * part.dims > OFF_LOOP:
+        if rows * dims > OFF_LOOP:
             loop = asyncio.get_running_loop()
             scores = await loop.run_in_executor(self.cpu, view.scores, emb.vector, now)
         else:
@@ -536,6 +550,10 @@ class Semantic:
                 if score >= rule.semantic_threshold and probe.guard is None:
                     probe.guard = why
                 continue
+            if score < rule.semantic_threshold:
+                # below the threshold: its score is logged (shadow data), its entry not read
+                probe.score, probe.member = score, member
+                return
             entry = self.cache.peek(member)
             if entry is None:
                 entry = await self.cache.get(member)
@@ -544,8 +562,7 @@ class Semantic:
                 continue
             if max_age is not None and CLOCK.now() - entry.created > max_age:
                 continue
-            probe.score, probe.member, probe.entry = score, member, entry
-            probe.hit = score >= rule.semantic_threshold
+            probe.score, probe.member, probe.entry, probe.hit = score, member, entry, True
             return
 
     async def remember(self, plan: Plan, probe: Probe, member: str, expires: float) -> None:
