@@ -112,15 +112,36 @@ wrk.headers["Authorization"] = "Bearer sk-bench"
 """
 
 
+UNIQUE_LUA = """
+counter = 0
+salt = tostring(math.random(1, 1000000000))
+request = function()
+    counter = counter + 1
+    local body = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Describe persona '
+        .. salt .. '-' .. counter .. '"}]}'
+    return wrk.format("POST", nil, {["Content-Type"] = "application/json",
+        ["Authorization"] = "Bearer sk-bench"}, body)
+end
+"""
+"""A new chat completion on every request (a MISS every time): a random salt per wrk run."""
+
+
 def wrk(
-    url: str, body: str, *, connections: int, seconds: int, threads: int = 1
+    url: str,
+    body: str,
+    *,
+    connections: int,
+    seconds: int,
+    threads: int = 1,
+    unique: bool = False,
 ) -> dict[str, float]:
-    """Run wrk; returns requests/s and latency percentiles in ms."""
+    """Run wrk; returns requests/s and latency percentiles in ms. `unique`: every request is
+    a new chat completion (UNIQUE_LUA) and `body` is not used."""
     exe = shutil.which("wrk")
     if exe is None:
         raise SystemExit("wrk is not installed: apt-get install wrk")
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write(WRK_LUA.format(body=body))
+        f.write(UNIQUE_LUA if unique else WRK_LUA.format(body=body))
         script = f.name
     out = subprocess.run(
         [exe, f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", script, url],
