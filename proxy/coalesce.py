@@ -55,6 +55,33 @@ class Head:
 class Flight:
     """One upstream answer in progress, shared by every reader of its key."""
 
+    __slots__ = (
+        "_base",
+        "_changed",
+        "_head_ready",
+        "_positions",
+        "busy",
+        "chunk_ms",
+        "chunks",
+        "detached_since",
+        "entry",
+        "expected_size",
+        "fingerprint",
+        "head",
+        "head_at",
+        "kept",
+        "key",
+        "max_bytes",
+        "outcome",
+        "overflow",
+        "readers",
+        "reason",
+        "rebase",
+        "scan",
+        "size",
+        "task",
+    )
+
     def __init__(self, key: str, *, max_bytes: int, fingerprint: str = "") -> None:
         self.key = key
         self.fingerprint = fingerprint
@@ -158,8 +185,12 @@ class Flight:
         """The head, or None if the flight ended without one or `patience_s` of silence passed
         first (a leader that is `busy` is not silent: the wait goes on)."""
         while self.head is None and not self.done:
+            if patience_s is None:
+                await self._head_ready.wait()
+                continue
             try:
-                await asyncio.wait_for(self._head_ready.wait(), patience_s)
+                async with asyncio.timeout(patience_s):
+                    await self._head_ready.wait()
             except TimeoutError:
                 if not self.busy:
                     return None
@@ -233,6 +264,8 @@ class Flights:
 class Reader:
     """One client's position in a flight. Attached from creation, so nothing it still needs
     is released; `close()` (idempotent) lets go."""
+
+    __slots__ = ("flight", "pos")
 
     def __init__(self, flight: Flight) -> None:
         self.flight = flight

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, TypeVar
@@ -70,11 +70,18 @@ def _num(raw: dict[str, Any], name: str, where: str, default: float | None = Non
     return float(value)
 
 
+MEMO_MAX = 4096
+
+
 @dataclass(frozen=True, slots=True)
 class Prices:
     tokens: tuple[TokenPrice, ...] = ()
     images: tuple[ImagePrice, ...] = ()
     speech: tuple[SpeechPrice, ...] = ()
+    _memo: dict[tuple[str, dt.date], TokenPrice | None] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+    """token_price per (model, day): every answer asks, and the globs do not change."""
 
     @classmethod
     def load(cls, path: Path) -> Prices:
@@ -121,7 +128,14 @@ class Prices:
         return cls(tuple(tokens), tuple(images), tuple(speech))
 
     def token_price(self, model: str, today: dt.date) -> TokenPrice | None:
-        return _most_specific(self.tokens, model, today)
+        key = (model, today)
+        if key in self._memo:
+            return self._memo[key]
+        price = _most_specific(self.tokens, model, today)
+        if len(self._memo) >= MEMO_MAX:
+            self._memo.clear()
+        self._memo[key] = price
+        return price
 
     def image_price(self, model: str, size: str, quality: str, today: dt.date) -> float | None:
         best: tuple[int, dt.date, float] | None = None

@@ -229,7 +229,21 @@ async def _handle(
     if controls.namespace:
         info["namespace"] = bounded(controls.namespace)
 
-    head = "\0".join((credential, org, project, method, route, query, controls.namespace, ctype))
+    idem = h.get("Idempotency-Key")
+    # the memo holds plans with a fingerprint (Idempotency-Key) apart from those without
+    head = "\0".join(
+        (
+            credential,
+            org,
+            project,
+            method,
+            route,
+            query,
+            controls.namespace,
+            ctype,
+            "i" * bool(idem),
+        )
+    )
     if len(body) > OFF_LOOP_BYTES:
         raw = await _off_loop(st, len(body), raw_digest, st.mac_key, head, body)
     else:
@@ -251,6 +265,7 @@ async def _handle(
                 controls.namespace,
                 ctype,
                 body,
+                fingerprint=bool(idem),
             )
         except BadBody as exc:
             return json_error(exc.status, str(exc), "invalid_request_error", exc.code)
@@ -261,7 +276,6 @@ async def _handle(
     info["rule"] = plan.rule.route if plan.rule is not None else "other"
     info["model"] = plan.model
     info["stream"] = plan.stream
-    idem = h.get("Idempotency-Key")
 
     if controls is DEFAULT_CONTROLS and plan.rule is not None and not idem:
         # The cache-hit fast path: a hot entry, sent whole.
@@ -348,12 +362,12 @@ async def _expect(request: web.BaseRequest) -> web.Response | None:
     return None
 
 
-async def _off_loop(st: State, size: int, fn: Callable[..., T], *args: Any) -> T:
+async def _off_loop(st: State, size: int, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run CPU-bound request work (decoding, hashing, parsing) off the event loop when the
     body is large, on a small pool, so one huge or hostile body never stalls other requests."""
     if size <= OFF_LOOP_BYTES:
-        return fn(*args)
-    return await asyncio.get_running_loop().run_in_executor(st.cpu, partial(fn, *args))
+        return fn(*args, **kwargs)
+    return await asyncio.get_running_loop().run_in_executor(st.cpu, partial(fn, *args, **kwargs))
 
 
 def _too_large(settings: Settings) -> web.Response:

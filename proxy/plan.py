@@ -58,7 +58,8 @@ class Plan:
     model: str | None
     stream: bool
     fingerprint: str
-    """Keyed digest of the whole request, used to spot an Idempotency-Key reused for another."""
+    """Keyed digest of the whole request, used to spot an Idempotency-Key reused for another
+    ("" when make_plan was not asked for it)."""
     hints: dict[str, Any] | None = None
     """What pricing needs from the request: image size and quality, speech input length."""
     twin: str | None = None
@@ -165,9 +166,12 @@ def make_plan(
     namespace: str,
     content_type: str,
     body: bytes,
+    *,
+    fingerprint: bool = True,
 ) -> Plan:
     """Decide the rule and the key. Raises BadBody for a body that claims a type it is not
-    (JSON, multipart) or is out of bounds.
+    (JSON, multipart) or is out of bounds. `fingerprint=False` leaves Plan.fingerprint empty
+    (it costs a second canonical form and HMAC; only an Idempotency-Key needs it).
 
     A body that parses as a JSON object is keyed by its content whatever its Content-Type
     says (curl -d sends form encoding); any other body is keyed by its exact bytes and type,
@@ -199,17 +203,22 @@ def make_plan(
     label = bounded(model) if model is not None else None
     stream = fields.get("stream") in (True, "true", "True")
     hints = _hints(route, fields)
-    if raw:
-        canonical_all = raw_canonical(ctype, body)
-    else:
-        canonical_all = _canonical(fields, parts, (), ctype, body)
-    fingerprint = cache_key(secret, tenant, method, route, query, ctype, canonical_all)
+    canonical_all = b""
+    digest = ""
+    if fingerprint:
+        if raw:
+            canonical_all = raw_canonical(ctype, body)
+        else:
+            canonical_all = _canonical(fields, parts, (), ctype, body)
+        digest = cache_key(secret, tenant, method, route, query, ctype, canonical_all)
     if rule is None or not rule.enabled or any(fields.get(f) for f in rule.never_if):
-        return Plan(None, "", label, stream, fingerprint, hints)
+        return Plan(None, "", label, stream, digest, hints)
     twin = kind_of(route) if not raw and not parts else None
     ignore = rule.ignore_fields + (("stream", "stream_options") if twin else ())
-    if raw or not ignore:
+    if fingerprint and (raw or not ignore):
         canonical = canonical_all
+    elif raw:
+        canonical = raw_canonical(ctype, body)
     else:
         canonical = _canonical(fields, parts, ignore, ctype, body)
     key = store_key(
@@ -229,7 +238,7 @@ def make_plan(
         semantic = _semantic(
             rule, secret, tenant, method, route, query, namespace, label, twin, fields, ignore, body
         )
-    return Plan(rule, key, label, stream, fingerprint, hints, twin, form, semantic)
+    return Plan(rule, key, label, stream, digest, hints, twin, form, semantic)
 
 
 def _semantic(

@@ -89,6 +89,9 @@ class Rules:
 
     rules: tuple[Rule, ...]
     _route_cache: dict[tuple[str, str], bool] = field(default_factory=dict, compare=False)
+    _match_cache: dict[tuple[str, str, str | None], Rule | None] = field(
+        default_factory=dict, compare=False
+    )
 
     def has_route(self, method: str, route: str) -> bool:
         """Could any rule match this method and route (whatever the model)? Memoised."""
@@ -100,10 +103,15 @@ class Rules:
         return known
 
     def match(self, method: str, route: str, model: str | None) -> Rule | None:
-        for rule in self.rules:
-            if rule.matches(method, route, model):
-                return rule
-        return None
+        """The first rule that matches; memoised (bounded), as has_route is."""
+        key = (method, route, model)
+        if key in self._match_cache:
+            return self._match_cache[key]
+        found = next((r for r in self.rules if r.matches(method, route, model)), None)
+        if len(self._match_cache) >= 4096:
+            self._match_cache.clear()
+        self._match_cache[key] = found
+        return found
 
     def routes(self) -> frozenset[str]:
         return frozenset(r.route for r in self.rules)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import multiprocessing
 import signal
 import sys
@@ -39,9 +40,16 @@ def raise_open_files_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
+GC_THRESHOLDS = (20_000, 20, 20)
+"""Young collections every 20,000 allocations instead of 700: a request allocates hundreds of
+short-lived containers, and each collection walks the young ones; with the default the
+collector ran several times per request under load."""
+
+
 def run_worker(settings: Settings) -> None:
     configure_logging(settings.log_format)
     raise_open_files_limit()
+    gc.set_threshold(*GC_THRESHOLDS)
     try:
         import uvloop
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import struct
 import time
 from collections import OrderedDict
@@ -286,7 +287,10 @@ class Embedder:
         plan = make_plan(
             self.rules, self.secret, tenant, "POST", path, qs, namespace, "application/json", body
         )
-        memo = plan.key or plan.fingerprint
+        # in-flight sharing within one tenant (and namespace, route) only
+        memo = hashlib.blake2b(
+            tenant + b"\0" + namespace.encode() + b"\0" + path.encode() + b"\0" + body
+        ).hexdigest()
         shared = self._inflight.get(memo)
         if shared is not None:
             return await asyncio.shield(shared)

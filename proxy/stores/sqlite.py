@@ -93,6 +93,15 @@ class SQLiteStore:
         self._evicting = False
         self.evicted = 0
         self.expired = 0
+        self._queue: list[tuple[str, bytes, float]] = []
+        """Entries waiting for the next batch write."""
+        self._next_batch: asyncio.Future[int] | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._ro: sqlite3.Connection | None = None
+        self._ro_uri = ""
+        self._ro_mapped = False
+        """A read-only connection the event loop asks whether a key is there at all (an index
+        lookup that never waits: busy timeout 0), so a MISS costs no thread hop."""
 
     # -- on the store thread ---------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
@@ -141,17 +150,25 @@ class SQLiteStore:
                 db.execute("UPDATE entries SET atime = ? WHERE key = ?", (now, key))
         return bytes(row[0])
 
-    def _set(self, key: str, value: bytes, expires: float) -> int:
-        """Write one entry; returns the store's total bytes after it."""
+    def _set_many(self, items: list[tuple[str, bytes, float]]) -> int:
+        """Write a batch of entries in one transaction; the store's total bytes after it."""
         db = self._connect()
+        now = time.time()
+        latest = {key: (value, expires) for key, value, expires in items}  # last write wins
+        delta = sum(len(value) for value, _ in latest.values())
         with db:
-            old = db.execute("SELECT size FROM entries WHERE key = ?", (key,)).fetchone()
-            db.execute(
+            keys = list(latest)
+            for start in range(0, len(keys), 500):  # the sizes replaced, one query per 500
+                chunk = keys[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                delta -= db.execute(
+                    f"SELECT coalesce(sum(size), 0) FROM entries WHERE key IN ({marks})", chunk
+                ).fetchone()[0]
+            db.executemany(
                 "INSERT OR REPLACE INTO entries(key, expires, value, size, atime) "
                 "VALUES (?, ?, ?, ?, ?)",
-                (key, expires, value, len(value), time.time()),
+                [(key, exp, value, len(value), now) for key, (value, exp) in latest.items()],
             )
-            delta = len(value) - (old[0] if old else 0)
             db.execute("UPDATE totals SET bytes = bytes + ? WHERE id = 0", (delta,))
         return int(db.execute("SELECT bytes FROM totals WHERE id = 0").fetchone()[0])
 
@@ -248,8 +265,35 @@ class SQLiteStore:
     async def warm(self) -> None:
         """Open the file and start the expiry sweeper (called once at start-up)."""
         await self._run(self._connect)
+        self._ro_uri = await self._run(lambda: self.path.resolve().as_uri() + "?mode=ro")
+        if self._ro is None:
+            try:
+                self._ro = sqlite3.connect(
+                    self._ro_uri,
+                    uri=True,
+                    timeout=0,
+                    check_same_thread=False,
+                )
+            except sqlite3.Error as exc:  # every lookup then goes to the store thread
+                log.info("store.readonly_unavailable", store=self.name, error=str(exc)[:200])
         if self._sweeper is None:
             self._sweeper = spawn(self._sweep_forever(), name="sqlite-sweeper")
+
+    def _absent(self, key: str) -> bool:
+        """Is the key surely absent or expired? Asked on the loop (index only, never waits);
+        False when unsure (the store thread then reads it)."""
+        if self._ro is None:
+            return False
+        try:
+            if not self._ro_mapped:
+                # pages through a memory map: no copy per lookup, and a write by the store
+                # thread does not make every later lookup re-read its pages
+                self._ro.execute("PRAGMA mmap_size = 268435456")
+                self._ro_mapped = True
+            row = self._ro.execute("SELECT expires FROM entries WHERE key = ?", (key,)).fetchone()
+        except sqlite3.Error:
+            return False  # busy (a checkpoint, another process): ask the store thread
+        return row is None or bool(row[0] < time.time())
 
     def _ping(self) -> None:
         self._connect().execute("SELECT count(*) FROM totals").fetchone()
@@ -259,6 +303,8 @@ class SQLiteStore:
         await self._run(self._ping)
 
     async def get(self, key: str) -> CachedResponse | None:
+        if self._absent(key):
+            return None
         raw = await self._run(self._get, key)
         if raw is None:
             return None
@@ -270,8 +316,31 @@ class SQLiteStore:
             return None
 
     async def set(self, key: str, entry: CachedResponse, ttl_s: float) -> None:
-        total = await self._run(self._set, key, entry.to_bytes(), time.time() + ttl_s)
+        """Queue the entry for the next batch (group commit: the writes that arrive while a
+        batch is written go in one transaction and one job after it) and wait until it is
+        written; StoreUnavailable if that batch failed."""
+        self._queue.append((key, entry.to_bytes(), time.time() + ttl_s))
+        batch = self._next_batch
+        if batch is None:
+            batch = self._next_batch = asyncio.get_running_loop().create_future()
+        if self._writer is None:
+            self._writer = spawn(self._write_batches(), name="sqlite-writer")
+        total = await asyncio.shield(batch)
         await self._over_cap(total)
+
+    async def _write_batches(self) -> None:
+        try:
+            while self._queue:
+                items, self._queue = self._queue, []
+                batch, self._next_batch = self._next_batch, None
+                assert batch is not None
+                try:
+                    batch.set_result(await self._run(self._set_many, items))
+                except StoreUnavailable as exc:
+                    batch.set_exception(exc)
+                    batch.exception()  # retrieved: its writers may all have gone
+        finally:
+            self._writer = None
 
     async def _over_cap(self, total: int) -> None:
         if self.max_bytes is not None and total > self.max_bytes and not self._evicting:
@@ -380,6 +449,11 @@ class SQLiteStore:
     async def aclose(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self._writer is not None:  # the last batch is written before the file closes
+            await asyncio.shield(self._writer)
+        if self._ro is not None:
+            self._ro.close()
+            self._ro = None
         try:
             await self._run(self._close)
         finally:
