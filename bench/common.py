@@ -188,3 +188,36 @@ def warm(url: str, body: str = HIT_BODY) -> str:
             r.read()
             status = r.headers["X-Cache-Status"]
     return status
+
+
+def start_proxy(upstream: str, data: Path, *flags: str) -> tuple[subprocess.Popen[bytes], int]:
+    """`python -m proxy` whose process the caller keeps (to read its memory), its log in
+    `data`/log.jsonl; (process, port). The caller terminates it."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "proxy",
+            "--port",
+            str(port),
+            "--upstream",
+            upstream,
+            "--data-dir",
+            str(data),
+            *flags,
+        ],
+        cwd=ROOT,
+        stdout=open(data / "log.jsonl", "wb"),  # noqa: SIM115 - the process owns it
+        stderr=subprocess.DEVNULL,
+    )
+    wait_port(port)
+    return proc, port
+
+
+def rss_mb(pid: int) -> float:
+    """A process's resident memory (VmRSS) in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0

@@ -16,7 +16,6 @@ import argparse
 import os
 import socket
 import sqlite3
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import orjson
 
 from bench.common import HIT_BODY as BODY
-from bench.common import ROOT, fake_upstream, free_port, wait_port, warm, wrk
+from bench.common import fake_upstream, rss_mb, start_proxy, warm, wrk
 
 
 def seed_expired(db: Path, rows: int) -> None:
@@ -44,38 +43,6 @@ def seed_expired(db: Path, rows: int) -> None:
         )
         con.execute("UPDATE totals SET bytes = ? WHERE id = 0", (rows * len(value),))
     con.close()
-
-
-def start_proxy(upstream: str, data: Path, *flags: str) -> tuple[object, int]:
-    import subprocess
-
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "proxy",
-            "--port",
-            str(port),
-            "--upstream",
-            upstream,
-            "--data-dir",
-            str(data),
-            *flags,
-        ],
-        cwd=ROOT,
-        stdout=open(data / "log.jsonl", "wb"),  # noqa: SIM115 - the process owns it
-        stderr=subprocess.DEVNULL,
-    )
-    wait_port(port)
-    return proc, port
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def sweep_run(upstream: str, rows: int, seconds: int) -> None:

@@ -22,6 +22,7 @@ instances are merged only where a shared store provides a cross-instance flight.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -57,9 +58,8 @@ class Flight:
 
     __slots__ = (
         "_base",
-        "_changed",
-        "_head_ready",
         "_positions",
+        "_waiters",
         "busy",
         "chunk_ms",
         "chunks",
@@ -114,8 +114,9 @@ class Flight:
         """Set once a good answer is whole: late joiners and debounce reuse it as is."""
         self._base = 0  # how many leading chunks were released (overflow only)
         self._positions: dict[int, int] = {}
-        self._changed = asyncio.Event()
-        self._head_ready = asyncio.Event()
+        self._waiters: list[asyncio.Future[None]] = []
+        """Readers (and head waiters) parked until the next change: a future each, made
+        only when one waits (an Event per flight and per change cost a stream 1 KB)."""
 
     # -- writer side (the fetch task) -------------------------------------------------------
     def publish_head(self, status: int, headers: tuple[tuple[str, str], ...]) -> None:
@@ -125,7 +126,6 @@ class Flight:
         ):
             self.scan = Scanner()
         self.head_at = time.monotonic()
-        self._head_ready.set()
         self._wake()
 
     def append(self, chunk: bytes) -> None:
@@ -149,12 +149,26 @@ class Flight:
             return
         self.outcome = outcome
         self.reason = reason
-        self._head_ready.set()
         self._wake()
 
     def _wake(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
+        if self._waiters:
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    async def changed(self) -> None:
+        """Until the next head, chunk or end."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if not waiter.done():  # cancelled or timed out: not left for the next wake
+                waiter.cancel()
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
 
     def _release(self) -> None:
         """Past max_bytes: drop the chunks every reader has passed, and beyond that keep at
@@ -184,16 +198,18 @@ class Flight:
     async def wait_head(self, patience_s: float | None) -> Head | None:
         """The head, or None if the flight ended without one or `patience_s` of silence passed
         first (a leader that is `busy` is not silent: the wait goes on)."""
+        deadline = None if patience_s is None else time.monotonic() + patience_s
         while self.head is None and not self.done:
-            if patience_s is None:
-                await self._head_ready.wait()
+            if deadline is None:
+                await self.changed()
                 continue
             try:
-                async with asyncio.timeout(patience_s):
-                    await self._head_ready.wait()
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    await self.changed()
             except TimeoutError:
                 if not self.busy:
                     return None
+                deadline = time.monotonic() + (patience_s or 0.0)
         return self.head
 
     def attach(self) -> Reader:
@@ -289,7 +305,7 @@ class Reader:
                 yield chunk
             if f.done:
                 return
-            await f._changed.wait()
+            await f.changed()
 
     def close(self) -> None:
         self.flight._detach(self)

@@ -48,6 +48,7 @@ from proxy.plan import (
     passthrough_fingerprint,
     route_of,
 )
+from proxy.record import Record
 from proxy.replay import CACHE_NAME, is_fast, replay, whole, whole_in_pieces
 from proxy.rules import Rules
 from proxy.settings import Settings
@@ -80,7 +81,7 @@ CACHE_STATUS = {
 }
 HIT_STATUS = CACHE_STATUS["HIT"]
 AFTER = "_after"
-"""info key of a task the request's line waits for (a shadow semantic lookup)."""
+"""rec key of a task the request's line waits for (a shadow semantic lookup)."""
 SEMANTIC_STATUS = f"{HIT_STATUS}; detail=semantic"
 """A HIT found by meaning (vectors.py): RFC 9211's `detail` says so."""
 
@@ -140,41 +141,38 @@ async def proxy_handler(st: State, request: web.BaseRequest) -> web.StreamRespon
     t0 = time.perf_counter()
     raw_path, _, query = request.raw_path.partition("?")
     route, upstream_path = route_of(raw_path)
-    info: dict[str, Any] = {
-        "cache": "bypass",
-        "route": bounded(route, ROUTE_MAX),
-        "method": bounded(request.method, 16),
-    }
+    rec = Record(bounded(route, ROUTE_MAX), bounded(request.method, 16))
     resp: web.StreamResponse | None = None
     try:
-        resp = await _handle(st, request, route, upstream_path, query, info, t0)
+        resp = await _handle(st, request, route, upstream_path, query, rec, t0)
         return resp
     finally:
         duration = (time.perf_counter() - t0) * 1000.0
         status = resp.status if resp is not None else 499
-        nbytes = info.get("bytes")
+        nbytes = rec.bytes
         if nbytes is None:
             body = resp.body if isinstance(resp, web.Response) else None
             if isinstance(body, bytes):
                 nbytes = len(body)
             else:
                 nbytes = resp.body_length if resp is not None else 0
-        info["status"] = status
-        info["bytes"] = nbytes
-        info["duration_ms"] = duration = round(duration, 2)
-        if "ttfb_ms" not in info:
-            info["ttfb_ms"] = duration
-        after: asyncio.Task[Any] | None = info.pop(AFTER, None)
+        rec.status = status
+        rec.bytes = nbytes
+        rec.duration_ms = duration = round(duration, 2)
+        if rec.ttfb_ms is None:
+            rec.ttfb_ms = duration
+        after = rec.after
         if after is None or after.done():
-            st.stats.record(info, duration / 1000.0)
-            request_done(info)
+            _done(st, rec, duration)
         else:  # a shadow semantic lookup still runs: its fields belong on this line
-            after.add_done_callback(lambda _: _done(st, info, duration))
+            after.add_done_callback(lambda _: _done(st, rec, duration))
 
 
-def _done(st: State, info: dict[str, Any], duration: float) -> None:
-    st.stats.record(info, duration / 1000.0)
-    request_done(info)
+def _done(st: State, rec: Record, duration: float) -> None:
+    """The request's line, rendered once, and the counters behind /_proxy/stats."""
+    line = rec.fields()
+    st.stats.record(line, duration / 1000.0)
+    request_done(line)
 
 
 async def _handle(
@@ -183,7 +181,7 @@ async def _handle(
     route: str,
     upstream_path: str,
     query: str,
-    info: dict[str, Any],
+    rec: Record,
     t0: float,
 ) -> web.StreamResponse:
     settings = st.settings
@@ -213,9 +211,9 @@ async def _handle(
             decoded = True
         else:
             # Not a coding the proxy can read: forward it as it came, never keyed.
-            info["tenant"] = None
+            rec.tenant = None
             path_qs = _path_qs(st, upstream_path, query)
-            return await _passthrough(st, request, info, body, forward_headers(h), path_qs, t0)
+            return await _passthrough(st, request, rec, body, forward_headers(h), path_qs, t0)
 
     credential = credential_of(h)
     org = header_values(h, "OpenAI-Organization")
@@ -227,7 +225,7 @@ async def _handle(
     method = request.method
     ctype = h.get("Content-Type", "")
     if controls.namespace:
-        info["namespace"] = bounded(controls.namespace)
+        rec.namespace = bounded(controls.namespace)
 
     idem = h.get("Idempotency-Key")
     # the memo holds plans with a fingerprint (Idempotency-Key) apart from those without
@@ -272,10 +270,10 @@ async def _handle(
         if len(st.plans) >= PLAN_MEMO_MAX:
             st.plans.clear()
         memo = st.plans[raw] = (plan, tenant, tenant.hex()[:12])
-    plan, tenant, info["tenant"] = memo
-    info["rule"] = plan.rule.route if plan.rule is not None else "other"
-    info["model"] = plan.model
-    info["stream"] = plan.stream
+    plan, tenant, rec.tenant = memo
+    rec.rule = plan.rule.route if plan.rule is not None else "other"
+    rec.model = plan.model
+    rec.stream = plan.stream
 
     if controls is DEFAULT_CONTROLS and plan.rule is not None and not idem:
         # The cache-hit fast path: a hot entry, sent whole.
@@ -288,10 +286,10 @@ async def _handle(
             and len(entry.body) <= WHOLE_MAX
             and (st.auth is None or st.auth.fresh(tenant))
         ):
-            info["cache"] = "hit"
-            info["key"] = key_id(plan.key)
-            info["bytes"] = len(entry.body)
-            _saved(info, entry)
+            rec.cache = "hit"
+            rec.key = key_id(plan.key)
+            rec.bytes = len(entry.body)
+            _saved(rec, entry)
             if entry.rebase:
                 return whole(entry, "HIT", HIT_STATUS, rebase(entry.body, _client_base(request)))
             return whole(entry, "HIT", HIT_STATUS)
@@ -306,7 +304,7 @@ async def _handle(
         return await _serve_keyed(
             st,
             request,
-            info,
+            rec,
             body,
             fwd,
             path_qs,
@@ -320,14 +318,14 @@ async def _handle(
             t0=t0,
         )
     if plan.rule is None or controls.mode is Mode.BYPASS:
-        return await _passthrough(st, request, info, body, fwd, path_qs, t0, plan)
+        return await _passthrough(st, request, rec, body, fwd, path_qs, t0, plan)
     ttl = plan.rule.ttl_s if controls.max_age is None else min(plan.rule.ttl_s, controls.max_age)
     # kept past freshness for stale-if-error: the rule's window, or the request's directive
     keep = max(plan.rule.stale_if_error_s, controls.stale_if_error or 0.0)
     return await _serve_keyed(
         st,
         request,
-        info,
+        rec,
         body,
         fwd,
         path_qs,
@@ -384,7 +382,7 @@ def _too_large(settings: Settings) -> web.Response:
 async def _serve_keyed(
     st: State,
     request: web.BaseRequest,
-    info: dict[str, Any],
+    rec: Record,
     body: bytes,
     fwd: CIMultiDict[str],
     path_qs: str,
@@ -401,7 +399,7 @@ async def _serve_keyed(
 ) -> web.StreamResponse:
     """A request with a key: answer from the cache, join a flight, or lead one."""
     rule = plan.rule
-    info["key"] = key_id(key)
+    rec.key = key_id(key)
     degraded = False
     stale: CachedResponse | None = None
     if controls.mode is Mode.LOOKUP:
@@ -421,10 +419,10 @@ async def _serve_keyed(
             if not fresh and window > 0 and now <= entry.fresh_until + window:
                 stale = entry  # served only if the upstream fails for this request
             if fresh and (controls.max_age is None or age <= controls.max_age):
-                refused = await _auth_refusal(st, tenant, request, info)
+                refused = await _auth_refusal(st, tenant, request, rec)
                 if refused is not None:
                     return refused
-                served = await _serve_entry(st, request, info, key, entry, plan, HIT_STATUS)
+                served = await _serve_entry(st, request, rec, key, entry, plan, HIT_STATUS)
                 if served is not None:
                     return served
                 # not convertible: fetched again below, in the form asked for
@@ -449,16 +447,16 @@ async def _serve_keyed(
     )
     probe: Probe | None = None
     if flight is None and semantic == "on":
-        probe = await _probe(st, request, info, plan, tenant, controls)
+        probe = await _probe(st, request, rec, plan, tenant, controls)
         if probe.hit and probe.entry is not None:
-            refused = await _auth_refusal(st, tenant, request, info)
+            refused = await _auth_refusal(st, tenant, request, rec)
             if refused is not None:
                 return refused
             served = await _serve_entry(
-                st, request, info, probe.member, probe.entry, plan, SEMANTIC_STATUS
+                st, request, rec, probe.member, probe.entry, plan, SEMANTIC_STATUS
             )
             if served is not None:
-                info["semantic_key"] = key_id(probe.member)
+                rec.extra["semantic_key"] = key_id(probe.member)
                 return served
         flight = st.flights.get(fkey) if coalesce else None  # one may have started meanwhile
     if flight is not None:
@@ -467,7 +465,7 @@ async def _serve_keyed(
         return await _join(
             st,
             request,
-            info,
+            rec,
             body,
             fwd,
             path_qs,
@@ -479,7 +477,7 @@ async def _serve_keyed(
         )
 
     label = "BYPASS" if degraded else ("REFRESH" if controls.mode is Mode.REFRESH else "MISS")
-    info["cache"] = label.lower()
+    rec.cache = label.lower()
     flight = st.flights.lead(
         fkey, max_bytes=int(st.settings.max_record_mb * 1024 * 1024), fingerprint=fingerprint
     )
@@ -491,28 +489,26 @@ async def _serve_keyed(
         path_qs=path_qs,
         headers=fwd,
         body=body,
-        route=info["route"],
+        route=rec.route,
         stream=plan.stream,
         store_key=key if store and not degraded else "",
         ttl_s=ttl_s,
         keep_s=keep_s,
         debounce_s=rule.debounce_s if rule is not None else 0.0,
         transform=st.transform
-        if rule is not None and rule.rehost_images and rewrites(info["route"])
+        if rule is not None and rule.rehost_images and rewrites(rec.route)
         else None,
         meta={
             "fingerprint": fingerprint,
             "model": plan.model,
-            "route": info["route"],
+            "route": rec.route,
             "hints": plan.hints,
         },
         public_base=st.settings.public_url or PLACEHOLDER_BASE,
     )
     if semantic != "off" and store and not degraded:
         if probe is None:  # shadow: the lookup runs beside the upstream call
-            shadow = spawn(
-                _probe(st, request, info, plan, tenant, controls), name="semantic-shadow"
-            )
+            shadow = spawn(_probe(st, request, rec, plan, tenant, controls), name="semantic-shadow")
         job.on_stored = partial(_remember, st, plan, probe, shadow, key)
     reader = flight.attach()
     bus = st.bus if coalesce and not degraded else None
@@ -533,7 +529,7 @@ async def _serve_keyed(
             return await _join(
                 st,
                 request,
-                info,
+                rec,
                 body,
                 fwd,
                 path_qs,
@@ -556,22 +552,22 @@ async def _serve_keyed(
     await flight.wait_head(None)
     if stale is not None and failed(flight):
         reader.close()
-        return _serve_stale(info, flight, stale)
-    resp = await _relay(request, info, flight, reader, label, t0, st.settings.write_timeout_s)
-    info["upstream_ms"] = round(job.meta.get("upstream_ms", 0.0), 2) or None
+        return _serve_stale(rec, flight, stale)
+    resp = await _relay(request, rec, flight, reader, label, t0, st.settings.write_timeout_s)
+    rec.upstream_ms = round(job.meta.get("upstream_ms", 0.0), 2) or None
     if st.auth is not None and flight.head is not None and flight.head.status < 300:
         st.auth.seen(tenant)
     if flight.entry is not None:
-        info.update(money_fields(flight.entry.meta.get("cost"), saved=False))
+        rec.extra.update(money_fields(flight.entry.meta.get("cost"), saved=False))
     if shadow is not None and not shadow.done():
-        info[AFTER] = shadow  # the answer goes now; its line when the lookup is done
+        rec.after = shadow  # the answer goes now; its line when the lookup is done
     return resp
 
 
 async def _join(
     st: State,
     request: web.BaseRequest,
-    info: dict[str, Any],
+    rec: Record,
     body: bytes,
     fwd: CIMultiDict[str],
     path_qs: str,
@@ -587,22 +583,22 @@ async def _join(
     if head is None and not flight.done:
         # The leader hangs: go upstream ourselves, uncached (nginx proxy_cache_lock_timeout).
         reader.close()
-        info["lock_timeout"] = True
-        return await _passthrough(st, request, info, body, fwd, path_qs, time.perf_counter())
+        rec.lock_timeout = True
+        return await _passthrough(st, request, rec, body, fwd, path_qs, time.perf_counter())
     if stale is not None and failed(flight):
         reader.close()
-        return _serve_stale(info, flight, stale)
-    info["cache"] = "coalesced"
-    resp = await _relay(request, info, flight, reader, "COALESCED", t0, st.settings.write_timeout_s)
+        return _serve_stale(rec, flight, stale)
+    rec.cache = "coalesced"
+    resp = await _relay(request, rec, flight, reader, "COALESCED", t0, st.settings.write_timeout_s)
     if flight.entry is not None:
-        _saved(info, flight.entry)
+        _saved(rec, flight.entry)
     return resp
 
 
 async def _probe(
     st: State,
     request: web.BaseRequest,
-    info: dict[str, Any],
+    rec: Record,
     plan: Plan,
     tenant: bytes,
     controls: ClientControls,
@@ -614,14 +610,14 @@ async def _probe(
         tenant=tenant,
         namespace=controls.namespace,
         headers=request.headers,
-        route=info["route"],
+        route=rec.route,
         query=request.query_string,
         max_age=controls.max_age,
     )
-    info["semantic"] = plan.rule.semantic
-    info.update(probe.fields())
+    rec.extra["semantic"] = plan.rule.semantic
+    rec.extra.update(probe.fields())
     if probe.member:
-        info["semantic_key"] = key_id(probe.member)
+        rec.extra["semantic_key"] = key_id(probe.member)
     return probe
 
 
@@ -642,7 +638,7 @@ async def _remember(
 
 
 async def _auth_refusal(
-    st: State, tenant: bytes, request: web.BaseRequest, info: dict[str, Any]
+    st: State, tenant: bytes, request: web.BaseRequest, rec: Record
 ) -> web.Response | None:
     """The upstream's refusal of a credential not checked lately (auth.py), else None."""
     if st.auth is None or st.auth.fresh(tenant):
@@ -650,7 +646,7 @@ async def _auth_refusal(
     refusal = await st.auth.check(tenant, request.headers)
     if refusal is None:
         return None
-    info["auth_refused"] = True
+    rec.auth_refused = True
     refused = web.Response(status=refusal.status, body=refusal.body)
     refused.headers.extend(refusal.headers)
     return refused
@@ -659,7 +655,7 @@ async def _auth_refusal(
 async def _serve_entry(
     st: State,
     request: web.BaseRequest,
-    info: dict[str, Any],
+    rec: Record,
     key: str,
     entry: CachedResponse,
     plan: Plan,
@@ -669,14 +665,14 @@ async def _serve_entry(
     be given in that form (it is fetched again)."""
     rule = plan.rule
     if plan.form and plan.form != entry.form:
-        converted = await _twin(st, info, key, entry, plan, cache_status)
+        converted = await _twin(st, rec, key, entry, plan, cache_status)
         if converted is None:
             return None
-        info["cache"] = "hit"
-        _saved(info, entry)
+        rec.cache = "hit"
+        _saved(rec, entry)
         return converted
-    info["cache"] = "hit"
-    _saved(info, entry)
+    rec.cache = "hit"
+    _saved(rec, entry)
     if entry.rebase:
         return whole(entry, "HIT", cache_status, rebase(entry.body, _client_base(request)))
     if is_fast(entry, rule):
@@ -699,17 +695,17 @@ def failed(flight: Flight) -> bool:
     return head is None or head.status in STALE_STATUSES
 
 
-def _serve_stale(info: dict[str, Any], flight: Flight, entry: CachedResponse) -> web.Response:
+def _serve_stale(rec: Record, flight: Flight, entry: CachedResponse) -> web.Response:
     """The stale answer in place of the upstream's failure, saying which failure it covers."""
     head = flight.head
     if head is None or flight.reason in PROXY_FAILURES:
-        info["error"] = flight.reason if flight.reason in PROXY_FAILURES else "upstream_failed"
-        cause = f"detail={info['error'].replace('_', '-')}"
+        rec.error = flight.reason if flight.reason in PROXY_FAILURES else "upstream_failed"
+        cause = f"detail={rec.error.replace('_', '-')}"
     else:
-        info["upstream_status"] = head.status
+        rec.upstream_status = head.status
         cause = f"fwd-status={head.status}"
-    info["cache"] = "stale"
-    _saved(info, entry)
+    rec.cache = "stale"
+    _saved(rec, entry)
     return whole(entry, "STALE", f"{CACHE_NAME}; fwd=stale; {cause}")
 
 
@@ -721,7 +717,7 @@ CONVERTED_KEEP_BYTES = 256 * 1024
 
 async def _twin(
     st: State,
-    info: dict[str, Any],
+    rec: Record,
     key: str,
     entry: CachedResponse,
     plan: Plan,
@@ -742,8 +738,8 @@ async def _twin(
             if len(st.converted) >= CONVERTED_MAX:
                 st.converted.pop(next(iter(st.converted)))
             st.converted[memo_key] = body
-    info["converted"] = f"{entry.form}->{plan.form}"
-    info["bytes"] = len(body)
+    rec.converted = f"{entry.form}->{plan.form}"
+    rec.bytes = len(body)
     resp = web.Response(status=entry.status, body=body)
     headers = resp.headers
     for name, value in entry.headers:
@@ -768,9 +764,9 @@ def _convert_twin(plan: Plan, entry: CachedResponse) -> bytes:
     )
 
 
-def _saved(info: dict[str, Any], entry: CachedResponse) -> None:
+def _saved(rec: Record, entry: CachedResponse) -> None:
     """A HIT or COALESCED answer: what its reuse saved (the original cost and time)."""
-    info.update(entry.saved_fields)
+    rec.extra.update(entry.saved_fields)
 
 
 def _idempotency_conflict() -> web.Response:
@@ -784,7 +780,7 @@ def _idempotency_conflict() -> web.Response:
 
 async def _relay(
     request: web.BaseRequest,
-    info: dict[str, Any],
+    rec: Record,
     flight: Flight,
     reader: Reader,
     label: str,
@@ -795,7 +791,7 @@ async def _relay(
     try:
         head = flight.head
         if head is None:
-            info["error"] = "upstream_failed"
+            rec.error = "upstream_failed"
             return json_error(
                 502,
                 f"The upstream answer failed: {bounded(flight.reason, 200)}",
@@ -803,7 +799,7 @@ async def _relay(
                 "upstream_failed",
             )
         if flight.reason in PROXY_FAILURES:
-            info["error"] = flight.reason  # the 502/504 is the proxy's own answer
+            rec.error = flight.reason  # the 502/504 is the proxy's own answer
         headers: CIMultiDict[str] = CIMultiDict(head.headers)
         headers["X-Cache-Status"] = label
         headers["Cache-Status"] = CACHE_STATUS[label]
@@ -813,38 +809,56 @@ async def _relay(
             return web.Response(status=head.status, headers=headers, body=body)
         whole = flight.done and flight.outcome is Outcome.COMPLETE and not flight.overflow
         if whole and flight.size <= WHOLE_MAX:
-            info["chunks"] = len(flight.chunks)
+            rec.chunks = len(flight.chunks)
             return web.Response(status=head.status, headers=headers, body=flight.body())
         resp = web.StreamResponse(status=head.status, headers=headers)
         if whole:
             resp.content_length = flight.size
         await resp.prepare(request)
-        info["ttfb_ms"] = round((time.perf_counter() - t0) * 1000.0, 2)
+        rec.ttfb_ms = round((time.perf_counter() - t0) * 1000.0, 2)
         nbytes = chunks = 0
         try:
             async for chunk in reader.chunks():
-                async with asyncio.timeout(write_timeout):
-                    await resp.write(chunk)
+                await _write(request, resp, chunk, write_timeout)
                 nbytes += len(chunk)
                 chunks += 1
         except (ConnectionResetError, TimeoutError, Lagged) as exc:
             # gone, or taking nothing for write_timeout, or too slow for an overflowing flight
-            info["client_gone" if isinstance(exc, ConnectionResetError) else "client_dropped"] = (
-                True
-            )
-            info["bytes"], info["chunks"] = nbytes, chunks
+            if isinstance(exc, ConnectionResetError):
+                rec.client_gone = True
+            else:
+                rec.client_dropped = True
+            rec.bytes, rec.chunks = nbytes, chunks
             if not isinstance(exc, ConnectionResetError):
                 _cut(request)
             return resp
-        info["bytes"], info["chunks"] = nbytes, chunks
+        rec.bytes, rec.chunks = nbytes, chunks
         if flight.outcome is Outcome.CUT:
-            info["cut"] = bounded(flight.reason, 200)
+            rec.cut = bounded(flight.reason, 200)
             _cut(request)
             return resp
         await resp.write_eof()
         return resp
     finally:
         reader.close()
+
+
+ROOMY = 16 * 1024
+"""A write that leaves the client's send buffer under this cannot wait for the client (the
+transport pauses writers past its high-water mark, 64 KB): it goes without a timer."""
+
+
+async def _write(
+    request: web.BaseRequest, resp: web.StreamResponse, chunk: bytes, patience_s: float
+) -> None:
+    """Write one chunk to the client; TimeoutError if it takes nothing for `patience_s`. Most
+    writes cannot wait, and skip the timer (one per chunk cost a stream about 1 KB)."""
+    transport = request.transport
+    if transport is not None and transport.get_write_buffer_size() + len(chunk) <= ROOMY:
+        await resp.write(chunk)
+        return
+    async with asyncio.timeout(patience_s):
+        await resp.write(chunk)
 
 
 def _client_base(request: web.BaseRequest) -> str:
@@ -874,7 +888,7 @@ def _cut(request: web.BaseRequest) -> None:
 async def _passthrough(
     st: State,
     request: web.BaseRequest,
-    info: dict[str, Any],
+    rec: Record,
     body: bytes,
     fwd: CIMultiDict[str],
     path_qs: str,
@@ -885,7 +899,7 @@ async def _passthrough(
 
     For a request that names a model, up to COUNT_BYTES of the answer are kept on the side to
     count the tokens and dollars it cost."""
-    info["cache"] = "bypass"
+    rec.cache = "bypass"
     resp: web.StreamResponse | None = None
     nbytes = chunks = 0
     kept: list[bytes] | None = [] if plan is not None and plan.model else None
@@ -899,14 +913,16 @@ async def _passthrough(
             if "Content-Encoding" not in up.headers and up.content_length is not None:
                 resp.content_length = up.content_length
             await resp.prepare(request)
-            info["ttfb_ms"] = round((time.perf_counter() - t0) * 1000.0, 2)
+            rec.ttfb_ms = round((time.perf_counter() - t0) * 1000.0, 2)
             async for chunk in up.content.iter_any():
                 try:
-                    async with asyncio.timeout(st.settings.write_timeout_s):
-                        await resp.write(chunk)
+                    await _write(request, resp, chunk, st.settings.write_timeout_s)
                 except (ConnectionResetError, TimeoutError) as exc:
                     gone = isinstance(exc, ConnectionResetError)
-                    info["client_gone" if gone else "client_dropped"] = True
+                    if gone:
+                        rec.client_gone = True
+                    else:
+                        rec.client_dropped = True
                     break
                 nbytes += len(chunk)
                 chunks += 1
@@ -916,30 +932,28 @@ async def _passthrough(
                         kept = None
             status = up.status
             streamed = "text/event-stream" in up.headers.get("Content-Type", "")
-        info["upstream_ms"] = round((time.perf_counter() - t_up) * 1000.0, 2)
+        rec.upstream_ms = round((time.perf_counter() - t_up) * 1000.0, 2)
         if kept is not None and plan is not None and 200 <= status < 300:
             data = b"".join(kept)
             usage = sse.usage_of_stream(data) if streamed else usage_of_json(data)
-            cost = answer_cost(
-                st.fetcher.prices, info["route"], plan.model, usage, plan.hints, data
-            )
+            cost = answer_cost(st.fetcher.prices, rec.route, plan.model, usage, plan.hints, data)
             if cost is not None:
-                info.update(money_fields(cost.fields(), saved=False))
-        info["bytes"], info["chunks"] = nbytes, chunks
-        if info.get("client_dropped"):
+                rec.extra.update(money_fields(cost.fields(), saved=False))
+        rec.bytes, rec.chunks = nbytes, chunks
+        if rec.client_dropped:
             _drop(request)
-        elif not info.get("client_gone"):
+        elif not rec.client_gone:
             await resp.write_eof()
         return resp
     except UpstreamTimeout:
-        info["error"] = "upstream_timeout"
+        rec.error = "upstream_timeout"
         if resp is None:
             return json_error(
                 504, "The upstream API did not answer in time.", "proxy_error", "upstream_timeout"
             )
-        info["cut"] = "upstream timeout"
+        rec.cut = "upstream timeout"
     except UpstreamError as exc:
-        info["error"] = "upstream_unreachable"
+        rec.error = "upstream_unreachable"
         if resp is None:
             return json_error(
                 502,
@@ -947,7 +961,7 @@ async def _passthrough(
                 "proxy_error",
                 "upstream_unreachable",
             )
-        info["cut"] = bounded(str(exc), 200)
-    info["bytes"], info["chunks"] = nbytes, chunks
+        rec.cut = bounded(str(exc), 200)
+    rec.bytes, rec.chunks = nbytes, chunks
     _cut(request)
     return resp

@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from proxy.errors import ConfigError
 
+MEMO_KEY_MAX = 512
+"""Longest route + model a match is memoised for: the memo holds at most 4096 x this."""
 DEFAULT_IGNORE: tuple[str, ...] = (
     "user",
     "metadata",
@@ -98,7 +100,7 @@ class Rules:
         known = self._route_cache.get((method, route))
         if known is None:
             known = any(method in r.methods and fnmatchcase(route, r.route) for r in self.rules)
-            if len(self._route_cache) < 4096:
+            if len(self._route_cache) < 4096 and len(route) <= MEMO_KEY_MAX:
                 self._route_cache[(method, route)] = known
         return known
 
@@ -108,9 +110,10 @@ class Rules:
         if key in self._match_cache:
             return self._match_cache[key]
         found = next((r for r in self.rules if r.matches(method, route, model)), None)
-        if len(self._match_cache) >= 4096:
-            self._match_cache.clear()
-        self._match_cache[key] = found
+        if len(route) + len(model or "") <= MEMO_KEY_MAX:  # a client's megabyte model name
+            if len(self._match_cache) >= 4096:  # is matched, never kept
+                self._match_cache.clear()
+            self._match_cache[key] = found
         return found
 
     def routes(self) -> frozenset[str]:

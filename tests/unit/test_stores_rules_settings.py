@@ -157,3 +157,16 @@ def test_unknown_flag_is_one_line():
     with pytest.raises(ConfigError, match="unrecognized arguments: --bogus") as info:
         Settings.from_args(["--bogus"], {})
     assert "\n" not in str(info.value)
+
+
+def test_rule_memos_never_keep_a_clients_long_strings():
+    """A megabyte model name or path is matched but not memoised (the memos stay small)."""
+    from proxy.rules import Rules, parse_rules
+
+    rules = Rules(parse_rules('[[rule]]\nroute = "/v1/*"\nmodels = ["gpt-*"]\n', "t"))
+    for i in range(50):
+        assert rules.match("POST", "/v1/chat", f"gpt-{i}" + "m" * 100_000) is not None
+        assert rules.has_route("POST", "/v1/" + "p" * 100_000 + str(i))
+    assert rules.match("POST", "/v1/chat", "gpt-4o") is not None
+    kept = list(rules._match_cache) + list(rules._route_cache)
+    assert kept and all(len(str(k)) < 1024 for k in kept)
