@@ -22,6 +22,8 @@ import contextlib
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import orjson
@@ -51,6 +53,42 @@ if redis.call('get', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+
+
+@dataclass(frozen=True, slots=True)
+class Local:
+    """Lead in this process only: no bus, or Redis failed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Leader:
+    """This instance leads for every instance; the lease's token."""
+
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class Follow:
+    """Another instance leads: follow its stream."""
+
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """Another instance leads this Idempotency-Key with another request body."""
+
+
+Leadership = Local | Leader | Follow | Conflict
+LOCAL, FOLLOW, CONFLICT = Local(), Follow(), Conflict()
+
+
+class Followed(Enum):
+    """How following another instance's flight ended."""
+
+    DONE = "done"
+    ORPHANED = "orphaned"
+    """The leader vanished before finishing."""
+    BUS_FAILED = "bus failed"
+    """Redis failed while following."""
 
 
 class BusError(Exception):
@@ -106,6 +144,22 @@ class RedisBus:
                 log.warning("bus.unavailable", error=f"{type(exc).__name__}: {str(exc)[:200]}")
             self.down_until = time.monotonic() + self.breaker_s
             raise BusError(str(exc)) from exc
+
+    async def lead(self, key: str, fingerprint: str) -> Leadership:
+        """Who fetches `key`: this instance for all (Leader), another one (Follow, or
+        Conflict for an Idempotency-Key it leads with another body), or this process alone
+        because Redis failed (Local). Never raises."""
+        if not self.usable:
+            return LOCAL
+        try:
+            token = await self.try_lead(key, fingerprint)
+            if token is not None:
+                return Leader(token)
+            if fingerprint and await self.conflicts(key, fingerprint):
+                return CONFLICT
+        except BusError:
+            return LOCAL  # Redis is down: coalesce in this process only
+        return FOLLOW
 
     async def try_lead(self, key: str, fingerprint: str = "") -> str | None:
         """A token if this instance now holds the lease for `key`, else None. The token ends
@@ -213,9 +267,9 @@ class RedisBus:
                 return
 
     # -- follower side --------------------------------------------------------------------------
-    async def follow(self, flight: Flight, key: str) -> str:
-        """Feed `flight` from the leader's stream. Returns "done", or "orphaned" when the leader
-        vanished without finishing (the flight is left as it is for the caller to resolve)."""
+    async def follow(self, flight: Flight, key: str) -> Followed:
+        """Feed `flight` from the leader's stream, until it is DONE, or ORPHANED when the
+        leader vanished without finishing (the flight is left as it is for the caller)."""
         last = "0-0"
         while True:
             entries = await self.read(key, last)
@@ -224,7 +278,7 @@ class RedisBus:
                     continue
                 entries = await self.read(key, last)  # anything written just before it died
                 if not entries:
-                    return "orphaned"
+                    return Followed.ORPHANED
             for entry_id, fields in entries:
                 last = entry_id
                 kind = fields.get(b"t")
@@ -236,7 +290,7 @@ class RedisBus:
                 elif kind == b"e":
                     ok = fields.get(b"o") == b"ok"
                     flight.finish(Outcome.COMPLETE if ok else Outcome.CUT, "leader's stream")
-                    return "done"
+                    return Followed.DONE
 
     async def aclose(self) -> None:
         await self.client.aclose()

@@ -17,7 +17,7 @@ import structlog
 from multidict import CIMultiDict
 
 from proxy import sse
-from proxy.bus import BusError, RedisBus
+from proxy.bus import BusError, Followed, RedisBus
 from proxy.cache import Cache
 from proxy.coalesce import Flight, Flights, Outcome
 from proxy.cost import Cost, Prices
@@ -128,8 +128,8 @@ class Fetcher:
             try:
                 result = await bus.follow(flight, key)
             except BusError:
-                result = "bus failed"
-            if result == "done":
+                result = Followed.BUS_FAILED
+            if result is Followed.DONE:
                 head = flight.head
                 if flight.outcome is Outcome.COMPLETE and head is not None and head.status < 300:
                     body = flight.body()
@@ -139,18 +139,18 @@ class Fetcher:
                 self.flights.forget(flight)
                 return
             token: str | None = None
-            if result == "orphaned":
+            if result is Followed.ORPHANED:
                 log.warning("coalesce.leader_lost", key=key_id(key))
                 try:
                     token = await bus.try_lead(key, flight.fingerprint)
                 except BusError:
-                    result = "bus failed"
+                    result = Followed.BUS_FAILED
             if flight.head is None:
                 # Nothing reached our clients yet: fetch into this very flight, seamlessly.
                 if token is not None:
                     self.lead_shared(bus, flight, job, token)
                     return
-                if result == "bus failed":
+                if result is Followed.BUS_FAILED:
                     self.start(flight, job)
                     return
                 continue  # another instance took over: follow its new stream

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, TypeVar, assert_never
 
 import structlog
 from aiohttp import web
@@ -25,7 +25,7 @@ from multidict import CIMultiDict
 from proxy import sse
 from proxy.auth import CredentialCheck
 from proxy.body import BodyTooLarge, decodable, decode
-from proxy.bus import BusError, RedisBus
+from proxy.bus import LOCAL, Conflict, Follow, Leader, Leadership, Local, RedisBus
 from proxy.cache import Cache
 from proxy.coalesce import Flight, Flights, Lagged, Outcome, Reader
 from proxy.errors import StoreUnavailable, UpstreamError, UpstreamTimeout, error_body
@@ -49,10 +49,11 @@ from proxy.plan import (
     route_of,
 )
 from proxy.record import Record
-from proxy.replay import CACHE_NAME, is_fast, replay, whole, whole_in_pieces
+from proxy.replay import is_fast, replay, whole, whole_in_pieces
 from proxy.rules import Rules
 from proxy.settings import Settings
 from proxy.stats import Shared, Stats
+from proxy.status import HIT_CACHE_STATUS, SEMANTIC_HIT, CacheStatus, stale
 from proxy.tasks import spawn
 from proxy.twins import NotConvertible, convert
 from proxy.upstream import Upstream, forward_headers, response_headers
@@ -72,18 +73,6 @@ ROUTE_MAX = 256
 OFF_LOOP_BYTES = 64 * 1024
 """Bodies larger than this are decoded, hashed and parsed on State.cpu, not on the loop."""
 COUNT_BYTES = 4 * 1024 * 1024
-CACHE_STATUS = {
-    "HIT": f"{CACHE_NAME}; hit",
-    "MISS": f"{CACHE_NAME}; fwd=uri-miss",
-    "REFRESH": f"{CACHE_NAME}; fwd=request",
-    "BYPASS": f"{CACHE_NAME}; fwd=bypass",
-    "COALESCED": f"{CACHE_NAME}; fwd=miss; collapsed",
-}
-HIT_STATUS = CACHE_STATUS["HIT"]
-AFTER = "_after"
-"""rec key of a task the request's line waits for (a shadow semantic lookup)."""
-SEMANTIC_STATUS = f"{HIT_STATUS}; detail=semantic"
-"""A HIT found by meaning (vectors.py): RFC 9211's `detail` says so."""
 
 
 @dataclass(slots=True)
@@ -286,13 +275,18 @@ async def _handle(
             and len(entry.body) <= WHOLE_MAX
             and (st.auth is None or st.auth.fresh(tenant))
         ):
-            rec.cache = "hit"
+            rec.cache = CacheStatus.HIT
             rec.key = key_id(plan.key)
             rec.bytes = len(entry.body)
             _saved(rec, entry)
             if entry.rebase:
-                return whole(entry, "HIT", HIT_STATUS, rebase(entry.body, _client_base(request)))
-            return whole(entry, "HIT", HIT_STATUS)
+                return whole(
+                    entry,
+                    CacheStatus.HIT,
+                    HIT_CACHE_STATUS,
+                    rebase(entry.body, _client_base(request)),
+                )
+            return whole(entry, CacheStatus.HIT, HIT_CACHE_STATUS)
 
     path_qs = _path_qs(st, upstream_path, query)
     fwd = forward_headers(h, decoded=decoded)
@@ -422,7 +416,7 @@ async def _serve_keyed(
                 refused = await _auth_refusal(st, tenant, request, rec)
                 if refused is not None:
                     return refused
-                served = await _serve_entry(st, request, rec, key, entry, plan, HIT_STATUS)
+                served = await _serve_entry(st, request, rec, key, entry, plan, HIT_CACHE_STATUS)
                 if served is not None:
                     return served
                 # not convertible: fetched again below, in the form asked for
@@ -453,7 +447,7 @@ async def _serve_keyed(
             if refused is not None:
                 return refused
             served = await _serve_entry(
-                st, request, rec, probe.member, probe.entry, plan, SEMANTIC_STATUS
+                st, request, rec, probe.member, probe.entry, plan, SEMANTIC_HIT
             )
             if served is not None:
                 rec.extra["semantic_key"] = key_id(probe.member)
@@ -476,8 +470,12 @@ async def _serve_keyed(
             stale=stale,
         )
 
-    label = "BYPASS" if degraded else ("REFRESH" if controls.mode is Mode.REFRESH else "MISS")
-    rec.cache = label.lower()
+    label = (
+        CacheStatus.BYPASS
+        if degraded
+        else (CacheStatus.REFRESH if controls.mode is Mode.REFRESH else CacheStatus.MISS)
+    )
+    rec.cache = label
     flight = st.flights.lead(
         fkey, max_bytes=int(st.settings.max_record_mb * 1024 * 1024), fingerprint=fingerprint
     )
@@ -514,35 +512,34 @@ async def _serve_keyed(
     bus = st.bus if coalesce and not degraded else None
     fed = False
     try:  # whatever happens before a feeder starts, the flight must not stay registered
-        token: str | None = "local"
-        if bus is not None and bus.usable:
-            try:
-                token = await bus.try_lead(fkey, fingerprint)
-                if token is None and fingerprint and await bus.conflicts(fkey, fingerprint):
-                    return _idempotency_conflict()
-            except BusError:
-                token = "local"  # Redis is down: coalesce in this process only
-        if token is None and bus is not None:
-            # Another instance leads: follow its stream like any duplicate would.
-            st.fetcher.follow(bus, flight, job)
-            fed = True
-            return await _join(
-                st,
-                request,
-                rec,
-                body,
-                fwd,
-                path_qs,
-                flight,
-                reader,
-                lock_timeout,
-                t0,
-                stale=stale,
-            )
-        if bus is not None and token is not None and token != "local":
-            st.fetcher.lead_shared(bus, flight, job, token)
-        else:
-            st.fetcher.start(flight, job)
+        lead: Leadership = LOCAL if bus is None else await bus.lead(fkey, fingerprint)
+        match lead:
+            case Conflict():
+                return _idempotency_conflict()
+            case Follow():
+                assert bus is not None
+                st.fetcher.follow(bus, flight, job)  # another instance leads: follow it
+                fed = True
+                return await _join(
+                    st,
+                    request,
+                    rec,
+                    body,
+                    fwd,
+                    path_qs,
+                    flight,
+                    reader,
+                    lock_timeout,
+                    t0,
+                    stale=stale,
+                )
+            case Leader(token=token):
+                assert bus is not None
+                st.fetcher.lead_shared(bus, flight, job, token)
+            case Local():
+                st.fetcher.start(flight, job)
+            case _:
+                assert_never(lead)
         fed = True
     finally:
         if not fed:
@@ -588,8 +585,10 @@ async def _join(
     if stale is not None and failed(flight):
         reader.close()
         return _serve_stale(rec, flight, stale)
-    rec.cache = "coalesced"
-    resp = await _relay(request, rec, flight, reader, "COALESCED", t0, st.settings.write_timeout_s)
+    rec.cache = CacheStatus.COALESCED
+    resp = await _relay(
+        request, rec, flight, reader, CacheStatus.COALESCED, t0, st.settings.write_timeout_s
+    )
     if flight.entry is not None:
         _saved(rec, flight.entry)
     return resp
@@ -668,19 +667,21 @@ async def _serve_entry(
         converted = await _twin(st, rec, key, entry, plan, cache_status)
         if converted is None:
             return None
-        rec.cache = "hit"
+        rec.cache = CacheStatus.HIT
         _saved(rec, entry)
         return converted
-    rec.cache = "hit"
+    rec.cache = CacheStatus.HIT
     _saved(rec, entry)
     if entry.rebase:
-        return whole(entry, "HIT", cache_status, rebase(entry.body, _client_base(request)))
+        return whole(
+            entry, CacheStatus.HIT, cache_status, rebase(entry.body, _client_base(request))
+        )
     if is_fast(entry, rule):
         if len(entry.body) > WHOLE_MAX:
             wt = st.settings.write_timeout_s
-            return await whole_in_pieces(request, entry, "HIT", cache_status, wt)
-        return whole(entry, "HIT", cache_status)
-    return await replay(request, entry, rule, "HIT", cache_status)
+            return await whole_in_pieces(request, entry, CacheStatus.HIT, cache_status, wt)
+        return whole(entry, CacheStatus.HIT, cache_status)
+    return await replay(request, entry, rule, CacheStatus.HIT, cache_status)
 
 
 STALE_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -704,9 +705,9 @@ def _serve_stale(rec: Record, flight: Flight, entry: CachedResponse) -> web.Resp
     else:
         rec.upstream_status = head.status
         cause = f"fwd-status={head.status}"
-    rec.cache = "stale"
+    rec.cache = CacheStatus.STALE
     _saved(rec, entry)
-    return whole(entry, "STALE", f"{CACHE_NAME}; fwd=stale; {cause}")
+    return whole(entry, CacheStatus.STALE, stale(cause))
 
 
 CONVERTED_MAX = 256
@@ -721,7 +722,7 @@ async def _twin(
     key: str,
     entry: CachedResponse,
     plan: Plan,
-    cache_status: str = HIT_STATUS,
+    cache_status: str = HIT_CACHE_STATUS,
 ) -> web.Response | None:
     """The stored answer in the form this request wants, when that is the other form (a
     streamed request for a stored JSON answer, or the reverse); None when the forms match or
@@ -747,7 +748,7 @@ async def _twin(
             headers.add(name, value)
     sse = plan.form != "json"
     headers["Content-Type"] = "text/event-stream; charset=utf-8" if sse else "application/json"
-    headers["X-Cache-Status"] = "HIT"
+    headers["X-Cache-Status"] = CacheStatus.HIT.header
     headers["Cache-Status"] = cache_status
     headers["Age"] = str(max(0, int(CLOCK.now() - entry.created)))
     return resp
@@ -783,7 +784,7 @@ async def _relay(
     rec: Record,
     flight: Flight,
     reader: Reader,
-    label: str,
+    label: CacheStatus,
     t0: float,
     write_timeout: float,
 ) -> web.StreamResponse:
@@ -801,8 +802,8 @@ async def _relay(
         if flight.reason in PROXY_FAILURES:
             rec.error = flight.reason  # the 502/504 is the proxy's own answer
         headers: CIMultiDict[str] = CIMultiDict(head.headers)
-        headers["X-Cache-Status"] = label
-        headers["Cache-Status"] = CACHE_STATUS[label]
+        headers["X-Cache-Status"] = label.header
+        headers["Cache-Status"] = label.rfc9211
         if flight.rebase:  # a small image answer: whole, with links under this client's base
             body = b"".join([chunk async for chunk in reader.chunks()])
             body = rebase(body, _client_base(request))
@@ -899,7 +900,7 @@ async def _passthrough(
 
     For a request that names a model, up to COUNT_BYTES of the answer are kept on the side to
     count the tokens and dollars it cost."""
-    rec.cache = "bypass"
+    rec.cache = CacheStatus.BYPASS
     resp: web.StreamResponse | None = None
     nbytes = chunks = 0
     kept: list[bytes] | None = [] if plan is not None and plan.model else None
@@ -907,8 +908,8 @@ async def _passthrough(
     try:
         async with st.upstream.request(request.method, path_qs, fwd, body) as up:
             headers: CIMultiDict[str] = CIMultiDict(response_headers(up.headers))
-            headers["X-Cache-Status"] = "BYPASS"
-            headers["Cache-Status"] = CACHE_STATUS["BYPASS"]
+            headers["X-Cache-Status"] = CacheStatus.BYPASS.header
+            headers["Cache-Status"] = CacheStatus.BYPASS.rfc9211
             resp = web.StreamResponse(status=up.status, headers=headers)
             if "Content-Encoding" not in up.headers and up.content_length is not None:
                 resp.content_length = up.content_length

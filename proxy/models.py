@@ -9,10 +9,11 @@ from typing import Any
 
 import orjson
 
+from proxy.status import HIT_CACHE_STATUS, CacheStatus
+
 _MAGIC = b"OCP1"
 _COMPRESSED = b"OCZ1"
 COMPRESS_ABOVE = 16 * 1024
-HIT_CACHE_STATUS = "openai-cache-proxy; hit"
 """RFC 9211 Cache-Status of a HIT (the cache's name is openai-cache-proxy)."""
 
 
@@ -73,7 +74,11 @@ class CachedResponse:
         object.__setattr__(
             self,
             "hit_headers",
-            (*self.headers, ("X-Cache-Status", "HIT"), ("Cache-Status", HIT_CACHE_STATUS)),
+            (
+                *self.headers,
+                ("X-Cache-Status", CacheStatus.HIT.header),
+                ("Cache-Status", HIT_CACHE_STATUS),
+            ),
         )
         saved = {"saved_ms": self.upstream_ms, **money_fields(self.meta.get("cost"), saved=True)}
         object.__setattr__(self, "saved_fields", saved)

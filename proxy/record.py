@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from proxy.status import CacheStatus
+
 _UNSET: Any = object()
 
 
@@ -17,8 +19,8 @@ _UNSET: Any = object()
 class Record:
     route: str
     method: str
-    cache: str = "bypass"
-    """hit, miss, refresh, bypass, coalesced or stale (stats.STATUSES)."""
+    cache: CacheStatus = CacheStatus.BYPASS
+    """Its value is the line's `cache` field (status.py)."""
     tenant: str | None = _UNSET
     """12-character tenant id; None for a request that was never keyed (undecodable body)."""
     namespace: str | None = None
@@ -49,7 +51,11 @@ class Record:
 
     def fields(self) -> dict[str, Any]:
         """The line's fields: every field that was set, then the extra ones."""
-        out: dict[str, Any] = {"cache": self.cache, "route": self.route, "method": self.method}
+        out: dict[str, Any] = {
+            "cache": self.cache.value,
+            "route": self.route,
+            "method": self.method,
+        }
         if self.tenant is not _UNSET:
             out["tenant"] = self.tenant
         for name in ("namespace", "rule", "model", "stream", "key"):

@@ -6,18 +6,15 @@ import asyncio
 
 from aiohttp import web
 
-from proxy.models import CLOCK, HIT_CACHE_STATUS, CachedResponse
+from proxy.models import CLOCK, CachedResponse
 from proxy.rules import Rule
-
-CACHE_NAME = "openai-cache-proxy"
-assert f"{CACHE_NAME}; hit" == HIT_CACHE_STATUS
-
+from proxy.status import HIT_CACHE_STATUS, CacheStatus
 
 PIECE = 256 * 1024
 
 
 def whole(
-    entry: CachedResponse, status: str, cache_status: str, body: bytes | None = None
+    entry: CachedResponse, status: CacheStatus, cache_status: str, body: bytes | None = None
 ) -> web.Response:
     """A stored answer as one response (the fast replay, and every non-stream answer);
     `body` replaces the stored one (an answer rebased for its client)."""
@@ -26,23 +23,23 @@ def whole(
     return resp
 
 
-def _headers(resp: web.StreamResponse, entry: CachedResponse, status: str, cs: str) -> None:
+def _headers(resp: web.StreamResponse, entry: CachedResponse, status: CacheStatus, cs: str) -> None:
     headers = resp.headers
-    if status == "HIT" and cs == HIT_CACHE_STATUS:  # prebuilt for the plain HIT
+    if status is CacheStatus.HIT and cs == HIT_CACHE_STATUS:  # prebuilt for the plain HIT
         headers.extend(entry.hit_headers)
         headers.add("Age", str(max(0, int(CLOCK.now() - entry.created))))
         return
     headers.extend(entry.headers)
-    headers.add("X-Cache-Status", status)
+    headers.add("X-Cache-Status", status.header)
     headers.add("Cache-Status", cs)
-    if status in ("STALE", "HIT"):
+    if status in (CacheStatus.STALE, CacheStatus.HIT):
         headers.add("Age", str(max(0, int(CLOCK.now() - entry.created))))
 
 
 async def whole_in_pieces(
     request: web.BaseRequest,
     entry: CachedResponse,
-    status: str,
+    status: CacheStatus,
     cache_status: str,
     write_timeout: float,
     body: bytes | None = None,
@@ -74,7 +71,7 @@ async def replay(
     request: web.BaseRequest,
     entry: CachedResponse,
     rule: Rule | None,
-    status: str,
+    status: CacheStatus,
     cache_status: str,
 ) -> web.StreamResponse:
     """Send a stored answer: whole at once, or at its recorded pace if the rule says so."""
@@ -84,9 +81,9 @@ async def replay(
     resp = web.StreamResponse(status=entry.status)
     headers = resp.headers
     headers.extend(entry.headers)
-    headers["X-Cache-Status"] = status
+    headers["X-Cache-Status"] = status.header
     headers["Cache-Status"] = cache_status
-    if status == "HIT":
+    if status is CacheStatus.HIT:
         headers["Age"] = str(max(0, int(CLOCK.now() - entry.created)))
     await resp.prepare(request)
     loop = asyncio.get_running_loop()

@@ -17,9 +17,8 @@ from typing import Any
 
 import orjson
 
-STATUSES = ("hit", "miss", "refresh", "bypass", "coalesced", "stale")
-SERVED = frozenset({"hit", "coalesced", "stale"})
-"""Answers that came from the cache (a stale one too: it was not paid for again)."""
+from proxy.status import SERVED, STATUSES
+
 _PLURAL = {
     "hit": "hits",
     "miss": "misses",

@@ -13,6 +13,7 @@ from proxy import sse
 from proxy.coalesce import Flight, Lagged
 from proxy.models import CLOCK, CachedResponse
 from proxy.replay import whole
+from proxy.status import CacheStatus
 from proxy.testing.fake_openai import recorded
 
 STREAMS = [
@@ -82,7 +83,7 @@ def test_age_uses_the_store_clock():
     entry = CachedResponse(200, (), b"x", created=time.time() + 100)
     try:
         CLOCK.offset = 130.0
-        assert whole(entry, "HIT", "x").headers["Age"] in ("29", "30")
+        assert whole(entry, CacheStatus.HIT, "x").headers["Age"] in ("29", "30")
     finally:
         CLOCK.offset = 0.0
 
