@@ -229,7 +229,8 @@ async def purge(st: State, request: web.BaseRequest) -> web.StreamResponse:
             "invalid_request_error",
             "admin_token_not_configured",
         )
-    from proxy.purge import BadFilter, pattern_of
+    from proxy.errors import BadFilter
+    from proxy.purge import pattern_of
 
     body = await request.read()
     try:
@@ -314,9 +315,6 @@ class ProxyApp:
         shown = await combined_stats(st)
         registry = self.registry if shown is st.stats else registry_for(st, shown)
         return web.Response(body=render(registry), headers={"Content-Type": METRICS_CONTENT_TYPE})
-
-    def add_route(self, method: str, path: str, handler: AdminHandler) -> None:
-        self.routes[(method, path)] = handler
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         path = request.path

@@ -16,18 +16,10 @@ try:
 except ImportError:  # pragma: no cover - brotli is a dependency; without it br passes through
     brotli = None
 
-from proxy.normalize import BadBody
+from proxy.errors import BadBody, BodyTooLarge, UnknownEncoding
 
 STEP = 1024 * 1024
 """Largest piece produced by one decompressor call."""
-
-
-class BodyTooLarge(Exception):
-    """The decoded body would exceed the limit."""
-
-
-class UnknownEncoding(Exception):
-    """A Content-Encoding the proxy cannot decode: the request passes through as it came."""
 
 
 def codings(header: str) -> list[str]:

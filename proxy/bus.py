@@ -30,6 +30,7 @@ import orjson
 import structlog
 
 from proxy.coalesce import Flight, Outcome
+from proxy.errors import BusError
 from proxy.keys import key_id
 from proxy.stores.redis import RACES
 from proxy.tasks import spawn
@@ -89,10 +90,6 @@ class Followed(Enum):
     """The leader vanished before finishing."""
     BUS_FAILED = "bus failed"
     """Redis failed while following."""
-
-
-class BusError(Exception):
-    """Redis failed under the bus; callers fall back to in-process coalescing."""
 
 
 class RedisBus:

@@ -28,15 +28,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from enum import Enum
 
+from proxy.errors import Lagged
 from proxy.models import CachedResponse
 from proxy.sse import Scanner
 
 LAG_BYTES = 4 * 1024 * 1024
 """Least a reader of an overflowing flight may lag behind the upstream before it is cut."""
-
-
-class Lagged(Exception):
-    """A reader fell behind the part of an overflowing flight that is still kept."""
 
 
 class Outcome(Enum):

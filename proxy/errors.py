@@ -1,4 +1,5 @@
-"""The few exception types of the proxy, and OpenAI-shaped error bodies."""
+"""Every exception type of the proxy, under one base (ProxyError), and OpenAI-shaped error
+bodies."""
 
 from __future__ import annotations
 
@@ -30,6 +31,69 @@ class UpstreamTimeout(UpstreamError, TimeoutError):
 
 class StoreUnavailable(ProxyError):
     """The cache store failed; the request goes on as a pass-through."""
+
+
+# -- raised and handled inside the data path ------------------------------------------------
+
+
+class BadBody(ProxyError, ValueError):
+    """The body could not be parsed as what its content type says, or is out of bounds."""
+
+    status = 400
+    code = "invalid_body"
+
+
+class TooManyParts(BadBody):
+    code = "too_many_parts"
+
+
+class TooDeep(BadBody):
+    code = "nested_too_deeply"
+
+
+class Inexact(ProxyError):
+    """A number in the body has no exact canonical form here (an integer past 64 bits):
+    the body must be keyed by its exact bytes instead."""
+
+
+class BodyTooLarge(ProxyError):
+    """The decoded body would exceed the limit."""
+
+
+class UnknownEncoding(ProxyError):
+    """A Content-Encoding the proxy cannot decode: the request passes through as it came."""
+
+
+class CorruptEntry(ProxyError, ValueError):
+    """Stored bytes that are not a whole stored answer."""
+
+
+class NotConvertible(ProxyError, ValueError):
+    """The stored answer is not the shape its route streams or returns."""
+
+
+class Lagged(ProxyError):
+    """A reader fell behind the part of an overflowing flight that is still kept."""
+
+
+class BusError(ProxyError):
+    """Redis failed under the bus; callers fall back to in-process coalescing."""
+
+
+class EmbeddingFailed(ProxyError):
+    """No embedding for this request; `caller` when the upstream refused this caller (4xx)."""
+
+    def __init__(self, reason: str, *, caller: bool = False) -> None:
+        super().__init__(reason)
+        self.caller = caller
+
+
+class RehostError(ProxyError):
+    """An image could not be fetched or stored; the answer is passed on untouched."""
+
+
+class BadFilter(ProxyError, ValueError):
+    """The purge filters are missing or malformed."""
 
 
 def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:

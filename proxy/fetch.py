@@ -17,11 +17,11 @@ import structlog
 from multidict import CIMultiDict
 
 from proxy import sse
-from proxy.bus import BusError, Followed, RedisBus
+from proxy.bus import Followed, RedisBus
 from proxy.cache import Cache
 from proxy.coalesce import Flight, Flights, Outcome
 from proxy.cost import Cost, Prices
-from proxy.errors import StoreUnavailable, UpstreamError, UpstreamTimeout, error_body
+from proxy.errors import BusError, StoreUnavailable, UpstreamError, UpstreamTimeout, error_body
 from proxy.images.base import has_placeholder
 from proxy.keys import key_id
 from proxy.models import CLOCK, CachedResponse
@@ -277,7 +277,6 @@ class Fetcher:
         if job.store_key:
             try:
                 await self.cache.set(job.store_key, entry, job.ttl_s + job.keep_s)
-                job.meta["stored"] = True
                 if job.on_stored is not None:
                     spawn(job.on_stored(entry), name=f"stored:{key_id(job.store_key)}")
             except StoreUnavailable:

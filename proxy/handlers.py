@@ -24,18 +24,26 @@ from multidict import CIMultiDict
 
 from proxy import sse
 from proxy.auth import CredentialCheck
-from proxy.body import BodyTooLarge, decodable, decode
+from proxy.body import decodable, decode
 from proxy.bus import LOCAL, Conflict, Follow, Leader, Leadership, Local, RedisBus
 from proxy.cache import Cache
-from proxy.coalesce import Flight, Flights, Lagged, Outcome, Reader
-from proxy.errors import StoreUnavailable, UpstreamError, UpstreamTimeout, error_body
+from proxy.coalesce import Flight, Flights, Outcome, Reader
+from proxy.errors import (
+    BadBody,
+    BodyTooLarge,
+    Lagged,
+    NotConvertible,
+    StoreUnavailable,
+    UpstreamError,
+    UpstreamTimeout,
+    error_body,
+)
 from proxy.fetch import Fetcher, FetchJob, Transform, answer_cost, usage_of_json
 from proxy.images.base import PLACEHOLDER_BASE, client_base, rebase
 from proxy.images.rehost import ImageRehoster, rewrites, transform_for
 from proxy.keys import credential_of, header_values, key_id, raw_digest, tenant_digest
 from proxy.log import request_done
 from proxy.models import CLOCK, CachedResponse, money_fields
-from proxy.normalize import BadBody
 from proxy.plan import (
     DEFAULT_CONTROLS,
     ClientControls,
@@ -55,7 +63,7 @@ from proxy.settings import Settings
 from proxy.stats import Shared, Stats
 from proxy.status import HIT_CACHE_STATUS, SEMANTIC_HIT, CacheStatus, stale
 from proxy.tasks import spawn
-from proxy.twins import NotConvertible, convert
+from proxy.twins import convert
 from proxy.upstream import Upstream, forward_headers, response_headers
 from proxy.vectors import Probe, Semantic
 
@@ -260,7 +268,7 @@ async def _handle(
             st.plans.clear()
         memo = st.plans[raw] = (plan, tenant, tenant.hex()[:12])
     plan, tenant, rec.tenant = memo
-    rec.rule = plan.rule.route if plan.rule is not None else "other"
+    rec.rule = plan.rule.label if plan.rule is not None else "other"
     rec.model = plan.model
     rec.stream = plan.stream
 

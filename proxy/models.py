@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 
+from proxy.errors import CorruptEntry
 from proxy.status import HIT_CACHE_STATUS, CacheStatus
 
 _MAGIC = b"OCP1"
@@ -30,10 +31,6 @@ class Clock:
 
 CLOCK = Clock()
 """The process's one clock; RedisStore.warm sets its offset."""
-
-
-class CorruptEntry(ValueError):
-    """Stored bytes that are not a whole stored answer."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,32 +16,14 @@ from typing import Any
 
 import orjson
 
+from proxy.errors import BadBody, Inexact, TooDeep, TooManyParts
+
 MAX_DEPTH = 254
 """Deepest nesting of arrays and objects keyed: orjson writes at most 254 levels."""
 MAX_PARTS = 1000
 """Most parts in a multipart body (OpenAI's multipart routes take a few: image[] up to 16)."""
 EXACT = float(2**53)
 """Floats at or above this magnitude may stand for a larger integer orjson could not keep."""
-
-
-class BadBody(ValueError):
-    """The body could not be parsed as what its content type says, or is out of bounds."""
-
-    status = 400
-    code = "invalid_body"
-
-
-class TooManyParts(BadBody):
-    code = "too_many_parts"
-
-
-class TooDeep(BadBody):
-    code = "nested_too_deeply"
-
-
-class Inexact(Exception):
-    """A number in the body has no exact canonical form here (an integer past 64 bits):
-    the body must be keyed by its exact bytes instead."""
 
 
 def parse_json(body: bytes) -> Any:

@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from proxy.errors import BadBody, Inexact
 from proxy.keys import cache_key, partition_key, store_key
 from proxy.normalize import (
-    BadBody,
-    Inexact,
     canonical_json,
     canonical_multipart,
     has_float,

@@ -17,16 +17,12 @@ from typing import Any
 
 import orjson
 
-from proxy.errors import ConfigError
+from proxy.errors import BadFilter, ConfigError
 from proxy.keys import purge_pattern
 from proxy.settings import Settings
 
 FILTERS = ("namespace", "tenant", "model", "route")
 TENANT_RE = re.compile(r"^[0-9a-f]{12}$")
-
-
-class BadFilter(ValueError):
-    """The purge filters are missing or malformed."""
 
 
 def pattern_of(filters: dict[str, Any]) -> str:

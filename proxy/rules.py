@@ -82,6 +82,7 @@ class Rule:
 
     @property
     def label(self) -> str:
+        """The rule's name in logs, stats and metrics: `name`, else its route."""
         return self.name or self.route
 
 
@@ -115,9 +116,6 @@ class Rules:
                 self._match_cache.clear()
             self._match_cache[key] = found
         return found
-
-    def routes(self) -> frozenset[str]:
-        return frozenset(r.route for r in self.rules)
 
 
 _FIELDS = {f.name: f for f in fields(Rule)}

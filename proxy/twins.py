@@ -22,6 +22,7 @@ from typing import Any
 
 import orjson
 
+from proxy.errors import NotConvertible
 from proxy.sse import events
 
 CHAT_ROUTES = ("/chat/completions",)
@@ -35,10 +36,6 @@ def kind_of(route: str) -> str | None:
     if route.endswith(RESPONSES_ROUTES):
         return "responses"
     return None
-
-
-class NotConvertible(ValueError):
-    """The stored answer is not the shape its route streams or returns."""
 
 
 def _sse(data: bytes, event: str | None = None) -> bytes:

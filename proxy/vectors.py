@@ -36,7 +36,7 @@ from multidict import CIMultiDict
 
 from proxy.cache import Cache
 from proxy.cost import Prices
-from proxy.errors import StoreUnavailable, UpstreamError
+from proxy.errors import EmbeddingFailed, StoreUnavailable, UpstreamError
 from proxy.keys import CREDENTIAL_HEADERS, Headers
 from proxy.models import CLOCK, CachedResponse
 from proxy.plan import Plan, make_plan
@@ -60,14 +60,6 @@ OFF_LOOP = 262_144
 """Matrix products larger than this (rows x dimensions) run on the request-cpu pool."""
 FORWARDED = (*CREDENTIAL_HEADERS, "OpenAI-Organization", "OpenAI-Project")
 _HEAD = struct.Struct("<dH16sH")  # expires, key length, guard digests, dimensions
-
-
-class EmbeddingFailed(Exception):
-    """No embedding for this request; `caller` when the upstream refused this caller (4xx)."""
-
-    def __init__(self, reason: str, *, caller: bool = False) -> None:
-        super().__init__(reason)
-        self.caller = caller
 
 
 def pack(member: str, sig: bytes, expires: float, vector: np.ndarray) -> bytes:

@@ -21,16 +21,13 @@ import structlog
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
 
+from proxy.errors import RehostError
 from proxy.images.base import ImageStore, image_name, sniff
 
 log = structlog.get_logger()
 
 DEFAULT_IMAGE_HOSTS = ("oaidalleapiprodscus.blob.core.windows.net",)
 IMAGE_ROUTES = ("/images/generations", "/images/edits", "/images/variations")
-
-
-class RehostError(Exception):
-    """An image could not be fetched or stored; the answer is passed on untouched."""
 
 
 class PublicOnlyResolver(AbstractResolver):

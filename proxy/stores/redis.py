@@ -21,9 +21,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from proxy.errors import ConfigError, StoreUnavailable
+from proxy.errors import ConfigError, CorruptEntry, StoreUnavailable
 from proxy.keys import is_partition, key_id
-from proxy.models import CLOCK, CachedResponse, CorruptEntry
+from proxy.models import CLOCK, CachedResponse
 
 log = structlog.get_logger()
 T = TypeVar("T")

@@ -19,9 +19,9 @@ from typing import Any, TypeVar
 
 import structlog
 
-from proxy.errors import StoreUnavailable
+from proxy.errors import CorruptEntry, StoreUnavailable
 from proxy.keys import key_id
-from proxy.models import CachedResponse, CorruptEntry
+from proxy.models import CachedResponse
 from proxy.tasks import spawn
 
 log = structlog.get_logger()

@@ -13,7 +13,8 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
-from proxy.images.rehost import ImageRehoster, RehostError
+from proxy.errors import RehostError
+from proxy.images.rehost import ImageRehoster
 from proxy.testing.fake_openai import make_png
 from tests.conftest import free_port, sdk
 

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy import sse
-from proxy.coalesce import Flight, Lagged
+from proxy.coalesce import Flight
+from proxy.errors import Lagged
 from proxy.models import CLOCK, CachedResponse
 from proxy.replay import whole
 from proxy.status import CacheStatus

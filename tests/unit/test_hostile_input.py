@@ -13,13 +13,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from proxy.body import BodyTooLarge, decodable, decode
+from proxy.body import decodable, decode
+from proxy.errors import BadBody, BodyTooLarge, CorruptEntry, TooDeep, TooManyParts
 from proxy.images.base import PLACEHOLDER_BASE, client_base, rebase
 from proxy.images.local import LocalImageStore
 from proxy.images.rehost import ImageRehoster
 from proxy.keys import credential_of, mac_key, tenant_digest
-from proxy.models import CachedResponse, CorruptEntry
-from proxy.normalize import MAX_DEPTH, BadBody, TooDeep, TooManyParts
+from proxy.models import CachedResponse
+from proxy.normalize import MAX_DEPTH
 from proxy.plan import LABEL_MAX, make_plan
 from proxy.rules import default_rules_path, load_rules
 
