@@ -306,9 +306,9 @@ class ProxyApp:
             ("GET", "/_proxy/dashboard"): admin_only(dashboard),
             ("POST", "/_proxy/purge"): admin_only(purge),
         }
-        self._flusher: asyncio.Task[None] | None = None
-        self._prober: asyncio.Task[None] | None = None
-        self._sharer: asyncio.Task[None] | None = None
+        self._stack = contextlib.AsyncExitStack()
+        """What startup() started, closed by shutdown() in reverse order: every close runs
+        even when an earlier one fails."""
         logmod.guard_aiohttp_logs()
 
     async def metrics(self, st: State, request: web.BaseRequest) -> web.StreamResponse:
@@ -351,8 +351,17 @@ class ProxyApp:
         )
 
     async def startup(self) -> None:
-        self._flusher = spawn(logmod.flusher(), name="log-flusher")
-        cache = self.state.cache
+        stack = self._stack
+        st = self.state
+        # Closed in reverse: the log flushes last, after every other close has logged.
+        stack.callback(logmod.flush)
+        stack.callback(_cancel, spawn(logmod.flusher(), name="log-flusher"))
+        stack.push_async_callback(_close_optional, st.bus)
+        stack.push_async_callback(st.cache.aclose)
+        stack.push_async_callback(_close_optional, st.rehoster)
+        stack.push_async_callback(st.upstream.aclose)
+        stack.callback(st.cpu.shutdown, wait=False, cancel_futures=True)
+        cache = st.cache
         await cache.warm()
         await cache.probe()
         log.info(
@@ -363,10 +372,10 @@ class ProxyApp:
             data_dir=str(self.settings.data_dir),
             upstream=self.settings.upstream,
         )
-        self._prober = spawn(self._probe_forever(), name="store-probe")
+        stack.callback(_cancel, spawn(self._probe_forever(), name="store-probe"))
         if self.settings.workers > 1:
-            self.state.shared = Shared(self.state.stats, self.settings.data_dir / "stats")
-            self._sharer = spawn(self._share_forever(), name="stats-share")
+            st.shared = Shared(st.stats, self.settings.data_dir / "stats")
+            stack.callback(_cancel, spawn(self._share_forever(), name="stats-share"))
 
     async def _share_forever(self) -> None:
         shared = self.state.shared
@@ -386,20 +395,17 @@ class ProxyApp:
             await self.state.cache.probe()
 
     async def shutdown(self) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
-        if self._prober is not None:
-            self._prober.cancel()
-        if self._sharer is not None:
-            self._sharer.cancel()
-        self.state.cpu.shutdown(wait=False, cancel_futures=True)
-        await self.state.upstream.aclose()
-        if self.state.rehoster is not None:
-            await self.state.rehoster.aclose()
-        await self.state.cache.aclose()
-        if self.state.bus is not None:
-            await self.state.bus.aclose()
-        logmod.flush()
+        await self._stack.aclose()
+
+
+def _cancel(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+
+
+async def _close_optional(resource: Any) -> None:
+    """Close an optional resource (None: nothing to close)."""
+    if resource is not None:
+        await resource.aclose()
 
 
 @asynccontextmanager

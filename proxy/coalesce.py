@@ -161,11 +161,11 @@ class Flight:
         self._waiters.append(waiter)
         try:
             await waiter
-        finally:
-            if not waiter.done():  # cancelled or timed out: not left for the next wake
-                waiter.cancel()
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
+        except BaseException:  # cancelled or timed out: not left behind for the next wake
+            waiter.cancel()
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
+            raise
 
     def _release(self) -> None:
         """Past max_bytes: drop the chunks every reader has passed, and beyond that keep at

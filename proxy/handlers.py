@@ -14,7 +14,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, TypeVar, assert_never
 
@@ -47,9 +47,12 @@ from proxy.models import CLOCK, CachedResponse, money_fields
 from proxy.plan import (
     DEFAULT_CONTROLS,
     ClientControls,
+    Keyed,
     Mode,
+    PassThrough,
     Plan,
     bounded,
+    decide,
     idempotency_key,
     make_plan,
     parse_cache_control,
@@ -123,6 +126,21 @@ class State:
         self.max_body = self.settings.max_body_bytes
         if self.rehoster is not None:
             self.transform = transform_for(self.rehoster)
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """One client request as the data path forwards it."""
+
+    request: web.BaseRequest
+    body: bytes
+    """As read (and decoded from its Content-Encoding)."""
+    fwd: CIMultiDict[str]
+    """The headers that go upstream."""
+    path_qs: str
+    """The upstream path and query."""
+    t0: float
+    """When the request arrived (time.perf_counter)."""
 
 
 def json_error(status: int, message: str, type_: str, code: str | None) -> web.Response:
@@ -209,8 +227,8 @@ async def _handle(
         else:
             # Not a coding the proxy can read: forward it as it came, never keyed.
             rec.tenant = None
-            path_qs = _path_qs(st, upstream_path, query)
-            return await _passthrough(st, request, rec, body, forward_headers(h), path_qs, t0)
+            ex = Exchange(request, body, forward_headers(h), _path_qs(st, upstream_path, query), t0)
+            return await _passthrough(st, ex, rec)
 
     credential = credential_of(h)
     org = header_values(h, "OpenAI-Organization")
@@ -296,51 +314,25 @@ async def _handle(
                 )
             return whole(entry, CacheStatus.HIT, HIT_CACHE_STATUS)
 
-    path_qs = _path_qs(st, upstream_path, query)
-    fwd = forward_headers(h, decoded=decoded)
-
+    ex = Exchange(
+        request, body, forward_headers(h, decoded=decoded), _path_qs(st, upstream_path, query), t0
+    )
+    idempotency = None
     if idem:
         fingerprint = plan.fingerprint or passthrough_fingerprint(
             st.secret, tenant, method, route, query, body
         )
-        return await _serve_keyed(
-            st,
-            request,
-            rec,
-            body,
-            fwd,
-            path_qs,
-            plan,
-            key=idempotency_key(st.secret, tenant, idem),
-            tenant=tenant,
-            fingerprint=fingerprint,
-            controls=ClientControls(Mode.LOOKUP, None, controls.namespace),
-            ttl_s=settings.idempotency_ttl_s,
-            store=True,
-            t0=t0,
-        )
-    if plan.rule is None or controls.mode is Mode.BYPASS:
-        return await _passthrough(st, request, rec, body, fwd, path_qs, t0, plan)
-    ttl = plan.rule.ttl_s if controls.max_age is None else min(plan.rule.ttl_s, controls.max_age)
-    # kept past freshness for stale-if-error: the rule's window, or the request's directive
-    keep = max(plan.rule.stale_if_error_s, controls.stale_if_error or 0.0)
-    return await _serve_keyed(
-        st,
-        request,
-        rec,
-        body,
-        fwd,
-        path_qs,
-        plan,
-        key=plan.key,
-        tenant=tenant,
-        fingerprint="",
-        controls=controls,
-        ttl_s=ttl,
-        keep_s=keep,
-        store=plan.rule.store,
-        t0=t0,
+        idempotency = (idempotency_key(st.secret, tenant, idem), fingerprint)
+    what = decide(
+        plan, controls, idempotency=idempotency, idempotency_ttl_s=settings.idempotency_ttl_s
     )
+    match what:
+        case Keyed():
+            return await _serve_keyed(st, ex, rec, plan, tenant, what)
+        case PassThrough():
+            return await _passthrough(st, ex, rec, plan)
+        case _:
+            assert_never(what)
 
 
 def _path_qs(st: State, upstream_path: str, query: str) -> str:
@@ -382,24 +374,11 @@ def _too_large(settings: Settings) -> web.Response:
 
 
 async def _serve_keyed(
-    st: State,
-    request: web.BaseRequest,
-    rec: Record,
-    body: bytes,
-    fwd: CIMultiDict[str],
-    path_qs: str,
-    plan: Plan,
-    *,
-    key: str,
-    tenant: bytes,
-    fingerprint: str,
-    controls: ClientControls,
-    ttl_s: float,
-    store: bool,
-    t0: float,
-    keep_s: float = 0.0,
+    st: State, ex: Exchange, rec: Record, plan: Plan, tenant: bytes, keyed: Keyed
 ) -> web.StreamResponse:
     """A request with a key: answer from the cache, join a flight, or lead one."""
+    request = ex.request
+    key, fingerprint, controls = keyed.key, keyed.fingerprint, keyed.controls
     rule = plan.rule
     rec.key = key_id(key)
     degraded = False
@@ -464,19 +443,7 @@ async def _serve_keyed(
     if flight is not None:
         if fingerprint and flight.fingerprint != fingerprint:
             return _idempotency_conflict()
-        return await _join(
-            st,
-            request,
-            rec,
-            body,
-            fwd,
-            path_qs,
-            flight,
-            flight.attach(),
-            lock_timeout,
-            t0,
-            stale=stale,
-        )
+        return await _join(st, ex, rec, flight, flight.attach(), lock_timeout, stale)
 
     label = (
         CacheStatus.BYPASS
@@ -492,14 +459,14 @@ async def _serve_keyed(
     shadow: asyncio.Task[Probe] | None = None
     job = FetchJob(
         method=request.method,
-        path_qs=path_qs,
-        headers=fwd,
-        body=body,
+        path_qs=ex.path_qs,
+        headers=ex.fwd,
+        body=ex.body,
         route=rec.route,
         stream=plan.stream,
-        store_key=key if store and not degraded else "",
-        ttl_s=ttl_s,
-        keep_s=keep_s,
+        store_key=key if keyed.store and not degraded else "",
+        ttl_s=keyed.ttl_s,
+        keep_s=keyed.keep_s,
         debounce_s=rule.debounce_s if rule is not None else 0.0,
         transform=st.transform
         if rule is not None and rule.rehost_images and rewrites(rec.route)
@@ -512,7 +479,7 @@ async def _serve_keyed(
         },
         public_base=st.settings.public_url or PLACEHOLDER_BASE,
     )
-    if semantic != "off" and store and not degraded:
+    if semantic != "off" and keyed.store and not degraded:
         if probe is None:  # shadow: the lookup runs beside the upstream call
             shadow = spawn(_probe(st, request, rec, plan, tenant, controls), name="semantic-shadow")
         job.on_stored = partial(_remember, st, plan, probe, shadow, key)
@@ -528,19 +495,7 @@ async def _serve_keyed(
                 assert bus is not None
                 st.fetcher.follow(bus, flight, job)  # another instance leads: follow it
                 fed = True
-                return await _join(
-                    st,
-                    request,
-                    rec,
-                    body,
-                    fwd,
-                    path_qs,
-                    flight,
-                    reader,
-                    lock_timeout,
-                    t0,
-                    stale=stale,
-                )
+                return await _join(st, ex, rec, flight, reader, lock_timeout, stale)
             case Leader(token=token):
                 assert bus is not None
                 st.fetcher.lead_shared(bus, flight, job, token)
@@ -558,7 +513,7 @@ async def _serve_keyed(
     if stale is not None and failed(flight):
         reader.close()
         return _serve_stale(rec, flight, stale)
-    resp = await _relay(request, rec, flight, reader, label, t0, st.settings.write_timeout_s)
+    resp = await _relay(request, rec, flight, reader, label, ex.t0, st.settings.write_timeout_s)
     rec.upstream_ms = round(job.meta.get("upstream_ms", 0.0), 2) or None
     if st.auth is not None and flight.head is not None and flight.head.status < 300:
         st.auth.seen(tenant)
@@ -571,16 +526,11 @@ async def _serve_keyed(
 
 async def _join(
     st: State,
-    request: web.BaseRequest,
+    ex: Exchange,
     rec: Record,
-    body: bytes,
-    fwd: CIMultiDict[str],
-    path_qs: str,
     flight: Flight,
     reader: Reader,
     lock_timeout: float,
-    t0: float,
-    *,
     stale: CachedResponse | None = None,
 ) -> web.StreamResponse:
     """Answer with a flight someone else leads (here or on another instance)."""
@@ -589,13 +539,13 @@ async def _join(
         # The leader hangs: go upstream ourselves, uncached (nginx proxy_cache_lock_timeout).
         reader.close()
         rec.lock_timeout = True
-        return await _passthrough(st, request, rec, body, fwd, path_qs, time.perf_counter())
+        return await _passthrough(st, replace(ex, t0=time.perf_counter()), rec)
     if stale is not None and failed(flight):
         reader.close()
         return _serve_stale(rec, flight, stale)
     rec.cache = CacheStatus.COALESCED
     resp = await _relay(
-        request, rec, flight, reader, CacheStatus.COALESCED, t0, st.settings.write_timeout_s
+        ex.request, rec, flight, reader, CacheStatus.COALESCED, ex.t0, st.settings.write_timeout_s
     )
     if flight.entry is not None:
         _saved(rec, flight.entry)
@@ -895,26 +845,20 @@ def _cut(request: web.BaseRequest) -> None:
 
 
 async def _passthrough(
-    st: State,
-    request: web.BaseRequest,
-    rec: Record,
-    body: bytes,
-    fwd: CIMultiDict[str],
-    path_qs: str,
-    t0: float,
-    plan: Plan | None = None,
+    st: State, ex: Exchange, rec: Record, plan: Plan | None = None
 ) -> web.StreamResponse:
     """Forward as is and stream the answer back; nothing is read from or written to the cache.
 
     For a request that names a model, up to COUNT_BYTES of the answer are kept on the side to
     count the tokens and dollars it cost."""
+    request, t0 = ex.request, ex.t0
     rec.cache = CacheStatus.BYPASS
     resp: web.StreamResponse | None = None
     nbytes = chunks = 0
     kept: list[bytes] | None = [] if plan is not None and plan.model else None
     t_up = time.perf_counter()
     try:
-        async with st.upstream.request(request.method, path_qs, fwd, body) as up:
+        async with st.upstream.request(request.method, ex.path_qs, ex.fwd, ex.body) as up:
             headers: CIMultiDict[str] = CIMultiDict(response_headers(up.headers))
             headers["X-Cache-Status"] = CacheStatus.BYPASS.header
             headers["Cache-Status"] = CacheStatus.BYPASS.rfc9211

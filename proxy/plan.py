@@ -138,6 +138,52 @@ def parse_cache_control(value: str | None, namespace: str | None) -> ClientContr
     return ClientControls(mode, max_age, (namespace or "").strip(), stale)
 
 
+@dataclass(frozen=True, slots=True)
+class PassThrough:
+    """Forward as is: no rule, or Cache-Control: no-store."""
+
+
+@dataclass(frozen=True, slots=True)
+class Keyed:
+    """Answer through the cache under `key`."""
+
+    key: str
+    controls: ClientControls
+    ttl_s: float
+    """How long a stored answer is fresh."""
+    keep_s: float
+    """How much longer it is kept, stale, for stale-if-error."""
+    store: bool
+    fingerprint: str = ""
+    """For Idempotency-Key: the request the key must keep answering (another body: 422)."""
+
+
+PASS_THROUGH = PassThrough()
+
+
+def decide(
+    plan: Plan,
+    controls: ClientControls,
+    *,
+    idempotency: tuple[str, str] | None = None,
+    idempotency_ttl_s: float = 86400.0,
+) -> PassThrough | Keyed:
+    """What the data path does with a planned request. `idempotency` is (its store key, the
+    request's fingerprint) when it carries an Idempotency-Key: then it is keyed on any route,
+    looked up and stored whatever Cache-Control says."""
+    if idempotency is not None:
+        key, fingerprint = idempotency
+        lookup = ClientControls(Mode.LOOKUP, None, controls.namespace)
+        return Keyed(key, lookup, idempotency_ttl_s, 0.0, True, fingerprint)
+    rule = plan.rule
+    if rule is None or controls.mode is Mode.BYPASS:
+        return PASS_THROUGH
+    ttl = rule.ttl_s if controls.max_age is None else min(rule.ttl_s, controls.max_age)
+    # kept past freshness for stale-if-error: the rule's window, or the request's directive
+    keep = max(rule.stale_if_error_s, controls.stale_if_error or 0.0)
+    return Keyed(plan.key, controls, ttl, keep, rule.store)
+
+
 def route_of(path: str) -> tuple[str, str]:
     """(route for rules, path for upstream). Accepts paths with or without the /v1 prefix."""
     if path.startswith("/v1/") or path == "/v1":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import math
+from typing import Any
 
 import aiohttp
 import openai
@@ -39,7 +40,10 @@ async def test_scripted_workload_adds_up_everywhere(start_proxy, fake):
     tokens_spent = tokens_saved = 0
     with capture_logs() as logs:
         async with async_sdk(proxy) as c:
-            chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "cost me"}]}
+            chat: dict[str, Any] = {
+                "model": "gpt-4o-mini",
+                "messages": [{"role": "user", "content": "cost me"}],
+            }
             miss = await c.chat.completions.create(**chat)
             hit = await c.chat.completions.create(**chat)
             assert hit.id == miss.id

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import aiohttp
 import orjson
 
 from tests.helpers import HEADERS, joined, post_stream, wait_until
 
-CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Persona for Ann"}]}
+CHAT: dict[str, Any] = {
+    "model": "gpt-4o-mini",
+    "messages": [{"role": "user", "content": "Persona for Ann"}],
+}
 STREAM = {**CHAT, "stream": True}
 
 

@@ -11,6 +11,7 @@ import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import brotli
 import openai
@@ -48,7 +49,7 @@ def chat(prompt: str, model: str = "gpt-4o-mini") -> bytes:
 def test_every_credential_partitions_the_cache(proc, hostile):
     """Clients that share `Authorization` but send different `api-key`s (which is what this
     upstream reads) never get each other's answers."""
-    answers = {}
+    answers: dict[str, Any] = {}
     for key in ("azure-key-1", "azure-key-2", "azure-key-1"):
         c = openai.OpenAI(
             base_url=proc.url + "/v1",
@@ -287,7 +288,7 @@ def test_a_corrupt_entry_is_a_miss_that_replaces_it_and_redis_restarts_are_retri
         statuses = [
             header(post(p.port, chat(x), headers), "X-Cache-Status") for x in ("one", "two")
         ]
-        assert sorted(statuses) == ["HIT", "MISS"]
+        assert sorted(str(s) for s in statuses) == ["HIT", "MISS"]
         assert header(post(p.port, chat("one"), headers), "X-Cache-Status") == "HIT"
         health = orjson.loads(
             body_of(raw(p.port, b"GET /_proxy/health HTTP/1.1\r\nHost: x\r\n\r\n"))
@@ -390,7 +391,7 @@ def test_a_bare_image_host_allows_only_its_default_port(fake, tmp_path):
     try:
         with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-a") as c:
             r = c.images.generate(prompt="a port", response_format="url")
-            assert r.data[0].url.startswith(fake.base_url)
+            assert r.data and r.data[0].url and r.data[0].url.startswith(fake.base_url)
             c.images.generate(prompt="a port", response_format="url")
         assert fake.count("/v1/images/generations") == 2 and fake.image_downloads == []
     finally:

@@ -228,8 +228,8 @@ def test_help_shows_defaults_and_subcommands():
         [sys.executable, "-m", "proxy", "--help"], cwd=ROOT, capture_output=True, text=True
     ).stdout
     assert "[default: 8080; env PROXY_PORT]" in top and "[default: 64.0" in top
-    for sub in ("demo", "report", "images backfill", "purge", "healthcheck"):
-        assert sub in top
+    for name in ("demo", "report", "images backfill", "purge", "healthcheck"):
+        assert name in top
     for sub, words in (
         (["demo"], "fake OpenAI"),
         (["report"], "--by"),
@@ -300,3 +300,31 @@ def test_an_upstream_failure_is_named_in_the_log_and_said_once(start_proxy):
     assert message.lower().count("could not be reached") == 1
     done = [e for e in logs if e["event"] == "request.done"]
     assert [e.get("error") for e in done] == ["upstream_unreachable", "upstream_unreachable"]
+
+
+async def test_shutdown_closes_everything_even_when_one_close_fails(tmp_path):
+    """Resources close in reverse order of start, and one failing close skips no other."""
+    import asyncio
+
+    from proxy.app import ProxyApp
+    from proxy.settings import Settings
+    from proxy.stores import MemoryStore
+
+    settings = Settings(
+        upstream="http://127.0.0.1:9", data_dir=tmp_path, cache="memory://", secret="x"
+    )
+    app = await asyncio.to_thread(ProxyApp, settings)
+
+    class BrokenImages:
+        async def aclose(self) -> None:
+            raise RuntimeError("the image store failed to close")
+
+    app.state.rehoster = BrokenImages()  # type: ignore[assignment]
+    await app.startup()
+    session = app.state.upstream.session  # opened, so there is something to close
+    with pytest.raises(RuntimeError, match="image store"):
+        await app.shutdown()
+    assert session.closed  # closed before the failing one (reverse order)
+    assert app.state.cpu._shutdown
+    store = app.state.cache.store
+    assert isinstance(store, MemoryStore) and store.bytes == 0 and len(store) == 0

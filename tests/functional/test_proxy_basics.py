@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import aiohttp
 import openai
@@ -11,7 +12,10 @@ import pytest
 
 from tests.conftest import async_sdk, sdk
 
-CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Name a persona"}]}
+CHAT: dict[str, Any] = {
+    "model": "gpt-4o-mini",
+    "messages": [{"role": "user", "content": "Name a persona"}],
+}
 
 
 def chat_raw(client: openai.OpenAI, **extra):

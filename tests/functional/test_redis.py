@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -17,7 +18,10 @@ from structlog.testing import capture_logs
 from tests.conftest import sdk, spawn_proxy, start_redis
 from tests.helpers import HEADERS, joined, post_stream, wait_until
 
-CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Shared persona"}]}
+CHAT: dict[str, Any] = {
+    "model": "gpt-4o-mini",
+    "messages": [{"role": "user", "content": "Shared persona"}],
+}
 # Its own prompt: a stream of CHAT's prompt would be CHAT's twin (served from its answer).
 STREAM = {**CHAT, "messages": [{"role": "user", "content": "Shared stream"}], "stream": True}
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,11 +47,7 @@ def assert_clean(url: str) -> None:
                 r.get(key) or b""
                 if kind == b"string"
                 else orjson.dumps(
-                    [
-                        [k.decode(), v.decode("latin-1")]
-                        for _, f in r.xrange(key)
-                        for k, v in f.items()
-                    ]
+                    [[str(k), str(v)] for _, f in r.xrange(key) or [] for k, v in (f or {}).items()]
                 )
                 if kind == b"stream"
                 else b""

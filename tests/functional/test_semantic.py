@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from typing import Any
 
 import openai
 import orjson
@@ -33,8 +34,8 @@ def rules(tmp_path, mode: str = "on", threshold: float = 0.95, extra: str = "") 
     return path
 
 
-def ask(client: openai.OpenAI, text: str, *, model: str = "gpt-4o-mini", system: str = "", **kw):
-    messages = [{"role": "system", "content": system}] if system else []
+def ask(client: openai.OpenAI, text: Any, *, model: str = "gpt-4o-mini", system: str = "", **kw):
+    messages: list[Any] = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": text})
     return client.chat.completions.with_raw_response.create(model=model, messages=messages, **kw)
 

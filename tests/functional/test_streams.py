@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import aiohttp
 import openai
@@ -15,7 +16,7 @@ from proxy.testing.fake_openai import recorded
 from tests.conftest import async_sdk
 from tests.helpers import HEADERS, joined, post_stream, wait_until
 
-CHAT = {
+CHAT: dict[str, Any] = {
     "model": "gpt-4o-mini",
     "messages": [{"role": "user", "content": "Stream a persona"}],
     "stream": True,
@@ -91,6 +92,7 @@ async def test_sdk_responses_stream_helper(proxy, fake, model):
             async with c.responses.stream(model=model, input="Who won in 2020?") as stream:
                 deltas = [e.delta async for e in stream if e.type == "response.output_text.delta"]
                 final = await stream.get_final_response()
+            assert final.usage is not None
             return "".join(deltas), final.output_text, final.usage.model_dump()
 
     first = await run()

@@ -4,13 +4,14 @@ through the official Python SDK (sync and async)."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import orjson
 
 from tests.conftest import async_sdk, sdk
 from tests.helpers import eventually
 
-PROMPT = [{"role": "user", "content": "twin persona"}]
+PROMPT: list[Any] = [{"role": "user", "content": "twin persona"}]
 
 
 def stream_chat(c, **kw):
@@ -18,7 +19,8 @@ def stream_chat(c, **kw):
     with c.chat.completions.with_streaming_response.create(
         stream=True, stream_options={"include_usage": True}, **kw
     ) as resp:
-        text, usage, finish, calls = "", None, None, {}
+        text, usage, finish = "", None, None
+        calls: dict[int, Any] = {}
         for chunk in resp.parse():
             if chunk.usage:
                 usage = chunk.usage.model_dump()
@@ -126,7 +128,8 @@ async def test_twins_in_flight_each_go_upstream(proxy, fake):
         assert fake.count("/v1/chat/completions") == 2
         await asyncio.sleep(0.1)  # both stored (the last one written is the entry)
         fake.latency = 0.0
-        for form in ({"stream": True}, {}):
+        forms: tuple[dict[str, Any], ...] = ({"stream": True}, {})
+        for form in forms:
             raw = await c.chat.completions.with_raw_response.create(
                 model="gpt-4o-mini", messages=PROMPT, **form
             )

@@ -1,0 +1,133 @@
+"""plan.py on its own: Cache-Control, routes, make_plan (keys, twins, fingerprints) and
+decide (what the data path does with a planned request)."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from proxy.errors import BadBody
+from proxy.plan import (
+    DEFAULT_CONTROLS,
+    ClientControls,
+    Keyed,
+    Mode,
+    PassThrough,
+    decide,
+    make_plan,
+    parse_cache_control,
+    route_of,
+)
+from proxy.rules import Rules, parse_rules
+
+RULES = Rules(
+    parse_rules(
+        '[[rule]]\nroute = "/v1/chat/completions"\nttl_s = 100\nstale_if_error_s = 50\n'
+        '[[rule]]\nroute = "/v1/embeddings"\nstore = false\n'
+        '[[rule]]\nroute = "/v1/moderations"\nenabled = false\n',
+        "t",
+    )
+)
+TENANT = b"t" * 32
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def plan(body: object, route: str = "/v1/chat/completions", *, ctype="application/json", **kw):
+    raw = body if isinstance(body, bytes) else orjson.dumps(body)
+    return make_plan(RULES, b"s", TENANT, "POST", route, "", "", ctype, raw, **kw)
+
+
+@pytest.mark.parametrize(
+    ("value", "mode", "max_age", "stale"),
+    [
+        (None, Mode.LOOKUP, None, None),
+        ("no-cache", Mode.REFRESH, None, None),
+        ("no-store, no-cache", Mode.BYPASS, None, None),
+        ("max-age=30, max-age=10", Mode.LOOKUP, 10.0, None),
+        ("max-age=-1, max-age=1.5, max-age=nan", Mode.LOOKUP, None, None),
+        ("max-age=99999999999999", Mode.LOOKUP, 2.0**31, None),
+        ('stale-if-error="60"', Mode.LOOKUP, None, 60.0),
+    ],
+)
+def test_cache_control(value, mode, max_age, stale):
+    c = parse_cache_control(value, None)
+    assert (c.mode, c.max_age, c.stale_if_error) == (mode, max_age, stale)
+
+
+def test_stale_window_is_the_smaller_of_rule_and_request():
+    assert ClientControls(Mode.LOOKUP, None, "", 30.0).stale_window(50.0) == 30.0
+    assert ClientControls(Mode.LOOKUP, None, "", 80.0).stale_window(50.0) == 50.0
+    assert ClientControls(Mode.LOOKUP, None, "", 80.0).stale_window(0.0) == 80.0
+    assert DEFAULT_CONTROLS.stale_window(50.0) == 50.0
+
+
+@pytest.mark.parametrize(
+    ("path", "route", "upstream"),
+    [
+        ("/v1/chat/completions", "/v1/chat/completions", "/v1/chat/completions"),
+        ("/chat/completions", "/v1/chat/completions", "/v1/chat/completions"),
+        ("/openai/v1/responses", "/v1/responses", "/openai/v1/responses"),
+        ("/openai/deployments/d/chat/completions", "/openai/deployments/d/chat/completions", None),
+    ],
+)
+def test_routes(path, route, upstream):
+    assert route_of(path) == (route, upstream or path)
+
+
+def test_keys_ignore_field_order_whitespace_and_ignored_fields():
+    a = plan(CHAT)
+    b = plan(b' { "messages": [{"content": "hi", "role": "user"}], "model": "gpt-4o-mini" } ')
+    c = plan({**CHAT, "user": "u1", "metadata": {"x": 1}})
+    assert a.key == b.key == c.key and a.rule is not None
+    assert plan({**CHAT, "temperature": 0.5}).key != a.key
+
+
+def test_twins_share_a_key_and_differ_in_form():
+    json_plan = plan(CHAT)
+    sse = plan({**CHAT, "stream": True})
+    usage = plan({**CHAT, "stream": True, "stream_options": {"include_usage": True}})
+    assert json_plan.key == sse.key == usage.key
+    assert (json_plan.form, sse.form, usage.form) == ("json", "sse", "sse+usage")
+    assert sse.stream and not json_plan.stream
+
+
+def test_the_fingerprint_is_computed_only_when_asked():
+    assert plan(CHAT, fingerprint=False).fingerprint == ""
+    with_fp = plan(CHAT)
+    assert with_fp.fingerprint and with_fp.fingerprint != plan({**CHAT, "user": "u"}).fingerprint
+    assert plan(CHAT, fingerprint=False).key == with_fp.key
+
+
+def test_bodies_that_lie_about_their_type_are_refused():
+    with pytest.raises(BadBody):
+        plan(b"not json")
+    with pytest.raises(BadBody):
+        plan(b"[1, 2]")
+    form = plan(b"a=1&b=2", ctype="application/x-www-form-urlencoded")
+    assert form.key and form.key != plan(b"a=1&b=3", ctype="application/x-www-form-urlencoded").key
+
+
+def test_no_rule_or_a_disabled_rule_is_a_plain_plan():
+    assert plan({"input": "x"}, "/v1/files").rule is None
+    assert plan({"model": "m", "input": "x"}, "/v1/moderations").rule is None
+    assert plan({**CHAT, "background": True}).rule is None  # never_if
+
+
+def test_decide():
+    p = plan(CHAT)
+    keyed = decide(p, DEFAULT_CONTROLS)
+    assert keyed == Keyed(p.key, DEFAULT_CONTROLS, 100.0, 50.0, True)
+    short = parse_cache_control("max-age=10, stale-if-error=80", None)
+    assert decide(p, short) == Keyed(p.key, short, 10.0, 80.0, True)
+    assert isinstance(decide(p, parse_cache_control("no-store", None)), PassThrough)
+    assert isinstance(decide(plan({"input": "x"}, "/v1/files"), DEFAULT_CONTROLS), PassThrough)
+    unstored = decide(plan({"model": "e", "input": "x"}, "/v1/embeddings"), DEFAULT_CONTROLS)
+    assert isinstance(unstored, Keyed) and not unstored.store
+    # an Idempotency-Key keys any route, looks up whatever Cache-Control says, for its TTL
+    idem = decide(
+        plan({"input": "x"}, "/v1/files"),
+        parse_cache_control("no-store", "ns"),
+        idempotency=("idem:k", "fp"),
+        idempotency_ttl_s=60.0,
+    )
+    assert idem == Keyed("idem:k", ClientControls(Mode.LOOKUP, None, "ns"), 60.0, 0.0, True, "fp")
