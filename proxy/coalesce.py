@@ -77,6 +77,7 @@ class Flight:
         "scan",
         "size",
         "task",
+        "upstream_ms",
     )
 
     def __init__(self, key: str, *, max_bytes: int, fingerprint: str = "") -> None:
@@ -107,6 +108,8 @@ class Flight:
         self.reason = ""
         self.task: asyncio.Task[None] | None = None
         """The upstream read feeding this flight."""
+        self.upstream_ms = 0.0
+        """How long the upstream read took (set by the fetcher when it ends)."""
         self.entry: CachedResponse | None = None
         """Set once a good answer is whole: late joiners and debounce reuse it as is."""
         self._base = 0  # how many leading chunks were released (overflow only)

@@ -12,27 +12,24 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 import structlog
 from multidict import CIMultiDict
 
-from proxy import sse
+from proxy.answers import make_entry, storable
 from proxy.bus import Followed, RedisBus
 from proxy.cache import Cache
 from proxy.coalesce import Flight, Flights, Outcome
-from proxy.cost import Cost, Prices
+from proxy.cost import Prices
 from proxy.errors import BusError, StoreUnavailable, UpstreamError, UpstreamTimeout, error_body
 from proxy.images.base import has_placeholder
 from proxy.keys import key_id
-from proxy.models import CLOCK, CachedResponse
+from proxy.models import CachedResponse
 from proxy.tasks import spawn
 from proxy.upstream import Upstream, response_headers
 
 log = structlog.get_logger()
 
 JSON_HEADERS = (("Content-Type", "application/json"),)
-_UNKNOWN: Any = object()
-"""make_entry's `usage` when the caller did not read it: it is read from the body."""
 
 # A hook that may rewrite a whole non-streamed 2xx body before anyone sees it (image rehosting).
 # It returns the new body, or None to leave the answer as it is and not store it.
@@ -132,9 +129,9 @@ class Fetcher:
             if result is Followed.DONE:
                 head = flight.head
                 if flight.outcome is Outcome.COMPLETE and head is not None and head.status < 300:
-                    body = flight.body()
+                    stream = job.stream or flight.scan is not None
                     flight.entry = make_entry(
-                        head.status, head.headers, body, flight, job, self.prices
+                        flight, job, stream=stream, body=flight.body(), prices=self.prices
                     )
                 self.flights.forget(flight)
                 return
@@ -165,8 +162,9 @@ class Fetcher:
 
     async def run(self, flight: Flight, job: FetchJob) -> None:
         started = time.monotonic()
+        read = Read(stream=job.stream, keep=True)
         try:
-            await self._read(flight, job)
+            read = await self._read(flight, job)
             flight.finish(Outcome.COMPLETE)
         except UpstreamTimeout:
             if flight.head is None:
@@ -200,18 +198,18 @@ class Fetcher:
         finally:
             if not flight.done:
                 flight.finish(Outcome.CUT, "fetch ended early")
-        job.meta["upstream_ms"] = (time.monotonic() - started) * 1000.0
+        flight.upstream_ms = (time.monotonic() - started) * 1000.0
         if flight.outcome is Outcome.CUT and flight.head is not None and flight.head.status < 400:
             log.warning("stream.aborted", key=key_id(flight.key), reason=flight.reason)
-        await self._keep(flight, job)
+        await self._keep(flight, job, read)
 
-    async def _read(self, flight: Flight, job: FetchJob) -> None:
+    async def _read(self, flight: Flight, job: FetchJob) -> Read:
+        """Read the upstream answer into the flight; what it turned out to be."""
         async with self.upstream.request(job.method, job.path_qs, job.headers, job.body) as resp:
             headers = response_headers(resp.headers)
             ctype = resp.headers.get("Content-Type", "")
-            if not job.stream and "text/event-stream" in ctype:
-                job.stream = True
-            if job.transform is not None and 200 <= resp.status < 300 and not job.stream:
+            stream = job.stream or "text/event-stream" in ctype
+            if job.transform is not None and 200 <= resp.status < 300 and not stream:
                 data = await resp.read()
                 flight.busy = True  # the leader works: duplicates keep waiting for it
                 try:
@@ -221,15 +219,12 @@ class Fetcher:
                     new = None
                 finally:
                     flight.busy = False
-                if new is None:
-                    job.store_key = ""
-                    job.debounce_s = 0.0
-                else:
+                if new is not None:
                     data = new
                     flight.rebase = has_placeholder(data)
                 flight.publish_head(resp.status, headers)
                 flight.append(data)
-                return
+                return Read(stream=False, keep=new is not None)
             if "Content-Encoding" not in resp.headers:
                 flight.expected_size = resp.content_length
             flight.publish_head(resp.status, headers)
@@ -240,149 +235,46 @@ class Fetcher:
                     and time.monotonic() - flight.detached_since > self.detached_max_s
                 ):
                     raise UpstreamError("every client left and detached_max_s passed")
+            return Read(stream=stream, keep=True)
 
-    async def _keep(self, flight: Flight, job: FetchJob) -> None:
+    async def _keep(self, flight: Flight, job: FetchJob, read: Read) -> None:
         """Store the answer if it is whole and good; then let the flight go (or debounce)."""
         head = flight.head
-        good = (
-            flight.outcome is Outcome.COMPLETE
-            and head is not None
-            and 200 <= head.status < 300
-            and not flight.overflow
-        )
-        body = flight.body() if good else b""
-        usage: Any = _UNKNOWN
-        if good:
-            assert head is not None
-            if job.stream and flight.scan is not None:
-                flight.scan.close()
-                why, usage = flight.scan.verdict(), flight.scan.usage
-            elif job.stream:
-                why = sse.verdict(body)
-            else:
-                why, usage = await _json_verdict(head.headers, body)
-            if not why and flight.expected_size is not None and flight.size != flight.expected_size:
-                why = "length differs from Content-Length"
-            if why:
-                good = False
-                log.info("answer.not_stored", key=key_id(flight.key), reason=why)
-        if not good:
-            if flight.overflow:
-                log.info("stream.not_stored", key=key_id(flight.key), reason="above max_record_mb")
+        ok = head is not None and 200 <= head.status < 300 and not flight.overflow
+        body = flight.body() if ok else b""
+        if len(body) > VERDICT_OFF_LOOP:  # parsing a large answer would stall the loop
+            verdict = await asyncio.to_thread(storable, flight, read.stream, body)
+        else:
+            verdict = storable(flight, read.stream, body)
+        if not verdict.ok:
+            if verdict.why:
+                event = "stream.not_stored" if flight.overflow else "answer.not_stored"
+                log.info(event, key=key_id(flight.key), reason=verdict.why)
             self.flights.forget(flight)
             return
-        assert head is not None
-        entry = make_entry(head.status, head.headers, body, flight, job, self.prices, usage)
+        entry = make_entry(
+            flight, job, stream=read.stream, body=body, prices=self.prices, usage=verdict.usage
+        )
         flight.entry = entry
-        if job.store_key:
+        if job.store_key and read.keep:
             try:
                 await self.cache.set(job.store_key, entry, job.ttl_s + job.keep_s)
                 if job.on_stored is not None:
                     spawn(job.on_stored(entry), name=f"stored:{key_id(job.store_key)}")
             except StoreUnavailable:
                 pass
-        self.flights.forget(flight, after_s=job.debounce_s)
+        self.flights.forget(flight, after_s=job.debounce_s if read.keep else 0.0)
 
 
-def _stored_headers(headers: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
-    # Rate-limit headers describe the request that was made, not the one a HIT answers; the
-    # cache's own status headers are added on the way out.
-    return tuple(
-        (k, v)
-        for k, v in headers
-        if not k.lower().startswith("x-ratelimit-") and k.lower() not in OWN_HEADERS
-    )
+VERDICT_OFF_LOOP = 256 * 1024
+"""Answers larger than this are checked (parsed) on a worker thread."""
 
 
-OWN_HEADERS = frozenset({"x-cache-status", "cache-status", "age"})
+@dataclass(frozen=True, slots=True)
+class Read:
+    """What an upstream read turned out to be (the fetcher's result; its job is not changed)."""
 
-
-def make_entry(
-    status: int,
-    headers: tuple[tuple[str, str], ...],
-    body: bytes,
-    flight: Flight,
-    job: FetchJob,
-    prices: Prices,
-    usage: Any = _UNKNOWN,
-) -> CachedResponse:
-    """The stored form of a finished flight, with its usage and cost (`usage` if the caller
-    already read it from the body)."""
-    ends: list[int] = []
-    if job.stream:
-        total = 0
-        for chunk in flight.chunks:
-            total += len(chunk)
-            ends.append(total)
-    if usage is _UNKNOWN:
-        usage = sse.usage_of_stream(body) if job.stream else usage_of_json(body)
-    meta = {k: v for k, v in job.meta.items() if k in ("fingerprint", "model", "route")}
-    meta["ttl"] = job.ttl_s  # freshness; the store keeps it keep_s longer (stale-if-error)
-    if job.stream and job.route.endswith("/chat/completions") and usage:
-        meta["sse_usage"] = True  # the stream carries its usage chunk (see twins)
-    if flight.rebase:
-        meta["rebase"] = True
-    cost = answer_cost(prices, job.route, job.meta.get("model"), usage, job.meta.get("hints"), body)
-    if cost is not None:
-        meta["cost"] = cost.fields()
-    return CachedResponse(
-        status=status,
-        headers=_stored_headers(headers),
-        body=body,
-        created=CLOCK.now(),
-        stream=job.stream,
-        chunk_ends=tuple(ends),
-        chunk_ms=tuple(round(ms, 1) for ms in flight.chunk_ms) if job.stream else (),
-        upstream_ms=round(job.meta.get("upstream_ms", 0.0), 1),
-        meta=meta,
-    )
-
-
-def answer_cost(
-    prices: Prices,
-    route: str,
-    model: str | None,
-    usage: dict[str, Any] | None,
-    hints: dict[str, Any] | None,
-    body: bytes,
-) -> Cost | None:
-    """Tokens and dollars of one good answer (images counted from the answer's items)."""
-    images = 0
-    if "/images/" in route and not usage:
-        images = body.count(b'"url"') + body.count(b'"b64_json"')
-    return prices.cost(route, model, usage, hints or {}, images=images)
-
-
-JSON_OFF_LOOP = 256 * 1024
-
-
-async def _json_verdict(headers: tuple[tuple[str, str], ...], body: bytes) -> tuple[str, Any]:
-    """(why not to store, usage) for a whole non-streamed 2xx answer. A JSON answer must parse
-    and must not be an error object; other types (audio, text) are taken as they are."""
-    ctype = next((v for k, v in headers if k.lower() == "content-type"), "")
-    if "json" not in ctype.lower():
-        return "", _UNKNOWN
-    try:
-        if len(body) > JSON_OFF_LOOP:
-            doc = await asyncio.to_thread(orjson.loads, body)
-        else:
-            doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return "a JSON answer that does not parse", None
-    if not isinstance(doc, dict):
-        return "", None
-    if doc.get("error"):
-        return "an error object under a 2xx status", None
-    usage = doc.get("usage")
-    return "", usage if isinstance(usage, dict) else None
-
-
-def usage_of_json(body: bytes) -> dict[str, Any] | None:
-    if b'"usage"' not in body:
-        return None
-    try:
-        obj = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    usage = obj.get("usage") if isinstance(obj, dict) else None
-    return usage if isinstance(usage, dict) else None
+    stream: bool
+    """An SSE answer (asked for, or sent as one anyway)."""
+    keep: bool
+    """It may be stored and reused (False: its images could not be rehosted)."""

@@ -23,6 +23,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy import sse
+from proxy.answers import answer_cost, usage_of_json
 from proxy.auth import CredentialCheck
 from proxy.body import decodable, decode
 from proxy.bus import LOCAL, Conflict, Follow, Leader, Leadership, Local, RedisBus
@@ -38,7 +39,7 @@ from proxy.errors import (
     UpstreamTimeout,
     error_body,
 )
-from proxy.fetch import Fetcher, FetchJob, Transform, answer_cost, usage_of_json
+from proxy.fetch import Fetcher, FetchJob, Transform
 from proxy.images.base import PLACEHOLDER_BASE, client_base, rebase
 from proxy.images.rehost import ImageRehoster, rewrites, transform_for
 from proxy.keys import credential_of, header_values, key_id, raw_digest, tenant_digest
@@ -514,7 +515,7 @@ async def _serve_keyed(
         reader.close()
         return _serve_stale(rec, flight, stale)
     resp = await _relay(request, rec, flight, reader, label, ex.t0, st.settings.write_timeout_s)
-    rec.upstream_ms = round(job.meta.get("upstream_ms", 0.0), 2) or None
+    rec.upstream_ms = round(flight.upstream_ms, 2) or None
     if st.auth is not None and flight.head is not None and flight.head.status < 300:
         st.auth.seen(tenant)
     if flight.entry is not None:

@@ -1,0 +1,88 @@
+"""answers.storable on its own: only whole, sound 2xx answers are stored."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.answers import UNKNOWN, storable, stored_headers
+from proxy.coalesce import Flight, Outcome
+
+JSON = (("Content-Type", "application/json"),)
+SSE = (("Content-Type", "text/event-stream"),)
+
+
+def finished(
+    status: int,
+    headers,
+    *chunks: bytes,
+    outcome: Outcome = Outcome.COMPLETE,
+    expected: int | None = None,
+    max_bytes: int = 1 << 20,
+) -> Flight:
+    flight = Flight("k", max_bytes=max_bytes)
+    flight.expected_size = expected
+    flight.publish_head(status, headers)
+    for chunk in chunks:
+        flight.append(chunk)
+    flight.finish(outcome)
+    return flight
+
+
+def verdict(flight: Flight, stream: bool):
+    return storable(flight, stream, flight.body())
+
+
+CHAT_SSE = (
+    b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n',
+    b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}\n\n',
+    b"data: [DONE]\n\n",
+)
+
+
+def test_a_whole_json_answer_is_stored_with_its_usage():
+    v = verdict(finished(200, JSON, b'{"id":"x","usage":{"prompt_tokens":3}}'), False)
+    assert v.ok and v.usage == {"prompt_tokens": 3}
+
+
+def test_a_whole_stream_is_stored_with_its_usage():
+    v = verdict(finished(200, SSE, *CHAT_SSE), True)
+    assert v.ok and v.usage == {"prompt_tokens": 1, "completion_tokens": 2}
+
+
+@pytest.mark.parametrize(
+    ("flight", "stream", "why"),
+    [
+        (finished(500, JSON, b'{"error":{}}'), False, ""),
+        (finished(200, JSON, b'{"id":'), False, "a JSON answer that does not parse"),
+        (
+            finished(200, JSON, b'{"error":{"message":"x"}}'),
+            False,
+            "an error object under a 2xx status",
+        ),
+        (finished(200, SSE, *CHAT_SSE[:2]), True, "stream ended without its terminal event"),
+        (finished(200, JSON, b'{"a":1}', expected=99), False, "length differs from Content-Length"),
+        (finished(200, JSON, b'{"a":1}', outcome=Outcome.CUT), False, ""),
+        (finished(200, SSE, b"x" * 64, max_bytes=8), True, "above max_record_mb"),
+    ],
+)
+def test_what_is_not_stored(flight, stream, why):
+    v = verdict(flight, stream)
+    assert not v.ok
+    assert v.why == why or (why and why in v.why)
+
+
+def test_other_types_are_taken_as_they_are():
+    v = verdict(finished(200, (("Content-Type", "audio/mpeg"),), b"ID3..."), False)
+    assert v.ok and v.usage is UNKNOWN
+
+
+def test_stored_headers_drop_rate_limits_and_the_caches_own():
+    kept = stored_headers(
+        (
+            ("x-request-id", "r"),
+            ("x-ratelimit-remaining-tokens", "9"),
+            ("Age", "3"),
+            ("Cache-Status", "x"),
+        )
+    )
+    assert kept == (("x-request-id", "r"),)
