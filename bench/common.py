@@ -114,7 +114,7 @@ wrk.headers["Authorization"] = "Bearer sk-bench"
 
 UNIQUE_LUA = """
 counter = 0
-salt = tostring(math.random(1, 1000000000))
+salt = "SALT"
 request = function()
     counter = counter + 1
     local body = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Describe persona '
@@ -123,7 +123,8 @@ request = function()
         ["Authorization"] = "Bearer sk-bench"}, body)
 end
 """
-"""A new chat completion on every request (a MISS every time): a random salt per wrk run."""
+"""A new chat completion on every request (a MISS every time): a salt per wrk run (wrk's
+math.random is not seeded: every run would draw the same one) and a counter."""
 
 
 def wrk(
@@ -141,7 +142,8 @@ def wrk(
     if exe is None:
         raise SystemExit("wrk is not installed: apt-get install wrk")
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write(UNIQUE_LUA if unique else WRK_LUA.format(body=body))
+        salt = f"{time.time_ns():x}-{os.getpid()}"
+        f.write(UNIQUE_LUA.replace("SALT", salt) if unique else WRK_LUA.format(body=body))
         script = f.name
     out = subprocess.run(
         [exe, f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", script, url],

@@ -19,6 +19,9 @@ import argparse
 import contextlib
 import statistics
 import sys
+import urllib.request
+
+import orjson
 
 from bench.common import free_port, process, proxy, wrk
 
@@ -69,6 +72,14 @@ def main() -> None:
             for label, url in urls.items():
                 one[label].append(wrk(url, "", connections=1, seconds=args.seconds, unique=True))
                 many[label].append(wrk(url, "", connections=32, seconds=args.seconds, unique=True))
+        for label, url in urls.items():  # every request was a MISS: no proxy served a HIT
+            if label.startswith("proxy"):
+                stats = orjson.loads(
+                    urllib.request.urlopen(
+                        url.replace("/v1/chat/completions", "/_proxy/stats")
+                    ).read()
+                )
+                assert stats["hits"] == 0 and stats["coalesced"] == 0, (label, stats)
     p50 = {k: statistics.median(r["p50_ms"] for r in v) for k, v in one.items()}
     rps = {k: statistics.median(r["rps"] for r in v) for k, v in many.items()}
     p99 = {k: statistics.median(r["p99_ms"] for r in v) for k, v in many.items()}

@@ -8,15 +8,18 @@ The data path, one request (handlers.proxy_handler):
 2. plan.make_plan: the first matching rule (rules.py) and the key (keys.py) over the
    canonical body (normalize.py: JSON under any content type, bounded depth, exact numbers);
    memoised on a digest of the raw bytes; large bodies are planned off the loop
-3. no rule, or Cache-Control: no-store -> pass-through, streamed both ways
+3. plan.decide -> PassThrough (no rule, Cache-Control: no-store: streamed both ways) or
+   Keyed (key, freshness, what to store)
 4. cache.Cache.get (a Store from stores/, behind a hot tier and a breaker) -> HIT: replay.py
    (twins.py converts a stored stream to JSON or back); on an exact miss, a rule with
    `semantic` looks the request up by meaning (vectors.py, guards in semantic.py) -> HIT
-5. coalesce.Flights: join the key's flight (COALESCED) or lead one (MISS / REFRESH), across
-   instances through bus.py; fetch.Fetcher reads upstream.Upstream in its own task into the
-   flight, readers relay it from the first chunk then live (bounded, with a write timeout),
-   and a whole, sound 2xx answer becomes a models.CachedResponse
-6. one `request.done` line (log.py) and the counters behind /_proxy/stats (stats.py)
+5. coalesce.Flights: join the key's flight (COALESCED) or lead one (MISS / REFRESH); across
+   instances bus.RedisBus.lead answers Local | Leader | Follow | Conflict; fetch.Fetcher
+   reads upstream.Upstream in its own task into the flight, readers relay it from the first
+   chunk then live (bounded, with a write timeout), and answers.storable decides whether the
+   whole answer becomes a models.CachedResponse in the store
+6. one `request.done` line, rendered from a record.Record (log.py), and the counters behind
+   /_proxy/stats (stats.py); status.CacheStatus is the vocabulary of both
 
 Module map:
 
@@ -27,23 +30,27 @@ Module map:
     app.py        build_state, ProxyApp: the /_proxy/ routes (health, stats, metrics,
                   dashboard, purge, images), start-up and shutdown
     handlers.py   proxy_handler: the data path above
+    record.py     Record: one request's line, filled along the way, rendered once
+    status.py     CacheStatus: headers, Cache-Status, log and stats labels       [pure]
     body.py       request Content-Encoding, decoded with a cap                   [pure]
-    normalize.py  body -> canonical bytes                                         [pure]
+    normalize.py  body -> canonical bytes                                        [pure]
     keys.py       tenant digest, cache key, store key with purge tags            [pure]
-    plan.py       request -> Plan; Cache-Control                                  [pure]
-    semantic.py   what a semantic lookup compares; the numbers / negation guards  [pure]
-    rules.py      rules/*.toml -> Rules                                           [pure]
-    sse.py        SSE checks, fed incrementally (Scanner)                         [pure]
-    cost.py       usage -> tokens and dollars                                     [pure]
+    plan.py       request -> Plan; Cache-Control                                 [pure]
+    semantic.py   what a semantic lookup compares; the numbers / negation guards [pure]
+    rules.py      rules/*.toml -> Rules                                          [pure]
+    sse.py        SSE checks, fed incrementally (Scanner)                        [pure]
+    cost.py       usage -> tokens and dollars                                    [pure]
     models.py     CachedResponse, the store clock
+    errors.py     every exception type, under ProxyError; OpenAI-shaped error bodies
     stores/       memory, sqlite (capped, swept), redis (+ cluster); open_store()
     cache.py      hot tier, breaker (reads only), probe, purge
     coalesce.py   Flight, Reader: single flight in one process, bounded buffers
-    bus.py        Redis lease + stream: flights across instances
-    fetch.py      upstream -> flight -> sound? -> store
+    bus.py        Redis lease + stream: flights across instances; who leads
+    fetch.py      upstream -> flight -> store (in its own task)
+    answers.py    storable(): may a finished answer be stored; its stored form   [pure]
     upstream.py   one ClientSession, header filters, exception mapping
     replay.py     a stored answer -> the client (whole, in pieces, or paced)
-    twins.py      a stored stream <-> its JSON object (Chat Completions, Responses) [pure]
+    twins.py      a stored stream <-> its JSON object (chat, responses)          [pure]
     vectors.py    embeddings (through the exact cache), the shared vector index, lookup
     purge.py      purge filters -> key pattern; the purge subcommand
     images/       rehosting image URLs to a local folder or S3/R2 (SSRF-guarded)

@@ -93,8 +93,9 @@ class SQLiteStore:
         self._evicting = False
         self.evicted = 0
         self.expired = 0
-        self._queue: list[tuple[str, bytes, float]] = []
-        """Entries waiting for the next batch write."""
+        self._queue: list[tuple[str, CachedResponse, float]] = []
+        """Entries waiting for the next batch write (serialised on the store thread, so a
+        burst of answers holds no second copy of each, and the loop does not compress)."""
         self._next_batch: asyncio.Future[int] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._ro: sqlite3.Connection | None = None
@@ -150,11 +151,12 @@ class SQLiteStore:
                 db.execute("UPDATE entries SET atime = ? WHERE key = ?", (now, key))
         return bytes(row[0])
 
-    def _set_many(self, items: list[tuple[str, bytes, float]]) -> int:
+    def _set_many(self, items: list[tuple[str, CachedResponse, float]]) -> int:
         """Write a batch of entries in one transaction; the store's total bytes after it."""
         db = self._connect()
         now = time.time()
-        latest = {key: (value, expires) for key, value, expires in items}  # last write wins
+        newest = {key: (entry, expires) for key, entry, expires in items}  # last write wins
+        latest = {key: (entry.to_bytes(), expires) for key, (entry, expires) in newest.items()}
         delta = sum(len(value) for value, _ in latest.values())
         with db:
             keys = list(latest)
@@ -319,7 +321,7 @@ class SQLiteStore:
         """Queue the entry for the next batch (group commit: the writes that arrive while a
         batch is written go in one transaction and one job after it) and wait until it is
         written; StoreUnavailable if that batch failed."""
-        self._queue.append((key, entry.to_bytes(), time.time() + ttl_s))
+        self._queue.append((key, entry, time.time() + ttl_s))
         batch = self._next_batch
         if batch is None:
             batch = self._next_batch = asyncio.get_running_loop().create_future()
