@@ -295,9 +295,17 @@ class ProxyApp:
     quarter of a cache HIT's cost, for routing that is one prefix test here.)
     """
 
-    def __init__(self, settings: Settings, state: State | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        state: State | None = None,
+        log_sink: logmod.BufferedSink | None = None,
+    ) -> None:
+        """`log_sink`: configure_logging's buffer, which the app then writes its request lines
+        to and flushes (None: the lines go through structlog, as in tests)."""
         self.settings = settings
         self.state = state or build_state(settings)
+        self.state.log = logmod.RequestLog(log_sink)
         self.registry = registry_for(self.state)
         self.routes: dict[tuple[str, str], AdminHandler] = {
             ("GET", "/_proxy/health"): health,
@@ -354,8 +362,8 @@ class ProxyApp:
         stack = self._stack
         st = self.state
         # Closed in reverse: the log flushes last, after every other close has logged.
-        stack.callback(logmod.flush)
-        stack.callback(_cancel, spawn(logmod.flusher(), name="log-flusher"))
+        stack.callback(st.log.flush)
+        stack.callback(_cancel, spawn(st.log.flush_forever(), name="log-flusher"))
         stack.push_async_callback(_close_optional, st.bus)
         stack.push_async_callback(st.cache.aclose)
         stack.push_async_callback(_close_optional, st.rehoster)

@@ -239,7 +239,7 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="openai-cache-proxy-demo-"))
     log = (work / "requests.log").open("wb")
-    configure_logging("json", out=log)  # the tour's request.done lines go to this file
+    log_sink = configure_logging("json", out=log)  # the tour's request lines go to this file
     fake = FakeOpenAI(latency=0.25, chunk_delay=0.04, image_ttl_s=1.0)
     fake.path_latency["/v1/embeddings"] = 0.02
 
@@ -252,7 +252,7 @@ def main(argv: list[str]) -> int:
             port=args.port,
             rules=demo_rules(work),
         )
-        app = await asyncio.to_thread(ProxyApp, settings)
+        app = await asyncio.to_thread(ProxyApp, settings, None, log_sink)
         try:
             port = args.port if args.serve else 0
             return await run(app, fake, args.serve, port, work / "requests.log")

@@ -43,7 +43,7 @@ from proxy.fetch import Fetcher, FetchJob, Transform
 from proxy.images.base import PLACEHOLDER_BASE, client_base, rebase
 from proxy.images.rehost import ImageRehoster, rewrites, transform_for
 from proxy.keys import credential_of, header_values, key_id, raw_digest, tenant_digest
-from proxy.log import request_done
+from proxy.log import RequestLog
 from proxy.models import CLOCK, CachedResponse, money_fields
 from proxy.plan import (
     DEFAULT_CONTROLS,
@@ -115,6 +115,8 @@ class State:
     """Copies image URLs in answers to the image store."""
     semantic: Semantic | None = None
     """The semantic layer (rules with `semantic` on or shadow)."""
+    log: RequestLog = field(default_factory=RequestLog)
+    """Where request.done lines go (the app's log sink)."""
     transform: Transform | None = None
     max_body: int = 0
     """settings.max_body_bytes, computed once."""
@@ -188,7 +190,7 @@ def _done(st: State, rec: Record, duration: float) -> None:
     """The request's line, rendered once, and the counters behind /_proxy/stats."""
     line = rec.fields()
     st.stats.record(line, duration / 1000.0)
-    request_done(line)
+    st.log.done(line)
 
 
 async def _handle(

@@ -2,7 +2,8 @@
 
 The per-request line is on the hit path, so the chain is short (a float timestamp, the
 orjson renderer) and lines go to a buffer that a background task flushes a few times a second
-(and at exit), instead of a write and flush per line.
+(and at exit), instead of a write and flush per line. configure_logging() returns that buffer
+(the sink); the app owns it through a RequestLog: it writes the request lines and flushes.
 """
 
 from __future__ import annotations
@@ -47,9 +48,6 @@ class BufferedSink:
             pass
 
 
-_sink: BufferedSink | None = None
-_fast: BufferedSink | None = None
-"""Set in json mode: request.done lines skip structlog's generic machinery (see below)."""
 _log = structlog.get_logger()
 
 
@@ -62,10 +60,9 @@ def _orjson_bytes(_: Any, __: str, event: MutableMapping[str, Any]) -> bytes:
     return orjson.dumps(event, option=orjson.OPT_NON_STR_KEYS, default=str)
 
 
-def configure_logging(fmt: str = "json", out: IO[bytes] | None = None) -> None:
-    """json: buffered JSON lines on stdout (or `out`); console: structlog's readable renderer."""
-    global _sink, _fast
-    _fast = None
+def configure_logging(fmt: str = "json", out: IO[bytes] | None = None) -> BufferedSink | None:
+    """json: buffered JSON lines on stdout (or `out`), and the buffer is returned (its owner
+    flushes it; it is drained at exit too); console: structlog's readable renderer, None."""
     if fmt == "console":
         structlog.configure(
             processors=[
@@ -77,20 +74,20 @@ def configure_logging(fmt: str = "json", out: IO[bytes] | None = None) -> None:
             wrapper_class=structlog.make_filtering_bound_logger(20),
             cache_logger_on_first_use=True,
         )
-        return
-    _sink = BufferedSink(out if out is not None else sys.stdout.buffer)
-    atexit.register(_sink.drain)
+        return None
+    sink = BufferedSink(out if out is not None else sys.stdout.buffer)
+    atexit.register(sink.drain)
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
             _timestamp,
             _orjson_bytes,
         ],
-        logger_factory=structlog.BytesLoggerFactory(file=_sink),  # type: ignore[arg-type]
+        logger_factory=structlog.BytesLoggerFactory(file=sink),  # type: ignore[arg-type]
         wrapper_class=structlog.make_filtering_bound_logger(20),
         cache_logger_on_first_use=True,
     )
-    _fast = _sink
+    return sink
 
 
 class _AiohttpGuard(logging.Handler):
@@ -122,34 +119,39 @@ def guard_aiohttp_logs() -> None:
         logger.setLevel(logging.WARNING)
 
 
-def request_done(fields: dict[str, Any]) -> None:
-    """Log the canonical per-request line.
+class RequestLog:
+    """The per-request lines, and the flushing of the sink they (and structlog) write to."""
 
-    In json mode it is written straight to the buffer in exactly the shape the structlog chain
-    produces (the fields, then event, level, ts): the line is on the cache-hit path, where
-    structlog's generic dispatch measured as the largest single cost. Otherwise (console mode,
-    tests capturing logs) it goes through structlog like every other event.
-    """
-    sink = _fast
-    if sink is None:
-        _log.info("request.done", **fields)
-        return
-    fields["event"] = "request.done"
-    fields["level"] = "info"
-    fields["ts"] = round(time.time(), 3)
-    sink.write(orjson.dumps(fields, option=orjson.OPT_NON_STR_KEYS, default=str) + b"\n")
+    def __init__(self, sink: BufferedSink | None = None) -> None:
+        self.sink = sink
+        """configure_logging's buffer (json mode); None: lines go through structlog."""
 
+    def done(self, fields: dict[str, Any]) -> None:
+        """Log the canonical per-request line.
 
-def flush() -> None:
-    if _sink is not None:
-        _sink.drain()
+        In json mode it is written straight to the buffer in exactly the shape the structlog
+        chain produces (the fields, then event, level, ts): the line is on the cache-hit path,
+        where structlog's generic dispatch measured as the largest single cost. Otherwise
+        (console mode, tests capturing logs) it goes through structlog like every other event.
+        """
+        sink = self.sink
+        if sink is None:
+            _log.info("request.done", **fields)
+            return
+        fields["event"] = "request.done"
+        fields["level"] = "info"
+        fields["ts"] = round(time.time(), 3)
+        sink.write(orjson.dumps(fields, option=orjson.OPT_NON_STR_KEYS, default=str) + b"\n")
 
+    def flush(self) -> None:
+        if self.sink is not None:
+            self.sink.drain()
 
-async def flusher() -> None:
-    """Background task: drain the buffer a few times a second until cancelled."""
-    try:
-        while True:
-            await asyncio.sleep(FLUSH_EVERY_S)
-            flush()
-    finally:
-        flush()
+    async def flush_forever(self) -> None:
+        """Background task: drain the buffer a few times a second until cancelled."""
+        try:
+            while True:
+                await asyncio.sleep(FLUSH_EVERY_S)
+                self.flush()
+        finally:
+            self.flush()

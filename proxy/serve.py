@@ -9,14 +9,14 @@ import multiprocessing
 import signal
 import sys
 
-from proxy.log import configure_logging
+from proxy.log import BufferedSink, configure_logging
 from proxy.settings import Settings
 
 
-async def _serve(settings: Settings) -> None:
+async def _serve(settings: Settings, log_sink: BufferedSink | None) -> None:
     from proxy.app import ProxyApp, running
 
-    app = ProxyApp(settings)
+    app = ProxyApp(settings, log_sink=log_sink)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -47,7 +47,7 @@ collector ran several times per request under load."""
 
 
 def run_worker(settings: Settings) -> None:
-    configure_logging(settings.log_format)
+    log_sink = configure_logging(settings.log_format)
     raise_open_files_limit()
     gc.set_threshold(*GC_THRESHOLDS)
     try:
@@ -56,7 +56,7 @@ def run_worker(settings: Settings) -> None:
         uvloop.install()
     except ImportError:  # not on every platform; asyncio's own loop works too
         pass
-    asyncio.run(_serve(settings))
+    asyncio.run(_serve(settings, log_sink))
 
 
 LISTENING = "listening"
