@@ -64,12 +64,9 @@ def fake_upstream(**knobs: float) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}"
 
 
-@contextmanager
-def proxy(upstream: str, *flags: str, log_to: str = os.devnull) -> Iterator[str]:
-    """`python -m proxy` with its per-request JSON log line on (written to `log_to`)."""
-    port = free_port()
-    data_dir = tempfile.mkdtemp(prefix="ocp-bench-")
-    args = [
+def proxy_argv(upstream: str, data_dir: str, port: int, *flags: str) -> list[str]:
+    """The command line of a benchmarked `python -m proxy`."""
+    return [
         sys.executable,
         "-m",
         "proxy",
@@ -81,6 +78,14 @@ def proxy(upstream: str, *flags: str, log_to: str = os.devnull) -> Iterator[str]
         data_dir,
         *flags,
     ]
+
+
+@contextmanager
+def proxy(upstream: str, *flags: str, log_to: str = os.devnull) -> Iterator[str]:
+    """`python -m proxy` with its per-request JSON log line on (written to `log_to`)."""
+    port = free_port()
+    data_dir = tempfile.mkdtemp(prefix="ocp-bench-")
+    args = proxy_argv(upstream, data_dir, port, *flags)
     with open(log_to, "wb") as log:
         proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.DEVNULL)
         try:
@@ -197,18 +202,7 @@ def start_proxy(upstream: str, data: Path, *flags: str) -> tuple[subprocess.Pope
     `data`/log.jsonl; (process, port). The caller terminates it."""
     port = free_port()
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "proxy",
-            "--port",
-            str(port),
-            "--upstream",
-            upstream,
-            "--data-dir",
-            str(data),
-            *flags,
-        ],
+        proxy_argv(upstream, str(data), port, *flags),
         cwd=ROOT,
         stdout=open(data / "log.jsonl", "wb"),  # noqa: SIM115 - the process owns it
         stderr=subprocess.DEVNULL,
