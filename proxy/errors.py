@@ -3,6 +3,8 @@ bodies."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import orjson
 
 
@@ -94,6 +96,32 @@ class RehostError(ProxyError):
 
 class BadFilter(ProxyError, ValueError):
     """The purge filters are missing or malformed."""
+
+
+@dataclass(frozen=True, slots=True)
+class FailureAnswer:
+    """The proxy's own answer for an upstream it could not get an answer from."""
+
+    status: int
+    code: str
+    """Also the request line's `error`."""
+    message: str
+
+    @property
+    def body(self) -> bytes:
+        return error_body(self.message, "proxy_error", self.code)
+
+
+def failure_answer(exc: BaseException) -> FailureAnswer:
+    """504 for a silent upstream, 502 for an unreachable or broken one, 502 for a proxy bug:
+    the one place these answers are worded (pass-through and flights alike)."""
+    if isinstance(exc, UpstreamTimeout):
+        return FailureAnswer(504, "upstream_timeout", "The upstream API did not answer in time.")
+    if isinstance(exc, UpstreamError):
+        return FailureAnswer(502, "upstream_unreachable", exc.client_message())
+    return FailureAnswer(
+        502, "proxy_failure", "The proxy failed while reading the upstream answer."
+    )
 
 
 def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:

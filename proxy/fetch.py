@@ -20,7 +20,14 @@ from proxy.bus import Followed, RedisBus
 from proxy.cache import Cache
 from proxy.coalesce import Flight, Flights, Outcome
 from proxy.cost import Prices
-from proxy.errors import BusError, StoreUnavailable, UpstreamError, UpstreamTimeout, error_body
+from proxy.errors import (
+    BusError,
+    FailureAnswer,
+    StoreUnavailable,
+    UpstreamError,
+    UpstreamTimeout,
+    failure_answer,
+)
 from proxy.images.base import has_placeholder
 from proxy.keys import key_id
 from proxy.models import CachedResponse
@@ -62,11 +69,11 @@ class FetchJob:
     """Run (in its own task) once the answer is stored: the semantic layer indexes it."""
 
 
-def proxy_error(flight: Flight, status: int, message: str, code: str) -> None:
-    """End a flight that has no head yet with an OpenAI-shaped error of the proxy's own."""
-    flight.publish_head(status, JSON_HEADERS)
-    flight.append(error_body(message, "proxy_error", code))
-    flight.finish(Outcome.COMPLETE, code)
+def proxy_error(flight: Flight, answer: FailureAnswer) -> None:
+    """End a flight that has no head yet with the proxy's own answer for its failure."""
+    flight.publish_head(answer.status, JSON_HEADERS)
+    flight.append(answer.body)
+    flight.finish(Outcome.COMPLETE, answer.code)
 
 
 class Fetcher:
@@ -166,35 +173,21 @@ class Fetcher:
         try:
             read = await self._read(flight, job)
             flight.finish(Outcome.COMPLETE)
-        except UpstreamTimeout:
-            if flight.head is None:
-                proxy_error(
-                    flight, 504, "The upstream API did not answer in time.", "upstream_timeout"
-                )
-            flight.finish(Outcome.CUT, "upstream timeout")
-        except UpstreamError as exc:
-            if flight.head is None:
-                proxy_error(
-                    flight,
-                    502,
-                    exc.client_message(),
-                    "upstream_unreachable",
-                )
-            flight.finish(Outcome.CUT, str(exc))
         except asyncio.CancelledError:
             flight.finish(Outcome.CUT, "cancelled")
             self.flights.forget(flight)
             raise
-        except Exception as exc:
-            log.exception("fetch.failed", key=key_id(flight.key))
+        except Exception as exc:  # UpstreamError, or a bug: the readers get the proxy's answer
+            if not isinstance(exc, UpstreamError):
+                log.exception("fetch.failed", key=key_id(flight.key))
             if flight.head is None:
-                proxy_error(
-                    flight,
-                    502,
-                    "The proxy failed while reading the upstream answer.",
-                    "proxy_failure",
-                )
-            flight.finish(Outcome.CUT, f"internal error: {type(exc).__name__}")
+                proxy_error(flight, failure_answer(exc))
+            if isinstance(exc, UpstreamTimeout):
+                flight.finish(Outcome.CUT, "upstream timeout")
+            elif isinstance(exc, UpstreamError):
+                flight.finish(Outcome.CUT, str(exc))
+            else:
+                flight.finish(Outcome.CUT, f"internal error: {type(exc).__name__}")
         finally:
             if not flight.done:
                 flight.finish(Outcome.CUT, "fetch ended early")

@@ -38,6 +38,7 @@ from proxy.errors import (
     UpstreamError,
     UpstreamTimeout,
     error_body,
+    failure_answer,
 )
 from proxy.fetch import Fetcher, FetchJob, Transform
 from proxy.images.base import PLACEHOLDER_BASE, client_base, rebase
@@ -901,23 +902,14 @@ async def _passthrough(
         elif not rec.client_gone:
             await resp.write_eof()
         return resp
-    except UpstreamTimeout:
-        rec.error = "upstream_timeout"
-        if resp is None:
-            return json_error(
-                504, "The upstream API did not answer in time.", "proxy_error", "upstream_timeout"
-            )
-        rec.cut = "upstream timeout"
     except UpstreamError as exc:
-        rec.error = "upstream_unreachable"
+        failure = failure_answer(exc)
+        rec.error = failure.code
         if resp is None:
-            return json_error(
-                502,
-                exc.client_message(),
-                "proxy_error",
-                "upstream_unreachable",
+            return web.Response(
+                status=failure.status, body=failure.body, content_type="application/json"
             )
-        rec.cut = bounded(str(exc), 200)
+        rec.cut = "upstream timeout" if isinstance(exc, UpstreamTimeout) else bounded(str(exc), 200)
     rec.bytes, rec.chunks = nbytes, chunks
     _cut(request)
     return resp
