@@ -64,6 +64,7 @@ from proxy.plan import (
 from proxy.record import Record
 from proxy.replay import is_fast, replay, whole, whole_in_pieces
 from proxy.rules import Rules
+from proxy.semantic import text_of
 from proxy.settings import Settings
 from proxy.stats import Shared, Stats
 from proxy.status import HIT_CACHE_STATUS, SEMANTIC_HIT, CacheStatus, stale
@@ -432,7 +433,7 @@ async def _serve_keyed(
     )
     probe: Probe | None = None
     if flight is None and semantic == "on":
-        probe = await _probe(st, request, rec, plan, tenant, controls)
+        probe = await _probe(st, ex, rec, plan, tenant, controls)
         if probe.hit and probe.entry is not None:
             refused = await _auth_refusal(st, tenant, request, rec)
             if refused is not None:
@@ -485,7 +486,7 @@ async def _serve_keyed(
     )
     if semantic != "off" and keyed.store and not degraded:
         if probe is None:  # shadow: the lookup runs beside the upstream call
-            shadow = spawn(_probe(st, request, rec, plan, tenant, controls), name="semantic-shadow")
+            shadow = spawn(_probe(st, ex, rec, plan, tenant, controls), name="semantic-shadow")
         job.on_stored = partial(_remember, st, plan, probe, shadow, key)
     reader = flight.attach()
     bus = st.bus if coalesce and not degraded else None
@@ -558,16 +559,19 @@ async def _join(
 
 async def _probe(
     st: State,
-    request: web.BaseRequest,
+    ex: Exchange,
     rec: Record,
     plan: Plan,
     tenant: bytes,
     controls: ClientControls,
 ) -> Probe:
     """One semantic lookup; its fields go on the request's line."""
-    assert st.semantic is not None and plan.rule is not None
+    assert st.semantic is not None and plan.rule is not None and plan.twin is not None
+    request = ex.request
+    text = await _off_loop(st, len(ex.body), text_of, plan.twin, ex.body)
     probe = await st.semantic.probe(
         plan,
+        text,
         tenant=tenant,
         namespace=controls.namespace,
         headers=request.headers,

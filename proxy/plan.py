@@ -73,9 +73,9 @@ class Plan:
 class SemanticQuery:
     partition: str
     """Store key of the vectors of every request that differs from this one only in its
-    last user message's text (same tenant, namespace, model, route, every other field)."""
-    text: str
-    """That text (kept in process memory only; never stored or logged)."""
+    last user message's text (same tenant, namespace, model, route, every other field).
+    The text itself is not kept here (plans are memoised): semantic.text_of reads it from
+    the body when a lookup runs."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,14 +304,14 @@ def _semantic(
     found = query_of(twin, fields)
     if found is None:
         return None
-    text, rest = found
+    _text, rest = found
     try:
         canonical = canonical_json(rest, ignore, has_float(body))
     except Inexact:
         return None
     scope = b"semantic\0" + rule.semantic_model.encode() + b"\0" + canonical
     digest = cache_key(secret, tenant, method, route, query, namespace, scope)
-    return SemanticQuery(partition_key(tenant.hex()[:12], namespace, label, route, digest), text)
+    return SemanticQuery(partition_key(tenant.hex()[:12], namespace, label, route, digest))
 
 
 def _canonical(

@@ -24,6 +24,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 TEXT_MAX = 8000
 """Longest compared text in characters (about the embedding models' input limit); a longer
 last message is not a semantic candidate."""
@@ -228,3 +230,10 @@ def query_of(twin: str, fields: dict[str, Any]) -> tuple[str, dict[str, Any]] | 
     if text is None or not text.strip() or len(text) > TEXT_MAX:
         return None
     return text, rest
+
+
+def text_of(twin: str, body: bytes) -> str:
+    """The compared text of a body make_plan found to be a semantic candidate."""
+    fields = orjson.loads(body)
+    found = query_of(twin, fields) if isinstance(fields, dict) else None
+    return found[0] if found is not None else ""

@@ -58,6 +58,10 @@ ADD_ON_LOOP = 32
 """More records than this in one sync are unpacked off the event loop."""
 OFF_LOOP = 262_144
 """Matrix products larger than this (rows x dimensions) run on the request-cpu pool."""
+ANSWER_MAX = 4 * 1024 * 1024
+"""Largest embeddings answer read (3072 floats in JSON are about 70 KB)."""
+DIMS_MAX = 8192
+"""Largest vector taken (the models have 256 to 3072 dimensions; a record holds up to 65535)."""
 FORWARDED = (*CREDENTIAL_HEADERS, "OpenAI-Organization", "OpenAI-Project")
 _HEAD = struct.Struct("<dH16sH")  # expires, key length, guard digests, dimensions
 
@@ -353,8 +357,15 @@ class Embedder:
         started = time.monotonic()
         try:
             async with self.upstream.request("POST", path_qs, fwd, body) as resp:
-                data = await resp.read()
                 status, head = resp.status, response_headers(resp.headers)
+                pieces: list[bytes] = []
+                size = 0
+                async for piece in resp.content.iter_any():
+                    size += len(piece)
+                    if size > ANSWER_MAX:
+                        raise EmbeddingFailed("embeddings answer too large")
+                    pieces.append(piece)
+                data = b"".join(pieces)
         except UpstreamError as exc:
             raise EmbeddingFailed(f"embeddings: {type(exc).__name__}") from None
         if status != 200:
@@ -413,7 +424,9 @@ def _vector_of(data: bytes) -> np.ndarray:
             vector = np.asarray(raw, dtype=np.float32)
     except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError) as exc:
         raise EmbeddingFailed(f"embeddings answer unreadable: {type(exc).__name__}") from None
-    norm = float(np.linalg.norm(vector)) if vector.ndim == 1 and vector.size else 0.0
+    if vector.ndim != 1 or vector.size > DIMS_MAX:
+        raise EmbeddingFailed("embeddings answer holds no usable vector")
+    norm = float(np.linalg.norm(vector)) if vector.size else 0.0
     if not np.isfinite(norm) or norm == 0.0:
         raise EmbeddingFailed("embeddings answer holds no usable vector")
     return vector / norm
@@ -476,6 +489,7 @@ class Semantic:
     async def probe(
         self,
         plan: Plan,
+        text: str,
         *,
         tenant: bytes,
         namespace: str,
@@ -488,7 +502,7 @@ class Semantic:
         started = time.perf_counter()
         probe = Probe()
         try:
-            await self._probe(probe, plan, tenant, namespace, headers, route, query, max_age)
+            await self._probe(probe, plan, text, tenant, namespace, headers, route, query, max_age)
         except EmbeddingFailed as exc:
             probe.error = str(exc)[:200]
         except StoreUnavailable:
@@ -500,6 +514,7 @@ class Semantic:
         self,
         probe: Probe,
         plan: Plan,
+        text: str,
         tenant: bytes,
         namespace: str,
         headers: Headers,
@@ -512,7 +527,7 @@ class Semantic:
         t0 = time.perf_counter()
         emb = await self.embedder.embed(
             rule.semantic_model,
-            plan.semantic.text,
+            text,
             tenant=tenant,
             namespace=namespace,
             headers=headers,
@@ -522,7 +537,7 @@ class Semantic:
         probe.embed_ms = (time.perf_counter() - t0) * 1000.0
         probe.embed_usd = emb.cost_usd
         probe.vector = emb.vector
-        probe.sig = signature(self.mac_key, features(plan.semantic.text))
+        probe.sig = signature(self.mac_key, features(text))
         view = await self.index.sync(plan.semantic.partition)
         rows, dims = view.matrix.shape
         if rows == 0 or dims != emb.vector.shape[0]:

@@ -92,8 +92,13 @@ class MemoryStore:
 
     async def vectors_since(self, part: str, after: int, limit: int) -> list[tuple[int, bytes]]:
         now = time.time()
-        records = self._vectors.get(part, {})
-        out = [(seq, rec) for seq, (_, exp, rec) in records.items() if seq > after and exp >= now]
+        out: list[tuple[int, bytes]] = []
+        for seq, (_, exp, rec) in reversed(self._vectors.get(part, {}).items()):
+            if seq <= after:  # oldest first in the dict: the rest were read before
+                break
+            if exp >= now:
+                out.append((seq, rec))
+        out.reverse()
         return out[:limit]
 
     async def purge(self, pattern: str) -> int:

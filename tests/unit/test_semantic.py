@@ -312,3 +312,36 @@ def test_sqlite_index_records_count_against_the_cap(tmp_path):
         await store.aclose()
 
     asyncio.run(go())
+
+
+def test_the_text_is_read_from_the_body_not_kept_in_the_plan():
+    """Plans are memoised: a plan holds the partition, the lookup reads the text anew."""
+    from proxy.semantic import text_of
+
+    body = orjson.dumps(chat({"role": "system", "content": "s"}, {"role": "user", "content": "q?"}))
+    assert text_of("chat", body) == "q?"
+    assert text_of("responses", orjson.dumps({"model": "m", "input": "r"})) == "r"
+    plan = make_plan(
+        RULES, b"s", b"t" * 32, "POST", "/v1/chat/completions", "", "", "application/json", body
+    )
+    assert plan.semantic is not None and not hasattr(plan.semantic, "text")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"not json",
+        b'{"data": []}',
+        b'{"data": [{"embedding": [0, 0, 0]}]}',
+        b'{"data": [{"embedding": [1e400, 1]}]}',
+        b'{"data": [{"embedding": [[1, 2], [3, 4]]}]}',
+        orjson.dumps({"data": [{"embedding": [1.0] * 9000}]}),
+    ],
+)
+def test_a_broken_embeddings_answer_is_refused(answer):
+    """An upstream's odd answer never becomes a vector (the request is a plain MISS)."""
+    from proxy.errors import EmbeddingFailed
+    from proxy.vectors import _vector_of
+
+    with pytest.raises(EmbeddingFailed):
+        _vector_of(answer)
