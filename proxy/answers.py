@@ -4,8 +4,7 @@ its stored form with its usage and cost. Pure (functions of a finished flight's 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
@@ -22,8 +21,7 @@ UNKNOWN: Any = object()
 OWN_HEADERS = frozenset({"x-cache-status", "cache-status", "age"})
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
+class Verdict(NamedTuple):
     ok: bool
     why: str = ""
     """Why a whole 2xx answer is not stored (logged); "" when there is nothing to say."""

@@ -14,13 +14,16 @@ turns into a pass-through (BYPASS), and after a failure the store is not tried a
 
 from __future__ import annotations
 
+import asyncio
 import time
+from typing import Any, cast
 
 import structlog
 
 from proxy.errors import StoreUnavailable
 from proxy.models import CachedResponse
 from proxy.stores import MemoryStore, Store
+from proxy.stores.base import Enqueues
 
 log = structlog.get_logger()
 
@@ -45,6 +48,8 @@ class Cache:
         self.write_errors = 0
         """Writes skipped because the store refused them (reads went on)."""
         self._write_logged = -1e9
+        self._enqueue = store.enqueue if isinstance(store, Enqueues) else None
+        """The store's write without waiting (see put), where it has one."""
 
     @property
     def state(self) -> str:
@@ -118,17 +123,44 @@ class Cache:
         try:
             await self.store.set(key, entry, ttl_s)
         except StoreUnavailable as exc:
-            self.write_errors += 1
-            now = time.monotonic()
-            if now - self._write_logged > 10.0:  # one line per burst, not one per write
-                self._write_logged = now
-                log.warning(
-                    "store.write_failed",
-                    store=self.store.name,
-                    error=str(exc)[:200],
-                    skipped=self.write_errors,
-                )
+            self._write_failed(exc)
             raise
+
+    @property
+    def can_put(self) -> bool:
+        """Does put() take writes (without waiting) for this store?"""
+        return self.hot is self.store or self._enqueue is not None
+
+    def put(self, key: str, entry: CachedResponse, ttl_s: float) -> None:
+        """set() without waiting, for stores that can_put: the entry is in the hot tier at
+        once (so a duplicate that comes next is a HIT) and goes to the store with the next
+        batch. A failed batch is counted and logged as set() does; nothing raises here."""
+        store = self.store
+        if self.hot is store:
+            self.hot.put(key, entry, ttl_s)
+            return
+        assert self._enqueue is not None
+        if self.hot is not None:
+            self.hot.put(key, entry, min(ttl_s, self.hot_ttl_s))
+        if not self.healthy and time.monotonic() < self.open_until:
+            return  # breaker open: skipped, as set() skips it
+        self._enqueue(key, entry, ttl_s).add_done_callback(self._written)
+
+    def _written(self, batch: asyncio.Future[Any]) -> None:
+        if not batch.cancelled() and isinstance(batch.exception(), StoreUnavailable):
+            self._write_failed(cast(StoreUnavailable, batch.exception()))
+
+    def _write_failed(self, exc: StoreUnavailable) -> None:
+        self.write_errors += 1
+        now = time.monotonic()
+        if now - self._write_logged > 10.0:  # one line per burst, not one per write
+            self._write_logged = now
+            log.warning(
+                "store.write_failed",
+                store=self.store.name,
+                error=str(exc)[:200],
+                skipped=self.write_errors,
+            )
 
     async def purge(self, pattern: str) -> int:
         """Delete from the store (and this process's hot tier) every entry whose key matches

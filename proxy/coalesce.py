@@ -25,8 +25,8 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from enum import Enum
+from typing import Any, NamedTuple
 
 from proxy.errors import Lagged
 from proxy.models import CachedResponse
@@ -44,8 +44,7 @@ class Outcome(Enum):
     """The answer broke off: readers must show their client a cut, nothing is stored."""
 
 
-@dataclass(frozen=True, slots=True)
-class Head:
+class Head(NamedTuple):
     status: int
     headers: tuple[tuple[str, str], ...]
 
@@ -106,8 +105,9 @@ class Flight:
         self.readers = 0
         self.detached_since: float | None = time.monotonic()
         self.reason = ""
-        self.task: asyncio.Task[None] | None = None
-        """The upstream read feeding this flight."""
+        self.task: asyncio.Task[Any] | None = None
+        """The upstream read feeding this flight: its own task, or for a whole (non-streamed)
+        answer the leading client's handler, which reads it inline."""
         self.upstream_ms = 0.0
         """How long the upstream read took (set by the fetcher when it ends)."""
         self.entry: CachedResponse | None = None

@@ -9,6 +9,7 @@ tokens and reported unpriced (cost None), never guessed.
 from __future__ import annotations
 
 import datetime as dt
+import time
 import tomllib
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -71,6 +72,18 @@ def _num(raw: dict[str, Any], name: str, where: str, default: float | None = Non
 
 
 MEMO_MAX = 4096
+TODAY_EVERY_S = 10.0
+"""How often the date prices are looked up by is read again (date.today() asks the C
+library for the local time zone: a file check per call, on every answer)."""
+_day: tuple[float, dt.date] = (-1e9, dt.date.min)
+
+
+def _today() -> dt.date:
+    global _day
+    now = time.monotonic()
+    if now - _day[0] > TODAY_EVERY_S:
+        _day = (now, dt.date.today())
+    return _day[1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +177,7 @@ class Prices:
         images: int = 0,
     ) -> Cost | None:
         """The cost of one good answer, or None if it carries nothing countable."""
-        today = today or dt.date.today()
+        today = today or _today()
         model = model or ""
         if route.endswith("/audio/speech"):
             chars = int(hints.get("input_chars", 0))

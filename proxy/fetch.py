@@ -10,12 +10,12 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 from multidict import CIMultiDict
 
-from proxy.answers import make_entry, storable
+from proxy.answers import Verdict, make_entry, storable
 from proxy.bus import Followed, RedisBus
 from proxy.cache import Cache
 from proxy.coalesce import Flight, Flights, Outcome
@@ -168,6 +168,15 @@ class Fetcher:
             return
 
     async def run(self, flight: Flight, job: FetchJob) -> None:
+        """The upstream read and then the keeping, as the flight's own task."""
+        read = await self.fetch(flight, job)
+        await self._keep(flight, job, read)
+
+    async def fetch(self, flight: Flight, job: FetchJob) -> Read:
+        """Read the upstream answer into the flight and finish it; never raises (but for
+        cancellation): a failure ends the flight with the proxy's answer or as a cut. A
+        handler may await this itself (a non-streamed answer has no client to keep pace with,
+        and aiohttp does not cancel a handler whose client hangs up), then call keep()."""
         started = time.monotonic()
         read = Read(stream=job.stream, keep=True)
         try:
@@ -194,7 +203,7 @@ class Fetcher:
         flight.upstream_ms = (time.monotonic() - started) * 1000.0
         if flight.outcome is Outcome.CUT and flight.head is not None and flight.head.status < 400:
             log.warning("stream.aborted", key=key_id(flight.key), reason=flight.reason)
-        await self._keep(flight, job, read)
+        return read
 
     async def _read(self, flight: Flight, job: FetchJob) -> Read:
         """Read the upstream answer into the flight; what it turned out to be."""
@@ -230,25 +239,43 @@ class Fetcher:
                     raise UpstreamError("every client left and detached_max_s passed")
             return Read(stream=stream, keep=True)
 
-    async def _keep(self, flight: Flight, job: FetchJob, read: Read) -> None:
+    def keep(self, flight: Flight, job: FetchJob, read: Read) -> None:
+        """_keep without a task where nothing in it waits: a small answer is checked on the
+        loop, and a store that takes writes without waiting (memory, SQLite's batches) gets
+        it so, unless something is to run once it is stored. Otherwise a task does the rest."""
+        body = _good_body(flight)
+        if len(body) > VERDICT_OFF_LOOP:
+            spawn(self._keep(flight, job, read, body), name=f"keep:{key_id(flight.key)}")
+            return
+        entry = self._entry(flight, job, read, body, storable(flight, read.stream, body))
+        if entry is None:
+            self.flights.forget(flight)
+        elif job.store_key and read.keep and (job.on_stored is not None or not self.cache.can_put):
+            spawn(self._store(flight, job, read, entry), name=f"store:{key_id(flight.key)}")
+        else:
+            if job.store_key and read.keep:
+                self.cache.put(job.store_key, entry, job.ttl_s + job.keep_s)
+            self.flights.forget(flight, after_s=job.debounce_s if read.keep else 0.0)
+
+    async def _keep(
+        self, flight: Flight, job: FetchJob, read: Read, body: bytes | None = None
+    ) -> None:
         """Store the answer if it is whole and good; then let the flight go (or debounce)."""
-        head = flight.head
-        ok = head is not None and 200 <= head.status < 300 and not flight.overflow
-        body = flight.body() if ok else b""
+        if body is None:
+            body = _good_body(flight)
         if len(body) > VERDICT_OFF_LOOP:  # parsing a large answer would stall the loop
             verdict = await asyncio.to_thread(storable, flight, read.stream, body)
         else:
             verdict = storable(flight, read.stream, body)
-        if not verdict.ok:
-            if verdict.why:
-                event = "stream.not_stored" if flight.overflow else "answer.not_stored"
-                log.info(event, key=key_id(flight.key), reason=verdict.why)
+        entry = self._entry(flight, job, read, body, verdict)
+        if entry is None:
             self.flights.forget(flight)
             return
-        entry = make_entry(
-            flight, job, stream=read.stream, body=body, prices=self.prices, usage=verdict.usage
-        )
-        flight.entry = entry
+        await self._store(flight, job, read, entry)
+
+    async def _store(
+        self, flight: Flight, job: FetchJob, read: Read, entry: CachedResponse
+    ) -> None:
         if job.store_key and read.keep:
             try:
                 await self.cache.set(job.store_key, entry, job.ttl_s + job.keep_s)
@@ -258,13 +285,34 @@ class Fetcher:
                 pass
         self.flights.forget(flight, after_s=job.debounce_s if read.keep else 0.0)
 
+    def _entry(
+        self, flight: Flight, job: FetchJob, read: Read, body: bytes, verdict: Verdict
+    ) -> CachedResponse | None:
+        """The flight's entry (also set on the flight) if the verdict lets it be stored."""
+        if not verdict.ok:
+            if verdict.why:
+                event = "stream.not_stored" if flight.overflow else "answer.not_stored"
+                log.info(event, key=key_id(flight.key), reason=verdict.why)
+            return None
+        entry = make_entry(
+            flight, job, stream=read.stream, body=body, prices=self.prices, usage=verdict.usage
+        )
+        flight.entry = entry
+        return entry
+
 
 VERDICT_OFF_LOOP = 256 * 1024
 """Answers larger than this are checked (parsed) on a worker thread."""
 
 
-@dataclass(frozen=True, slots=True)
-class Read:
+def _good_body(flight: Flight) -> bytes:
+    """The flight's body if it may be stored at all (a whole 2xx under the limit), else b""."""
+    head = flight.head
+    ok = head is not None and 200 <= head.status < 300 and not flight.overflow
+    return flight.body() if ok else b""
+
+
+class Read(NamedTuple):
     """What an upstream read turned out to be (the fetcher's result; its job is not changed)."""
 
     stream: bool

@@ -14,9 +14,9 @@ import asyncio
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, TypeVar, assert_never
+from typing import Any, NamedTuple, TypeVar, assert_never
 
 import structlog
 from aiohttp import web
@@ -133,8 +133,7 @@ class State:
             self.transform = transform_for(self.rehoster)
 
 
-@dataclass(frozen=True, slots=True)
-class Exchange:
+class Exchange(NamedTuple):
     """One client request as the data path forwards it."""
 
     request: web.BaseRequest
@@ -490,7 +489,7 @@ async def _serve_keyed(
         job.on_stored = partial(_remember, st, plan, probe, shadow, key)
     reader = flight.attach()
     bus = st.bus if coalesce and not degraded else None
-    fed = False
+    fed = inline = False
     try:  # whatever happens before a feeder starts, the flight must not stay registered
         lead: Leadership = LOCAL if bus is None else await bus.lead(fkey, fingerprint)
         match lead:
@@ -505,7 +504,11 @@ async def _serve_keyed(
                 assert bus is not None
                 st.fetcher.lead_shared(bus, flight, job, token)
             case Local():
-                st.fetcher.start(flight, job)
+                # A streamed answer is read by its own task, at the upstream's pace whatever
+                # this client's; a whole one by this handler, which saves a task per MISS.
+                inline = not plan.stream
+                if not inline:
+                    st.fetcher.start(flight, job)
             case _:
                 assert_never(lead)
         fed = True
@@ -514,6 +517,9 @@ async def _serve_keyed(
             reader.close()
             flight.finish(Outcome.CUT, "no upstream read was started")
             st.flights.forget(flight)
+    if inline:
+        flight.task = asyncio.current_task()
+        st.fetcher.keep(flight, job, await st.fetcher.fetch(flight, job))
     await flight.wait_head(None)
     if stale is not None and failed(flight):
         reader.close()
@@ -544,7 +550,7 @@ async def _join(
         # The leader hangs: go upstream ourselves, uncached (nginx proxy_cache_lock_timeout).
         reader.close()
         rec.lock_timeout = True
-        return await _passthrough(st, replace(ex, t0=time.perf_counter()), rec)
+        return await _passthrough(st, ex._replace(t0=time.perf_counter()), rec)
     if stale is not None and failed(flight):
         reader.close()
         return _serve_stale(rec, flight, stale)

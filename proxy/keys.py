@@ -7,6 +7,7 @@ reveals nothing and one tenant's keys can never equal another's.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 from typing import Protocol
@@ -83,7 +84,20 @@ def raw_digest(key: bytes, head: str, body: bytes) -> bytes:
 
 def tag(value: str) -> str:
     """8 hex characters standing for a namespace, model or route inside a store key."""
+    if len(value) <= TAG_MEMO_LEN:
+        return _tag_memo(value)
+    return _tag(value)
+
+
+TAG_MEMO_LEN = 256
+"""Values up to this long are memoised (three per store key, the same few over and over)."""
+
+
+def _tag(value: str) -> str:
     return hashlib.blake2b(value.encode(), digest_size=4, person=b"tag").hexdigest()
+
+
+_tag_memo = functools.lru_cache(maxsize=1024)(_tag)
 
 
 def store_key(tenant_id: str, namespace: str, model: str | None, route: str, key: str) -> str:

@@ -33,9 +33,11 @@ CLOCK = Clock()
 """The process's one clock; RedisStore.warm sets its offset."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CachedResponse:
-    """One upstream answer as it was recorded, ready to be sent again.
+    """One upstream answer as it was recorded, ready to be sent again. Never changed once
+    made (shared by every reader); not a frozen dataclass only because a frozen __init__
+    costs three times as much, and one is made on every MISS.
 
     `body` is the whole body, byte for byte. For a stream, `chunk_ends` are the end offsets of
     the chunks as they arrived and `chunk_ms` their arrival times after the first byte, so a
@@ -54,10 +56,6 @@ class CachedResponse:
     """How long upstream took to answer: what a HIT saves in time."""
     meta: dict[str, Any] = field(default_factory=dict)
     """Usage and cost (tokens_in, tokens_out, cost_usd, model), the request fingerprint."""
-    hit_headers: tuple[tuple[str, str], ...] = field(init=False, repr=False, compare=False)
-    """`headers` plus the HIT status headers, built once: a HIT only adds Age."""
-    saved_fields: dict[str, Any] = field(init=False, repr=False, compare=False)
-    """The log fields of a request that reuses this answer (saved_ms, tokens, saved_usd)."""
     fresh_until: float = field(init=False, repr=False, compare=False)
     """`created` + the rule's ttl_s when it was stored (meta "ttl"): past it the answer is
     stale, kept only to be served when the upstream fails (stale-if-error)."""
@@ -66,25 +64,48 @@ class CachedResponse:
     other form needs converting from."""
     rebase: bool = field(init=False, repr=False, compare=False)
     """Its image links stand under PLACEHOLDER_BASE: each client gets them under its own base."""
+    _hit_headers: tuple[tuple[str, str], ...] | None = field(
+        init=False, repr=False, compare=False, default=None
+    )
+    _saved_fields: dict[str, Any] | None = field(
+        init=False, repr=False, compare=False, default=None
+    )
 
     def __post_init__(self) -> None:
-        object.__setattr__(
-            self,
-            "hit_headers",
-            (
+        meta = self.meta
+        ttl = meta.get("ttl")
+        fresh = self.created + float(ttl) if isinstance(ttl, int | float) else float("inf")
+        form = ("sse+usage" if meta.get("sse_usage") else "sse") if self.stream else "json"
+        self.fresh_until = fresh
+        self.form = form
+        self.rebase = bool(meta.get("rebase"))
+
+    @property
+    def hit_headers(self) -> tuple[tuple[str, str], ...]:
+        """`headers` plus the HIT status headers, built on the first HIT (most answers are
+        never reused): later HITs only add Age."""
+        built = self._hit_headers
+        if built is None:
+            built = (
                 *self.headers,
                 ("X-Cache-Status", CacheStatus.HIT.header),
                 ("Cache-Status", HIT_CACHE_STATUS),
-            ),
-        )
-        saved = {"saved_ms": self.upstream_ms, **money_fields(self.meta.get("cost"), saved=True)}
-        object.__setattr__(self, "saved_fields", saved)
-        object.__setattr__(self, "rebase", bool(self.meta.get("rebase")))
-        ttl = self.meta.get("ttl")
-        fresh = self.created + float(ttl) if isinstance(ttl, int | float) else float("inf")
-        object.__setattr__(self, "fresh_until", fresh)
-        form = ("sse+usage" if self.meta.get("sse_usage") else "sse") if self.stream else "json"
-        object.__setattr__(self, "form", form)
+            )
+            self._hit_headers = built
+        return built
+
+    @property
+    def saved_fields(self) -> dict[str, Any]:
+        """The log fields of a request that reuses this answer (saved_ms, tokens, saved_usd),
+        built on first use."""
+        saved = self._saved_fields
+        if saved is None:
+            saved = {
+                "saved_ms": self.upstream_ms,
+                **money_fields(self.meta.get("cost"), saved=True),
+            }
+            self._saved_fields = saved
+        return saved
 
     @property
     def size(self) -> int:

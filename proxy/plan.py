@@ -10,7 +10,7 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, NamedTuple
 
 from proxy.errors import BadBody, Inexact
 from proxy.keys import cache_key, partition_key, store_key
@@ -46,8 +46,7 @@ class Mode(Enum):
     """Cache-Control: no-store: neither read nor write, no coalescing."""
 
 
-@dataclass(frozen=True, slots=True)
-class Plan:
+class Plan(NamedTuple):
     """What the proxy does with one request body on one route for one tenant."""
 
     rule: Rule | None
@@ -143,8 +142,7 @@ class PassThrough:
     """Forward as is: no rule, or Cache-Control: no-store."""
 
 
-@dataclass(frozen=True, slots=True)
-class Keyed:
+class Keyed(NamedTuple):
     """Answer through the cache under `key`."""
 
     key: str

@@ -53,7 +53,7 @@ class Record:
         """The line's fields: every field that was set, then the extra ones. (Spelled out
         field by field: it runs once per request, on the cache-hit path.)"""
         out: dict[str, Any] = {
-            "cache": self.cache.value,
+            "cache": self.cache.label,
             "route": self.route,
             "method": self.method,
         }

@@ -24,20 +24,16 @@ class CacheStatus(StrEnum):
     STALE = "stale"
     """A stored answer past its TTL, in place of an upstream failure (stale-if-error)."""
 
-    @property
-    def header(self) -> str:
-        """The X-Cache-Status value."""
-        return self.name
-
-    @property
-    def rfc9211(self) -> str:
-        """The Cache-Status value (a STALE answer adds what it covers: stale())."""
-        return _RFC9211[self]
-
-    @property
-    def served(self) -> bool:
-        """Answered without an upstream call of its own (what the hit ratio counts)."""
-        return self in SERVED
+    # Plain attributes, set on each member below (an Enum property, or .name and .value,
+    # cost about 0.4 us a read; these are read a few times on every request).
+    header: str
+    """The X-Cache-Status value."""
+    rfc9211: str
+    """The Cache-Status value (a STALE answer adds what it covers: stale())."""
+    served: bool
+    """Answered without an upstream call of its own (what the hit ratio counts)."""
+    label: str
+    """The `cache` field of request.done and the stats label (the member's value)."""
 
 
 _RFC9211 = {
@@ -48,8 +44,13 @@ _RFC9211 = {
     CacheStatus.COALESCED: f"{CACHE_NAME}; fwd=miss; collapsed",
     CacheStatus.STALE: f"{CACHE_NAME}; fwd=stale",
 }
-STATUSES = tuple(s.value for s in CacheStatus)
 SERVED = frozenset({CacheStatus.HIT, CacheStatus.COALESCED, CacheStatus.STALE})
+for _status in CacheStatus:
+    _status.header = _status.name
+    _status.rfc9211 = _RFC9211[_status]
+    _status.served = _status in SERVED
+    _status.label = _status.value
+STATUSES = tuple(s.value for s in CacheStatus)
 HIT_CACHE_STATUS = CacheStatus.HIT.rfc9211
 SEMANTIC_HIT = f"{HIT_CACHE_STATUS}; detail=semantic"
 """A HIT found by meaning (vectors.py): RFC 9211's `detail` says so."""

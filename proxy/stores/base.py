@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+import asyncio
+from typing import Any, Protocol, runtime_checkable
 
 from proxy.models import CachedResponse
 
@@ -30,4 +31,14 @@ class Store(Protocol):
     async def vectors_since(self, part: str, after: int, limit: int) -> list[tuple[int, bytes]]:
         """Up to `limit` records of `part` added after sequence number `after`, oldest first,
         as (sequence number, record)."""
+        ...
+
+
+@runtime_checkable
+class Enqueues(Protocol):
+    """A store that also takes writes without waiting for them (SQLite's group commit)."""
+
+    def enqueue(self, key: str, entry: CachedResponse, ttl_s: float) -> asyncio.Future[Any]:
+        """Queue the write for the next batch; that batch's future (StoreUnavailable if it
+        failed)."""
         ...

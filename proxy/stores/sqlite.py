@@ -98,6 +98,8 @@ class SQLiteStore:
         burst of answers holds no second copy of each, and the loop does not compress)."""
         self._next_batch: asyncio.Future[int] | None = None
         self._writer: asyncio.Task[None] | None = None
+        self._eviction: asyncio.Task[None] | None = None
+        """Started by the writer when a batch takes the store over its cap."""
         self._ro: sqlite3.Connection | None = None
         self._ro_uri = ""
         self._ro_mapped = False
@@ -318,17 +320,24 @@ class SQLiteStore:
             return None
 
     async def set(self, key: str, entry: CachedResponse, ttl_s: float) -> None:
+        """Queue the entry for the next batch and wait until it is written; StoreUnavailable
+        if that batch failed."""
+        await asyncio.shield(self.enqueue(key, entry, ttl_s))
+        eviction = self._eviction
+        if eviction is not None:  # that batch took the store over its cap
+            await asyncio.shield(eviction)
+
+    def enqueue(self, key: str, entry: CachedResponse, ttl_s: float) -> asyncio.Future[int]:
         """Queue the entry for the next batch (group commit: the writes that arrive while a
-        batch is written go in one transaction and one job after it) and wait until it is
-        written; StoreUnavailable if that batch failed."""
+        batch is written go in one transaction and one job after it); that batch's future,
+        the store's total bytes after it or StoreUnavailable."""
         self._queue.append((key, entry, time.time() + ttl_s))
         batch = self._next_batch
         if batch is None:
             batch = self._next_batch = asyncio.get_running_loop().create_future()
         if self._writer is None:
             self._writer = spawn(self._write_batches(), name="sqlite-writer")
-        total = await asyncio.shield(batch)
-        await self._over_cap(total)
+        return batch
 
     async def _write_batches(self) -> None:
         try:
@@ -337,12 +346,21 @@ class SQLiteStore:
                 batch, self._next_batch = self._next_batch, None
                 assert batch is not None
                 try:
-                    batch.set_result(await self._run(self._set_many, items))
+                    total = await self._run(self._set_many, items)
                 except StoreUnavailable as exc:
                     batch.set_exception(exc)
                     batch.exception()  # retrieved: its writers may all have gone
+                    continue
+                batch.set_result(total)
+                over = self.max_bytes is not None and total > self.max_bytes
+                if over and not self._evicting and self._eviction is None:
+                    self._eviction = spawn(self._over_cap(total), name="sqlite-evict")
+                    self._eviction.add_done_callback(self._evicted)
         finally:
             self._writer = None
+
+    def _evicted(self, _: asyncio.Task[None]) -> None:
+        self._eviction = None
 
     async def _over_cap(self, total: int) -> None:
         if self.max_bytes is not None and total > self.max_bytes and not self._evicting:
