@@ -168,9 +168,9 @@ class Fetcher:
             return
 
     async def run(self, flight: Flight, job: FetchJob) -> None:
-        """The upstream read and then the keeping, as the flight's own task."""
-        read = await self.fetch(flight, job)
-        await self._keep(flight, job, read)
+        """The upstream read and then the keeping, as the flight's own task (which ends
+        there: a store that takes writes without waiting lets the flight go at once)."""
+        self.keep(flight, job, await self.fetch(flight, job))
 
     async def fetch(self, flight: Flight, job: FetchJob) -> Read:
         """Read the upstream answer into the flight and finish it; never raises (but for
