@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import orjson
 
 from proxy import sse
-from proxy.coalesce import Flight, Outcome
+from proxy.coalesce import COMPLETE, Flight
 from proxy.cost import Cost, Prices
 from proxy.models import CLOCK, CachedResponse
 
@@ -38,7 +38,7 @@ def storable(flight: Flight, stream: bool, body: bytes) -> Verdict:
     error event), a JSON answer that parses and is no error object, and as many bytes as
     the upstream's Content-Length said. `body` is the flight's body (b"" unless 2xx)."""
     head = flight.head
-    if flight.outcome is not Outcome.COMPLETE or head is None or not 200 <= head.status < 300:
+    if flight.outcome is not COMPLETE or head is None or not 200 <= head.status < 300:
         return NOT_STORED
     if flight.overflow:
         return Verdict(False, "above max_record_mb")

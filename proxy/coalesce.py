@@ -44,6 +44,12 @@ class Outcome(Enum):
     """The answer broke off: readers must show their client a cut, nothing is stored."""
 
 
+PENDING, COMPLETE, CUT = Outcome.PENDING, Outcome.COMPLETE, Outcome.CUT
+"""The members as module names, for the data path: in Python 3.11 every read of an Enum
+member through its class costs about 0.17 us (EnumType's __getattr__ puts each class
+attribute read on a slow path), and a request reads them a dozen times."""
+
+
 class Head(NamedTuple):
     status: int
     headers: tuple[tuple[str, str], ...]
@@ -100,7 +106,7 @@ class Flight:
         self.size = 0
         self.kept = 0
         """Bytes of the chunks still held (all of them until the flight overflows)."""
-        self.outcome = Outcome.PENDING
+        self.outcome = PENDING
         self.overflow = False
         self.readers = 0
         self.detached_since: float | None = time.monotonic()
@@ -145,7 +151,7 @@ class Flight:
         self._wake()
 
     def finish(self, outcome: Outcome, reason: str = "") -> None:
-        if self.outcome is not Outcome.PENDING:
+        if self.outcome is not PENDING:
             return
         self.outcome = outcome
         self.reason = reason
@@ -188,12 +194,12 @@ class Flight:
     # -- reader side (one per client) -------------------------------------------------------
     @property
     def done(self) -> bool:
-        return self.outcome is not Outcome.PENDING
+        return self.outcome is not PENDING
 
     @property
     def joinable(self) -> bool:
         """A new reader can still get the whole answer from its first byte."""
-        return not self.overflow and self.outcome is not Outcome.CUT
+        return not self.overflow and self.outcome is not CUT
 
     async def wait_head(self, patience_s: float | None) -> Head | None:
         """The head, or None if the flight ended without one or `patience_s` of silence passed

@@ -18,7 +18,7 @@ from multidict import CIMultiDict
 from proxy.answers import Verdict, make_entry, storable
 from proxy.bus import Followed, RedisBus
 from proxy.cache import Cache
-from proxy.coalesce import Flight, Flights, Outcome
+from proxy.coalesce import COMPLETE, CUT, Flight, Flights
 from proxy.cost import Prices
 from proxy.errors import (
     BusError,
@@ -73,7 +73,7 @@ def proxy_error(flight: Flight, answer: FailureAnswer) -> None:
     """End a flight that has no head yet with the proxy's own answer for its failure."""
     flight.publish_head(answer.status, JSON_HEADERS)
     flight.append(answer.body)
-    flight.finish(Outcome.COMPLETE, answer.code)
+    flight.finish(COMPLETE, answer.code)
 
 
 class Fetcher:
@@ -115,7 +115,7 @@ class Fetcher:
         try:
             await self._follow(bus, flight, job)
         except asyncio.CancelledError:
-            flight.finish(Outcome.CUT, "cancelled")
+            flight.finish(CUT, "cancelled")
             self.flights.forget(flight)
             raise
         except Exception as exc:
@@ -123,7 +123,7 @@ class Fetcher:
             if flight.head is None and not flight.done:
                 self.start(flight, job)  # nothing reached a client yet: fetch it ourselves
             else:
-                flight.finish(Outcome.CUT, "following the leading instance failed")
+                flight.finish(CUT, "following the leading instance failed")
                 self.flights.forget(flight)
 
     async def _follow(self, bus: RedisBus, flight: Flight, job: FetchJob) -> None:
@@ -135,7 +135,7 @@ class Fetcher:
                 result = Followed.BUS_FAILED
             if result is Followed.DONE:
                 head = flight.head
-                if flight.outcome is Outcome.COMPLETE and head is not None and head.status < 300:
+                if flight.outcome is COMPLETE and head is not None and head.status < 300:
                     stream = job.stream or flight.scan is not None
                     flight.entry = make_entry(
                         flight, job, stream=stream, body=flight.body(), prices=self.prices
@@ -160,7 +160,7 @@ class Fetcher:
                 continue  # another instance took over: follow its new stream
             # Our clients already have part of the lost answer: they get a cut; the one
             # instance that won the lease fetches again for newcomers and the cache.
-            flight.finish(Outcome.CUT, "the leading instance was lost")
+            flight.finish(CUT, "the leading instance was lost")
             self.flights.forget(flight)
             if token is not None:
                 fresh = self.flights.lead(key, max_bytes=flight.max_bytes)
@@ -181,9 +181,9 @@ class Fetcher:
         read = Read(stream=job.stream, keep=True)
         try:
             read = await self._read(flight, job)
-            flight.finish(Outcome.COMPLETE)
+            flight.finish(COMPLETE)
         except asyncio.CancelledError:
-            flight.finish(Outcome.CUT, "cancelled")
+            flight.finish(CUT, "cancelled")
             self.flights.forget(flight)
             raise
         except Exception as exc:  # UpstreamError, or a bug: the readers get the proxy's answer
@@ -192,16 +192,16 @@ class Fetcher:
             if flight.head is None:
                 proxy_error(flight, failure_answer(exc))
             if isinstance(exc, UpstreamTimeout):
-                flight.finish(Outcome.CUT, "upstream timeout")
+                flight.finish(CUT, "upstream timeout")
             elif isinstance(exc, UpstreamError):
-                flight.finish(Outcome.CUT, str(exc))
+                flight.finish(CUT, str(exc))
             else:
-                flight.finish(Outcome.CUT, f"internal error: {type(exc).__name__}")
+                flight.finish(CUT, f"internal error: {type(exc).__name__}")
         finally:
             if not flight.done:
-                flight.finish(Outcome.CUT, "fetch ended early")
+                flight.finish(CUT, "fetch ended early")
         flight.upstream_ms = (time.monotonic() - started) * 1000.0
-        if flight.outcome is Outcome.CUT and flight.head is not None and flight.head.status < 400:
+        if flight.outcome is CUT and flight.head is not None and flight.head.status < 400:
             log.warning("stream.aborted", key=key_id(flight.key), reason=flight.reason)
         return read
 

@@ -28,7 +28,7 @@ from proxy.auth import CredentialCheck
 from proxy.body import decodable, decode
 from proxy.bus import LOCAL, Conflict, Follow, Leader, Leadership, Local, RedisBus
 from proxy.cache import Cache
-from proxy.coalesce import Flight, Flights, Outcome, Reader
+from proxy.coalesce import COMPLETE, CUT, Flight, Flights, Reader
 from proxy.errors import (
     BadBody,
     BodyTooLarge,
@@ -67,7 +67,18 @@ from proxy.rules import Rules
 from proxy.semantic import text_of
 from proxy.settings import Settings
 from proxy.stats import Shared, Stats
-from proxy.status import HIT_CACHE_STATUS, SEMANTIC_HIT, CacheStatus, stale
+from proxy.status import (
+    BYPASS,
+    COALESCED,
+    HIT,
+    HIT_CACHE_STATUS,
+    MISS,
+    REFRESH,
+    SEMANTIC_HIT,
+    STALE,
+    CacheStatus,
+    stale,
+)
 from proxy.tasks import spawn
 from proxy.twins import convert
 from proxy.upstream import Upstream, forward_headers, response_headers
@@ -75,6 +86,7 @@ from proxy.vectors import Probe, Semantic
 
 log = structlog.get_logger()
 T = TypeVar("T")
+LOOKUP, REFRESH_MODE = Mode.LOOKUP, Mode.REFRESH  # module names: see coalesce.PENDING
 
 PLAN_MEMO_MAX = 20_000
 WHOLE_MAX = 1024 * 1024
@@ -305,18 +317,18 @@ async def _handle(
             and len(entry.body) <= WHOLE_MAX
             and (st.auth is None or st.auth.fresh(tenant))
         ):
-            rec.cache = CacheStatus.HIT
+            rec.cache = HIT
             rec.key = key_id(plan.key)
             rec.bytes = len(entry.body)
             _saved(rec, entry)
             if entry.rebase:
                 return whole(
                     entry,
-                    CacheStatus.HIT,
+                    HIT,
                     HIT_CACHE_STATUS,
                     rebase(entry.body, _client_base(request)),
                 )
-            return whole(entry, CacheStatus.HIT, HIT_CACHE_STATUS)
+            return whole(entry, HIT, HIT_CACHE_STATUS)
 
     ex = Exchange(
         request, body, forward_headers(h, decoded=decoded), _path_qs(st, upstream_path, query), t0
@@ -387,7 +399,7 @@ async def _serve_keyed(
     rec.key = key_id(key)
     degraded = False
     stale: CachedResponse | None = None
-    if controls.mode is Mode.LOOKUP:
+    if controls.mode is LOOKUP:
         entry = st.cache.peek(key)
         if entry is None:
             try:
@@ -411,7 +423,7 @@ async def _serve_keyed(
                 if served is not None:
                     return served
                 # not convertible: fetched again below, in the form asked for
-    elif controls.mode is Mode.REFRESH and not st.cache.healthy:
+    elif controls.mode is REFRESH_MODE and not st.cache.healthy:
         degraded = True
 
     coalesce = rule.coalesce if rule is not None else True
@@ -425,7 +437,7 @@ async def _serve_keyed(
         if rule is not None
         and plan.semantic is not None
         and st.semantic is not None
-        and controls.mode is Mode.LOOKUP
+        and controls.mode is LOOKUP
         and not degraded
         and not fingerprint
         else "off"
@@ -449,11 +461,7 @@ async def _serve_keyed(
             return _idempotency_conflict()
         return await _join(st, ex, rec, flight, flight.attach(), lock_timeout, stale)
 
-    label = (
-        CacheStatus.BYPASS
-        if degraded
-        else (CacheStatus.REFRESH if controls.mode is Mode.REFRESH else CacheStatus.MISS)
-    )
+    label = BYPASS if degraded else (REFRESH if controls.mode is REFRESH_MODE else MISS)
     rec.cache = label
     flight = st.flights.lead(
         fkey, max_bytes=int(st.settings.max_record_mb * 1024 * 1024), fingerprint=fingerprint
@@ -515,7 +523,7 @@ async def _serve_keyed(
     finally:
         if not fed:
             reader.close()
-            flight.finish(Outcome.CUT, "no upstream read was started")
+            flight.finish(CUT, "no upstream read was started")
             st.flights.forget(flight)
     if inline:
         flight.task = asyncio.current_task()
@@ -554,9 +562,9 @@ async def _join(
     if stale is not None and failed(flight):
         reader.close()
         return _serve_stale(rec, flight, stale)
-    rec.cache = CacheStatus.COALESCED
+    rec.cache = COALESCED
     resp = await _relay(
-        ex.request, rec, flight, reader, CacheStatus.COALESCED, ex.t0, st.settings.write_timeout_s
+        ex.request, rec, flight, reader, COALESCED, ex.t0, st.settings.write_timeout_s
     )
     if flight.entry is not None:
         _saved(rec, flight.entry)
@@ -639,21 +647,19 @@ async def _serve_entry(
         converted = await _twin(st, rec, key, entry, plan, cache_status)
         if converted is None:
             return None
-        rec.cache = CacheStatus.HIT
+        rec.cache = HIT
         _saved(rec, entry)
         return converted
-    rec.cache = CacheStatus.HIT
+    rec.cache = HIT
     _saved(rec, entry)
     if entry.rebase:
-        return whole(
-            entry, CacheStatus.HIT, cache_status, rebase(entry.body, _client_base(request))
-        )
+        return whole(entry, HIT, cache_status, rebase(entry.body, _client_base(request)))
     if is_fast(entry, rule):
         if len(entry.body) > WHOLE_MAX:
             wt = st.settings.write_timeout_s
-            return await whole_in_pieces(request, entry, CacheStatus.HIT, cache_status, wt)
-        return whole(entry, CacheStatus.HIT, cache_status)
-    return await replay(request, entry, rule, CacheStatus.HIT, cache_status)
+            return await whole_in_pieces(request, entry, HIT, cache_status, wt)
+        return whole(entry, HIT, cache_status)
+    return await replay(request, entry, rule, HIT, cache_status)
 
 
 STALE_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -677,9 +683,9 @@ def _serve_stale(rec: Record, flight: Flight, entry: CachedResponse) -> web.Resp
     else:
         rec.upstream_status = head.status
         cause = f"fwd-status={head.status}"
-    rec.cache = CacheStatus.STALE
+    rec.cache = STALE
     _saved(rec, entry)
-    return whole(entry, CacheStatus.STALE, stale(cause))
+    return whole(entry, STALE, stale(cause))
 
 
 CONVERTED_MAX = 256
@@ -720,7 +726,7 @@ async def _twin(
             headers.add(name, value)
     sse = plan.form != "json"
     headers["Content-Type"] = "text/event-stream; charset=utf-8" if sse else "application/json"
-    headers["X-Cache-Status"] = CacheStatus.HIT.header
+    headers["X-Cache-Status"] = HIT.header
     headers["Cache-Status"] = cache_status
     headers["Age"] = str(max(0, int(CLOCK.now() - entry.created)))
     return resp
@@ -780,7 +786,7 @@ async def _relay(
             body = b"".join([chunk async for chunk in reader.chunks()])
             body = rebase(body, _client_base(request))
             return web.Response(status=head.status, headers=headers, body=body)
-        whole = flight.done and flight.outcome is Outcome.COMPLETE and not flight.overflow
+        whole = flight.done and flight.outcome is COMPLETE and not flight.overflow
         if whole and flight.size <= WHOLE_MAX:
             rec.chunks = len(flight.chunks)
             return web.Response(status=head.status, headers=headers, body=flight.body())
@@ -806,7 +812,7 @@ async def _relay(
                 _cut(request)
             return resp
         rec.bytes, rec.chunks = nbytes, chunks
-        if flight.outcome is Outcome.CUT:
+        if flight.outcome is CUT:
             rec.cut = bounded(flight.reason, 200)
             _cut(request)
             return resp
@@ -866,7 +872,7 @@ async def _passthrough(
     For a request that names a model, up to COUNT_BYTES of the answer are kept on the side to
     count the tokens and dollars it cost."""
     request, t0 = ex.request, ex.t0
-    rec.cache = CacheStatus.BYPASS
+    rec.cache = BYPASS
     resp: web.StreamResponse | None = None
     nbytes = chunks = 0
     kept: list[bytes] | None = [] if plan is not None and plan.model else None
@@ -874,8 +880,8 @@ async def _passthrough(
     try:
         async with st.upstream.request(request.method, ex.path_qs, ex.fwd, ex.body) as up:
             headers: CIMultiDict[str] = CIMultiDict(response_headers(up.headers))
-            headers["X-Cache-Status"] = CacheStatus.BYPASS.header
-            headers["Cache-Status"] = CacheStatus.BYPASS.rfc9211
+            headers["X-Cache-Status"] = BYPASS.header
+            headers["Cache-Status"] = BYPASS.rfc9211
             resp = web.StreamResponse(status=up.status, headers=headers)
             if "Content-Encoding" not in up.headers and up.content_length is not None:
                 resp.content_length = up.content_length

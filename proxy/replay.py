@@ -8,7 +8,7 @@ from aiohttp import web
 
 from proxy.models import CLOCK, CachedResponse
 from proxy.rules import Rule
-from proxy.status import HIT_CACHE_STATUS, CacheStatus
+from proxy.status import HIT, HIT_CACHE_STATUS, STALE, CacheStatus
 
 PIECE = 256 * 1024
 
@@ -25,14 +25,14 @@ def whole(
 
 def _headers(resp: web.StreamResponse, entry: CachedResponse, status: CacheStatus, cs: str) -> None:
     headers = resp.headers
-    if status is CacheStatus.HIT and cs == HIT_CACHE_STATUS:  # prebuilt for the plain HIT
+    if status is HIT and cs == HIT_CACHE_STATUS:  # prebuilt for the plain HIT
         headers.extend(entry.hit_headers)
         headers.add("Age", str(max(0, int(CLOCK.now() - entry.created))))
         return
     headers.extend(entry.headers)
     headers.add("X-Cache-Status", status.header)
     headers.add("Cache-Status", cs)
-    if status in (CacheStatus.STALE, CacheStatus.HIT):
+    if status in (STALE, HIT):
         headers.add("Age", str(max(0, int(CLOCK.now() - entry.created))))
 
 
@@ -83,7 +83,7 @@ async def replay(
     headers.extend(entry.headers)
     headers["X-Cache-Status"] = status.header
     headers["Cache-Status"] = cache_status
-    if status is CacheStatus.HIT:
+    if status is HIT:
         headers["Age"] = str(max(0, int(CLOCK.now() - entry.created)))
     await resp.prepare(request)
     loop = asyncio.get_running_loop()

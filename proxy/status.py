@@ -51,6 +51,10 @@ for _status in CacheStatus:
     _status.served = _status in SERVED
     _status.label = _status.value
 STATUSES = tuple(s.value for s in CacheStatus)
+HIT, MISS, REFRESH = CacheStatus.HIT, CacheStatus.MISS, CacheStatus.REFRESH
+BYPASS, COALESCED, STALE = CacheStatus.BYPASS, CacheStatus.COALESCED, CacheStatus.STALE
+"""The members as module names, for the data path (see coalesce.PENDING: an Enum member
+read through its class is slow in Python 3.11)."""
 HIT_CACHE_STATUS = CacheStatus.HIT.rfc9211
 SEMANTIC_HIT = f"{HIT_CACHE_STATUS}; detail=semantic"
 """A HIT found by meaning (vectors.py): RFC 9211's `detail` says so."""
