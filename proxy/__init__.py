@@ -15,7 +15,8 @@ The data path, one request (handlers.proxy_handler):
    `semantic` looks the request up by meaning (vectors.py, guards in semantic.py) -> HIT
 5. coalesce.Flights: join the key's flight (COALESCED) or lead one (MISS / REFRESH); across
    instances bus.RedisBus.lead answers Local | Leader | Follow | Conflict; fetch.Fetcher
-   reads upstream.Upstream in its own task into the flight, readers relay it from the first
+   reads upstream.Upstream into the flight (a stream in its own task, a whole answer in the
+   leading handler), readers relay it from the first
    chunk then live (bounded, with a write timeout), and answers.storable decides whether the
    whole answer becomes a models.CachedResponse in the store
 6. one `request.done` line, rendered from a record.Record (log.py), and the counters behind
@@ -46,7 +47,7 @@ Module map:
     cache.py      hot tier, breaker (reads only), probe, purge
     coalesce.py   Flight, Reader: single flight in one process, bounded buffers
     bus.py        Redis lease + stream: flights across instances; who leads
-    fetch.py      upstream -> flight -> store (in its own task)
+    fetch.py      upstream -> flight -> store (a task, or the leading handler)
     answers.py    storable(): may a finished answer be stored; its stored form   [pure]
     upstream.py   one ClientSession, header filters, exception mapping
     replay.py     a stored answer -> the client (whole, in pieces, or paced)

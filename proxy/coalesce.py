@@ -1,7 +1,7 @@
 """In-flight answers and single flight per key.
 
 A `Flight` is one upstream answer being received: its head (status, headers), then its chunks
-as they arrive. The upstream read runs in its own task and appends to the flight; every client
+as they arrive. The upstream read (fetch.py) appends to the flight; every client
 asking for that answer, the one that started it (the leader) and every identical request that
 joined later, reads the flight from its first chunk and then follows it live. So:
 

@@ -1,7 +1,10 @@
 """The upstream read behind a flight: upstream -> Flight -> store.
 
-It runs in its own task, detached from any client, so the answer is read to the end for the
-readers that remain and for the cache even when the client that started it hangs up.
+A stream is read in its own task, detached from any client, so it goes at the upstream's pace
+whatever any client's. A whole (non-streamed) answer led by this process is read by the
+handler of the request that started it (a task fewer per MISS): aiohttp does not cancel a
+handler whose client hangs up, so that read too goes to the end for the readers that remain
+and for the cache. Keeping the answer (keep) waits for nothing where the store allows.
 """
 
 from __future__ import annotations

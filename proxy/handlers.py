@@ -4,7 +4,8 @@ request -> body (size-capped) -> tenant -> Plan (rule, key; memoised on the raw 
   -> no rule / no-store: pass-through, streamed both ways
   -> cache lookup: HIT -> replay the stored bytes
   -> flight for the key: join it (COALESCED) or lead one (MISS / REFRESH), whose upstream read
-     runs in its own task; every reader relays the flight from its first chunk, then live
+     runs in its own task (a stream) or in the leading handler; every reader relays the
+     flight from its first chunk, then live
   -> one `request.done` log line.
 """
 

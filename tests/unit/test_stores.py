@@ -1,14 +1,18 @@
-"""The memory store and store URLs."""
+"""The memory store, store URLs, and the cache's writes without waiting (Cache.put)."""
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 import time
 
 import pytest
 
-from proxy.errors import ConfigError
+from proxy.cache import Cache
+from proxy.errors import ConfigError, StoreUnavailable
 from proxy.models import CachedResponse
 from proxy.stores import MemoryStore, open_store
+from proxy.stores.sqlite import SQLiteStore
 
 
 def entry(n: int) -> CachedResponse:
@@ -44,3 +48,54 @@ def test_open_store_urls(tmp_path):
     assert open_store(f"sqlite:///{tmp_path}/c.db", tmp_path).name == "sqlite"
     with pytest.raises(ConfigError, match="max_mb"):
         open_store("memory://?max_mb=lots", tmp_path)
+
+
+async def test_cache_put_writes_through_sqlite_batches_without_waiting(tmp_path):
+    """Cache.put (the MISS path) puts the entry in the hot tier at once and hands it to
+    SQLite's next batch: it is in the file when that batch is written, and a second put of
+    the same burst rides in the same batch."""
+    path = tmp_path / "cache.db"
+    store = SQLiteStore(path)
+    await store.warm()
+    cache = Cache(store, hot=MemoryStore())
+    assert cache.can_put
+    cache.put("v2:a", entry(10), 60)
+    cache.put("v2:b", entry(20), 60)
+    assert cache.peek("v2:a") is not None  # a duplicate arriving now is a HIT
+    batch = store._next_batch
+    assert batch is not None
+    await asyncio.shield(batch)
+    reader = SQLiteStore(path)  # another process's view: the file itself
+    try:
+        await reader.warm()
+        got = await reader.get("v2:b")
+        assert got is not None and got.body == b"x" * 20
+    finally:
+        await reader.aclose()
+        await store.aclose()
+    assert cache.write_errors == 0
+
+
+async def test_cache_put_counts_a_failed_sqlite_batch_and_keeps_serving(tmp_path):
+    """A batch the file refuses (here a trigger standing for a full disk) is counted and
+    logged as set() counts it; put() raises nothing and the breaker stays closed, so reads
+    go on."""
+    path = tmp_path / "cache.db"
+    store = SQLiteStore(path)
+    await store.warm()
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON entries "
+            "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+        )
+    cache = Cache(store, hot=MemoryStore())
+    cache.put("v2:a", entry(10), 60)
+    batch = store._next_batch
+    assert batch is not None
+    with pytest.raises(StoreUnavailable):
+        await asyncio.shield(batch)
+    await asyncio.sleep(0)  # the batch's done callbacks run
+    assert cache.write_errors == 1 and cache.healthy
+    assert cache.peek("v2:a") is not None  # this process still answers it from the hot tier
+    assert await cache.get("v2:missing") is None  # reads still go to the store
+    await store.aclose()
