@@ -127,6 +127,11 @@ class Cache:
             raise
 
     @property
+    def in_memory(self) -> bool:
+        """The store is the in-process memory store: peek() is the whole lookup."""
+        return self.hot is self.store
+
+    @property
     def can_put(self) -> bool:
         """Does put() take writes (without waiting) for this store?"""
         return self.hot is self.store or self._enqueue is not None

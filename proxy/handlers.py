@@ -282,21 +282,13 @@ async def _handle(
     if memo is None:
         tenant = tenant_digest(st.mac_key, credential, org, project)
         try:
-            plan = await _off_loop(
-                st,
-                len(body),
-                make_plan,
-                st.rules,
-                st.secret,
-                tenant,
-                method,
-                route,
-                query,
-                controls.namespace,
-                ctype,
-                body,
-                fingerprint=bool(idem),
-            )
+            args = (st.rules, st.secret, tenant, method, route, query, controls.namespace, ctype)
+            if len(body) <= OFF_LOOP_BYTES:  # no coroutine for the common case (see _off_loop)
+                plan = make_plan(*args, body, fingerprint=bool(idem))
+            else:
+                plan = await _off_loop(
+                    st, len(body), make_plan, *args, body, fingerprint=bool(idem)
+                )
         except BadBody as exc:
             return json_error(exc.status, str(exc), "invalid_request_error", exc.code)
         if len(st.plans) >= PLAN_MEMO_MAX:
@@ -402,7 +394,7 @@ async def _serve_keyed(
     stale: CachedResponse | None = None
     if controls.mode is LOOKUP:
         entry = st.cache.peek(key)
-        if entry is None:
+        if entry is None and not st.cache.in_memory:  # (in memory, peek was the lookup)
             try:
                 entry = await st.cache.get(key)
             except StoreUnavailable:
@@ -529,7 +521,8 @@ async def _serve_keyed(
     if inline:
         flight.task = asyncio.current_task()
         st.fetcher.keep(flight, job, await st.fetcher.fetch(flight, job))
-    await flight.wait_head(None)
+    if flight.head is None and not flight.done:  # (an inline read has it already)
+        await flight.wait_head(None)
     if stale is not None and failed(flight):
         reader.close()
         return _serve_stale(rec, flight, stale)

@@ -67,7 +67,15 @@ def cache_key(
     msg = _frame(
         tenant, method.encode(), route.encode(), query.encode(), namespace.encode(), canonical_body
     )
-    return "v1:" + hmac.new(secret, msg, hashlib.sha256).hexdigest()
+    mac = _keyed_sha256(secret).copy()  # the key's pads are hashed once per secret
+    mac.update(msg)
+    return "v1:" + mac.hexdigest()
+
+
+@functools.lru_cache(maxsize=8)
+def _keyed_sha256(secret: bytes) -> hmac.HMAC:
+    """An HMAC-SHA256 keyed with `secret`, to copy (a process has one or two secrets)."""
+    return hmac.new(secret, digestmod=hashlib.sha256)
 
 
 def raw_digest(key: bytes, head: str, body: bytes) -> bytes:
