@@ -15,8 +15,8 @@ The data path, one request (handlers.proxy_handler):
    `semantic` looks the request up by meaning (vectors.py, guards in semantic.py) -> HIT
 5. coalesce.Flights: join the key's flight (COALESCED) or lead one (MISS / REFRESH); across
    instances bus.RedisBus.lead answers Local | Leader | Follow | Conflict; fetch.Fetcher
-   reads upstream.Upstream into the flight (a stream in its own task, a whole answer in the
-   leading handler), readers relay it from the first
+   reads upstream.Upstream into the flight (in its own task, or a whole chat or Responses
+   answer in the leading handler), readers relay it from the first
    chunk then live (bounded, with a write timeout), and answers.storable decides whether the
    whole answer becomes a models.CachedResponse in the store
 6. one `request.done` line, rendered from a record.Record (log.py), and the counters behind

@@ -33,6 +33,9 @@ from proxy.models import CachedResponse
 from proxy.sse import Scanner
 
 LAG_BYTES = 4 * 1024 * 1024
+WHOLE_READ_MAX = 64 * 1024 * 1024
+"""Largest answer a handler reads whole before relaying it (Flight.whole); past it the read
+is cut, so a broken upstream cannot make one answer hold more."""
 """Least a reader of an overflowing flight may lag behind the upstream before it is cut."""
 
 
@@ -83,6 +86,7 @@ class Flight:
         "size",
         "task",
         "upstream_ms",
+        "whole",
     )
 
     def __init__(self, key: str, *, max_bytes: int, fingerprint: str = "") -> None:
@@ -105,6 +109,10 @@ class Flight:
         self.chunk_ms: list[float] = []
         self.size = 0
         self.kept = 0
+        self.whole = False
+        """Read whole by its leading handler before anyone relays it (fetch.py): nothing is
+        released past max_bytes, since the leader relays from the first byte afterwards
+        (the read is capped at WHOLE_READ_MAX instead)."""
         """Bytes of the chunks still held (all of them until the flight overflows)."""
         self.outcome = PENDING
         self.overflow = False
@@ -113,7 +121,7 @@ class Flight:
         self.reason = ""
         self.task: asyncio.Task[Any] | None = None
         """The upstream read feeding this flight: its own task, or for a whole (non-streamed)
-        answer the leading client's handler, which reads it inline."""
+        chat or Responses answer the leading client's handler, which reads it inline."""
         self.upstream_ms = 0.0
         """How long the upstream read took (set by the fetcher when it ends)."""
         self.entry: CachedResponse | None = None
@@ -144,7 +152,7 @@ class Flight:
         if self.size > self.max_bytes and not self.overflow:
             self.overflow = True
             self.scan = None  # not stored: no need to check it
-        if self.overflow:
+        if self.overflow and not self.whole:
             self._release()
         elif self.scan is not None:
             self.scan.feed(chunk)

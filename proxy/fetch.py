@@ -1,10 +1,11 @@
 """The upstream read behind a flight: upstream -> Flight -> store.
 
-A stream is read in its own task, detached from any client, so it goes at the upstream's pace
-whatever any client's. A whole (non-streamed) answer led by this process is read by the
-handler of the request that started it (a task fewer per MISS): aiohttp does not cancel a
-handler whose client hangs up, so that read too goes to the end for the readers that remain
-and for the cache. Keeping the answer (keep) waits for nothing where the store allows.
+An answer is read in its own task, detached from any client, so it goes at the upstream's
+pace whatever any client's. A whole (non-streamed) chat or Responses answer led by this
+process is read by the handler of the request that started it (a task fewer per MISS):
+aiohttp does not cancel a handler whose client hangs up, so that read too goes to the end
+for the readers that remain and for the cache. Keeping the answer (keep) waits for nothing
+where the store allows.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from multidict import CIMultiDict
 from proxy.answers import Verdict, make_entry, storable
 from proxy.bus import Followed, RedisBus
 from proxy.cache import Cache
-from proxy.coalesce import COMPLETE, CUT, Flight, Flights
+from proxy.coalesce import COMPLETE, CUT, WHOLE_READ_MAX, Flight, Flights
 from proxy.cost import Prices
 from proxy.errors import (
     BusError,
@@ -235,6 +236,8 @@ class Fetcher:
             flight.publish_head(resp.status, headers)
             async for chunk in resp.content.iter_any():
                 flight.append(chunk)
+                if flight.whole and flight.size > WHOLE_READ_MAX:
+                    raise UpstreamError("the answer is larger than a whole answer may be")
                 if (
                     flight.detached_since is not None
                     and time.monotonic() - flight.detached_since > self.detached_max_s
@@ -243,12 +246,13 @@ class Fetcher:
             return Read(stream=stream, keep=True)
 
     def keep(self, flight: Flight, job: FetchJob, read: Read) -> None:
-        """_keep without a task where nothing in it waits: a small answer is checked on the
-        loop, and a store that takes writes without waiting (memory, SQLite's batches) gets
-        it so, unless something is to run once it is stored. Otherwise a task does the rest."""
+        """Store the answer if it is whole and good; then let the flight go (or debounce).
+        Without a task where nothing waits: a small answer is checked on the loop and goes to
+        a store that takes writes without waiting (memory, SQLite's batches), unless
+        something is to run once it is stored. Otherwise a task does the rest."""
         body = _good_body(flight)
         if len(body) > VERDICT_OFF_LOOP:
-            spawn(self._keep(flight, job, read, body), name=f"keep:{key_id(flight.key)}")
+            spawn(self._keep_large(flight, job, read, body), name=f"keep:{key_id(flight.key)}")
             return
         entry = self._entry(flight, job, read, body, storable(flight, read.stream, body))
         if entry is None:
@@ -260,16 +264,9 @@ class Fetcher:
                 self.cache.put(job.store_key, entry, job.ttl_s + job.keep_s)
             self.flights.forget(flight, after_s=job.debounce_s if read.keep else 0.0)
 
-    async def _keep(
-        self, flight: Flight, job: FetchJob, read: Read, body: bytes | None = None
-    ) -> None:
-        """Store the answer if it is whole and good; then let the flight go (or debounce)."""
-        if body is None:
-            body = _good_body(flight)
-        if len(body) > VERDICT_OFF_LOOP:  # parsing a large answer would stall the loop
-            verdict = await asyncio.to_thread(storable, flight, read.stream, body)
-        else:
-            verdict = storable(flight, read.stream, body)
+    async def _keep_large(self, flight: Flight, job: FetchJob, read: Read, body: bytes) -> None:
+        """keep() for an answer over VERDICT_OFF_LOOP: parsing it would stall the loop."""
+        verdict = await asyncio.to_thread(storable, flight, read.stream, body)
         entry = self._entry(flight, job, read, body, verdict)
         if entry is None:
             self.flights.forget(flight)

@@ -4,8 +4,8 @@ request -> body (size-capped) -> tenant -> Plan (rule, key; memoised on the raw 
   -> no rule / no-store: pass-through, streamed both ways
   -> cache lookup: HIT -> replay the stored bytes
   -> flight for the key: join it (COALESCED) or lead one (MISS / REFRESH), whose upstream read
-     runs in its own task (a stream) or in the leading handler; every reader relays the
-     flight from its first chunk, then live
+     runs in its own task (or, for a whole chat answer, in the leading handler); every
+     reader relays the flight from its first chunk, then live
   -> one `request.done` log line.
 """
 
@@ -506,8 +506,11 @@ async def _serve_keyed(
                 st.fetcher.lead_shared(bus, flight, job, token)
             case Local():
                 # A streamed answer is read by its own task, at the upstream's pace whatever
-                # this client's; a whole one by this handler, which saves a task per MISS.
-                inline = not plan.stream
+                # this client's. A chat or Responses answer asked for whole (a JSON object,
+                # bounded by the model's output) is read by this handler, which saves a task
+                # per MISS; other whole answers (speech, embeddings) can be large: they are
+                # relayed live, from their own task.
+                inline = not plan.stream and plan.twin is not None
                 if not inline:
                     st.fetcher.start(flight, job)
             case _:
@@ -520,6 +523,7 @@ async def _serve_keyed(
             st.flights.forget(flight)
     if inline:
         flight.task = asyncio.current_task()
+        flight.whole = True
         st.fetcher.keep(flight, job, await st.fetcher.fetch(flight, job))
     if flight.head is None and not flight.done:  # (an inline read has it already)
         await flight.wait_head(None)

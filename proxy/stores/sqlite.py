@@ -35,6 +35,9 @@ ATIME_EVERY_S = 60.0
 """An entry's last-use time is written at most this often (a HIT is a read, not a write)."""
 VACUUM_PAGES = 2000
 PAUSE_S = 0.01
+QUEUE_MAX_BYTES = 64 * 1024 * 1024
+"""Most bytes of answers waiting for the next batch write: past it a write is refused
+(counted and logged as a failed write), so a disk that stalls cannot grow the queue."""
 """Between two batches of a sweep or an eviction: lookups get the store thread."""
 
 _SCHEMA = """
@@ -94,6 +97,8 @@ class SQLiteStore:
         self.evicted = 0
         self.expired = 0
         self._queue: list[tuple[str, CachedResponse, float]] = []
+        self._queued_bytes = 0
+        self.queue_max_bytes = QUEUE_MAX_BYTES
         """Entries waiting for the next batch write (serialised on the store thread, so a
         burst of answers holds no second copy of each, and the loop does not compress)."""
         self._next_batch: asyncio.Future[int] | None = None
@@ -331,7 +336,13 @@ class SQLiteStore:
         """Queue the entry for the next batch (group commit: the writes that arrive while a
         batch is written go in one transaction and one job after it); that batch's future,
         the store's total bytes after it or StoreUnavailable."""
+        if self._queue and self._queued_bytes + entry.size > self.queue_max_bytes:
+            # the file is far behind (a stalled disk): refuse rather than hold every answer
+            refused = asyncio.get_running_loop().create_future()
+            refused.set_exception(StoreUnavailable("sqlite: the write queue is full"))
+            return refused
         self._queue.append((key, entry, time.time() + ttl_s))
+        self._queued_bytes += entry.size
         batch = self._next_batch
         if batch is None:
             batch = self._next_batch = asyncio.get_running_loop().create_future()
@@ -343,6 +354,7 @@ class SQLiteStore:
         try:
             while self._queue:
                 items, self._queue = self._queue, []
+                self._queued_bytes = 0
                 batch, self._next_batch = self._next_batch, None
                 assert batch is not None
                 try:

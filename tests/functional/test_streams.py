@@ -224,3 +224,35 @@ def test_binary_speech_is_cached_whole(proxy, fake):
         assert b.headers["content-type"] == "audio/mpeg"
         assert a.content == b.content and a.content.startswith(b"ID3")
     assert fake.count() == 1
+
+
+def test_a_large_answer_is_checked_off_the_loop_and_stored(proxy, fake):
+    """An answer over fetch.VERDICT_OFF_LOOP (here 1 MB of speech) is checked on a worker
+    thread and then stored: the repeat is a HIT, byte for byte, with one upstream call."""
+    from tests.conftest import sdk
+    from tests.helpers import eventually
+
+    fake.speech_mb = 1
+    with sdk(proxy) as c:
+        a = c.audio.speech.with_raw_response.create(model="tts-1", voice="alloy", input="Long")
+        eventually(lambda: len(proxy.state.flights) == 0)  # checked and kept
+        b = c.audio.speech.with_raw_response.create(model="tts-1", voice="alloy", input="Long")
+    assert a.headers["x-cache-status"] == "MISS" and b.headers["x-cache-status"] == "HIT"
+    assert len(a.content) == 1024 * 1024 and b.content == a.content
+    assert fake.count() == 1
+
+
+def test_an_answer_past_max_record_mb_reaches_its_leader_whole_and_live(start_proxy, fake):
+    """A whole (non-streamed) answer larger than max_record_mb and the lag window (8 MB of
+    speech, limit 1 MB) is not stored, but its own client gets every byte, relayed as it
+    arrives: the leader reads the flight as a reader like any other."""
+    from tests.conftest import sdk
+
+    proxy = start_proxy(max_record_mb=1)
+    fake.speech_mb = 8
+    with sdk(proxy) as c:
+        a = c.audio.speech.with_raw_response.create(model="tts-1", voice="alloy", input="Huge")
+        b = c.audio.speech.with_raw_response.create(model="tts-1", voice="alloy", input="Huge")
+    assert len(a.content) == 8 * 1024 * 1024 and b.content == a.content
+    assert a.headers["x-cache-status"] == "MISS" and b.headers["x-cache-status"] == "MISS"
+    assert fake.count() == 2

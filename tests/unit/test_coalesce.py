@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from proxy.coalesce import LAG_BYTES, Flight, Flights, Outcome
+from proxy.coalesce import COMPLETE, LAG_BYTES, Flight, Flights, Outcome
 from proxy.errors import Lagged
 
 
@@ -122,3 +122,22 @@ async def test_the_registry_forgets_unjoinable_flights_and_debounces():
     newer = flights.lead("k", max_bytes=100)  # a new leader replaces the old flight
     flights.forget(again)
     assert flights.get("k") is newer
+
+
+def test_a_flight_read_whole_releases_nothing_past_max_bytes() -> None:
+    """A flight its leading handler reads whole (Flight.whole) keeps every chunk past
+    max_bytes (it overflows: not stored, no joiners), so the leader can still send it all."""
+    flight = Flight("k", max_bytes=10)
+    flight.whole = True
+    reader = flight.attach()
+    flight.publish_head(200, ())
+    for _ in range(LAG_CHUNKS):
+        flight.append(b"x" * (1024 * 1024))
+    flight.finish(COMPLETE)
+    assert flight.overflow and not flight.joinable
+    assert len(flight.chunks) == LAG_CHUNKS and flight.kept == LAG_CHUNKS * 1024 * 1024
+    reader.close()
+
+
+LAG_CHUNKS = LAG_BYTES // (1024 * 1024) + 2
+"""More 1 MB chunks than the lag window: a flight that is not read whole would drop some."""

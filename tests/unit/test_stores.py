@@ -99,3 +99,24 @@ async def test_cache_put_counts_a_failed_sqlite_batch_and_keeps_serving(tmp_path
     assert cache.peek("v2:a") is not None  # this process still answers it from the hot tier
     assert await cache.get("v2:missing") is None  # reads still go to the store
     await store.aclose()
+
+
+async def test_a_full_sqlite_write_queue_refuses_writes_instead_of_growing(tmp_path):
+    """Writes queued while the file is behind are bounded by queue_max_bytes: past it a put is
+    refused and counted as a failed write (the hot tier still has the answer); the queue
+    takes writes again once its batch is written."""
+    store = SQLiteStore(tmp_path / "cache.db")
+    await store.warm()
+    store.queue_max_bytes = 3_000
+    cache = Cache(store, hot=MemoryStore())
+    for i in range(5):  # 5 entries of about 1.3 KB each, while no batch has been written yet
+        cache.put(f"v2:k{i}", entry(1000), 60)
+    batch = store._next_batch
+    assert batch is not None
+    await asyncio.sleep(0)  # the refused writes' callbacks run
+    assert cache.write_errors == 3 and cache.healthy
+    assert all(cache.peek(f"v2:k{i}") is not None for i in range(5))
+    await asyncio.shield(batch)
+    await store.set("v2:later", entry(1000), 60)  # the queue drained: taken again
+    assert (await store.get("v2:k1")) is not None and (await store.get("v2:k4")) is None
+    await store.aclose()
