@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
+from typing import IO
 
 import aiohttp
 import orjson
@@ -18,24 +20,46 @@ CHAT = "/v1/chat/completions"
 
 
 class Proc:
-    """A running `python -m proxy` whose output is kept for the secrets check."""
+    """A running `python -m proxy` whose output is kept for the secrets check. Its pipes are
+    read all along (by two threads): a pipe nobody reads fills after 64 KB of log lines,
+    and the proxy's next write to it would wait for a reader."""
 
     def __init__(self, upstream: str, data_dir: Path, *flags: str) -> None:
         self.proc, self.port = spawn_proxy(
             upstream, data_dir, "--auth-recheck-s", "0", *flags, output=subprocess.PIPE
         )
         self.url = f"http://127.0.0.1:{self.port}"
+        self._out: list[bytes] = []
+        self._err: list[bytes] = []
+        self._readers = [
+            threading.Thread(target=_collect, args=(pipe, into), daemon=True)
+            for pipe, into in ((self.proc.stdout, self._out), (self.proc.stderr, self._err))
+        ]
+        for reader in self._readers:
+            reader.start()
 
     def stop(self) -> tuple[bytes, bytes]:
+        """Stop the proxy; everything it wrote to stdout and stderr."""
         self.proc.terminate()
-        out, err = self.proc.communicate(timeout=20)
-        return out, err
+        self.proc.wait(timeout=20)
+        for reader in self._readers:
+            reader.join(timeout=20)
+        return b"".join(self._out), b"".join(self._err)
 
     def rss_kb(self) -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
         raise AssertionError("no VmRSS")
+
+
+def _collect(pipe: IO[bytes] | None, into: list[bytes]) -> None:
+    """Read a pipe to its end into `into`."""
+    if pipe is None:
+        return
+    with pipe:
+        for chunk in iter(lambda: pipe.read1(65536), b""):  # type: ignore[attr-defined]
+            into.append(chunk)
 
 
 def raw(port: int, data: bytes, *, read_timeout: float = 10.0) -> bytes:
