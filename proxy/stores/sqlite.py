@@ -11,6 +11,8 @@ the space they free is handed back to the file system (incremental vacuum).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -40,14 +42,23 @@ QUEUE_MAX_BYTES = 64 * 1024 * 1024
 (counted and logged as a failed write), so a disk that stalls cannot grow the queue."""
 """Between two batches of a sweep or an eviction: lookups get the store thread."""
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS entries (
-    key TEXT PRIMARY KEY,
+_ENTRIES = """
+CREATE TABLE IF NOT EXISTS {name} (
+    id INTEGER PRIMARY KEY,
+    key TEXT NOT NULL UNIQUE,
     expires REAL NOT NULL,
     value BLOB NOT NULL,
     size INTEGER NOT NULL DEFAULT 0,
     atime REAL NOT NULL DEFAULT 0
-) WITHOUT ROWID;
+);
+"""
+"""Answers in a rowid table, appended in the order they are written, found through the index
+on `key`. (Up to 0.1 the key was the primary key of a WITHOUT ROWID table: every write then
+put a whole answer at a random place in the table's B-tree, twice the work of appending it
+and adding a short key to an index. Such a file is converted when it is opened.)"""
+_SCHEMA = (
+    _ENTRIES.format(name="entries")
+    + """
 CREATE INDEX IF NOT EXISTS entries_expires ON entries(expires);
 CREATE TABLE IF NOT EXISTS vectors (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -67,11 +78,61 @@ END;
 CREATE TABLE IF NOT EXISTS totals (id INTEGER PRIMARY KEY CHECK (id = 0), bytes INTEGER NOT NULL);
 INSERT OR IGNORE INTO totals(id, bytes) VALUES (0, 0);
 """
+)
 _MIGRATE = (  # stores written by earlier versions: size and last use
     "ALTER TABLE entries ADD COLUMN size INTEGER NOT NULL DEFAULT 0",
     "ALTER TABLE entries ADD COLUMN atime REAL NOT NULL DEFAULT 0",
 )
 _ATIME_INDEX = "CREATE INDEX IF NOT EXISTS entries_atime ON entries(atime)"
+WRITE_DELAY_S = 0.002
+"""A batch is written this long after its first answer is queued (it is in the hot tier
+meanwhile, so this process serves it; other processes see it that much later)."""
+ROWS_PER_INSERT = 64
+"""Rows per INSERT statement of a batch write. One statement, not one per row
+(executemany): the sqlite3 module gives up the GIL around every statement it steps and
+must take it back after, and while the event loop is busy that wait is up to
+sys.getswitchinterval() (5 ms), so a batch written row by row fell seconds behind under
+load. Binding 64 rows holds the GIL for a few tens of microseconds."""
+
+
+@functools.lru_cache(maxsize=ROWS_PER_INSERT)
+def _insert_sql(rows: int) -> str:
+    """INSERT OR REPLACE of `rows` entries in one statement."""
+    return "INSERT OR REPLACE INTO entries(key, expires, value, size, atime) VALUES " + ",".join(
+        ["(?, ?, ?, ?, ?)"] * rows
+    )
+
+
+def _rowid_entries(db: sqlite3.Connection) -> None:
+    """Convert an entries table of an earlier version (WITHOUT ROWID) to the rowid table, in
+    one transaction, oldest use first; its indexes and trigger are made again."""
+    if not _without_rowid(db):
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if not _without_rowid(db):  # another process converted it meanwhile
+            db.execute("ROLLBACK")
+            return
+        log.info("store.converting", store="sqlite", to="rowid table")
+        db.execute(_ENTRIES.format(name="entries_rowid"))
+        db.execute(
+            "INSERT INTO entries_rowid(key, expires, value, size, atime) "
+            "SELECT key, expires, value, size, atime FROM entries ORDER BY atime"
+        )
+        db.execute("DROP TABLE entries")  # its indexes and trigger too; no trigger fires
+        db.execute("ALTER TABLE entries_rowid RENAME TO entries")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.executescript(_SCHEMA)
+
+
+def _without_rowid(db: sqlite3.Connection) -> bool:
+    row = db.execute(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'entries'"
+    ).fetchone()
+    return row is not None and "WITHOUT ROWID" in str(row[0]).upper()
 
 
 class SQLiteStore:
@@ -103,6 +164,8 @@ class SQLiteStore:
         burst of answers holds no second copy of each, and the loop does not compress)."""
         self._next_batch: asyncio.Future[int] | None = None
         self._writer: asyncio.Task[None] | None = None
+        self._writing: asyncio.Future[int] | None = None
+        """The batch being written (its items are out of the queue and not yet in the file)."""
         self._eviction: asyncio.Task[None] | None = None
         """Started by the writer when a batch takes the store over its cap."""
         self._ro: sqlite3.Connection | None = None
@@ -128,6 +191,7 @@ class SQLiteStore:
                         db.execute(stmt)
                     db.execute("UPDATE entries SET size = length(value)")
             db.executescript(_SCHEMA)
+            _rowid_entries(db)
             db.execute(_ATIME_INDEX)
             if columns and "size" not in columns:
                 with db:
@@ -173,11 +237,10 @@ class SQLiteStore:
                 delta -= db.execute(
                     f"SELECT coalesce(sum(size), 0) FROM entries WHERE key IN ({marks})", chunk
                 ).fetchone()[0]
-            db.executemany(
-                "INSERT OR REPLACE INTO entries(key, expires, value, size, atime) "
-                "VALUES (?, ?, ?, ?, ?)",
-                [(key, exp, value, len(value), now) for key, (value, exp) in latest.items()],
-            )
+            rows = [(key, exp, value, len(value), now) for key, (value, exp) in latest.items()]
+            for start in range(0, len(rows), ROWS_PER_INSERT):
+                group = rows[start : start + ROWS_PER_INSERT]
+                db.execute(_insert_sql(len(group)), [v for row in group for v in row])
             db.execute("UPDATE totals SET bytes = bytes + ? WHERE id = 0", (delta,))
         return int(db.execute("SELECT bytes FROM totals WHERE id = 0").fetchone()[0])
 
@@ -333,9 +396,9 @@ class SQLiteStore:
             await asyncio.shield(eviction)
 
     def enqueue(self, key: str, entry: CachedResponse, ttl_s: float) -> asyncio.Future[int]:
-        """Queue the entry for the next batch (group commit: the writes that arrive while a
-        batch is written go in one transaction and one job after it); that batch's future,
-        the store's total bytes after it or StoreUnavailable."""
+        """Queue the entry for the next batch (group commit: the writes that arrive within
+        WRITE_DELAY_S, or while a batch is written, go in one transaction and one job after
+        it); that batch's future, the store's total bytes after it or StoreUnavailable."""
         if self._queue and self._queued_bytes + entry.size > self.queue_max_bytes:
             # the file is far behind (a stalled disk): refuse rather than hold every answer
             refused = asyncio.get_running_loop().create_future()
@@ -353,16 +416,22 @@ class SQLiteStore:
     async def _write_batches(self) -> None:
         try:
             while self._queue:
+                # gather what arrives in the next few ms: at a few requests at a time, a batch
+                # of one answer costs three times what it does in a batch of thirty
+                await asyncio.sleep(WRITE_DELAY_S)
                 items, self._queue = self._queue, []
                 self._queued_bytes = 0
                 batch, self._next_batch = self._next_batch, None
                 assert batch is not None
+                self._writing = batch
                 try:
                     total = await self._run(self._set_many, items)
                 except StoreUnavailable as exc:
                     batch.set_exception(exc)
                     batch.exception()  # retrieved: its writers may all have gone
                     continue
+                finally:
+                    self._writing = None
                 batch.set_result(total)
                 over = self.max_bytes is not None and total > self.max_bytes
                 if over and not self._evicting and self._eviction is None:
@@ -370,6 +439,14 @@ class SQLiteStore:
                     self._eviction.add_done_callback(self._evicted)
         finally:
             self._writer = None
+
+    async def _settled(self) -> None:
+        """Wait until every answer queued so far is in the file (or its batch failed), so
+        that a delete or purge is not undone by a write queued before it."""
+        for batch in (self._writing, self._next_batch):
+            if batch is not None:
+                with contextlib.suppress(StoreUnavailable):
+                    await asyncio.shield(batch)
 
     def _evicted(self, _: asyncio.Task[None]) -> None:
         self._eviction = None
@@ -450,12 +527,15 @@ class SQLiteStore:
                 log.info("store.swept", store=self.name, expired=gone, ms=took)
 
     async def delete(self, key: str) -> None:
+        await self._settled()
         await self._run(self._delete, key)
 
     async def purge(self, pattern: str) -> int:
         """Delete every entry whose key matches the glob `pattern`, a batch per job with pauses
         (a tenant's keys share a prefix, which the primary key index finds); how many went.
-        Their semantic index records go with them (a trigger)."""
+        Their semantic index records go with them (a trigger); so do answers still queued
+        for the file when the purge began."""
+        await self._settled()
         return await self._delete_all("WHERE key GLOB ?", (pattern,))
 
     async def vectors_add(

@@ -120,3 +120,111 @@ async def test_a_full_sqlite_write_queue_refuses_writes_instead_of_growing(tmp_p
     await store.set("v2:later", entry(1000), 60)  # the queue drained: taken again
     assert (await store.get("v2:k1")) is not None and (await store.get("v2:k4")) is None
     await store.aclose()
+
+
+OLD_SCHEMA = """
+CREATE TABLE entries (
+    key TEXT PRIMARY KEY, expires REAL NOT NULL, value BLOB NOT NULL,
+    size INTEGER NOT NULL DEFAULT 0, atime REAL NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE INDEX entries_expires ON entries(expires);
+CREATE TABLE vectors (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, part TEXT NOT NULL, member TEXT NOT NULL,
+    expires REAL NOT NULL, record BLOB NOT NULL
+);
+CREATE TABLE totals (id INTEGER PRIMARY KEY CHECK (id = 0), bytes INTEGER NOT NULL);
+CREATE TRIGGER entries_vectors AFTER DELETE ON entries BEGIN
+    UPDATE totals SET bytes = bytes - coalesce(
+        (SELECT sum(length(record)) FROM vectors WHERE member = old.key), 0) WHERE id = 0;
+    DELETE FROM vectors WHERE member = old.key;
+END;
+"""
+
+
+async def test_a_store_of_an_earlier_version_is_converted_and_keeps_its_answers(tmp_path):
+    """A file whose entries table is WITHOUT ROWID (up to 0.1) is converted when opened: its
+    answers, index records, byte total, expiry and index-record trigger all carry over."""
+    path = tmp_path / "cache.db"
+    later = time.time() + 600
+    kept = CachedResponse(200, (("Content-Type", "application/json"),), b'{"a":1}', time.time())
+    value = kept.to_bytes()
+    with sqlite3.connect(path) as db:
+        db.executescript(OLD_SCHEMA)
+        db.execute(
+            "INSERT INTO entries VALUES (?, ?, ?, ?, ?)",
+            ("v2:kept", later, value, len(value), time.time()),
+        )
+        db.execute("INSERT INTO entries VALUES ('v2:expired', 1.0, x'00', 1, 0)")
+        db.execute(
+            "INSERT INTO vectors(part, member, expires, record) VALUES ('p', 'v2:kept', ?, ?)",
+            (later, b"r" * 10),
+        )
+        db.execute("INSERT INTO totals VALUES (0, ?)", (len(value) + 1 + 10,))
+    store = SQLiteStore(path)
+    await store.warm()
+    try:
+        got = await store.get("v2:kept")
+        assert got is not None and got.body == b'{"a":1}' and got.headers == kept.headers
+        assert await store.get("v2:expired") is None
+        assert await store.total_bytes() == len(value) + 1 + 10
+        with sqlite3.connect(path) as db:
+            sql = db.execute("SELECT sql FROM sqlite_master WHERE name = 'entries'").fetchone()
+            assert "WITHOUT ROWID" not in sql[0].upper()
+            indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
+            assert {"entries_expires", "entries_atime", "entries_vectors"} <= indexes
+        await store.delete("v2:kept")  # the trigger still takes its index records along
+        assert await store.vectors_since("p", 0, 10) == []
+        assert await store.total_bytes() == 1
+        await store.set("v2:new", entry(5), 60)  # and writes go on
+        assert await store.get("v2:new") is not None
+    finally:
+        await store.aclose()
+    reopened = SQLiteStore(path)  # converted once: opening it again changes nothing
+    await reopened.warm()
+    try:
+        assert await reopened.get("v2:new") is not None
+    finally:
+        await reopened.aclose()
+
+
+async def test_a_batch_larger_than_one_insert_is_written_whole(tmp_path):
+    """A batch write goes in INSERT statements of ROWS_PER_INSERT rows: a batch of several
+    of them, with a key written twice (the last write wins), is all in the file."""
+    from proxy.stores.sqlite import ROWS_PER_INSERT
+
+    store = SQLiteStore(tmp_path / "cache.db")
+    await store.warm()
+    try:
+        n = ROWS_PER_INSERT * 2 + 3
+        batches = {store.enqueue(f"v2:k{i}", entry(i + 1), 60) for i in range(n)}
+        last = store.enqueue("v2:k0", entry(500), 60)
+        assert batches == {last}  # one batch
+        total = await asyncio.shield(last)
+        with sqlite3.connect(tmp_path / "cache.db") as db:
+            rows, size = db.execute("SELECT count(*), sum(size) FROM entries").fetchone()
+        assert (rows, size) == (n, total)
+        for i in range(1, n):
+            got = await store.get(f"v2:k{i}")
+            assert got is not None and len(got.body) == i + 1
+        got = await store.get("v2:k0")
+        assert got is not None and len(got.body) == 500
+    finally:
+        await store.aclose()
+
+
+async def test_a_purge_or_delete_takes_answers_still_queued_for_the_file(tmp_path):
+    """Answers wait a few ms for their batch: a purge or delete made meanwhile waits for it,
+    so the answer it removes is not written back after it."""
+    store = SQLiteStore(tmp_path / "cache.db")
+    await store.warm()
+    try:
+        store.enqueue("v2:t1.a", entry(5), 60)
+        store.enqueue("v2:t2.b", entry(5), 60)
+        assert await store.purge("v2:t1.*") == 1
+        assert await store.get("v2:t1.a") is None and await store.get("v2:t2.b") is not None
+        store.enqueue("v2:t3.c", entry(5), 60)
+        await store.delete("v2:t3.c")
+        await asyncio.sleep(0.05)
+        assert await store.get("v2:t3.c") is None
+    finally:
+        await store.aclose()
