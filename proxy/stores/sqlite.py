@@ -84,7 +84,7 @@ _MIGRATE = (  # stores written by earlier versions: size and last use
     "ALTER TABLE entries ADD COLUMN atime REAL NOT NULL DEFAULT 0",
 )
 _ATIME_INDEX = "CREATE INDEX IF NOT EXISTS entries_atime ON entries(atime)"
-WRITE_DELAY_S = 0.002
+WRITE_DELAY_S = 0.01
 """A batch is written this long after its first answer is queued (it is in the hot tier
 meanwhile, so this process serves it; other processes see it that much later)."""
 ROWS_PER_INSERT = 64
@@ -95,7 +95,7 @@ sys.getswitchinterval() (5 ms), so a batch written row by row fell seconds behin
 load. Binding 64 rows holds the GIL for a few tens of microseconds."""
 
 
-@functools.lru_cache(maxsize=ROWS_PER_INSERT)
+@functools.lru_cache(maxsize=8)
 def _insert_sql(rows: int) -> str:
     """INSERT OR REPLACE of `rows` entries in one statement."""
     return "INSERT OR REPLACE INTO entries(key, expires, value, size, atime) VALUES " + ",".join(
@@ -223,24 +223,33 @@ class SQLiteStore:
         return bytes(row[0])
 
     def _set_many(self, items: list[tuple[str, CachedResponse, float]]) -> int:
-        """Write a batch of entries in one transaction; the store's total bytes after it."""
+        """Write a batch of entries in one transaction; the store's total bytes after it.
+        Serialised ROWS_PER_INSERT at a time, so a burst holds no second copy of its answers."""
         db = self._connect()
         now = time.time()
         newest = {key: (entry, expires) for key, entry, expires in items}  # last write wins
-        latest = {key: (entry.to_bytes(), expires) for key, (entry, expires) in newest.items()}
-        delta = sum(len(value) for value, _ in latest.values())
+        keys = list(newest)
+        delta = 0
         with db:
-            keys = list(latest)
-            for start in range(0, len(keys), 500):  # the sizes replaced, one query per 500
-                chunk = keys[start : start + 500]
-                marks = ",".join("?" * len(chunk))
-                delta -= db.execute(
-                    f"SELECT coalesce(sum(size), 0) FROM entries WHERE key IN ({marks})", chunk
+            start = 0
+            while start < len(keys):
+                # 64 rows at a time, the rest in powers of two: seven statements at most to
+                # prepare and keep (a statement of n rows is a program of its own, and the
+                # sqlite3 module keeps the last 128 it prepared)
+                left = len(keys) - start
+                size = min(ROWS_PER_INSERT, 1 << (left.bit_length() - 1))
+                group, start = keys[start : start + size], start + size
+                marks = ",".join("?" * len(group))
+                delta -= db.execute(  # the sizes these rows replace
+                    f"SELECT coalesce(sum(size), 0) FROM entries WHERE key IN ({marks})", group
                 ).fetchone()[0]
-            rows = [(key, exp, value, len(value), now) for key, (value, exp) in latest.items()]
-            for start in range(0, len(rows), ROWS_PER_INSERT):
-                group = rows[start : start + ROWS_PER_INSERT]
-                db.execute(_insert_sql(len(group)), [v for row in group for v in row])
+                params: list[object] = []
+                for key in group:
+                    entry, expires = newest[key]
+                    value = entry.to_bytes()
+                    delta += len(value)
+                    params += (key, expires, value, len(value), now)
+                db.execute(_insert_sql(len(group)), params)
             db.execute("UPDATE totals SET bytes = bytes + ? WHERE id = 0", (delta,))
         return int(db.execute("SELECT bytes FROM totals WHERE id = 0").fetchone()[0])
 

@@ -53,6 +53,8 @@ def test_two_workers_stats_add_up_whichever_answers(fake, tmp_path):
                 {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"q{i % 10}"}]}
             )
             post(port, body, headers)
+            if i == 9:  # the other worker sees an answer once its SQLite batch is written
+                time.sleep(0.2)
         time.sleep(2.5)
         for _ in range(8):
             snap = orjson.loads(

@@ -228,3 +228,21 @@ async def test_a_purge_or_delete_takes_answers_still_queued_for_the_file(tmp_pat
         assert await store.get("v2:t3.c") is None
     finally:
         await store.aclose()
+
+
+async def test_batches_of_any_size_prepare_few_statements(tmp_path):
+    """Batches of 1 to 130 answers go in INSERTs of 64 rows and powers of two: at most
+    seven statements are prepared (and kept by the sqlite3 module), whatever the sizes."""
+    from proxy.stores.sqlite import _insert_sql
+
+    store = SQLiteStore(tmp_path / "cache.db")
+    await store.warm()
+    try:
+        _insert_sql.cache_clear()
+        sizes = (1, 3, 5, 7, 9, 17, 33, 63, 64, 65, 100, 130)
+        for size in sizes:
+            await asyncio.gather(*(store.set(f"v2:{size}.{i}", entry(1), 60) for i in range(size)))
+        assert 1 < _insert_sql.cache_info().currsize <= 7
+        assert len(await store.keys()) == sum(sizes)
+    finally:
+        await store.aclose()
