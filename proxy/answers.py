@@ -4,6 +4,8 @@ its stored form with its usage and cost. Pure (functions of a finished flight's 
 
 from __future__ import annotations
 
+import sys
+from array import array
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
@@ -75,12 +77,28 @@ def json_verdict(headers: tuple[tuple[str, str], ...], body: bytes) -> tuple[str
 
 def stored_headers(headers: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
     """Rate-limit headers describe the request that was made, not the one a HIT answers; the
-    cache's own status headers are added on the way out."""
-    return tuple(
-        (k, v)
-        for k, v in headers
-        if not k.lower().startswith("x-ratelimit-") and k.lower() not in OWN_HEADERS
-    )
+    cache's own status headers are added on the way out.
+
+    Names and values are shared between entries (most repeat from answer to answer: a
+    stored answer's headers took more memory than a short answer's body)."""
+    out = []
+    for k, v in headers:
+        low = k.lower()
+        if low.startswith("x-ratelimit-") or low in OWN_HEADERS:
+            continue
+        name = _NAMES.get(k)
+        if name is None:
+            if len(_NAMES) >= NAMES_MAX:
+                _NAMES.clear()
+            name = str(k)  # aiohttp's names are multidict.istr, which cannot be interned
+            _NAMES[name] = name
+        out.append((name, sys.intern(str(v))))
+    return tuple(out)
+
+
+_NAMES: dict[str, str] = {}
+NAMES_MAX = 1024
+"""Header names shared between stored answers (an upstream sends a few dozen)."""
 
 
 def make_entry(
@@ -96,7 +114,7 @@ def make_entry(
     already read it from the body)."""
     head = flight.head
     assert head is not None
-    ends: list[int] = []
+    ends = array("q")
     if stream:
         total = 0
         for chunk in flight.chunks:
@@ -119,8 +137,8 @@ def make_entry(
         body=body,
         created=CLOCK.now(),
         stream=stream,
-        chunk_ends=tuple(ends),
-        chunk_ms=tuple(round(ms, 1) for ms in flight.chunk_ms) if stream else (),
+        chunk_ends=ends if stream else (),
+        chunk_ms=array("d", [round(ms, 1) for ms in flight.chunk_ms]) if stream else (),
         upstream_ms=round(flight.upstream_ms, 1),
         meta=meta,
     )

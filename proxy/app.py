@@ -324,18 +324,23 @@ class ProxyApp:
         registry = self.registry if shown is st.stats else registry_for(st, shown)
         return web.Response(body=render(registry), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    def handle(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
+        """The proxy's own routes, or the data path: its coroutine, which aiohttp awaits
+        (no frame of this method stays under a long answer)."""
         path = request.path
         if path.startswith("/_proxy/"):
-            own = self.routes.get((request.method, path))
-            if own is None:
-                own = self.routes.get(("GET", path.rstrip("/") + "/*"))
-            if own is not None:
-                return await own(self.state, request)
-            if path.startswith("/_proxy/images/") and request.method in ("GET", "HEAD"):
-                return await serve_image(self.state, request)
-            return json_error(404, f"No proxy route {path}.", "invalid_request_error", None)
-        return await proxy_handler(self.state, request)
+            return self._own_route(request, path)
+        return proxy_handler(self.state, request)
+
+    async def _own_route(self, request: web.BaseRequest, path: str) -> web.StreamResponse:
+        own = self.routes.get((request.method, path))
+        if own is None:
+            own = self.routes.get(("GET", path.rstrip("/") + "/*"))
+        if own is not None:
+            return await own(self.state, request)
+        if path.startswith("/_proxy/images/") and request.method in ("GET", "HEAD"):
+            return await serve_image(self.state, request)
+        return json_error(404, f"No proxy route {path}.", "invalid_request_error", None)
 
     def server(self) -> GuardedServer:
         max_size = self.state.max_body

@@ -14,7 +14,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import structlog
 from multidict import CIMultiDict
@@ -37,6 +37,9 @@ from proxy.keys import key_id
 from proxy.models import CachedResponse
 from proxy.tasks import spawn
 from proxy.upstream import Upstream, response_headers
+
+if TYPE_CHECKING:
+    import aiohttp
 
 log = structlog.get_logger()
 
@@ -101,7 +104,7 @@ class Fetcher:
         self.detached_max_s = detached_max_s
 
     def start(self, flight: Flight, job: FetchJob) -> None:
-        flight.task = spawn(self.run(flight, job), name=f"fetch:{flight.key[:15]}")
+        flight.task = spawn(self.fetch(flight, job, keep=True), name=f"fetch:{flight.key[:15]}")
 
     def lead_shared(self, bus: RedisBus, flight: Flight, job: FetchJob, token: str) -> None:
         """Lead across instances: fetch, and mirror the flight to the bus for the others."""
@@ -171,79 +174,83 @@ class Fetcher:
                 self.lead_shared(bus, fresh, job, token)
             return
 
-    async def run(self, flight: Flight, job: FetchJob) -> None:
-        """The upstream read and then the keeping, as the flight's own task (which ends
-        there: a store that takes writes without waiting lets the flight go at once)."""
-        self.keep(flight, job, await self.fetch(flight, job))
-
-    async def fetch(self, flight: Flight, job: FetchJob) -> Read:
+    async def fetch(self, flight: Flight, job: FetchJob, *, keep: bool = False) -> Read:
         """Read the upstream answer into the flight and finish it; never raises (but for
-        cancellation): a failure ends the flight with the proxy's answer or as a cut. A
-        handler may await this itself (a non-streamed answer has no client to keep pace with,
-        and aiohttp does not cancel a handler whose client hangs up), then call keep()."""
+        cancellation): a failure ends the flight with the proxy's answer or as a cut. As a
+        flight's own task (start()), `keep`: then keep() it, and the task ends there (a store
+        that takes writes without waiting lets the flight go at once). A handler may await
+        this itself (a non-streamed answer has no client to keep pace with, and aiohttp does
+        not cancel a handler whose client hangs up), then call keep().
+
+        One frame for the whole read (no helper awaited under it): a stream holds it, and
+        each frame is a few hundred bytes of a stream's memory."""
         started = time.monotonic()
         read = Read(stream=job.stream, keep=True)
         try:
-            read = await self._read(flight, job)
+            async with self.upstream.request(
+                job.method, job.path_qs, job.headers, job.body
+            ) as resp:
+                headers = response_headers(resp.headers)
+                ctype = resp.headers.get("Content-Type", "")
+                stream = job.stream or "text/event-stream" in ctype
+                if job.transform is not None and 200 <= resp.status < 300 and not stream:
+                    read = await self._rehost(flight, job, resp.status, headers, resp)
+                else:
+                    if "Content-Encoding" not in resp.headers:
+                        flight.expected_size = resp.content_length
+                    flight.publish_head(resp.status, headers)
+                    async for chunk in resp.content.iter_any():
+                        flight.append(chunk)
+                        if flight.whole and flight.size > WHOLE_READ_MAX:
+                            raise UpstreamError("the answer is larger than a whole answer may be")
+                        if (
+                            flight.detached_since is not None
+                            and time.monotonic() - flight.detached_since > self.detached_max_s
+                        ):
+                            raise UpstreamError("every client left and detached_max_s passed")
+                    read = Read(stream=stream, keep=True)
             flight.finish(COMPLETE)
         except asyncio.CancelledError:
             flight.finish(CUT, "cancelled")
             self.flights.forget(flight)
             raise
         except Exception as exc:  # UpstreamError, or a bug: the readers get the proxy's answer
-            if not isinstance(exc, UpstreamError):
-                log.exception("fetch.failed", key=key_id(flight.key))
-            if flight.head is None:
-                proxy_error(flight, failure_answer(exc))
-            if isinstance(exc, UpstreamTimeout):
-                flight.finish(CUT, "upstream timeout")
-            elif isinstance(exc, UpstreamError):
-                flight.finish(CUT, str(exc))
-            else:
-                flight.finish(CUT, f"internal error: {type(exc).__name__}")
+            _failed(flight, exc)
         finally:
             if not flight.done:
                 flight.finish(CUT, "fetch ended early")
         flight.upstream_ms = (time.monotonic() - started) * 1000.0
         if flight.outcome is CUT and flight.head is not None and flight.head.status < 400:
             log.warning("stream.aborted", key=key_id(flight.key), reason=flight.reason)
+        if keep:
+            self.keep(flight, job, read)
         return read
 
-    async def _read(self, flight: Flight, job: FetchJob) -> Read:
-        """Read the upstream answer into the flight; what it turned out to be."""
-        async with self.upstream.request(job.method, job.path_qs, job.headers, job.body) as resp:
-            headers = response_headers(resp.headers)
-            ctype = resp.headers.get("Content-Type", "")
-            stream = job.stream or "text/event-stream" in ctype
-            if job.transform is not None and 200 <= resp.status < 300 and not stream:
-                data = await resp.read()
-                flight.busy = True  # the leader works: duplicates keep waiting for it
-                try:
-                    new = await asyncio.wait_for(job.transform(data, job), self.image_timeout_s)
-                except TimeoutError:
-                    log.warning("image.rehost_failed", reason="image_timeout_s passed")
-                    new = None
-                finally:
-                    flight.busy = False
-                if new is not None:
-                    data = new
-                    flight.rebase = has_placeholder(data)
-                flight.publish_head(resp.status, headers)
-                flight.append(data)
-                return Read(stream=False, keep=new is not None)
-            if "Content-Encoding" not in resp.headers:
-                flight.expected_size = resp.content_length
-            flight.publish_head(resp.status, headers)
-            async for chunk in resp.content.iter_any():
-                flight.append(chunk)
-                if flight.whole and flight.size > WHOLE_READ_MAX:
-                    raise UpstreamError("the answer is larger than a whole answer may be")
-                if (
-                    flight.detached_since is not None
-                    and time.monotonic() - flight.detached_since > self.detached_max_s
-                ):
-                    raise UpstreamError("every client left and detached_max_s passed")
-            return Read(stream=stream, keep=True)
+    async def _rehost(
+        self,
+        flight: Flight,
+        job: FetchJob,
+        status: int,
+        headers: tuple[tuple[str, str], ...],
+        resp: aiohttp.ClientResponse,
+    ) -> Read:
+        """An image answer, read whole and its image links rehosted before anyone sees it."""
+        assert job.transform is not None
+        data = await resp.read()
+        flight.busy = True  # the leader works: duplicates keep waiting for it
+        try:
+            new = await asyncio.wait_for(job.transform(data, job), self.image_timeout_s)
+        except TimeoutError:
+            log.warning("image.rehost_failed", reason="image_timeout_s passed")
+            new = None
+        finally:
+            flight.busy = False
+        if new is not None:
+            data = new
+            flight.rebase = has_placeholder(data)
+        flight.publish_head(status, headers)
+        flight.append(data)
+        return Read(stream=False, keep=new is not None)
 
     def keep(self, flight: Flight, job: FetchJob, read: Read) -> None:
         """Store the answer if it is whole and good; then let the flight go (or debounce).
@@ -303,6 +310,21 @@ class Fetcher:
 
 VERDICT_OFF_LOOP = 256 * 1024
 """Answers larger than this are checked (parsed) on a worker thread."""
+
+
+def _failed(flight: Flight, exc: Exception) -> None:
+    """End a flight whose upstream read failed: with the proxy's answer if nothing reached a
+    client yet, else as a cut."""
+    if not isinstance(exc, UpstreamError):
+        log.exception("fetch.failed", key=key_id(flight.key))
+    if flight.head is None:
+        proxy_error(flight, failure_answer(exc))
+    if isinstance(exc, UpstreamTimeout):
+        flight.finish(CUT, "upstream timeout")
+    elif isinstance(exc, UpstreamError):
+        flight.finish(CUT, str(exc))
+    else:
+        flight.finish(CUT, f"internal error: {type(exc).__name__}")
 
 
 def _good_body(flight: Flight) -> bytes:

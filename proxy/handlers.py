@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -176,7 +176,8 @@ async def proxy_handler(st: State, request: web.BaseRequest) -> web.StreamRespon
     rec = Record(bounded(route, ROUTE_MAX), bounded(request.method, 16))
     resp: web.StreamResponse | None = None
     try:
-        resp = await _handle(st, request, route, upstream_path, query, rec, t0)
+        handled = await _handle(st, request, route, upstream_path, query, rec, t0)
+        resp = handled if isinstance(handled, web.StreamResponse) else await handled
         return resp
     finally:
         duration = (time.perf_counter() - t0) * 1000.0
@@ -215,7 +216,10 @@ async def _handle(
     query: str,
     rec: Record,
     t0: float,
-) -> web.StreamResponse:
+) -> web.StreamResponse | Coroutine[Any, Any, web.StreamResponse]:
+    """The answer, or the coroutine that makes it (keyed or passed through), which
+    proxy_handler awaits: this frame and its locals are gone while a long answer is relayed
+    (a stream holds a few hundred bytes less)."""
     settings = st.settings
     h = request.headers
     length = request.content_length
@@ -245,7 +249,7 @@ async def _handle(
             # Not a coding the proxy can read: forward it as it came, never keyed.
             rec.tenant = None
             ex = Exchange(request, body, forward_headers(h), _path_qs(st, upstream_path, query), t0)
-            return await _passthrough(st, ex, rec)
+            return _passthrough(st, ex, rec)
 
     credential = credential_of(h)
     org = header_values(h, "OpenAI-Organization")
@@ -337,9 +341,9 @@ async def _handle(
     )
     match what:
         case Keyed():
-            return await _serve_keyed(st, ex, rec, plan, tenant, what)
+            return _serve_keyed(st, ex, rec, plan, tenant, what)
         case PassThrough():
-            return await _passthrough(st, ex, rec, plan)
+            return _passthrough(st, ex, rec, plan)
         case _:
             assert_never(what)
 

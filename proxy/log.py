@@ -20,6 +20,9 @@ import orjson
 import structlog
 
 FLUSH_EVERY_S = 0.2
+DRAIN_BYTES = 64 * 1024
+"""Lines buffered past this are written at once: a burst of requests (2,000 streams that end
+together) holds at most this much of log lines, not a flush period's worth."""
 
 
 class BufferedSink:
@@ -28,10 +31,12 @@ class BufferedSink:
     def __init__(self, out: IO[bytes]) -> None:
         self.out = out
         self._buf: list[bytes] = []
+        self._size = 0
 
     def write(self, data: bytes) -> None:
         self._buf.append(data)
-        if len(self._buf) > 4096:
+        self._size += len(data)
+        if self._size > DRAIN_BYTES:
             self.drain()
 
     def flush(self) -> None:
@@ -40,7 +45,7 @@ class BufferedSink:
     def drain(self) -> None:
         if not self._buf:
             return
-        data, self._buf = b"".join(self._buf), []
+        data, self._buf, self._size = b"".join(self._buf), [], 0
         try:
             self.out.write(data)
             self.out.flush()

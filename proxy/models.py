@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 import zlib
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,8 +52,10 @@ class CachedResponse:
     created: float
     """Unix time the answer was stored (for Age and max-age)."""
     stream: bool = False
-    chunk_ends: tuple[int, ...] = ()
-    chunk_ms: tuple[float, ...] = ()
+    chunk_ends: Sequence[int] = ()
+    chunk_ms: Sequence[float] = ()
+    """Kept as arrays (8 bytes an item; a tuple of numbers costs 32 or more): a stream's
+    entry is mostly these and its body."""
     upstream_ms: float = 0.0
     """How long upstream took to answer: what a HIT saves in time."""
     meta: dict[str, Any] = field(default_factory=dict)
@@ -72,6 +76,10 @@ class CachedResponse:
     )
 
     def __post_init__(self) -> None:
+        if self.chunk_ends and not isinstance(self.chunk_ends, array):
+            self.chunk_ends = array("q", self.chunk_ends)
+        if self.chunk_ms and not isinstance(self.chunk_ms, array):
+            self.chunk_ms = array("d", self.chunk_ms)
         meta = self.meta
         ttl = meta.get("ttl")
         fresh = self.created + float(ttl) if isinstance(ttl, int | float) else float("inf")
@@ -131,8 +139,8 @@ class CachedResponse:
                 "h": self.headers,
                 "c": self.created,
                 "st": self.stream,
-                "ce": self.chunk_ends,
-                "cm": self.chunk_ms,
+                "ce": list(self.chunk_ends),
+                "cm": list(self.chunk_ms),
                 "u": self.upstream_ms,
                 "m": self.meta,
             }

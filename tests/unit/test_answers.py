@@ -86,3 +86,19 @@ def test_stored_headers_drop_rate_limits_and_the_caches_own():
         )
     )
     assert kept == (("x-request-id", "r"),)
+
+
+def test_stored_headers_share_their_strings_between_entries():
+    """Equal names and values of two answers are one object each in the entries (a stored
+    answer's headers took more memory than a short answer's body); aiohttp's names, which
+    are multidict.istr, are kept as plain strings."""
+    from multidict import istr
+
+    def answer(n: int) -> tuple[tuple[str, str], ...]:
+        ctype = "".join(["application/", "json"])  # a new object each time, as parsed
+        return ((istr("Content-Type"), ctype), ("x-request-id", f"req_{n}"))
+
+    a, b = stored_headers(answer(1)), stored_headers(answer(2))
+    assert a == (("Content-Type", "application/json"), ("x-request-id", "req_1"))
+    assert type(a[0][0]) is str and a[0][0] is b[0][0] and a[0][1] is b[0][1]
+    assert a[1][1] != b[1][1]
