@@ -33,8 +33,13 @@ def header_values(headers: Headers, name: str) -> str:
 
 
 def credential_of(headers: Headers) -> str:
-    """The tenant's credential part: every credential header, never the first one present."""
-    return "|".join(header_values(headers, name) for name in CREDENTIAL_HEADERS)
+    """The tenant's credential part: every credential header (CREDENTIAL_HEADERS, in that
+    order), never the first one present. Spelled out: on every request, and a generator
+    over the three cost twice as much."""
+    return (
+        f"{header_values(headers, 'Authorization')}|{header_values(headers, 'api-key')}"
+        f"|{header_values(headers, 'x-api-key')}"
+    )
 
 
 def _frame(*parts: bytes) -> bytes:

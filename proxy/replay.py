@@ -18,6 +18,9 @@ def whole(
 ) -> web.Response:
     """A stored answer as one response (the fast replay, and every non-stream answer);
     `body` replaces the stored one (an answer rebased for its client)."""
+    if body is None and status is HIT and cache_status == HIT_CACHE_STATUS:  # the plain HIT
+        age = ("Age", str(max(0, int(CLOCK.now() - entry.created))))
+        return web.Response(status=entry.status, body=entry.body, headers=(*entry.hit_headers, age))
     resp = web.Response(status=entry.status, body=entry.body if body is None else body)
     _headers(resp, entry, status, cache_status)
     return resp

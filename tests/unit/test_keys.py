@@ -31,3 +31,18 @@ def test_raw_digest_covers_every_part():
     assert raw_digest(b"k" * 32, "a\0c", b"body") != base
     assert raw_digest(b"k" * 32, "a\0b", b"bodz") != base
     assert raw_digest(b"j" * 32, "a\0b", b"body") != base
+
+
+def test_the_credential_is_every_credential_header_in_order():
+    """credential_of (spelled out for speed) frames every value of each header named in
+    CREDENTIAL_HEADERS, in that order: any change to one of them changes it."""
+    from multidict import CIMultiDict
+
+    from proxy.keys import CREDENTIAL_HEADERS, credential_of, header_values
+
+    h: CIMultiDict[str] = CIMultiDict(
+        [("API-KEY", "k1"), ("authorization", "Bearer a"), ("api-key", "k2"), ("X-Api-Key", "x")]
+    )
+    assert credential_of(h) == "|".join(header_values(h, n) for n in CREDENTIAL_HEADERS)
+    assert credential_of(h) == "8:Bearer a|2:k12:k2|1:x"
+    assert credential_of(CIMultiDict()) == "||"
