@@ -21,7 +21,7 @@ import redis
 
 from proxy.testing.hostile import HostileUpstream
 from tests.conftest import BackgroundLoop, spawn_proxy, start_redis
-from tests.helpers import Proc, _complete, body_of, header, post, raw, status_of
+from tests.helpers import Proc, _complete, body_of, eventually, header, post, raw, status_of
 
 CHAT = "/v1/chat/completions"
 
@@ -282,8 +282,9 @@ def test_a_corrupt_entry_is_a_miss_that_replaces_it_and_redis_restarts_are_retri
         for prompt in ("one", "two"):
             post(p.port, chat(prompt), headers)
         r = redis.Redis(port=port)
+        # each answer is stored just after it is sent (Redis writes never delay an answer)
+        eventually(lambda: len(list(r.scan_iter("ocp:resp:*"))) == 2)
         keys = sorted(r.scan_iter("ocp:resp:*"))
-        assert len(keys) == 2
         r.set(keys[0], b"OCZ1 this is not zlib")
         statuses = [
             header(post(p.port, chat(x), headers), "X-Cache-Status") for x in ("one", "two")

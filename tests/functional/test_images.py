@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 import urllib.error
 import urllib.request
@@ -20,6 +21,7 @@ from proxy.errors import RehostError
 from proxy.images.rehost import ImageRehoster
 from proxy.testing.fake_openai import make_png
 from tests.conftest import free_port, sdk
+from tests.helpers import eventually
 
 
 def get(url: str) -> tuple[int, dict[str, str], bytes]:
@@ -289,6 +291,11 @@ def test_backfill_rehosts_entries_cached_before(start_proxy, fake, tmp_path, cap
     assert kept.data[0].url.startswith(fake.base_url)
     assert lost.data[0].url.startswith(fake.base_url)
 
+    def in_file() -> int:  # answers reach SQLite in batches a few ms after they are sent
+        with sqlite3.connect(db) as conn:
+            return int(conn.execute("SELECT count(*) FROM entries").fetchone()[0])
+
+    eventually(lambda: in_file() == 2)
     public = "http://images.example"
     argv = [
         "images",
