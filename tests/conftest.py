@@ -117,8 +117,13 @@ async def _serve(app: ProxyApp) -> tuple[str, Any]:
     ctx = running(app, "127.0.0.1", 0, shutdown_timeout=1.0)
     url = await ctx.__aenter__()
 
-    async def stop() -> None:
-        await ctx.__aexit__(None, None, None)
+    stopped = False
+
+    async def stop() -> None:  # once: a test may stop a proxy before the fixture does
+        nonlocal stopped
+        if not stopped:
+            stopped = True
+            await ctx.__aexit__(None, None, None)
 
     return url, stop
 

@@ -24,6 +24,7 @@ import structlog
 from proxy.errors import CorruptEntry, StoreUnavailable
 from proxy.keys import key_id
 from proxy.models import CachedResponse
+from proxy.stores.keyfilter import KeyFilter
 from proxy.tasks import spawn
 
 log = structlog.get_logger()
@@ -44,7 +45,7 @@ QUEUE_MAX_BYTES = 64 * 1024 * 1024
 
 _ENTRIES = """
 CREATE TABLE IF NOT EXISTS {name} (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     key TEXT NOT NULL UNIQUE,
     expires REAL NOT NULL,
     value BLOB NOT NULL,
@@ -53,7 +54,8 @@ CREATE TABLE IF NOT EXISTS {name} (
 );
 """
 """Answers in a rowid table, appended in the order they are written, found through the index
-on `key`. (Up to 0.1 the key was the primary key of a WITHOUT ROWID table: every write then
+on `key`; AUTOINCREMENT, so an id is never used twice and the key filter can follow the
+table by id. (Up to 0.1 the key was the primary key of a WITHOUT ROWID table: every write then
 put a whole answer at a random place in the table's B-tree, twice the work of appending it
 and adding a short key to an index. Such a file is converted when it is opened.)"""
 _SCHEMA = (
@@ -87,6 +89,12 @@ _ATIME_INDEX = "CREATE INDEX IF NOT EXISTS entries_atime ON entries(atime)"
 WRITE_DELAY_S = 0.01
 """A batch is written this long after its first answer is queued (it is in the hot tier
 meanwhile, so this process serves it; other processes see it that much later)."""
+FOLLOW_EVERY_S = 0.05
+"""How often the key filter reads the keys other processes wrote (see KeyFilter): another
+worker's new answer is a HIT here that long after it is written, a MISS before."""
+FOLLOW_RETRY_S = 1.0
+"""After the key filter could not be read: the wait before it is loaded again."""
+FOLLOW_ROWS = 20_000
 ROWS_PER_INSERT = 64
 """Rows per INSERT statement of a batch write. One statement, not one per row
 (executemany): the sqlite3 module gives up the GIL around every statement it steps and
@@ -169,6 +177,14 @@ class SQLiteStore:
         self._eviction: asyncio.Task[None] | None = None
         """Started by the writer when a batch takes the store over its cap."""
         self._ro: sqlite3.Connection | None = None
+        self._filter: KeyFilter | None = None
+        """Every key in the file (and queued for it), once loaded: a key it has never seen
+        is absent without asking SQLite. None: not loaded (or its reading failed)."""
+        self._loading: KeyFilter | None = None
+        """A filter being filled from the file: keys queued meanwhile go into it too."""
+        self._followed = 0
+        """The highest entries.id the filter has read."""
+        self._follower: asyncio.Task[None] | None = None
         self._ro_uri = ""
         self._ro_mapped = False
         """A read-only connection the event loop asks whether a key is there at all (an index
@@ -359,10 +375,17 @@ class SQLiteStore:
                 log.info("store.readonly_unavailable", store=self.name, error=str(exc)[:200])
         if self._sweeper is None:
             self._sweeper = spawn(self._sweep_forever(), name="sqlite-sweeper")
+        if self._follower is None:
+            self._follower = spawn(self._follow_keys(), name="sqlite-keys")
 
     def _absent(self, key: str) -> bool:
-        """Is the key surely absent or expired? Asked on the loop (index only, never waits);
-        False when unsure (the store thread then reads it)."""
+        """Is the key surely absent or expired? Asked on the loop: first the key filter (no
+        I/O), then an index lookup that never waits; False when unsure (the store thread
+        then reads it). An Idempotency-Key is always looked up in the file: a retry that
+        reaches another worker must find the first answer."""
+        keys = self._filter
+        if keys is not None and not keys.maybe(key) and not key.startswith("idem:"):
+            return True
         if self._ro is None:
             return False
         try:
@@ -415,6 +438,9 @@ class SQLiteStore:
             return refused
         self._queue.append((key, entry, time.time() + ttl_s))
         self._queued_bytes += entry.size
+        for keys in (self._filter, self._loading):
+            if keys is not None:
+                keys.add(key)
         batch = self._next_batch
         if batch is None:
             batch = self._next_batch = asyncio.get_running_loop().create_future()
@@ -448,6 +474,63 @@ class SQLiteStore:
                     self._eviction.add_done_callback(self._evicted)
         finally:
             self._writer = None
+
+    def _key_rows(self, after: int) -> list[tuple[int, str]]:
+        rows = self._connect().execute(
+            "SELECT id, key FROM entries WHERE id > ? ORDER BY id LIMIT ?", (after, FOLLOW_ROWS)
+        )
+        return [(int(i), str(k)) for i, k in rows]
+
+    async def _load_keys(self) -> None:
+        """A new filter of every key in the file, sized for twice as many, in place of the
+        current one. Keys queued from the start go into it as well, and what was queued
+        before is written first, so the new filter misses nothing."""
+        count = int(
+            await self._run(
+                lambda: self._connect().execute("SELECT count(*) FROM entries").fetchone()[0]
+            )
+        )
+        fresh = self._loading = KeyFilter(2 * count)
+        try:
+            await self._settled()
+            after = 0
+            while True:
+                rows = await self._run(self._key_rows, after)
+                for i, key in rows:
+                    fresh.add(key)
+                    after = i
+                if len(rows) < FOLLOW_ROWS:
+                    break
+            self._filter, self._followed = fresh, after
+        finally:
+            self._loading = None
+
+    async def _follow_keys(self) -> None:
+        """Load the key filter, then read what other processes write every FOLLOW_EVERY_S
+        (this process's own writes are in it from the moment they are queued); make a larger
+        one when it is full. While it is not loaded, lookups ask SQLite."""
+        while True:
+            try:
+                if self._filter is None or self._filter.full:
+                    await self._load_keys()
+                else:
+                    rows = await self._run(self._key_rows, self._followed)
+                    keys = self._filter
+                    for i, key in rows:
+                        keys.add(key)
+                        self._followed = i
+                    if len(rows) == FOLLOW_ROWS:
+                        continue  # far behind: read on at once
+            except Exception as exc:  # the file, or a bug: fail safe, every lookup asks SQLite
+                if self._filter is not None or not isinstance(exc, StoreUnavailable):
+                    log.warning(
+                        "store.keys_unavailable",
+                        store=self.name,
+                        error=f"{type(exc).__name__}: {str(exc)[:200]}",
+                    )
+                self._filter = None
+                await asyncio.sleep(FOLLOW_RETRY_S)
+            await asyncio.sleep(FOLLOW_EVERY_S)
 
     async def _settled(self) -> None:
         """Wait until every answer queued so far is in the file (or its batch failed), so
@@ -570,6 +653,8 @@ class SQLiteStore:
     async def aclose(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self._follower is not None:
+            self._follower.cancel()
         if self._writer is not None:  # the last batch is written before the file closes
             await asyncio.shield(self._writer)
         if self._ro is not None:

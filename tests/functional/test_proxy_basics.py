@@ -247,11 +247,13 @@ def test_too_large_through_sdk(start_proxy, fake):
     assert fake.count() == 0
 
 
-def test_embedded_store_survives_restart(start_proxy, fake):
-    """With no --cache, the SQLite store in the data dir keeps entries across a restart."""
+def test_embedded_store_survives_restart(start_proxy, fake, bg):
+    """With no --cache, the SQLite store in the data dir keeps entries across a restart (the
+    first process writes what it still has queued as it stops)."""
     first = start_proxy(cache="")
     with sdk(first) as c:
         answer = c.chat.completions.create(**CHAT).id
+    bg.run(first.stop())
     second = start_proxy(cache="")
     with sdk(second) as c:
         again = c.chat.completions.with_raw_response.create(**CHAT)

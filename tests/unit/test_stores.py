@@ -7,12 +7,16 @@ import sqlite3
 import time
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from proxy.cache import Cache
 from proxy.errors import ConfigError, StoreUnavailable
 from proxy.models import CachedResponse
 from proxy.stores import MemoryStore, open_store
+from proxy.stores.keyfilter import KeyFilter
 from proxy.stores.sqlite import SQLiteStore
+from tests.helpers import wait_until
 
 
 def entry(n: int) -> CachedResponse:
@@ -244,5 +248,78 @@ async def test_batches_of_any_size_prepare_few_statements(tmp_path):
             await asyncio.gather(*(store.set(f"v2:{size}.{i}", entry(1), 60) for i in range(size)))
         assert 1 < _insert_sql.cache_info().currsize <= 7
         assert len(await store.keys()) == sum(sizes)
+    finally:
+        await store.aclose()
+
+
+@given(st.lists(st.text(min_size=1, max_size=80), max_size=300))
+def test_the_key_filter_never_forgets_a_key(keys):
+    """No false negatives, whatever the keys."""
+    f = KeyFilter(len(keys))
+    for k in keys:
+        f.add(k)
+    assert all(f.maybe(k) for k in keys)
+    assert f.count == len(keys) and not f.full
+
+
+def test_the_key_filter_is_rarely_wrong_about_other_keys():
+    f = KeyFilter(10_000)
+    for i in range(f.capacity):
+        f.add(f"v2:t.a.b.c.{i:064x}")
+    wrong = sum(f.maybe(f"v2:t.a.b.c.{i:064x}") for i in range(10**6, 10**6 + 20_000))
+    assert wrong < 20_000 * 0.03  # about 1 % at capacity
+    f.add("one more")
+    assert f.full
+
+
+async def test_a_miss_needs_no_sqlite_lookup_and_other_processes_writes_are_followed(tmp_path):
+    """Once the key filter is loaded, a key never written is absent without asking SQLite;
+    a key another process writes is found within a few follow periods; an Idempotency-Key is
+    always looked up in the file, so a retry that reaches another worker finds it at once."""
+    from proxy.stores import sqlite as sqlite_module
+
+    path = tmp_path / "cache.db"
+    first = SQLiteStore(path)
+    await first.set("v2:before", entry(3), 60)  # in the file before the other one starts
+    store = SQLiteStore(path)
+    await store.warm()
+    other = SQLiteStore(path)  # another process's view of the same file
+    await other.warm()
+    try:
+        await wait_until(lambda: store._filter is not None)
+        assert store._filter is not None and store._filter.maybe("v2:before")
+        assert store._absent("v2:never") and not store._filter.maybe("v2:never")
+        assert await store.get("v2:before") is not None
+        await other.set("v2:theirs", entry(4), 60)
+        await other.set("idem:retry", entry(5), 60)
+        assert await store.get("idem:retry") is not None  # the file is asked at once
+        await asyncio.sleep(sqlite_module.FOLLOW_EVERY_S * 3)
+        got = await store.get("v2:theirs")
+        assert got is not None and len(got.body) == 4
+        store.enqueue("v2:mine", entry(6), 60)  # this process's own: in the filter at once
+        assert store._filter.maybe("v2:mine")
+    finally:
+        await other.aclose()
+        await store.aclose()
+        await first.aclose()
+
+
+async def test_a_full_key_filter_is_made_again_larger_with_every_key(tmp_path):
+    """When the filter is full it is loaded again from the file, sized for twice its keys,
+    and keys queued meanwhile are not lost."""
+    store = SQLiteStore(tmp_path / "cache.db")
+    await store.warm()
+    try:
+        for i in range(50):
+            await store.set(f"v2:k{i}", entry(1), 60)
+        await wait_until(lambda: store._filter is not None)
+        old = store._filter
+        assert old is not None
+        old.count = old.capacity + 1  # as if it had taken more keys than it was made for
+        store.enqueue("v2:queued", entry(1), 60)
+        await wait_until(lambda: store._filter is not old)
+        new = store._filter
+        assert new is not None and not new.full
+        assert all(new.maybe(f"v2:k{i}") for i in range(50)) and new.maybe("v2:queued")
     finally:
         await store.aclose()
