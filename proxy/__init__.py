@@ -43,7 +43,8 @@ Module map:
     cost.py       usage -> tokens and dollars                                    [pure]
     models.py     CachedResponse, the store clock
     errors.py     every exception type, under ProxyError; OpenAI-shaped error bodies
-    stores/       memory, sqlite (capped, swept), redis (+ cluster); open_store()
+    stores/       memory, sqlite (capped, swept; keyfilter: its keys, in memory), redis (+ cluster);
+                  open_store()
     cache.py      hot tier, breaker (reads only), probe, purge
     coalesce.py   Flight, Reader: single flight in one process, bounded buffers
     bus.py        Redis lease + stream: flights across instances; who leads
