@@ -11,7 +11,8 @@ string hash (random per process); they are HMACs, so no client can aim at a bit.
 from __future__ import annotations
 
 BITS_PER_KEY = 10
-"""With 4 probes: about 1 % false positives at capacity."""
+PROBES = 4
+"""Bits set per key: with 10 bits a key, about 1 % false positives at capacity."""
 MIN_CAPACITY = 65_536
 """80 KB of bits: the smallest filter made."""
 
@@ -29,20 +30,24 @@ class KeyFilter:
         self.count = 0
         """Keys added (a key added twice counts twice)."""
 
-    def add(self, key: str) -> None:
+    def _positions(self, key: str) -> list[int]:
+        """The key's PROBES bits (double hashing of its 64-bit hash)."""
         h = hash(key)
-        a, b = h & 0xFFFFFFFF, ((h >> 32) & 0xFFFFFFFF) | 1
-        size, bits = self._size, self.bits
-        for i in range(4):
-            p = (a + i * b) % size
+        a, b, size = h & 0xFFFFFFFF, ((h >> 32) & 0xFFFFFFFF) | 1, self._size
+        return [(a + i * b) % size for i in range(PROBES)]
+
+    def add(self, key: str) -> None:
+        bits = self.bits
+        for p in self._positions(key):
             bits[p >> 3] |= 1 << (p & 7)
         self.count += 1
 
     def maybe(self, key: str) -> bool:
+        """The bits of _positions, stopping at the first clear one: this is on every MISS,
+        where most keys are new (300 ns; building the list first took 860)."""
         h = hash(key)
-        a, b = h & 0xFFFFFFFF, ((h >> 32) & 0xFFFFFFFF) | 1
-        size, bits = self._size, self.bits
-        for i in range(4):
+        a, b, size, bits = h & 0xFFFFFFFF, ((h >> 32) & 0xFFFFFFFF) | 1, self._size, self.bits
+        for i in range(PROBES):
             p = (a + i * b) % size
             if not bits[p >> 3] & (1 << (p & 7)):
                 return False
