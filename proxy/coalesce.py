@@ -64,6 +64,7 @@ class Flight:
 
     __slots__ = (
         "_base",
+        "_joined",
         "_positions",
         "_waiters",
         "busy",
@@ -111,11 +112,12 @@ class Flight:
         """When each chunk arrived, ms after the head (8 bytes a chunk; a float is 32)."""
         self.size = 0
         self.kept = 0
+        """Bytes of the chunks still held (all of them until the flight overflows)."""
         self.whole = False
         """Read whole by its leading handler before anyone relays it (fetch.py): nothing is
         released past max_bytes, since the leader relays from the first byte afterwards
         (the read is capped at WHOLE_READ_MAX instead)."""
-        """Bytes of the chunks still held (all of them until the flight overflows)."""
+        self._joined: bytes | None = None
         self.outcome = PENDING
         self.overflow = False
         self.readers = 0
@@ -245,7 +247,14 @@ class Flight:
             self.detached_since = time.monotonic()
 
     def body(self) -> bytes:
-        return b"".join(self.chunks)
+        """The chunks held, joined. Once the flight is done with none let go, joined once:
+        the stored entry and the leading handler's reply share one copy."""
+        if self._joined is not None:
+            return self._joined
+        body = b"".join(self.chunks)
+        if self.done and self._base == 0:
+            self._joined = body
+        return body
 
 
 class Flights:

@@ -63,7 +63,7 @@ from proxy.plan import (
     route_of,
 )
 from proxy.record import Record
-from proxy.replay import is_fast, replay, whole, whole_in_pieces
+from proxy.replay import age_of, is_fast, replay, whole, whole_in_pieces
 from proxy.rules import Rules
 from proxy.semantic import text_of
 from proxy.settings import Settings
@@ -730,7 +730,7 @@ async def _twin(
     headers["Content-Type"] = "text/event-stream; charset=utf-8" if sse else "application/json"
     headers["X-Cache-Status"] = HIT.header
     headers["Cache-Status"] = cache_status
-    headers["Age"] = str(max(0, int(CLOCK.now() - entry.created)))
+    headers["Age"] = age_of(entry)
     return resp
 
 

@@ -168,8 +168,8 @@ class CachedResponse:
                 body=raw[4 + n :],
                 created=float(head["c"]),
                 stream=bool(head["st"]),
-                chunk_ends=tuple(int(e) for e in head["ce"]),
-                chunk_ms=tuple(float(m) for m in head["cm"]),
+                chunk_ends=array("q", head["ce"]) if head["ce"] else (),
+                chunk_ms=array("d", head["cm"]) if head["cm"] else (),
                 upstream_ms=float(head["u"]),
                 meta=dict(head["m"]),
             )

@@ -19,8 +19,8 @@ def whole(
     """A stored answer as one response (the fast replay, and every non-stream answer);
     `body` replaces the stored one (an answer rebased for its client)."""
     if body is None and status is HIT and cache_status == HIT_CACHE_STATUS:  # the plain HIT
-        age = ("Age", str(max(0, int(CLOCK.now() - entry.created))))
-        return web.Response(status=entry.status, body=entry.body, headers=(*entry.hit_headers, age))
+        headers = (*entry.hit_headers, ("Age", age_of(entry)))
+        return web.Response(status=entry.status, body=entry.body, headers=headers)
     resp = web.Response(status=entry.status, body=entry.body if body is None else body)
     _headers(resp, entry, status, cache_status)
     return resp
@@ -30,13 +30,18 @@ def _headers(resp: web.StreamResponse, entry: CachedResponse, status: CacheStatu
     headers = resp.headers
     if status is HIT and cs == HIT_CACHE_STATUS:  # prebuilt for the plain HIT
         headers.extend(entry.hit_headers)
-        headers.add("Age", str(max(0, int(CLOCK.now() - entry.created))))
+        headers.add("Age", age_of(entry))
         return
     headers.extend(entry.headers)
     headers.add("X-Cache-Status", status.header)
     headers.add("Cache-Status", cs)
     if status in (STALE, HIT):
-        headers.add("Age", str(max(0, int(CLOCK.now() - entry.created))))
+        headers.add("Age", age_of(entry))
+
+
+def age_of(entry: CachedResponse) -> str:
+    """The Age header of a stored answer: whole seconds since it was stored."""
+    return str(max(0, int(CLOCK.now() - entry.created)))
 
 
 async def whole_in_pieces(
@@ -87,7 +92,7 @@ async def replay(
     headers["X-Cache-Status"] = status.header
     headers["Cache-Status"] = cache_status
     if status is HIT:
-        headers["Age"] = str(max(0, int(CLOCK.now() - entry.created)))
+        headers["Age"] = age_of(entry)
     await resp.prepare(request)
     loop = asyncio.get_running_loop()
     start = loop.time()

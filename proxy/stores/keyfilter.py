@@ -28,7 +28,8 @@ class KeyFilter:
         self.bits = bytearray(self.capacity * BITS_PER_KEY // 8)
         self._size = len(self.bits) * 8
         self.count = 0
-        """Keys added (a key added twice counts twice)."""
+        """Keys added that set a bit (a key added again, as the store's own writes are when
+        it reads the file after them, does not count twice)."""
 
     def _positions(self, key: str) -> list[int]:
         """The key's PROBES bits (double hashing of its 64-bit hash)."""
@@ -37,10 +38,13 @@ class KeyFilter:
         return [(a + i * b) % size for i in range(PROBES)]
 
     def add(self, key: str) -> None:
-        bits = self.bits
+        bits, new = self.bits, False
         for p in self._positions(key):
-            bits[p >> 3] |= 1 << (p & 7)
-        self.count += 1
+            mask = 1 << (p & 7)
+            if not bits[p >> 3] & mask:
+                bits[p >> 3] |= mask
+                new = True
+        self.count += new
 
     def maybe(self, key: str) -> bool:
         """The bits of _positions, stopping at the first clear one: this is on every MISS,

@@ -38,10 +38,10 @@ ATIME_EVERY_S = 60.0
 """An entry's last-use time is written at most this often (a HIT is a read, not a write)."""
 VACUUM_PAGES = 2000
 PAUSE_S = 0.01
+"""Between two batches of a sweep or an eviction: lookups get the store thread."""
 QUEUE_MAX_BYTES = 64 * 1024 * 1024
 """Most bytes of answers waiting for the next batch write: past it a write is refused
 (counted and logged as a failed write), so a disk that stalls cannot grow the queue."""
-"""Between two batches of a sweep or an eviction: lookups get the store thread."""
 
 _ENTRIES = """
 CREATE TABLE IF NOT EXISTS {name} (
@@ -95,6 +95,7 @@ worker's new answer is a HIT here that long after it is written, a MISS before."
 FOLLOW_RETRY_S = 1.0
 """After the key filter could not be read: the wait before it is loaded again."""
 FOLLOW_ROWS = 20_000
+"""Keys read per query while the key filter is loaded or catches up."""
 ROWS_PER_INSERT = 64
 """Rows per INSERT statement of a batch write. One statement, not one per row
 (executemany): the sqlite3 module gives up the GIL around every statement it steps and
@@ -166,10 +167,10 @@ class SQLiteStore:
         self.evicted = 0
         self.expired = 0
         self._queue: list[tuple[str, CachedResponse, float]] = []
-        self._queued_bytes = 0
-        self.queue_max_bytes = QUEUE_MAX_BYTES
         """Entries waiting for the next batch write (serialised on the store thread, so a
         burst of answers holds no second copy of each, and the loop does not compress)."""
+        self._queued_bytes = 0
+        self.queue_max_bytes = QUEUE_MAX_BYTES
         self._next_batch: asyncio.Future[int] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._writing: asyncio.Future[int] | None = None

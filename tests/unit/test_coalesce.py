@@ -141,3 +141,16 @@ def test_a_flight_read_whole_releases_nothing_past_max_bytes() -> None:
 
 LAG_CHUNKS = LAG_BYTES // (1024 * 1024) + 2
 """More 1 MB chunks than the lag window: a flight that is not read whole would drop some."""
+
+
+def test_a_finished_flight_joins_its_body_once() -> None:
+    """While chunks arrive, body() is what has come so far; once the flight is done with
+    nothing let go, every caller (the stored entry, the leader's reply) gets one copy."""
+    flight = Flight("k", max_bytes=1024)
+    flight.publish_head(200, ())
+    flight.append(b"ab")
+    assert flight.body() == b"ab"
+    flight.append(b"cd")
+    flight.finish(COMPLETE)
+    body = flight.body()
+    assert body == b"abcd" and flight.body() is body
