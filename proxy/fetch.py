@@ -41,6 +41,8 @@ from proxy.upstream import Upstream, response_headers
 if TYPE_CHECKING:
     import aiohttp
 
+    from proxy import http1
+
 log = structlog.get_logger()
 
 JSON_HEADERS = (("Content-Type", "application/json"),)
@@ -232,7 +234,7 @@ class Fetcher:
         job: FetchJob,
         status: int,
         headers: tuple[tuple[str, str], ...],
-        resp: aiohttp.ClientResponse,
+        resp: aiohttp.ClientResponse | http1.Response,
     ) -> Read:
         """An image answer, read whole and its image links rehosted before anyone sees it."""
         assert job.transform is not None

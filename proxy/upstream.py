@@ -1,4 +1,5 @@
-"""The upstream API: one shared aiohttp ClientSession, exceptions mapped at this edge."""
+"""The upstream API: a lean HTTP/1.1 client (http1.py) for every method but HEAD, which goes
+through one shared aiohttp ClientSession; exceptions mapped at this edge."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import aiohttp
 from multidict import CIMultiDict
 
 from proxy.errors import UpstreamError, UpstreamTimeout
+from proxy.http1 import Client
+from proxy.http1 import Exchange as LeanExchange
 
 LARGE_BODY = 1024 * 1024
 
@@ -123,6 +126,12 @@ class Upstream:
         if ca_file:  # a private CA, on top of the system's
             self.ssl = ssl.create_default_context()
             self.ssl.load_verify_locations(cafile=ca_file)
+        self.client = Client(
+            self.origin,
+            connect_timeout_s=connect_timeout_s,
+            read_timeout_s=read_timeout_s,
+            ssl_context=self.ssl if isinstance(self.ssl, ssl.SSLContext) else None,
+        )
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -141,9 +150,11 @@ class Upstream:
 
     def request(
         self, method: str, path_qs: str, headers: CIMultiDict[str], body: bytes
-    ) -> Exchange:
+    ) -> Exchange | LeanExchange:
         """Send one request: `async with` it, the response is open inside the block. Raises
         UpstreamError (UpstreamTimeout) for the upstream's failures, in the block too."""
+        if method != "HEAD":
+            return self.client.request(method, self.prefix + path_qs, headers, body)
         return Exchange(
             self.session.request(
                 method,
@@ -156,6 +167,7 @@ class Upstream:
         )
 
     async def aclose(self) -> None:
+        await self.client.aclose()
         if self._session is not None:
             await self._session.close()
             # Let the connector's transports close before the loop goes (aiohttp's advice).

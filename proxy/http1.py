@@ -1,0 +1,587 @@
+"""A lean HTTP/1.1 client for the upstream: keep-alive connections, httptools' parser.
+
+Every MISS pays the upstream call, and aiohttp's ClientSession spent about 90 us of a MISS's
+CPU on generic machinery (cookies, redirects, tracing, payload registry, timeouts per
+request) that a proxy forwarding bytes to one origin does not use. This client does only
+what the proxy needs, for one origin:
+
+- a pool of idle keep-alive connections (the newest first; idle past KEEPALIVE_S, closed);
+  a reused connection that the upstream closed before answering is retried once on a new
+  one (the upstream never saw the request: it closed while the connection was idle);
+- the request as one write: the request line, the client's headers, Host, Content-Length,
+  and Accept-Encoding for the codings it can decode (gzip, deflate, br); bodies over
+  WRITE_SLICE go in slices under the transport's flow control;
+- the answer through httptools (llhttp, in C): Content-Length, chunked, or until the
+  connection closes; 1xx answers skipped; its body buffered up to PAUSE_BYTES, past which
+  reading from the upstream pauses until the reader catches up;
+- a coded body (gzip, deflate, br) decoded as it is read, at most DECODE_PIECE bytes of
+  output at a time, so a small bomb never becomes one huge piece;
+- connect and read timeouts (UpstreamTimeout), every other failure an UpstreamError, the
+  messages worded as the aiohttp edge words them (upstream.mapped).
+
+HEAD goes through aiohttp (upstream.py): an answer to HEAD has headers that describe a body
+it does not carry, which the parser cannot know.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+import zlib
+from collections import deque
+from collections.abc import AsyncIterator, Iterator, Mapping
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlsplit
+
+import httptools
+from multidict import CIMultiDict
+
+from proxy.errors import UpstreamError, UpstreamTimeout
+
+try:
+    import brotli
+except ImportError:  # pragma: no cover - brotli is a dependency
+    brotli = None
+
+KEEPALIVE_S = 15.0
+"""An idle connection older than this is closed, not reused (aiohttp's default too)."""
+IDLE_MAX = 256
+"""Idle connections kept at most; more are closed as they come back."""
+PAUSE_BYTES = 256 * 1024
+"""Answer bytes buffered before reading from the upstream pauses."""
+RESUME_BYTES = 64 * 1024
+WRITE_SLICE = 256 * 1024
+DECODE_PIECE = 256 * 1024
+"""Decoded output is handed to the reader in pieces of about this size (brotli's may reach
+twice it), each made only when the reader asks for it."""
+HEAD_MAX = 256 * 1024
+"""Most bytes an answer's status line and headers may take (aiohttp allows 128 lines of 8 KB)."""
+ACCEPT_ENCODING = "gzip, deflate, br" if brotli is not None else "gzip, deflate"
+NO_BODY_STATUSES = frozenset({204, 304})
+
+
+def _unreachable(cause: object) -> UpstreamError:
+    return UpstreamError(f"the upstream could not be reached: {cause}")
+
+
+def _broke_off(cause: object) -> UpstreamError:
+    return UpstreamError(f"the upstream answer broke off: {cause}")
+
+
+class _Decoder:
+    """A Content-Encoding undone piece by piece, each output piece at most DECODE_PIECE."""
+
+    __slots__ = ("_br", "_coding", "_first", "_z")
+
+    def __init__(self, coding: str) -> None:
+        self._coding = coding
+        self._z: Any = None
+        self._br: Any = None
+        self._first = b""
+        if coding == "gzip":
+            self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif coding == "br":
+            assert brotli is not None
+            self._br = brotli.Decompressor()
+
+    def pieces(self, data: bytes) -> Iterator[bytes]:
+        """The output of `data`, a piece at a time (made as the reader takes them: a bomb is
+        never inflated further than the reader reads)."""
+        try:
+            if self._br is not None:
+                yield from self._brotli(data)
+                return
+            if self._z is None:  # deflate: zlib-wrapped, or raw as some servers send it
+                data = self._first + data
+                if len(data) < 2:
+                    self._first = data
+                    return
+                wrapped = data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
+                self._z = zlib.decompressobj(zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS)
+            while data:
+                piece = self._z.decompress(data, DECODE_PIECE)
+                if piece:
+                    yield piece
+                data = self._z.unconsumed_tail
+        except Exception as exc:  # zlib.error, brotli.error
+            raise _broke_off(f"cannot decode its {self._coding}: {exc}") from None
+
+    def _brotli(self, data: bytes) -> Iterator[bytes]:
+        # New input only once the decoder has handed out all it holds (brotli's contract).
+        br = self._br
+        piece = br.process(data, output_buffer_limit=DECODE_PIECE)
+        idle = 0
+        while True:
+            if piece:
+                idle = 0
+                yield piece
+            elif br.can_accept_more_data():
+                return
+            elif (idle := idle + 1) > 2:
+                raise _broke_off("its br does not decode")
+            piece = br.process(b"", output_buffer_limit=DECODE_PIECE)
+
+    def rest(self) -> Iterator[bytes]:
+        """What the coding still holds at the end of the body."""
+        if self._br is not None:
+            yield from self.pieces(b"")
+        elif self._z is not None:
+            try:
+                rest = self._z.flush()
+            except zlib.error as exc:
+                raise _broke_off(f"cannot decode its {self._coding}: {exc}") from None
+            if rest:
+                yield rest
+        elif self._first:  # one byte cannot be a deflate stream
+            raise _broke_off(f"cannot decode its {self._coding}")
+
+
+class Response:
+    """The upstream's answer, read as it arrives (the aiohttp ClientResponse subset the proxy
+    uses: status, headers, content_length, content.iter_any(), read())."""
+
+    __slots__ = (
+        "_chunks",
+        "_conn",
+        "_decoder",
+        "_done",
+        "_error",
+        "_size",
+        "_until_close",
+        "_waiter",
+        "content",
+        "content_length",
+        "headers",
+        "status",
+    )
+
+    def __init__(self, status: int, headers: CIMultiDict[str], conn: _Connection) -> None:
+        self.status = status
+        self.headers = headers
+        length = headers.get("Content-Length")
+        self.content_length = int(length) if length is not None and length.isdigit() else None
+        self.content = self
+        self._conn: _Connection | None = conn
+        self._chunks: deque[bytes] = deque()
+        self._size = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._done = False
+        self._error: BaseException | None = None
+        coding = headers.get("Content-Encoding", "").strip().lower()
+        self._decoder = _Decoder(coding) if coding in ("gzip", "deflate", "br") else None
+        self._until_close = (
+            length is None
+            and "chunked" not in headers.get("Transfer-Encoding", "").lower()
+            and status not in NO_BODY_STATUSES
+        )
+
+    # -- fed by the connection ------------------------------------------------------------
+
+    def _feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._size += len(data)
+        if self._size > PAUSE_BYTES and self._conn is not None:
+            self._conn.pause()
+        self._wake()
+
+    def _finish(self) -> None:
+        self._done = True
+        self._wake()
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self._done:
+            self._error = exc
+            self._done = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # -- read by the proxy ----------------------------------------------------------------
+
+    async def _next(self) -> bytes | None:
+        """The next raw piece of the body, or None at its end."""
+        while not self._chunks:
+            if self._done:
+                if self._error is not None:
+                    raise self._error
+                return None
+            conn = self._conn
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            timer = conn.read_timer(waiter) if conn is not None else None
+            try:
+                await waiter
+            finally:
+                if timer is not None:
+                    timer.cancel()
+        data = self._chunks.popleft()
+        self._size -= len(data)
+        conn = self._conn
+        if conn is not None and conn.paused and self._size <= RESUME_BYTES:
+            conn.resume()
+        return data
+
+    async def iter_any(self) -> AsyncIterator[bytes]:
+        decoder = self._decoder
+        while True:
+            data = await self._next()
+            if data is None:
+                break
+            if decoder is None:
+                yield data
+            else:
+                for piece in decoder.pieces(data):
+                    yield piece
+        if decoder is not None:
+            for piece in decoder.rest():
+                yield piece
+
+    async def read(self) -> bytes:
+        return b"".join([piece async for piece in self.iter_any()])
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection to the upstream, one request at a time."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.alive = True
+        self.paused = False
+        self.idle_since = 0.0
+        self.got_bytes = False
+        self.keep = False
+        self._headers: list[tuple[str, str]] = []
+        self._head_size = 0
+        self._informational = False
+        self._head: asyncio.Future[Response] | None = None
+        self.resp: Response | None = None
+        self._drain: asyncio.Future[None] | None = None
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # (uvloop's is no subclass)
+
+    def data_received(self, data: bytes) -> None:
+        self.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._lost(_broke_off("it asked to upgrade the connection"))
+            return
+        except httptools.HttpParserError as exc:
+            self._lost(_broke_off(f"malformed HTTP: {exc}"))
+            return
+        if self._head is not None:  # still no head: what it holds so far stays bounded
+            self._head_size += len(data)
+            if self._head_size > HEAD_MAX:
+                self._lost(_broke_off("its headers are larger than 256 KB"))
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport: connection_lost ends what is in progress
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.alive = False
+        self.client._busy.discard(self)
+        resp = self.resp
+        if resp is not None and resp._until_close and exc is None:
+            self.resp = None  # an answer without a length ends where its connection does
+            resp._conn = None
+            resp._finish()
+        if self._head is not None:  # (worded as aiohttp words it: upstream.mapped)
+            self._lost(_unreachable("Server disconnected"))
+        elif self.resp is not None:
+            self._lost(_broke_off(exc or "the connection closed before the answer ended"))
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_result(None)  # the writer sees the connection is gone
+
+    def pause_writing(self) -> None:
+        if self._drain is None or self._drain.done():
+            self._drain = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    # -- httptools callbacks ----------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append(
+            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+        )
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        headers, self._headers = self._headers, []
+        if status < 200:  # 100 Continue, 103 Early Hints: the answer is still to come
+            self._informational = True
+            return
+        resp = Response(status, CIMultiDict(headers), self)
+        self.resp = resp
+        head = self._head
+        self._head = None
+        if head is not None and not head.done():
+            head.set_result(resp)
+
+    def on_body(self, body: bytes) -> None:
+        if self.resp is not None:
+            self.resp._feed(body)
+
+    def on_message_complete(self) -> None:
+        if self._informational:
+            self._informational = False
+            return
+        resp = self.resp
+        self.resp = None
+        self.keep = self.parser.should_keep_alive()
+        if resp is not None:
+            resp._conn = None
+            resp._finish()
+        if self.paused:
+            self.resume()
+        self.client._release(self)
+
+    # -- used by the client and the response ------------------------------------------------
+
+    def _lost(self, exc: BaseException) -> None:
+        """End whatever is in progress with `exc` and close the connection."""
+        self.alive = False
+        head = self._head
+        if head is not None:
+            self._head = None
+            if not head.done():
+                head.set_exception(exc)
+        resp = self.resp
+        if resp is not None:
+            self.resp = None
+            resp._conn = None
+            resp._fail(exc)
+        if self.transport is not None:
+            self.transport.close()
+
+    def pause(self) -> None:
+        if not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+
+    def read_timer(self, waiter: asyncio.Future[Any]) -> asyncio.TimerHandle | None:
+        timeout = self.client.read_timeout_s
+        if not timeout:
+            return None
+        return asyncio.get_running_loop().call_later(timeout, self._expire, waiter)
+
+    def _expire(self, waiter: asyncio.Future[Any]) -> None:
+        if not waiter.done():
+            self._lost(UpstreamTimeout("the upstream did not answer in time"))
+
+    async def send(self, head: bytes, body: bytes) -> Response:
+        """Write one request and wait for the head of its answer."""
+        transport = self.transport
+        assert transport is not None
+        loop = asyncio.get_running_loop()
+        self.got_bytes = False
+        self.keep = False
+        self._head_size = 0
+        fut: asyncio.Future[Response] = loop.create_future()
+        self._head = fut
+        if len(body) <= WRITE_SLICE:
+            transport.write(head + body if body else head)
+        else:
+            transport.write(head)
+            view = memoryview(body)
+            for start in range(0, len(body), WRITE_SLICE):
+                drain = self._drain
+                if drain is not None and not drain.done():
+                    await drain
+                if not self.alive:
+                    break
+                transport.write(view[start : start + WRITE_SLICE])
+        timer = self.read_timer(fut)
+        try:
+            return await fut
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+
+class Client:
+    """Requests to one origin (`http://host:port` or `https://...`) over pooled connections."""
+
+    def __init__(
+        self,
+        origin: str,
+        *,
+        connect_timeout_s: float,
+        read_timeout_s: float,
+        ssl_context: ssl.SSLContext | None,
+    ) -> None:
+        parts = urlsplit(origin)
+        self.tls = parts.scheme == "https"
+        default = 443 if self.tls else 80
+        host = parts.hostname or ""
+        port = parts.port or default
+        self.host, self.port = host, port
+        named = f"[{host}]" if ":" in host else host
+        self.host_header = named if port == default else f"{named}:{port}"
+        self.connect_timeout_s = connect_timeout_s
+        self.read_timeout_s = read_timeout_s
+        self.ssl: ssl.SSLContext | None = (
+            (ssl_context or ssl.create_default_context()) if self.tls else None
+        )
+        self._idle: list[_Connection] = []
+        self._busy: set[_Connection] = set()
+        self.closed = False
+
+    def request(
+        self, method: str, path_qs: str, headers: Mapping[str, str], body: bytes
+    ) -> Exchange:
+        return Exchange(self, method, path_qs, headers, body)
+
+    def head_bytes(
+        self, method: str, path_qs: str, headers: Mapping[str, str], body: bytes
+    ) -> bytes:
+        lines = [f"{method} {path_qs} HTTP/1.1\r\nHost: {self.host_header}\r\n"]
+        accept = True
+        for name, value in headers.items():
+            lines.append(f"{name}: {value}\r\n")
+            if accept and name.lower() == "accept":
+                accept = False
+        if accept:
+            lines.append("Accept: */*\r\n")
+        lines.append(f"Accept-Encoding: {ACCEPT_ENCODING}\r\nContent-Length: {len(body)}\r\n\r\n")
+        text = "".join(lines)
+        # One request line, one line per header: a CR or LF inside any of them would smuggle
+        # another (the server side refuses them in what clients send; this is the backstop).
+        if text.count("\n") != len(lines) + 3 or text.count("\r") != len(lines) + 3:
+            raise UpstreamError("the request could not be sent: a header holds a line break")
+        return text.encode("utf-8", "surrogateescape")
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout_s or None):
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(self),
+                    self.host,
+                    self.port,
+                    ssl=self.ssl,
+                    server_hostname=self.host if self.tls else None,
+                )
+        except TimeoutError:
+            raise UpstreamTimeout("the upstream did not answer in time") from None
+        except OSError as exc:
+            raise _unreachable(exc) from None
+        return conn
+
+    def _idle_connection(self) -> _Connection | None:
+        idle = self._idle
+        now = time.monotonic()
+        while idle:
+            conn = idle.pop()
+            if conn.alive and now - conn.idle_since < KEEPALIVE_S:
+                transport = conn.transport
+                if transport is not None and not transport.is_closing():
+                    return conn
+            if conn.transport is not None:
+                conn.transport.close()
+        return None
+
+    async def send(self, head: bytes, body: bytes) -> tuple[_Connection, Response]:
+        """Send one request (`head` and `body`) and wait for the head of its answer."""
+        if self.closed:
+            raise _unreachable("the proxy is shutting down")
+        conn = self._idle_connection()
+        if conn is not None:
+            try:
+                return conn, await self._send_on(conn, head, body)
+            except UpstreamTimeout:
+                raise
+            except UpstreamError:
+                if conn.got_bytes:
+                    raise
+                # It closed while idle, before answering this request: once more, afresh.
+        conn = await self._connect()
+        return conn, await self._send_on(conn, head, body)
+
+    async def _send_on(self, conn: _Connection, head: bytes, body: bytes) -> Response:
+        self._busy.add(conn)
+        try:
+            return await conn.send(head, body)
+        except BaseException:
+            self._busy.discard(conn)
+            if conn.alive:  # cancelled while waiting: nobody will read this answer
+                conn._lost(_broke_off("the request was abandoned"))
+            raise
+
+    def _release(self, conn: _Connection) -> None:
+        """An answer arrived whole: the connection may serve the next request."""
+        self._busy.discard(conn)
+        if not conn.keep or not conn.alive or self.closed or len(self._idle) >= IDLE_MAX:
+            if conn.transport is not None:
+                conn.transport.close()
+            return
+        conn.idle_since = time.monotonic()
+        self._idle.append(conn)
+
+    def discard(self, conn: _Connection) -> None:
+        """Close a connection whose answer was not read to the end."""
+        self._busy.discard(conn)
+        if conn.resp is not None or conn._head is not None:
+            conn._lost(_broke_off("the reader left"))
+        elif conn.transport is not None and conn not in self._idle:
+            conn.transport.close()
+
+    async def aclose(self) -> None:
+        self.closed = True
+        for conn in [*self._idle, *self._busy]:
+            if conn.transport is not None:
+                conn.transport.close()
+        self._idle.clear()
+        self._busy.clear()
+
+
+class Exchange:
+    """`async with client.request(...) as resp`: the answer is open inside the block; leaving
+    it before the answer was read whole closes its connection."""
+
+    __slots__ = ("_args", "_client", "_conn", "_resp")
+
+    def __init__(
+        self, client: Client, method: str, path_qs: str, headers: Mapping[str, str], body: bytes
+    ) -> None:
+        self._client = client
+        self._args = (method, path_qs, headers, body)
+        self._conn: _Connection | None = None
+        self._resp: Response | None = None
+
+    async def __aenter__(self) -> Response:
+        client = self._client
+        method, path_qs, headers, body = self._args
+        head = client.head_bytes(method, path_qs, headers, body)
+        self._conn, self._resp = await client.send(head, body)
+        return self._resp
+
+    async def __aexit__(
+        self,
+        et: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        resp, conn = self._resp, self._conn
+        if conn is not None and resp is not None and not resp._done:
+            self._client.discard(conn)

@@ -1,0 +1,399 @@
+"""The lean upstream client (proxy/http1.py) against a scripted raw HTTP server: framing,
+keep-alive and its retry, codings, timeouts, back-pressure and what breaks."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import itertools
+import zlib
+from collections.abc import Awaitable, Callable
+
+import brotli
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from multidict import CIMultiDict
+
+from proxy import http1
+from proxy.errors import UpstreamError, UpstreamTimeout
+from proxy.http1 import DECODE_PIECE, PAUSE_BYTES, Client
+
+Answer = Callable[[asyncio.StreamReader, asyncio.StreamWriter, bytes], Awaitable[bool]]
+"""Writes the answer to one request (its head and body given); False closes the connection."""
+
+
+class Server:
+    """A raw HTTP/1.1 server whose every answer is scripted; counts connections and keeps
+    every request as it arrived."""
+
+    def __init__(self, answer: Answer) -> None:
+        self.answer = answer
+        self.requests: list[bytes] = []
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self.closed = asyncio.Event()
+
+    async def __aenter__(self) -> Server:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    break
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                body = await reader.readexactly(length)
+                self.requests.append(head + body)
+                if not await self.answer(reader, writer, head + body):
+                    break
+        finally:
+            writer.close()
+            self.closed.set()
+
+    def client(self, **kw: float) -> Client:
+        return Client(
+            f"http://127.0.0.1:{self.port}",
+            connect_timeout_s=kw.get("connect", 5.0),
+            read_timeout_s=kw.get("read", 5.0),
+            ssl_context=None,
+        )
+
+
+def fixed(raw: bytes, keep: bool = True) -> Answer:
+    async def answer(_r: asyncio.StreamReader, w: asyncio.StreamWriter, _req: bytes) -> bool:
+        w.write(raw)
+        await w.drain()
+        return keep
+
+    return answer
+
+
+def ok(body: bytes, *extra: str) -> bytes:
+    head = "".join(f"{h}\r\n" for h in extra)
+    return f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n{head}\r\n".encode() + body
+
+
+async def ask(client: Client, body: bytes = b"{}", **headers: str) -> tuple[int, bytes]:
+    async with client.request("POST", "/v1/chat/completions", CIMultiDict(headers), body) as r:
+        return r.status, await r.read()
+
+
+async def test_keep_alive_one_connection_and_the_request_as_sent():
+    async with Server(fixed(ok(b'{"a":1}', "Content-Type: application/json"))) as srv:
+        client = srv.client()
+        for _ in range(3):
+            assert await ask(client, b'{"q":1}', Authorization="Bearer k") == (200, b'{"a":1}')
+        await client.aclose()
+    assert srv.connections == 1 and len(srv.requests) == 3
+    head, _, body = srv.requests[0].partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"POST /v1/chat/completions HTTP/1.1"
+    assert f"Host: 127.0.0.1:{srv.port}".encode() in lines
+    assert b"Authorization: Bearer k" in lines and b"Content-Length: 7" in lines
+    assert b"Accept-Encoding: gzip, deflate, br" in lines and body == b'{"q":1}'
+
+
+async def test_a_chunked_answer_streams_as_it_comes():
+    gate = asyncio.Event()
+
+    async def answer(_r: asyncio.StreamReader, w: asyncio.StreamWriter, _req: bytes) -> bool:
+        w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await w.drain()
+        await gate.wait()
+        w.write(b"6\r\nsecond\r\n0\r\n\r\n")
+        return True
+
+    async with Server(answer) as srv:
+        client = srv.client()
+        async with client.request("POST", "/x", CIMultiDict(), b"") as resp:
+            pieces = resp.content.iter_any()
+            assert await anext(pieces) == b"first"  # before the rest was even written
+            gate.set()
+            assert b"".join([p async for p in pieces]) == b"second"
+        assert await ask(client) == (200, b"firstsecond")  # the same connection again
+        await client.aclose()
+    assert srv.connections == 1
+
+
+async def test_an_answer_without_length_ends_with_its_connection():
+    async with Server(fixed(b"HTTP/1.1 200 OK\r\n\r\nuntil close", keep=False)) as srv:
+        client = srv.client()
+        assert await ask(client) == (200, b"until close")
+        assert await ask(client) == (200, b"until close")
+        await client.aclose()
+    assert srv.connections == 2
+
+
+async def test_informational_answers_are_skipped():
+    raw = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + ok(b"x")
+    async with Server(fixed(raw)) as srv:
+        client = srv.client()
+        async with client.request("POST", "/x", CIMultiDict(), b"") as resp:
+            assert resp.status == 200 and "Link" not in resp.headers
+            assert await resp.read() == b"x"
+        await client.aclose()
+
+
+@pytest.mark.parametrize(
+    ("coding", "pack"),
+    [
+        ("gzip", gzip.compress),
+        ("deflate", zlib.compress),
+        ("deflate", lambda b: zlib.compress(b)[2:-4]),  # raw deflate, as some servers send
+        ("br", brotli.compress),
+    ],
+)
+async def test_coded_answers_are_decoded(coding, pack):
+    body = b'{"answer": "' + b"word " * 5000 + b'"}'
+    raw = ok(pack(body), f"Content-Encoding: {coding}")
+    async with Server(fixed(raw)) as srv:
+        client = srv.client()
+        async with client.request("POST", "/x", CIMultiDict(), b"") as resp:
+            assert resp.headers["Content-Encoding"] == coding
+            assert await resp.read() == body
+        await client.aclose()
+
+
+@pytest.mark.parametrize("coding", ["gzip", "br"])
+async def test_a_compression_bomb_comes_out_in_bounded_pieces(coding):
+    zeros = b"\0" * (64 * 1024 * 1024)
+    packed = gzip.compress(zeros, 9) if coding == "gzip" else brotli.compress(zeros)
+    async with Server(fixed(ok(packed, f"Content-Encoding: {coding}"))) as srv:
+        client = srv.client()
+        total = biggest = 0
+        async with client.request("POST", "/x", CIMultiDict(), b"") as resp:
+            async for piece in resp.content.iter_any():
+                total += len(piece)
+                biggest = max(biggest, len(piece))
+        await client.aclose()
+    assert total == len(zeros) and biggest <= 2 * DECODE_PIECE
+
+
+async def test_a_connection_the_upstream_closed_while_idle_is_not_reused():
+    async def answer(_r: asyncio.StreamReader, w: asyncio.StreamWriter, _req: bytes) -> bool:
+        w.write(ok(b"x"))  # says keep-alive, then closes
+        await w.drain()
+        return False
+
+    async with Server(answer) as srv:
+        client = srv.client()
+        assert await ask(client) == (200, b"x")
+        await srv.closed.wait()
+        await asyncio.sleep(0.05)
+        assert await ask(client) == (200, b"x")
+        await client.aclose()
+    assert srv.connections == 2 and len(srv.requests) == 2
+
+
+async def test_a_reused_connection_closed_before_answering_is_retried_once():
+    """The race an idle timeout makes: the request went out as the upstream closed."""
+    served = 0
+
+    async def answer(_r: asyncio.StreamReader, w: asyncio.StreamWriter, _req: bytes) -> bool:
+        nonlocal served
+        served += 1
+        if served == 2:
+            return False  # read the second request, closed without a byte
+        w.write(ok(b"x"))
+        await w.drain()
+        return True
+
+    async with Server(answer) as srv:
+        client = srv.client()
+        assert await ask(client) == (200, b"x")
+        assert await ask(client) == (200, b"x")
+        await client.aclose()
+    assert srv.connections == 2 and len(srv.requests) == 3
+
+
+async def test_no_retry_once_the_upstream_began_to_answer():
+    async with Server(fixed(b"HTTP/1.1 200 OK\r\nContent-Le", keep=False)) as srv:
+        client = srv.client()
+        with pytest.raises(UpstreamError, match="could not be reached"):
+            await ask(client)
+        await client.aclose()
+    assert len(srv.requests) == 1
+
+
+async def test_a_fresh_connection_closed_before_answering_is_an_error_not_a_retry():
+    async with Server(fixed(b"", keep=False)) as srv:
+        client = srv.client()
+        with pytest.raises(UpstreamError, match="Server disconnected"):
+            await ask(client)
+        await client.aclose()
+    assert len(srv.requests) == 1
+
+
+async def test_a_body_cut_short_is_an_error():
+    raw = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b"
+    async with Server(fixed(raw, keep=False)) as srv:
+        client = srv.client()
+        async with client.request("POST", "/x", CIMultiDict(), b"") as resp:
+            with pytest.raises(UpstreamError, match="broke off"):
+                await resp.read()
+        await client.aclose()
+
+
+async def test_a_silent_upstream_times_out_before_and_within_the_answer():
+    async def silent(r: asyncio.StreamReader, _w: asyncio.StreamWriter, _req: bytes) -> bool:
+        await r.read()  # until the client gives up
+        return False
+
+    async with Server(silent) as srv:
+        client = srv.client(read=0.2)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        with pytest.raises(UpstreamTimeout):
+            await ask(client)
+        assert loop.time() - t0 < 2
+        await client.aclose()
+
+    async def stalls(r: asyncio.StreamReader, w: asyncio.StreamWriter, _req: bytes) -> bool:
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf")
+        await w.drain()
+        await r.read()
+        return False
+
+    async with Server(stalls) as srv:
+        client = srv.client(read=0.2)
+        async with client.request("POST", "/x", CIMultiDict(), b"") as resp:
+            with pytest.raises(UpstreamTimeout):
+                await resp.read()
+        await client.aclose()
+
+
+async def test_nothing_listening_and_malformed_answers_are_upstream_errors():
+    async with Server(fixed(b"")) as srv:
+        port = srv.port
+    client = Client(
+        f"http://127.0.0.1:{port}", connect_timeout_s=2, read_timeout_s=2, ssl_context=None
+    )
+    with pytest.raises(UpstreamError, match="could not be reached"):
+        await ask(client)
+    await client.aclose()
+    async with Server(fixed(b"NOT HTTP AT ALL\r\n\r\n", keep=False)) as srv:
+        client = srv.client()
+        with pytest.raises(UpstreamError, match="malformed"):
+            await ask(client)
+        await client.aclose()
+
+
+async def test_endless_headers_are_cut_off():
+    async def endless(_r: asyncio.StreamReader, w: asyncio.StreamWriter, _req: bytes) -> bool:
+        w.write(b"HTTP/1.1 200 OK\r\n")
+        try:
+            for i in range(100_000):
+                w.write(b"X-Filler-%d: %s\r\n" % (i, b"v" * 100))
+                await w.drain()
+        except ConnectionError:
+            pass
+        return False
+
+    async with Server(endless) as srv:
+        client = srv.client()
+        with pytest.raises(UpstreamError, match="larger than 256 KB"):
+            await ask(client)
+        await client.aclose()
+
+
+async def test_a_reader_that_waits_pauses_the_upstream():
+    big = bytes(range(256)) * (16 * 1024)  # 4 MB
+
+    async with Server(fixed(ok(big))) as srv:
+        client = srv.client()
+        async with client.request("POST", "/x", CIMultiDict(), b"") as resp:
+            await asyncio.sleep(0.3)  # reads nothing: the client stops reading the socket
+            assert resp._size <= PAUSE_BYTES + 256 * 1024
+            assert await resp.read() == big
+        assert await ask(client) == (200, big)
+        await client.aclose()
+    assert srv.connections == 1
+
+
+async def test_leaving_before_the_end_closes_the_connection():
+    async with Server(fixed(ok(b"y" * 2_000_000))) as srv:
+        client = srv.client()
+        async with client.request("POST", "/x", CIMultiDict(), b"") as resp:
+            await anext(resp.content.iter_any())
+        assert (await ask(client))[0] == 200
+        await client.aclose()
+    assert srv.connections == 2
+
+
+async def test_a_large_request_body_arrives_whole():
+    body = bytes(range(256)) * (12 * 1024)  # 3 MB, sent in slices
+    async with Server(fixed(ok(b"ok"))) as srv:
+        client = srv.client()
+        assert await ask(client, body) == (200, b"ok")
+        await client.aclose()
+    assert srv.requests[0].endswith(body)
+
+
+async def test_a_line_break_in_a_header_is_refused_before_anything_is_sent():
+    async with Server(fixed(ok(b"x"))) as srv:
+        client = srv.client()
+        with pytest.raises(UpstreamError, match="line break"):
+            await ask(client, b"{}", **{"X-Evil": "a\r\nX-Injected: 1"})
+        await client.aclose()
+    assert srv.requests == []
+
+
+class _Transport:
+    """Enough of a transport for feeding a connection by hand."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+async def _parse(pieces: list[bytes]) -> tuple[int, bytes]:
+    client = Client("http://127.0.0.1:1", connect_timeout_s=1, read_timeout_s=1, ssl_context=None)
+    conn = http1._Connection(client)
+    conn.connection_made(_Transport())  # type: ignore[arg-type]
+    conn._head = asyncio.get_running_loop().create_future()
+    head = conn._head
+    for piece in pieces:
+        conn.data_received(piece)
+    resp = await head
+    return resp.status, await resp.read()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    body=st.binary(max_size=3000),
+    chunk=st.integers(1, 700),
+    cuts=st.lists(st.integers(0, 4000), max_size=12),
+)
+def test_any_split_of_a_chunked_answer_gives_the_same_body(body, chunk, cuts):
+    raw = b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n"
+    for i in range(0, len(body), chunk):
+        part = body[i : i + chunk]
+        raw += b"%x\r\n%s\r\n" % (len(part), part)
+    raw += b"0\r\n\r\n"
+    points = sorted({c % (len(raw) + 1) for c in cuts} | {0, len(raw)})
+    pieces = [raw[a:b] for a, b in itertools.pairwise(points) if b > a]
+    assert asyncio.run(_parse(pieces)) == (201, body)
