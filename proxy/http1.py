@@ -16,6 +16,7 @@ what the proxy needs, for one origin:
   reading from the upstream pauses until the reader catches up;
 - a coded body (gzip, deflate, br) decoded as it is read, at most DECODE_PIECE bytes of
   output at a time, so a small bomb never becomes one huge piece;
+- the host resolved once per DNS_TTL_S, its addresses tried in turn;
 - connect and read timeouts (UpstreamTimeout), every other failure an UpstreamError, the
   messages worded as the aiohttp edge words them (upstream.mapped).
 
@@ -26,6 +27,8 @@ it does not carry, which the parser cannot know.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import socket
 import ssl
 import time
 import zlib
@@ -47,6 +50,8 @@ except ImportError:  # pragma: no cover - brotli is a dependency
 
 KEEPALIVE_S = 15.0
 """An idle connection older than this is closed, not reused (aiohttp's default too)."""
+DNS_TTL_S = 300.0
+"""How long the upstream host's addresses are reused (aiohttp's ttl_dns_cache was 300 too)."""
 IDLE_MAX = 256
 """Idle connections kept at most; more are closed as they come back."""
 PAUSE_BYTES = 256 * 1024
@@ -446,6 +451,14 @@ class Client:
         self._idle: list[_Connection] = []
         self._busy: set[_Connection] = set()
         self.closed = False
+        try:
+            ipaddress.ip_address(host)
+            self._literal = True
+        except ValueError:
+            self._literal = False
+        self._dns: list[str] | None = None
+        self._dns_until = 0.0
+        self._resolving: asyncio.Future[list[str]] | None = None
 
     def request(
         self, method: str, path_qs: str, headers: Mapping[str, str], body: bytes
@@ -475,18 +488,49 @@ class Client:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout_s or None):
-                _, conn = await loop.create_connection(
-                    lambda: _Connection(self),
-                    self.host,
-                    self.port,
-                    ssl=self.ssl,
-                    server_hostname=self.host if self.tls else None,
-                )
+                error: OSError | None = None
+                for address in await self._addresses():
+                    try:
+                        _, conn = await loop.create_connection(
+                            lambda: _Connection(self),
+                            address,
+                            self.port,
+                            ssl=self.ssl,
+                            server_hostname=self.host if self.tls else None,
+                        )
+                        return conn
+                    except OSError as exc:  # the next address (an IPv6 one may not route)
+                        error = exc
+                raise error or OSError(f"{self.host} has no address")
         except TimeoutError:
             raise UpstreamTimeout("the upstream did not answer in time") from None
         except OSError as exc:
+            self._dns = None  # resolve again next time: the addresses may have moved
             raise _unreachable(exc) from None
-        return conn
+
+    async def _addresses(self) -> list[str]:
+        """The host's addresses, resolved once per DNS_TTL_S (a burst of new connections
+        shares one lookup); an IP address as it is."""
+        if self._literal:
+            return [self.host]
+        now = time.monotonic()
+        if self._dns is None or now >= self._dns_until:
+            if self._resolving is None:
+                self._resolving = asyncio.ensure_future(self._resolve())
+            resolving = self._resolving
+            try:
+                self._dns = await asyncio.shield(resolving)
+                self._dns_until = now + DNS_TTL_S
+            finally:
+                if resolving.done():
+                    self._resolving = None
+        return self._dns
+
+    async def _resolve(self) -> list[str]:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            self.host, self.port, type=socket.SOCK_STREAM
+        )
+        return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
     def _idle_connection(self) -> _Connection | None:
         idle = self._idle

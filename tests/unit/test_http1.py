@@ -397,3 +397,20 @@ def test_any_split_of_a_chunked_answer_gives_the_same_body(body, chunk, cuts):
     points = sorted({c % (len(raw) + 1) for c in cuts} | {0, len(raw)})
     pieces = [raw[a:b] for a, b in itertools.pairwise(points) if b > a]
     assert asyncio.run(_parse(pieces)) == (201, body)
+
+
+async def test_a_host_name_is_resolved_once_and_its_addresses_tried_in_turn():
+    """localhost may resolve to ::1 first while the server listens on 127.0.0.1 only."""
+    async with Server(fixed(ok(b"x"), keep=False)) as srv:
+        client = Client(
+            f"http://localhost:{srv.port}", connect_timeout_s=5, read_timeout_s=5, ssl_context=None
+        )
+        assert client.host_header == f"localhost:{srv.port}"
+        assert await ask(client) == (200, b"x")
+        resolved = client._dns
+        assert resolved is not None and "127.0.0.1" in resolved
+        assert await ask(client) == (200, b"x")
+        assert client._dns is resolved and client._resolving is None
+        await client.aclose()
+    assert srv.connections == 2
+    assert f"Host: localhost:{srv.port}".encode() in srv.requests[0]
