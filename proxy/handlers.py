@@ -17,7 +17,8 @@ from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, NamedTuple, TypeVar, assert_never
+from types import CoroutineType
+from typing import Any, NamedTuple, TypeVar, assert_never, cast
 
 import structlog
 from aiohttp import web
@@ -177,14 +178,18 @@ async def proxy_handler(st: State, request: web.BaseRequest) -> web.StreamRespon
     resp: web.StreamResponse | None = None
     try:
         handled = await _handle(st, request, route, upstream_path, query, rec, t0)
-        resp = handled if isinstance(handled, web.StreamResponse) else await handled
+        # (types, not isinstance: StreamResponse is a MutableMapping, an ABC, slow to check)
+        if type(handled) is CoroutineType:
+            resp = await cast(Coroutine[Any, Any, web.StreamResponse], handled)
+        else:
+            resp = cast(web.StreamResponse, handled)
         return resp
     finally:
         duration = (time.perf_counter() - t0) * 1000.0
         status = resp.status if resp is not None else 499
         nbytes = rec.bytes
         if nbytes is None:
-            body = resp.body if isinstance(resp, web.Response) else None
+            body = resp.body if type(resp) is web.Response else None
             if isinstance(body, bytes):
                 nbytes = len(body)
             else:

@@ -146,7 +146,8 @@ class RequestLog:
         fields["event"] = "request.done"
         fields["level"] = "info"
         fields["ts"] = round(time.time(), 3)
-        sink.write(orjson.dumps(fields, option=orjson.OPT_NON_STR_KEYS, default=str) + b"\n")
+        # (every key is a str: orjson's OPT_NON_STR_KEYS path would cost twice as much)
+        sink.write(orjson.dumps(fields, default=str) + b"\n")
 
     def flush(self) -> None:
         if self.sink is not None:

@@ -414,3 +414,18 @@ async def test_a_host_name_is_resolved_once_and_its_addresses_tried_in_turn():
         await client.aclose()
     assert srv.connections == 2
     assert f"Host: localhost:{srv.port}".encode() in srv.requests[0]
+
+
+async def test_trailers_are_dropped_and_never_become_the_next_answers_headers():
+    raw = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Trail\r\n\r\n"
+        b"2\r\nhi\r\n0\r\nX-Trail: t\r\n\r\n"
+    )
+    async with Server(fixed(raw)) as srv:
+        client = srv.client()
+        for _ in range(2):
+            async with client.request("POST", "/x", CIMultiDict(), b"") as resp:
+                assert await resp.read() == b"hi"
+                assert "X-Trail" not in resp.headers and resp.headers["Trailer"] == "X-Trail"
+        await client.aclose()
+    assert srv.connections == 1
