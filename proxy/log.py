@@ -12,7 +12,9 @@ import asyncio
 import atexit
 import logging
 import sys
+import threading
 import time
+from collections import deque
 from collections.abc import MutableMapping
 from typing import IO, Any
 
@@ -25,13 +27,36 @@ DRAIN_BYTES = 64 * 1024
 together) holds at most this much of log lines, not a flush period's worth."""
 
 
-class BufferedSink:
-    """A file-like object for structlog's BytesLogger: write() buffers, drain() writes."""
+BACKLOG_BYTES = 8 * 1024 * 1024
+"""Log bytes that may wait for a stdout nobody reads; past this, lines are dropped (and
+counted in a `log.dropped` line once stdout takes writes again)."""
 
-    def __init__(self, out: IO[bytes]) -> None:
+
+class BufferedSink:
+    """A file-like object for structlog's BytesLogger: write() buffers, drain() writes.
+
+    With `threaded`, drain() hands the bytes to a writer thread and returns at once: a
+    stdout that nobody reads (a full pipe, a stuck log shipper) blocks that thread, never the
+    event loop. Up to BACKLOG_BYTES wait for it; more are dropped and counted."""
+
+    def __init__(
+        self, out: IO[bytes], *, threaded: bool = False, backlog_bytes: int = BACKLOG_BYTES
+    ) -> None:
         self.out = out
         self._buf: list[bytes] = []
         self._size = 0
+        self._backlog_bytes = backlog_bytes
+        self._pending: deque[bytes] = deque()
+        self._pending_size = 0
+        self._dropped_lines = 0
+        self._dropped_bytes = 0
+        self._lock = threading.Lock()
+        self._ready = threading.Condition(self._lock)
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        if threaded:
+            self._thread = threading.Thread(target=self._writer, name="log-writer", daemon=True)
+            self._thread.start()
 
     def write(self, data: bytes) -> None:
         self._buf.append(data)
@@ -46,11 +71,69 @@ class BufferedSink:
         if not self._buf:
             return
         data, self._buf, self._size = b"".join(self._buf), [], 0
+        if self._thread is None:
+            self._write(data)
+            return
+        with self._lock:
+            if self._pending_size + len(data) > self._backlog_bytes:
+                self._dropped_lines += data.count(b"\n")
+                self._dropped_bytes += len(data)
+            else:
+                self._pending.append(data)
+                self._pending_size += len(data)
+            self._ready.notify()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Drain, and give the writer thread up to `timeout_s` to write what waits (exit)."""
+        self.drain()
+        thread = self._thread
+        if thread is None:
+            return
+        with self._lock:
+            self._closing = True
+            self._ready.notify()
+        thread.join(timeout_s)
+
+    @property
+    def dropped_lines(self) -> int:
+        """Lines dropped and not yet reported in a log.dropped line."""
+        return self._dropped_lines
+
+    def _write(self, data: bytes) -> None:
         try:
             self.out.write(data)
             self.out.flush()
         except (OSError, ValueError):
             pass
+
+    def _writer(self) -> None:
+        while True:
+            with self._lock:
+                while not self._pending and not self._dropped_lines and not self._closing:
+                    self._ready.wait()
+                data = self._pending.popleft() if self._pending else b""
+                dropped, lost = self._dropped_lines, self._dropped_bytes
+                self._dropped_lines = self._dropped_bytes = 0
+            if not data and not dropped:
+                return  # closing, and everything was written
+            if data:
+                self._write(data)  # may block on a full pipe: only this thread waits
+                with self._lock:
+                    self._pending_size -= len(data)
+            if dropped:
+                self._write(_dropped_line(dropped, lost))
+
+
+def _dropped_line(lines: int, nbytes: int) -> bytes:
+    fields = {
+        "lines": lines,
+        "bytes": nbytes,
+        "reason": "stdout took no writes and the backlog was full",
+        "event": "log.dropped",
+        "level": "warning",
+        "ts": round(time.time(), 3),
+    }
+    return orjson.dumps(fields) + b"\n"
 
 
 _log = structlog.get_logger()
@@ -80,8 +163,10 @@ def configure_logging(fmt: str = "json", out: IO[bytes] | None = None) -> Buffer
             cache_logger_on_first_use=True,
         )
         return None
-    sink = BufferedSink(out if out is not None else sys.stdout.buffer)
-    atexit.register(sink.drain)
+    # stdout goes through a writer thread (a full pipe must not stall the loop); a file given
+    # as `out` is written to directly
+    sink = BufferedSink(out if out is not None else sys.stdout.buffer, threaded=out is None)
+    atexit.register(sink.close)
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,

@@ -65,3 +65,35 @@ def test_console_log_format(fake, tmp_path):
         out, err = proc.communicate(timeout=15)
     text = (out + err).decode()
     assert "request.done" in text and "cache=bypass" in text and not text.lstrip().startswith("{")
+
+
+def test_a_stdout_nobody_reads_never_stalls_the_proxy(fake, tmp_path):
+    """With its stdout a pipe that nobody reads (64 KB of lines fill it), the proxy goes on
+    answering: the log waits in a writer thread, and every line comes out once read."""
+    import http.client
+    import time
+
+    proc, port = spawn_proxy(fake.base_url, tmp_path, output=subprocess.PIPE)
+    n = 1500  # about 600 KB of request.done lines, ten pipes' worth
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        for i in range(n):
+            body = orjson.dumps(
+                {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"q{i}"}]}
+            )
+            conn.request("POST", "/v1/chat/completions", body=body, headers=JSON)
+            answer = conn.getresponse()
+            answer.read()
+            assert answer.status == 200, i
+        t0 = time.monotonic()
+        conn.request("GET", "/_proxy/health")
+        assert conn.getresponse().status == 200 and time.monotonic() - t0 < 1.0
+        conn.close()
+    finally:
+        proc.terminate()
+        out, _err = proc.communicate(timeout=30)  # reads the pipe: the backlog comes out
+    done = [ln for ln in out.splitlines() if b'"request.done"' in ln]
+    assert len(done) == n and proc.returncode == 0
+
+
+JSON = {"Content-Type": "application/json", "Authorization": "Bearer sk-test"}
