@@ -234,10 +234,16 @@ async def _handle(
         refused = await _expect(request)
         if refused is not None:
             return refused
-    try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        return _too_large(settings)
+    content = request.content
+    if content.is_eof():  # the whole body came with the head (most requests): take it as is
+        body = content.read_nowait()
+        if len(body) > st.max_body:
+            return _too_large(settings)
+    else:
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return _too_large(settings)
 
     encoding = h.get("Content-Encoding")
     decoded = False
