@@ -15,10 +15,10 @@ The data path, one request (handlers.proxy_handler):
    `semantic` looks the request up by meaning (vectors.py, guards in semantic.py) -> HIT
 5. coalesce.Flights: join the key's flight (COALESCED) or lead one (MISS / REFRESH); across
    instances bus.RedisBus.lead answers Local | Leader | Follow | Conflict; fetch.Fetcher
-   reads upstream.Upstream into the flight (in its own task, or a whole chat or Responses
-   answer in the leading handler), readers relay it from the first
-   chunk then live (bounded, with a write timeout), and answers.storable decides whether the
-   whole answer becomes a models.CachedResponse in the store
+   reads upstream.Upstream (http1.py) into the flight (in its own task, or a whole chat or
+   Responses answer in the leading handler), readers relay it from the first chunk then
+   live (bounded, with a write timeout), and answers.storable decides whether the whole
+   answer becomes a models.CachedResponse in the store
 6. one `request.done` line, rendered from a record.Record (log.py), and the counters behind
    /_proxy/stats (stats.py); status.CacheStatus is the vocabulary of both
 
@@ -50,7 +50,10 @@ Module map:
     bus.py        Redis lease + stream: flights across instances; who leads
     fetch.py      upstream -> flight -> store (a task, or the leading handler)
     answers.py    storable(): may a finished answer be stored; its stored form   [pure]
-    upstream.py   one ClientSession, header filters, exception mapping
+    upstream.py   the upstream: http1.Client (aiohttp for HEAD), header filters, exception
+                  mapping
+    http1.py      a lean HTTP/1.1 client for one origin: keep-alive pool, httptools parser,
+                  codings decoded piece by piece, timeouts
     replay.py     a stored answer -> the client (whole, in pieces, or paced)
     twins.py      a stored stream <-> its JSON object (chat, responses)          [pure]
     vectors.py    embeddings (through the exact cache), the shared vector index, lookup

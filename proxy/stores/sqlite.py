@@ -86,9 +86,11 @@ _MIGRATE = (  # stores written by earlier versions: size and last use
     "ALTER TABLE entries ADD COLUMN atime REAL NOT NULL DEFAULT 0",
 )
 _ATIME_INDEX = "CREATE INDEX IF NOT EXISTS entries_atime ON entries(atime)"
-WRITE_DELAY_S = 0.01
+WRITE_DELAY_S = 0.05
 """A batch is written this long after its first answer is queued (it is in the hot tier
-meanwhile, so this process serves it; other processes see it that much later)."""
+meanwhile, so this process serves it; other processes see it that much later). Each
+commit has a fixed cost (its WAL pages, the totals row), which one connection's MISSes
+(about 20 a batch at 10 ms) paid for in latency: see the README's MISS benchmark."""
 FOLLOW_EVERY_S = 0.05
 """How often the key filter reads the keys other processes wrote (see KeyFilter): another
 worker's new answer is a HIT here that long after it is written, a MISS before."""
