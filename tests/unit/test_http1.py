@@ -222,18 +222,31 @@ async def test_a_reused_connection_closed_before_answering_is_retried_once():
 
 
 async def test_no_retry_once_the_upstream_began_to_answer():
-    async with Server(fixed(b"HTTP/1.1 200 OK\r\nContent-Le", keep=False)) as srv:
+    """A reused connection that broke off after the first bytes of an answer: the upstream
+    had the request, so it is not sent again."""
+    served = 0
+
+    async def answer(_r: asyncio.StreamReader, w: asyncio.StreamWriter, _req: bytes) -> bool:
+        nonlocal served
+        served += 1
+        w.write(ok(b"x") if served == 1 else b"HTTP/1.1 200 OK\r\nContent-Le")
+        await w.drain()
+        return served == 1
+
+    async with Server(answer) as srv:
         client = srv.client()
-        with pytest.raises(UpstreamError, match="could not be reached"):
+        assert await ask(client) == (200, b"x")
+        with pytest.raises(UpstreamError, match="Server disconnected"):
             await ask(client)
         await client.aclose()
-    assert len(srv.requests) == 1
+    assert srv.connections == 1 and len(srv.requests) == 2
 
 
-async def test_a_fresh_connection_closed_before_answering_is_an_error_not_a_retry():
-    async with Server(fixed(b"", keep=False)) as srv:
+@pytest.mark.parametrize("raw", [b"", b"HTTP/1.1 200 OK\r\nContent-Le"])
+async def test_a_fresh_connection_closed_before_a_whole_head_is_an_error(raw):
+    async with Server(fixed(raw, keep=False)) as srv:
         client = srv.client()
-        with pytest.raises(UpstreamError, match="Server disconnected"):
+        with pytest.raises(UpstreamError, match="could not be reached: Server disconnected"):
             await ask(client)
         await client.aclose()
     assert len(srv.requests) == 1
