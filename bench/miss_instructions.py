@@ -2,6 +2,7 @@
 the machine's load, so two versions can be compared across runs and machines.
 
     python -m bench.miss_instructions [--requests 200] [--configs bare,memory,sqlite]
+    python -m bench.miss_instructions --hit [--configs app,memory,sqlite]
 
 Each configuration runs under valgrind's callgrind with instrumentation off until it has
 answered 100 warm-up requests; then the instructions the process executes (every thread:
@@ -11,6 +12,10 @@ work (the store's batch writes, the log flush). Upstream: the bare aiohttp app
 (bench.servers bare), not instrumented. `bare` is the bare aiohttp pass-through proxy
 (bench.servers bare-proxy); `memory` and `sqlite` are `python -m proxy` on those stores
 with its JSON log line on. Needs valgrind (apt-get install valgrind).
+
+With `--hit`, every request is the same chat completion (bench.common.HIT_BODY), so all but
+the first warm-up request are HITs, and `app` is the bare aiohttp app (bench.servers bare)
+that the HIT benchmark compares with.
 
 Instructions are not time: system calls are not counted, and cache misses cost more than
 their count. The requests/s of bench.miss_bench are what users see; this is what to compare
@@ -28,21 +33,25 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import free_port, process, proxy_argv, wait_port
+from bench.common import HIT_BODY, free_port, process, proxy_argv, wait_port
 
 BODY = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Describe persona %s-%d"}]}'
 
 
-def ask(port: int, n: int, salt: str) -> None:
-    """`n` new chat completions, one at a time; each must be a 200 that no cache answered."""
+def ask(port: int, n: int, salt: str, hit: bool = False, warm: bool = False) -> None:
+    """`n` new chat completions, one at a time; each must be a 200 that no cache answered.
+    `hit`: `n` times the same one, each a HIT (or a bare app's answer; while `warm`, the
+    first may be the MISS that stores it)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     headers = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench"}
+    expected = ("HIT", "MISS") if hit and warm else ("HIT",) if hit else ("MISS",)
     for i in range(n):
-        conn.request("POST", "/v1/chat/completions", body=BODY % (salt, i), headers=headers)
+        body = HIT_BODY if hit else BODY % (salt, i)
+        conn.request("POST", "/v1/chat/completions", body=body, headers=headers)
         resp = conn.getresponse()
         resp.read()
         status = resp.getheader("X-Cache-Status")
-        if resp.status != 200 or status not in (None, "MISS"):
+        if resp.status != 200 or status not in (None, *expected):
             raise SystemExit(f"request {i}: {resp.status} {status}")
     conn.close()
 
@@ -57,10 +66,12 @@ def totals(prefix: Path) -> int:
     return total
 
 
-def measure(config: str, upstream: str, requests: int, work: Path) -> float:
-    """Instructions per MISS (thousands) of one configuration."""
+def measure(config: str, upstream: str, requests: int, work: Path, hit: bool = False) -> float:
+    """Instructions per request (thousands) of one configuration."""
     port = free_port()
-    if config == "bare":
+    if config == "app":
+        argv = [sys.executable, "-m", "bench.servers", "bare", "--port", str(port)]
+    elif config == "bare":
         argv = [sys.executable, "-m", "bench.servers", "bare-proxy", "--port", str(port)]
         argv += ["--upstream", upstream]
     else:
@@ -82,12 +93,12 @@ def measure(config: str, upstream: str, requests: int, work: Path) -> float:
     try:
         wait_port(port, within_s=120)
         salt = f"{time.time_ns():x}"
-        ask(port, 100, salt + "-warm")
+        ask(port, 100, salt + "-warm", hit, warm=True)
         time.sleep(1.0)
         subprocess.run(
             ["callgrind_control", "-i", "on", str(proc.pid)], check=True, capture_output=True
         )
-        ask(port, requests, salt)
+        ask(port, requests, salt, hit)
         time.sleep(2.0)
         subprocess.run(
             ["callgrind_control", "-i", "off", str(proc.pid)], check=True, capture_output=True
@@ -105,8 +116,10 @@ def measure(config: str, upstream: str, requests: int, work: Path) -> float:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--requests", type=int, default=200)
-    p.add_argument("--configs", default="bare,memory,sqlite")
+    p.add_argument("--configs", default="")
+    p.add_argument("--hit", action="store_true", help="count HITs instead of MISSes")
     args = p.parse_args()
+    configs = args.configs or ("app,memory,sqlite" if args.hit else "bare,memory,sqlite")
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         raise SystemExit("valgrind is not installed: apt-get install valgrind")
     work = Path(tempfile.mkdtemp(prefix="ocp-instructions-"))
@@ -114,16 +127,17 @@ def main() -> None:
     rows = []
     try:
         with process([sys.executable, "-m", "bench.servers", "bare", "--port", str(up)], up):
-            for config in args.configs.split(","):
-                rows.append(
-                    (config, measure(config, f"http://127.0.0.1:{up}", args.requests, work))
-                )
+            for config in configs.split(","):
+                upstream = f"http://127.0.0.1:{up}"
+                rows.append((config, measure(config, upstream, args.requests, work, args.hit)))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    base = dict(rows).get("bare")
-    print(f"instructions per MISS, {args.requests} requests at 1 connection (callgrind)")
+    base = dict(rows).get("app" if args.hit else "bare")
+    what = "HIT" if args.hit else "MISS"
+    print(f"instructions per {what}, {args.requests} requests at 1 connection (callgrind)")
     print(f"{'':28s}{'k instr':>9s}{'vs bare':>9s}")
     names = {
+        "app": "bare aiohttp app",
         "bare": "bare aiohttp proxy",
         "memory": "proxy, memory store",
         "sqlite": "proxy, SQLite (default)",
