@@ -156,7 +156,6 @@ class Response:
         "_size",
         "_until_close",
         "_waiter",
-        "content",
         "content_length",
         "headers",
         "status",
@@ -167,7 +166,6 @@ class Response:
         self.headers = headers
         length = headers.get("Content-Length")
         self.content_length = int(length) if length is not None and length.isdigit() else None
-        self.content = self
         self._conn: _Connection | None = conn
         self._chunks: deque[bytes] = deque()
         self._size = 0
@@ -181,6 +179,12 @@ class Response:
             and "chunked" not in headers.get("Transfer-Encoding", "").lower()
             and status not in NO_BODY_STATUSES
         )
+
+    @property
+    def content(self) -> Response:
+        """aiohttp's `resp.content.iter_any()` spelling (a property: an attribute pointing at
+        itself would make every answer a reference cycle, freed only by the collector)."""
+        return self
 
     # -- fed by the connection ------------------------------------------------------------
 
@@ -225,6 +229,8 @@ class Response:
             finally:
                 if timer is not None:
                     timer.cancel()
+                    if conn is not None:
+                        conn._timed = None
         data = self._chunks.popleft()
         self._size -= len(data)
         conn = self._conn
@@ -269,6 +275,8 @@ class _Connection(asyncio.Protocol):
         self._head: asyncio.Future[Response] | None = None
         self.resp: Response | None = None
         self._drain: asyncio.Future[None] | None = None
+        self._timed: asyncio.Future[Any] | None = None
+        """What the read timer is for (see read_timer)."""
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -387,13 +395,19 @@ class _Connection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def read_timer(self, waiter: asyncio.Future[Any]) -> asyncio.TimerHandle | None:
+        """A timer that ends the exchange if `waiter` is not done within the read timeout.
+        The timer holds the connection, not the waiter: asyncio keeps a cancelled timer
+        (and its arguments) until its time would have come, and a waiter's result is the
+        answer."""
         timeout = self.client.read_timeout_s
         if not timeout:
             return None
-        return asyncio.get_running_loop().call_later(timeout, self._expire, waiter)
+        self._timed = waiter
+        return asyncio.get_running_loop().call_later(timeout, self._expire)
 
-    def _expire(self, waiter: asyncio.Future[Any]) -> None:
-        if not waiter.done():
+    def _expire(self) -> None:
+        waiter, self._timed = self._timed, None
+        if waiter is not None and not waiter.done():
             self._lost(UpstreamTimeout("the upstream did not answer in time"))
 
     async def send(self, head: bytes, body: bytes) -> Response:
@@ -424,6 +438,7 @@ class _Connection(asyncio.Protocol):
         finally:
             if timer is not None:
                 timer.cancel()
+                self._timed = None
 
 
 class Client:

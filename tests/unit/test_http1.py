@@ -442,3 +442,22 @@ async def test_trailers_are_dropped_and_never_become_the_next_answers_headers():
                 assert "X-Trail" not in resp.headers and resp.headers["Trailer"] == "X-Trail"
         await client.aclose()
     assert srv.connections == 1
+
+
+async def test_an_answer_is_freed_without_the_garbage_collector():
+    """No reference cycle through a read answer: its buffers go as soon as it is dropped."""
+    import gc
+
+    async with Server(fixed(ok(b"x" * 1000))) as srv:
+        client = srv.client()
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(3):
+                assert await ask(client) == (200, b"x" * 1000)
+            await asyncio.sleep(0)  # (the step that read the last one holds it until now)
+            left = [o for o in gc.get_objects() if type(o) is http1.Response]
+        finally:
+            gc.enable()
+        await client.aclose()
+    assert left == []
