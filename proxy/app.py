@@ -33,6 +33,8 @@ from proxy.keys import mac_key
 from proxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from proxy.metrics import registry_for, render
 from proxy.rules import default_rules_path, load_rules
+from proxy.secret import NAME as SECRET_NAME
+from proxy.secret import SecretMismatch, agree, record_of
 from proxy.server import GuardedServer
 from proxy.settings import Settings
 from proxy.stats import Shared, Stats
@@ -46,7 +48,8 @@ log = structlog.get_logger()
 
 
 def load_secret(settings: Settings) -> bytes:
-    """The HMAC secret: PROXY_SECRET if given, else a random one kept (0600) in the data dir."""
+    """The HMAC secret this instance proposes: PROXY_SECRET if given, else a random one kept
+    (0600) in the data dir. At start-up the store may hand back another (see proxy.secret)."""
     if settings.secret:
         return settings.secret.encode()
     path: Path = settings.data_dir / "secret.key"
@@ -149,6 +152,22 @@ def build_state(settings: Settings) -> State:
         )
         state.semantic = Semantic(embedder, index, cache, state.mac_key, state.cpu)
     return state
+
+
+UNSHARED = (
+    "the key secret could not be read from the store yet: this instance makes keys of its "
+    "own until the store answers"
+)
+
+
+def adopt_secret(st: State, secret: bytes) -> None:
+    """Make keys and tenant ids with `secret` from now on (the store's shared one)."""
+    st.secret = secret
+    st.mac_key = mac_key(secret)
+    st.plans.clear()
+    if st.semantic is not None:
+        st.semantic.embedder.secret = secret
+        st.semantic.mac_key = st.mac_key
 
 
 AdminHandler = Callable[[State, web.BaseRequest], Awaitable[web.StreamResponse]]
@@ -314,6 +333,8 @@ class ProxyApp:
             ("GET", "/_proxy/dashboard"): admin_only(dashboard),
             ("POST", "/_proxy/purge"): admin_only(purge),
         }
+        self.secret_pending = False
+        """The store could not be asked for the shared key secret yet (see agree_secret)."""
         self._stack = contextlib.AsyncExitStack()
         """What startup() started, closed by shutdown() in reverse order: every close runs
         even when an earlier one fails."""
@@ -377,6 +398,7 @@ class ProxyApp:
         cache = st.cache
         await cache.warm()
         await cache.probe()
+        await self.agree_secret()
         log.info(
             "proxy.started",
             store=cache.store.name,
@@ -406,6 +428,38 @@ class ProxyApp:
         while True:
             await asyncio.sleep(PROBE_EVERY_S)
             await self.state.cache.probe()
+            if self.secret_pending and self.state.cache.healthy:
+                try:
+                    await self.agree_secret()
+                except SecretMismatch as exc:  # too late to refuse: say it, keep passing
+                    log.error("store.secret_mismatch", error=str(exc))
+                    self.secret_pending = False
+                    self.state.cache.notes.append(str(exc))
+
+    async def agree_secret(self) -> None:
+        """Take the store's key secret (or put ours there first), so every instance on one
+        store makes the same keys. SecretMismatch (one line, start-up stops) when an explicit
+        --secret disagrees with the store. A store that cannot be reached: this instance's
+        own secret meanwhile, and the store is asked again once it answers."""
+        st = self.state
+        claim = getattr(st.cache.store, "claim", None)
+        if claim is None:  # an in-process store: nothing is shared
+            return
+        explicit = bool(self.settings.secret)
+        try:
+            stored: bytes = await claim(SECRET_NAME, record_of(st.secret, explicit))
+        except StoreUnavailable as exc:
+            if not self.secret_pending:
+                log.warning("store.secret_unshared", store=st.cache.store.name, error=str(exc))
+                st.cache.notes.append(UNSHARED)
+            self.secret_pending = True
+            return
+        if self.secret_pending:
+            st.cache.notes.remove(UNSHARED)
+        self.secret_pending = False
+        use = agree(st.secret, explicit, stored)
+        if use != st.secret:
+            adopt_secret(st, use)
 
     async def shutdown(self) -> None:
         await self._stack.aclose()
@@ -426,7 +480,11 @@ async def running(
     app: ProxyApp, host: str, port: int, *, reuse_port: bool = False, shutdown_timeout: float = 10
 ) -> AsyncIterator[str]:
     """Serve `app` on host:port (0: a free one) inside the block; yields the base URL."""
-    await app.startup()
+    try:
+        await app.startup()
+    except BaseException:
+        await app.shutdown()  # what startup opened before it failed
+        raise
     runner = web.ServerRunner(app.server(), shutdown_timeout=shutdown_timeout)
     await runner.setup()
     try:

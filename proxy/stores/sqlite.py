@@ -79,6 +79,7 @@ CREATE TRIGGER IF NOT EXISTS entries_vectors AFTER DELETE ON entries BEGIN
 END;
 CREATE TABLE IF NOT EXISTS totals (id INTEGER PRIMARY KEY CHECK (id = 0), bytes INTEGER NOT NULL);
 INSERT OR IGNORE INTO totals(id, bytes) VALUES (0, 0);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
 """
 )
 _MIGRATE = (  # stores written by earlier versions: size and last use
@@ -401,6 +402,19 @@ class SQLiteStore:
         except sqlite3.Error:
             return False  # busy (a checkpoint, another process): ask the store thread
         return row is None or bool(row[0] < time.time())
+
+    def _claim(self, name: str, value: bytes) -> bytes:
+        db = self._connect()
+        with db:
+            db.execute("INSERT OR IGNORE INTO meta(name, value) VALUES (?, ?)", (name, value))
+        row = db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+        return bytes(row[0]) if row is not None else b""
+
+    async def claim(self, name: str, value: bytes) -> bytes:
+        """Set `name` to `value` unless it is set (INSERT OR IGNORE, one transaction); what it
+        holds after."""
+        got: bytes = await self._run(self._claim, name, value)
+        return got
 
     def _ping(self) -> None:
         self._connect().execute("SELECT count(*) FROM totals").fetchone()
