@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import structlog
@@ -173,11 +175,37 @@ def adopt_secret(st: State, secret: bytes) -> None:
 AdminHandler = Callable[[State, web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
+def from_loopback(request: web.BaseRequest) -> bool:
+    """The client's address is a loopback one (127.0.0.0/8, ::1, or ::ffff:127.x.y.z); a
+    Unix socket or an unknown peer is not."""
+    transport = request.transport
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    if not isinstance(peer, tuple) or not peer:
+        return False
+    try:
+        addr = ipaddress.ip_address(str(peer[0]).split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
+
 def admin_only(handler: AdminHandler) -> AdminHandler:
-    """With --admin-token set, the wrapped page needs `Authorization: Bearer <token>`."""
+    """The admin door. With --admin-token set, the wrapped page needs `Authorization: Bearer
+    <token>` (or ?token= from a browser); without one, it answers clients on loopback only."""
 
     async def guarded(st: State, request: web.BaseRequest) -> web.StreamResponse:
         token = st.settings.admin_token
+        if not token and not from_loopback(request):
+            return json_error(
+                403,
+                "The proxy's admin pages answer clients on this machine only; to open them to "
+                "others, start the proxy with --admin-token (PROXY_ADMIN_TOKEN) and send it as "
+                "Authorization: Bearer <token>.",
+                "invalid_request_error",
+                "admin_token_not_configured",
+            )
         if token:
             given = request.headers.get("Authorization", "")
             if not given and "token" in request.query:  # a browser opening the dashboard
@@ -239,15 +267,7 @@ SHARE_EVERY_S = 1.0
 
 async def purge(st: State, request: web.BaseRequest) -> web.StreamResponse:
     """POST /_proxy/purge {"namespace"?, "tenant"?, "model"?, "route"?}: {"purged": N}.
-    Needs --admin-token: 403 (saying how to enable it) when none is configured."""
-    if not st.settings.admin_token:
-        return json_error(
-            403,
-            "Purge needs an admin token: start the proxy with --admin-token (PROXY_ADMIN_TOKEN) "
-            "and send it as Authorization: Bearer <token>.",
-            "invalid_request_error",
-            "admin_token_not_configured",
-        )
+    Behind the admin door (the token, or loopback without one)."""
     from proxy.errors import BadFilter
     from proxy.purge import pattern_of
 
@@ -264,8 +284,24 @@ async def purge(st: State, request: web.BaseRequest) -> web.StreamResponse:
     return _json({"purged": purged})
 
 
+def shown_url(url: str) -> str:
+    """A URL as health, logs and the start-up line show it: no user, password or query."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    netloc = f"{host}:{port}" if port is not None else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
 async def health(st: State, request: web.BaseRequest) -> web.StreamResponse:
-    """200 while the proxy serves (degraded: passing through); ?strict=1: 503 when degraded."""
+    """200 while the proxy serves (degraded: passing through); ?strict=1: 503 when degraded.
+    Open to every client, so it shows no credential, no setting beyond the upstream's
+    address, and nothing of any tenant."""
     body: dict[str, Any] = {
         "status": "ok" if st.cache.healthy else "degraded",
         "store": {
@@ -273,7 +309,7 @@ async def health(st: State, request: web.BaseRequest) -> web.StreamResponse:
             "state": st.cache.state,
             "write_errors": st.cache.write_errors,
         },
-        "upstream": st.upstream.base_url,
+        "upstream": shown_url(st.settings.upstream),
         "version": __version__,
         "in_flight": len(st.flights),
     }
@@ -405,7 +441,7 @@ class ProxyApp:
             store_state=cache.state,
             reason=cache.reason or None,
             data_dir=str(self.settings.data_dir),
-            upstream=self.settings.upstream,
+            upstream=shown_url(self.settings.upstream),
         )
         stack.callback(_cancel, spawn(self._probe_forever(), name="store-probe"))
         if self.settings.workers > 1:

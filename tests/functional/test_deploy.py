@@ -78,3 +78,127 @@ def test_an_explicit_secret_that_differs_from_the_store_is_one_line(start_proxy,
             assert "--secret" in str(err.value) and "\n" not in str(err.value)
     finally:
         server.stop()
+
+
+ADMIN_ROUTES = (
+    ("GET", "/_proxy/stats"),
+    ("GET", "/_proxy/metrics"),
+    ("GET", "/_proxy/dashboard"),
+    ("POST", "/_proxy/purge"),
+)
+CLIENT = """
+import sys, urllib.request, urllib.error, orjson
+out = []
+for method, url in orjson.loads(sys.argv[1]):
+    data = b'{"namespace": "x"}' if method == "POST" else None
+    req = urllib.request.Request(url, method=method, data=data)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            out.append([r.status, r.read().decode("utf-8", "replace")])
+    except urllib.error.HTTPError as e:
+        out.append([e.code, e.read().decode("utf-8", "replace")])
+print(orjson.dumps(out).decode())
+"""
+
+
+@pytest.fixture
+def netns():
+    """A network namespace of its own, joined to the test's by a veth pair on a private /30:
+    (run a command inside it, the proxy-side address). Root and `ip` are needed."""
+    import os
+    import random
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2's `ip` to make a network namespace")
+    tag = f"{os.getpid() % 100000}{random.randrange(1000)}"
+    ns, outer, inner = f"ocp{tag}", f"vo{tag}", f"vi{tag}"
+    net = f"10.{random.randrange(64, 250)}.{random.randrange(1, 250)}"
+    here, there = f"{net}.{4 * random.randrange(1, 60) + 1}", ""
+    there = here.rsplit(".", 1)[0] + "." + str(int(here.rsplit(".", 1)[1]) + 1)
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+
+    ip("netns", "add", ns)
+    try:
+        ip("link", "add", outer, "type", "veth", "peer", "name", inner)
+        ip("link", "set", inner, "netns", ns)
+        ip("addr", "add", f"{here}/30", "dev", outer)
+        ip("link", "set", outer, "up")
+        ip("netns", "exec", ns, "ip", "addr", "add", f"{there}/30", "dev", inner)
+        ip("netns", "exec", ns, "ip", "link", "set", inner, "up")
+        ip("netns", "exec", ns, "ip", "link", "set", "lo", "up")
+
+        def run(*argv: str) -> str:
+            done = subprocess.run(
+                ["ip", "netns", "exec", ns, *argv], capture_output=True, text=True, timeout=60
+            )
+            assert done.returncode == 0, done.stderr
+            return done.stdout
+
+        yield run, here
+    finally:
+        subprocess.run(["ip", "link", "del", outer], capture_output=True, timeout=10)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+
+
+def ask_all(run: Any, base: str, routes: Any) -> list[tuple[int, str]]:
+    import sys
+
+    urls = [[method, base + path] for method, path in routes]
+    out = run(sys.executable, "-c", CLIENT, orjson.dumps(urls).decode())
+    return [(status, body) for status, body in orjson.loads(out)]
+
+
+def test_admin_pages_refuse_a_non_loopback_client_without_a_token(fake, tmp_path, netns):
+    """Without --admin-token, stats, metrics, dashboard and purge answer 403 to a client on
+    another network namespace and 200 on loopback; health answers both and shows no
+    credential of the upstream."""
+    from tests.conftest import spawn_proxy
+    from tests.helpers import body_of, post, raw, status_of
+
+    run, here = netns
+    port_fake = fake.base_url.rsplit(":", 1)[1]
+    upstream = f"http://gwuser:gw-secret-123@127.0.0.1:{port_fake}"
+    proc, port = spawn_proxy(upstream, tmp_path, "--host", "0.0.0.0", "--cache", "memory://")
+    try:
+        answers = ask_all(run, f"http://{here}:{port}", [*ADMIN_ROUTES, ("GET", "/_proxy/health")])
+        for (status, body), route in zip(answers[:-1], ADMIN_ROUTES, strict=True):
+            assert status == 403, route
+            assert orjson.loads(body)["error"]["code"] == "admin_token_not_configured"
+        status, body = answers[-1]
+        assert status == 200 and "gw-secret" not in body and "gwuser" not in body
+        assert orjson.loads(body)["upstream"] == f"http://127.0.0.1:{port_fake}"
+        for method, path in ADMIN_ROUTES:  # the same pages on loopback
+            if method == "POST":
+                got = post(port, b'{"namespace": "x"}', {}, path)
+            else:
+                got = raw(
+                    port, f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+                )
+            assert status_of(got) == 200, path
+        assert b"gw-secret" not in body_of(got)
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def test_admin_pages_open_to_a_non_loopback_client_with_the_token(fake, tmp_path, netns):
+    """With --admin-token, a client on another network namespace gets the admin pages with
+    the token (?token= for a browser) and 401 without it."""
+    from tests.conftest import spawn_proxy
+
+    run, here = netns
+    proc, port = spawn_proxy(
+        fake.base_url, tmp_path, "--host", "0.0.0.0", "--cache", "memory://", "--admin-token", "t0k"
+    )
+    try:
+        base = f"http://{here}:{port}"
+        without = ask_all(run, base, [("GET", "/_proxy/stats")])
+        with_token = ask_all(run, base, [("GET", "/_proxy/stats?token=t0k")])
+        assert without[0][0] == 401 and with_token[0][0] == 200
+    finally:
+        proc.terminate()
+        proc.wait(20)
