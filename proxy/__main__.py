@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from proxy.app import build_state
 
         build_state(settings)  # fail fast, in one line, on a bad setting or rule
-        serve(settings)
+        return serve(settings)
     except ConfigError as exc:
         print(f"openai-cache-proxy: {exc}", file=sys.stderr)
         return 2

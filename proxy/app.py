@@ -8,6 +8,7 @@ import hmac
 import ipaddress
 import os
 import secrets
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -295,6 +296,8 @@ def shown_url(url: str) -> str:
     except ValueError:
         port = None
     netloc = f"{host}:{port}" if port is not None else host
+    if not netloc and not parts.path:
+        return f"{parts.scheme}://"
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
@@ -355,10 +358,13 @@ class ProxyApp:
         settings: Settings,
         state: State | None = None,
         log_sink: logmod.BufferedSink | None = None,
+        shared_dir: Path | None = None,
     ) -> None:
         """`log_sink`: configure_logging's buffer, which the app then writes its request lines
-        to and flushes (None: the lines go through structlog, as in tests)."""
+        to and flushes (None: the lines go through structlog, as in tests). `shared_dir`:
+        with --workers N, the supervisor's folder where the workers share their counters."""
         self.settings = settings
+        self.shared_dir = shared_dir
         self.state = state or build_state(settings)
         self.state.log = logmod.RequestLog(log_sink)
         self.registry = registry_for(self.state)
@@ -444,21 +450,25 @@ class ProxyApp:
             upstream=shown_url(self.settings.upstream),
         )
         stack.callback(_cancel, spawn(self._probe_forever(), name="store-probe"))
-        if self.settings.workers > 1:
-            st.shared = Shared(st.stats, self.settings.data_dir / "stats")
+        if self.settings.workers > 1 and self.shared_dir is not None:
+            st.shared = Shared(st.stats, self.shared_dir)
+            stack.callback(st.shared.close)
             stack.callback(_cancel, spawn(self._share_forever(), name="stats-share"))
 
     async def _share_forever(self) -> None:
+        """Write this worker's counters for the others (its journal has every request since;
+        a worker that dies leaves both behind, and they are still counted)."""
         shared = self.state.shared
         assert shared is not None
         try:
             while True:
+                data = shared.snapshot()  # on the loop: consistent with the journal
                 with contextlib.suppress(OSError):
-                    await asyncio.to_thread(shared.write)
+                    await asyncio.to_thread(shared.write, data)
                 await asyncio.sleep(SHARE_EVERY_S)
         finally:
             with contextlib.suppress(OSError):
-                shared.remove()
+                shared.write(shared.snapshot())
 
     async def _probe_forever(self) -> None:
         while True:
@@ -513,9 +523,16 @@ async def _close_optional(resource: Any) -> None:
 
 @asynccontextmanager
 async def running(
-    app: ProxyApp, host: str, port: int, *, reuse_port: bool = False, shutdown_timeout: float = 10
+    app: ProxyApp,
+    host: str,
+    port: int,
+    *,
+    reuse_port: bool = False,
+    shutdown_timeout: float = 10,
+    sock: socket.socket | None = None,
 ) -> AsyncIterator[str]:
-    """Serve `app` on host:port (0: a free one) inside the block; yields the base URL."""
+    """Serve `app` on host:port (0: a free one), or on the listening `sock` it was given,
+    inside the block; yields the base URL."""
     try:
         await app.startup()
     except BaseException:
@@ -524,7 +541,11 @@ async def running(
     runner = web.ServerRunner(app.server(), shutdown_timeout=shutdown_timeout)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
+        site: web.BaseSite
+        if sock is not None:
+            site = web.SockSite(runner, sock)
+        else:
+            site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
         await site.start()
         server = site._server
         assert server is not None

@@ -202,3 +202,157 @@ def test_admin_pages_open_to_a_non_loopback_client_with_the_token(fake, tmp_path
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def run_proxy(*flags: str, timeout: float = 60) -> Any:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *flags],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_port_in_use_is_one_line_and_a_failure(workers, tmp_path):
+    """A port another process listens on: one line naming --port, exit status 2, and no
+    "listening" line, with one worker and with two."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        done = run_proxy("--port", port, "--workers", workers, "--data-dir", str(tmp_path))
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert "--port" in lines[0] and "in use" in lines[0] and "listening" not in lines[0]
+
+
+def children(pid: int) -> set[int]:
+    """The processes whose parent is `pid` (the workers of a supervisor)."""
+    from pathlib import Path
+
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def wait_for(cond: Any, within_s: float, what: Any) -> float:
+    """Poll `cond` until true; the seconds it took (fails past `within_s`, saying `what()`)."""
+    import time
+
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < within_s, what()
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+def worker_pids(proc: Any) -> set[int]:
+    """The worker processes (not the spawn machinery's resource tracker)."""
+    return {p for p in children(proc.pid) if "spawn_main" in _cmdline(p)}
+
+
+def _cmdline(pid: int) -> str:
+    from pathlib import Path
+
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def test_a_worker_killed_under_load_is_replaced_and_its_counts_kept(fake, tmp_path):
+    """SIGKILL one of two workers under load: a new worker is there within 5 s and logged,
+    no request sent after that fails, /_proxy/stats counts every request answered (the
+    dead worker's included) and a second proxy on the same port fails in one line."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from tests.helpers import Proc, body_of, post, raw, status_of
+
+    running = Proc(fake.base_url, tmp_path, "--workers", "2", "--cache", "memory://")
+    proc, port = running.proc, running.port
+    stop = threading.Event()
+    try:
+        wait_for(lambda: b"listening" in b"".join(running._err), 60, lambda: "not started")
+        first = worker_pids(proc)
+        answered, failed_after = [0], []
+        replaced_at = [float("inf")]
+
+        def load(n: int) -> None:
+            i = 0
+            while not stop.is_set():
+                body = orjson.dumps(
+                    {
+                        "model": "gpt-4o-mini",
+                        "messages": [{"role": "user", "content": f"{n}/{i % 7}"}],
+                    }
+                )
+                sent = time.monotonic()
+                try:
+                    ok = status_of(post(port, body, HEADERS)) == 200
+                except (OSError, IndexError):  # reset, or closed with nothing sent
+                    ok = False
+                if ok:
+                    answered[0] += 1
+                elif sent > replaced_at[0]:
+                    failed_after.append(sent)
+                i += 1
+
+        threads = [threading.Thread(target=load, args=(n,), daemon=True) for n in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(1.5)
+        victim = min(first)
+        os.kill(victim, signal.SIGKILL)
+        took = wait_for(
+            lambda: len(worker_pids(proc) - {victim}) == 2 and victim not in worker_pids(proc),
+            5.0,
+            lambda: (
+                f"not replaced within 5 s: {[_cmdline(p) for p in children(proc.pid)]} "
+                f"{b''.join(running._err)[-1500:]!r} {proc.poll()}"
+            ),
+        )
+        time.sleep(1.0)  # the new worker's start-up (it reports ready) ...
+        replaced_at[0] = time.monotonic()
+        time.sleep(2.0)  # ... then load on both
+        stop.set()
+        for t in threads:
+            t.join(30)
+        assert failed_after == [] and answered[0] > 50
+        second = run_proxy("--port", str(port), "--workers", "2", "--data-dir", str(tmp_path / "b"))
+        assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1
+        assert "in use" in second.stderr
+        snap = orjson.loads(
+            body_of(
+                raw(port, b"GET /_proxy/stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            )
+        )
+        assert snap["requests"] == answered[0], (snap["requests"], answered[0])
+        health = raw(port, b"GET /_proxy/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert status_of(health) == 200
+        print(f"replaced in {took:.2f} s; {answered[0]} requests answered")
+    finally:
+        stop.set()
+        out, err = running.stop()
+        print(out[-2000:], err[-2000:])
+    events = [orjson.loads(x) for x in out.splitlines() if x.startswith(b"{")]
+    died = [e for e in events if e["event"] == "worker.died"]
+    assert len(died) == 1 and died[0]["pid"] == victim and "SIGKILL" in died[0]["exit"]
+    assert any(e["event"] == "worker.replaced" for e in events)
