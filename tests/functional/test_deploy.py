@@ -4,6 +4,7 @@ start-up failures in one line."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import aiohttp
@@ -356,3 +357,59 @@ def test_a_worker_killed_under_load_is_replaced_and_its_counts_kept(fake, tmp_pa
     died = [e for e in events if e["event"] == "worker.died"]
     assert len(died) == 1 and died[0]["pid"] == victim and "SIGKILL" in died[0]["exit"]
     assert any(e["event"] == "worker.replaced" for e in events)
+
+
+async def test_the_sqlite_store_stays_within_its_cap_on_disk_wal_included(tmp_path):
+    """Sustained writes of incompressible answers (10 KB to 400 KB, several writers, reads
+    in between) into a 5 MB SQLite store: database plus WAL never pass 1.2 times the cap,
+    sampled every few milliseconds while it writes, evicts and vacuums."""
+    import os
+    import random
+    import threading
+    import time
+
+    from proxy.errors import StoreUnavailable
+    from proxy.models import CachedResponse
+    from proxy.stores.sqlite import SQLiteStore
+
+    cap = 5 * 1024 * 1024
+    store = SQLiteStore(tmp_path / "c.db", max_bytes=cap)
+    worst, refused, stop = [0], [0], threading.Event()
+
+    def disk() -> int:
+        total = 0
+        for name in ("c.db", "c.db-wal"):
+            with contextlib.suppress(FileNotFoundError):
+                total += (tmp_path / name).stat().st_size
+        return total
+
+    def sample() -> None:
+        while not stop.is_set():
+            worst[0] = max(worst[0], disk())
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    rng = random.Random(26)
+    try:
+        await store.warm()
+
+        async def writer(w: int) -> None:
+            for i in range(60):
+                size = rng.choice((10_000, 50_000, 100_000, 400_000))
+                entry = CachedResponse(200, (), os.urandom(size), time.time())
+                try:
+                    await store.set(f"w{w}-{i}", entry, 3600)
+                except StoreUnavailable:  # a full write queue refuses (a MISS stays one)
+                    refused[0] += 1
+                await store.get(f"w{w}-{i // 2}")
+
+        await asyncio.gather(*(writer(w) for w in range(4)))
+        await asyncio.sleep(0.5)
+    finally:
+        stop.set()
+        sampler.join(5)
+        await store.aclose()
+    assert store.evicted > 20 and refused[0] < 80  # it evicted many times; most were written
+    assert worst[0] <= 1.2 * cap, f"disk reached {worst[0] / cap:.2f}x the cap"
+    print(f"worst {worst[0] / cap:.2f}x the cap, {store.evicted} evicted, {refused[0]} refused")
