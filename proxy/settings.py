@@ -113,18 +113,37 @@ class Settings:
         **parser_kw: Any,
     ) -> Settings:
         """Parse flags; each flag's default comes from its PROXY_* twin, then the built-in one.
-        `parser_kw` (prog, description, epilog) serve subcommands that take the server's flags."""
-        parser = build_parser(environ, **parser_kw)
+        `parser_kw` (prog, description, epilog, only, extra) serve subcommands (see parse)."""
+        return cls.parse(argv, environ, **parser_kw)[0]
+
+    @classmethod
+    def parse(
+        cls,
+        argv: Sequence[str] | None = None,
+        environ: Mapping[str, str] = os.environ,
+        *,
+        only: Sequence[str] | None = None,
+        extra: Callable[[argparse.ArgumentParser], None] | None = None,
+        **parser_kw: Any,
+    ) -> tuple[Settings, argparse.Namespace]:
+        """Settings and the parsed flags. A subcommand shows and takes `only` the settings it
+        uses as flags (the others still come from their PROXY_* twins) and adds its own
+        options with `extra`; their values are in the namespace."""
+        parser = build_parser(environ, only=only, **parser_kw)
+        if extra is not None:
+            extra(parser)
         ns = parser.parse_args(argv)
         values: dict[str, Any] = {}
         for f in fields(cls):
             raw = getattr(ns, f.name, None)
+            if raw is None and only is not None and f.name not in only:
+                raw = environ.get(_env(f.name))
             if raw is None:
                 continue
             values[f.name] = _convert(f.name, raw)
         settings = cls(**values)
         settings.validate()
-        return settings
+        return settings, ns
 
     def validate(self) -> None:
         """Raise ConfigError naming the first setting that is wrong."""
@@ -249,17 +268,18 @@ def _convert(name: str, raw: str) -> Any:
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         """One line naming what is wrong (not argparse's usage block)."""
-        raise ConfigError(f"{message} (see python -m proxy --help)")
+        raise ConfigError(f"{message} (see {self.prog} --help)")
 
 
 DESCRIPTION = "A transparent caching proxy for the OpenAI API."
 SUBCOMMANDS = """subcommands (each has its own --help):
-  demo [--serve]               the proxy doing its job on a fake upstream, offline
+  demo [--serve [flags]]       the proxy doing its job on a fake upstream, offline
+  fake-upstream [--port N]     the fake OpenAI API the tests and the demo use (no key needed)
   report [FILE ...|-]          hit ratios, tokens and dollars from request.done lines
   images backfill [flags]      rehost images in answers cached before rehosting was on
-  purge --namespace|--tenant|--model|--route ... [flags]
+  purge --namespace|--tenant|--model|--route ... [--cache URL] [--data-dir DIR]
                                delete cached answers from the configured store
-  healthcheck [flags]          exit 0 if the proxy on this machine answers its health route
+  healthcheck [--data-dir DIR] exit 0 if the proxy on this machine answers its health route
 
 Every flag has a PROXY_* environment twin (shown with each flag)."""
 
@@ -278,8 +298,10 @@ def build_parser(
     prog: str = "python -m proxy",
     description: str = DESCRIPTION,
     epilog: str | None = SUBCOMMANDS,
+    only: Sequence[str] | None = None,
 ) -> argparse.ArgumentParser:
-    """The argument parser; every Settings field is a flag whose default is its env twin."""
+    """The argument parser; every Settings field (or `only` those) is a flag whose default is
+    its env twin."""
     parser = _Parser(
         prog=prog,
         description=description,
@@ -288,6 +310,8 @@ def build_parser(
     )
     docs = field_docs()
     for f in fields(Settings):
+        if only is not None and f.name not in only:
+            continue
         doc = " ".join(docs.get(f.name, "").split()).replace("%", "%%")
         shown = _shown_default(f).replace("%", "%%")
         parser.add_argument(

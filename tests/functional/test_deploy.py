@@ -413,3 +413,105 @@ async def test_the_sqlite_store_stays_within_its_cap_on_disk_wal_included(tmp_pa
     assert store.evicted > 20 and refused[0] < 80  # it evicted many times; most were written
     assert worst[0] <= 1.2 * cap, f"disk reached {worst[0] / cap:.2f}x the cap"
     print(f"worst {worst[0] / cap:.2f}x the cap, {store.evicted} evicted, {refused[0]} refused")
+
+
+def test_each_subcommand_help_shows_its_own_options():
+    """purge --help lists its filters and only the store flags; healthcheck --help only where
+    to find the proxy; demo --help takes the server's flags; fake-upstream has its own."""
+    purge = run_proxy("purge", "--help").stdout
+    for flag in ("--namespace", "--tenant", "--model", "--route", "--cache", "--data-dir"):
+        assert flag in purge
+    for flag in ("--upstream", "--workers", "--admin-token", "--max-body-mb"):
+        assert flag not in purge
+    health = run_proxy("healthcheck", "--help").stdout
+    assert "--data-dir" in health and "--port" in health and "--upstream" not in health
+    demo = run_proxy("demo", "--help").stdout
+    assert "--serve" in demo and "--admin-token" in demo and "--workers" in demo
+    fake = run_proxy("fake-upstream", "--help").stdout
+    assert "--port" in fake and "--latency" in fake
+    top = run_proxy("--help").stdout
+    assert "fake-upstream" in top
+
+
+def test_subcommands_fail_in_one_line(tmp_path):
+    """purge with its store down, a failing healthcheck and a bad flag to a subcommand each
+    end with one line that says what to do, and a non-zero status."""
+    from tests.conftest import free_port
+
+    down = f"redis://127.0.0.1:{free_port()}/0"
+    for argv, words in (
+        (["purge", "--namespace", "x", "--cache", down], "--cache"),
+        (["healthcheck", "--data-dir", str(tmp_path), "--port", str(free_port())], "running"),
+        (["purge", "--colour", "red"], "python -m proxy purge --help"),
+    ):
+        done = run_proxy(*argv)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode != 0 and len(lines) == 1 and words in lines[0], (argv, done.stderr)
+
+
+def test_the_real_cli_runs_against_fake_upstream_without_a_key(tmp_path):
+    """`python -m proxy fake-upstream` serves the fake API; the real proxy in front of it
+    answers an SDK call (MISS, then HIT) with any key."""
+    import subprocess
+    import sys
+    import time
+
+    import openai
+
+    from tests.conftest import ROOT, free_port, listening, spawn_proxy
+
+    port = free_port()
+    fake = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "fake-upstream", "--port", str(port), "--latency", "0"],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for(lambda: listening(port), 20, lambda: "fake-upstream did not start")
+        proc, proxy_port = spawn_proxy(f"http://127.0.0.1:{port}", tmp_path)
+        try:
+            base = f"http://127.0.0.1:{proxy_port}/v1"
+            with openai.OpenAI(base_url=base, api_key="sk-anything", max_retries=0) as c:
+                labels = []
+                for _ in range(2):
+                    r = c.chat.completions.with_raw_response.create(
+                        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+                    )
+                    labels.append(r.headers["x-cache-status"])
+                    time.sleep(0.2)  # the embedded store writes in batches
+            assert labels == ["MISS", "HIT"] and r.parse().choices[0].message.content
+        finally:
+            proc.terminate()
+            proc.wait(20)
+    finally:
+        fake.terminate()
+        _, err = fake.communicate(timeout=20)
+    assert f"--upstream http://127.0.0.1:{port}".encode() in err
+
+
+def test_demo_serve_takes_the_server_flags(tmp_path):
+    """`demo --serve --admin-token T --port P`: the served proxy has the token (its stats
+    answer 401 without it and 200 with it)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, free_port, listening
+    from tests.helpers import raw, status_of
+
+    port = free_port()
+    TOKEN = ("--admin-token", "demo-token")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "demo", "--serve", "--port", str(port), *TOKEN],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: listening(port), 60, lambda: "demo --serve did not start")
+        head = b"GET /_proxy/stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        assert status_of(raw(port, head + b"\r\n")) == 401
+        authed = head + b"Authorization: Bearer demo-token\r\n\r\n"
+        assert status_of(raw(port, authed)) == 200
+    finally:
+        proc.terminate()
+        proc.wait(20)
