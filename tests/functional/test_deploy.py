@@ -515,3 +515,16 @@ def test_demo_serve_takes_the_server_flags(tmp_path):
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_an_image_host_off_the_allowlist_names_the_setting(tmp_path):
+    """The refusal for an image host off the allowlist names --image-source-hosts, so the
+    operator knows which setting lets those answers be rehosted and cached."""
+    from proxy.errors import RehostError
+    from proxy.images import LocalImageStore
+    from proxy.images.rehost import ImageRehoster
+
+    rehoster = ImageRehoster(LocalImageStore(tmp_path), allowed_hosts="")
+    with pytest.raises(RehostError) as err:
+        rehoster.check_url("https://images.example.com/a.png")
+    assert "--image-source-hosts" in str(err.value) and "images.example.com" in str(err.value)
