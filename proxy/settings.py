@@ -53,9 +53,12 @@ class Settings:
     log_format: str = "json"
     """json (one line per request) or console."""
     workers: int = 1
-    """Processes sharing the port (SO_REUSEPORT)."""
+    """Worker processes on one listening socket bound by a supervising parent (a worker that
+    dies is replaced)."""
     secret: str = ""
-    """HMAC secret for cache keys and tenant hashes. Empty: generated once and kept in data_dir."""
+    """HMAC secret for cache keys and tenant hashes. Empty: the one kept in the store, shared by
+    every instance on it (the first puts its data_dir's there). Given: never stored; an
+    instance whose secret differs from the store's entries stops with one line."""
     upstream_connect_timeout_s: float = 10.0
     """Connect timeout to the upstream; past it the client gets 502."""
     upstream_read_timeout_s: float = 600.0
@@ -103,7 +106,8 @@ class Settings:
     semantic_memory_mb: float = 256.0
     """Vectors each process keeps in memory for searching, over all partitions."""
     admin_token: str = ""
-    """Guards /_proxy/stats, /_proxy/metrics and /_proxy/dashboard when set."""
+    """Opens /_proxy/stats, /_proxy/metrics, /_proxy/dashboard and /_proxy/purge to clients
+    that send it as `Authorization: Bearer <token>`. Empty: they answer loopback clients only."""
 
     @classmethod
     def from_args(
