@@ -12,7 +12,7 @@
   text. Each process keeps the partitions it searches in memory (numpy, bounded by
   `--semantic-memory-mb`) and reads only the records added since its last look.
 - **The lookup** (`Semantic.probe`): embed, sync, one matrix product, then the best
-  candidates in order: the guards (semantic.py), then the entry itself, which must exist and
+  candidates in order: the guards (guards.py), then the entry itself, which must exist and
   be fresh. A candidate whose entry is gone is forgotten.
 """
 
@@ -34,6 +34,7 @@ import orjson
 import structlog
 from multidict import CIMultiDict
 
+from proxy import guards
 from proxy.cache import Cache
 from proxy.cost import Prices
 from proxy.errors import EmbeddingFailed, StoreUnavailable, UpstreamError
@@ -41,7 +42,6 @@ from proxy.keys import CREDENTIAL_HEADERS, Headers
 from proxy.models import CLOCK, CachedResponse
 from proxy.plan import Plan, make_plan
 from proxy.rules import Rule, Rules
-from proxy.semantic import features, signature, signature_guard
 from proxy.upstream import Upstream, response_headers
 
 log = structlog.get_logger()
@@ -63,23 +63,29 @@ ANSWER_MAX = 4 * 1024 * 1024
 DIMS_MAX = 8192
 """Largest vector taken (the models have 256 to 3072 dimensions; a record holds up to 65535)."""
 FORWARDED = (*CREDENTIAL_HEADERS, "OpenAI-Organization", "OpenAI-Project")
-_HEAD = struct.Struct("<dH16sH")  # expires, key length, guard digests, dimensions
+_HEAD = struct.Struct("<BdHHH")  # version, expires, key length, guards length, dimensions
+RECORD_VERSION = 2
+"""Records of another version (an older proxy's) are skipped, as damaged ones are."""
 
 
 def pack(member: str, sig: bytes, expires: float, vector: np.ndarray) -> bytes:
     """One index record: the entry's key, its freshness, the guards' digests, the vector."""
     key = member.encode()
     v16 = np.asarray(vector, dtype="<f2")
-    return _HEAD.pack(expires, len(key), sig, v16.shape[0]) + key + v16.tobytes()
+    head = _HEAD.pack(RECORD_VERSION, expires, len(key), len(sig), v16.shape[0])
+    return head + key + sig + v16.tobytes()
 
 
 def unpack(record: bytes) -> tuple[str, bytes, float, np.ndarray]:
     """(member, guard digests, expires, vector as float32); ValueError when damaged."""
-    expires, klen, sig, dims = _HEAD.unpack_from(record)
-    start = _HEAD.size + klen
+    version, expires, klen, slen, dims = _HEAD.unpack_from(record)
+    if version != RECORD_VERSION:
+        raise ValueError("vector record of another version")
+    start = _HEAD.size + klen + slen
     if len(record) != start + 2 * dims:
         raise ValueError("damaged vector record")
-    member = record[_HEAD.size : start].decode()
+    member = record[_HEAD.size : _HEAD.size + klen].decode()
+    sig = record[_HEAD.size + klen : start]
     vector = np.frombuffer(record, dtype="<f2", count=dims, offset=start).astype(np.float32)
     return member, sig, expires, vector
 
@@ -446,7 +452,9 @@ class Probe:
     hit: bool = False
     """The best candidate clears the threshold (served in "on", would be in "shadow")."""
     guard: str | None = None
-    """The guard that turned down a candidate above the threshold."""
+    """The guard that turned down a candidate above the threshold (guards.GUARDS)."""
+    guard_score: float | None = None
+    """That candidate's similarity."""
     error: str | None = None
     ms: float = 0.0
     embed_ms: float = 0.0
@@ -460,6 +468,8 @@ class Probe:
             out["semantic_hit"] = self.hit
         if self.guard:
             out["semantic_guard"] = self.guard
+            if self.guard_score is not None:
+                out["semantic_guard_score"] = round(self.guard_score, 4)
         if self.error:
             out["semantic_error"] = self.error
         if self.embed_usd:
@@ -537,7 +547,8 @@ class Semantic:
         probe.embed_ms = (time.perf_counter() - t0) * 1000.0
         probe.embed_usd = emb.cost_usd
         probe.vector = emb.vector
-        probe.sig = signature(self.mac_key, features(text))
+        mine = guards.features(text, self.mac_key)
+        probe.sig = guards.pack(mine)
         view = await self.index.sync(plan.semantic.partition)
         rows, dims = view.matrix.shape
         if rows == 0 or dims != emb.vector.shape[0]:
@@ -556,10 +567,13 @@ class Semantic:
             member = view.members[row]
             if not member.startswith(prefix):
                 continue  # never another tenant's, namespace's, model's or route's entry
-            why = signature_guard(probe.sig, view.sigs[row])
+            try:
+                why = guards.refusal(mine, guards.unpack(view.sigs[row]))
+            except (ValueError, struct.error, UnicodeDecodeError):
+                why = "damaged"
             if why is not None:
                 if score >= rule.semantic_threshold and probe.guard is None:
-                    probe.guard = why
+                    probe.guard, probe.guard_score = why, score
                 continue
             if score < rule.semantic_threshold:
                 # below the threshold: its score is logged (shadow data), its entry not read
