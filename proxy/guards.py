@@ -67,6 +67,8 @@ class Features:
     scope: frozenset[int]
     directed: bool
     """A direction marker is present (from, to, into, than, ->)."""
+    roles: frozenset[tuple[int, int]]
+    """(word, 1 after "from" / 2 after "to", "into", "onto"): the ends of a move."""
     language: str
     """"en", "de", ..., a script name ("cyrillic", "han", ...) or "" when unsure."""
 
@@ -221,6 +223,8 @@ def _poles(spec: str, kind: int) -> dict[str, tuple[str, int, int]]:
 POLES = {**_poles(_ANTONYMS, 0), **_poles(_DIRECTIONS, 1)}
 NEGATIVE_PREFIXES = ("non", "un", "in", "im", "il", "ir", "dis")
 NEGATIVE_SUFFIXES = ("less",)
+_TO_MARKERS = frozenset({"to", "into", "onto", "towards"})
+_DETERMINERS = _wordset("the a an my your our their his her its this that these those some")
 DIRECTION_MARKERS = frozenset({"from", "to", "into", "than", "towards", "onto", "versus_no"})
 
 ENTITIES = _table(
@@ -408,6 +412,8 @@ def features(text: str, key: bytes = b"") -> Features:
     numbers: list[str] = []
     negations = 0
     directed = False
+    roles: set[tuple[str, int]] = set()
+    role = 0  # the last marker seen, waiting for its word
 
     nums: list[_Num | str] = []  # numbers and operators, in order
     run: list[float] = []
@@ -611,8 +617,12 @@ def features(text: str, key: bytes = b"") -> Features:
             negations += sum(raw.count(s) for s in NEGATION_KANA)
         elif any(s in raw for s in NEGATION_HANGUL):
             negations += sum(raw.count(s) for s in NEGATION_HANGUL)
+        if role and plain not in _DETERMINERS:
+            roles.add((plain, role))
+            role = 0
         if lower in DIRECTION_MARKERS:
             directed = True
+            role = 1 if lower == "from" else 2 if lower in _TO_MARKERS else 0
         if len(words) < WORDS_MAX:
             words.add(plain)
             if plain.endswith("ful") and len(plain) > 6:
@@ -671,6 +681,7 @@ def features(text: str, key: bytes = b"") -> Features:
         scope=frozenset(d(s) for s in scope),
         directed=directed,
         language=language,
+        roles=frozenset((d(w), r) for w, r in roles),
     )
 
 
@@ -819,7 +830,10 @@ def entity(a: Features, b: Features) -> bool:
 
 
 def order(a: Features, b: Features) -> bool:
-    """The shared entities come in another order, and a direction marker makes order matter."""
+    """A word that one text moves from is one the other moves to, or the shared entities come
+    in another order where a direction marker makes order matter."""
+    if any((w, 3 - r) in b.roles for w, r in a.roles):
+        return True  # "from PayPal to my bank" / "from my bank to PayPal"
     if not (a.directed or b.directed):
         return False
     common = set(a.entities) & set(b.entities)
@@ -862,7 +876,7 @@ def refusal(a: Features, b: Features) -> str | None:
 
 # ---------------------------------------------------------------- stored form
 
-_HEAD = struct.Struct("<BBIHHHHH?")
+_HEAD = struct.Struct("<BBIHHHHHH?")
 
 
 def pack(f: Features) -> bytes:
@@ -877,6 +891,7 @@ def pack(f: Features) -> bytes:
         len(poles),
         len(f.entities),
         len(f.scope),
+        len(f.roles),
         f.directed,
     )
     lang = f.language.encode()[:16]
@@ -886,12 +901,13 @@ def pack(f: Features) -> bytes:
     parts.append(b"".join(struct.pack("<Ibb", g, p, k) for g, p, k in poles))
     parts.append(struct.pack(f"<{len(f.entities)}I", *f.entities))
     parts.append(struct.pack(f"<{len(f.scope)}I", *sorted(f.scope)))
+    parts.append(b"".join(struct.pack("<Ib", w, r) for w, r in sorted(f.roles)))
     return b"".join(parts)
 
 
 def unpack(data: bytes) -> Features:
     """pack() reversed; ValueError (or struct.error) when damaged."""
-    version, neg, nums, nw, nn, np_, ne, ns, directed = _HEAD.unpack_from(data)
+    version, neg, nums, nw, nn, np_, ne, ns, nr, directed = _HEAD.unpack_from(data)
     if version != VERSION:
         raise ValueError("unknown guard record version")
     at = _HEAD.size
@@ -913,6 +929,10 @@ def unpack(data: bytes) -> Features:
         at += 6
     entities = ints(ne)
     scope = ints(ns)
+    roles = []
+    for _ in range(nr):
+        roles.append(struct.unpack_from("<Ib", data, at))
+        at += 5
     if at != len(data):
         raise ValueError("damaged guard record")
     return Features(
@@ -925,4 +945,5 @@ def unpack(data: bytes) -> Features:
         scope=frozenset(scope),
         directed=directed,
         language=lang,
+        roles=frozenset(roles),
     )

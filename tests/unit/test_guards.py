@@ -158,6 +158,11 @@ def test_entities_products_currencies_and_languages(a, b):
         ("Convert USD to EUR", "Convert EUR to USD"),
         ("USD->EUR rate today", "EUR->USD rate today"),
         ("Is Canada bigger than Mexico?", "Is Mexico bigger than Canada?"),
+        ("Move money from PayPal to my bank", "Move money from my bank to PayPal"),
+        (
+            "Copy the file from the laptop to the server",
+            "Copy the file from the server to the laptop",
+        ),
     ],
 )
 def test_entities_in_order_where_direction_matters(a, b):
