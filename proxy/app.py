@@ -144,8 +144,22 @@ def build_state(settings: Settings) -> State:
             max_bytes=int(settings.semantic_memory_mb * 1024 * 1024),
             cpu=state.cpu,
         )
+        local = None
+        if settings.semantic_embeddings_url:
+            local = Upstream(
+                settings.semantic_embeddings_url,
+                connect_timeout_s=settings.upstream_connect_timeout_s,
+                read_timeout_s=settings.semantic_timeout_s,
+            )
         embedder = Embedder(
-            upstream, cache, rules, secret, prices, timeout_s=settings.semantic_timeout_s
+            upstream,
+            cache,
+            rules,
+            secret,
+            prices,
+            timeout_s=settings.semantic_timeout_s,
+            local=local,
+            local_key=settings.semantic_embeddings_key,
         )
         state.semantic = Semantic(embedder, index, cache, state.mac_key, state.cpu)
     return state
@@ -373,6 +387,8 @@ class ProxyApp:
         stack.push_async_callback(st.cache.aclose)
         stack.push_async_callback(_close_optional, st.rehoster)
         stack.push_async_callback(st.upstream.aclose)
+        if st.semantic is not None and st.semantic.embedder.local is not None:
+            stack.push_async_callback(st.semantic.embedder.local.aclose)
         stack.callback(st.cpu.shutdown, wait=False, cancel_futures=True)
         cache = st.cache
         await cache.warm()

@@ -76,9 +76,9 @@ from proxy.status import (
     HIT_CACHE_STATUS,
     MISS,
     REFRESH,
-    SEMANTIC_HIT,
     STALE,
     CacheStatus,
+    semantic_hit,
     stale,
 )
 from proxy.tasks import spawn
@@ -458,7 +458,7 @@ async def _serve_keyed(
             if refused is not None:
                 return refused
             served = await _serve_entry(
-                st, request, rec, probe.member, probe.entry, plan, SEMANTIC_HIT
+                st, request, rec, probe.member, probe.entry, plan, semantic_hit(probe.score or 0.0)
             )
             if served is not None:
                 rec.extra["semantic_key"] = key_id(probe.member)

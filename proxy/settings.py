@@ -102,6 +102,12 @@ class Settings:
     """Vectors kept per semantic partition (the newest)."""
     semantic_memory_mb: float = 256.0
     """Vectors each process keeps in memory for searching, over all partitions."""
+    semantic_embeddings_url: str = ""
+    """An OpenAI-compatible embeddings server for the semantic lookups (a local model server,
+    e.g. http://127.0.0.1:8000/v1): no cost per lookup, and the compared text stays on your
+    network. Empty: the upstream, with the caller's own credential."""
+    semantic_embeddings_key: str = ""
+    """The bearer token sent to --semantic-embeddings-url (the caller's key never is)."""
     admin_token: str = ""
     """Guards /_proxy/stats, /_proxy/metrics and /_proxy/dashboard when set."""
 

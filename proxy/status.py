@@ -60,6 +60,13 @@ SEMANTIC_HIT = f"{HIT_CACHE_STATUS}; detail=semantic"
 """A HIT found by meaning (vectors.py): RFC 9211's `detail` says so."""
 
 
+def semantic_hit(similarity: float) -> str:
+    """SEMANTIC_HIT with its similarity as an RFC 9211 extension parameter (an RFC 8941
+    decimal: three digits, rounded down so 0.9996 never reads as 1.000)."""
+    shown = max(0.0, min(1.0, int(similarity * 1000) / 1000))
+    return f"{SEMANTIC_HIT}; similarity={shown:.3f}"
+
+
 def stale(cause: str) -> str:
     """Cache-Status of a STALE answer: which failure it covers (fwd-status=503, detail=...)."""
     return f"{CacheStatus.STALE.rfc9211}; {cause}"

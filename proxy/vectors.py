@@ -257,8 +257,15 @@ class Embedder:
         prices: Prices,
         *,
         timeout_s: float,
+        local: Upstream | None = None,
+        local_key: str = "",
     ) -> None:
         self.upstream = upstream
+        self.local = local
+        """A local embeddings server (--semantic-embeddings-url): asked with its own key,
+        never the caller's; its vectors are not kept in the exact cache, where they could
+        answer the caller's own embeddings requests of the same body."""
+        self.local_key = local_key
         self.cache = cache
         self.rules = rules
         self.secret = secret
@@ -342,6 +349,8 @@ class Embedder:
         body: bytes,
         headers: Headers,
     ) -> Embedding:
+        if self.local is not None:
+            return await self._embed_local(self.local, body)
         rule = plan.rule
         if rule is not None and plan.key:
             entry = self.cache.peek(plan.key)
@@ -382,6 +391,34 @@ class Embedder:
         if rule is not None and rule.store and plan.key:
             await self._store(plan, rule, head, data, started)
         return Embedding(vector, cost.usd if cost is not None else None)
+
+    async def _embed_local(self, local: Upstream, body: bytes) -> Embedding:
+        fwd: CIMultiDict[str] = CIMultiDict({"Content-Type": "application/json"})
+        if self.local_key:
+            fwd["Authorization"] = f"Bearer {self.local_key}"
+        path = "/embeddings" if local.strip_v1 else "/v1/embeddings"
+        data = await self._read(local, path, fwd, body)
+        return Embedding(_vector_of(data), None)
+
+    async def _read(
+        self, upstream: Upstream, path_qs: str, headers: CIMultiDict[str], body: bytes
+    ) -> bytes:
+        """A whole 200 answer from an embeddings route, bounded; EmbeddingFailed."""
+        try:
+            async with upstream.request("POST", path_qs, headers, body) as resp:
+                status = resp.status
+                pieces: list[bytes] = []
+                size = 0
+                async for piece in resp.content.iter_any():
+                    size += len(piece)
+                    if size > ANSWER_MAX:
+                        raise EmbeddingFailed("embeddings answer too large")
+                    pieces.append(piece)
+        except UpstreamError as exc:
+            raise EmbeddingFailed(f"embeddings: {type(exc).__name__}") from None
+        if status != 200:
+            raise EmbeddingFailed(f"embeddings answered {status}")
+        return b"".join(pieces)
 
     async def _store(
         self,

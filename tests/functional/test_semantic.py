@@ -59,7 +59,9 @@ def test_a_paraphrase_is_a_semantic_hit(start_proxy, fake, tmp_path):
     with capture_logs() as logs:
         second = ask(client, PARAPHRASE)
     assert second.headers["x-cache-status"] == "HIT"
-    assert second.headers["cache-status"] == "openai-cache-proxy; hit; detail=semantic"
+    status, _, similarity = second.headers["cache-status"].rpartition("; similarity=")
+    assert status == "openai-cache-proxy; hit; detail=semantic"
+    assert 0.95 <= float(similarity) <= 1.0 and len(similarity) == 5
     assert "age" in second.headers
     assert second.parse().model_dump() == first.parse().model_dump()
     assert fake.count(CHAT) == 1
@@ -237,7 +239,7 @@ def test_two_instances_on_one_redis_share_candidates(start_proxy, fake, tmp_path
     indexed(a, 1)
     hit = ask(sdk(b), PARAPHRASE)
     assert hit.headers["x-cache-status"] == "HIT"
-    assert hit.headers["cache-status"].endswith("detail=semantic")
+    assert "; detail=semantic; similarity=" in hit.headers["cache-status"]
     assert fake.count(CHAT) == 1
 
 
@@ -272,4 +274,4 @@ def test_a_redis_cluster_holds_the_index(start_proxy, fake, tmp_path, redis_clus
     client = sdk(proxy)
     assert ask(client, Q).headers["x-cache-status"] == "MISS"
     indexed(proxy, 1)
-    assert ask(client, PARAPHRASE).headers["cache-status"].endswith("detail=semantic")
+    assert "detail=semantic; similarity=" in ask(client, PARAPHRASE).headers["cache-status"]
