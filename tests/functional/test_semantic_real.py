@@ -4,9 +4,12 @@ sit at 0.99 by similarity are refused by a named guard, and the embeddings never
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 import openai
+import orjson
 import pytest
 from structlog.testing import capture_logs
 
@@ -91,3 +94,25 @@ def test_traps_close_by_similarity_are_refused_by_name(e5_proxy, fake, stored, a
     assert line["semantic_guard"] == guard
     assert line["semantic_guard_score"] >= THRESHOLD
     assert fake.count(CHAT) == 2
+
+
+CALIBRATE = ("--model", "multilingual-e5-small", "--semantic-embeddings-url")
+
+
+def test_calibrate_on_the_shipped_set_meets_the_goal(e5_server):
+    """`python -m proxy semantic calibrate` with the real model prints a table and, as its last
+    line, a threshold at which the held-out pairs are served at >= 50 % with <= 5 % of traps
+    served."""
+    out = subprocess.run(
+        [sys.executable, "-m", "proxy", "semantic", "calibrate", *CALIBRATE, e5_server.url],
+        capture_output=True,
+        timeout=600,
+        check=True,
+    ).stdout.decode()
+    lines = out.strip().splitlines()
+    result = orjson.loads(lines[-1])
+    assert result["model"] == "multilingual-e5-small" and result["split"] == "held-out"
+    assert 0.80 <= result["threshold"] <= 0.99
+    assert result["served"] >= 0.50 and result["wrong"] <= 0.05
+    assert any(line.lstrip().startswith("0.99 ") for line in lines)
+    assert "paraphrase" in lines[1] and "negation*" in lines[1]
