@@ -90,12 +90,33 @@ def unpack(record: bytes) -> tuple[str, bytes, float, np.ndarray]:
     return member, sig, expires, vector
 
 
+ROW_OVERHEAD = 160
+"""Bytes a row holds besides its vector, its key and its guard digests (list slots, object
+headers, its expiry)."""
+PART_FLOOR = 4096
+"""Bytes counted for a partition however empty (its arrays, lock and dictionary slot), so a
+client inventing namespaces holds a bounded number of them."""
+
+
 class Partition:
     """One partition's vectors in this process: rows in store order, newest last."""
 
-    __slots__ = ("after", "dims", "expires", "keep", "lock", "matrix", "members", "n", "sigs")
+    __slots__ = (
+        "after",
+        "counted",
+        "dims",
+        "expires",
+        "extra",
+        "keep",
+        "lock",
+        "matrix",
+        "max_bytes",
+        "members",
+        "n",
+        "sigs",
+    )
 
-    def __init__(self, keep: int) -> None:
+    def __init__(self, keep: int, max_bytes: int = 1 << 62) -> None:
         self.after = 0
         """The store's sequence number of the last record read."""
         self.dims = 0
@@ -105,13 +126,27 @@ class Partition:
         self.sigs: list[bytes] = []
         self.expires = np.zeros(0, dtype=np.float64)
         self.keep = keep
+        self.max_bytes = max_bytes
+        """What one partition may hold: fewer rows than `keep` are kept when they would not
+        fit (a single partition is capped too)."""
+        self.extra = 0
+        """Bytes held by the rows' keys and guard digests (and ROW_OVERHEAD each)."""
+        self.counted = 0
+        """What VectorIndex.bytes counts for this partition (0 once evicted)."""
         self.lock = asyncio.Lock()
         """One sync at a time (a large batch of records is added off the event loop)."""
 
     @property
     def nbytes(self) -> int:
         """Memory held, with a floor per partition (so empty ones are bounded in number too)."""
-        return int(self.matrix.nbytes + self.expires.nbytes) + 64 * len(self.members) + 1024
+        return int(self.matrix.nbytes + self.expires.nbytes) + self.extra + PART_FLOOR
+
+    def limit(self) -> int:
+        """Rows kept: `keep`, or fewer when that many would not fit in `max_bytes`."""
+        if self.dims == 0:
+            return self.keep
+        per_row = 4 * self.dims + 8 + (self.extra // self.n if self.n else 0) + ROW_OVERHEAD
+        return max(1, min(self.keep, (self.max_bytes - PART_FLOOR) // per_row))
 
     def add(self, rows: list[tuple[int, bytes]]) -> None:
         """Append records read from the store (those already held are skipped)."""
@@ -130,18 +165,24 @@ class Partition:
             if vector.shape[0] != self.dims:
                 continue
             if self.n == self.matrix.shape[0]:
-                self._grow()
+                limit = self.limit()
+                if self.n >= limit:
+                    self._keep_newest(max(0, limit - max(1, limit // 8)))
+                if self.n == self.matrix.shape[0]:
+                    self._grow(limit)
             norm = float(np.linalg.norm(vector))
             self.matrix[self.n] = vector / norm if norm > 0 else vector
             self.expires[self.n] = expires
             self.members.append(member)
             self.sigs.append(sig)
+            self.extra += len(member) + len(sig) + ROW_OVERHEAD
             self.n += 1
-        if self.n > self.keep + max(64, self.keep // 8):
-            self._keep_newest(self.keep)
+        limit = self.limit()
+        if self.n > limit:
+            self._keep_newest(limit)
 
-    def _grow(self) -> None:
-        cap = max(8, self.matrix.shape[0] * 2)
+    def _grow(self, limit: int) -> None:
+        cap = max(8, min(self.matrix.shape[0] * 2, limit + 1))
         matrix = np.zeros((cap, self.dims), dtype=np.float32)
         matrix[: self.n] = self.matrix[: self.n]
         expires = np.zeros(cap, dtype=np.float64)
@@ -154,6 +195,8 @@ class Partition:
         self.expires = self.expires[drop : self.n].copy()
         self.members = self.members[drop:]
         self.sigs = self.sigs[drop:]
+        self.extra = sum(len(m) + len(s) for m, s in zip(self.members, self.sigs, strict=True))
+        self.extra += ROW_OVERHEAD * keep
         self.n = keep
 
     def view(self) -> View:
@@ -192,7 +235,11 @@ def top(scores: np.ndarray, k: int) -> list[int]:
 
 
 class VectorIndex:
-    """The partitions this process searched lately, synced from the store on every lookup."""
+    """The partitions this process searched lately, synced from the store on every lookup.
+
+    Memory is capped over all partitions (`max_bytes`): the least recently searched are
+    dropped, a single partition keeps only the newest rows that fit, and first loads (a
+    partition's whole history) run one at a time, so ten at once hold no more than one."""
 
     def __init__(
         self, cache: Cache, *, keep: int, max_bytes: int, cpu: ThreadPoolExecutor | None = None
@@ -203,35 +250,54 @@ class VectorIndex:
         self.max_bytes = max_bytes
         self.parts: OrderedDict[str, Partition] = OrderedDict()
         self.bytes = 0
-        """What the partitions held hold (Partition.nbytes), kept as they change."""
+        """What the partitions held hold (the sum of their `counted`), kept as they change."""
+        self.loading = asyncio.Semaphore(1)
+        """First loads, one at a time."""
+
+    def _count(self, part: str, p: Partition) -> None:
+        """Bring `bytes` up to date with `p` (if it is still held), then drop the least
+        recently searched partitions (never `p`) until the total fits."""
+        if self.parts.get(part) is p:
+            now = p.nbytes
+            self.bytes += now - p.counted
+            p.counted = now
+        while self.bytes > self.max_bytes and len(self.parts) > 1:
+            name, gone = next(iter(self.parts.items()))
+            if gone is p:
+                self.parts.move_to_end(name)
+                name, gone = next(iter(self.parts.items()))
+            del self.parts[name]
+            self.bytes -= gone.counted
+            gone.counted = 0
 
     async def sync(self, part: str) -> View:
         """The partition with every record the store holds for it, as a view taken while no
         add runs (its rows stay aligned with their keys); StoreUnavailable."""
         p = self.parts.get(part)
+        first = p is None
         if p is None:
-            p = self.parts[part] = Partition(self.keep)
-            self.bytes += p.nbytes
+            p = self.parts[part] = Partition(self.keep, self.max_bytes)
         self.parts.move_to_end(part)
+        self._count(part, p)
+        if first:
+            async with self.loading:
+                return await self._sync(part, p)
+        return await self._sync(part, p)
+
+    async def _sync(self, part: str, p: Partition) -> View:
         store = self.cache.store
         async with p.lock:
             while True:
                 rows = await store.vectors_since(part, p.after, PAGE)
                 if rows:
-                    before = p.nbytes
                     if len(rows) > ADD_ON_LOOP:  # a first sync: thousands of records
                         await asyncio.get_running_loop().run_in_executor(self.cpu, p.add, rows)
                     else:
                         p.add(rows)
-                    if self.parts.get(part) is p:
-                        self.bytes += p.nbytes - before
+                    self._count(part, p)
                 if len(rows) < PAGE:
                     break
-            view = p.view()
-        while self.bytes > self.max_bytes and len(self.parts) > 1:
-            _, gone = self.parts.popitem(last=False)
-            self.bytes -= gone.nbytes
-        return view
+            return p.view()
 
     async def add(self, part: str, member: str, record: bytes, expires: float) -> None:
         await self.cache.store.vectors_add(part, member, record, expires, self.keep)
