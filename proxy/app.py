@@ -40,7 +40,7 @@ from proxy.stores import MemoryStore, open_store
 from proxy.stores.redis import RedisStore
 from proxy.tasks import spawn
 from proxy.upstream import Upstream
-from proxy.vectors import Embedder, Semantic, VectorIndex
+from proxy.vectors import Embedder, Semantic, VectorIndex, Verifier
 
 log = structlog.get_logger()
 
@@ -161,7 +161,12 @@ def build_state(settings: Settings) -> State:
             local=local,
             local_key=settings.semantic_embeddings_key,
         )
-        state.semantic = Semantic(embedder, index, cache, state.mac_key, state.cpu)
+        verifier = None
+        if any(r.semantic_verify == "llm" for r in rules.rules):
+            verifier = Verifier(upstream, prices, timeout_s=settings.semantic_verify_timeout_s)
+        state.semantic = Semantic(
+            embedder, index, cache, state.mac_key, state.cpu, verifier=verifier
+        )
     return state
 
 

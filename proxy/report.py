@@ -78,6 +78,10 @@ class Group:
     """... of which the best candidate cleared the rule's threshold (would have been HITs)."""
     shadow_would_usd: Decimal = Decimal(0)
     """What those MISSes cost: what the semantic layer would have saved."""
+    verify_calls: int = 0
+    """Calls to the judge model (semantic_verify = "llm")."""
+    verify_ms: Latency = field(default_factory=Latency)
+    verify_usd: Decimal = Decimal(0)
 
     def add(self, line: dict[str, Any]) -> None:
         self.money.add(line)
@@ -107,6 +111,15 @@ class Group:
                 self.miss_ms.add(ms)
 
     def _semantic(self, line: dict[str, Any]) -> None:
+        calls = line.get("semantic_verify_calls")
+        if isinstance(calls, int) and not isinstance(calls, bool) and calls > 0:
+            self.verify_calls += calls
+            ms = line.get("semantic_verify_ms")
+            if isinstance(ms, int | float) and not isinstance(ms, bool):
+                self.verify_ms.add(ms)
+            usd = line.get("semantic_verify_cost_usd")
+            if isinstance(usd, int | float) and not isinstance(usd, bool):
+                self.verify_usd += Decimal(repr(usd))
         if line.get("cache") == "hit" and "semantic_score" in line:
             self.semantic_hits += 1
         elif line.get("semantic") == "shadow" and line.get("cache") == "miss":
@@ -146,6 +159,9 @@ class Group:
             if self.shadow_lookups
             else None,
             "shadow_saved_usd": float(self.shadow_would_usd),
+            "verify_calls": self.verify_calls,
+            "verify_p50_ms": self.verify_ms.pct(50),
+            "verify_usd": float(self.verify_usd),
         }
 
 
@@ -399,6 +415,9 @@ COLUMNS = (
     "shadow_hit_ratio",
     "shadow_saved_usd",
     "shadow_lookups",
+    "verify_calls",
+    "verify_p50_ms",
+    "verify_usd",
 )
 """Table columns, most wanted first: a narrow terminal shows the first ones that fit."""
 HEADERS = {
@@ -417,6 +436,9 @@ HEADERS = {
     "shadow_hit_ratio": "shadow hit %",
     "shadow_saved_usd": "shadow saved $",
     "shadow_lookups": "shadow lookups",
+    "verify_calls": "verify calls",
+    "verify_p50_ms": "verify p50 ms",
+    "verify_usd": "verify $",
 }
 
 

@@ -72,6 +72,12 @@ class Rule:
     """Least cosine similarity of the two last user messages' embeddings for a semantic HIT."""
     semantic_model: str = "text-embedding-3-small"
     """The embeddings model the compared texts are embedded with."""
+    semantic_verify: Literal["off", "llm"] = "off"
+    """"llm": a candidate that clears the threshold and the guards is served only once a
+    small judge model (`semantic_verify_model`, through the upstream with the caller's key)
+    says the cached answer answers this request too; verdicts are kept per pair."""
+    semantic_verify_model: str = "gpt-4o-mini"
+    """The judge model of `semantic_verify = "llm"`."""
 
     def matches(self, method: str, route: str, model: str | None) -> bool:
         if method not in self.methods or not fnmatchcase(route, self.route):
@@ -156,6 +162,9 @@ def _rule_from(raw: dict[str, Any], where: str) -> Rule:
         elif key == "semantic":
             if value not in ("off", "shadow", "on"):
                 raise ConfigError(f'rules {where}: \'semantic\' must be "off", "shadow" or "on"')
+        elif key == "semantic_verify":
+            if value not in ("off", "llm"):
+                raise ConfigError(f'rules {where}: \'semantic_verify\' must be "off" or "llm"')
         elif not isinstance(value, str):
             raise ConfigError(f"rules {where}: {key!r} must be a string")
         values[key] = value
@@ -163,6 +172,8 @@ def _rule_from(raw: dict[str, Any], where: str) -> Rule:
         raise ConfigError(f"rules {where}: 'semantic_threshold' must be above 0 and at most 1")
     if not values.get("semantic_model", "x").strip():
         raise ConfigError(f"rules {where}: 'semantic_model' must name a model")
+    if not values.get("semantic_verify_model", "x").strip():
+        raise ConfigError(f"rules {where}: 'semantic_verify_model' must name a model")
     if values.get("replay_speed", 1.0) <= 0:
         raise ConfigError(f"rules {where}: 'replay_speed' must be above 0")
     return Rule(**values)

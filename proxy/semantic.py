@@ -18,6 +18,8 @@ from typing import Any
 
 import orjson
 
+from proxy.twins import chat_to_json, responses_to_json
+
 TEXT_MAX = 8000
 """Longest compared text in characters (about the embedding models' input limit); a longer
 last message is not a semantic candidate."""
@@ -80,3 +82,61 @@ def text_of(twin: str, body: bytes) -> str:
     fields = orjson.loads(body)
     found = query_of(twin, fields) if isinstance(fields, dict) else None
     return found[0] if found is not None else ""
+
+
+JUDGE_SYSTEM = (
+    "You check a cache of answers. A new request arrived and a cached answer was found for a "
+    "request worded differently. Reply with one word: yes if the cached answer is a correct "
+    "and complete answer to the new request, otherwise no."
+)
+ANSWER_MAX = 8000
+"""Longest cached answer shown to the judge, in characters (a longer one is cut)."""
+
+
+def answer_text(twin: str, body: bytes, stream: bool) -> str | None:
+    """The text of a stored chat or Responses answer (JSON or a recorded stream), or None."""
+    try:
+        if stream:
+            body = chat_to_json(body) if twin == "chat" else responses_to_json(body)
+        doc = orjson.loads(body)
+        if twin == "chat":
+            content = doc["choices"][0]["message"]["content"]
+            return content[:ANSWER_MAX] if isinstance(content, str) else None
+        texts = [
+            part["text"]
+            for item in doc.get("output", [])
+            if isinstance(item, dict) and item.get("type") == "message"
+            for part in item.get("content", [])
+            if isinstance(part, dict) and part.get("type") == "output_text"
+        ]
+        return "".join(texts)[:ANSWER_MAX] if texts else None
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def judge_body(model: str, question: str, answer: str) -> bytes:
+    """The judge's Chat Completions request: one word, deterministic."""
+    user = f"New request:\n{question}\n\nCached answer:\n{answer}\n\nyes or no?"
+    return orjson.dumps(
+        {
+            "model": model,
+            "messages": [
+                {"role": "system", "content": JUDGE_SYSTEM},
+                {"role": "user", "content": user},
+            ],
+            "temperature": 0,
+            "max_tokens": 2,
+        }
+    )
+
+
+def judge_says(body: bytes) -> bool | None:
+    """The judge's verdict: True for yes, False for no, None when unreadable."""
+    try:
+        content = orjson.loads(body)["choices"][0]["message"]["content"]
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
+        return None
+    if not isinstance(content, str):
+        return None
+    word = content.strip().strip(".!\"'").lower()
+    return True if word == "yes" else False if word == "no" else None

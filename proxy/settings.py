@@ -106,6 +106,9 @@ class Settings:
     """An OpenAI-compatible embeddings server for the semantic lookups (a local model server,
     e.g. http://127.0.0.1:8000/v1): no cost per lookup, and the compared text stays on your
     network. Empty: the upstream, with the caller's own credential."""
+    semantic_verify_timeout_s: float = 10.0
+    """Longest wait for the judge of `semantic_verify = "llm"`; past it, the candidate is not
+    served (a MISS)."""
     semantic_embeddings_key: str = ""
     """The bearer token sent to --semantic-embeddings-url (the caller's key never is)."""
     admin_token: str = ""
@@ -203,6 +206,7 @@ POSITIVE = (
     "semantic_timeout_s",
     "semantic_max_entries",
     "semantic_memory_mb",
+    "semantic_verify_timeout_s",
 )
 """Sizes and times that make no sense at 0 or below: start-up stops naming the setting."""
 ZERO_IS_OFF = ("hot_cache_mb", "auth_recheck_s")
@@ -239,6 +243,7 @@ _CONVERTERS: dict[str, Callable[[str], Any]] = {
     "semantic_timeout_s": float,
     "semantic_max_entries": int,
     "semantic_memory_mb": float,
+    "semantic_verify_timeout_s": float,
     "data_dir": lambda s: Path(s).expanduser(),
     "rules": lambda s: Path(s).expanduser(),
 }

@@ -42,6 +42,7 @@ from proxy.keys import CREDENTIAL_HEADERS, Headers
 from proxy.models import CLOCK, CachedResponse
 from proxy.plan import Plan, make_plan
 from proxy.rules import Rule, Rules
+from proxy.semantic import answer_text, judge_body, judge_says
 from proxy.upstream import Upstream, response_headers
 
 log = structlog.get_logger()
@@ -541,6 +542,76 @@ def _vector_of(data: bytes) -> np.ndarray:
     return vector / norm
 
 
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What the judge said of one (request, candidate) pair."""
+
+    ok: bool
+    ms: float = 0.0
+    usd: float | None = None
+    cached: bool = False
+    error: str | None = None
+
+
+class Verifier:
+    """`semantic_verify = "llm"`: a small judge model, through the upstream with the caller's
+    credential, confirms a candidate before it is served. Verdicts are kept per (tenant's
+    text, candidate) pair in this process (bounded); a failed or unreadable verdict is a no."""
+
+    def __init__(
+        self, upstream: Upstream, prices: Prices, *, timeout_s: float, memo_max: int = 10_000
+    ) -> None:
+        self.upstream = upstream
+        self.prices = prices
+        self.timeout_s = timeout_s
+        self.memo_max = memo_max
+        self.memo: OrderedDict[bytes, bool] = OrderedDict()
+
+    async def confirm(
+        self, model: str, memo: bytes, question: str, answer: str, headers: Headers
+    ) -> Verdict:
+        """Is `answer` an answer to `question`? Never raises."""
+        known = self.memo.get(memo)
+        if known is not None:
+            self.memo.move_to_end(memo)
+            return Verdict(known, cached=True)
+        fwd: CIMultiDict[str] = CIMultiDict()
+        for name in FORWARDED:
+            for value in headers.getall(name, ()):
+                fwd.add(name, value)
+        fwd["Content-Type"] = "application/json"
+        path = "/chat/completions" if self.upstream.strip_v1 else "/v1/chat/completions"
+        body = judge_body(model, question, answer)
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                async with self.upstream.request("POST", path, fwd, body) as resp:
+                    status = resp.status
+                    pieces: list[bytes] = []
+                    size = 0
+                    async for piece in resp.content.iter_any():
+                        size += len(piece)
+                        if size > ANSWER_MAX:
+                            break
+                        pieces.append(piece)
+                    data = b"".join(pieces)
+        except (UpstreamError, TimeoutError) as exc:
+            ms = (time.perf_counter() - started) * 1000.0
+            return Verdict(False, ms, error=f"verifier: {type(exc).__name__}")
+        ms = (time.perf_counter() - started) * 1000.0
+        if status != 200:
+            return Verdict(False, ms, error=f"verifier answered {status}")
+        said = judge_says(data)
+        cost = self.prices.cost("/v1/chat/completions", model, _usage(data), {})
+        usd = cost.usd if cost is not None else None
+        if said is None:
+            return Verdict(False, ms, usd, error="verifier said neither yes nor no")
+        self.memo[memo] = said
+        while len(self.memo) > self.memo_max:
+            self.memo.popitem(last=False)
+        return Verdict(said, ms, usd)
+
+
 @dataclass(slots=True)
 class Probe:
     """What one semantic lookup found (logged on the request's line)."""
@@ -562,6 +633,8 @@ class Probe:
     ms: float = 0.0
     embed_ms: float = 0.0
     embed_usd: float | None = None
+    verdicts: list[Verdict] | None = None
+    """The judge's verdicts on the candidates it was asked about (semantic_verify)."""
 
     def fields(self) -> dict[str, Any]:
         """The request.done fields."""
@@ -577,6 +650,17 @@ class Probe:
             out["semantic_error"] = self.error
         if self.embed_usd:
             out["semantic_cost_usd"] = self.embed_usd
+        if self.verdicts:
+            last = self.verdicts[-1]
+            out["semantic_verify"] = "yes" if last.ok else "no"
+            out["semantic_verify_calls"] = sum(not v.cached for v in self.verdicts)
+            out["semantic_verify_ms"] = round(sum(v.ms for v in self.verdicts), 2)
+            usd = sum(v.usd or 0.0 for v in self.verdicts)
+            if usd:
+                out["semantic_verify_cost_usd"] = usd
+            errors = [v.error for v in self.verdicts if v.error]
+            if errors:
+                out["semantic_verify_error"] = errors[-1][:200]
         return out
 
 
@@ -590,7 +674,9 @@ class Semantic:
         cache: Cache,
         mac_key: bytes,
         cpu: ThreadPoolExecutor,
+        verifier: Verifier | None = None,
     ) -> None:
+        self.verifier = verifier
         self.embedder = embedder
         self.index = index
         self.cache = cache
@@ -690,8 +776,41 @@ class Semantic:
                 continue
             if max_age is not None and CLOCK.now() - entry.created > max_age:
                 continue
+            if (
+                rule.semantic == "on"
+                and rule.semantic_verify == "llm"
+                and not await self._verified(probe, plan, text, member, entry, headers)
+            ):
+                if probe.guard is None:
+                    probe.guard, probe.guard_score = "verifier", score
+                continue
             probe.score, probe.member, probe.entry, probe.hit = score, member, entry, True
             return
+
+    async def _verified(
+        self,
+        probe: Probe,
+        plan: Plan,
+        text: str,
+        member: str,
+        entry: CachedResponse,
+        headers: Headers,
+    ) -> bool:
+        """The judge confirms the candidate (no verifier configured, or no answer text: no)."""
+        assert plan.rule is not None
+        answer = answer_text(plan.twin or "chat", entry.body, entry.stream)
+        if self.verifier is None or answer is None:
+            return False
+        memo = hashlib.blake2b(
+            text.encode() + b"\0" + member.encode(), key=self.mac_key[:64], digest_size=16
+        ).digest()
+        verdict = await self.verifier.confirm(
+            plan.rule.semantic_verify_model, memo, text, answer, headers
+        )
+        if probe.verdicts is None:
+            probe.verdicts = []
+        probe.verdicts.append(verdict)
+        return verdict.ok
 
     async def remember(self, plan: Plan, probe: Probe, member: str, expires: float) -> None:
         """Index a stored answer under its request's vector (fail open)."""

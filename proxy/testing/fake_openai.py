@@ -209,6 +209,8 @@ class FakeOpenAI:
     base_url: str = ""
     speech_mb: float = 0.0
     """When above 0, /v1/audio/speech answers this many MB (a large answer)."""
+    model_replies: dict[str, str] = field(default_factory=dict)
+    """Chat Completions for these models answer this text (a judge model saying yes, say)."""
     _runner: web.AppRunner | None = None
     _n: int = 0
 
@@ -367,6 +369,8 @@ class FakeOpenAI:
             return web.Response(body=rec["body_text"].encode(), content_type="application/json")
         prompt = orjson.dumps(req.get("messages", []))
         words = self._words(prompt.decode(), n)
+        if model in self.model_replies:
+            words = [self.model_replies[model]]
         usage = {
             "prompt_tokens": len(prompt) // 4 + 1,
             "completion_tokens": len(words),

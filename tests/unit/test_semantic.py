@@ -344,3 +344,30 @@ def test_a_broken_embeddings_answer_is_refused(answer):
 
     with pytest.raises(EmbeddingFailed):
         _vector_of(answer)
+
+
+def test_the_judge_request_and_verdict():
+    """The judge is asked for one word, deterministically; only yes or no is a verdict, and
+    the rule option takes only "off" or "llm"."""
+    from proxy.semantic import answer_text, judge_body, judge_says
+
+    body = orjson.loads(judge_body("gpt-4o-mini", "Capital of France?", "Paris."))
+    assert body["temperature"] == 0 and body["max_tokens"] == 2
+    assert "Capital of France?" in body["messages"][1]["content"]
+
+    def said(text):
+        return judge_says(orjson.dumps({"choices": [{"message": {"content": text}}]}))
+
+    assert (said("Yes."), said(" no"), said("maybe"), judge_says(b"{}")) == (
+        True,
+        False,
+        None,
+        None,
+    )
+    chat_answer = orjson.dumps({"choices": [{"message": {"content": "Paris."}}]})
+    assert answer_text("chat", chat_answer, stream=False) == "Paris."
+    assert answer_text("chat", b"not json", stream=False) is None
+    (rule,) = parse_rules('[[rule]]\nroute = "/x"\nsemantic_verify = "llm"\n', "t")
+    assert rule.semantic_verify == "llm" and rule.semantic_verify_model == "gpt-4o-mini"
+    with pytest.raises(ConfigError):
+        parse_rules('[[rule]]\nroute = "/x"\nsemantic_verify = "yes"\n', "t")
