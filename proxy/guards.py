@@ -304,6 +304,10 @@ LANG_WORDS: dict[str, frozenset[str]] = {
     "nl": _wordset("de het is zijn wat hoe waarom wanneer welke wie en ik een met voor van niet"),
 }  # fmt: skip
 _AMBIGUOUS_LANG_WORDS = frozenset({"e", "de", "la", "a", "o", "is", "die", "con"})
+_LANG_OF: dict[str, tuple[str, ...]] = {}
+for _lang, _vocab in LANG_WORDS.items():
+    for _word in _vocab - _AMBIGUOUS_LANG_WORDS:
+        _LANG_OF[_word] = (*_LANG_OF.get(_word, ()), _lang)
 
 # ---------------------------------------------------------------- numbers
 
@@ -452,8 +456,10 @@ def features(text: str, key: bytes = b"") -> Features:
         raw = match.group()
         if i == skip:
             continue
-        before = text[: match.start()].rstrip()
-        initial = not before or before[-1] in _SENTENCE_END
+        j = match.start() - 1
+        while j >= 0 and text[j].isspace():  # the gap since the last token: O(n) in all
+            j -= 1
+        initial = j < 0 or text[j] in _SENTENCE_END
         if kind == "num":
             flush_run()
             digits = match.group("num")
@@ -628,11 +634,8 @@ def features(text: str, key: bytes = b"") -> Features:
             if plain.endswith("ful") and len(plain) > 6:
                 words.add(plain[:-3])  # "careful" stands for "care" against "careless"
         # language votes
-        for lang, vocab in LANG_WORDS.items():
-            if lower in vocab:
-                lang_votes[lang] = lang_votes.get(lang, 0) + (
-                    1 if lower not in _AMBIGUOUS_LANG_WORDS else 0
-                )
+        for lang in _LANG_OF.get(lower, ()):
+            lang_votes[lang] = lang_votes.get(lang, 0) + 1
         # polarity: lexicon, then affixes
         pole = POLES.get(plain)
         if pole is not None:

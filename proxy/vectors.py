@@ -57,6 +57,9 @@ PAGE = 500
 """Records read from the store per call when a partition is synced."""
 ADD_ON_LOOP = 32
 """More records than this in one sync are unpacked off the event loop."""
+FEATURES_ON_LOOP = 1000
+"""Longer texts have their guard features read on the request-cpu pool (8000 characters
+take several milliseconds)."""
 OFF_LOOP = 262_144
 """Matrix products larger than this (rows x dimensions) run on the request-cpu pool."""
 ANSWER_MAX = 4 * 1024 * 1024
@@ -736,7 +739,11 @@ class Semantic:
         probe.embed_ms = (time.perf_counter() - t0) * 1000.0
         probe.embed_usd = emb.cost_usd
         probe.vector = emb.vector
-        mine = guards.features(text, self.mac_key)
+        if len(text) > FEATURES_ON_LOOP:
+            loop = asyncio.get_running_loop()
+            mine = await loop.run_in_executor(self.cpu, guards.features, text, self.mac_key)
+        else:
+            mine = guards.features(text, self.mac_key)
         probe.sig = guards.pack(mine)
         view = await self.index.sync(plan.semantic.partition)
         rows, dims = view.matrix.shape
