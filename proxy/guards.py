@@ -46,6 +46,8 @@ def _wordset(text: str) -> frozenset[str]:
 
 WORDS_MAX = 256
 """Distinct words kept per text for the affix and entity guards (longer texts keep the first)."""
+MARKS_MAX = 64
+"""Entities, negated stems and from/to words kept per text (the stored form stays small)."""
 VERSION = 1
 
 
@@ -444,9 +446,12 @@ def features(text: str, key: bytes = b"") -> Features:
         pending_sign, pending_currency = False, ""
         run.clear()
 
+    seen: set[str] = set()
+
     def add_entity(canon: str) -> None:
         words.add(canon)
-        if canon not in entities:
+        if canon not in seen and len(entities) < MARKS_MAX:
+            seen.add(canon)
             entities.append(canon)
 
     tokens = list(_TOKEN.finditer(text))
@@ -624,7 +629,8 @@ def features(text: str, key: bytes = b"") -> Features:
         elif any(s in raw for s in NEGATION_HANGUL):
             negations += sum(raw.count(s) for s in NEGATION_HANGUL)
         if role and plain not in _DETERMINERS:
-            roles.add((plain, role))
+            if len(roles) < MARKS_MAX:
+                roles.add((plain, role))
             role = 0
         if lower in DIRECTION_MARKERS:
             directed = True
@@ -642,9 +648,9 @@ def features(text: str, key: bytes = b"") -> Features:
             poles.add(pole)
         else:
             stem = _negated_stem(plain)
-            if stem is not None:
+            if stem is not None and len(negated) < MARKS_MAX:
                 negated.add(stem)
-        if prev_word == "non":  # "non transferable" (non-transferable is two tokens)
+        if prev_word == "non" and len(negated) < MARKS_MAX:  # "non-transferable"
             negated.add(plain)
         # entities
         bigram = _ENTITY_BIGRAMS.get((prev_word, lower))

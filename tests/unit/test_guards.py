@@ -265,3 +265,13 @@ def test_any_text_is_read_and_stored(a, b):
     assert unpack(pack(fa)) == fa
     assert refusal(fa, fb) == refusal(fb, fa)
     assert refusal(fa, fa) is None
+
+
+def test_the_stored_form_is_bounded_for_any_text():
+    """8000 characters of distinct names, negated words and from/to pairs keep a stored form
+    of a few KiB (words, entities, stems and ends are capped)."""
+    words = [f"Name{i} unword{i} from Place{i} to Spot{i}" for i in range(400)]
+    text = " ".join(words)[:8000]
+    blob = pack(features(text, KEY))
+    assert len(blob) <= 4096
+    assert unpack(blob) == features(text, KEY)
