@@ -270,7 +270,11 @@ def test_any_text_is_read_and_stored(a, b):
 def test_the_stored_form_is_bounded_for_any_text():
     """8000 characters of distinct names, negated words and from/to pairs keep a stored form
     of a few KiB (words, entities, stems and ends are capped)."""
-    words = [f"Name{i} unword{i} from Place{i} to Spot{i}" for i in range(400)]
+
+    def name(i: int) -> str:
+        return "".join("abcdefghijklmnopqrstuvwxyz"[int(d)] for d in f"{i:04d}")
+
+    words = [f"X{name(i)} un{name(i)}ed from {name(i)}a to {name(i)}b" for i in range(400)]
     text = " ".join(words)[:8000]
     blob = pack(features(text, KEY))
     assert len(blob) <= 4096
