@@ -129,3 +129,24 @@ async def test_many_namespaces_are_bounded_in_number():
     assert len(index.parts) <= CAP // PART_FLOOR + 1
     assert 0 <= index.bytes <= CAP
     assert peak[0] <= CAP + MARGIN, f"{peak[0] / MIB:.1f} MiB"
+
+
+def test_one_tenant_inventing_namespaces_through_the_proxy(start_proxy, tmp_path):
+    """One tenant sending 200 new X-Cache-Namespace values through the proxy leaves the index
+    within --semantic-memory-mb, with a bounded number of partitions."""
+    from tests.conftest import sdk
+
+    rules = tmp_path / "semantic.toml"
+    rules.write_text('[[rule]]\nroute = "/v1/chat/completions"\nsemantic = "on"\n')
+    proxy = start_proxy(rules=rules, semantic_memory_mb=0.25)
+    client = sdk(proxy)
+    for i in range(200):
+        client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            extra_headers={"X-Cache-Namespace": f"ns-{i}"},
+        )
+    index = proxy.state.semantic.index
+    assert len(index.parts) <= (0.25 * MIB) // PART_FLOOR + 1
+    assert 0 <= index.bytes <= 0.25 * MIB
+    assert index.bytes == sum(p.counted for p in index.parts.values())
