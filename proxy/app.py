@@ -144,13 +144,16 @@ def build_state(settings: Settings) -> State:
             max_bytes=int(settings.semantic_memory_mb * 1024 * 1024),
             cpu=state.cpu,
         )
-        local = None
-        if settings.semantic_embeddings_url:
-            local = Upstream(
-                settings.semantic_embeddings_url,
+        urls = {settings.semantic_embeddings_url}
+        urls |= {r.semantic_embeddings_url for r in rules.rules if r.semantic != "off"}
+        servers = {
+            url: Upstream(
+                url,
                 connect_timeout_s=settings.upstream_connect_timeout_s,
                 read_timeout_s=settings.semantic_timeout_s,
             )
+            for url in sorted(urls - {""})
+        }
         embedder = Embedder(
             upstream,
             cache,
@@ -158,7 +161,8 @@ def build_state(settings: Settings) -> State:
             secret,
             prices,
             timeout_s=settings.semantic_timeout_s,
-            local=local,
+            servers=servers,
+            default_server=settings.semantic_embeddings_url,
             local_key=settings.semantic_embeddings_key,
         )
         verifier = None
@@ -392,8 +396,9 @@ class ProxyApp:
         stack.push_async_callback(st.cache.aclose)
         stack.push_async_callback(_close_optional, st.rehoster)
         stack.push_async_callback(st.upstream.aclose)
-        if st.semantic is not None and st.semantic.embedder.local is not None:
-            stack.push_async_callback(st.semantic.embedder.local.aclose)
+        if st.semantic is not None:
+            for server in st.semantic.embedder.servers.values():
+                stack.push_async_callback(server.aclose)
         stack.callback(st.cpu.shutdown, wait=False, cancel_futures=True)
         cache = st.cache
         await cache.warm()

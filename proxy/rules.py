@@ -72,6 +72,10 @@ class Rule:
     """Least cosine similarity of the two last user messages' embeddings for a semantic HIT."""
     semantic_model: str = "text-embedding-3-small"
     """The embeddings model the compared texts are embedded with."""
+    semantic_embeddings_url: str = ""
+    """An OpenAI-compatible embeddings server for this rule's lookups (a local model server),
+    instead of --semantic-embeddings-url or the upstream; its key is
+    --semantic-embeddings-key (a key is never written in a rules file)."""
     semantic_verify: Literal["off", "llm"] = "off"
     """"llm": a candidate that clears the threshold and the guards is served only once a
     small judge model (`semantic_verify_model`, through the upstream with the caller's key)
@@ -172,6 +176,9 @@ def _rule_from(raw: dict[str, Any], where: str) -> Rule:
         raise ConfigError(f"rules {where}: 'semantic_threshold' must be above 0 and at most 1")
     if not values.get("semantic_model", "x").strip():
         raise ConfigError(f"rules {where}: 'semantic_model' must name a model")
+    url = values.get("semantic_embeddings_url", "")
+    if url and not url.startswith(("http://", "https://")):
+        raise ConfigError(f"rules {where}: 'semantic_embeddings_url' must be an http(s) URL")
     if not values.get("semantic_verify_model", "x").strip():
         raise ConfigError(f"rules {where}: 'semantic_verify_model' must name a model")
     if values.get("replay_speed", 1.0) <= 0:

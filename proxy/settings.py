@@ -155,7 +155,12 @@ class Settings:
             raise ConfigError(
                 f"--images / PROXY_IMAGES: {self.images!r} is not file:///dir or s3://bucket/prefix"
             )
-        for name in ("public_url", "images_public_url", "s3_endpoint_url"):
+        for name in (
+            "public_url",
+            "images_public_url",
+            "s3_endpoint_url",
+            "semantic_embeddings_url",
+        ):
             value = getattr(self, name)
             if value and urlsplit(value).scheme not in ("http", "https"):
                 raise ConfigError(f"{_flag(name)} / {_env(name)}: {value!r} is not an http(s) URL")

@@ -327,14 +327,17 @@ class Embedder:
         prices: Prices,
         *,
         timeout_s: float,
-        local: Upstream | None = None,
+        servers: dict[str, Upstream] | None = None,
+        default_server: str = "",
         local_key: str = "",
     ) -> None:
         self.upstream = upstream
-        self.local = local
-        """A local embeddings server (--semantic-embeddings-url): asked with its own key,
-        never the caller's; its vectors are not kept in the exact cache, where they could
-        answer the caller's own embeddings requests of the same body."""
+        self.servers = servers or {}
+        """Embeddings servers by base URL (--semantic-embeddings-url, a rule's
+        `semantic_embeddings_url`): asked with their own key, never the caller's; their
+        vectors are not kept in the exact cache, where they could answer the caller's own
+        embeddings requests of the same body."""
+        self.default_server = default_server
         self.local_key = local_key
         self.cache = cache
         self.rules = rules
@@ -356,8 +359,11 @@ class Embedder:
         headers: Headers,
         route: str,
         query: str,
+        server: str = "",
     ) -> Embedding:
-        """The unit vector of `text`; raises EmbeddingFailed (never anything else)."""
+        """The unit vector of `text` (from `server`, a base URL, else the default one, else
+        the upstream); raises EmbeddingFailed (never anything else)."""
+        local = self.servers.get(server or self.default_server)
         if time.monotonic() < self.down_until:
             raise EmbeddingFailed("embeddings unavailable (waiting after a failure)")
         path = _embeddings_route(route, model)
@@ -367,8 +373,9 @@ class Embedder:
             self.rules, self.secret, tenant, "POST", path, qs, namespace, "application/json", body
         )
         # in-flight sharing within one tenant (and namespace, route) only
+        where = (server or self.default_server if local is not None else "").encode()
         memo = hashlib.blake2b(
-            tenant + b"\0" + namespace.encode() + b"\0" + path.encode() + b"\0" + body
+            tenant + b"\0" + namespace.encode() + b"\0" + path.encode() + b"\0" + where + body
         ).hexdigest()
         shared = self._inflight.get(memo)
         if shared is not None:
@@ -377,7 +384,10 @@ class Embedder:
         self._inflight[memo] = future
         try:
             async with asyncio.timeout(self.timeout_s):
-                result = await self._embed(plan, path, qs, body, headers)
+                if local is not None:
+                    result = await self._embed_local(local, body)
+                else:
+                    result = await self._embed(plan, path, qs, body, headers)
         except BaseException as exc:
             failure = (
                 exc
@@ -419,8 +429,6 @@ class Embedder:
         body: bytes,
         headers: Headers,
     ) -> Embedding:
-        if self.local is not None:
-            return await self._embed_local(self.local, body)
         rule = plan.rule
         if rule is not None and plan.key:
             entry = self.cache.peek(plan.key)
@@ -735,6 +743,7 @@ class Semantic:
             headers=headers,
             route=route,
             query=query,
+            server=rule.semantic_embeddings_url,
         )
         probe.embed_ms = (time.perf_counter() - t0) * 1000.0
         probe.embed_usd = emb.cost_usd

@@ -62,6 +62,24 @@ def test_a_paraphrase_hits_with_its_similarity_and_no_upstream_embedding(e5_prox
     assert fake.count(CHAT) == 1 and fake.count(EMB) == 0
 
 
+def test_a_rule_can_name_its_own_embeddings_server(start_proxy, e5_server, fake, tmp_path):
+    """`semantic_embeddings_url` in a rule sends that rule's lookups to the model server,
+    not to the upstream."""
+    path = tmp_path / "rule.toml"
+    path.write_text(
+        f'[[rule]]\nroute = "/v1/chat/completions"\nsemantic = "on"\n'
+        f'semantic_threshold = {THRESHOLD}\nsemantic_embeddings_url = "{e5_server.url}"\n'
+    )
+    proxy = start_proxy(rules=path, semantic_timeout_s=30.0)
+    client = sdk(proxy)
+    ask(client, "How do I reverse a list in Python?")
+    eventually(lambda: proxy.state.semantic.indexed >= 1)
+    assert ask(client, "What's the way to reverse a Python list?").headers["x-cache-status"] == (
+        "HIT"
+    )
+    assert fake.count(EMB) == 0
+
+
 @pytest.mark.parametrize(
     ("stored", "asked", "guard"),
     [

@@ -371,3 +371,5 @@ def test_the_judge_request_and_verdict():
     assert rule.semantic_verify == "llm" and rule.semantic_verify_model == "gpt-4o-mini"
     with pytest.raises(ConfigError):
         parse_rules('[[rule]]\nroute = "/x"\nsemantic_verify = "yes"\n', "t")
+    with pytest.raises(ConfigError, match="semantic_embeddings_url"):
+        parse_rules('[[rule]]\nroute = "/x"\nsemantic_embeddings_url = "localhost:8000"\n', "t")
