@@ -230,15 +230,15 @@ async def purge(st: State, request: web.BaseRequest) -> web.StreamResponse:
             "admin_token_not_configured",
         )
     from proxy.errors import BadFilter
-    from proxy.purge import pattern_of
+    from proxy.purge import patterns_of
 
     body = await request.read()
     try:
-        pattern = pattern_of(orjson.loads(body) if body else {})
+        patterns = patterns_of(orjson.loads(body) if body else {})
     except (BadFilter, orjson.JSONDecodeError) as exc:
         return json_error(400, str(exc), "invalid_request_error", "invalid_purge_filter")
     try:
-        purged = await st.cache.purge(pattern)
+        purged = await st.cache.purge(*patterns)
     except StoreUnavailable as exc:
         return json_error(503, f"The store is unavailable: {exc}", "proxy_error", "store_down")
     log.info("cache.purged", purged=purged)

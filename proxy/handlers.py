@@ -12,6 +12,7 @@ request -> body (size-capped) -> tenant -> Plan (rule, key; memoised on the raw 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -329,14 +330,7 @@ async def _handle(
             rec.key = key_id(plan.key)
             rec.bytes = len(entry.body)
             _saved(rec, entry)
-            if entry.rebase:
-                return whole(
-                    entry,
-                    HIT,
-                    HIT_CACHE_STATUS,
-                    rebase(entry.body, _client_base(request)),
-                )
-            return whole(entry, HIT, HIT_CACHE_STATUS)
+            return _as_stored(request, entry, HIT, HIT_CACHE_STATUS)
 
     ex = Exchange(
         request, body, forward_headers(h, decoded=decoded), _path_qs(st, upstream_path, query), t0
@@ -346,7 +340,8 @@ async def _handle(
         fingerprint = plan.fingerprint or passthrough_fingerprint(
             st.secret, tenant, method, route, query, body
         )
-        idempotency = (idempotency_key(st.secret, tenant, idem), fingerprint)
+        key = idempotency_key(st.secret, tenant, idem, controls.namespace)
+        idempotency = (key, fingerprint)
     what = decide(
         plan, controls, idempotency=idempotency, idempotency_ttl_s=settings.idempotency_ttl_s
     )
@@ -406,7 +401,7 @@ async def _serve_keyed(
     rule = plan.rule
     rec.key = key_id(key)
     degraded = False
-    stale: CachedResponse | None = None
+    stale: Stale | None = None
     if controls.mode is LOOKUP:
         entry = st.cache.peek(key)
         if entry is None and not st.cache.in_memory:  # (in memory, peek was the lookup)
@@ -422,7 +417,9 @@ async def _serve_keyed(
             fresh = now <= entry.fresh_until
             window = controls.stale_window(rule.stale_if_error_s if rule is not None else 0.0)
             if not fresh and window > 0 and now <= entry.fresh_until + window:
-                stale = entry  # served only if the upstream fails for this request
+                stale = Stale(
+                    key, entry, plan
+                )  # served only if the upstream fails for this request
             if fresh and (controls.max_age is None or age <= controls.max_age):
                 refused = await _auth_refusal(st, tenant, request, rec)
                 if refused is not None:
@@ -437,8 +434,10 @@ async def _serve_keyed(
     coalesce = rule.coalesce if rule is not None else True
     lock_timeout = rule.lock_timeout_s if rule is not None else 30.0
     # Twins share the store key, never a flight: a streamed and a non-streamed request in
-    # flight at once each go upstream (a live stream is not converted half-way).
-    fkey = f"{key}#{plan.form}" if plan.twin else key
+    # flight at once each go upstream (a live stream is not converted half-way). But an
+    # Idempotency-Key names one request in every form: one flight, which another form waits
+    # for whole, then gets converted (_join_form).
+    fkey = f"{key}#{plan.form}" if plan.twin and not fingerprint else key
     flight = st.flights.get(fkey) if coalesce else None
     semantic = (
         rule.semantic
@@ -467,6 +466,8 @@ async def _serve_keyed(
     if flight is not None:
         if fingerprint and flight.fingerprint != fingerprint:
             return _idempotency_conflict()
+        if flight.form != plan.form:
+            return await _join_form(st, ex, rec, flight, plan, key, lock_timeout)
         return await _join(st, ex, rec, flight, flight.attach(), lock_timeout, stale)
 
     label = BYPASS if degraded else (REFRESH if controls.mode is REFRESH_MODE else MISS)
@@ -474,6 +475,7 @@ async def _serve_keyed(
     flight = st.flights.lead(
         fkey, max_bytes=int(st.settings.max_record_mb * 1024 * 1024), fingerprint=fingerprint
     )
+    flight.form = plan.form
     if not coalesce:
         st.flights.forget(flight)
     shadow: asyncio.Task[Probe] | None = None
@@ -507,12 +509,20 @@ async def _serve_keyed(
     bus = st.bus if coalesce and not degraded else None
     fed = inline = False
     try:  # whatever happens before a feeder starts, the flight must not stay registered
-        lead: Leadership = LOCAL if bus is None else await bus.lead(fkey, fingerprint)
+        lead: Leadership = LOCAL if bus is None else await bus.lead(fkey, fingerprint, plan.form)
         match lead:
             case Conflict():
                 return _idempotency_conflict()
-            case Follow():
+            case Follow(form=form):
                 assert bus is not None
+                if fingerprint and form != plan.form:
+                    # another form of this request is led elsewhere: whole, then converted
+                    flight.form = form or "?"
+                    job.stream = False  # (its form is read from its head)
+                    reader.close()
+                    st.fetcher.follow(bus, flight, job)
+                    fed = True
+                    return await _join_form(st, ex, rec, flight, plan, key, lock_timeout)
                 st.fetcher.follow(bus, flight, job)  # another instance leads: follow it
                 fed = True
                 return await _join(st, ex, rec, flight, reader, lock_timeout, stale)
@@ -543,8 +553,10 @@ async def _serve_keyed(
     if flight.head is None and not flight.done:  # (an inline read has it already)
         await flight.wait_head(None)
     if stale is not None and failed(flight):
-        reader.close()
-        return _serve_stale(rec, flight, stale)
+        served = await _serve_stale(st, ex, rec, flight, stale)
+        if served is not None:
+            reader.close()
+            return served
     resp = await _relay(request, rec, flight, reader, label, ex.t0, st.settings.write_timeout_s)
     rec.upstream_ms = round(flight.upstream_ms, 2) or None
     if st.auth is not None and flight.head is not None and flight.head.status < 300:
@@ -563,7 +575,7 @@ async def _join(
     flight: Flight,
     reader: Reader,
     lock_timeout: float,
-    stale: CachedResponse | None = None,
+    stale: Stale | None = None,
 ) -> web.StreamResponse:
     """Answer with a flight someone else leads (here or on another instance)."""
     head = await flight.wait_head(lock_timeout)
@@ -573,8 +585,10 @@ async def _join(
         rec.lock_timeout = True
         return await _passthrough(st, ex._replace(t0=time.perf_counter()), rec)
     if stale is not None and failed(flight):
-        reader.close()
-        return _serve_stale(rec, flight, stale)
+        served = await _serve_stale(st, ex, rec, flight, stale)
+        if served is not None:
+            reader.close()
+            return served
     rec.cache = COALESCED
     resp = await _relay(
         ex.request, rec, flight, reader, COALESCED, ex.t0, st.settings.write_timeout_s
@@ -582,6 +596,44 @@ async def _join(
     if flight.entry is not None:
         _saved(rec, flight.entry)
     return resp
+
+
+async def _join_form(
+    st: State,
+    ex: Exchange,
+    rec: Record,
+    flight: Flight,
+    plan: Plan,
+    key: str,
+    lock_timeout: float,
+) -> web.StreamResponse:
+    """Answer with an Idempotency-Key flight led for another form of this request: once it
+    is whole, its stored answer converted to this form (_serve_entry); a failure as it came
+    (errors are JSON in every form); a cut answer is fetched again, unstored."""
+    head = await flight.wait_head(lock_timeout)
+    if head is None and not flight.done:
+        rec.lock_timeout = True
+        return await _passthrough(st, ex._replace(t0=time.perf_counter()), rec)
+    while not flight.done:
+        await flight.changed()
+    await asyncio.sleep(0)  # the leader stores a small answer as soon as its flight ends
+    entry = flight.entry
+    head = flight.head
+    if entry is None and head is not None and head.status < 300:
+        with contextlib.suppress(StoreUnavailable):  # (a large answer is stored by a task)
+            entry = await st.cache.get(key)
+    if entry is not None and entry.meta.get("fingerprint") == flight.fingerprint:
+        served = await _serve_entry(st, ex.request, rec, key, entry, plan, HIT_CACHE_STATUS)
+        if served is not None:
+            rec.cache = COALESCED
+            served.headers["X-Cache-Status"] = COALESCED.header
+            served.headers["Cache-Status"] = COALESCED.rfc9211
+            return served
+    if head is not None and head.status >= 300 and flight.outcome is COMPLETE:
+        return await _relay(
+            ex.request, rec, flight, flight.attach(), COALESCED, ex.t0, st.settings.write_timeout_s
+        )
+    return await _passthrough(st, ex._replace(t0=time.perf_counter()), rec)
 
 
 async def _probe(
@@ -652,27 +704,37 @@ async def _serve_entry(
     entry: CachedResponse,
     plan: Plan,
     cache_status: str,
+    label: CacheStatus = HIT,
 ) -> web.StreamResponse | None:
-    """A fresh stored answer as a HIT, in the form this request wants; None when it cannot
-    be given in that form (it is fetched again)."""
+    """How a stored answer becomes this client's answer, for every path that serves one (a
+    HIT, a semantic HIT, a STALE answer; the fast path is its sync subset, _as_stored): the
+    form this request wants (a twin converted), image links rebased for this client, whole,
+    in pieces or paced. None when it cannot be given in that form (it is fetched again)."""
     rule = plan.rule
     if plan.form and plan.form != entry.form:
-        converted = await _twin(st, rec, key, entry, plan, cache_status)
+        converted = await _twin(st, rec, key, entry, plan, cache_status, label)
         if converted is None:
             return None
-        rec.cache = HIT
+        rec.cache = label
         _saved(rec, entry)
         return converted
-    rec.cache = HIT
+    rec.cache = label
     _saved(rec, entry)
-    if entry.rebase:
-        return whole(entry, HIT, cache_status, rebase(entry.body, _client_base(request)))
+    if entry.rebase or (is_fast(entry, rule) and len(entry.body) <= WHOLE_MAX):
+        return _as_stored(request, entry, label, cache_status)
     if is_fast(entry, rule):
-        if len(entry.body) > WHOLE_MAX:
-            wt = st.settings.write_timeout_s
-            return await whole_in_pieces(request, entry, HIT, cache_status, wt)
-        return whole(entry, HIT, cache_status)
-    return await replay(request, entry, rule, HIT, cache_status)
+        wt = st.settings.write_timeout_s
+        return await whole_in_pieces(request, entry, label, cache_status, wt)
+    return await replay(request, entry, rule, label, cache_status)
+
+
+def _as_stored(
+    request: web.BaseRequest, entry: CachedResponse, label: CacheStatus, cache_status: str
+) -> web.Response:
+    """A stored answer in its stored form, sent whole: image links rebased for this client."""
+    if entry.rebase:
+        return whole(entry, label, cache_status, rebase(entry.body, _client_base(request)))
+    return whole(entry, label, cache_status)
 
 
 STALE_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -687,18 +749,33 @@ def failed(flight: Flight) -> bool:
     return head is None or head.status in STALE_STATUSES
 
 
-def _serve_stale(rec: Record, flight: Flight, entry: CachedResponse) -> web.Response:
-    """The stale answer in place of the upstream's failure, saying which failure it covers."""
+class Stale(NamedTuple):
+    """An expired entry that may cover an upstream failure, and what it was looked up for."""
+
+    key: str
+    entry: CachedResponse
+    plan: Plan
+
+
+async def _serve_stale(
+    st: State, ex: Exchange, rec: Record, flight: Flight, found: Stale
+) -> web.StreamResponse | None:
+    """The stale answer in place of the upstream's failure, saying which failure it covers,
+    made this client's answer as a HIT is (_serve_entry); None when it cannot be given in the
+    form asked for (the failure is relayed then)."""
     head = flight.head
+    error, status = rec.error, rec.upstream_status
     if head is None or flight.reason in PROXY_FAILURES:
         rec.error = flight.reason if flight.reason in PROXY_FAILURES else "upstream_failed"
         cause = f"detail={rec.error.replace('_', '-')}"
     else:
         rec.upstream_status = head.status
         cause = f"fwd-status={head.status}"
-    rec.cache = STALE
-    _saved(rec, entry)
-    return whole(entry, STALE, stale(cause))
+    key, entry, plan = found
+    served = await _serve_entry(st, ex.request, rec, key, entry, plan, stale(cause), STALE)
+    if served is None:
+        rec.error, rec.upstream_status = error, status
+    return served
 
 
 CONVERTED_MAX = 256
@@ -714,17 +791,20 @@ async def _twin(
     entry: CachedResponse,
     plan: Plan,
     cache_status: str = HIT_CACHE_STATUS,
+    label: CacheStatus = HIT,
 ) -> web.Response | None:
     """The stored answer in the form this request wants, when that is the other form (a
     streamed request for a stored JSON answer, or the reverse); None when the forms match or
-    the stored answer cannot be converted (it is then fetched again)."""
+    the stored answer cannot be converted: a damaged entry is deleted, and fetched again."""
     assert plan.twin is not None
     memo_key = (key, entry.created, plan.form)
     body = st.converted.get(memo_key)
     if body is None:
         try:  # a large answer is converted off the loop, like a large request body
             body = await _off_loop(st, len(entry.body), _convert_twin, plan, entry)
-        except NotConvertible:
+        except NotConvertible as exc:
+            rec.extra["twin_error"] = bounded(str(exc), 120)
+            await st.cache.delete(key, entry)
             return None
         if len(body) <= CONVERTED_KEEP_BYTES:
             if len(st.converted) >= CONVERTED_MAX:
@@ -739,7 +819,7 @@ async def _twin(
             headers.add(name, value)
     sse = plan.form != "json"
     headers["Content-Type"] = "text/event-stream; charset=utf-8" if sse else "application/json"
-    headers["X-Cache-Status"] = HIT.header
+    headers["X-Cache-Status"] = label.header
     headers["Cache-Status"] = cache_status
     headers["Age"] = age_of(entry)
     return resp

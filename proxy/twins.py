@@ -354,5 +354,7 @@ def convert(kind: str, body: bytes, *, to_stream: bool, include_usage: bool) -> 
         if kind == "chat":
             return chat_to_sse(body, include_usage) if to_stream else chat_to_json(body)
         return responses_to_sse(body) if to_stream else responses_to_json(body)
-    except (orjson.JSONDecodeError, AttributeError, TypeError, KeyError) as exc:
+    except NotConvertible:
+        raise
+    except Exception as exc:  # whatever a damaged entry makes the conversion raise
         raise NotConvertible(f"the stored answer could not be converted: {exc}") from None

@@ -217,11 +217,9 @@ class RedisStore:
             nonlocal gone, batch
             if not batch:
                 return
-            pipe = self.client.pipeline(transaction=False)
-            for k in batch:
-                pipe.unlink(k)
-            results = await pipe.execute()
-            gone += sum(int(r) for r in results if isinstance(r, int))
+            # One UNLINK of the batch: a cluster client splits it by slot and awaits each
+            # part (on its pipeline, UNLINK is a coroutine that was never awaited).
+            gone += int(await self.client.unlink(*batch))
             batch = []
 
         try:
