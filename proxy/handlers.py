@@ -712,6 +712,11 @@ async def _serve_entry(
     in pieces or paced. None when it cannot be given in that form (it is fetched again)."""
     rule = plan.rule
     if plan.form and plan.form != entry.form:
+        if entry.form == "sse" and plan.twin == "chat":
+            # A chat stream stored without its usage chunk cannot give the usage a JSON
+            # answer or an include_usage stream must carry: fetched again (and replaced).
+            rec.extra["twin_skipped"] = "no_usage"
+            return None
         converted = await _twin(st, rec, key, entry, plan, cache_status, label)
         if converted is None:
             return None
