@@ -374,6 +374,7 @@ class ProxyApp:
         stack.push_async_callback(_close_optional, st.rehoster)
         stack.push_async_callback(st.upstream.aclose)
         stack.callback(st.cpu.shutdown, wait=False, cancel_futures=True)
+        stack.callback(st.close_parsers)
         cache = st.cache
         await cache.warm()
         await cache.probe()

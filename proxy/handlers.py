@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing
 import time
 from collections.abc import Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from functools import partial
 from types import CoroutineType
@@ -101,6 +103,12 @@ ROUTE_MAX = 256
 """Longest route copied into a log line or an entry (the key covers the whole path)."""
 OFF_LOOP_BYTES = 64 * 1024
 """Bodies larger than this are decoded, hashed and parsed on State.cpu, not on the loop."""
+PROCESS_BYTES = 1024 * 1024
+"""Bodies larger than this are planned (parsed) in a worker process: a JSON parser holds the
+GIL, so on a thread it would stall the loop as long as it parses (about 0.5 s for 15 MB of
+nested arrays), and every other client with it."""
+PARSERS = 2
+"""Worker processes for large bodies (started on the first one)."""
 COUNT_BYTES = 4 * 1024 * 1024
 
 
@@ -141,6 +149,31 @@ class State:
         default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="request-cpu")
     )
     """Where large bodies are decoded, hashed and parsed (see OFF_LOOP_BYTES)."""
+    parsers: ProcessPoolExecutor | None = None
+    """Where bodies over PROCESS_BYTES are planned (see _plan_large); started on first use."""
+    _parsers_starting: asyncio.Future[ProcessPoolExecutor | None] | None = None
+
+    async def parser_pool(self) -> ProcessPoolExecutor | None:
+        """The worker processes that plan large bodies, started (off the loop) on first use;
+        None if they cannot be started (large bodies are then planned on State.cpu)."""
+        if self.parsers is not None:
+            return self.parsers
+        if self._parsers_starting is None:
+            self._parsers_starting = asyncio.ensure_future(asyncio.to_thread(_start_parsers))
+        pool = await asyncio.shield(self._parsers_starting)
+        if self.parsers is None:
+            self.parsers = pool
+        return pool
+
+    def parsers_broken(self) -> None:
+        """A worker died (killed, out of memory): the next large body starts new ones."""
+        pool, self.parsers, self._parsers_starting = self.parsers, None, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def close_parsers(self) -> None:
+        if self.parsers is not None:
+            self.parsers.shutdown(wait=False, cancel_futures=True)
 
     def __post_init__(self) -> None:
         self.max_body = self.settings.max_body_bytes
@@ -301,10 +334,12 @@ async def _handle(
             args = (st.rules, st.secret, tenant, method, route, query, controls.namespace, ctype)
             if len(body) <= OFF_LOOP_BYTES:  # no coroutine for the common case (see _off_loop)
                 plan = make_plan(*args, body, fingerprint=bool(idem))
-            else:
+            elif len(body) <= PROCESS_BYTES:
                 plan = await _off_loop(
                     st, len(body), make_plan, *args, body, fingerprint=bool(idem)
                 )
+            else:
+                plan = await _plan_large(st, args, body, bool(idem))
         except BadBody as exc:
             return json_error(exc.status, str(exc), "invalid_request_error", exc.code)
         if len(st.plans) >= PLAN_MEMO_MAX:
@@ -379,6 +414,39 @@ async def _off_loop(st: State, size: int, fn: Callable[..., T], *args: Any, **kw
     if size <= OFF_LOOP_BYTES:
         return fn(*args, **kwargs)
     return await asyncio.get_running_loop().run_in_executor(st.cpu, partial(fn, *args, **kwargs))
+
+
+async def _plan_large(st: State, args: tuple[Any, ...], body: bytes, fingerprint: bool) -> Plan:
+    """make_plan for a body over PROCESS_BYTES, in a worker process, so parsing it holds no
+    lock this process's loop needs; on State.cpu if the workers cannot be had."""
+    loop = asyncio.get_running_loop()
+    call: Callable[[], Plan] = partial(cast(Any, make_plan), *args, body, fingerprint=fingerprint)
+    pool = await st.parser_pool()
+    if pool is not None:
+        try:
+            return await loop.run_in_executor(pool, call)
+        except BrokenProcessPool:
+            log.warning("parsers.broken")
+            st.parsers_broken()
+    return await loop.run_in_executor(st.cpu, call)
+
+
+def _start_parsers() -> ProcessPoolExecutor | None:
+    """PARSERS worker processes, each started and ready (run on a thread: starting a process
+    blocks). Spawned, not forked: this process has threads."""
+    try:
+        pool = ProcessPoolExecutor(PARSERS, mp_context=multiprocessing.get_context("spawn"))
+        for ready in [pool.submit(_ready) for _ in range(PARSERS)]:
+            ready.result(timeout=60)
+    except Exception as exc:
+        log.warning("parsers.unavailable", error=f"{type(exc).__name__}: {exc}"[:200])
+        return None
+    return pool
+
+
+def _ready() -> None:
+    """A no-op run in each new worker process, to start them all before they are needed."""
+    time.sleep(0.05)  # (long enough that every worker takes one)
 
 
 def _too_large(settings: Settings) -> web.Response:
