@@ -212,6 +212,28 @@ async def test_a_fill_begun_before_a_purge_is_not_stored(start_proxy, fake):
     assert fake.count(CHAT) == 2
 
 
+async def test_a_fill_on_another_instance_begun_before_a_purge_is_not_stored(
+    start_proxy, fake, redis_server
+):
+    """Two instances on one Redis: a purge through A stops a fill already under way on B from
+    storing its answer afterwards."""
+    a = start_proxy(cache=redis_server.url, admin_token=TOKEN, hot_cache_mb=0)
+    b = start_proxy(cache=redis_server.url, admin_token=TOKEN, hot_cache_mb=0)
+    loop = asyncio.get_running_loop()
+    fake.latency = 1.0
+    body = chat_body(False, "elsewhere")
+    filling = loop.run_in_executor(None, post, port_of(b), body, AUTH)
+    await asyncio.sleep(0.4)
+    purged = await loop.run_in_executor(None, purge_http, port_of(a), {"model": "gpt-4o-mini"})
+    assert purged == (200, {"purged": 0})
+    assert header(await filling, "X-Cache-Status") == "MISS"
+    fake.latency = 0.0
+    for port in (port_of(b), port_of(a)):
+        again = await loop.run_in_executor(None, post, port, body, AUTH)
+        assert header(again, "X-Cache-Status") == ("MISS" if port == port_of(b) else "HIT")
+    assert fake.count(CHAT) == 2
+
+
 def test_purge_on_redis_cluster(start_proxy, fake, redis_cluster):
     """On a Redis Cluster a purge removes the entries it names (spread over the masters)
     and they are MISSes afterwards."""
