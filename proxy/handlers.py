@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
+import os
 import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -435,13 +436,22 @@ def _start_parsers() -> ProcessPoolExecutor | None:
     """PARSERS worker processes, each started and ready (run on a thread: starting a process
     blocks). Spawned, not forked: this process has threads."""
     try:
-        pool = ProcessPoolExecutor(PARSERS, mp_context=multiprocessing.get_context("spawn"))
+        pool = ProcessPoolExecutor(
+            PARSERS, mp_context=multiprocessing.get_context("spawn"), initializer=_yield_cpu
+        )
         for ready in [pool.submit(_ready) for _ in range(PARSERS)]:
             ready.result(timeout=60)
     except Exception as exc:
         log.warning("parsers.unavailable", error=f"{type(exc).__name__}: {exc}"[:200])
         return None
     return pool
+
+
+def _yield_cpu() -> None:
+    """In each worker: a lower CPU priority, so that on a busy machine the event loop (and
+    every small request) goes first, and large bodies wait."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.nice(10)
 
 
 def _ready() -> None:
