@@ -58,6 +58,7 @@ def chat_to_sse(body: bytes, include_usage: bool) -> bytes:
     the SDKs' accumulators (openai-python's ChatCompletionStreamState, accumulate_delta) add
     back up to the same object: every field of the object, its choices and messages is sent."""
     doc = _object(body, "chat.completion")
+    _check_chat(doc)
     base: dict[str, Any] = {
         "id": doc.get("id"),
         "object": "chat.completion.chunk",
@@ -178,7 +179,37 @@ def chat_to_json(body: bytes) -> bytes:
             if isinstance(call, dict):
                 call.pop("index", None)  # a stream's merge key, not a field of the object
     doc["choices"] = [choices[i] for i in sorted(choices)]
+    _check_chat(doc)
     return orjson.dumps(doc)
+
+
+def _check_chat(doc: dict[str, Any]) -> None:
+    """NotConvertible unless the fields every client reads have the API's types (a damaged
+    entry is fetched again, never passed on in the other form)."""
+    choices = doc.get("choices")
+    if not isinstance(choices, list):
+        raise NotConvertible("choices is not a list")
+    for choice in choices:
+        msg = choice.get("message") if isinstance(choice, dict) else None
+        if not isinstance(msg, dict):
+            raise NotConvertible("a choice has no message object")
+        for name in ("content", "refusal", "role"):
+            if not isinstance(msg.get(name), str | None):
+                raise NotConvertible(f"message.{name} is not a string")
+        calls = msg.get("tool_calls")
+        if calls is not None and not (
+            isinstance(calls, list)
+            and all(isinstance(c, dict) and isinstance(c.get("function", {}), dict) for c in calls)
+        ):
+            raise NotConvertible("message.tool_calls is not a list of calls")
+        logprobs = choice.get("logprobs")
+        if logprobs is not None and not (
+            isinstance(logprobs, dict)
+            and all(isinstance(logprobs.get(k), list | None) for k in ("content", "refusal"))
+        ):
+            raise NotConvertible("logprobs is not an object of lists")
+        if not isinstance(choice.get("finish_reason"), str | None):
+            raise NotConvertible("finish_reason is not a string")
 
 
 def accumulate_delta(acc: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
