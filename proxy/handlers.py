@@ -495,9 +495,8 @@ async def _serve_keyed(
             fresh = now <= entry.fresh_until
             window = controls.stale_window(rule.stale_if_error_s if rule is not None else 0.0)
             if not fresh and window > 0 and now <= entry.fresh_until + window:
-                stale = Stale(
-                    key, entry, plan
-                )  # served only if the upstream fails for this request
+                # served only if the upstream fails for this request
+                stale = Stale(key, entry, plan)
             if fresh and (controls.max_age is None or age <= controls.max_age):
                 refused = await _auth_refusal(st, tenant, request, rec)
                 if refused is not None:
