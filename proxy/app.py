@@ -253,15 +253,15 @@ async def purge(st: State, request: web.BaseRequest) -> web.StreamResponse:
             "admin_token_not_configured",
         )
     from proxy.errors import BadFilter
-    from proxy.purge import pattern_of
+    from proxy.purge import patterns_of
 
     body = await request.read()
     try:
-        pattern = pattern_of(orjson.loads(body) if body else {})
+        patterns = patterns_of(orjson.loads(body) if body else {})
     except (BadFilter, orjson.JSONDecodeError) as exc:
         return json_error(400, str(exc), "invalid_request_error", "invalid_purge_filter")
     try:
-        purged = await st.cache.purge(pattern)
+        purged = await st.cache.purge(*patterns)
     except StoreUnavailable as exc:
         return json_error(503, f"The store is unavailable: {exc}", "proxy_error", "store_down")
     log.info("cache.purged", purged=purged)
@@ -400,6 +400,7 @@ class ProxyApp:
             for server in st.semantic.embedder.servers.values():
                 stack.push_async_callback(server.aclose)
         stack.callback(st.cpu.shutdown, wait=False, cancel_futures=True)
+        stack.callback(st.close_parsers)
         cache = st.cache
         await cache.warm()
         await cache.probe()

@@ -13,7 +13,7 @@ from enum import Enum
 from typing import Any, NamedTuple
 
 from proxy.errors import BadBody, Inexact
-from proxy.keys import cache_key, partition_key, store_key
+from proxy.keys import cache_key, partition_key, store_key, tag
 from proxy.normalize import (
     canonical_json,
     canonical_multipart,
@@ -28,6 +28,8 @@ from proxy.rules import Rule, Rules
 from proxy.semantic import query_of
 from proxy.twins import kind_of
 
+TWIN_FIELDS = ("stream", "stream_options")
+"""What tells a twin route's two forms apart (twins.py): never part of its key."""
 LABEL_MAX = 96
 """Longest client-given string (model, namespace) copied into logs, stats and memos."""
 
@@ -248,17 +250,21 @@ def make_plan(
     hints = _hints(route, fields)
     canonical_all = b""
     digest = ""
+    keyed = rule is not None and rule.enabled and not any(fields.get(f) for f in rule.never_if)
+    twin = kind_of(route) if not raw and not parts else None
+    # An Idempotency-Key names one request in every form the proxy converts between: on a
+    # twin route, `stream` and `stream_options` are not part of what it names.
+    forms = TWIN_FIELDS if twin and keyed else ()
     if fingerprint:
         if raw:
             canonical_all = raw_canonical(ctype, body)
         else:
-            canonical_all = _canonical(fields, parts, (), ctype, body)
+            canonical_all = _canonical(fields, parts, forms, ctype, body)
         digest = cache_key(secret, tenant, method, route, query, ctype, canonical_all)
-    if rule is None or not rule.enabled or any(fields.get(f) for f in rule.never_if):
+    if rule is None or not keyed:
         return Plan(None, "", label, stream, digest, hints)
-    twin = kind_of(route) if not raw and not parts else None
-    ignore = rule.ignore_fields + (("stream", "stream_options") if twin else ())
-    if fingerprint and (raw or not ignore):
+    ignore = rule.ignore_fields + (TWIN_FIELDS if twin else ())
+    if fingerprint and (raw or ignore == forms):
         canonical = canonical_all
     elif raw:
         canonical = raw_canonical(ctype, body)
@@ -267,7 +273,7 @@ def make_plan(
     key = store_key(
         tenant.hex()[:12],
         namespace,
-        label,
+        model,  # the whole name: a purge by the name the client sent finds it
         route,
         cache_key(secret, tenant, method, route, query, namespace, canonical),
     )
@@ -279,7 +285,7 @@ def make_plan(
     semantic = None
     if twin and rule.semantic != "off":
         semantic = _semantic(
-            rule, secret, tenant, method, route, query, namespace, label, twin, fields, ignore, body
+            rule, secret, tenant, method, route, query, namespace, model, twin, fields, ignore, body
         )
     return Plan(rule, key, label, stream, digest, hints, twin, form, semantic)
 
@@ -351,6 +357,8 @@ def passthrough_fingerprint(
     return cache_key(secret, tenant, method, route, query, "raw", body)
 
 
-def idempotency_key(secret: bytes, tenant: bytes, value: str) -> str:
-    """Store key for an Idempotency-Key value, partitioned by tenant."""
-    return "idem:" + hmac.new(secret, tenant + value.encode(), hashlib.sha256).hexdigest()
+def idempotency_key(secret: bytes, tenant: bytes, value: str, namespace: str = "") -> str:
+    """Store key for an Idempotency-Key value: `idem:<tenant>.<ns>.<hmac>`, partitioned by
+    tenant and namespace, whose tags let a purge of either find it (keys.idem_pattern)."""
+    mac = hmac.new(secret, tenant + value.encode(), hashlib.sha256).hexdigest()
+    return f"idem:{tenant.hex()[:12]}.{tag(namespace)}.{mac}"
