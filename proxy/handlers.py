@@ -30,6 +30,7 @@ from proxy.auth import CredentialCheck
 from proxy.body import decodable, decode
 from proxy.bus import LOCAL, Conflict, Follow, Leader, Leadership, Local, RedisBus
 from proxy.cache import Cache
+from proxy.caller_keys import NO_CALLER, BadCacheHeader, caller_fields, read_caller
 from proxy.coalesce import COMPLETE, CUT, Flight, Flights, Reader
 from proxy.errors import (
     BadBody,
@@ -62,7 +63,9 @@ from proxy.plan import (
     parse_cache_control,
     passthrough_fingerprint,
     route_of,
+    with_caller,
 )
+from proxy.prompt_cache import with_prompt_cache_key
 from proxy.record import Record
 from proxy.replay import age_of, is_fast, replay, whole, whole_in_pieces
 from proxy.rules import Rules
@@ -269,6 +272,12 @@ async def _handle(
     controls = parse_cache_control(
         ",".join(cache_control) if cache_control else None, h.get("X-Cache-Namespace")
     )
+    try:
+        caller = read_caller(h)
+    except BadCacheHeader as exc:
+        return json_error(400, str(exc), "invalid_request_error", exc.code)
+    if caller is not NO_CALLER:
+        controls = with_caller(controls, caller)
     method = request.method
     ctype = h.get("Content-Type", "")
     if controls.namespace:
@@ -287,6 +296,7 @@ async def _handle(
             controls.namespace,
             ctype,
             "i" * bool(idem),
+            caller.memo,
         )
     )
     if len(body) > OFF_LOOP_BYTES:
@@ -299,10 +309,10 @@ async def _handle(
         try:
             args = (st.rules, st.secret, tenant, method, route, query, controls.namespace, ctype)
             if len(body) <= OFF_LOOP_BYTES:  # no coroutine for the common case (see _off_loop)
-                plan = make_plan(*args, body, fingerprint=bool(idem))
+                plan = make_plan(*args, body, fingerprint=bool(idem), caller=caller)
             else:
                 plan = await _off_loop(
-                    st, len(body), make_plan, *args, body, fingerprint=bool(idem)
+                    st, len(body), make_plan, *args, body, fingerprint=bool(idem), caller=caller
                 )
         except BadBody as exc:
             return json_error(exc.status, str(exc), "invalid_request_error", exc.code)
@@ -313,6 +323,8 @@ async def _handle(
     rec.rule = plan.rule.label if plan.rule is not None else "other"
     rec.model = plan.model
     rec.stream = plan.stream
+    if plan.caller:
+        caller_fields(request, rec.extra, plan.caller, caller)
 
     if controls is DEFAULT_CONTROLS and plan.rule is not None and not idem:
         # The cache-hit fast path: a hot entry, sent whole.
@@ -338,8 +350,16 @@ async def _handle(
                 )
             return whole(entry, HIT, HIT_CACHE_STATUS)
 
+    up_body = body
+    if plan.prompt_cache_key is not None:  # the rule's prompt_cache_key = "auto"
+        up_body = with_prompt_cache_key(body, plan.prompt_cache_key)
+        rec.extra["prompt_cache_key"] = "auto"
     ex = Exchange(
-        request, body, forward_headers(h, decoded=decoded), _path_qs(st, upstream_path, query), t0
+        request,
+        up_body,
+        forward_headers(h, decoded=decoded),
+        _path_qs(st, upstream_path, query),
+        t0,
     )
     idempotency = None
     if idem:
