@@ -41,24 +41,29 @@ class StatsCollector(Collector):
         errors = CounterMetricFamily("ocp_errors", "Answers with status >= 400.", labels=labels)
         tokens = CounterMetricFamily(
             "ocp_tokens",
-            "Tokens spent upstream (MISS) or saved by reuse (HIT, COALESCED).",
+            "Tokens spent upstream (MISS) or saved by reuse (HIT, COALESCED); provider_cached:"
+            " input tokens the provider's prompt cache served.",
             labels=["route", "model", "direction", "kind"],
         )
         usd = CounterMetricFamily(
-            "ocp_usd", "US dollars spent upstream or saved.", labels=["route", "model", "kind"]
+            "ocp_usd",
+            "US dollars spent upstream or saved; provider_saved: by the provider's prompt cache.",
+            labels=["route", "model", "kind"],
         )
         for (route, model, cache), t in sorted(stats.cells.items()):
             requests.add_metric([route, model, cache], t.requests)
             errors.add_metric([route, model, cache], t.errors)
         spent_saved: dict[tuple[str, str], list[float]] = {}
         for (route, model, _cache), t in stats.cells.items():
-            row = spent_saved.setdefault((route, model), [0, 0, 0, 0, 0.0, 0.0])
+            row = spent_saved.setdefault((route, model), [0, 0, 0, 0, 0.0, 0.0, 0, 0.0])
             row[0] += t.tokens_in_spent
             row[1] += t.tokens_out_spent
             row[2] += t.tokens_in_saved
             row[3] += t.tokens_out_saved
             row[4] += t.usd_spent
             row[5] += t.usd_saved
+            row[6] += t.tokens_provider_cached
+            row[7] += t.usd_provider_saved
         for (route, model), row in sorted(spent_saved.items()):
             tokens.add_metric([route, model, "in", "spent"], row[0])
             tokens.add_metric([route, model, "out", "spent"], row[1])
@@ -66,6 +71,9 @@ class StatsCollector(Collector):
             tokens.add_metric([route, model, "out", "saved"], row[3])
             usd.add_metric([route, model, "spent"], round(row[4], 8))
             usd.add_metric([route, model, "saved"], round(row[5], 8))
+            if row[6]:  # the provider's own prompt cache, apart from the proxy's savings
+                tokens.add_metric([route, model, "in", "provider_cached"], row[6])
+                usd.add_metric([route, model, "provider_saved"], round(row[7], 8))
         yield requests
         yield errors
         yield tokens

@@ -135,6 +135,8 @@ class Group:
             "spent_usd": float(self.spent),
             "saved_usd": float(self.saved),
             "unpriced": t.unpriced,
+            "provider_cached_tokens": t.tokens_provider_cached,
+            "provider_saved_usd": round(t.usd_provider_saved, 8),
             "hit_p50_ms": self.hit_ms.pct(50),
             "hit_p95_ms": self.hit_ms.pct(95),
             "miss_p50_ms": self.miss_ms.pct(50),
@@ -399,6 +401,8 @@ COLUMNS = (
     "shadow_hit_ratio",
     "shadow_saved_usd",
     "shadow_lookups",
+    "provider_saved_usd",
+    "provider_cached_tokens",
 )
 """Table columns, most wanted first: a narrow terminal shows the first ones that fit."""
 HEADERS = {
@@ -417,6 +421,8 @@ HEADERS = {
     "shadow_hit_ratio": "shadow hit %",
     "shadow_saved_usd": "shadow saved $",
     "shadow_lookups": "shadow lookups",
+    "provider_saved_usd": "provider saved $",
+    "provider_cached_tokens": "provider cached",
 }
 
 

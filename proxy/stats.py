@@ -66,6 +66,10 @@ class Totals:
     usd_saved: float = 0.0
     ms_saved: float = 0.0
     unpriced: int = 0
+    tokens_provider_cached: int = 0
+    """Input tokens the provider's own prompt cache served (apart from the proxy's savings)."""
+    usd_provider_saved: float = 0.0
+    """What those saved at the cached-input price."""
 
     def add(self, line: dict[str, Any]) -> None:
         """Count one request.done line (see handlers: the fields it carries)."""
@@ -85,6 +89,9 @@ class Totals:
             self.tokens_in_spent += tokens_in
             self.tokens_out_spent += line.get("tokens_out") or 0
             self.usd_spent += line.get("cost_usd") or 0.0
+            if "cached_tokens" in line:
+                self.tokens_provider_cached += line["cached_tokens"] or 0
+                self.usd_provider_saved += line.get("provider_saved_usd") or 0.0
         if "unpriced" in line:
             self.unpriced += 1
 
@@ -216,6 +223,8 @@ class Stats:
                     "tokens_out": 0,
                     "spent_usd": 0.0,
                     "saved_usd": 0.0,
+                    "provider_cached_tokens": 0,
+                    "provider_saved_usd": 0.0,
                 },
             )
             row["requests"] += cell.requests
@@ -224,11 +233,14 @@ class Stats:
             row["tokens_out"] += cell.tokens_out_spent + cell.tokens_out_saved
             row["spent_usd"] += cell.usd_spent
             row["saved_usd"] += cell.usd_saved
+            row["provider_cached_tokens"] += cell.tokens_provider_cached
+            row["provider_saved_usd"] += cell.usd_provider_saved
         for row in out.values():
             served = row["hit"] + row["coalesced"] + row["stale"]
             row["hit_ratio"] = round(served / row["requests"], 4) if row["requests"] else 0.0
             row["spent_usd"] = round(row["spent_usd"], 6)
             row["saved_usd"] = round(row["saved_usd"], 6)
+            row["provider_saved_usd"] = round(row["provider_saved_usd"], 6)
         return dict(sorted(out.items()))
 
     def snapshot(self) -> dict[str, Any]:
@@ -252,6 +264,10 @@ class Stats:
             "saved_usd": round(t.usd_saved, 6),
             "saved_ms": round(t.ms_saved, 1),
             "unpriced": t.unpriced,
+            "provider_cache": {
+                "cached_tokens": t.tokens_provider_cached,
+                "saved_usd": round(t.usd_provider_saved, 6),
+            },
             "last_hour": self._window(60),
             "last_day": self._window(SERIES_MINUTES),
             "per_route": self._group(0),
