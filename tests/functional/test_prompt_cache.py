@@ -50,6 +50,7 @@ def test_auto_sets_one_key_per_tenant_and_prefix(start_proxy, fake, tmp_path):
     ask(a, "mine", prompt_cache_key="my-own-key")
     ask(a, "no prefix", system="")
     keys = [sent(fake, i).get("prompt_cache_key") for i in range(6)]
+    assert isinstance(keys[0], str)
     assert keys[0].startswith("ocp-") and len(keys[0]) == 36
     assert keys[0] == keys[1]
     assert len({keys[0], keys[2], keys[3]}) == 3
