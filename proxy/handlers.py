@@ -32,6 +32,7 @@ from proxy.bus import LOCAL, Conflict, Follow, Leader, Leadership, Local, RedisB
 from proxy.cache import Cache
 from proxy.caller_keys import NO_CALLER, BadCacheHeader, caller_fields, read_caller
 from proxy.coalesce import COMPLETE, CUT, Flight, Flights, Reader
+from proxy.embeddings import ItemFlights, serve_items
 from proxy.errors import (
     BadBody,
     BodyTooLarge,
@@ -143,6 +144,8 @@ class State:
         default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="request-cpu")
     )
     """Where large bodies are decoded, hashed and parsed (see OFF_LOOP_BYTES)."""
+    items: ItemFlights = field(default_factory=ItemFlights)
+    """Embeddings input items being fetched (embeddings.py)."""
 
     def __post_init__(self) -> None:
         self.max_body = self.settings.max_body_bytes
@@ -371,6 +374,8 @@ async def _handle(
         plan, controls, idempotency=idempotency, idempotency_ttl_s=settings.idempotency_ttl_s
     )
     match what:
+        case Keyed() if plan.per_item and not idem:
+            return serve_items(st, ex, rec, plan, tenant, what)  # embeddings, item by item
         case Keyed():
             return _serve_keyed(st, ex, rec, plan, tenant, what)
         case PassThrough():

@@ -74,10 +74,27 @@ class StatsCollector(Collector):
             if row[6]:  # the provider's own prompt cache, apart from the proxy's savings
                 tokens.add_metric([route, model, "in", "provider_cached"], row[6])
                 usd.add_metric([route, model, "provider_saved"], round(row[7], 8))
+        items = CounterMetricFamily(
+            "ocp_embedding_items",
+            "Embeddings input items answered item by item, by where they came from.",
+            labels=["route", "model", "source"],
+        )
+        per_items: dict[tuple[str, str], list[int]] = {}
+        for (route, model, _cache), t in stats.cells.items():
+            if t.items_cached or t.items_joined or t.items_sent:
+                counts = per_items.setdefault((route, model), [0, 0, 0])
+                counts[0] += t.items_cached
+                counts[1] += t.items_joined
+                counts[2] += t.items_sent
+        for (route, model), (cached, joined, sent) in sorted(per_items.items()):
+            items.add_metric([route, model, "cache"], cached)
+            items.add_metric([route, model, "joined"], joined)
+            items.add_metric([route, model, "upstream"], sent)
         yield requests
         yield errors
         yield tokens
         yield usd
+        yield items
         latency = HistogramMetricFamily(
             "ocp_request_duration_seconds", "Time to answer, by cache status.", labels=["cache"]
         )

@@ -13,6 +13,7 @@ from enum import Enum
 from typing import Any, NamedTuple
 
 from proxy.caller_keys import NO_CALLER, CallerControls, caller_canonical
+from proxy.embeddings import per_item
 from proxy.errors import BadBody, Inexact
 from proxy.keys import cache_key, partition_key, store_key
 from proxy.normalize import (
@@ -74,6 +75,8 @@ class Plan(NamedTuple):
     prompt_cache_key: str | None = None
     """With a rule's prompt_cache_key = "auto" and none in the body: the value the request
     goes upstream with (prompt_cache.py); never part of the key."""
+    per_item: bool = False
+    """An embeddings list answered item by item (embeddings.py)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,7 +316,15 @@ def make_plan(
         semantic = _semantic(
             rule, secret, tenant, method, route, query, namespace, label, twin, fields, ignore, body
         )
-    return Plan(rule, key, label, stream, digest, hints, twin, form, semantic, used, pck)
+    items = (
+        rule.embeddings_per_item
+        and not raw
+        and not parts
+        and route.endswith("/embeddings")
+        and not (caller.key and rule.caller_keys)
+        and per_item(fields)
+    )
+    return Plan(rule, key, label, stream, digest, hints, twin, form, semantic, used, pck, items)
 
 
 def _caller_used(caller: CallerControls) -> str:

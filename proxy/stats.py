@@ -26,6 +26,7 @@ _PLURAL = {
     "bypass": "bypasses",
     "coalesced": "coalesced",
     "stale": "stale",
+    "partial": "partials",
 }
 LATENCY_BUCKETS_S = (
     0.0005,
@@ -70,6 +71,12 @@ class Totals:
     """Input tokens the provider's own prompt cache served (apart from the proxy's savings)."""
     usd_provider_saved: float = 0.0
     """What those saved at the cached-input price."""
+    items_cached: int = 0
+    """Embeddings input items answered from the cache (embeddings.py), ..."""
+    items_joined: int = 0
+    """... from another request's upstream call, ..."""
+    items_sent: int = 0
+    """... or sent upstream."""
 
     def add(self, line: dict[str, Any]) -> None:
         """Count one request.done line (see handlers: the fields it carries)."""
@@ -77,6 +84,13 @@ class Totals:
         self.bytes += line.get("bytes") or 0
         if (line.get("status") or 0) >= 400:
             self.errors += 1
+        if "items" in line:
+            self.items_cached += line.get("items_cached") or 0
+            self.items_joined += line.get("items_joined") or 0
+            self.items_sent += line.get("items_sent") or 0
+            if "items_saved_tokens" in line:  # a PARTIAL: spent (below) and saved, both
+                self.tokens_in_saved += line["items_saved_tokens"] or 0
+                self.usd_saved += line.get("items_saved_usd") or 0.0
         tokens_in = line.get("tokens_in")
         if tokens_in is None:
             return
@@ -176,10 +190,10 @@ class Stats:
         m.requests += 1
         if cache in SERVED:
             m.served += 1
-        usd = line.get("saved_usd")
+        usd = line.get("saved_usd") or line.get("items_saved_usd")
         if usd:
             m.usd_saved += usd
-        else:
+        if not line.get("saved_usd"):
             usd = line.get("cost_usd")
             if usd:
                 m.usd_spent += usd
@@ -264,6 +278,11 @@ class Stats:
             "saved_usd": round(t.usd_saved, 6),
             "saved_ms": round(t.ms_saved, 1),
             "unpriced": t.unpriced,
+            "embedding_items": {
+                "cached": t.items_cached,
+                "joined": t.items_joined,
+                "sent": t.items_sent,
+            },
             "provider_cache": {
                 "cached_tokens": t.tokens_provider_cached,
                 "saved_usd": round(t.usd_provider_saved, 6),

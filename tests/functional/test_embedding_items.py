@@ -1,0 +1,169 @@
+"""Embeddings cached per input item, through the official SDK (float and base64): only the
+missing items go upstream, in one call, the answer keeps the original order, items in flight
+are joined, and HIT / MISS / PARTIAL say where the items came from."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+
+import orjson
+import pytest
+from structlog.testing import capture_logs
+
+from proxy.report import Report
+from proxy.testing.fake_openai import bag_of_words
+from tests.conftest import async_sdk, sdk
+
+EMB = "/v1/embeddings"
+MODEL = "text-embedding-3-small"
+
+
+def texts(n: int, tag: str = "doc") -> list[str]:
+    return [f"{tag} number {i} about topic{i % 97} and subject{i}" for i in range(n)]
+
+
+def embed(client, inputs, **kw):
+    return client.embeddings.with_raw_response.create(model=MODEL, input=inputs, **kw)
+
+
+def sent_items(fake) -> list[list]:
+    return [c.json()["input"] for c in fake.calls if c.path == EMB]
+
+
+def assert_matches(answer, inputs, dims: int) -> None:
+    """Each returned embedding is the fake's embedding of the input at that position."""
+    data = answer.parse().data
+    assert [d.index for d in data] == list(range(len(inputs)))
+    for d, text in zip(data, inputs, strict=True):
+        assert d.embedding == pytest.approx(bag_of_words(text, dims), abs=1e-6)
+
+
+def done_lines(logs):
+    return [e for e in logs if e["event"] == "request.done"]
+
+
+@pytest.mark.parametrize("encoding", ["float", "base64"])
+def test_only_missing_items_go_upstream(proxy, fake, encoding):
+    """A re-sent list with two changed items sends only those two, in one call; the answer
+    has every item in order, usage counts the two, the status is PARTIAL; the same list again
+    is a HIT with no call at all."""
+    client = sdk(proxy)
+    kw = {"encoding_format": encoding} if encoding == "float" else {}  # the SDK asks base64
+    first_in = texts(6)
+    first = embed(client, first_in, dimensions=32, **kw)
+    assert first.headers["x-cache-status"] == "MISS"
+    assert first.parse().usage.prompt_tokens == 4 * 6
+    second_in = [*first_in[:2], "a changed text", *first_in[3:5], "another new one"]
+    with capture_logs() as logs:
+        second = embed(client, second_in, dimensions=32, **kw)
+    assert second.headers["x-cache-status"] == "PARTIAL"
+    assert second.headers["cache-status"] == "openai-cache-proxy; fwd=partial"
+    assert sent_items(fake) == [first_in, ["a changed text", "another new one"]]
+    assert second.parse().usage.prompt_tokens == 4 * 2
+    assert_matches(second, second_in, 32)
+    line = done_lines(logs)[-1]
+    assert (line["cache"], line["items"], line["items_cached"], line["items_sent"]) == (
+        "partial",
+        6,
+        4,
+        2,
+    )
+    assert line["items_saved_tokens"] > 0 and line["tokens_in"] == 8
+    third = embed(client, second_in, dimensions=32, **kw)
+    assert third.headers["x-cache-status"] == "HIT" and fake.count(EMB) == 2
+    assert third.parse().usage.prompt_tokens == 0
+    assert_matches(third, second_in, 32)
+
+
+def test_encoding_and_dimensions_are_in_the_item_key(proxy, fake):
+    """Items embedded as base64 or at another size are other entries: a float request for
+    the same texts is a MISS, and so is another `dimensions`."""
+    client = sdk(proxy)
+    inputs = texts(3)
+    embed(client, inputs, dimensions=16)  # base64 (the SDK's default)
+    floats = embed(client, inputs, dimensions=16, encoding_format="float")
+    bigger = embed(client, inputs, dimensions=24, encoding_format="float")
+    assert floats.headers["x-cache-status"] == "MISS" and bigger.headers["x-cache-status"] == "MISS"
+    assert fake.count(EMB) == 3
+    assert_matches(floats, inputs, 16)
+
+
+def test_items_stay_in_their_tenant(proxy, fake):
+    """Another API key sending the same list gets none of the first tenant's items."""
+    embed(sdk(proxy), texts(3), dimensions=8)
+    other = embed(sdk(proxy, key="sk-test-b"), texts(3), dimensions=8)
+    assert other.headers["x-cache-status"] == "MISS"
+    assert sent_items(fake) == [texts(3), texts(3)]
+
+
+def test_a_2048_item_rerun_with_ten_changed_sends_ten(proxy, fake):
+    """2048 items, then the same list with 10 changed: the second call upstream carries
+    exactly the 10, and all 2048 come back in order."""
+    client = sdk(proxy, timeout=120)
+    first_in = texts(2048)
+    first = embed(client, first_in, dimensions=16)
+    assert first.headers["x-cache-status"] == "MISS"
+    changed = {5, 100, 333, 512, 1000, 1024, 1500, 1999, 2046, 2047}
+    second_in = [f"changed {i}" if i in changed else t for i, t in enumerate(first_in)]
+    second = embed(client, second_in, dimensions=16)
+    assert second.headers["x-cache-status"] == "PARTIAL"
+    assert sent_items(fake)[1] == [second_in[i] for i in sorted(changed)]
+    assert_matches(second, second_in, 16)
+
+
+async def test_items_in_flight_are_joined(start_proxy, fake):
+    """Two lists that overlap, sent while the first is still upstream: the overlapping items
+    go upstream once, the second request waits for them and sends only its own."""
+    proxy = start_proxy()
+    fake.latencies = [0.8, 0.0]
+    client = async_sdk(proxy)
+    a, b = texts(3, "a"), [*texts(3, "a")[1:], "only in b"]
+
+    async def later():
+        await asyncio.sleep(0.3)
+        return await client.embeddings.with_raw_response.create(model=MODEL, input=b, dimensions=8)
+
+    first, second = await asyncio.gather(
+        client.embeddings.with_raw_response.create(model=MODEL, input=a, dimensions=8), later()
+    )
+    assert sent_items(fake) == [a, ["only in b"]]
+    assert first.headers["x-cache-status"] == "MISS"
+    assert second.headers["x-cache-status"] == "PARTIAL"
+    assert_matches(second, b, 8)
+
+
+def test_an_upstream_error_is_relayed_and_nothing_stored(proxy, fake):
+    """The upstream's 429 reaches the client as it came; the items are not stored."""
+    client = sdk(proxy)
+    fake.errors = [(429, b'{"error":{"message":"slow down","type":"rate_limit","code":null}}')]
+    with pytest.raises(Exception, match="slow down"):
+        embed(client, texts(3), dimensions=8)
+    again = embed(client, texts(3), dimensions=8)
+    assert again.headers["x-cache-status"] == "MISS" and fake.count(EMB) == 2
+
+
+def test_partial_is_counted_in_stats_metrics_and_report(proxy, fake):
+    """PARTIAL answers and the items behind them show in /_proxy/stats, the metrics and the
+    report, with the saved estimate apart from what was spent."""
+    client = sdk(proxy)
+    with capture_logs() as logs:
+        embed(client, texts(4), dimensions=8)
+        embed(client, [*texts(4)[:3], "new"], dimensions=8)
+        embed(client, texts(4), dimensions=8)
+    with urllib.request.urlopen(proxy.url + "/_proxy/stats") as r:
+        stats = orjson.loads(r.read())
+    assert (stats["misses"], stats["partials"], stats["hits"]) == (1, 1, 1)
+    assert stats["embedding_items"] == {"cached": 7, "joined": 0, "sent": 5}
+    assert stats["per_route"]["/v1/embeddings"]["partial"] == 1
+    assert stats["tokens"]["in_spent"] == 4 * 5  # the fake counts 4 tokens an item
+    assert stats["tokens"]["in_saved"] == 4 * 3 + 4 * 4  # the shares the entries kept
+    with urllib.request.urlopen(proxy.url + "/_proxy/metrics") as r:
+        metrics = r.read().decode()
+    assert 'cache="partial"' in metrics and "ocp_embedding_items_total{" in metrics
+    report = Report("route")
+    for line in done_lines(logs):
+        report.feed(orjson.dumps(line), None, None)
+    row = report.rows()[-1]
+    assert (row["partial"], row["items_cached"], row["items_sent"]) == (1, 7, 5)
+    assert row["saved_usd"] > 0
