@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from proxy.errors import StoreUnavailable, UpstreamError, failure_answer
+from proxy.errors import StoreUnavailable, UpstreamError, error_body, failure_answer
 from proxy.keys import cache_key, store_key
 from proxy.models import CLOCK, CachedResponse
 from proxy.normalize import canonical_json, has_float
@@ -54,8 +54,8 @@ LOOKUP_BATCH = 256
 """Store reads in flight at once for one request."""
 ANSWER_MAX = 512 * 1024 * 1024
 """Largest upstream answer read whole (2048 items of 3072 floats as JSON: about 130 MB)."""
-OFF_LOOP_ITEMS = 64
-"""Lists longer than this are keyed and assembled off the event loop."""
+OFF_LOOP_BYTES = 64 * 1024
+"""Bodies and answers larger than this are keyed, parsed and assembled off the event loop."""
 
 
 def is_item(value: Any) -> bool:
@@ -214,7 +214,7 @@ async def serve_items(
     ignore = rule.ignore_fields
     args = (st.secret, tenant, ex.request.method, rec.route, ex.request.query_string)
     namespace = keyed.controls.namespace
-    if len(ex.body) > 64 * 1024:
+    if len(ex.body) > OFF_LOOP_BYTES:
         items = await asyncio.get_running_loop().run_in_executor(
             st.cpu, item_keys, *args, namespace, plan.model, ignore, ex.body
         )
@@ -237,9 +237,14 @@ async def serve_items(
     status = status_of(got.cached, got.joined, got.sent)
     rec.cache = status
     rec.key = None
-    body = assemble(
-        [e or b"null" for e in got.embeddings], got.model or plan.model or "", got.usage
-    )
+    parts = [e or b"null" for e in got.embeddings]
+    model = got.model or plan.model or ""
+    if sum(len(e) for e in parts) > OFF_LOOP_BYTES:
+        body = await asyncio.get_running_loop().run_in_executor(
+            st.cpu, assemble, parts, model, got.usage
+        )
+    else:
+        body = assemble(parts, model, got.usage)
     rec.bytes = len(body)
     extra = rec.extra
     extra.update(items=n, items_cached=got.cached, items_joined=got.joined, items_sent=got.sent)
@@ -390,8 +395,25 @@ async def _call(
             status=failure.status, body=failure.body, content_type="application/json"
         )
     got.upstream_ms += (time.perf_counter() - t0) * 1000.0
-    split = split_answer(data, len(lead)) if status == 200 and data is not None else None
-    if split is None:  # an error (or an answer that is not one): relayed as it came
+    split = None
+    if status == 200 and data is not None:
+        if len(data) > OFF_LOOP_BYTES:  # a long list's answer: parsed off the loop
+            split = await asyncio.get_running_loop().run_in_executor(
+                st.cpu, split_answer, data, len(lead)
+            )
+        else:
+            split = split_answer(data, len(lead))
+        if split is None:  # a 200 that does not answer these items one by one
+            return web.Response(
+                status=502,
+                body=error_body(
+                    "The upstream's embeddings answer does not match the items sent.",
+                    "proxy_error",
+                    "upstream_bad_answer",
+                ),
+                content_type="application/json",
+            )
+    if split is None:  # the upstream's error: relayed as it came
         resp = web.Response(status=status, body=data or b"")
         for name, value in headers:
             resp.headers.add(name, value)

@@ -9,11 +9,13 @@ import urllib.request
 
 import orjson
 import pytest
+import redis
 from structlog.testing import capture_logs
 
 from proxy.report import Report
 from proxy.testing.fake_openai import bag_of_words
 from tests.conftest import async_sdk, sdk
+from tests.helpers import eventually
 
 EMB = "/v1/embeddings"
 MODEL = "text-embedding-3-small"
@@ -117,16 +119,19 @@ async def test_items_in_flight_are_joined(start_proxy, fake):
     go upstream once, the second request waits for them and sends only its own."""
     proxy = start_proxy()
     fake.latencies = [0.8, 0.0]
-    client = async_sdk(proxy)
     a, b = texts(3, "a"), [*texts(3, "a")[1:], "only in b"]
+    async with async_sdk(proxy) as client:
 
-    async def later():
-        await asyncio.sleep(0.3)
-        return await client.embeddings.with_raw_response.create(model=MODEL, input=b, dimensions=8)
+        async def later():
+            await asyncio.sleep(0.3)
+            return await client.embeddings.with_raw_response.create(
+                model=MODEL, input=b, dimensions=8
+            )
 
-    first, second = await asyncio.gather(
-        client.embeddings.with_raw_response.create(model=MODEL, input=a, dimensions=8), later()
-    )
+        first, second = await asyncio.gather(
+            client.embeddings.with_raw_response.create(model=MODEL, input=a, dimensions=8),
+            later(),
+        )
     assert sent_items(fake) == [a, ["only in b"]]
     assert first.headers["x-cache-status"] == "MISS"
     assert second.headers["x-cache-status"] == "PARTIAL"
@@ -167,3 +172,30 @@ def test_partial_is_counted_in_stats_metrics_and_report(proxy, fake):
     row = report.rows()[-1]
     assert (row["partial"], row["items_cached"], row["items_sent"]) == (1, 7, 5)
     assert row["saved_usd"] > 0
+
+
+def test_items_across_two_proxies_on_one_redis(start_proxy, fake, redis_server):
+    """With Redis, the items one instance stored are found by another: a list re-sent to the
+    second instance with one new item sends only that item."""
+    one = start_proxy(cache=redis_server.url)
+    two = start_proxy(cache=redis_server.url)
+    embed(sdk(one), texts(40), dimensions=8)
+    r = redis.Redis.from_url(redis_server.url)
+    eventually(lambda: len(r.keys("*")) >= 40)  # the writes go in batches, after the answer
+    r.close()
+    again = embed(sdk(two), [*texts(40), "new"], dimensions=8)
+    assert again.headers["x-cache-status"] == "PARTIAL"
+    assert sent_items(fake) == [texts(40), ["new"]]
+    assert_matches(again, [*texts(40), "new"], 8)
+
+
+def test_an_answer_that_does_not_match_the_items_is_a_502(proxy, fake):
+    """A 200 whose data does not hold one embedding per item sent is never stored nor
+    relayed as the whole list's answer: 502, OpenAI-shaped."""
+    client = sdk(proxy)
+    wrong = b'{"object":"list","data":[{"object":"embedding","index":0,"embedding":[1.0]}],'
+    fake.errors = [(200, wrong + b'"model":"m","usage":{"prompt_tokens":1,"total_tokens":1}}')]
+    with pytest.raises(Exception, match="does not match the items"):
+        embed(client, texts(3), dimensions=8)
+    again = embed(client, texts(3), dimensions=8)
+    assert again.headers["x-cache-status"] == "MISS" and fake.count(EMB) == 2
