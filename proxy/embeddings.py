@@ -50,8 +50,6 @@ if TYPE_CHECKING:
 
 MAX_ITEMS = 2048
 """OpenAI's limit on one request's inputs; a longer list is keyed whole, as before."""
-LOOKUP_BATCH = 256
-"""Store reads in flight at once for one request."""
 ANSWER_MAX = 512 * 1024 * 1024
 """Largest upstream answer read whole (2048 items of 3072 floats as JSON: about 130 MB)."""
 OFF_LOOP_BYTES = 64 * 1024
@@ -281,10 +279,7 @@ async def _lookup(st: State, items: Items, keyed: Keyed, got: _Got) -> None:
     if cache.in_memory:
         found = [cache.peek(k) for k in keys]
     else:
-        found = []
-        for start in range(0, len(keys), LOOKUP_BATCH):
-            batch = keys[start : start + LOOKUP_BATCH]
-            found.extend(await asyncio.gather(*(cache.get(k) for k in batch)))
+        found = await cache.get_many(keys)
     for i, entry in enumerate(found):
         if entry is None or entry.fresh_until < now:
             continue
