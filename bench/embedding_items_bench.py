@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import openai
+import orjson
 from aiohttp import web
 
 from bench.common import proxy
@@ -103,20 +104,33 @@ async def main() -> None:
             flags = ["--rules", str(rules), "--max-body-mb", "256"]
             if args.cache:
                 flags += ["--cache", args.cache]
-            with proxy(upstream, *flags) as base:
+            log = Path(tempfile.mkdtemp(prefix="ocp-bench-")) / "proxy.log"
+            with proxy(upstream, *flags, log_to=str(log)) as base:
                 results[label] = [await one_case(base, fake, args, run) for run in range(args.runs)]
         finally:
             await fake.stop()
+        lines = [orjson.loads(x) for x in log.read_bytes().splitlines() if x.startswith(b"{")]
+        done = [x for x in lines if x.get("event") == "request.done"]
+        for i, run in enumerate(results[label]):  # the proxy's own time, from its lines
+            for j, name in enumerate(("first", "rerun", "again")):
+                line = done[3 * i + j]
+                run[name] = (*run[name], line["duration_ms"], line.get("upstream_ms") or 0.0)
     print(
         f"{args.items} items of {args.dims} dims, {args.changed} changed; "
         f"upstream {args.latency_per_item_ms} ms an item; median of {args.runs} runs"
     )
-    print(f"{'':16} {'request':8} {'status':9} {'items upstream':>15} {'ms':>9}")
+    print(
+        f"{'':16} {'request':8} {'status':9} {'items upstream':>15} {'client ms':>10}"
+        f" {'proxy ms':>9} {'of it upstream':>15}"
+    )
     for label, runs in results.items():
         for name in ("first", "rerun", "again"):
-            status, sent, _ = runs[0][name]
-            ms = statistics.median(r[name][2] for r in runs)
-            print(f"{label:16} {name:8} {status:9} {sent:>15} {ms:>9.1f}")
+            status, sent = runs[0][name][:2]
+            ms, proxy_ms, up_ms = (statistics.median(r[name][k] for r in runs) for k in (2, 3, 4))
+            print(
+                f"{label:16} {name:8} {status:9} {sent:>15} {ms:>10.1f} {proxy_ms:>9.1f}"
+                f" {up_ms:>15.1f}"
+            )
 
 
 if __name__ == "__main__":
