@@ -228,8 +228,17 @@ async def serve_items(
             stored = False
     elif not st.cache.healthy:
         stored = False
+    auth = st.auth
+    if got.cached and auth is not None and not auth.fresh(tenant):
+        # a cached item proves nothing about this credential (auth.py): re-check it first
+        refusal = await auth.check(tenant, ex.request.headers)
+        if refusal is not None:
+            rec.auth_refused = True
+            refused = web.Response(status=refusal.status, body=refusal.body)
+            refused.headers.extend(refusal.headers)
+            return refused
     missing = [i for i in range(n) if got.embeddings[i] is None]
-    failed = await _fetch(st, ex, items, missing, keyed, got, stored, rule.lock_timeout_s)
+    failed = await _fetch(st, tenant, ex, items, missing, keyed, got, stored, rule.lock_timeout_s)
     if failed is not None:
         return failed
     status = status_of(got.cached, got.joined, got.sent)
@@ -293,6 +302,7 @@ async def _lookup(st: State, items: Items, keyed: Keyed, got: _Got) -> None:
 
 async def _fetch(
     st: State,
+    tenant: bytes,
     ex: Exchange,
     items: Items,
     missing: list[int],
@@ -322,14 +332,14 @@ async def _fetch(
             lead.append(i)
     try:
         if lead:
-            failed = await _call(st, ex, items, lead, keyed, got, store, at)
+            failed = await _call(st, tenant, ex, items, lead, keyed, got, store, at)
             if failed is not None:
                 return failed
         if joins:
             retry = await _join(joins, lock_timeout, got, at)
             if retry:
                 again = [at[k][0] for k in retry]
-                failed = await _call(st, ex, items, again, keyed, got, store, at)
+                failed = await _call(st, tenant, ex, items, again, keyed, got, store, at)
                 if failed is not None:
                     return failed
         return None
@@ -368,6 +378,7 @@ async def _join(
 
 async def _call(
     st: State,
+    tenant: bytes,
     ex: Exchange,
     items: Items,
     lead: list[int],
@@ -390,6 +401,8 @@ async def _call(
             status=failure.status, body=failure.body, content_type="application/json"
         )
     got.upstream_ms += (time.perf_counter() - t0) * 1000.0
+    if status == 200 and st.auth is not None:
+        st.auth.seen(tenant)
     split = None
     if status == 200 and data is not None:
         if len(data) > OFF_LOOP_BYTES:  # a long list's answer: parsed off the loop

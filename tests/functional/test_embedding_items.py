@@ -199,3 +199,21 @@ def test_an_answer_that_does_not_match_the_items_is_a_502(proxy, fake):
         embed(client, texts(3), dimensions=8)
     again = embed(client, texts(3), dimensions=8)
     assert again.headers["x-cache-status"] == "MISS" and fake.count(EMB) == 2
+
+
+def test_a_revoked_key_gets_no_cached_items(start_proxy, fake):
+    """Past --auth-recheck-s, cached items are served only after the credential is checked
+    again: a revoked key gets the upstream's 401, not the items it stored."""
+    import time
+
+    import openai
+
+    proxy = start_proxy(auth_recheck_s=0.3)
+    client = sdk(proxy, key="sk-soon-revoked")
+    embed(client, texts(3), dimensions=8)
+    assert embed(client, texts(3), dimensions=8).headers["x-cache-status"] == "HIT"
+    fake.revoked_keys.add("sk-soon-revoked")
+    time.sleep(0.4)
+    with pytest.raises(openai.AuthenticationError):
+        embed(client, texts(3), dimensions=8)
+    assert fake.count(EMB) == 1 and fake.count("/v1/models") == 1
