@@ -10,6 +10,8 @@ import urllib.request
 import orjson
 import pytest
 import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from proxy.report import Report
@@ -217,3 +219,39 @@ def test_a_revoked_key_gets_no_cached_items(start_proxy, fake):
     with pytest.raises(openai.AuthenticationError):
         embed(client, texts(3), dimensions=8)
     assert fake.count(EMB) == 1 and fake.count("/v1/models") == 1
+
+
+WORDS = [f"w{i} apple" for i in range(12)]
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(lists=st.lists(st.lists(st.sampled_from(WORDS), min_size=2, max_size=9), max_size=4))
+def test_any_sequence_of_lists_gets_every_item_in_place(start_proxy, fake, lists):
+    """Whatever lists come in, with repeats inside a list and across lists, each answer has
+    the right embedding at every position and no item goes upstream twice (print_blob: a
+    failure prints how to reproduce it)."""
+    proxy = start_proxy()
+    calls = len(fake.calls)
+    client = sdk(proxy)
+    for inputs in lists:
+        answer = embed(client, inputs, dimensions=8, encoding_format="float")
+        assert_matches(answer, inputs, 8)
+    sent = [i for c in fake.calls[calls:] if c.path == EMB for i in c.json()["input"]]
+    assert sorted(sent) == sorted({i for inputs in lists for i in inputs})
+
+
+def test_token_arrays_are_items_too(proxy, fake):
+    """A list of token arrays is cached per array: a new array alone goes upstream."""
+    client = sdk(proxy)
+    first = [[1, 2, 3], [40, 50], [600]]
+    embed(client, first, dimensions=8, encoding_format="float")
+    second = [[40, 50], [7, 8, 9], [1, 2, 3]]
+    answer = embed(client, second, dimensions=8, encoding_format="float")
+    assert answer.headers["x-cache-status"] == "PARTIAL"
+    assert sent_items(fake) == [first, [[7, 8, 9]]]
+    assert_matches(answer, second, 8)
