@@ -199,8 +199,9 @@ class _Got:
     model: str = ""
     usage: dict[str, int] = field(default_factory=lambda: {"prompt_tokens": 0, "total_tokens": 0})
     spent_usd: float | None = None
-    priced: bool = True
     upstream_ms: float = 0.0
+    headers: tuple[tuple[str, str], ...] = ()
+    """The last upstream call's answer headers (x-request-id, openai-*, x-ratelimit-*)."""
 
 
 async def serve_items(
@@ -273,6 +274,9 @@ async def serve_items(
         if saved_usd is None:
             extra["unpriced"] = True
     resp = web.Response(status=200, body=body, content_type="application/json")
+    for name, value in got.headers:  # a call was made: its id and rate limits, as a MISS has
+        if name.lower() != "content-type":
+            resp.headers.add(name, value)
     resp.headers["X-Cache-Status"] = status.header
     resp.headers["Cache-Status"] = status.rfc9211
     return resp
@@ -429,6 +433,7 @@ async def _call(
         resp.headers["Cache-Status"] = MISS.rfc9211
         return resp
     embeddings, usage, model = split
+    got.headers = headers
     got.model = got.model or model
     for name in ("prompt_tokens", "total_tokens"):
         count = usage.get(name)

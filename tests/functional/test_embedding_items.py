@@ -63,6 +63,7 @@ def test_only_missing_items_go_upstream(proxy, fake, encoding):
         second = embed(client, second_in, dimensions=32, **kw)
     assert second.headers["x-cache-status"] == "PARTIAL"
     assert second.headers["cache-status"] == "openai-cache-proxy; fwd=partial"
+    assert second.headers["x-request-id"] == "req_fake_2"  # the call's own, as on a MISS
     assert sent_items(fake) == [first_in, ["a changed text", "another new one"]]
     assert second.parse().usage.prompt_tokens == 4 * 2
     assert_matches(second, second_in, 32)
@@ -76,6 +77,7 @@ def test_only_missing_items_go_upstream(proxy, fake, encoding):
     assert line["items_saved_tokens"] > 0 and line["tokens_in"] == 8
     third = embed(client, second_in, dimensions=32, **kw)
     assert third.headers["x-cache-status"] == "HIT" and fake.count(EMB) == 2
+    assert "x-request-id" not in third.headers and "x-ratelimit-limit-requests" not in third.headers
     assert third.parse().usage.prompt_tokens == 0
     assert_matches(third, second_in, 32)
 
