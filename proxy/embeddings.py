@@ -39,7 +39,7 @@ from proxy.errors import StoreUnavailable, UpstreamError, error_body, failure_an
 from proxy.keys import cache_key, store_key
 from proxy.models import CLOCK, CachedResponse
 from proxy.normalize import canonical_json, has_float
-from proxy.status import COALESCED, HIT, MISS, PARTIAL, CacheStatus
+from proxy.status import BYPASS, COALESCED, HIT, MISS, PARTIAL, CacheStatus
 from proxy.tasks import spawn
 from proxy.upstream import response_headers
 
@@ -242,7 +242,8 @@ async def serve_items(
     failed = await _fetch(st, tenant, ex, items, missing, keyed, got, stored, rule.lock_timeout_s)
     if failed is not None:
         return failed
-    status = status_of(got.cached, got.joined, got.sent)
+    degraded = not stored and keyed.store  # the store is down: passed through, as BYPASS
+    status = BYPASS if degraded and not got.joined else status_of(got.cached, got.joined, got.sent)
     rec.cache = status
     rec.key = None
     parts = [e or b"null" for e in got.embeddings]

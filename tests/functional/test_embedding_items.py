@@ -257,3 +257,15 @@ def test_token_arrays_are_items_too(proxy, fake):
     assert answer.headers["x-cache-status"] == "PARTIAL"
     assert sent_items(fake) == [first, [[7, 8, 9]]]
     assert_matches(answer, second, 8)
+
+
+def test_a_dead_store_passes_items_through(start_proxy, fake, redis_server):
+    """With Redis gone, a list is answered whole from upstream (BYPASS), never an error."""
+    proxy = start_proxy(cache=redis_server.url)
+    client = sdk(proxy)
+    embed(client, texts(5), dimensions=8)
+    redis_server.stop()
+    answer = embed(client, [*texts(5), "new"], dimensions=8)
+    assert answer.headers["x-cache-status"] == "BYPASS"
+    assert_matches(answer, [*texts(5), "new"], 8)
+    assert sent_items(fake)[-1] == [*texts(5), "new"]
