@@ -239,7 +239,9 @@ async def serve_items(
             refused.headers.extend(refusal.headers)
             return refused
     missing = [i for i in range(n) if got.embeddings[i] is None]
-    failed = await _fetch(st, tenant, ex, items, missing, keyed, got, stored, rule.lock_timeout_s)
+    failed = await _fetch(
+        st, tenant, ex, items, missing, keyed, got, stored, rule.lock_timeout_s, rule.coalesce
+    )
     if failed is not None:
         return failed
     degraded = not stored and keyed.store  # the store is down: passed through, as BYPASS
@@ -315,11 +317,14 @@ async def _fetch(
     got: _Got,
     store: bool,
     lock_timeout: float,
+    coalesce: bool = True,
 ) -> web.Response | None:
-    """Fetch the missing items: join those in flight, send the rest upstream in one call.
+    """Fetch the missing items: join those in flight (unless the rule says `coalesce =
+    false`), send the rest upstream in one call.
     An upstream failure comes back as the answer to give (None: every item is in `got`)."""
     flights = st.items.futures
     loop = asyncio.get_running_loop()
+    join = coalesce and keyed.controls.mode.value == "lookup"
     mine: dict[str, asyncio.Future[bytes | None]] = {}
     lead: list[int] = []  # first position of each key this request fetches
     joins: dict[str, asyncio.Future[bytes | None]] = {}
@@ -329,7 +334,7 @@ async def _fetch(
         at.setdefault(key, []).append(i)
         if len(at[key]) > 1:
             continue  # the same item twice in one list: fetched once
-        future = flights.get(key) if keyed.controls.mode.value == "lookup" else None
+        future = flights.get(key) if join else None
         if future is not None and not future.done():
             joins[key] = future
         else:

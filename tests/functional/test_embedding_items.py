@@ -269,3 +269,20 @@ def test_a_dead_store_passes_items_through(start_proxy, fake, redis_server):
     assert answer.headers["x-cache-status"] == "BYPASS"
     assert_matches(answer, [*texts(5), "new"], 8)
     assert sent_items(fake)[-1] == [*texts(5), "new"]
+
+
+async def test_a_rule_without_coalescing_joins_no_items(start_proxy, fake, tmp_path):
+    """With coalesce = false, an item in flight for another request is sent again."""
+    rules = tmp_path / "r.toml"
+    rules.write_text('[[rule]]\nroute = "/v1/embeddings"\ncoalesce = false\n')
+    proxy = start_proxy(rules=rules)
+    fake.latencies = [0.8, 0.0]
+    a, b = texts(3, "c"), [*texts(3, "c")[1:], "only in b"]
+    async with async_sdk(proxy) as client:
+
+        async def later():
+            await asyncio.sleep(0.3)
+            return await client.embeddings.create(model=MODEL, input=b, dimensions=8)
+
+        await asyncio.gather(client.embeddings.create(model=MODEL, input=a, dimensions=8), later())
+    assert sent_items(fake) == [a, b]
