@@ -12,7 +12,10 @@ the embedding exactly as the upstream wrote it in that encoding), and its `usage
 only what was sent upstream by this request.
 
 X-Cache-Status is HIT when every item came from the store, MISS when every item went
-upstream, COALESCED when none went upstream but some were joined, PARTIAL otherwise. The
+upstream, COALESCED when none went upstream but some were joined, PARTIAL otherwise;
+STALE when the upstream call failed (429, 5xx, unreachable) and every item it was for had
+an entry past its freshness but within the stale-if-error window; BYPASS when the store
+could not be read (the whole list went upstream). The
 line carries `items`, `items_cached`, `items_joined`, `items_sent`; what the reused items
 saved is an estimate (each entry keeps its share of the call's tokens, by length), logged
 as `items_saved_tokens` / `items_saved_usd`.
@@ -39,7 +42,7 @@ from proxy.errors import StoreUnavailable, UpstreamError, error_body, failure_an
 from proxy.keys import cache_key, store_key
 from proxy.models import CLOCK, CachedResponse
 from proxy.normalize import canonical_json, has_float
-from proxy.status import BYPASS, COALESCED, HIT, MISS, PARTIAL, CacheStatus
+from proxy.status import BYPASS, COALESCED, HIT, MISS, PARTIAL, STALE, CacheStatus, stale
 from proxy.tasks import spawn
 from proxy.upstream import response_headers
 
@@ -52,6 +55,8 @@ MAX_ITEMS = 2048
 """OpenAI's limit on one request's inputs; a longer list is keyed whole, as before."""
 ANSWER_MAX = 512 * 1024 * 1024
 """Largest upstream answer read whole (2048 items of 3072 floats as JSON: about 130 MB)."""
+STALE_STATUSES = frozenset({429, 500, 502, 503, 504})
+"""Failures a stale item may cover (as handlers.STALE_STATUSES: never a 4xx about the key)."""
 OFF_LOOP_BYTES = 64 * 1024
 """Bodies and answers larger than this are keyed, parsed and assembled off the event loop."""
 
@@ -200,6 +205,8 @@ class _Got:
     usage: dict[str, int] = field(default_factory=lambda: {"prompt_tokens": 0, "total_tokens": 0})
     spent_usd: float | None = None
     upstream_ms: float = 0.0
+    stale: dict[int, bytes] = field(default_factory=dict)
+    """Items past their freshness but within the stale-if-error window, by position."""
     headers: tuple[tuple[str, str], ...] = ()
     """The last upstream call's answer headers (x-request-id, openai-*, x-ratelimit-*)."""
 
@@ -224,7 +231,7 @@ async def serve_items(
     stored = keyed.store
     if keyed.controls.mode.value == "lookup":
         try:
-            await _lookup(st, items, keyed, got)
+            await _lookup(st, items, keyed, got, keyed.controls.stale_window(rule.stale_if_error_s))
         except StoreUnavailable:
             stored = False
     elif not st.cache.healthy:
@@ -243,9 +250,19 @@ async def serve_items(
         st, tenant, ex, items, missing, keyed, got, stored, rule.lock_timeout_s, rule.coalesce
     )
     if failed is not None:
-        return failed
-    degraded = not stored and keyed.store  # the store is down: passed through, as BYPASS
-    status = BYPASS if degraded and not got.joined else status_of(got.cached, got.joined, got.sent)
+        if failed.status not in STALE_STATUSES or not got.stale:
+            return failed
+        if any(got.embeddings[i] is None and i not in got.stale for i in range(n)):
+            return failed
+        for i, body in got.stale.items():  # every missing item has a stale entry: served
+            if got.embeddings[i] is None:
+                got.embeddings[i] = body
+        rec.upstream_status = failed.status
+        status = STALE
+    elif not stored and keyed.store:  # the store is down: passed through, as BYPASS
+        status = BYPASS if not got.joined else status_of(got.cached, got.joined, got.sent)
+    else:
+        status = status_of(got.cached, got.joined, got.sent)
     rec.cache = status
     rec.key = None
     parts = [e or b"null" for e in got.embeddings]
@@ -281,12 +298,15 @@ async def serve_items(
         if name.lower() != "content-type":
             resp.headers.add(name, value)
     resp.headers["X-Cache-Status"] = status.header
-    resp.headers["Cache-Status"] = status.rfc9211
+    resp.headers["Cache-Status"] = (
+        stale(f"fwd-status={rec.upstream_status}") if status is STALE else status.rfc9211
+    )
     return resp
 
 
-async def _lookup(st: State, items: Items, keyed: Keyed, got: _Got) -> None:
-    """Fill `got` with every fresh stored item (a bounded number of reads at once)."""
+async def _lookup(st: State, items: Items, keyed: Keyed, got: _Got, window: float) -> None:
+    """Fill `got` with every fresh stored item (one batch read); keep aside those past
+    freshness but within `window` s of it (stale-if-error)."""
     cache = st.cache
     now = CLOCK.now()
     max_age = keyed.controls.max_age
@@ -297,7 +317,11 @@ async def _lookup(st: State, items: Items, keyed: Keyed, got: _Got) -> None:
     else:
         found = await cache.get_many(keys)
     for i, entry in enumerate(found):
-        if entry is None or entry.fresh_until < now:
+        if entry is None:
+            continue
+        if entry.fresh_until < now:
+            if window > 0 and now <= entry.fresh_until + window:
+                got.stale[i] = entry.body
             continue
         if max_age is not None and now - entry.created > max_age:
             continue

@@ -286,3 +286,25 @@ async def test_a_rule_without_coalescing_joins_no_items(start_proxy, fake, tmp_p
 
         await asyncio.gather(client.embeddings.create(model=MODEL, input=a, dimensions=8), later())
     assert sent_items(fake) == [a, b]
+
+
+def test_stale_items_cover_an_upstream_failure(start_proxy, fake, tmp_path):
+    """Past ttl_s, within stale_if_error_s: an upstream 503 is covered by the stale items
+    (STALE, fwd-status=503) when every missing item has one; a list with an item never
+    stored gets the 503 as it came."""
+    import time
+
+    rules = tmp_path / "r.toml"
+    rules.write_text('[[rule]]\nroute = "/v1/embeddings"\nttl_s = 0.3\nstale_if_error_s = 60\n')
+    proxy = start_proxy(rules=rules)
+    client = sdk(proxy)
+    embed(client, texts(4), dimensions=8, encoding_format="float")
+    time.sleep(0.5)
+    err = b'{"error":{"message":"overloaded","type":"server_error","code":null}}'
+    fake.errors = [(503, err), (503, err)]
+    covered = embed(client, texts(4), dimensions=8, encoding_format="float")
+    assert covered.headers["x-cache-status"] == "STALE"
+    assert covered.headers["cache-status"] == "openai-cache-proxy; fwd=stale; fwd-status=503"
+    assert_matches(covered, texts(4), 8)
+    with pytest.raises(Exception, match="overloaded"):
+        embed(client, [*texts(4), "never stored"], dimensions=8, encoding_format="float")
