@@ -21,6 +21,7 @@ from proxy import log as logmod
 from proxy.auth import CredentialCheck
 from proxy.bus import RedisBus
 from proxy.cache import Cache
+from proxy.caller_keys import Request as CallerRequest
 from proxy.coalesce import Flights
 from proxy.cost import Prices
 from proxy.errors import ConfigError, StoreUnavailable
@@ -371,7 +372,7 @@ class ProxyApp:
         def request_factory(
             message: Any, payload: Any, protocol: Any, writer: Any, task: Any
         ) -> web.BaseRequest:
-            return web.BaseRequest(
+            return CallerRequest(
                 message, payload, protocol, writer, task, protocol._loop, client_max_size=max_size
             )
 

@@ -119,6 +119,38 @@ class Cache:
             hot.put(key, entry, self.hot_ttl_s)
         return entry
 
+    async def get_many(self, keys: list[str]) -> list[CachedResponse | None]:
+        """get() for many keys (embeddings items): the hot tier, then one batch read from a
+        store that has one (SQLite, Redis), else a read per key."""
+        hot = self.hot
+        out: list[CachedResponse | None] = [None] * len(keys)
+        ask: list[int] = []
+        for i, key in enumerate(keys):
+            entry = hot.peek(key) if hot is not None else None
+            if entry is not None:
+                out[i] = entry
+            elif hot is not self.store:
+                ask.append(i)
+        if not ask:
+            return out
+        self._check()
+        names = [keys[i] for i in ask]
+        many = getattr(self.store, "get_many", None)
+        try:
+            if many is not None:
+                found: list[CachedResponse | None] = await many(names)
+            else:
+                found = list(await asyncio.gather(*(self.store.get(k) for k in names)))
+        except StoreUnavailable as exc:
+            raise self._failed(exc) from exc
+        if not self.healthy:
+            self._ok()
+        for i, entry in zip(ask, found, strict=True):
+            out[i] = entry
+            if entry is not None and hot is not None:
+                hot.put(keys[i], entry, self.hot_ttl_s)
+        return out
+
     async def set(self, key: str, entry: CachedResponse, ttl_s: float) -> None:
         """Store an answer. A failed write (disk full, Redis at maxmemory with noeviction) is
         skipped and counted, and never opens the breaker: reads go on for every tenant; only a

@@ -34,7 +34,15 @@ from proxy.auth import CredentialCheck
 from proxy.body import decodable, decode
 from proxy.bus import LOCAL, Conflict, Follow, Leader, Leadership, Local, RedisBus
 from proxy.cache import Cache
+from proxy.caller_keys import (
+    NO_CALLER,
+    BadCacheHeader,
+    CallerControls,
+    caller_fields,
+    read_caller,
+)
 from proxy.coalesce import COMPLETE, CUT, Flight, Flights, Reader
+from proxy.embeddings import ItemFlights, serve_items
 from proxy.errors import (
     BadBody,
     BodyTooLarge,
@@ -66,7 +74,9 @@ from proxy.plan import (
     parse_cache_control,
     passthrough_fingerprint,
     route_of,
+    with_caller,
 )
+from proxy.prompt_cache import with_prompt_cache_key
 from proxy.record import Record
 from proxy.replay import age_of, is_fast, replay, whole, whole_in_pieces
 from proxy.rules import Rules
@@ -175,6 +185,9 @@ class State:
     def close_parsers(self) -> None:
         if self.parsers is not None:
             self.parsers.shutdown(wait=False, cancel_futures=True)
+
+    items: ItemFlights = field(default_factory=ItemFlights)
+    """Embeddings input items being fetched (embeddings.py)."""
 
     def __post_init__(self) -> None:
         self.max_body = self.settings.max_body_bytes
@@ -304,6 +317,12 @@ async def _handle(
     controls = parse_cache_control(
         ",".join(cache_control) if cache_control else None, h.get("X-Cache-Namespace")
     )
+    try:
+        caller = read_caller(h)
+    except BadCacheHeader as exc:
+        return json_error(400, str(exc), "invalid_request_error", exc.code)
+    if caller is not NO_CALLER:
+        controls = with_caller(controls, caller)
     method = request.method
     ctype = h.get("Content-Type", "")
     if controls.namespace:
@@ -322,6 +341,7 @@ async def _handle(
             controls.namespace,
             ctype,
             "i" * bool(idem),
+            caller.memo,
         )
     )
     if len(body) > OFF_LOOP_BYTES:
@@ -334,13 +354,13 @@ async def _handle(
         try:
             args = (st.rules, st.secret, tenant, method, route, query, controls.namespace, ctype)
             if len(body) <= OFF_LOOP_BYTES:  # no coroutine for the common case (see _off_loop)
-                plan = make_plan(*args, body, fingerprint=bool(idem))
+                plan = make_plan(*args, body, fingerprint=bool(idem), caller=caller)
             elif len(body) <= PROCESS_BYTES:
                 plan = await _off_loop(
-                    st, len(body), make_plan, *args, body, fingerprint=bool(idem)
+                    st, len(body), make_plan, *args, body, fingerprint=bool(idem), caller=caller
                 )
             else:
-                plan = await _plan_large(st, args, body, bool(idem))
+                plan = await _plan_large(st, args, body, bool(idem), caller)
         except BadBody as exc:
             return json_error(exc.status, str(exc), "invalid_request_error", exc.code)
         if len(st.plans) >= PLAN_MEMO_MAX:
@@ -350,6 +370,8 @@ async def _handle(
     rec.rule = plan.rule.label if plan.rule is not None else "other"
     rec.model = plan.model
     rec.stream = plan.stream
+    if plan.caller:
+        caller_fields(request, rec.extra, plan.caller, caller)
 
     if controls is DEFAULT_CONTROLS and plan.rule is not None and not idem:
         # The cache-hit fast path: a hot entry, sent whole.
@@ -368,8 +390,16 @@ async def _handle(
             _saved(rec, entry)
             return _as_stored(request, entry, HIT, HIT_CACHE_STATUS)
 
+    up_body = body
+    if plan.prompt_cache_key is not None:  # the rule's prompt_cache_key = "auto"
+        up_body = with_prompt_cache_key(body, plan.prompt_cache_key)
+        rec.extra["prompt_cache_key"] = "auto"
     ex = Exchange(
-        request, body, forward_headers(h, decoded=decoded), _path_qs(st, upstream_path, query), t0
+        request,
+        up_body,
+        forward_headers(h, decoded=decoded),
+        _path_qs(st, upstream_path, query),
+        t0,
     )
     idempotency = None
     if idem:
@@ -382,6 +412,8 @@ async def _handle(
         plan, controls, idempotency=idempotency, idempotency_ttl_s=settings.idempotency_ttl_s
     )
     match what:
+        case Keyed() if plan.per_item and not idem:
+            return serve_items(st, ex, rec, plan, tenant, what)  # embeddings, item by item
         case Keyed():
             return _serve_keyed(st, ex, rec, plan, tenant, what)
         case PassThrough():
@@ -417,11 +449,15 @@ async def _off_loop(st: State, size: int, fn: Callable[..., T], *args: Any, **kw
     return await asyncio.get_running_loop().run_in_executor(st.cpu, partial(fn, *args, **kwargs))
 
 
-async def _plan_large(st: State, args: tuple[Any, ...], body: bytes, fingerprint: bool) -> Plan:
+async def _plan_large(
+    st: State, args: tuple[Any, ...], body: bytes, fingerprint: bool, caller: CallerControls
+) -> Plan:
     """make_plan for a body over PROCESS_BYTES, in a worker process, so parsing it holds no
     lock this process's loop needs; on State.cpu if the workers cannot be had."""
     loop = asyncio.get_running_loop()
-    call: Callable[[], Plan] = partial(cast(Any, make_plan), *args, body, fingerprint=fingerprint)
+    call: Callable[[], Plan] = partial(
+        cast(Any, make_plan), *args, body, fingerprint=fingerprint, caller=caller
+    )
     pool = await st.parser_pool()
     if pool is not None:
         try:

@@ -64,6 +64,8 @@ class Group:
     coalesced: int = 0
     misses: int = 0
     stale: int = 0
+    partial: int = 0
+    """Embeddings lists answered partly from the cache (embeddings.py)."""
     money: Totals = field(default_factory=Totals)
     spent: Decimal = Decimal(0)
     saved: Decimal = Decimal(0)
@@ -87,7 +89,7 @@ class Group:
         self.money.add(line)
         if "semantic_score" in line or "semantic" in line:
             self._semantic(line)
-        for name in ("cost_usd", "saved_usd"):
+        for name in ("cost_usd", "saved_usd", "items_saved_usd"):
             value = line.get(name)
             if isinstance(value, int | float) and not isinstance(value, bool):
                 if name == "cost_usd":
@@ -105,6 +107,8 @@ class Group:
             self.coalesced += 1
         elif cache == "stale":
             self.stale += 1
+        elif cache == "partial":
+            self.partial += 1
         elif cache == "miss":
             self.misses += 1
             if isinstance(ms, int | float) and not failed:  # a failure is no MISS latency
@@ -140,6 +144,7 @@ class Group:
             "coalesced": self.coalesced,
             "misses": self.misses,
             "stale": self.stale,
+            "partial": self.partial,
             "errors": t.errors,
             "tokens_in_spent": t.tokens_in_spent,
             "tokens_out_spent": t.tokens_out_spent,
@@ -148,6 +153,11 @@ class Group:
             "spent_usd": float(self.spent),
             "saved_usd": float(self.saved),
             "unpriced": t.unpriced,
+            "items_cached": t.items_cached,
+            "items_joined": t.items_joined,
+            "items_sent": t.items_sent,
+            "provider_cached_tokens": t.tokens_provider_cached,
+            "provider_saved_usd": round(t.usd_provider_saved, 8),
             "hit_p50_ms": self.hit_ms.pct(50),
             "hit_p95_ms": self.hit_ms.pct(95),
             "miss_p50_ms": self.miss_ms.pct(50),
@@ -418,6 +428,11 @@ COLUMNS = (
     "verify_calls",
     "verify_p50_ms",
     "verify_usd",
+    "provider_saved_usd",
+    "provider_cached_tokens",
+    "partial",
+    "items_cached",
+    "items_sent",
 )
 """Table columns, most wanted first: a narrow terminal shows the first ones that fit."""
 HEADERS = {
@@ -439,6 +454,10 @@ HEADERS = {
     "verify_calls": "verify calls",
     "verify_p50_ms": "verify p50 ms",
     "verify_usd": "verify $",
+    "provider_saved_usd": "provider saved $",
+    "provider_cached_tokens": "provider cached",
+    "items_cached": "items cached",
+    "items_sent": "items sent",
 }
 
 

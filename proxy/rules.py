@@ -82,6 +82,16 @@ class Rule:
     says the cached answer answers this request too; verdicts are kept per pair."""
     semantic_verify_model: str = "gpt-4o-mini"
     """The judge model of `semantic_verify = "llm"`."""
+    caller_keys: bool = True
+    """False: X-Cache-Key, X-Cache-Ignore-Fields and their aliases are not honoured here
+    (requests are keyed by their body whatever the caller sends); see caller_keys.py."""
+    prompt_cache_key: Literal["off", "auto"] = "off"
+    """"auto": a request with no `prompt_cache_key` goes upstream with one derived from the
+    tenant and its stable prefix (system prompt, instructions, tools), so requests sharing a
+    long prefix reach the same provider prompt cache (see prompt_cache.py). Never keyed."""
+    embeddings_per_item: bool = True
+    """Embeddings: each item of an `input` list is its own entry; a partly cached list sends
+    only its missing items upstream (see embeddings.py)."""
 
     def matches(self, method: str, route: str, model: str | None) -> bool:
         if method not in self.methods or not fnmatchcase(route, self.route):
@@ -138,7 +148,7 @@ _FLOATS = {
     "stale_if_error_s",
     "semantic_threshold",
 }
-_BOOLS = {"enabled", "store", "coalesce", "rehost_images"}
+_BOOLS = {"enabled", "store", "coalesce", "rehost_images", "caller_keys", "embeddings_per_item"}
 
 
 def _rule_from(raw: dict[str, Any], where: str) -> Rule:
@@ -163,6 +173,9 @@ def _rule_from(raw: dict[str, Any], where: str) -> Rule:
         elif key == "replay":
             if value not in ("fast", "paced"):
                 raise ConfigError(f'rules {where}: \'replay\' must be "fast" or "paced"')
+        elif key == "prompt_cache_key":
+            if value not in ("off", "auto"):
+                raise ConfigError(f'rules {where}: \'prompt_cache_key\' must be "off" or "auto"')
         elif key == "semantic":
             if value not in ("off", "shadow", "on"):
                 raise ConfigError(f'rules {where}: \'semantic\' must be "off", "shadow" or "on"')

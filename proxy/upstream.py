@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from multidict import CIMultiDict
 
+from proxy.caller_keys import CALLER_HEADERS
 from proxy.errors import UpstreamError, UpstreamTimeout
 from proxy.http1 import Client
 from proxy.http1 import Exchange as LeanExchange
@@ -39,8 +40,11 @@ HOP_BY_HOP = frozenset(
 # Read by the proxy, never sent upstream. Accept-Encoding is dropped so that aiohttp asks for
 # the encodings it can decode itself.
 # Expect is answered by the proxy itself (100 Continue), never passed on.
-PROXY_REQUEST_HEADERS = frozenset(
-    {"cache-control", "x-cache-namespace", "idempotency-key", "accept-encoding", "expect"}
+PROXY_REQUEST_HEADERS = (
+    frozenset(
+        {"cache-control", "x-cache-namespace", "idempotency-key", "accept-encoding", "expect"}
+    )
+    | CALLER_HEADERS
 )
 # Never passed back to clients, nor stored.
 DROP_RESPONSE_HEADERS = HOP_BY_HOP | {"content-encoding", "set-cookie", "date", "server"}

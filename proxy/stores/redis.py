@@ -204,6 +204,26 @@ class RedisStore:
             await self.delete(key)
             return None
 
+    async def get_many(self, keys: list[str]) -> list[CachedResponse | None]:
+        """get() for many keys: one MGET (a cluster's keys live on many nodes: one GET each)."""
+        if isinstance(self.client, RedisCluster):
+            return list(await asyncio.gather(*(self.get(k) for k in keys)))
+        names = [self._k(k) for k in keys]
+        raws = await self._call(lambda: self.client.mget(names))
+        out: list[CachedResponse | None] = []
+        for key, raw in zip(keys, raws, strict=True):
+            entry = None
+            if raw is not None:
+                try:
+                    entry = CachedResponse.from_bytes(raw)
+                except CorruptEntry as exc:
+                    log.warning(
+                        "store.corrupt_entry", store=self.name, key=key_id(key), error=str(exc)
+                    )
+                    await self.delete(key)
+            out.append(entry)
+        return out
+
     async def set(self, key: str, entry: CachedResponse, ttl_s: float) -> None:
         """Store an entry, unless a purge naming its key, made by any instance, came after
         its fill began (see purged)."""

@@ -241,6 +241,30 @@ class SQLiteStore:
                 db.execute("UPDATE entries SET atime = ? WHERE key = ?", (now, key))
         return bytes(row[0])
 
+    def _get_many(self, keys: list[str]) -> list[bytes | None]:
+        """_get for many keys in one trip to the store thread (SELECT ... IN, by 500)."""
+        db = self._connect()
+        now = time.time()
+        found: dict[str, bytes] = {}
+        stale: list[str] = []
+        for start in range(0, len(keys), 500):
+            part = keys[start : start + 500]
+            marks = ",".join("?" * len(part))
+            rows = db.execute(
+                f"SELECT key, value, expires, atime FROM entries WHERE key IN ({marks})", part
+            ).fetchall()
+            for key, value, expires, atime in rows:
+                if expires >= now:
+                    found[key] = bytes(value)
+                    if now - atime > ATIME_EVERY_S:
+                        stale.append(key)
+        if stale:
+            with db:
+                db.executemany(
+                    "UPDATE entries SET atime = ? WHERE key = ?", [(now, k) for k in stale]
+                )
+        return [found.get(k) for k in keys]
+
     def _set_many(self, items: list[tuple[str, CachedResponse, float]]) -> int:
         """Write a batch of entries in one transaction; the store's total bytes after it.
         Serialised ROWS_PER_INSERT at a time, so a burst holds no second copy of its answers."""
@@ -421,6 +445,26 @@ class SQLiteStore:
             log.warning("store.corrupt_entry", store=self.name, key=key_id(key), error=str(exc))
             await self.delete(key)
             return None
+
+    async def get_many(self, keys: list[str]) -> list[CachedResponse | None]:
+        """get() for many keys: the key filter on the loop, the rest in one store trip."""
+        ask = [k for k in keys if not self._absent(k)]
+        raws = await self._run(self._get_many, ask) if ask else []
+        found = dict(zip(ask, raws, strict=True))
+        out: list[CachedResponse | None] = []
+        for key in keys:
+            raw = found.get(key)
+            entry = None
+            if raw is not None:
+                try:
+                    entry = CachedResponse.from_bytes(raw)
+                except CorruptEntry as exc:
+                    log.warning(
+                        "store.corrupt_entry", store=self.name, key=key_id(key), error=str(exc)
+                    )
+                    await self.delete(key)
+            out.append(entry)
+        return out
 
     async def set(self, key: str, entry: CachedResponse, ttl_s: float) -> None:
         """Queue the entry for the next batch and wait until it is written; StoreUnavailable
