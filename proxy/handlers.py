@@ -360,10 +360,7 @@ async def _handle(
 
 
 def _path_qs(st: State, upstream_path: str, query: str) -> str:
-    path_qs = upstream_path + ("?" + query if query else "")
-    if st.upstream.strip_v1 and path_qs.startswith("/v1/"):
-        path_qs = path_qs[3:]
-    return path_qs
+    return upstream_path + ("?" + query if query else "")
 
 
 async def _expect(request: web.BaseRequest) -> web.Response | None:

@@ -352,8 +352,6 @@ class Embedder:
                 fwd.add(name, value)
         fwd["Content-Type"] = "application/json"
         path_qs = path + ("?" + qs if qs else "")
-        if self.upstream.strip_v1 and path_qs.startswith("/v1/"):
-            path_qs = path_qs[3:]
         started = time.monotonic()
         try:
             async with self.upstream.request("POST", path_qs, fwd, body) as resp:

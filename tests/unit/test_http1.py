@@ -200,8 +200,7 @@ async def test_a_connection_the_upstream_closed_while_idle_is_not_reused():
     assert srv.connections == 2 and len(srv.requests) == 2
 
 
-async def test_a_reused_connection_closed_before_answering_is_retried_once():
-    """The race an idle timeout makes: the request went out as the upstream closed."""
+def _closes_the_second_unanswered() -> Answer:
     served = 0
 
     async def answer(_r: asyncio.StreamReader, w: asyncio.StreamWriter, _req: bytes) -> bool:
@@ -213,10 +212,28 @@ async def test_a_reused_connection_closed_before_answering_is_retried_once():
         await w.drain()
         return True
 
-    async with Server(answer) as srv:
+    return answer
+
+
+async def test_a_post_the_upstream_read_is_never_sent_again():
+    """A reused connection closed after the upstream read a POST: an error, not a resend
+    (RFC 9112 9.3.1: it may have been acted on; one more chat completion is one more bill)."""
+    async with Server(_closes_the_second_unanswered()) as srv:
         client = srv.client()
         assert await ask(client) == (200, b"x")
-        assert await ask(client) == (200, b"x")
+        with pytest.raises(UpstreamError, match="Server disconnected"):
+            await ask(client)
+        await client.aclose()
+    assert srv.connections == 1 and len(srv.requests) == 2
+
+
+async def test_a_get_on_a_reused_connection_closed_unanswered_is_retried_once():
+    """The race an idle timeout makes, for an idempotent GET: once more on a new connection."""
+    async with Server(_closes_the_second_unanswered()) as srv:
+        client = srv.client()
+        for _ in range(2):
+            async with client.request("GET", "/v1/models", CIMultiDict(), b"") as resp:
+                assert (resp.status, await resp.read()) == (200, b"x")
         await client.aclose()
     assert srv.connections == 2 and len(srv.requests) == 3
 
@@ -379,8 +396,13 @@ class _Transport:
     def close(self) -> None:
         self.closed = True
 
+    abort = close
+
     def is_closing(self) -> bool:
         return self.closed
+
+    def get_write_buffer_size(self) -> int:
+        return 0
 
 
 async def _parse(pieces: list[bytes]) -> tuple[int, bytes]:
@@ -388,6 +410,7 @@ async def _parse(pieces: list[bytes]) -> tuple[int, bytes]:
     conn = http1._Connection(client)
     conn.connection_made(_Transport())  # type: ignore[arg-type]
     conn._head = asyncio.get_running_loop().create_future()
+    conn.active = conn.written = True
     head = conn._head
     for piece in pieces:
         conn.data_received(piece)
@@ -420,10 +443,10 @@ async def test_a_host_name_is_resolved_once_and_its_addresses_tried_in_turn():
         )
         assert client.host_header == f"localhost:{srv.port}"
         assert await ask(client) == (200, b"x")
-        resolved = client._dns
-        assert resolved is not None and "127.0.0.1" in resolved
+        resolved = client._dns[("localhost", srv.port)][0]
+        assert "127.0.0.1" in [info[4][0] for info in resolved]
         assert await ask(client) == (200, b"x")
-        assert client._dns is resolved and client._resolving is None
+        assert client._dns[("localhost", srv.port)][0] is resolved and not client._resolving
         await client.aclose()
     assert srv.connections == 2
     assert f"Host: localhost:{srv.port}".encode() in srv.requests[0]
