@@ -227,6 +227,14 @@ async def _handle(
     (a stream holds a few hundred bytes less)."""
     settings = st.settings
     h = request.headers
+    if request.raw_path[:1] != "/":
+        # An absolute-form (`POST http://host/...`) or asterisk-form target: the proxy is no
+        # forward proxy, and gluing such a target to the upstream's path makes nonsense.
+        resp = json_error(
+            400, "The request target must be a path.", "invalid_request_error", "bad_target"
+        )
+        resp.force_close()
+        return resp
     length = request.content_length
     if length is not None and length > st.max_body:
         return _too_large(settings)

@@ -484,3 +484,177 @@ async def test_an_answer_is_freed_without_the_garbage_collector():
             gc.enable()
         await client.aclose()
     assert left == []
+
+
+@pytest.mark.parametrize(
+    ("environ", "host", "expected"),
+    [
+        ({}, "api.openai.com", None),
+        ({"HTTPS_PROXY": "http://p:3128"}, "api.openai.com", "http://p:3128"),
+        ({"https_proxy": "p:3128", "HTTPS_PROXY": "http://q:1"}, "api.openai.com", "http://p:3128"),
+        ({"ALL_PROXY": "http://p:1"}, "api.openai.com", "http://p:1"),
+        ({"HTTPS_PROXY": "http://p:1", "NO_PROXY": "*"}, "api.openai.com", None),
+        ({"HTTPS_PROXY": "http://p:1", "NO_PROXY": "openai.com"}, "api.openai.com", None),
+        ({"HTTPS_PROXY": "http://p:1", "NO_PROXY": ".openai.com"}, "api.openai.com", None),
+        ({"HTTPS_PROXY": "http://p:1", "NO_PROXY": "penai.com"}, "api.openai.com", "http://p:1"),
+        ({"HTTPS_PROXY": "http://p:1", "no_proxy": "10.0.0.0/8"}, "10.1.2.3", None),
+        (
+            {"HTTPS_PROXY": "http://p:1", "NO_PROXY": "api.openai.com:8443"},
+            "api.openai.com",
+            "http://p:1",
+        ),
+        ({"HTTP_PROXY": "http://p:1"}, "api.openai.com", None),  # https upstream: not HTTP_PROXY
+    ],
+)
+def test_the_egress_proxy_from_the_environment(environ, host, expected):
+    """HTTPS_PROXY / ALL_PROXY (lower case first) unless NO_PROXY names the host, as curl and
+    the SDKs read them."""
+    assert http1.proxy_for("https", host, 443, environ) == expected
+
+
+async def test_through_an_http_proxy_the_target_is_absolute_and_authenticated():
+    """HTTP_PROXY for an http upstream: the request goes to the proxy, its target in absolute
+    form, with the proxy's credentials as Proxy-Authorization (never the upstream's)."""
+    async with Server(fixed(ok(b"via"))) as proxy_srv:
+        client = Client(
+            "http://upstream.internal:8000",
+            connect_timeout_s=5,
+            read_timeout_s=5,
+            ssl_context=None,
+            environ={"HTTP_PROXY": f"http://user:pa%40ss@127.0.0.1:{proxy_srv.port}"},
+        )
+        assert await ask(client) == (200, b"via")
+        await client.aclose()
+    sent = proxy_srv.requests[0]
+    assert sent.startswith(b"POST http://upstream.internal:8000/v1/chat/completions HTTP/1.1\r\n")
+    assert b"Host: upstream.internal:8000\r\n" in sent
+    assert b"Proxy-Authorization: Basic dXNlcjpwYUBzcw==\r\n" in sent  # user:pa@ss
+
+
+async def test_an_answer_nobody_asked_for_closes_the_idle_connection():
+    """Bytes that arrive while the connection idles (a late 408) close it: the next request
+    goes on a new connection and gets its own answer, never the stray one."""
+
+    async def answer(_r: asyncio.StreamReader, w: asyncio.StreamWriter, req: bytes) -> bool:
+        w.write(ok(req[-3:]))
+        await w.drain()
+        await asyncio.sleep(0.05)
+        w.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")
+        await w.drain()
+        return True
+
+    async with Server(answer) as srv:
+        client = srv.client()
+        assert await ask(client, b"one") == (200, b"one")
+        await asyncio.sleep(0.2)
+        assert await ask(client, b"two") == (200, b"two")
+        await client.aclose()
+    assert srv.connections == 2
+
+
+async def test_a_second_answer_in_the_same_write_is_never_the_next_answer():
+    """An extra whole answer in the bytes of the first: the first is read, the connection is
+    closed, and the next request gets its own answer on a new one."""
+
+    async def answer(_r: asyncio.StreamReader, w: asyncio.StreamWriter, req: bytes) -> bool:
+        w.write(ok(req[-3:]) + ok(b"stray"))
+        await w.drain()
+        return True
+
+    async with Server(answer) as srv:
+        client = srv.client()
+        assert await ask(client, b"one") == (200, b"one")
+        assert await ask(client, b"two") == (200, b"two")
+        await client.aclose()
+    assert srv.connections == 2
+
+
+async def test_an_early_answer_stops_the_body_and_the_connection_is_not_reused():
+    """A 413 before the body was read: the client gets it, the writing stops, and the next
+    request never shares that socket."""
+
+    async def early(r: asyncio.StreamReader, w: asyncio.StreamWriter, _req: bytes) -> bool:
+        w.write(b"HTTP/1.1 413 Too Large\r\nContent-Length: 2\r\n\r\nno")
+        await w.drain()
+        return True
+
+    requests: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        requests.append(head)
+        if not requests[1:]:
+            await early(reader, writer, head)  # and reads nothing of the body
+        else:
+            length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            writer.write(ok(b"two"))
+            await writer.drain()
+        await over.wait()
+        writer.close()
+
+    over = asyncio.Event()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = Client(
+        f"http://127.0.0.1:{port}", connect_timeout_s=5, read_timeout_s=5, ssl_context=None
+    )
+    assert await ask(client, b"x" * (64 * 1024 * 1024)) == (413, b"no")
+    assert await ask(client, b"{}") == (200, b"two")
+    await client.aclose()
+    over.set()
+    server.close()
+    await asyncio.sleep(0.05)
+    assert len(requests) == 2  # the second on its own connection (each serve() takes one)
+
+
+async def test_writing_a_body_nobody_reads_times_out():
+    """An upstream that reads the head and never the body: after the read timeout without
+    write progress, UpstreamTimeout, and the connection is dropped."""
+
+    over = asyncio.Event()
+
+    async def deaf(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await over.wait()
+        writer.close()
+
+    server = await asyncio.start_server(deaf, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = Client(
+        f"http://127.0.0.1:{port}", connect_timeout_s=5, read_timeout_s=0.3, ssl_context=None
+    )
+    t0 = asyncio.get_running_loop().time()
+    with pytest.raises(UpstreamTimeout):
+        await ask(client, b"x" * (64 * 1024 * 1024))
+    assert asyncio.get_running_loop().time() - t0 < 3
+    assert not client._busy and not client._idle
+    await client.aclose()
+    over.set()
+    server.close()
+    await asyncio.sleep(0.05)
+
+
+async def test_a_head_answer_ends_with_its_head():
+    """HEAD: Content-Length describes a body that is not sent; the answer ends at its head."""
+    async with Server(fixed(b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n")) as srv:
+        client = srv.client()
+        async with client.request("HEAD", "/v1/models", CIMultiDict(), b"") as resp:
+            assert resp.status == 200 and resp.content_length == 50
+            assert await resp.read() == b""
+        await client.aclose()
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "br"])
+def test_a_coded_body_cut_short_is_an_error_not_a_short_answer(coding):
+    """The coded stream must end where the body does: a cut one is an upstream error."""
+    data = bytes(range(256)) * 64
+    packed = {"gzip": gzip.compress, "deflate": zlib.compress, "br": brotli.compress}[coding](data)
+    decoder = http1._Decoder(coding)
+    out = b"".join(decoder.pieces(packed[: len(packed) // 2]))
+    assert len(out) < len(data)
+    with pytest.raises(UpstreamError, match="ended early"):
+        list(decoder.rest())
+    whole = http1._Decoder(coding)
+    assert b"".join([*whole.pieces(packed), *whole.rest()]) == data
