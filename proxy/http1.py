@@ -313,6 +313,7 @@ class _Connection(asyncio.Protocol):
         self.no_body = False
         """The request was HEAD: its answer ends with its head."""
         self._complete = False
+        self._poll: select.poll | None = None
         self._headers: list[tuple[str, str]] = []
         self._head_size = 0
         self._informational = False
@@ -326,6 +327,14 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # (uvloop's is no subclass)
+
+    def _watch(self) -> None:
+        """A poll object on the socket (once), for quiet()."""
+        transport = self.transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is not None:
+            self._poll = select.poll()
+            self._poll.register(sock.fileno(), select.POLLIN | select.POLLPRI)
 
     def data_received(self, data: bytes) -> None:
         if not self.active:  # nobody asked: never parsed, never reaches a request
@@ -485,14 +494,14 @@ class _Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing() or not self.alive:
             return False
-        sock = transport.get_extra_info("socket")
-        if sock is None:
-            return True
+        if self._poll is None:
+            self._watch()
+            if self._poll is None:
+                return True
         try:
-            readable, _, _ = select.select([sock.fileno()], [], [], 0)
-        except (OSError, ValueError):
+            return not self._poll.poll(0)  # (a closed descriptor: POLLNVAL, not quiet)
+        except OSError:
             return False
-        return not readable
 
     def read_timer(self, waiter: asyncio.Future[Any]) -> asyncio.TimerHandle | None:
         """A timer that ends the exchange if `waiter` is not done within the read timeout.

@@ -132,8 +132,8 @@ def forward_headers(headers: Mapping[str, str], *, decoded: bool = False) -> CIM
     out: CIMultiDict[str] = CIMultiDict()
     named: frozenset[str] = frozenset()
     connection = headers.get("Connection")
-    if connection is not None:  # the headers it names are hop-by-hop too (RFC 9110 7.6.1)
-        named = _connection_tokens(headers)
+    if connection is not None and connection.lower() not in ("keep-alive", "close"):
+        named = _connection_tokens(headers)  # what it names is hop-by-hop too (RFC 9110 7.6.1)
     for name, value in headers.items():
         low = name.lower()
         if low in HOP_BY_HOP or low in PROXY_REQUEST_HEADERS or low in named:
