@@ -352,3 +352,29 @@ def test_https_upstream_through_an_egress_proxy_and_no_proxy(bg, start, tmp_path
     finally:
         bg.run(tunnel.stop())
         bg.run(secure.stop())
+
+
+async def test_a_slow_first_byte_is_one_upstream_call_not_one_per_duplicate(
+    upstream, start, tmp_path
+):
+    """An upstream that takes longer to its first byte than lock_timeout_s: five identical
+    requests are one upstream POST (the leader is working, not silent), all answered alike."""
+    rules = tmp_path / "rules.toml"
+    rules.write_text('[[rule]]\nroute = "/v1/chat/completions"\nlock_timeout_s = 0.3\n')
+    upstream.behave = lambda _req: Behaviour.DELAY
+    upstream.delay_s = 1.5
+    proc = start("--rules", str(rules))
+    client = openai.AsyncOpenAI(base_url=proc.url + "/v1", api_key="sk-a", max_retries=0)
+
+    async def one() -> str:
+        got = await client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "slow"}]
+        )
+        return got.choices[0].message.content or ""
+
+    try:
+        answers = await asyncio.gather(*(one() for _ in range(5)))
+    finally:
+        await client.close()
+    assert answers == [f"{named('sk-a')} slow"] * 5
+    assert sum(r.path.endswith("/chat/completions") for r in upstream.requests) == 1
