@@ -56,7 +56,7 @@ import structlog
 from aiohappyeyeballs import AddrInfoType as AddrInfo
 from multidict import CIMultiDict
 
-from proxy.errors import UpstreamError, UpstreamTimeout
+from proxy.errors import ConfigError, UpstreamError, UpstreamTimeout
 
 try:
     import brotli
@@ -664,7 +664,11 @@ class Client:
         if via is not None:
             self.proxy = urlsplit(via)
             if self.proxy.scheme != "http" or not self.proxy.hostname:
-                raise UpstreamError(f"the egress proxy must be http://host:port, not {via!r}")
+                shown = f"{self.proxy.scheme}://{self.proxy.hostname}:{self.proxy.port or ''}"
+                raise ConfigError(
+                    f"HTTPS_PROXY / HTTP_PROXY / ALL_PROXY: the egress proxy must be "
+                    f"http://host:port, not {shown}"
+                )
             if self.proxy.username is not None:
                 user = unquote(self.proxy.username)
                 secret = unquote(self.proxy.password or "")

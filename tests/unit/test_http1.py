@@ -658,3 +658,19 @@ def test_a_coded_body_cut_short_is_an_error_not_a_short_answer(coding):
         list(decoder.rest())
     whole = http1._Decoder(coding)
     assert b"".join([*whole.pieces(packed), *whole.rest()]) == data
+
+
+def test_an_egress_proxy_that_is_not_http_stops_the_start_naming_the_variable():
+    """A socks or https egress proxy is refused at start-up (ConfigError), its password
+    never shown."""
+    from proxy.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="HTTPS_PROXY") as refused:
+        Client(
+            "https://api.openai.com",
+            connect_timeout_s=1,
+            read_timeout_s=1,
+            ssl_context=None,
+            environ={"HTTPS_PROXY": "socks5://user:hunter2@p:1080"},
+        )
+    assert "hunter2" not in str(refused.value)
