@@ -674,3 +674,43 @@ def test_an_egress_proxy_that_is_not_http_stops_the_start_naming_the_variable():
             environ={"HTTPS_PROXY": "socks5://user:hunter2@p:1080"},
         )
     assert "hunter2" not in str(refused.value)
+
+
+async def test_an_address_that_does_not_answer_does_not_hold_the_next_one_back():
+    """Happy Eyeballs: with a first address that never answers (a black hole), the next is
+    tried 250 ms later, and the request is answered long before the connect timeout."""
+    import socket
+    import time
+
+    # A black hole: a listening socket whose accept queue is full drops new SYNs.
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(hole.getsockname())
+        fillers.append(filler)
+    try:
+        async with Server(fixed(ok(b"x"))) as srv:
+            client = Client(
+                f"http://upstream.test:{srv.port}",
+                connect_timeout_s=10,
+                read_timeout_s=5,
+                ssl_context=None,
+                environ={},
+            )
+            infos = [
+                (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", address)
+                for address in (hole.getsockname(), ("127.0.0.1", srv.port))
+            ]
+            client._dns[("upstream.test", srv.port)] = (infos, time.monotonic() + 60)
+            t0 = time.monotonic()
+            assert await ask(client) == (200, b"x")
+            assert 0.2 < time.monotonic() - t0 < 3  # the hole held it back 250 ms, no more
+            await client.aclose()
+    finally:
+        for filler in fillers:
+            filler.close()
+        hole.close()
