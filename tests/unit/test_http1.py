@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 
 import brotli
 import pytest
+from aiohappyeyeballs import AddrInfoType
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
@@ -701,8 +702,8 @@ async def test_an_address_that_does_not_answer_does_not_hold_the_next_one_back()
                 ssl_context=None,
                 environ={},
             )
-            infos = [
-                (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", address)
+            infos: list[AddrInfoType] = [
+                (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", tuple(address))
                 for address in (hole.getsockname(), ("127.0.0.1", srv.port))
             ]
             client._dns[("upstream.test", srv.port)] = (infos, time.monotonic() + 60)
