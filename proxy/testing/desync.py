@@ -112,6 +112,33 @@ SPEECH = bytes(range(256)) * 400
 """What /v1/audio/speech answers (gzip-coded on the wire)."""
 
 
+def stream_body(req: Request) -> bytes:
+    """The same answer as a chat completion stream (three content chunks, then [DONE])."""
+    content = f"[who:{who(req.headers)}] {prompt_of(req.body)}"
+    third = max(1, len(content) // 3)
+    pieces = [content[:third], content[third : 2 * third], content[2 * third :]]
+    events = []
+    for i, piece in enumerate(pieces):
+        delta = {"role": "assistant", "content": piece} if i == 0 else {"content": piece}
+        chunk = {
+            "id": "chatcmpl-scripted",
+            "object": "chat.completion.chunk",
+            "created": 0,
+            "model": "gpt-4o-mini",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+        }
+        events.append(b"data: " + orjson.dumps(chunk) + b"\n\n")
+    last = {
+        "id": "chatcmpl-scripted",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": "gpt-4o-mini",
+        "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+    }
+    events.append(b"data: " + orjson.dumps(last) + b"\n\n")
+    return b"".join(events) + b"data: [DONE]\n\n"
+
+
 def message(
     status: int,
     body: bytes,
@@ -229,6 +256,9 @@ class ScriptedUpstream:
             await writer.drain()
             return True
         answer = answer_body(req)
+        ctype = "application/json"
+        if b'"stream":true' in req.body.replace(b" ", b""):
+            answer, ctype = stream_body(req), "text/event-stream"
         if path.endswith("/audio/speech"):  # audio, always sent gzip-coded
             coded = gzip.compress(SPEECH)
             if how is Behaviour.CUT_GZIP:
@@ -242,20 +272,20 @@ class ScriptedUpstream:
             return True
         match how:
             case Behaviour.NORMAL:
-                writer.write(message(200, answer))
+                writer.write(message(200, answer, ctype=ctype))
             case Behaviour.DELAY:
                 await asyncio.sleep(self.delay_s)
-                writer.write(message(200, answer))
+                writer.write(message(200, answer, ctype=ctype))
             case Behaviour.EXTRA_SAME_WRITE:
-                writer.write(message(200, answer) + message(200, answer))
+                writer.write(message(200, answer, ctype=ctype) + message(200, answer, ctype=ctype))
             case Behaviour.EXTRA_LATE | Behaviour.IDLE_408:
-                writer.write(message(200, answer))
+                writer.write(message(200, answer, ctype=ctype))
                 await writer.drain()
                 await asyncio.sleep(self.late_s)
                 if not _idle(reader, writer):
                     return True  # a next request came: no longer "on an idle connection"
                 if how is Behaviour.EXTRA_LATE:
-                    writer.write(message(200, answer))
+                    writer.write(message(200, answer, ctype=ctype))
                 else:
                     writer.write(message(408, b"", "Connection: close"))
                     await writer.drain()
@@ -263,7 +293,9 @@ class ScriptedUpstream:
             case Behaviour.READ_CLOSE:
                 return False
             case Behaviour.CLOSE_MID:
-                writer.write(message(200, answer[: len(answer) // 2], length=len(answer)))
+                writer.write(
+                    message(200, answer[: len(answer) // 2], length=len(answer), ctype=ctype)
+                )
                 await writer.drain()
                 return False
             case Behaviour.CUT_GZIP | Behaviour.CUT_BR:
@@ -272,7 +304,7 @@ class ScriptedUpstream:
                 )
                 cut = coded[: max(1, len(coded) * 2 // 3)]
                 coding = "gzip" if how is Behaviour.CUT_GZIP else "br"
-                writer.write(message(200, cut, f"Content-Encoding: {coding}"))
+                writer.write(message(200, cut, f"Content-Encoding: {coding}", ctype=ctype))
             case Behaviour.BODY_AFTER_204:
                 writer.write(b"HTTP/1.1 204 No Content\r\n\r\n" + answer)
             case Behaviour.EARLY | Behaviour.HEAD_ONLY:

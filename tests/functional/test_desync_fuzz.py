@@ -19,6 +19,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -75,6 +76,26 @@ def proc(upstream: ScriptedUpstream, tmp_path: Path) -> Iterator[Proc]:
         p.stop()
 
 
+async def streamed(client: openai.AsyncOpenAI, messages: list[dict[str, str]]) -> tuple[str, str]:
+    """A streamed chat completion: the content received, and how it ended."""
+    parts: list[str] = []
+    try:
+        stream: Any = await client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=messages,  # type: ignore[arg-type]
+            stream=True,
+            extra_headers={"X-Fuzz-Id": uuid.uuid4().hex},
+        )
+        async for chunk in stream:
+            for choice in chunk.choices:
+                parts.append(choice.delta.content or "")
+    except openai.APIStatusError as exc:
+        return exc.response.text, f"stream status {exc.status_code}"
+    except Exception:  # openai.APIError, or the transport's own (a cut chunked body)
+        return "".join(parts), "stream cut"
+    return "".join(parts), "stream 200" if parts else "stream without a body"
+
+
 async def test_no_answer_ever_reaches_another_request(proc, upstream, seed):
     """Under random upstream misbehaviour, every answer names its own tenant and prompt or is
     an error; nothing is sent twice upstream, nothing is spliced into another request."""
@@ -105,6 +126,19 @@ async def test_no_answer_ever_reaches_another_request(proc, upstream, seed):
             messages = [{"role": "user", "content": prompt}]
             if rng.random() < 0.03:  # now and then a large body (early answers, slow writes)
                 messages.insert(0, {"role": "system", "content": "p" * 1_500_000})
+            expected = f"[who:{mine}] {prompt}"
+            if rng.random() < 0.25:  # streamed: a cut stream must still be a prefix of its own
+                content, outcome = await streamed(clients[tenant], messages)
+                outcomes[outcome] += 1
+                whole = outcome == "stream 200"
+                if outcome.startswith("stream status"):
+                    pass  # an error body: it may only name this tenant (below)
+                elif (content != expected) if whole else not expected.startswith(content):
+                    wrong.append(f"tenant {tenant} asked {prompt!r}, streamed {content!r}")
+                for name in NAMED.findall(content):
+                    if name != mine:
+                        wrong.append(f"tenant {tenant} got a stream naming {name}")
+                continue
             try:
                 got: object = await clients[tenant].chat.completions.create(
                     model="gpt-4o-mini",
@@ -129,10 +163,10 @@ async def test_no_answer_ever_reaches_another_request(proc, upstream, seed):
                     if name != mine:
                         wrong.append(f"tenant {tenant} got a body naming {name}")
                 continue
-            content = got.choices[0].message.content
+            answer = got.choices[0].message.content
             outcomes["200"] += 1
-            if content != f"[who:{mine}] {prompt}":
-                wrong.append(f"tenant {tenant} asked {prompt!r} and got {content!r}")
+            if answer != expected:
+                wrong.append(f"tenant {tenant} asked {prompt!r} and got {answer!r}")
 
     try:
         await asyncio.gather(*(worker() for _ in range(WORKERS)))
