@@ -52,10 +52,11 @@ Module map:
     bus.py        Redis lease + stream: flights across instances; who leads
     fetch.py      upstream -> flight -> store (a task, or the leading handler)
     answers.py    storable(): may a finished answer be stored; its stored form   [pure]
-    upstream.py   the upstream: http1.Client (aiohttp for HEAD), header filters, exception
-                  mapping
-    http1.py      a lean HTTP/1.1 client for one origin: keep-alive pool, httptools parser,
-                  codings decoded piece by piece, timeouts
+    upstream.py   the upstream: one http1.Client for every method, the base URL joined
+                  with each path once (join_path), header filters
+    http1.py      a lean HTTP/1.1 client for one origin: a keep-alive pool that reuses only
+                  clean connections, httptools parser, codings decoded piece by piece (and
+                  checked to end), read and write timeouts, Happy Eyeballs, egress proxies
     replay.py     a stored answer -> the client (whole, in pieces, or paced)
     twins.py      a stored stream <-> its JSON object (chat, responses)          [pure]
     vectors.py    embeddings (exact cache or a local server), the shared vector index

@@ -275,6 +275,14 @@ async def _handle(
     (a stream holds a few hundred bytes less)."""
     settings = st.settings
     h = request.headers
+    if request.raw_path[:1] != "/":
+        # An absolute-form (`POST http://host/...`) or asterisk-form target: the proxy is no
+        # forward proxy, and gluing such a target to the upstream's path makes nonsense.
+        resp = json_error(
+            400, "The request target must be a path.", "invalid_request_error", "bad_target"
+        )
+        resp.force_close()
+        return resp
     length = request.content_length
     if length is not None and length > st.max_body:
         return _too_large(settings)
@@ -423,10 +431,7 @@ async def _handle(
 
 
 def _path_qs(st: State, upstream_path: str, query: str) -> str:
-    path_qs = upstream_path + ("?" + query if query else "")
-    if st.upstream.strip_v1 and path_qs.startswith("/v1/"):
-        path_qs = path_qs[3:]
-    return path_qs
+    return upstream_path + ("?" + query if query else "")
 
 
 async def _expect(request: web.BaseRequest) -> web.Response | None:

@@ -59,7 +59,8 @@ class Settings:
     upstream_connect_timeout_s: float = 10.0
     """Connect timeout to the upstream; past it the client gets 502."""
     upstream_read_timeout_s: float = 600.0
-    """Longest silence while reading from the upstream; past it the client gets 504."""
+    """Longest time without progress while writing a request to or reading an answer from the
+    upstream; past it the client gets 504."""
     auth_recheck_s: float = 3600.0
     """A credential served from the cache is re-checked upstream (GET /v1/models) when it was
     last seen accepted longer ago than this, so a revoked key stops getting cached answers

@@ -445,8 +445,6 @@ class Embedder:
                 fwd.add(name, value)
         fwd["Content-Type"] = "application/json"
         path_qs = path + ("?" + qs if qs else "")
-        if self.upstream.strip_v1 and path_qs.startswith("/v1/"):
-            path_qs = path_qs[3:]
         started = time.monotonic()
         try:
             async with self.upstream.request("POST", path_qs, fwd, body) as resp:
@@ -474,7 +472,7 @@ class Embedder:
         fwd: CIMultiDict[str] = CIMultiDict({"Content-Type": "application/json"})
         if self.local_key:
             fwd["Authorization"] = f"Bearer {self.local_key}"
-        path = "/embeddings" if local.strip_v1 else "/v1/embeddings"
+        path = "/v1/embeddings"  # joined with the server's base path once (join_path)
         data = await self._read(local, path, fwd, body)
         return Embedding(_vector_of(data), None)
 
@@ -591,7 +589,7 @@ class Verifier:
             for value in headers.getall(name, ()):
                 fwd.add(name, value)
         fwd["Content-Type"] = "application/json"
-        path = "/chat/completions" if self.upstream.strip_v1 else "/v1/chat/completions"
+        path = "/v1/chat/completions"
         body = judge_body(model, question, answer)
         started = time.perf_counter()
         try:
