@@ -55,7 +55,7 @@ def process(args: list[str], port: int, env: dict[str, str] | None = None) -> It
 
 
 @contextmanager
-def fake_upstream(**knobs: float) -> Iterator[str]:
+def fake_upstream(**knobs: float | str) -> Iterator[str]:
     port = free_port()
     args = [sys.executable, "-m", "bench.servers", "fake", "--port", str(port)]
     for name, value in knobs.items():

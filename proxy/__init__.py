@@ -12,7 +12,7 @@ The data path, one request (handlers.proxy_handler):
    Keyed (key, freshness, what to store)
 4. cache.Cache.get (a Store from stores/, behind a hot tier and a breaker) -> HIT: replay.py
    (twins.py converts a stored stream to JSON or back); on an exact miss, a rule with
-   `semantic` looks the request up by meaning (vectors.py, guards in semantic.py) -> HIT
+   `semantic` looks the request up by meaning (vectors.py, guards in guards.py) -> HIT
 5. coalesce.Flights: join the key's flight (COALESCED) or lead one (MISS / REFRESH); across
    instances bus.RedisBus.lead answers Local | Leader | Follow | Conflict; fetch.Fetcher
    reads upstream.Upstream (http1.py) into the flight (in its own task, or a whole chat or
@@ -37,7 +37,9 @@ Module map:
     normalize.py  body -> canonical bytes                                        [pure]
     keys.py       tenant digest, cache key, store key with purge tags            [pure]
     plan.py       request -> Plan; Cache-Control                                 [pure]
-    semantic.py   what a semantic lookup compares; the numbers / negation guards [pure]
+    semantic.py   what a semantic lookup compares; the judge's request and verdict [pure]
+    guards.py     the guards against false semantic hits, as keyed digests       [pure]
+    calibrate.py  `semantic calibrate`: a model's threshold from labelled pairs
     rules.py      rules/*.toml -> Rules                                          [pure]
     sse.py        SSE checks, fed incrementally (Scanner)                        [pure]
     cost.py       usage -> tokens and dollars                                    [pure]
@@ -50,13 +52,15 @@ Module map:
     bus.py        Redis lease + stream: flights across instances; who leads
     fetch.py      upstream -> flight -> store (a task, or the leading handler)
     answers.py    storable(): may a finished answer be stored; its stored form   [pure]
-    upstream.py   the upstream: http1.Client (aiohttp for HEAD), header filters, exception
-                  mapping
-    http1.py      a lean HTTP/1.1 client for one origin: keep-alive pool, httptools parser,
-                  codings decoded piece by piece, timeouts
+    upstream.py   the upstream: one http1.Client for every method, the base URL joined
+                  with each path once (join_path), header filters
+    http1.py      a lean HTTP/1.1 client for one origin: a keep-alive pool that reuses only
+                  clean connections, httptools parser, codings decoded piece by piece (and
+                  checked to end), read and write timeouts, Happy Eyeballs, egress proxies
     replay.py     a stored answer -> the client (whole, in pieces, or paced)
     twins.py      a stored stream <-> its JSON object (chat, responses)          [pure]
-    vectors.py    embeddings (through the exact cache), the shared vector index, lookup
+    vectors.py    embeddings (exact cache or a local server), the shared vector index
+                  (memory-capped), lookup, the optional verifier
     purge.py      purge filters -> key pattern; the purge subcommand
     images/       rehosting image URLs to a local folder or S3/R2 (SSRF-guarded)
     log.py, stats.py, metrics.py, report.py, dashboard.html, auth.py, backfill.py, demo.py

@@ -25,6 +25,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from proxy.backfill import main as backfill_main
 
             return backfill_main(args[2:])
+        if args[:2] == ["semantic", "calibrate"]:
+            from proxy.calibrate import main as calibrate_main
+
+            return calibrate_main(args[2:])
         if args[:1] == ["purge"]:
             from proxy.purge import main as purge_main
 

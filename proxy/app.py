@@ -24,6 +24,7 @@ from proxy import log as logmod
 from proxy.auth import CredentialCheck
 from proxy.bus import RedisBus
 from proxy.cache import Cache
+from proxy.caller_keys import Request as CallerRequest
 from proxy.coalesce import Flights
 from proxy.cost import Prices
 from proxy.errors import ConfigError, StoreUnavailable
@@ -45,7 +46,7 @@ from proxy.stores import MemoryStore, open_store
 from proxy.stores.redis import RedisStore
 from proxy.tasks import spawn
 from proxy.upstream import Upstream
-from proxy.vectors import Embedder, Semantic, VectorIndex
+from proxy.vectors import Embedder, Semantic, VectorIndex, Verifier
 
 log = structlog.get_logger()
 
@@ -150,10 +151,33 @@ def build_state(settings: Settings) -> State:
             max_bytes=int(settings.semantic_memory_mb * 1024 * 1024),
             cpu=state.cpu,
         )
+        urls = {settings.semantic_embeddings_url}
+        urls |= {r.semantic_embeddings_url for r in rules.rules if r.semantic != "off"}
+        servers = {
+            url: Upstream(
+                url,
+                connect_timeout_s=settings.upstream_connect_timeout_s,
+                read_timeout_s=settings.semantic_timeout_s,
+            )
+            for url in sorted(urls - {""})
+        }
         embedder = Embedder(
-            upstream, cache, rules, secret, prices, timeout_s=settings.semantic_timeout_s
+            upstream,
+            cache,
+            rules,
+            secret,
+            prices,
+            timeout_s=settings.semantic_timeout_s,
+            servers=servers,
+            default_server=settings.semantic_embeddings_url,
+            local_key=settings.semantic_embeddings_key,
         )
-        state.semantic = Semantic(embedder, index, cache, state.mac_key, state.cpu)
+        verifier = None
+        if any(r.semantic_verify == "llm" for r in rules.rules):
+            verifier = Verifier(upstream, prices, timeout_s=settings.semantic_verify_timeout_s)
+        state.semantic = Semantic(
+            embedder, index, cache, state.mac_key, state.cpu, verifier=verifier
+        )
     return state
 
 
@@ -270,15 +294,15 @@ async def purge(st: State, request: web.BaseRequest) -> web.StreamResponse:
     """POST /_proxy/purge {"namespace"?, "tenant"?, "model"?, "route"?}: {"purged": N}.
     Behind the admin door (the token, or loopback without one)."""
     from proxy.errors import BadFilter
-    from proxy.purge import pattern_of
+    from proxy.purge import patterns_of
 
     body = await request.read()
     try:
-        pattern = pattern_of(orjson.loads(body) if body else {})
+        patterns = patterns_of(orjson.loads(body) if body else {})
     except (BadFilter, orjson.JSONDecodeError) as exc:
         return json_error(400, str(exc), "invalid_request_error", "invalid_purge_filter")
     try:
-        purged = await st.cache.purge(pattern)
+        purged = await st.cache.purge(*patterns)
     except StoreUnavailable as exc:
         return json_error(503, f"The store is unavailable: {exc}", "proxy_error", "store_down")
     log.info("cache.purged", purged=purged)
@@ -411,7 +435,7 @@ class ProxyApp:
         def request_factory(
             message: Any, payload: Any, protocol: Any, writer: Any, task: Any
         ) -> web.BaseRequest:
-            return web.BaseRequest(
+            return CallerRequest(
                 message, payload, protocol, writer, task, protocol._loop, client_max_size=max_size
             )
 
@@ -436,7 +460,11 @@ class ProxyApp:
         stack.push_async_callback(st.cache.aclose)
         stack.push_async_callback(_close_optional, st.rehoster)
         stack.push_async_callback(st.upstream.aclose)
+        if st.semantic is not None:
+            for server in st.semantic.embedder.servers.values():
+                stack.push_async_callback(server.aclose)
         stack.callback(st.cpu.shutdown, wait=False, cancel_futures=True)
+        stack.callback(st.close_parsers)
         cache = st.cache
         await cache.warm()
         await cache.probe()

@@ -19,7 +19,14 @@ from multidict import CIMultiDict
 from proxy.errors import UpstreamError
 from proxy.upstream import Upstream, response_headers
 
-AUTH_HEADERS = ("Authorization", "api-key", "OpenAI-Organization", "OpenAI-Project")
+AUTH_HEADERS = (
+    "Authorization",
+    "api-key",
+    "x-api-key",
+    "OpenAI-Organization",
+    "OpenAI-Project",
+)
+"""Every header that makes the tenant (keys.credential_of), and only those."""
 RETRY_UNKNOWN_S = 60.0
 
 

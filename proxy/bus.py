@@ -72,6 +72,9 @@ class Leader:
 class Follow:
     """Another instance leads: follow its stream."""
 
+    form: str | None = None
+    """The form of the leader's answer, for an Idempotency-Key flight (None: not said)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Conflict:
@@ -142,26 +145,30 @@ class RedisBus:
             self.down_until = time.monotonic() + self.breaker_s
             raise BusError(str(exc)) from exc
 
-    async def lead(self, key: str, fingerprint: str) -> Leadership:
+    async def lead(self, key: str, fingerprint: str, form: str = "") -> Leadership:
         """Who fetches `key`: this instance for all (Leader), another one (Follow, or
         Conflict for an Idempotency-Key it leads with another body), or this process alone
-        because Redis failed (Local). Never raises."""
+        because Redis failed (Local). An Idempotency-Key flight is one for every form of its
+        request: the lease says the leader's `form`, which Follow carries. Never raises."""
         if not self.usable:
             return LOCAL
         try:
-            token = await self.try_lead(key, fingerprint)
+            token = await self.try_lead(key, fingerprint, form)
             if token is not None:
                 return Leader(token)
-            if fingerprint and await self.conflicts(key, fingerprint):
-                return CONFLICT
+            if fingerprint:
+                led = await self.led(key)
+                if led is not None and led[0] != fingerprint:
+                    return CONFLICT
+                return Follow(led[1] if led is not None else None)
         except BusError:
             return LOCAL  # Redis is down: coalesce in this process only
         return FOLLOW
 
-    async def try_lead(self, key: str, fingerprint: str = "") -> str | None:
+    async def try_lead(self, key: str, fingerprint: str = "", form: str = "") -> str | None:
         """A token if this instance now holds the lease for `key`, else None. The token ends
-        with the request's fingerprint (Idempotency-Key flights), see `conflicts`."""
-        token = secrets.token_hex(16) + "/" + fingerprint
+        with the request's fingerprint and form (Idempotency-Key flights), see `led`."""
+        token = secrets.token_hex(16) + "/" + fingerprint + ("/" + form if form else "")
         got = await self._call(
             lambda: self.client.set(self.lease_key(key), token, nx=True, px=self.lease_ms)
         )
@@ -178,7 +185,16 @@ class RedisBus:
         if value is None:
             return False
         led = value.decode() if isinstance(value, bytes) else str(value)
-        return led.partition("/")[2] != fingerprint
+        return led.split("/")[1:2] != [fingerprint]
+
+    async def led(self, key: str) -> tuple[str, str | None] | None:
+        """(fingerprint, form or None) of the request the instance leading `key` serves, or
+        None when nobody leads it now."""
+        value = await self._call(lambda: self.client.get(self.lease_key(key)))
+        if value is None:
+            return None
+        parts = (value.decode() if isinstance(value, bytes) else str(value)).split("/")
+        return (parts[1] if len(parts) > 1 else ""), (parts[2] if len(parts) > 2 else None)
 
     async def renew(self, key: str, token: str) -> bool:
         done = await self._call(

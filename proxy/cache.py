@@ -15,17 +15,24 @@ turns into a pass-through (BYPASS), and after a failure the store is not tried a
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import time
+from collections import deque
 from typing import Any, cast
 
 import structlog
 
 from proxy.errors import StoreUnavailable
-from proxy.models import CachedResponse
+from proxy.models import CLOCK, CachedResponse
 from proxy.stores import MemoryStore, Store
 from proxy.stores.base import Enqueues
 
 log = structlog.get_logger()
+
+PURGES_KEPT = 256
+"""Purges remembered (pattern, when) to keep fills begun before them from storing."""
+PURGE_MEMORY_S = 3600.0
+"""How long a purge is remembered: longer than any fill may take (upstream timeouts)."""
 
 
 class Cache:
@@ -52,6 +59,8 @@ class Cache:
         self._write_logged = -1e9
         self._enqueue = store.enqueue if isinstance(store, Enqueues) else None
         """The store's write without waiting (see put), where it has one."""
+        self._purges: deque[tuple[float, str]] = deque(maxlen=PURGES_KEPT)
+        """(when, pattern) of the latest purges made through this process (see purged)."""
 
     @property
     def state(self) -> str:
@@ -112,10 +121,45 @@ class Cache:
             hot.put(key, entry, self.hot_ttl_s)
         return entry
 
+    async def get_many(self, keys: list[str]) -> list[CachedResponse | None]:
+        """get() for many keys (embeddings items): the hot tier, then one batch read from a
+        store that has one (SQLite, Redis), else a read per key."""
+        hot = self.hot
+        out: list[CachedResponse | None] = [None] * len(keys)
+        ask: list[int] = []
+        for i, key in enumerate(keys):
+            entry = hot.peek(key) if hot is not None else None
+            if entry is not None:
+                out[i] = entry
+            elif hot is not self.store:
+                ask.append(i)
+        if not ask:
+            return out
+        self._check()
+        names = [keys[i] for i in ask]
+        many = getattr(self.store, "get_many", None)
+        try:
+            if many is not None:
+                found: list[CachedResponse | None] = await many(names)
+            else:
+                found = list(await asyncio.gather(*(self.store.get(k) for k in names)))
+        except StoreUnavailable as exc:
+            raise self._failed(exc) from exc
+        if not self.healthy:
+            self._ok()
+        for i, entry in zip(ask, found, strict=True):
+            out[i] = entry
+            if entry is not None and hot is not None:
+                hot.put(keys[i], entry, self.hot_ttl_s)
+        return out
+
     async def set(self, key: str, entry: CachedResponse, ttl_s: float) -> None:
         """Store an answer. A failed write (disk full, Redis at maxmemory with noeviction) is
         skipped and counted, and never opens the breaker: reads go on for every tenant; only a
-        failed read (the store is really gone) switches caching off."""
+        failed read (the store is really gone) switches caching off. An answer whose fill
+        began before a purge that names its key is not stored (see purged)."""
+        if self._purges and self.purged(key, entry):
+            return
         if self.hot is self.store:
             await self.store.set(key, entry, ttl_s)
             return
@@ -127,6 +171,23 @@ class Cache:
         except StoreUnavailable as exc:
             self._write_failed(exc)
             raise
+
+    async def delete(self, key: str, entry: CachedResponse) -> None:
+        """Drop a damaged entry (one that cannot become the answer asked for), unless another
+        answer replaced it meanwhile; a store that fails the delete is left as it is."""
+        hot = self.hot
+        if hot is not None:
+            held = hot.peek(key)
+            if held is not None and held.created != entry.created:
+                return
+            await hot.delete(key)
+            if hot is self.store:
+                return
+        try:
+            self._check()
+            await self.store.delete(key)
+        except StoreUnavailable:
+            pass
 
     @property
     def in_memory(self) -> bool:
@@ -142,6 +203,8 @@ class Cache:
         """set() without waiting, for stores that can_put: the entry is in the hot tier at
         once (so a duplicate that comes next is a HIT) and goes to the store with the next
         batch. A failed batch is counted and logged as set() does; nothing raises here."""
+        if self._purges and self.purged(key, entry):
+            return
         store = self.store
         if self.hot is store:
             self.hot.put(key, entry, ttl_s)
@@ -169,17 +232,33 @@ class Cache:
                 skipped=self.write_errors,
             )
 
-    async def purge(self, pattern: str) -> int:
+    async def purge(self, *patterns: str) -> int:
         """Delete from the store (and this process's hot tier) every entry whose key matches
-        `pattern` (see keys.purge_pattern). Other processes' hot tiers let go of them within
-        hot_ttl_s. Raises StoreUnavailable."""
-        if self.hot is not None and self.hot is not self.store:
-            self.hot.purge_now(pattern)
-        purge = getattr(self.store, "purge", None)
-        if purge is None:
-            return 0
-        gone: int = await purge(pattern)
+        one of `patterns` (see purge.patterns_of), and keep every fill that began before now
+        from storing under them. Other processes' hot tiers let go of them within hot_ttl_s.
+        Raises StoreUnavailable."""
+        now = CLOCK.now()
+        while self._purges and self._purges[0][0] < now - PURGE_MEMORY_S:
+            self._purges.popleft()
+        for pattern in patterns:
+            self._purges.append((now, pattern))
+        gone = 0
+        for pattern in patterns:
+            if self.hot is not None and self.hot is not self.store:
+                self.hot.purge_now(pattern)
+            purge = getattr(self.store, "purge", None)
+            if purge is not None:
+                gone += await purge(pattern)
         return gone
+
+    def purged(self, key: str, entry: CachedResponse) -> bool:
+        """Did a purge naming `key` come after the fill of `entry` began? Its upstream read
+        began upstream_ms before the entry was made (`created`, a few ms at most after the
+        read ended): an answer asked for after the purge is stored, one asked before is not."""
+        began = entry.created - entry.upstream_ms / 1000.0
+        return any(
+            began <= at and fnmatch.fnmatchcase(key, pattern) for at, pattern in self._purges
+        )
 
     async def warm(self) -> None:
         """Connect to the store before the first request, if it has anything to warm; a store

@@ -74,6 +74,7 @@ class Flight:
         "entry",
         "expected_size",
         "fingerprint",
+        "form",
         "head",
         "head_at",
         "kept",
@@ -95,6 +96,9 @@ class Flight:
         self.key = key
         self.fingerprint = fingerprint
         """For Idempotency-Key flights: the request the key was first used with."""
+        self.form = ""
+        """The form its answer comes in ("json", "sse", "sse+usage"; "" when not a twin): an
+        Idempotency-Key flight is shared by every form of its request."""
         self.max_bytes = max_bytes
         self.scan: Scanner | None = None
         """An SSE answer's checks (framing, terminal event, usage), fed as chunks arrive."""

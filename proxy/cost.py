@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from proxy.errors import ConfigError
+from proxy.prompt_cache import provider_saved
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,9 +26,22 @@ class Cost:
     tokens_out: int
     usd: float | None
     """None: unpriced (the model has no entry in the price table)."""
+    tokens_cached: int = 0
+    """Input tokens the provider's own prompt cache served (usage ..._details.cached_tokens),
+    part of tokens_in, priced at the cached-input price."""
+    provider_saved_usd: float | None = None
+    """What the provider's cache saved on them: input price less cached-input price."""
 
     def fields(self) -> dict[str, Any]:
-        return {"tokens_in": self.tokens_in, "tokens_out": self.tokens_out, "cost_usd": self.usd}
+        out: dict[str, Any] = {
+            "tokens_in": self.tokens_in,
+            "tokens_out": self.tokens_out,
+            "cost_usd": self.usd,
+        }
+        if self.tokens_cached:
+            out["cached_tokens"] = self.tokens_cached
+            out["provider_saved_usd"] = self.provider_saved_usd
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,12 +208,14 @@ class Prices:
         tout = _int(usage, "completion_tokens", "output_tokens")
         details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
         cached = int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
+        cached = max(0, min(cached, tin))
         price = self.token_price(model, today)
         if price is None:
-            return Cost(tin, tout, None)
+            return Cost(tin, tout, None, cached)
         cached_rate = price.cached_input if price.cached_input is not None else price.input
         usd = ((tin - cached) * price.input + cached * cached_rate + tout * price.output) / 1e6
-        return Cost(tin, tout, round(usd, 8))
+        saved = provider_saved(cached, price.input, cached_rate) if cached else None
+        return Cost(tin, tout, round(usd, 8), cached, saved)
 
 
 P = TypeVar("P", TokenPrice, SpeechPrice)

@@ -39,9 +39,7 @@ from proxy.tasks import spawn
 from proxy.upstream import Upstream, response_headers
 
 if TYPE_CHECKING:
-    import aiohttp
-
-    from proxy import http1
+    from proxy.upstream import Response
 
 log = structlog.get_logger()
 
@@ -189,9 +187,13 @@ class Fetcher:
         started = time.monotonic()
         read = Read(stream=job.stream, keep=True)
         try:
+            # The request is out and its answer's head has not come: the leader is working,
+            # not silent (followers wait up to the read timeout, not the lock timeout).
+            flight.busy = True
             async with self.upstream.request(
                 job.method, job.path_qs, job.headers, job.body
             ) as resp:
+                flight.busy = False
                 headers = response_headers(resp.headers)
                 ctype = resp.headers.get("Content-Type", "")
                 stream = job.stream or "text/event-stream" in ctype
@@ -219,6 +221,7 @@ class Fetcher:
         except Exception as exc:  # UpstreamError, or a bug: the readers get the proxy's answer
             _failed(flight, exc)
         finally:
+            flight.busy = False
             if not flight.done:
                 flight.finish(CUT, "fetch ended early")
         flight.upstream_ms = (time.monotonic() - started) * 1000.0
@@ -234,7 +237,7 @@ class Fetcher:
         job: FetchJob,
         status: int,
         headers: tuple[tuple[str, str], ...],
-        resp: aiohttp.ClientResponse | http1.Response,
+        resp: Response,
     ) -> Read:
         """An image answer, read whole and its image links rehosted before anyone sees it."""
         assert job.transform is not None

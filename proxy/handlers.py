@@ -12,9 +12,13 @@ request -> body (size-capped) -> tenant -> Plan (rule, key; memoised on the raw 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import multiprocessing
+import os
 import time
 from collections.abc import Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from functools import partial
 from types import CoroutineType
@@ -30,7 +34,15 @@ from proxy.auth import CredentialCheck
 from proxy.body import decodable, decode
 from proxy.bus import LOCAL, Conflict, Follow, Leader, Leadership, Local, RedisBus
 from proxy.cache import Cache
+from proxy.caller_keys import (
+    NO_CALLER,
+    BadCacheHeader,
+    CallerControls,
+    caller_fields,
+    read_caller,
+)
 from proxy.coalesce import COMPLETE, CUT, Flight, Flights, Reader
+from proxy.embeddings import ItemFlights, serve_items
 from proxy.errors import (
     BadBody,
     BodyTooLarge,
@@ -62,7 +74,9 @@ from proxy.plan import (
     parse_cache_control,
     passthrough_fingerprint,
     route_of,
+    with_caller,
 )
+from proxy.prompt_cache import with_prompt_cache_key
 from proxy.record import Record
 from proxy.replay import age_of, is_fast, replay, whole, whole_in_pieces
 from proxy.rules import Rules
@@ -76,9 +90,9 @@ from proxy.status import (
     HIT_CACHE_STATUS,
     MISS,
     REFRESH,
-    SEMANTIC_HIT,
     STALE,
     CacheStatus,
+    semantic_hit,
     stale,
 )
 from proxy.tasks import spawn
@@ -100,6 +114,12 @@ ROUTE_MAX = 256
 """Longest route copied into a log line or an entry (the key covers the whole path)."""
 OFF_LOOP_BYTES = 64 * 1024
 """Bodies larger than this are decoded, hashed and parsed on State.cpu, not on the loop."""
+PROCESS_BYTES = 1024 * 1024
+"""Bodies larger than this are planned (parsed) in a worker process: a JSON parser holds the
+GIL, so on a thread it would stall the loop as long as it parses (about 0.5 s for 15 MB of
+nested arrays), and every other client with it."""
+PARSERS = 2
+"""Worker processes for large bodies (started on the first one)."""
 COUNT_BYTES = 4 * 1024 * 1024
 
 
@@ -140,6 +160,34 @@ class State:
         default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="request-cpu")
     )
     """Where large bodies are decoded, hashed and parsed (see OFF_LOOP_BYTES)."""
+    parsers: ProcessPoolExecutor | None = None
+    """Where bodies over PROCESS_BYTES are planned (see _plan_large); started on first use."""
+    _parsers_starting: asyncio.Future[ProcessPoolExecutor | None] | None = None
+
+    async def parser_pool(self) -> ProcessPoolExecutor | None:
+        """The worker processes that plan large bodies, started (off the loop) on first use;
+        None if they cannot be started (large bodies are then planned on State.cpu)."""
+        if self.parsers is not None:
+            return self.parsers
+        if self._parsers_starting is None:
+            self._parsers_starting = asyncio.ensure_future(asyncio.to_thread(_start_parsers))
+        pool = await asyncio.shield(self._parsers_starting)
+        if self.parsers is None:
+            self.parsers = pool
+        return pool
+
+    def parsers_broken(self) -> None:
+        """A worker died (killed, out of memory): the next large body starts new ones."""
+        pool, self.parsers, self._parsers_starting = self.parsers, None, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def close_parsers(self) -> None:
+        if self.parsers is not None:
+            self.parsers.shutdown(wait=False, cancel_futures=True)
+
+    items: ItemFlights = field(default_factory=ItemFlights)
+    """Embeddings input items being fetched (embeddings.py)."""
 
     def __post_init__(self) -> None:
         self.max_body = self.settings.max_body_bytes
@@ -227,6 +275,14 @@ async def _handle(
     (a stream holds a few hundred bytes less)."""
     settings = st.settings
     h = request.headers
+    if request.raw_path[:1] != "/":
+        # An absolute-form (`POST http://host/...`) or asterisk-form target: the proxy is no
+        # forward proxy, and gluing such a target to the upstream's path makes nonsense.
+        resp = json_error(
+            400, "The request target must be a path.", "invalid_request_error", "bad_target"
+        )
+        resp.force_close()
+        return resp
     length = request.content_length
     if length is not None and length > st.max_body:
         return _too_large(settings)
@@ -269,6 +325,12 @@ async def _handle(
     controls = parse_cache_control(
         ",".join(cache_control) if cache_control else None, h.get("X-Cache-Namespace")
     )
+    try:
+        caller = read_caller(h)
+    except BadCacheHeader as exc:
+        return json_error(400, str(exc), "invalid_request_error", exc.code)
+    if caller is not NO_CALLER:
+        controls = with_caller(controls, caller)
     method = request.method
     ctype = h.get("Content-Type", "")
     if controls.namespace:
@@ -287,6 +349,7 @@ async def _handle(
             controls.namespace,
             ctype,
             "i" * bool(idem),
+            caller.memo,
         )
     )
     if len(body) > OFF_LOOP_BYTES:
@@ -299,11 +362,13 @@ async def _handle(
         try:
             args = (st.rules, st.secret, tenant, method, route, query, controls.namespace, ctype)
             if len(body) <= OFF_LOOP_BYTES:  # no coroutine for the common case (see _off_loop)
-                plan = make_plan(*args, body, fingerprint=bool(idem))
-            else:
+                plan = make_plan(*args, body, fingerprint=bool(idem), caller=caller)
+            elif len(body) <= PROCESS_BYTES:
                 plan = await _off_loop(
-                    st, len(body), make_plan, *args, body, fingerprint=bool(idem)
+                    st, len(body), make_plan, *args, body, fingerprint=bool(idem), caller=caller
                 )
+            else:
+                plan = await _plan_large(st, args, body, bool(idem), caller)
         except BadBody as exc:
             return json_error(exc.status, str(exc), "invalid_request_error", exc.code)
         if len(st.plans) >= PLAN_MEMO_MAX:
@@ -313,6 +378,8 @@ async def _handle(
     rec.rule = plan.rule.label if plan.rule is not None else "other"
     rec.model = plan.model
     rec.stream = plan.stream
+    if plan.caller:
+        caller_fields(request, rec.extra, plan.caller, caller)
 
     if controls is DEFAULT_CONTROLS and plan.rule is not None and not idem:
         # The cache-hit fast path: a hot entry, sent whole.
@@ -329,28 +396,32 @@ async def _handle(
             rec.key = key_id(plan.key)
             rec.bytes = len(entry.body)
             _saved(rec, entry)
-            if entry.rebase:
-                return whole(
-                    entry,
-                    HIT,
-                    HIT_CACHE_STATUS,
-                    rebase(entry.body, _client_base(request)),
-                )
-            return whole(entry, HIT, HIT_CACHE_STATUS)
+            return _as_stored(request, entry, HIT, HIT_CACHE_STATUS)
 
+    up_body = body
+    if plan.prompt_cache_key is not None:  # the rule's prompt_cache_key = "auto"
+        up_body = with_prompt_cache_key(body, plan.prompt_cache_key)
+        rec.extra["prompt_cache_key"] = "auto"
     ex = Exchange(
-        request, body, forward_headers(h, decoded=decoded), _path_qs(st, upstream_path, query), t0
+        request,
+        up_body,
+        forward_headers(h, decoded=decoded),
+        _path_qs(st, upstream_path, query),
+        t0,
     )
     idempotency = None
     if idem:
         fingerprint = plan.fingerprint or passthrough_fingerprint(
             st.secret, tenant, method, route, query, body
         )
-        idempotency = (idempotency_key(st.secret, tenant, idem), fingerprint)
+        key = idempotency_key(st.secret, tenant, idem, controls.namespace)
+        idempotency = (key, fingerprint)
     what = decide(
         plan, controls, idempotency=idempotency, idempotency_ttl_s=settings.idempotency_ttl_s
     )
     match what:
+        case Keyed() if plan.per_item and not idem:
+            return serve_items(st, ex, rec, plan, tenant, what)  # embeddings, item by item
         case Keyed():
             return _serve_keyed(st, ex, rec, plan, tenant, what)
         case PassThrough():
@@ -360,10 +431,7 @@ async def _handle(
 
 
 def _path_qs(st: State, upstream_path: str, query: str) -> str:
-    path_qs = upstream_path + ("?" + query if query else "")
-    if st.upstream.strip_v1 and path_qs.startswith("/v1/"):
-        path_qs = path_qs[3:]
-    return path_qs
+    return upstream_path + ("?" + query if query else "")
 
 
 async def _expect(request: web.BaseRequest) -> web.Response | None:
@@ -386,6 +454,52 @@ async def _off_loop(st: State, size: int, fn: Callable[..., T], *args: Any, **kw
     return await asyncio.get_running_loop().run_in_executor(st.cpu, partial(fn, *args, **kwargs))
 
 
+async def _plan_large(
+    st: State, args: tuple[Any, ...], body: bytes, fingerprint: bool, caller: CallerControls
+) -> Plan:
+    """make_plan for a body over PROCESS_BYTES, in a worker process, so parsing it holds no
+    lock this process's loop needs; on State.cpu if the workers cannot be had."""
+    loop = asyncio.get_running_loop()
+    call: Callable[[], Plan] = partial(
+        cast(Any, make_plan), *args, body, fingerprint=fingerprint, caller=caller
+    )
+    pool = await st.parser_pool()
+    if pool is not None:
+        try:
+            return await loop.run_in_executor(pool, call)
+        except BrokenProcessPool:
+            log.warning("parsers.broken")
+            st.parsers_broken()
+    return await loop.run_in_executor(st.cpu, call)
+
+
+def _start_parsers() -> ProcessPoolExecutor | None:
+    """PARSERS worker processes, each started and ready (run on a thread: starting a process
+    blocks). Spawned, not forked: this process has threads."""
+    try:
+        pool = ProcessPoolExecutor(
+            PARSERS, mp_context=multiprocessing.get_context("spawn"), initializer=_yield_cpu
+        )
+        for ready in [pool.submit(_ready) for _ in range(PARSERS)]:
+            ready.result(timeout=60)
+    except Exception as exc:
+        log.warning("parsers.unavailable", error=f"{type(exc).__name__}: {exc}"[:200])
+        return None
+    return pool
+
+
+def _yield_cpu() -> None:
+    """In each worker: a lower CPU priority, so that on a busy machine the event loop (and
+    every small request) goes first, and large bodies wait."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.nice(10)
+
+
+def _ready() -> None:
+    """A no-op run in each new worker process, to start them all before they are needed."""
+    time.sleep(0.05)  # (long enough that every worker takes one)
+
+
 def _too_large(settings: Settings) -> web.Response:
     resp = json_error(
         413,
@@ -406,7 +520,7 @@ async def _serve_keyed(
     rule = plan.rule
     rec.key = key_id(key)
     degraded = False
-    stale: CachedResponse | None = None
+    stale: Stale | None = None
     if controls.mode is LOOKUP:
         entry = st.cache.peek(key)
         if entry is None and not st.cache.in_memory:  # (in memory, peek was the lookup)
@@ -422,7 +536,8 @@ async def _serve_keyed(
             fresh = now <= entry.fresh_until
             window = controls.stale_window(rule.stale_if_error_s if rule is not None else 0.0)
             if not fresh and window > 0 and now <= entry.fresh_until + window:
-                stale = entry  # served only if the upstream fails for this request
+                # served only if the upstream fails for this request
+                stale = Stale(key, entry, plan)
             if fresh and (controls.max_age is None or age <= controls.max_age):
                 refused = await _auth_refusal(st, tenant, request, rec)
                 if refused is not None:
@@ -437,8 +552,10 @@ async def _serve_keyed(
     coalesce = rule.coalesce if rule is not None else True
     lock_timeout = rule.lock_timeout_s if rule is not None else 30.0
     # Twins share the store key, never a flight: a streamed and a non-streamed request in
-    # flight at once each go upstream (a live stream is not converted half-way).
-    fkey = f"{key}#{plan.form}" if plan.twin else key
+    # flight at once each go upstream (a live stream is not converted half-way). But an
+    # Idempotency-Key names one request in every form: one flight, which another form waits
+    # for whole, then gets converted (_join_form).
+    fkey = f"{key}#{plan.form}" if plan.twin and not fingerprint else key
     flight = st.flights.get(fkey) if coalesce else None
     semantic = (
         rule.semantic
@@ -458,7 +575,7 @@ async def _serve_keyed(
             if refused is not None:
                 return refused
             served = await _serve_entry(
-                st, request, rec, probe.member, probe.entry, plan, SEMANTIC_HIT
+                st, request, rec, probe.member, probe.entry, plan, semantic_hit(probe.score or 0.0)
             )
             if served is not None:
                 rec.extra["semantic_key"] = key_id(probe.member)
@@ -467,6 +584,8 @@ async def _serve_keyed(
     if flight is not None:
         if fingerprint and flight.fingerprint != fingerprint:
             return _idempotency_conflict()
+        if flight.form != plan.form:
+            return await _join_form(st, ex, rec, flight, plan, key, lock_timeout)
         return await _join(st, ex, rec, flight, flight.attach(), lock_timeout, stale)
 
     label = BYPASS if degraded else (REFRESH if controls.mode is REFRESH_MODE else MISS)
@@ -474,6 +593,7 @@ async def _serve_keyed(
     flight = st.flights.lead(
         fkey, max_bytes=int(st.settings.max_record_mb * 1024 * 1024), fingerprint=fingerprint
     )
+    flight.form = plan.form
     if not coalesce:
         st.flights.forget(flight)
     shadow: asyncio.Task[Probe] | None = None
@@ -507,12 +627,20 @@ async def _serve_keyed(
     bus = st.bus if coalesce and not degraded else None
     fed = inline = False
     try:  # whatever happens before a feeder starts, the flight must not stay registered
-        lead: Leadership = LOCAL if bus is None else await bus.lead(fkey, fingerprint)
+        lead: Leadership = LOCAL if bus is None else await bus.lead(fkey, fingerprint, plan.form)
         match lead:
             case Conflict():
                 return _idempotency_conflict()
-            case Follow():
+            case Follow(form=form):
                 assert bus is not None
+                if fingerprint and form != plan.form:
+                    # another form of this request is led elsewhere: whole, then converted
+                    flight.form = form or "?"
+                    job.stream = False  # (its form is read from its head)
+                    reader.close()
+                    st.fetcher.follow(bus, flight, job)
+                    fed = True
+                    return await _join_form(st, ex, rec, flight, plan, key, lock_timeout)
                 st.fetcher.follow(bus, flight, job)  # another instance leads: follow it
                 fed = True
                 return await _join(st, ex, rec, flight, reader, lock_timeout, stale)
@@ -543,8 +671,10 @@ async def _serve_keyed(
     if flight.head is None and not flight.done:  # (an inline read has it already)
         await flight.wait_head(None)
     if stale is not None and failed(flight):
-        reader.close()
-        return _serve_stale(rec, flight, stale)
+        served = await _serve_stale(st, ex, rec, flight, stale)
+        if served is not None:
+            reader.close()
+            return served
     resp = await _relay(request, rec, flight, reader, label, ex.t0, st.settings.write_timeout_s)
     rec.upstream_ms = round(flight.upstream_ms, 2) or None
     if st.auth is not None and flight.head is not None and flight.head.status < 300:
@@ -563,7 +693,7 @@ async def _join(
     flight: Flight,
     reader: Reader,
     lock_timeout: float,
-    stale: CachedResponse | None = None,
+    stale: Stale | None = None,
 ) -> web.StreamResponse:
     """Answer with a flight someone else leads (here or on another instance)."""
     head = await flight.wait_head(lock_timeout)
@@ -573,8 +703,10 @@ async def _join(
         rec.lock_timeout = True
         return await _passthrough(st, ex._replace(t0=time.perf_counter()), rec)
     if stale is not None and failed(flight):
-        reader.close()
-        return _serve_stale(rec, flight, stale)
+        served = await _serve_stale(st, ex, rec, flight, stale)
+        if served is not None:
+            reader.close()
+            return served
     rec.cache = COALESCED
     resp = await _relay(
         ex.request, rec, flight, reader, COALESCED, ex.t0, st.settings.write_timeout_s
@@ -582,6 +714,44 @@ async def _join(
     if flight.entry is not None:
         _saved(rec, flight.entry)
     return resp
+
+
+async def _join_form(
+    st: State,
+    ex: Exchange,
+    rec: Record,
+    flight: Flight,
+    plan: Plan,
+    key: str,
+    lock_timeout: float,
+) -> web.StreamResponse:
+    """Answer with an Idempotency-Key flight led for another form of this request: once it
+    is whole, its stored answer converted to this form (_serve_entry); a failure as it came
+    (errors are JSON in every form); a cut answer is fetched again, unstored."""
+    head = await flight.wait_head(lock_timeout)
+    if head is None and not flight.done:
+        rec.lock_timeout = True
+        return await _passthrough(st, ex._replace(t0=time.perf_counter()), rec)
+    while not flight.done:
+        await flight.changed()
+    await asyncio.sleep(0)  # the leader stores a small answer as soon as its flight ends
+    entry = flight.entry
+    head = flight.head
+    if entry is None and head is not None and head.status < 300:
+        with contextlib.suppress(StoreUnavailable):  # (a large answer is stored by a task)
+            entry = await st.cache.get(key)
+    if entry is not None and entry.meta.get("fingerprint") == flight.fingerprint:
+        served = await _serve_entry(st, ex.request, rec, key, entry, plan, HIT_CACHE_STATUS)
+        if served is not None:
+            rec.cache = COALESCED
+            served.headers["X-Cache-Status"] = COALESCED.header
+            served.headers["Cache-Status"] = COALESCED.rfc9211
+            return served
+    if head is not None and head.status >= 300 and flight.outcome is COMPLETE:
+        return await _relay(
+            ex.request, rec, flight, flight.attach(), COALESCED, ex.t0, st.settings.write_timeout_s
+        )
+    return await _passthrough(st, ex._replace(t0=time.perf_counter()), rec)
 
 
 async def _probe(
@@ -652,27 +822,42 @@ async def _serve_entry(
     entry: CachedResponse,
     plan: Plan,
     cache_status: str,
+    label: CacheStatus = HIT,
 ) -> web.StreamResponse | None:
-    """A fresh stored answer as a HIT, in the form this request wants; None when it cannot
-    be given in that form (it is fetched again)."""
+    """How a stored answer becomes this client's answer, for every path that serves one (a
+    HIT, a semantic HIT, a STALE answer; the fast path is its sync subset, _as_stored): the
+    form this request wants (a twin converted), image links rebased for this client, whole,
+    in pieces or paced. None when it cannot be given in that form (it is fetched again)."""
     rule = plan.rule
     if plan.form and plan.form != entry.form:
-        converted = await _twin(st, rec, key, entry, plan, cache_status)
+        if entry.form == "sse" and plan.twin == "chat":
+            # A chat stream stored without its usage chunk cannot give the usage a JSON
+            # answer or an include_usage stream must carry: fetched again (and replaced).
+            rec.extra["twin_skipped"] = "no_usage"
+            return None
+        converted = await _twin(st, rec, key, entry, plan, cache_status, label)
         if converted is None:
             return None
-        rec.cache = HIT
+        rec.cache = label
         _saved(rec, entry)
         return converted
-    rec.cache = HIT
+    rec.cache = label
     _saved(rec, entry)
-    if entry.rebase:
-        return whole(entry, HIT, cache_status, rebase(entry.body, _client_base(request)))
+    if entry.rebase or (is_fast(entry, rule) and len(entry.body) <= WHOLE_MAX):
+        return _as_stored(request, entry, label, cache_status)
     if is_fast(entry, rule):
-        if len(entry.body) > WHOLE_MAX:
-            wt = st.settings.write_timeout_s
-            return await whole_in_pieces(request, entry, HIT, cache_status, wt)
-        return whole(entry, HIT, cache_status)
-    return await replay(request, entry, rule, HIT, cache_status)
+        wt = st.settings.write_timeout_s
+        return await whole_in_pieces(request, entry, label, cache_status, wt)
+    return await replay(request, entry, rule, label, cache_status)
+
+
+def _as_stored(
+    request: web.BaseRequest, entry: CachedResponse, label: CacheStatus, cache_status: str
+) -> web.Response:
+    """A stored answer in its stored form, sent whole: image links rebased for this client."""
+    if entry.rebase:
+        return whole(entry, label, cache_status, rebase(entry.body, _client_base(request)))
+    return whole(entry, label, cache_status)
 
 
 STALE_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -687,18 +872,33 @@ def failed(flight: Flight) -> bool:
     return head is None or head.status in STALE_STATUSES
 
 
-def _serve_stale(rec: Record, flight: Flight, entry: CachedResponse) -> web.Response:
-    """The stale answer in place of the upstream's failure, saying which failure it covers."""
+class Stale(NamedTuple):
+    """An expired entry that may cover an upstream failure, and what it was looked up for."""
+
+    key: str
+    entry: CachedResponse
+    plan: Plan
+
+
+async def _serve_stale(
+    st: State, ex: Exchange, rec: Record, flight: Flight, found: Stale
+) -> web.StreamResponse | None:
+    """The stale answer in place of the upstream's failure, saying which failure it covers,
+    made this client's answer as a HIT is (_serve_entry); None when it cannot be given in the
+    form asked for (the failure is relayed then)."""
     head = flight.head
+    error, status = rec.error, rec.upstream_status
     if head is None or flight.reason in PROXY_FAILURES:
         rec.error = flight.reason if flight.reason in PROXY_FAILURES else "upstream_failed"
         cause = f"detail={rec.error.replace('_', '-')}"
     else:
         rec.upstream_status = head.status
         cause = f"fwd-status={head.status}"
-    rec.cache = STALE
-    _saved(rec, entry)
-    return whole(entry, STALE, stale(cause))
+    key, entry, plan = found
+    served = await _serve_entry(st, ex.request, rec, key, entry, plan, stale(cause), STALE)
+    if served is None:
+        rec.error, rec.upstream_status = error, status
+    return served
 
 
 CONVERTED_MAX = 256
@@ -714,17 +914,20 @@ async def _twin(
     entry: CachedResponse,
     plan: Plan,
     cache_status: str = HIT_CACHE_STATUS,
+    label: CacheStatus = HIT,
 ) -> web.Response | None:
     """The stored answer in the form this request wants, when that is the other form (a
     streamed request for a stored JSON answer, or the reverse); None when the forms match or
-    the stored answer cannot be converted (it is then fetched again)."""
+    the stored answer cannot be converted: a damaged entry is deleted, and fetched again."""
     assert plan.twin is not None
     memo_key = (key, entry.created, plan.form)
     body = st.converted.get(memo_key)
     if body is None:
         try:  # a large answer is converted off the loop, like a large request body
             body = await _off_loop(st, len(entry.body), _convert_twin, plan, entry)
-        except NotConvertible:
+        except NotConvertible as exc:
+            rec.extra["twin_error"] = bounded(str(exc), 120)
+            await st.cache.delete(key, entry)
             return None
         if len(body) <= CONVERTED_KEEP_BYTES:
             if len(st.converted) >= CONVERTED_MAX:
@@ -739,7 +942,7 @@ async def _twin(
             headers.add(name, value)
     sse = plan.form != "json"
     headers["Content-Type"] = "text/event-stream; charset=utf-8" if sse else "application/json"
-    headers["X-Cache-Status"] = HIT.header
+    headers["X-Cache-Status"] = label.header
     headers["Cache-Status"] = cache_status
     headers["Age"] = age_of(entry)
     return resp

@@ -5,29 +5,41 @@ CPU on generic machinery (cookies, redirects, tracing, payload registry, timeout
 request) that a proxy forwarding bytes to one origin does not use. This client does only
 what the proxy needs, for one origin:
 
-- a pool of idle keep-alive connections (the newest first; idle past KEEPALIVE_S, closed);
-  a reused connection that the upstream closed before answering is retried once on a new
-  one (the upstream never saw the request: it closed while the connection was idle);
+- a pool of idle keep-alive connections (the newest first; idle past KEEPALIVE_S, closed),
+  each reused only when provably clean: its request was written whole before its answer
+  began, its answer was read whole, and no byte came outside an exchange. A byte that
+  arrives while no request waits (an extra answer in the same write, a late `408` on an idle
+  connection, a body after a `204`) closes the connection unread, and just before a
+  connection is reused the kernel is asked whether anything arrived on it (quiet()). An
+  answer that begins before the request was written out stops the writing and ends the
+  connection's reuse. (What no HTTP/1.1 client can tell apart: an extra answer the upstream
+  sends at the very moment the next request crosses it on the wire.)
+- a request written once: once any byte of it may have reached the upstream it is never
+  sent again (RFC 9112 9.3.1), but for a GET on a reused connection that closed unanswered;
 - the request as one write: the request line, the client's headers, Host, Content-Length,
   and Accept-Encoding for the codings it can decode (gzip, deflate, br); bodies over
-  WRITE_SLICE go in slices under the transport's flow control;
+  WRITE_SLICE go in slices under the transport's flow control, with the read timeout as a
+  write timeout (no progress that long: UpstreamTimeout, the connection and its buffer
+  dropped);
 - the answer through httptools (llhttp, in C): Content-Length, chunked, or until the
-  connection closes; 1xx answers skipped; its body buffered up to PAUSE_BYTES, past which
-  reading from the upstream pauses until the reader catches up;
+  connection closes; 1xx answers skipped; an answer to HEAD ends with its head; its body
+  buffered up to PAUSE_BYTES, past which reading from the upstream pauses until the reader
+  catches up;
 - a coded body (gzip, deflate, br) decoded as it is read, at most DECODE_PIECE bytes of
-  output at a time, so a small bomb never becomes one huge piece;
-- the host resolved once per DNS_TTL_S, its addresses tried in turn;
-- connect and read timeouts (UpstreamTimeout), every other failure an UpstreamError, the
-  messages worded as the aiohttp edge words them (upstream.mapped).
-
-HEAD goes through aiohttp (upstream.py): an answer to HEAD has headers that describe a body
-it does not carry, which the parser cannot know.
+  output at a time, so a small bomb never becomes one huge piece; a coded body that ends
+  before its coding does is an error (never a short answer);
+- the host resolved once per DNS_TTL_S, its addresses tried with Happy Eyeballs (RFC 8305,
+  aiohappyeyeballs); HTTPS_PROXY / HTTP_PROXY / NO_PROXY honoured (proxy_for);
+- connect and read timeouts (UpstreamTimeout), every other failure an UpstreamError.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import ipaddress
+import os
+import select
 import socket
 import ssl
 import time
@@ -36,12 +48,15 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterator, Mapping
 from types import TracebackType
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
+import aiohappyeyeballs
 import httptools
+import structlog
+from aiohappyeyeballs import AddrInfoType as AddrInfo
 from multidict import CIMultiDict
 
-from proxy.errors import UpstreamError, UpstreamTimeout
+from proxy.errors import ConfigError, UpstreamError, UpstreamTimeout
 
 try:
     import brotli
@@ -65,6 +80,11 @@ HEAD_MAX = 256 * 1024
 """Most bytes an answer's status line and headers may take (aiohttp allows 128 lines of 8 KB)."""
 ACCEPT_ENCODING = "gzip, deflate, br" if brotli is not None else "gzip, deflate"
 NO_BODY_STATUSES = frozenset({204, 304})
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
+HAPPY_EYEBALLS_S = 0.25
+"""How long one address may take to connect before the next is tried too (RFC 8305)."""
+
+log = structlog.get_logger()
 
 
 def _unreachable(cause: object) -> UpstreamError:
@@ -78,10 +98,11 @@ def _broke_off(cause: object) -> UpstreamError:
 class _Decoder:
     """A Content-Encoding undone piece by piece, each output piece at most DECODE_PIECE."""
 
-    __slots__ = ("_br", "_coding", "_first", "_z")
+    __slots__ = ("_br", "_coding", "_fed", "_first", "_z")
 
     def __init__(self, coding: str) -> None:
         self._coding = coding
+        self._fed = False
         self._z: Any = None
         self._br: Any = None
         self._first = b""
@@ -94,6 +115,7 @@ class _Decoder:
     def pieces(self, data: bytes) -> Iterator[bytes]:
         """The output of `data`, a piece at a time (made as the reader takes them: a bomb is
         never inflated further than the reader reads)."""
+        self._fed = self._fed or bool(data)
         try:
             if self._br is not None:
                 yield from self._brotli(data)
@@ -129,9 +151,12 @@ class _Decoder:
             piece = br.process(b"", output_buffer_limit=DECODE_PIECE)
 
     def rest(self) -> Iterator[bytes]:
-        """What the coding still holds at the end of the body."""
+        """What the coding still holds at the end of the body; an error if the coded stream
+        did not end there (a body cut short but framed right: never a short answer)."""
         if self._br is not None:
             yield from self.pieces(b"")
+            if self._fed and not self._br.is_finished():
+                raise _broke_off(f"its {self._coding} stream ended early")
         elif self._z is not None:
             try:
                 rest = self._z.flush()
@@ -139,6 +164,8 @@ class _Decoder:
                 raise _broke_off(f"cannot decode its {self._coding}: {exc}") from None
             if rest:
                 yield rest
+            if self._fed and not self._z.eof:
+                raise _broke_off(f"its {self._coding} stream ended early")
         elif self._first:  # one byte cannot be a deflate stream
             raise _broke_off(f"cannot decode its {self._coding}")
 
@@ -257,8 +284,19 @@ class Response:
         return b"".join([piece async for piece in self.iter_any()])
 
 
+class _Unsolicited(Exception):
+    """A byte of an answer nobody asked for (raised inside the parser to stop it)."""
+
+
 class _Connection(asyncio.Protocol):
-    """One keep-alive connection to the upstream, one request at a time."""
+    """One keep-alive connection to the upstream, one request at a time.
+
+    Its state, as far as reuse goes: `active` from the moment a request is written until its
+    answer ended (or broke off); any byte that arrives while it is not active is an answer
+    nobody asked for, and closes the connection unread. `written`: every byte of the request
+    was handed to the transport; an answer whose head comes before that (or while the
+    transport still buffers part of the request) makes the connection `early`: the rest of
+    the body is not written and the connection is never reused."""
 
     def __init__(self, client: Client) -> None:
         self.client = client
@@ -269,6 +307,13 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self.got_bytes = False
         self.keep = False
+        self.active = False
+        self.written = False
+        self.early = False
+        self.no_body = False
+        """The request was HEAD: its answer ends with its head."""
+        self._complete = False
+        self._poll: select.poll | None = None
         self._headers: list[tuple[str, str]] = []
         self._head_size = 0
         self._informational = False
@@ -283,17 +328,39 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # (uvloop's is no subclass)
 
+    def _watch(self) -> None:
+        """A poll object on the socket (once), for quiet()."""
+        transport = self.transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is not None:
+            self._poll = select.poll()
+            self._poll.register(sock.fileno(), select.POLLIN | select.POLLPRI)
+
     def data_received(self, data: bytes) -> None:
+        if not self.active:  # nobody asked: never parsed, never reaches a request
+            self._drop("an answer came that no request asked for")
+            return
         self.got_bytes = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._lost(_broke_off("it asked to upgrade the connection"))
             return
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _Unsolicited):
+                self._drop("more came after the answer")
+            else:
+                self._lost(_broke_off(f"malformed HTTP: {exc}"))
+            return
         except httptools.HttpParserError as exc:
             self._lost(_broke_off(f"malformed HTTP: {exc}"))
             return
-        if self._head is not None:  # still no head: what it holds so far stays bounded
+        if self._complete:
+            self._complete = False
+            if self.paused:
+                self.resume()
+            self.client._release(self)
+        elif self._head is not None:  # still no head: what it holds so far stays bounded
             self._head_size += len(data)
             if self._head_size > HEAD_MAX:
                 self._lost(_broke_off("its headers are larger than 256 KB"))
@@ -309,7 +376,7 @@ class _Connection(asyncio.Protocol):
             self.resp = None  # an answer without a length ends where its connection does
             resp._conn = None
             resp._finish()
-        if self._head is not None:  # (worded as aiohttp words it: upstream.mapped)
+        if self._head is not None:  # (worded as aiohttp words it)
             self._lost(_unreachable("Server disconnected"))
         elif self.resp is not None:
             self._lost(_broke_off(exc or "the connection closed before the answer ended"))
@@ -328,6 +395,10 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks ----------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if not self.active:  # a second answer in the bytes of the first
+            raise _Unsolicited
+
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.resp is not None:
             return  # a chunked body's trailer: not passed on (aiohttp dropped them too)
@@ -341,10 +412,21 @@ class _Connection(asyncio.Protocol):
         if status < 200:  # 100 Continue, 103 Early Hints: the answer is still to come
             self._informational = True
             return
+        transport = self.transport
+        if not self.written or (transport is not None and transport.get_write_buffer_size()):
+            self.early = True  # answered before it had the whole request: never reused
         resp = Response(status, CIMultiDict(headers), self)
-        self.resp = resp
         head = self._head
         self._head = None
+        if self.no_body:  # HEAD: the headers describe a body that is not sent
+            resp._conn = None
+            resp._until_close = False
+            resp._finish()
+            self.keep = False
+            self.active = False
+            self._complete = True
+        else:
+            self.resp = resp
         if head is not None and not head.done():
             head.set_result(resp)
 
@@ -356,21 +438,33 @@ class _Connection(asyncio.Protocol):
         if self._informational:
             self._informational = False
             return
+        if not self.active:
+            return  # (HEAD: already ended with its head)
         resp = self.resp
         self.resp = None
-        self.keep = self.parser.should_keep_alive()
+        self.active = False
+        self.keep = self.parser.should_keep_alive() and not self.early
+        self._complete = True  # released once the parser has gone through the rest
         if resp is not None:
             resp._conn = None
             resp._finish()
-        if self.paused:
-            self.resume()
-        self.client._release(self)
 
     # -- used by the client and the response ------------------------------------------------
 
-    def _lost(self, exc: BaseException) -> None:
-        """End whatever is in progress with `exc` and close the connection."""
+    def _drop(self, why: str) -> None:
+        """Close a connection that got bytes outside an exchange, without reading them."""
         self.alive = False
+        self.active = False
+        self._complete = False
+        log.info("upstream.unsolicited", reason=why)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _lost(self, exc: BaseException) -> None:
+        """End whatever is in progress with `exc` and close the connection (at once: what it
+        still buffers of a request is dropped)."""
+        self.alive = False
+        self.active = False
         head = self._head
         if head is not None:
             self._head = None
@@ -382,7 +476,7 @@ class _Connection(asyncio.Protocol):
             resp._conn = None
             resp._fail(exc)
         if self.transport is not None:
-            self.transport.close()
+            self.transport.abort()
 
     def pause(self) -> None:
         if not self.paused and self.transport is not None:
@@ -393,6 +487,21 @@ class _Connection(asyncio.Protocol):
         if self.paused and self.transport is not None:
             self.paused = False
             self.transport.resume_reading()
+
+    def quiet(self) -> bool:
+        """Nothing arrived on the idle connection, not even its end: the kernel is asked
+        (select, no read), so bytes the loop has not handed over yet count too."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or not self.alive:
+            return False
+        if self._poll is None:
+            self._watch()
+            if self._poll is None:
+                return True
+        try:
+            return not self._poll.poll(0)  # (a closed descriptor: POLLNVAL, not quiet)
+        except OSError:
+            return False
 
     def read_timer(self, waiter: asyncio.Future[Any]) -> asyncio.TimerHandle | None:
         """A timer that ends the exchange if `waiter` is not done within the read timeout.
@@ -410,28 +519,43 @@ class _Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             self._lost(UpstreamTimeout("the upstream did not answer in time"))
 
-    async def send(self, head: bytes, body: bytes) -> Response:
-        """Write one request and wait for the head of its answer."""
+    async def send(self, head: bytes, body: bytes, *, no_body: bool = False) -> Response:
+        """Write one request and wait for the head of its answer. Writing the body has the
+        read timeout too: a stretch that long without progress ends the exchange."""
         transport = self.transport
         assert transport is not None
         loop = asyncio.get_running_loop()
         self.got_bytes = False
         self.keep = False
+        self.early = False
+        self.written = False
+        self.no_body = no_body
+        self._complete = False
         self._head_size = 0
         fut: asyncio.Future[Response] = loop.create_future()
         self._head = fut
+        self.active = True
         if len(body) <= WRITE_SLICE:
             transport.write(head + body if body else head)
+            self.written = True
         else:
             transport.write(head)
             view = memoryview(body)
             for start in range(0, len(body), WRITE_SLICE):
                 drain = self._drain
                 if drain is not None and not drain.done():
-                    await drain
-                if not self.alive:
-                    break
+                    timer = self.read_timer(drain)
+                    try:
+                        await drain
+                    finally:
+                        if timer is not None:
+                            timer.cancel()
+                            self._timed = None
+                if not self.alive or self._head is not fut or fut.done():
+                    break  # broke off, or answered early: the rest is not sent
                 transport.write(view[start : start + WRITE_SLICE])
+            else:
+                self.written = True
         timer = self.read_timer(fut)
         try:
             return await fut
@@ -441,8 +565,70 @@ class _Connection(asyncio.Protocol):
                 self._timed = None
 
 
+class _Tunnel(asyncio.Protocol):
+    """The proxy's answer to CONNECT: its head, read before TLS starts over the tunnel."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+        if b"\r\n\r\n" in self.data or len(self.data) > HEAD_MAX:
+            if not self.done.done():
+                self.done.set_result(self.data)
+            if self.transport is not None:
+                self.transport.pause_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(self.data)
+
+
+def proxy_for(scheme: str, host: str, port: int, environ: Mapping[str, str]) -> str | None:
+    """The egress proxy URL for the upstream, from HTTPS_PROXY / HTTP_PROXY / ALL_PROXY (the
+    lower-case spelling first, as curl and the SDKs read them), or None: no proxy set, or
+    NO_PROXY names the host (`*`, a name and its subdomains, an address or a CIDR range,
+    each with an optional `:port`)."""
+
+    def env(name: str) -> str:
+        return (environ.get(name.lower()) or environ.get(name.upper()) or "").strip()
+
+    url = env(f"{scheme}_proxy") or env("all_proxy")
+    if not url:
+        return None
+    host = host.strip("[]").lower()
+    for entry in env("no_proxy").split(","):
+        entry = entry.strip().lower()
+        if not entry:
+            continue
+        if entry == "*":
+            return None
+        name, _, only_port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
+        if only_port and only_port != str(port):
+            continue
+        name = name.strip("[]")
+        if "/" in name:
+            try:
+                if ipaddress.ip_address(host) in ipaddress.ip_network(name, strict=False):
+                    return None
+            except ValueError:
+                pass
+            continue
+        name = name.lstrip(".")
+        if host == name or host.endswith("." + name):
+            return None
+    return url if "://" in url else "http://" + url
+
+
 class Client:
-    """Requests to one origin (`http://host:port` or `https://...`) over pooled connections."""
+    """Requests to one origin (`http://host:port` or `https://...`) over pooled connections,
+    through the egress proxy that HTTPS_PROXY / HTTP_PROXY / NO_PROXY name, if any (a CONNECT
+    tunnel for https, an absolute-form request target for http)."""
 
     def __init__(
         self,
@@ -451,6 +637,7 @@ class Client:
         connect_timeout_s: float,
         read_timeout_s: float,
         ssl_context: ssl.SSLContext | None,
+        environ: Mapping[str, str] | None = None,
     ) -> None:
         parts = urlsplit(origin)
         self.tls = parts.scheme == "https"
@@ -468,14 +655,29 @@ class Client:
         self._idle: list[_Connection] = []
         self._busy: set[_Connection] = set()
         self.closed = False
-        try:
-            ipaddress.ip_address(host)
-            self._literal = True
-        except ValueError:
-            self._literal = False
-        self._dns: list[str] | None = None
-        self._dns_until = 0.0
-        self._resolving: asyncio.Future[list[str]] | None = None
+        self.proxy: SplitResult | None = None
+        """The egress proxy (http://[user:password@]host:port), if one is used."""
+        self.target_prefix = ""
+        """Put before each request's path: the absolute form, through an http proxy."""
+        self._proxy_auth = ""
+        via = proxy_for(parts.scheme, host, port, os.environ if environ is None else environ)
+        if via is not None:
+            self.proxy = urlsplit(via)
+            if self.proxy.scheme != "http" or not self.proxy.hostname:
+                shown = f"{self.proxy.scheme}://{self.proxy.hostname}:{self.proxy.port or ''}"
+                raise ConfigError(
+                    f"HTTPS_PROXY / HTTP_PROXY / ALL_PROXY: the egress proxy must be "
+                    f"http://host:port, not {shown}"
+                )
+            if self.proxy.username is not None:
+                user = unquote(self.proxy.username)
+                secret = unquote(self.proxy.password or "")
+                token = base64.b64encode(f"{user}:{secret}".encode()).decode("ascii")
+                self._proxy_auth = f"Proxy-Authorization: Basic {token}\r\n"
+            if not self.tls:
+                self.target_prefix = f"http://{self.host_header}"
+        self._dns: dict[tuple[str, int], tuple[list[AddrInfo], float]] = {}
+        self._resolving: dict[tuple[str, int], asyncio.Future[list[AddrInfo]]] = {}
 
     def request(
         self, method: str, path_qs: str, headers: Mapping[str, str], body: bytes
@@ -485,7 +687,7 @@ class Client:
     def head_bytes(
         self, method: str, path_qs: str, headers: Mapping[str, str], body: bytes
     ) -> bytes:
-        lines = [f"{method} {path_qs} HTTP/1.1\r\nHost: {self.host_header}\r\n"]
+        lines = [f"{method} {self.target_prefix}{path_qs} HTTP/1.1\r\nHost: {self.host_header}\r\n"]
         accept = True
         for name, value in headers.items():
             lines.append(f"{name}: {value}\r\n")
@@ -493,6 +695,8 @@ class Client:
                 accept = False
         if accept:
             lines.append("Accept: */*\r\n")
+        if self._proxy_auth and not self.tls:
+            lines.append(self._proxy_auth)
         lines.append(f"Accept-Encoding: {ACCEPT_ENCODING}\r\nContent-Length: {len(body)}\r\n\r\n")
         text = "".join(lines)
         # One request line, one line per header: a CR or LF inside any of them would smuggle
@@ -503,86 +707,137 @@ class Client:
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
+        proxy = self.proxy
+        host, port = (
+            (self.host, self.port) if proxy is None else (proxy.hostname or "", proxy.port or 80)
+        )
         try:
             async with asyncio.timeout(self.connect_timeout_s or None):
-                error: OSError | None = None
-                for address in await self._addresses():
-                    try:
-                        _, conn = await loop.create_connection(
-                            lambda: _Connection(self),
-                            address,
-                            self.port,
-                            ssl=self.ssl,
-                            server_hostname=self.host if self.tls else None,
-                        )
-                        return conn
-                    except OSError as exc:  # the next address (an IPv6 one may not route)
-                        error = exc
-                raise error or OSError(f"{self.host} has no address")
+                infos = await self._addresses(host, port)
+                try:  # Happy Eyeballs (RFC 8305): an IPv6 address that does not route waits
+                    sock = await aiohappyeyeballs.start_connection(  # 250 ms, not a timeout
+                        infos, happy_eyeballs_delay=HAPPY_EYEBALLS_S
+                    )
+                except OSError:
+                    self._dns.pop((host, port), None)  # resolve again: the addresses may move
+                    raise
+                if proxy is not None and self.tls:
+                    return await self._tunnel(sock)
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(self),
+                    sock=sock,
+                    ssl=self.ssl,
+                    server_hostname=self.host if self.tls else None,
+                )
+                return conn
         except TimeoutError:
             raise UpstreamTimeout("the upstream did not answer in time") from None
-        except OSError as exc:
-            self._dns = None  # resolve again next time: the addresses may have moved
+        except (OSError, ssl.SSLError) as exc:
             raise _unreachable(exc) from None
 
-    async def _addresses(self) -> list[str]:
+    async def _tunnel(self, sock: socket.socket) -> _Connection:
+        """CONNECT through the egress proxy, then TLS with the upstream inside the tunnel."""
+        loop = asyncio.get_running_loop()
+        raw, tunnel = await loop.create_connection(_Tunnel, sock=sock)
+        try:
+            authority = (
+                f"[{self.host}]:{self.port}" if ":" in self.host else (f"{self.host}:{self.port}")
+            )
+            raw.write(
+                f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n"
+                f"{self._proxy_auth}\r\n".encode()
+            )
+            answer = await tunnel.done
+            line = answer.split(b"\r\n", 1)[0]
+            parts = line.split(b" ", 2)
+            if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or parts[1] != b"200":
+                shown = line[:100].decode("latin-1") or "it closed the connection"
+                raise OSError(f"the egress proxy refused the tunnel: {shown}")
+            if not answer.endswith(b"\r\n\r\n"):
+                raise OSError("the egress proxy sent bytes after its answer to CONNECT")
+            conn = _Connection(self)
+            assert self.ssl is not None
+            conn.transport = await loop.start_tls(raw, conn, self.ssl, server_hostname=self.host)
+            return conn
+        except BaseException:
+            raw.abort()
+            raise
+
+    async def _addresses(self, host: str, port: int) -> list[AddrInfo]:
         """The host's addresses, resolved once per DNS_TTL_S (a burst of new connections
         shares one lookup); an IP address as it is."""
-        if self._literal:
-            return [self.host]
+        try:
+            address = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            pass
+        else:
+            family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+            return [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (str(address), port))]
         now = time.monotonic()
-        if self._dns is None or now >= self._dns_until:
-            if self._resolving is None:
-                self._resolving = asyncio.ensure_future(self._resolve())
-            resolving = self._resolving
-            try:
-                self._dns = await asyncio.shield(resolving)
-                self._dns_until = now + DNS_TTL_S
-            finally:
-                if resolving.done():
-                    self._resolving = None
-        return self._dns
+        known = self._dns.get((host, port))
+        if known is not None and now < known[1]:
+            return known[0]
+        resolving = self._resolving.get((host, port))
+        if resolving is None:
+            resolving = self._resolving[host, port] = asyncio.ensure_future(
+                self._resolve(host, port)
+            )
+        try:
+            infos: list[AddrInfo] = list(await asyncio.shield(resolving))
+        finally:
+            if resolving.done():
+                self._resolving.pop((host, port), None)
+        if not infos:
+            raise OSError(f"{host} has no address")
+        self._dns[host, port] = (infos, now + DNS_TTL_S)
+        return infos
 
-    async def _resolve(self) -> list[str]:
-        infos = await asyncio.get_running_loop().getaddrinfo(
-            self.host, self.port, type=socket.SOCK_STREAM
-        )
-        return list(dict.fromkeys(str(info[4][0]) for info in infos))
+    async def _resolve(self, host: str, port: int) -> list[AddrInfo]:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        return [(info[0], info[1], info[2], info[3], info[4]) for info in infos]
 
     def _idle_connection(self) -> _Connection | None:
         idle = self._idle
         now = time.monotonic()
         while idle:
             conn = idle.pop()
-            if conn.alive and now - conn.idle_since < KEEPALIVE_S:
-                transport = conn.transport
-                if transport is not None and not transport.is_closing():
-                    return conn
+            if now - conn.idle_since < KEEPALIVE_S and conn.quiet():
+                return conn
+            conn.alive = False
             if conn.transport is not None:
-                conn.transport.close()
+                conn.transport.abort()
         return None
 
-    async def send(self, head: bytes, body: bytes) -> tuple[_Connection, Response]:
-        """Send one request (`head` and `body`) and wait for the head of its answer."""
+    async def send(self, method: str, head: bytes, body: bytes) -> tuple[_Connection, Response]:
+        """Send one request (`head` and `body`) and wait for the head of its answer.
+
+        A reused connection is checked just before the request is written (quiet()); once
+        any byte of a request was written it is never sent again, whatever happens (RFC
+        9112 9.3.1: the upstream may have acted on it; one more chat completion is one more
+        bill), but for GET, which is idempotent, on a reused connection that closed without
+        answering a byte."""
         if self.closed:
             raise _unreachable("the proxy is shutting down")
+        no_body = method == "HEAD"
         conn = self._idle_connection()
         if conn is not None:
             try:
-                return conn, await self._send_on(conn, head, body)
+                return conn, await self._send_on(conn, head, body, no_body)
             except UpstreamTimeout:
                 raise
             except UpstreamError:
-                if conn.got_bytes:
+                if conn.got_bytes or method not in IDEMPOTENT:
                     raise
-                # It closed while idle, before answering this request: once more, afresh.
+                # GET on a connection that closed while idle, unanswered: once more, afresh.
         conn = await self._connect()
-        return conn, await self._send_on(conn, head, body)
+        return conn, await self._send_on(conn, head, body, no_body)
 
-    async def _send_on(self, conn: _Connection, head: bytes, body: bytes) -> Response:
+    async def _send_on(
+        self, conn: _Connection, head: bytes, body: bytes, no_body: bool
+    ) -> Response:
         self._busy.add(conn)
         try:
-            return await conn.send(head, body)
+            return await conn.send(head, body, no_body=no_body)
         except BaseException:
             self._busy.discard(conn)
             if conn.alive:  # cancelled while waiting: nobody will read this answer
@@ -590,9 +845,17 @@ class Client:
             raise
 
     def _release(self, conn: _Connection) -> None:
-        """An answer arrived whole: the connection may serve the next request."""
+        """An answer arrived whole and nothing came after it: the connection may serve the
+        next request (if it was clean: written whole before its answer came, keep-alive)."""
         self._busy.discard(conn)
-        if not conn.keep or not conn.alive or self.closed or len(self._idle) >= IDLE_MAX:
+        if (
+            not conn.keep
+            or conn.early
+            or not conn.alive
+            or self.closed
+            or len(self._idle) >= IDLE_MAX
+        ):
+            conn.alive = False
             if conn.transport is not None:
                 conn.transport.close()
             return
@@ -605,11 +868,13 @@ class Client:
         if conn.resp is not None or conn._head is not None:
             conn._lost(_broke_off("the reader left"))
         elif conn.transport is not None and conn not in self._idle:
-            conn.transport.close()
+            conn.alive = False
+            conn.transport.abort()
 
     async def aclose(self) -> None:
         self.closed = True
         for conn in [*self._idle, *self._busy]:
+            conn.alive = False
             if conn.transport is not None:
                 conn.transport.close()
         self._idle.clear()
@@ -634,7 +899,7 @@ class Exchange:
         client = self._client
         method, path_qs, headers, body = self._args
         head = client.head_bytes(method, path_qs, headers, body)
-        self._conn, self._resp = await client.send(head, body)
+        self._conn, self._resp = await client.send(method, head, body)
         return self._resp
 
     async def __aexit__(

@@ -151,6 +151,12 @@ def purge_pattern(
     return "v2:" + ".".join(parts) + ".*"
 
 
+def idem_pattern(*, tenant: str | None = None, namespace: str | None = None) -> str:
+    """The glob that matches the Idempotency-Key entries of a tenant and / or namespace
+    (`idem:<tenant>.<ns>.<hmac>`, see plan.idempotency_key)."""
+    return f"idem:{tenant or '*'}.{tag(namespace) if namespace is not None else '*'}.*"
+
+
 def key_id(key: str) -> str:
     """The 12-character id of a key in log lines (the start of its HMAC)."""
     return key.partition("#")[0][-64:-52]

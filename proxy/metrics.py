@@ -41,24 +41,29 @@ class StatsCollector(Collector):
         errors = CounterMetricFamily("ocp_errors", "Answers with status >= 400.", labels=labels)
         tokens = CounterMetricFamily(
             "ocp_tokens",
-            "Tokens spent upstream (MISS) or saved by reuse (HIT, COALESCED).",
+            "Tokens spent upstream (MISS) or saved by reuse (HIT, COALESCED); provider_cached:"
+            " input tokens the provider's prompt cache served.",
             labels=["route", "model", "direction", "kind"],
         )
         usd = CounterMetricFamily(
-            "ocp_usd", "US dollars spent upstream or saved.", labels=["route", "model", "kind"]
+            "ocp_usd",
+            "US dollars spent upstream or saved; provider_saved: by the provider's prompt cache.",
+            labels=["route", "model", "kind"],
         )
         for (route, model, cache), t in sorted(stats.cells.items()):
             requests.add_metric([route, model, cache], t.requests)
             errors.add_metric([route, model, cache], t.errors)
         spent_saved: dict[tuple[str, str], list[float]] = {}
         for (route, model, _cache), t in stats.cells.items():
-            row = spent_saved.setdefault((route, model), [0, 0, 0, 0, 0.0, 0.0])
+            row = spent_saved.setdefault((route, model), [0, 0, 0, 0, 0.0, 0.0, 0, 0.0])
             row[0] += t.tokens_in_spent
             row[1] += t.tokens_out_spent
             row[2] += t.tokens_in_saved
             row[3] += t.tokens_out_saved
             row[4] += t.usd_spent
             row[5] += t.usd_saved
+            row[6] += t.tokens_provider_cached
+            row[7] += t.usd_provider_saved
         for (route, model), row in sorted(spent_saved.items()):
             tokens.add_metric([route, model, "in", "spent"], row[0])
             tokens.add_metric([route, model, "out", "spent"], row[1])
@@ -66,10 +71,30 @@ class StatsCollector(Collector):
             tokens.add_metric([route, model, "out", "saved"], row[3])
             usd.add_metric([route, model, "spent"], round(row[4], 8))
             usd.add_metric([route, model, "saved"], round(row[5], 8))
+            if row[6]:  # the provider's own prompt cache, apart from the proxy's savings
+                tokens.add_metric([route, model, "in", "provider_cached"], row[6])
+                usd.add_metric([route, model, "provider_saved"], round(row[7], 8))
+        items = CounterMetricFamily(
+            "ocp_embedding_items",
+            "Embeddings input items answered item by item, by where they came from.",
+            labels=["route", "model", "source"],
+        )
+        per_items: dict[tuple[str, str], list[int]] = {}
+        for (route, model, _cache), t in stats.cells.items():
+            if t.items_cached or t.items_joined or t.items_sent:
+                counts = per_items.setdefault((route, model), [0, 0, 0])
+                counts[0] += t.items_cached
+                counts[1] += t.items_joined
+                counts[2] += t.items_sent
+        for (route, model), (cached, joined, sent) in sorted(per_items.items()):
+            items.add_metric([route, model, "cache"], cached)
+            items.add_metric([route, model, "joined"], joined)
+            items.add_metric([route, model, "upstream"], sent)
         yield requests
         yield errors
         yield tokens
         yield usd
+        yield items
         latency = HistogramMetricFamily(
             "ocp_request_duration_seconds", "Time to answer, by cache status.", labels=["cache"]
         )

@@ -197,4 +197,8 @@ def money_fields(cost: dict[str, Any] | None, *, saved: bool) -> dict[str, Any]:
     }
     if usd is None:
         fields["unpriced"] = True
+    cached = cost.get("cached_tokens")
+    if cached and not saved:  # the provider's cache saved this at the time it was spent
+        fields["cached_tokens"] = cached
+        fields["provider_saved_usd"] = cost.get("provider_saved_usd")
     return fields

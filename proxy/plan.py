@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, NamedTuple
 
+from proxy.caller_keys import NO_CALLER, CallerControls, caller_canonical
+from proxy.embeddings import per_item
 from proxy.errors import BadBody, Inexact
-from proxy.keys import cache_key, partition_key, store_key
+from proxy.keys import cache_key, partition_key, store_key, tag
 from proxy.normalize import (
     canonical_json,
     canonical_multipart,
@@ -24,10 +26,13 @@ from proxy.normalize import (
     raw_canonical,
     try_json,
 )
+from proxy.prompt_cache import auto_prompt_cache_key
 from proxy.rules import Rule, Rules
 from proxy.semantic import query_of
 from proxy.twins import kind_of
 
+TWIN_FIELDS = ("stream", "stream_options")
+"""What tells a twin route's two forms apart (twins.py): never part of its key."""
 LABEL_MAX = 96
 """Longest client-given string (model, namespace) copied into logs, stats and memos."""
 
@@ -66,6 +71,14 @@ class Plan(NamedTuple):
     """For twins, the form this request wants: "json", "sse" or "sse+usage"."""
     semantic: SemanticQuery | None = None
     """With a rule's `semantic` on or shadow: what a semantic lookup compares, and where."""
+    caller: str = ""
+    """How the caller shaped the key (caller_keys.py): "", "caller-key", "ignored-fields",
+    both joined by a comma, or "refused" (the rule forbids it)."""
+    prompt_cache_key: str | None = None
+    """With a rule's prompt_cache_key = "auto" and none in the body: the value the request
+    goes upstream with (prompt_cache.py); never part of the key."""
+    per_item: bool = False
+    """An embeddings list answered item by item (embeddings.py)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +148,19 @@ def parse_cache_control(value: str | None, namespace: str | None) -> ClientContr
                 if seconds is not None:
                     stale = seconds if stale is None else min(stale, seconds)
     return ClientControls(mode, max_age, (namespace or "").strip(), stale)
+
+
+def with_caller(controls: ClientControls, caller: CallerControls) -> ClientControls:
+    """Cache-Control as the caller's cache headers amend it: skip is no-store, a TTL a
+    max-age (the shorter one wins)."""
+    mode, max_age = controls.mode, controls.max_age
+    if caller.skip:
+        mode = Mode.BYPASS
+    if caller.ttl_s is not None:
+        max_age = caller.ttl_s if max_age is None else min(max_age, caller.ttl_s)
+    if mode is controls.mode and max_age == controls.max_age:
+        return controls
+    return ClientControls(mode, max_age, controls.namespace, controls.stale_if_error)
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +237,7 @@ def make_plan(
     body: bytes,
     *,
     fingerprint: bool = True,
+    caller: CallerControls = NO_CALLER,
 ) -> Plan:
     """Decide the rule and the key. Raises BadBody for a body that claims a type it is not
     (JSON, multipart) or is out of bounds. `fingerprint=False` leaves Plan.fingerprint empty
@@ -248,17 +275,28 @@ def make_plan(
     hints = _hints(route, fields)
     canonical_all = b""
     digest = ""
+    keyed = rule is not None and rule.enabled and not any(fields.get(f) for f in rule.never_if)
+    twin = kind_of(route) if not raw and not parts else None
+    # An Idempotency-Key names one request in every form the proxy converts between: on a
+    # twin route, `stream` and `stream_options` are not part of what it names.
+    forms = TWIN_FIELDS if twin and keyed else ()
     if fingerprint:
         if raw:
             canonical_all = raw_canonical(ctype, body)
         else:
-            canonical_all = _canonical(fields, parts, (), ctype, body)
+            canonical_all = _canonical(fields, parts, forms, ctype, body)
         digest = cache_key(secret, tenant, method, route, query, ctype, canonical_all)
-    if rule is None or not rule.enabled or any(fields.get(f) for f in rule.never_if):
+    if rule is None or not keyed:
         return Plan(None, "", label, stream, digest, hints)
-    twin = kind_of(route) if not raw and not parts else None
-    ignore = rule.ignore_fields + (("stream", "stream_options") if twin else ())
-    if fingerprint and (raw or not ignore):
+    ignore = rule.ignore_fields + (TWIN_FIELDS if twin else ())
+    used = ""
+    if caller.keys:
+        used = "refused" if not rule.caller_keys else _caller_used(caller)
+    if used and used != "refused" and caller.ignore:
+        ignore = ignore + caller.ignore
+    if used and used != "refused" and caller.key is not None:
+        canonical = caller_canonical(caller.key)
+    elif fingerprint and (raw or ignore == forms):
         canonical = canonical_all
     elif raw:
         canonical = raw_canonical(ctype, body)
@@ -267,7 +305,7 @@ def make_plan(
     key = store_key(
         tenant.hex()[:12],
         namespace,
-        label,
+        model,  # the whole name: a purge by the name the client sent finds it
         route,
         cache_key(secret, tenant, method, route, query, namespace, canonical),
     )
@@ -277,11 +315,29 @@ def make_plan(
         usage = isinstance(options, dict) and bool(options.get("include_usage"))
         form = ("sse+usage" if usage and twin == "chat" else "sse") if stream else "json"
     semantic = None
-    if twin and rule.semantic != "off":
+    pck = None
+    if rule.prompt_cache_key == "auto" and twin and "prompt_cache_key" not in fields:
+        pck = auto_prompt_cache_key(secret, tenant, twin, fields)
+    if twin and rule.semantic != "off" and not (caller.key and rule.caller_keys):
         semantic = _semantic(
-            rule, secret, tenant, method, route, query, namespace, label, twin, fields, ignore, body
+            rule, secret, tenant, method, route, query, namespace, model, twin, fields, ignore, body
         )
-    return Plan(rule, key, label, stream, digest, hints, twin, form, semantic)
+    items = (
+        rule.embeddings_per_item
+        and not raw
+        and not parts
+        and route.endswith("/embeddings")
+        and not (caller.key and rule.caller_keys)
+        and per_item(fields)
+    )
+    return Plan(rule, key, label, stream, digest, hints, twin, form, semantic, used, pck, items)
+
+
+def _caller_used(caller: CallerControls) -> str:
+    """The Plan.caller label of a caller that shapes the key."""
+    if caller.key is not None and caller.ignore:
+        return "caller-key,ignored-fields"
+    return "caller-key" if caller.key is not None else "ignored-fields"
 
 
 def _semantic(
@@ -351,6 +407,8 @@ def passthrough_fingerprint(
     return cache_key(secret, tenant, method, route, query, "raw", body)
 
 
-def idempotency_key(secret: bytes, tenant: bytes, value: str) -> str:
-    """Store key for an Idempotency-Key value, partitioned by tenant."""
-    return "idem:" + hmac.new(secret, tenant + value.encode(), hashlib.sha256).hexdigest()
+def idempotency_key(secret: bytes, tenant: bytes, value: str, namespace: str = "") -> str:
+    """Store key for an Idempotency-Key value: `idem:<tenant>.<ns>.<hmac>`, partitioned by
+    tenant and namespace, whose tags let a purge of either find it (keys.idem_pattern)."""
+    mac = hmac.new(secret, tenant + value.encode(), hashlib.sha256).hexdigest()
+    return f"idem:{tenant.hex()[:12]}.{tag(namespace)}.{mac}"

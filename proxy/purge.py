@@ -19,11 +19,25 @@ from typing import Any
 import orjson
 
 from proxy.errors import BadFilter, ConfigError
-from proxy.keys import purge_pattern
+from proxy.keys import idem_pattern, purge_pattern
 from proxy.settings import Settings
 
 FILTERS = ("namespace", "tenant", "model", "route")
+FILTER_MAX = 1 << 20
+"""Longest filter value: a model name is matched whole, however long the client sent it."""
 TENANT_RE = re.compile(r"^[0-9a-f]{12}$")
+
+
+def patterns_of(filters: dict[str, Any]) -> tuple[str, ...]:
+    """The key globs for a JSON object of filters; BadFilter unless it is one. A purge by
+    tenant and / or namespace alone takes their Idempotency-Key entries too (those keys name
+    no model or route: a model or route purge leaves them to their TTL)."""
+    pattern = pattern_of(filters)
+    given = {k for k, v in filters.items() if v is not None}
+    if given & {"model", "route"}:
+        return (pattern,)
+    idem = idem_pattern(tenant=filters.get("tenant"), namespace=filters.get("namespace"))
+    return (pattern, idem)
 
 
 def pattern_of(filters: dict[str, Any]) -> str:
@@ -37,7 +51,7 @@ def pattern_of(filters: dict[str, Any]) -> str:
     if not given:
         raise BadFilter(f"Give at least one filter: {', '.join(FILTERS)}.")
     for name, value in given.items():
-        if not isinstance(value, str) or len(value) > 8192:
+        if not isinstance(value, str) or len(value) > FILTER_MAX:
             raise BadFilter(f"The purge filter {name} must be a string.")
     tenant = given.get("tenant")
     if tenant is not None and not TENANT_RE.match(tenant):
@@ -80,7 +94,7 @@ def main(argv: Sequence[str]) -> int:
         extra=filters,
     )
     try:
-        pattern = pattern_of({name: getattr(ns, name) for name in FILTERS})
+        patterns = patterns_of({name: getattr(ns, name) for name in FILTERS})
     except BadFilter as exc:
         raise ConfigError(str(exc)) from None
     from proxy.errors import StoreUnavailable
@@ -93,7 +107,9 @@ def main(argv: Sequence[str]) -> int:
             purge = getattr(store, "purge", None)
             if purge is None:
                 return 0
-            gone: int = await purge(pattern)
+            gone = 0
+            for pattern in patterns:
+                gone += await purge(pattern)
             return gone
         finally:
             with contextlib.suppress(Exception):

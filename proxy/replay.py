@@ -91,7 +91,7 @@ async def replay(
     headers.extend(entry.headers)
     headers["X-Cache-Status"] = status.header
     headers["Cache-Status"] = cache_status
-    if status is HIT:
+    if status in (HIT, STALE):
         headers["Age"] = age_of(entry)
     await resp.prepare(request)
     loop = asyncio.get_running_loop()

@@ -64,6 +64,8 @@ class Group:
     coalesced: int = 0
     misses: int = 0
     stale: int = 0
+    partial: int = 0
+    """Embeddings lists answered partly from the cache (embeddings.py)."""
     money: Totals = field(default_factory=Totals)
     spent: Decimal = Decimal(0)
     saved: Decimal = Decimal(0)
@@ -78,12 +80,16 @@ class Group:
     """... of which the best candidate cleared the rule's threshold (would have been HITs)."""
     shadow_would_usd: Decimal = Decimal(0)
     """What those MISSes cost: what the semantic layer would have saved."""
+    verify_calls: int = 0
+    """Calls to the judge model (semantic_verify = "llm")."""
+    verify_ms: Latency = field(default_factory=Latency)
+    verify_usd: Decimal = Decimal(0)
 
     def add(self, line: dict[str, Any]) -> None:
         self.money.add(line)
         if "semantic_score" in line or "semantic" in line:
             self._semantic(line)
-        for name in ("cost_usd", "saved_usd"):
+        for name in ("cost_usd", "saved_usd", "items_saved_usd"):
             value = line.get(name)
             if isinstance(value, int | float) and not isinstance(value, bool):
                 if name == "cost_usd":
@@ -101,12 +107,23 @@ class Group:
             self.coalesced += 1
         elif cache == "stale":
             self.stale += 1
+        elif cache == "partial":
+            self.partial += 1
         elif cache == "miss":
             self.misses += 1
             if isinstance(ms, int | float) and not failed:  # a failure is no MISS latency
                 self.miss_ms.add(ms)
 
     def _semantic(self, line: dict[str, Any]) -> None:
+        calls = line.get("semantic_verify_calls")
+        if isinstance(calls, int) and not isinstance(calls, bool) and calls > 0:
+            self.verify_calls += calls
+            ms = line.get("semantic_verify_ms")
+            if isinstance(ms, int | float) and not isinstance(ms, bool):
+                self.verify_ms.add(ms)
+            usd = line.get("semantic_verify_cost_usd")
+            if isinstance(usd, int | float) and not isinstance(usd, bool):
+                self.verify_usd += Decimal(repr(usd))
         if line.get("cache") == "hit" and "semantic_score" in line:
             self.semantic_hits += 1
         elif line.get("semantic") == "shadow" and line.get("cache") == "miss":
@@ -127,6 +144,7 @@ class Group:
             "coalesced": self.coalesced,
             "misses": self.misses,
             "stale": self.stale,
+            "partial": self.partial,
             "errors": t.errors,
             "tokens_in_spent": t.tokens_in_spent,
             "tokens_out_spent": t.tokens_out_spent,
@@ -135,6 +153,11 @@ class Group:
             "spent_usd": float(self.spent),
             "saved_usd": float(self.saved),
             "unpriced": t.unpriced,
+            "items_cached": t.items_cached,
+            "items_joined": t.items_joined,
+            "items_sent": t.items_sent,
+            "provider_cached_tokens": t.tokens_provider_cached,
+            "provider_saved_usd": round(t.usd_provider_saved, 8),
             "hit_p50_ms": self.hit_ms.pct(50),
             "hit_p95_ms": self.hit_ms.pct(95),
             "miss_p50_ms": self.miss_ms.pct(50),
@@ -146,6 +169,9 @@ class Group:
             if self.shadow_lookups
             else None,
             "shadow_saved_usd": float(self.shadow_would_usd),
+            "verify_calls": self.verify_calls,
+            "verify_p50_ms": self.verify_ms.pct(50),
+            "verify_usd": float(self.verify_usd),
         }
 
 
@@ -399,6 +425,14 @@ COLUMNS = (
     "shadow_hit_ratio",
     "shadow_saved_usd",
     "shadow_lookups",
+    "verify_calls",
+    "verify_p50_ms",
+    "verify_usd",
+    "provider_saved_usd",
+    "provider_cached_tokens",
+    "partial",
+    "items_cached",
+    "items_sent",
 )
 """Table columns, most wanted first: a narrow terminal shows the first ones that fit."""
 HEADERS = {
@@ -417,6 +451,13 @@ HEADERS = {
     "shadow_hit_ratio": "shadow hit %",
     "shadow_saved_usd": "shadow saved $",
     "shadow_lookups": "shadow lookups",
+    "verify_calls": "verify calls",
+    "verify_p50_ms": "verify p50 ms",
+    "verify_usd": "verify $",
+    "provider_saved_usd": "provider saved $",
+    "provider_cached_tokens": "provider cached",
+    "items_cached": "items cached",
+    "items_sent": "items sent",
 }
 
 

@@ -72,6 +72,26 @@ class Rule:
     """Least cosine similarity of the two last user messages' embeddings for a semantic HIT."""
     semantic_model: str = "text-embedding-3-small"
     """The embeddings model the compared texts are embedded with."""
+    semantic_embeddings_url: str = ""
+    """An OpenAI-compatible embeddings server for this rule's lookups (a local model server),
+    instead of --semantic-embeddings-url or the upstream; its key is
+    --semantic-embeddings-key (a key is never written in a rules file)."""
+    semantic_verify: Literal["off", "llm"] = "off"
+    """"llm": a candidate that clears the threshold and the guards is served only once a
+    small judge model (`semantic_verify_model`, through the upstream with the caller's key)
+    says the cached answer answers this request too; verdicts are kept per pair."""
+    semantic_verify_model: str = "gpt-4o-mini"
+    """The judge model of `semantic_verify = "llm"`."""
+    caller_keys: bool = True
+    """False: X-Cache-Key, X-Cache-Ignore-Fields and their aliases are not honoured here
+    (requests are keyed by their body whatever the caller sends); see caller_keys.py."""
+    prompt_cache_key: Literal["off", "auto"] = "off"
+    """"auto": a request with no `prompt_cache_key` goes upstream with one derived from the
+    tenant and its stable prefix (system prompt, instructions, tools), so requests sharing a
+    long prefix reach the same provider prompt cache (see prompt_cache.py). Never keyed."""
+    embeddings_per_item: bool = True
+    """Embeddings: each item of an `input` list is its own entry; a partly cached list sends
+    only its missing items upstream (see embeddings.py)."""
 
     def matches(self, method: str, route: str, model: str | None) -> bool:
         if method not in self.methods or not fnmatchcase(route, self.route):
@@ -128,7 +148,7 @@ _FLOATS = {
     "stale_if_error_s",
     "semantic_threshold",
 }
-_BOOLS = {"enabled", "store", "coalesce", "rehost_images"}
+_BOOLS = {"enabled", "store", "coalesce", "rehost_images", "caller_keys", "embeddings_per_item"}
 
 
 def _rule_from(raw: dict[str, Any], where: str) -> Rule:
@@ -153,9 +173,15 @@ def _rule_from(raw: dict[str, Any], where: str) -> Rule:
         elif key == "replay":
             if value not in ("fast", "paced"):
                 raise ConfigError(f'rules {where}: \'replay\' must be "fast" or "paced"')
+        elif key == "prompt_cache_key":
+            if value not in ("off", "auto"):
+                raise ConfigError(f'rules {where}: \'prompt_cache_key\' must be "off" or "auto"')
         elif key == "semantic":
             if value not in ("off", "shadow", "on"):
                 raise ConfigError(f'rules {where}: \'semantic\' must be "off", "shadow" or "on"')
+        elif key == "semantic_verify":
+            if value not in ("off", "llm"):
+                raise ConfigError(f'rules {where}: \'semantic_verify\' must be "off" or "llm"')
         elif not isinstance(value, str):
             raise ConfigError(f"rules {where}: {key!r} must be a string")
         values[key] = value
@@ -163,6 +189,11 @@ def _rule_from(raw: dict[str, Any], where: str) -> Rule:
         raise ConfigError(f"rules {where}: 'semantic_threshold' must be above 0 and at most 1")
     if not values.get("semantic_model", "x").strip():
         raise ConfigError(f"rules {where}: 'semantic_model' must name a model")
+    url = values.get("semantic_embeddings_url", "")
+    if url and not url.startswith(("http://", "https://")):
+        raise ConfigError(f"rules {where}: 'semantic_embeddings_url' must be an http(s) URL")
+    if not values.get("semantic_verify_model", "x").strip():
+        raise ConfigError(f"rules {where}: 'semantic_verify_model' must name a model")
     if values.get("replay_speed", 1.0) <= 0:
         raise ConfigError(f"rules {where}: 'replay_speed' must be above 0")
     return Rule(**values)

@@ -62,7 +62,8 @@ class Settings:
     upstream_connect_timeout_s: float = 10.0
     """Connect timeout to the upstream; past it the client gets 502."""
     upstream_read_timeout_s: float = 600.0
-    """Longest silence while reading from the upstream; past it the client gets 504."""
+    """Longest time without progress while writing a request to or reading an answer from the
+    upstream; past it the client gets 504."""
     auth_recheck_s: float = 3600.0
     """A credential served from the cache is re-checked upstream (GET /v1/models) when it was
     last seen accepted longer ago than this, so a revoked key stops getting cached answers
@@ -105,6 +106,15 @@ class Settings:
     """Vectors kept per semantic partition (the newest)."""
     semantic_memory_mb: float = 256.0
     """Vectors each process keeps in memory for searching, over all partitions."""
+    semantic_embeddings_url: str = ""
+    """An OpenAI-compatible embeddings server for the semantic lookups (a local model server,
+    e.g. http://127.0.0.1:8000/v1): no cost per lookup, and the compared text stays on your
+    network. Empty: the upstream, with the caller's own credential."""
+    semantic_verify_timeout_s: float = 10.0
+    """Longest wait for the judge of `semantic_verify = "llm"`; past it, the candidate is not
+    served (a MISS)."""
+    semantic_embeddings_key: str = ""
+    """The bearer token sent to --semantic-embeddings-url (the caller's key never is)."""
     admin_token: str = ""
     """Opens /_proxy/stats, /_proxy/metrics, /_proxy/dashboard and /_proxy/purge to clients
     that send it as `Authorization: Bearer <token>`. Empty: they answer loopback clients only."""
@@ -169,7 +179,12 @@ class Settings:
             raise ConfigError(
                 f"--images / PROXY_IMAGES: {self.images!r} is not file:///dir or s3://bucket/prefix"
             )
-        for name in ("public_url", "images_public_url", "s3_endpoint_url"):
+        for name in (
+            "public_url",
+            "images_public_url",
+            "s3_endpoint_url",
+            "semantic_embeddings_url",
+        ):
             value = getattr(self, name)
             if value and urlsplit(value).scheme not in ("http", "https"):
                 raise ConfigError(f"{_flag(name)} / {_env(name)}: {value!r} is not an http(s) URL")
@@ -220,6 +235,7 @@ POSITIVE = (
     "semantic_timeout_s",
     "semantic_max_entries",
     "semantic_memory_mb",
+    "semantic_verify_timeout_s",
 )
 """Sizes and times that make no sense at 0 or below: start-up stops naming the setting."""
 ZERO_IS_OFF = ("hot_cache_mb", "auth_recheck_s")
@@ -256,6 +272,7 @@ _CONVERTERS: dict[str, Callable[[str], Any]] = {
     "semantic_timeout_s": float,
     "semantic_max_entries": int,
     "semantic_memory_mb": float,
+    "semantic_verify_timeout_s": float,
     "data_dir": lambda s: Path(s).expanduser(),
     "rules": lambda s: Path(s).expanduser(),
 }
@@ -284,6 +301,8 @@ SUBCOMMANDS = """subcommands (each has its own --help):
   purge --namespace|--tenant|--model|--route ... [--cache URL] [--data-dir DIR]
                                delete cached answers from the configured store
   healthcheck [--data-dir DIR] exit 0 if the proxy on this machine answers its health route
+  semantic calibrate --model NAME [--pairs FILE] [--max-wrong 0.05]
+                               the semantic threshold for an embeddings model
 
 Every flag has a PROXY_* environment twin (shown with each flag)."""
 

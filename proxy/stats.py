@@ -27,6 +27,7 @@ _PLURAL = {
     "bypass": "bypasses",
     "coalesced": "coalesced",
     "stale": "stale",
+    "partial": "partials",
 }
 LATENCY_BUCKETS_S = (
     0.0005,
@@ -67,6 +68,16 @@ class Totals:
     usd_saved: float = 0.0
     ms_saved: float = 0.0
     unpriced: int = 0
+    tokens_provider_cached: int = 0
+    """Input tokens the provider's own prompt cache served (apart from the proxy's savings)."""
+    usd_provider_saved: float = 0.0
+    """What those saved at the cached-input price."""
+    items_cached: int = 0
+    """Embeddings input items answered from the cache (embeddings.py), ..."""
+    items_joined: int = 0
+    """... from another request's upstream call, ..."""
+    items_sent: int = 0
+    """... or sent upstream."""
 
     def add(self, line: dict[str, Any]) -> None:
         """Count one request.done line (see handlers: the fields it carries)."""
@@ -74,6 +85,13 @@ class Totals:
         self.bytes += line.get("bytes") or 0
         if (line.get("status") or 0) >= 400:
             self.errors += 1
+        if "items" in line:
+            self.items_cached += line.get("items_cached") or 0
+            self.items_joined += line.get("items_joined") or 0
+            self.items_sent += line.get("items_sent") or 0
+            if "items_saved_tokens" in line:  # a PARTIAL: spent (below) and saved, both
+                self.tokens_in_saved += line["items_saved_tokens"] or 0
+                self.usd_saved += line.get("items_saved_usd") or 0.0
         tokens_in = line.get("tokens_in")
         if tokens_in is None:
             return
@@ -86,6 +104,9 @@ class Totals:
             self.tokens_in_spent += tokens_in
             self.tokens_out_spent += line.get("tokens_out") or 0
             self.usd_spent += line.get("cost_usd") or 0.0
+            if "cached_tokens" in line:
+                self.tokens_provider_cached += line["cached_tokens"] or 0
+                self.usd_provider_saved += line.get("provider_saved_usd") or 0.0
         if "unpriced" in line:
             self.unpriced += 1
 
@@ -172,10 +193,10 @@ class Stats:
         m.requests += 1
         if cache in SERVED:
             m.served += 1
-        usd = line.get("saved_usd")
+        usd = line.get("saved_usd") or line.get("items_saved_usd")
         if usd:
             m.usd_saved += usd
-        else:
+        if not line.get("saved_usd"):
             usd = line.get("cost_usd")
             if usd:
                 m.usd_spent += usd
@@ -221,6 +242,8 @@ class Stats:
                     "tokens_out": 0,
                     "spent_usd": 0.0,
                     "saved_usd": 0.0,
+                    "provider_cached_tokens": 0,
+                    "provider_saved_usd": 0.0,
                 },
             )
             row["requests"] += cell.requests
@@ -229,11 +252,14 @@ class Stats:
             row["tokens_out"] += cell.tokens_out_spent + cell.tokens_out_saved
             row["spent_usd"] += cell.usd_spent
             row["saved_usd"] += cell.usd_saved
+            row["provider_cached_tokens"] += cell.tokens_provider_cached
+            row["provider_saved_usd"] += cell.usd_provider_saved
         for row in out.values():
             served = row["hit"] + row["coalesced"] + row["stale"]
             row["hit_ratio"] = round(served / row["requests"], 4) if row["requests"] else 0.0
             row["spent_usd"] = round(row["spent_usd"], 6)
             row["saved_usd"] = round(row["saved_usd"], 6)
+            row["provider_saved_usd"] = round(row["provider_saved_usd"], 6)
         return dict(sorted(out.items()))
 
     def snapshot(self) -> dict[str, Any]:
@@ -257,6 +283,15 @@ class Stats:
             "saved_usd": round(t.usd_saved, 6),
             "saved_ms": round(t.ms_saved, 1),
             "unpriced": t.unpriced,
+            "embedding_items": {
+                "cached": t.items_cached,
+                "joined": t.items_joined,
+                "sent": t.items_sent,
+            },
+            "provider_cache": {
+                "cached_tokens": t.tokens_provider_cached,
+                "saved_usd": round(t.usd_provider_saved, 6),
+            },
             "last_hour": self._window(60),
             "last_day": self._window(SERIES_MINUTES),
             "per_route": self._group(0),

@@ -23,6 +23,8 @@ class CacheStatus(StrEnum):
     """Shared an identical request's upstream call."""
     STALE = "stale"
     """A stored answer past its TTL, in place of an upstream failure (stale-if-error)."""
+    PARTIAL = "partial"
+    """Embeddings: some input items came from the cache, the others from upstream."""
 
     # Plain attributes, set on each member below (an Enum property, or .name and .value,
     # cost about 0.4 us a read; these are read a few times on every request).
@@ -43,6 +45,7 @@ _RFC9211 = {
     CacheStatus.BYPASS: f"{CACHE_NAME}; fwd=bypass",
     CacheStatus.COALESCED: f"{CACHE_NAME}; fwd=miss; collapsed",
     CacheStatus.STALE: f"{CACHE_NAME}; fwd=stale",
+    CacheStatus.PARTIAL: f"{CACHE_NAME}; fwd=partial",
 }
 SERVED = frozenset({CacheStatus.HIT, CacheStatus.COALESCED, CacheStatus.STALE})
 for _status in CacheStatus:
@@ -53,11 +56,19 @@ for _status in CacheStatus:
 STATUSES = tuple(s.value for s in CacheStatus)
 HIT, MISS, REFRESH = CacheStatus.HIT, CacheStatus.MISS, CacheStatus.REFRESH
 BYPASS, COALESCED, STALE = CacheStatus.BYPASS, CacheStatus.COALESCED, CacheStatus.STALE
+PARTIAL = CacheStatus.PARTIAL
 """The members as module names, for the data path (see coalesce.PENDING: an Enum member
 read through its class is slow in Python 3.11)."""
 HIT_CACHE_STATUS = CacheStatus.HIT.rfc9211
 SEMANTIC_HIT = f"{HIT_CACHE_STATUS}; detail=semantic"
 """A HIT found by meaning (vectors.py): RFC 9211's `detail` says so."""
+
+
+def semantic_hit(similarity: float) -> str:
+    """SEMANTIC_HIT with its similarity as an RFC 9211 extension parameter (an RFC 8941
+    decimal: three digits, rounded down so 0.9996 never reads as 1.000)."""
+    shown = max(0.0, min(1.0, int(similarity * 1000) / 1000))
+    return f"{SEMANTIC_HIT}; similarity={shown:.3f}"
 
 
 def stale(cause: str) -> str:

@@ -2,18 +2,21 @@
 
 Requests to Chat Completions and the Responses API that differ only in `stream` and
 `stream_options` share one key. The stored form (JSON or SSE) is converted for a client that
-asked for the other one:
+asked for the other one, keeping every field, as the SDKs' own stream accumulators
+(openai-python's ChatCompletionStreamState and ResponseStreamState) read them:
 
-- stored JSON -> SSE: Chat Completions as the API streams it (a role chunk, content,
-  refusal, tool_calls and logprobs deltas, the finish_reason chunk, a usage chunk when
-  `stream_options.include_usage` asks for it, `[DONE]`); Responses as the event sequence from
-  `response.created` to `response.completed` carrying the stored response;
-- stored SSE -> JSON: Chat Completions assembled from the deltas (content, tool calls,
-  refusal, logprobs, finish reason, usage when the stream had it); Responses from the
-  terminal event's response.
+- stored JSON -> SSE: Chat Completions as the API streams it (a first delta per choice with
+  the role and every field not streamed in pieces: function_call, audio, annotations, ...;
+  then content with its logprobs, refusal, each tool call, the finish_reason chunk, a usage
+  chunk when `stream_options.include_usage` asks for it, `[DONE]`); Responses as the event
+  sequence from `response.created` to `response.completed` carrying the stored response;
+- stored SSE -> JSON: Chat Completions merged delta by delta as the SDKs merge them
+  (accumulate_delta); Responses from the terminal event's response (its output from the
+  output_item.done events when it carries none).
 
-Images, audio and legacy Completions keep one key per form (their streams are not a
-re-rendering of one object).
+A chat stream stored without its usage chunk serves only streams without one (the handler
+fetches the other forms: their usage is unknown). Images, audio and legacy Completions keep
+one key per form (their streams are not a re-rendering of one object).
 """
 
 from __future__ import annotations
@@ -44,18 +47,27 @@ def _sse(data: bytes, event: str | None = None) -> bytes:
 
 
 # -- Chat Completions ------------------------------------------------------------------------
+CHAT_MESSAGE_DELTAS = ("role", "content", "refusal", "tool_calls")
+"""Message fields streamed in their own deltas; every other field (function_call, audio,
+annotations, and any the API adds later) goes whole in the choice's first delta."""
+CHOICE_FIELDS = ("index", "message", "logprobs", "finish_reason")
+
+
 def chat_to_sse(body: bytes, include_usage: bool) -> bytes:
-    """A chat.completion object -> the chat.completion.chunk stream the API would send."""
+    """A chat.completion object -> the chat.completion.chunk stream the API would send, which
+    the SDKs' accumulators (openai-python's ChatCompletionStreamState, accumulate_delta) add
+    back up to the same object: every field of the object, its choices and messages is sent."""
     doc = _object(body, "chat.completion")
-    base = {
+    _check_chat(doc)
+    base: dict[str, Any] = {
         "id": doc.get("id"),
         "object": "chat.completion.chunk",
         "created": doc.get("created"),
         "model": doc.get("model"),
     }
-    for field in ("service_tier", "system_fingerprint"):
-        if field in doc:
-            base[field] = doc[field]
+    for name, value in doc.items():
+        if name not in base and name not in ("choices", "usage"):
+            base[name] = value
     out = []
 
     def chunk(choices: list[dict[str, Any]], usage: Any = None, last: bool = False) -> None:
@@ -64,55 +76,41 @@ def chat_to_sse(body: bytes, include_usage: bool) -> bytes:
             obj["usage"] = usage if last else None
         out.append(_sse(orjson.dumps(obj)))
 
-    for choice in doc.get("choices") or []:
+    def piece(i: int, delta: dict[str, Any], logprobs: Any = None) -> None:
+        chunk([{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": None}])
+
+    choices = doc.get("choices") or []
+    for choice in sorted(choices, key=lambda c: c.get("index", 0)):
         i = choice.get("index", 0)
         msg = choice.get("message") or {}
         content = msg.get("content")
         first: dict[str, Any] = {
             "role": msg.get("role", "assistant"),
-            "content": "" if content is not None else None,
+            "content": "" if isinstance(content, str) else content,
         }
-        if msg.get("refusal") is not None or "refusal" in msg:
-            first["refusal"] = None
-        chunk([{"index": i, "delta": first, "logprobs": None, "finish_reason": None}])
+        if "refusal" in msg:
+            refusal = msg["refusal"]
+            first["refusal"] = "" if refusal == "" or not isinstance(refusal, str) else None
+            if not isinstance(refusal, str):
+                first["refusal"] = refusal
+        for name, value in msg.items():
+            if name not in CHAT_MESSAGE_DELTAS:
+                first[name] = value
+        opening = {"index": i, "delta": first, "logprobs": None, "finish_reason": None}
+        for name, value in choice.items():
+            if name not in CHOICE_FIELDS:
+                opening[name] = value
+        chunk([opening])
         logprobs = choice.get("logprobs")
-        if content:
-            chunk(
-                [
-                    {
-                        "index": i,
-                        "delta": {"content": content},
-                        "logprobs": logprobs,
-                        "finish_reason": None,
-                    }
-                ]
-            )
-        elif logprobs:
-            chunk([{"index": i, "delta": {}, "logprobs": logprobs, "finish_reason": None}])
-        if msg.get("refusal"):
-            chunk(
-                [
-                    {
-                        "index": i,
-                        "delta": {"refusal": msg["refusal"]},
-                        "logprobs": None,
-                        "finish_reason": None,
-                    }
-                ]
-            )
+        if isinstance(content, str) and content:
+            piece(i, {"content": content}, logprobs)
+        elif logprobs is not None:
+            piece(i, {}, logprobs)
+        refusal = msg.get("refusal")
+        if isinstance(refusal, str) and refusal:
+            piece(i, {"refusal": refusal})
         for n, call in enumerate(msg.get("tool_calls") or []):
-            fn = call.get("function") or {}
-            delta = {
-                "tool_calls": [
-                    {
-                        "index": n,
-                        "id": call.get("id"),
-                        "type": call.get("type", "function"),
-                        "function": {"name": fn.get("name"), "arguments": fn.get("arguments", "")},
-                    }
-                ]
-            }
-            chunk([{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}])
+            piece(i, {"tool_calls": [{"index": n, **call}]})
         chunk(
             [
                 {
@@ -130,94 +128,134 @@ def chat_to_sse(body: bytes, include_usage: bool) -> bytes:
 
 
 def chat_to_json(body: bytes) -> bytes:
-    """A chat.completion.chunk stream -> the chat.completion object it adds up to."""
-    head: dict[str, Any] = {}
+    """A chat.completion.chunk stream -> the chat.completion object it adds up to, as the
+    SDKs add it up (openai-python's ChatCompletionStreamState): every delta field merged
+    (strings joined, indexed lists such as tool_calls merged by index), logprobs joined,
+    the last finish_reason, and `usage` / `system_fingerprint` of the last chunk."""
+    doc: dict[str, Any] | None = None
     choices: dict[int, dict[str, Any]] = {}
-    usage = None
     for _name, data in events(body):
         if data == b"[DONE]" or not data.startswith(b"{"):
             continue
         obj = orjson.loads(data)
-        if not head:
-            head = {k: obj[k] for k in ("id", "created", "model") if k in obj}
-            for field in ("service_tier", "system_fingerprint"):
-                if field in obj:
-                    head[field] = obj[field]
-        if obj.get("usage"):
-            usage = obj["usage"]
+        if not isinstance(obj, dict) or obj.get("object") != "chat.completion.chunk":
+            continue  # (Azure's content filter events; the SDKs skip them too)
+        if doc is None:
+            doc = {"system_fingerprint": None, **obj, "object": "chat.completion"}
+            doc.pop("obfuscation", None)
+        else:
+            doc["usage"] = obj.get("usage")
+            doc["system_fingerprint"] = obj.get("system_fingerprint")
         for ch in obj.get("choices") or []:
-            c = choices.setdefault(
-                ch.get("index", 0),
-                {
-                    "role": "assistant",
-                    "content": None,
-                    "refusal": None,
-                    "calls": {},
-                    "logprobs": None,
-                    "finish_reason": None,
-                    "has_refusal": False,
-                },
-            )
+            i = ch["index"]
+            if not isinstance(i, int):
+                raise NotConvertible("a choice index is not an integer")
             delta = ch.get("delta") or {}
-            if delta.get("role"):
-                c["role"] = delta["role"]
-            if delta.get("content") is not None:
-                c["content"] = (c["content"] or "") + delta["content"]
-            if "refusal" in delta:
-                c["has_refusal"] = True
-            if delta.get("refusal") is not None:
-                c["refusal"] = (c["refusal"] or "") + delta["refusal"]
-            for call in delta.get("tool_calls") or []:
-                slot = c["calls"].setdefault(
-                    call.get("index", 0), {"id": None, "type": "function", "name": "", "args": ""}
-                )
-                if call.get("id"):
-                    slot["id"] = call["id"]
-                if call.get("type"):
-                    slot["type"] = call["type"]
-                fn = call.get("function") or {}
-                if fn.get("name"):
-                    slot["name"] += fn["name"]
-                if fn.get("arguments"):
-                    slot["args"] += fn["arguments"]
-            lp = ch.get("logprobs")
-            if lp:
-                merged = c["logprobs"] or {"content": None, "refusal": None}
-                for part in ("content", "refusal"):
-                    if lp.get(part):
-                        merged[part] = (merged[part] or []) + lp[part]
-                c["logprobs"] = merged
+            snap = choices.get(i)
+            if snap is None:
+                snap = {k: v for k, v in ch.items() if k != "delta"}
+                snap["message"] = accumulate_delta({}, delta)
+                choices[i] = snap
+            else:
+                snap["message"] = accumulate_delta(snap["message"], delta)
+                lp = ch.get("logprobs")
+                if lp is not None:
+                    held = snap.get("logprobs")
+                    if held is None:
+                        snap["logprobs"] = {
+                            "content": lp.get("content"),
+                            "refusal": lp.get("refusal"),
+                        }
+                    else:
+                        for part in ("content", "refusal"):
+                            if lp.get(part):
+                                held[part] = (held.get(part) or []) + lp[part]
             if ch.get("finish_reason"):
-                c["finish_reason"] = ch["finish_reason"]
-    if not head:
+                snap["finish_reason"] = ch["finish_reason"]
+    if doc is None:
         raise NotConvertible("no chat.completion.chunk in the stored stream")
-    out_choices = []
-    for i in sorted(choices):
-        c = choices[i]
-        message: dict[str, Any] = {"role": c["role"], "content": c["content"]}
-        if c["has_refusal"] or c["refusal"] is not None:
-            message["refusal"] = c["refusal"]
-        if c["calls"]:
-            message["tool_calls"] = [
-                {
-                    "id": s["id"],
-                    "type": s["type"],
-                    "function": {"name": s["name"], "arguments": s["args"]},
-                }
-                for _, s in sorted(c["calls"].items())
-            ]
-        out_choices.append(
-            {
-                "index": i,
-                "message": message,
-                "logprobs": c["logprobs"],
-                "finish_reason": c["finish_reason"],
-            }
-        )
-    doc = {**head, "object": "chat.completion", "choices": out_choices}
-    if usage is not None:
-        doc["usage"] = usage
+    for snap in choices.values():
+        for call in snap["message"].get("tool_calls") or []:
+            if isinstance(call, dict):
+                call.pop("index", None)  # a stream's merge key, not a field of the object
+    doc["choices"] = [choices[i] for i in sorted(choices)]
+    _check_chat(doc)
     return orjson.dumps(doc)
+
+
+def _check_chat(doc: dict[str, Any]) -> None:
+    """NotConvertible unless the fields every client reads have the API's types (a damaged
+    entry is fetched again, never passed on in the other form)."""
+    choices = doc.get("choices")
+    if not isinstance(choices, list):
+        raise NotConvertible("choices is not a list")
+    for choice in choices:
+        msg = choice.get("message") if isinstance(choice, dict) else None
+        if not isinstance(msg, dict):
+            raise NotConvertible("a choice has no message object")
+        for name in ("content", "refusal", "role"):
+            if not isinstance(msg.get(name), str | None):
+                raise NotConvertible(f"message.{name} is not a string")
+        calls = msg.get("tool_calls")
+        if calls is not None and not (
+            isinstance(calls, list)
+            and all(isinstance(c, dict) and isinstance(c.get("function", {}), dict) for c in calls)
+        ):
+            raise NotConvertible("message.tool_calls is not a list of calls")
+        logprobs = choice.get("logprobs")
+        if logprobs is not None and not (
+            isinstance(logprobs, dict)
+            and all(isinstance(logprobs.get(k), list | None) for k in ("content", "refusal"))
+        ):
+            raise NotConvertible("logprobs is not an object of lists")
+        if not isinstance(choice.get("finish_reason"), str | None):
+            raise NotConvertible("finish_reason is not a string")
+
+
+def accumulate_delta(acc: dict[str, Any], delta: dict[str, Any]) -> dict[str, Any]:
+    """Merge one streamed delta into what came before, as the SDKs do (openai-python's
+    lib/streaming/_deltas.accumulate_delta): strings and numbers add up, objects merge,
+    lists of objects with an `index` merge by it, other lists extend; `index` and `type`
+    are replaced."""
+    for key, value in delta.items():
+        if key not in acc or acc[key] is None:
+            if _indexed(value):
+                acc[key] = []
+            else:
+                acc[key] = value
+                continue
+        held = acc[key]
+        if key in ("index", "type"):
+            acc[key] = value
+            continue
+        if isinstance(held, str) and isinstance(value, str):
+            held = f"{held}{value}"
+        elif isinstance(held, int | float) and isinstance(value, int | float):
+            held = held + value
+        elif isinstance(held, dict) and isinstance(value, dict):
+            held = accumulate_delta(held, value)
+        elif isinstance(held, list) and isinstance(value, list):
+            if all(isinstance(x, str | int | float) for x in held) and (
+                held or not _indexed(value)
+            ):
+                held.extend(value)
+                continue
+            for entry in value:
+                if not isinstance(entry, dict) or not isinstance(entry.get("index"), int):
+                    raise NotConvertible("a list delta entry has no integer index")
+                n = entry["index"]
+                if n < len(held):
+                    if not isinstance(held[n], dict):
+                        raise NotConvertible("a list delta entry is not an object")
+                    held[n] = accumulate_delta(held[n], entry)
+                else:
+                    held.insert(n, entry)
+        acc[key] = held
+    return acc
+
+
+def _indexed(value: Any) -> bool:
+    return isinstance(value, list) and any(isinstance(x, dict) and "index" in x for x in value)
 
 
 def chat_stream_has_usage(body: bytes) -> bool:
@@ -226,17 +264,34 @@ def chat_stream_has_usage(body: bytes) -> bool:
 
 # -- Responses API ------------------------------------------------------------------------------
 def responses_to_json(body: bytes) -> bytes:
-    """A Responses event stream -> the response object of its terminal event."""
-    for name, data in reversed(list(events(body))):
+    """A Responses event stream -> the response object of its terminal event, as the SDKs
+    take it (openai-python's ResponseStreamState): when that response carries no `output`,
+    its output is the items of the output_item.done events (and, for an incomplete one, the
+    items added but never done), in output_index order."""
+    added: dict[int, Any] = {}
+    done: dict[int, Any] = {}
+    terminal: dict[str, Any] | None = None
+    for name, data in events(body):
         if not data.startswith(b"{"):
             continue
         obj = orjson.loads(data)
+        if not isinstance(obj, dict):
+            continue
         kind = name or obj.get("type", "")
-        if kind in ("response.completed", "response.incomplete") and isinstance(
+        if kind == "response.output_item.added" and obj.get("item") is not None:
+            added[obj["output_index"]] = obj["item"]
+        elif kind == "response.output_item.done":
+            done[obj["output_index"]] = obj["item"]
+        elif kind in ("response.completed", "response.incomplete") and isinstance(
             obj.get("response"), dict
         ):
-            return orjson.dumps(obj["response"])
-    raise NotConvertible("no terminal response event in the stored stream")
+            terminal = dict(obj["response"])
+            if terminal.get("output") is None:
+                items = done if kind == "response.completed" else {**added, **done}
+                terminal["output"] = [items[i] for i in sorted(items)]
+    if terminal is None:
+        raise NotConvertible("no terminal response event in the stored stream")
+    return orjson.dumps(terminal)
 
 
 def responses_to_sse(body: bytes) -> bytes:
@@ -266,6 +321,8 @@ def responses_to_sse(body: bytes) -> bytes:
                 empty = {**part, "text": ""} if "text" in part else {**part}
                 if part.get("type") == "output_text":
                     empty["annotations"] = []
+                    if "logprobs" in part:
+                        empty["logprobs"] = []
                 emit(
                     "response.content_part.added",
                     item_id=item_id,
@@ -280,7 +337,7 @@ def responses_to_sse(body: bytes) -> bytes:
                         output_index=n,
                         content_index=c,
                         delta=part.get("text", ""),
-                        logprobs=[],
+                        logprobs=part.get("logprobs") or [],
                     )
                     emit(
                         "response.output_text.done",
@@ -288,7 +345,7 @@ def responses_to_sse(body: bytes) -> bytes:
                         output_index=n,
                         content_index=c,
                         text=part.get("text", ""),
-                        logprobs=[],
+                        logprobs=part.get("logprobs") or [],
                     )
                 elif part.get("type") == "refusal":
                     emit(
@@ -354,5 +411,7 @@ def convert(kind: str, body: bytes, *, to_stream: bool, include_usage: bool) -> 
         if kind == "chat":
             return chat_to_sse(body, include_usage) if to_stream else chat_to_json(body)
         return responses_to_sse(body) if to_stream else responses_to_json(body)
-    except (orjson.JSONDecodeError, AttributeError, TypeError, KeyError) as exc:
+    except NotConvertible:
+        raise
+    except Exception as exc:  # whatever a damaged entry makes the conversion raise
         raise NotConvertible(f"the stored answer could not be converted: {exc}") from None

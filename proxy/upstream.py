@@ -1,26 +1,24 @@
-"""The upstream API: a lean HTTP/1.1 client (http1.py) for every method but HEAD, which goes
-through one shared aiohttp ClientSession; exceptions mapped at this edge."""
+"""The upstream API: one lean HTTP/1.1 client (http1.py) for every method, HEAD included;
+the base URL joined with each request's path (join_path); header filters both ways.
+
+The client raises only the proxy's own UpstreamError / UpstreamTimeout (http1.py words
+them), so nothing past this edge sees a socket's, TLS's or a parser's exception."""
 
 from __future__ import annotations
 
-import asyncio
-import io
 import ssl
 from collections.abc import Mapping
-from types import TracebackType
-from typing import Any
+from functools import lru_cache
 from urllib.parse import urlsplit
 
-import aiohttp
 from multidict import CIMultiDict
 
-from proxy.errors import UpstreamError, UpstreamTimeout
-from proxy.http1 import Client
-from proxy.http1 import Exchange as LeanExchange
+from proxy.caller_keys import CALLER_HEADERS
+from proxy.http1 import Client, Exchange, Response
 
-LARGE_BODY = 1024 * 1024
+__all__ = ["Exchange", "Response", "Upstream", "forward_headers", "join_path"]
 
-# Never forwarded in either direction (RFC 9110 7.6.1), plus what aiohttp recomputes.
+# Never forwarded in either direction (RFC 9110 7.6.1), plus what the client recomputes.
 HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -36,65 +34,48 @@ HOP_BY_HOP = frozenset(
         "content-length",
     }
 )
-# Read by the proxy, never sent upstream. Accept-Encoding is dropped so that aiohttp asks for
-# the encodings it can decode itself.
+# Read by the proxy, never sent upstream. Accept-Encoding is dropped so that the client asks
+# for the encodings it can decode itself.
 # Expect is answered by the proxy itself (100 Continue), never passed on.
-PROXY_REQUEST_HEADERS = frozenset(
-    {"cache-control", "x-cache-namespace", "idempotency-key", "accept-encoding", "expect"}
+PROXY_REQUEST_HEADERS = (
+    frozenset(
+        {"cache-control", "x-cache-namespace", "idempotency-key", "accept-encoding", "expect"}
+    )
+    | CALLER_HEADERS
 )
 # Never passed back to clients, nor stored.
 DROP_RESPONSE_HEADERS = HOP_BY_HOP | {"content-encoding", "set-cookie", "date", "server"}
 
 
-def mapped(exc: BaseException) -> UpstreamError | None:
-    """aiohttp's (and the socket's) exception as the proxy's, so the core never sees aiohttp
-    types; None for any other exception (a bug, a cancellation): it goes on as it is."""
-    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
-        return UpstreamTimeout("the upstream did not answer in time")
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return UpstreamError(f"the upstream answer broke off: {exc}")
-    if isinstance(exc, aiohttp.ClientError | OSError):
-        return UpstreamError(f"the upstream could not be reached: {exc}")
-    return None
+@lru_cache(maxsize=64)
+def _base_segments(base_path: str) -> tuple[str, ...]:
+    return tuple(part for part in base_path.split("/") if part)
 
 
-class Exchange:
-    """`async with upstream.request(...) as resp`: aiohttp's request context with its
-    exceptions mapped (`mapped`), on the way in and out of the block. (A class, not an
-    asynccontextmanager: this is on every MISS, and the generator version cost 6 us.)"""
+def join_path(base_path: str, path_qs: str) -> str:
+    """The upstream path for a request: the base URL's path, then the request's path with
+    whatever it begins with that the base path ends with left out, whole segments only, so
+    `/v1` (or `/openai`, `/openai/v1`) is never repeated:
 
-    __slots__ = ("_cm",)
+        join_path("/v1", "/v1/chat/completions")       == "/v1/chat/completions"
+        join_path("/api/v1", "/v1/chat/completions")   == "/api/v1/chat/completions"
+        join_path("/openai", "/openai/deployments/d/x?api-version=1") keeps the query
+        join_path("", "/v1/models")                    == "/v1/models"
 
-    def __init__(self, cm: Any) -> None:
-        self._cm = cm
-
-    async def __aenter__(self) -> aiohttp.ClientResponse:
-        try:
-            resp: aiohttp.ClientResponse = await self._cm.__aenter__()
-        except Exception as exc:
-            up = mapped(exc)
-            if up is None:
-                raise
-            raise up from exc
-        return resp
-
-    async def __aexit__(
-        self,
-        et: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        try:
-            await self._cm.__aexit__(et, exc, tb)
-        except Exception as failed:
-            up = mapped(failed)
-            if up is None:
-                raise
-            raise up from failed
-        if exc is not None:
-            up = mapped(exc)
-            if up is not None:
-                raise up from exc
+    The query string is passed on untouched."""
+    base = _base_segments(base_path)
+    if not base:
+        return path_qs
+    path, mark, query = path_qs.partition("?")
+    parts = path.split("/")  # parts[0] is "" (the path begins with "/")
+    for overlap in range(min(len(base), len(parts) - 1), 0, -1):
+        if tuple(parts[1 : 1 + overlap]) == base[-overlap:]:
+            rest = "/".join(parts[1 + overlap :])
+            break
+    else:
+        rest = path[1:]
+    joined = "/" + "/".join(base) + ("/" + rest if rest or path.endswith("/") else "")
+    return joined + mark + query
 
 
 class Upstream:
@@ -107,80 +88,59 @@ class Upstream:
         connect_timeout_s: float,
         read_timeout_s: float,
         ca_file: str = "",
+        environ: Mapping[str, str] | None = None,
     ) -> None:
         parts = urlsplit(base_url)
         self.origin = f"{parts.scheme}://{parts.netloc}"
-        prefix = parts.path.rstrip("/")
-        # A base URL given with /v1 would double it: the request path carries /v1 already.
-        self.strip_v1 = prefix.endswith("/v1")
-        self.prefix = prefix[:-3] if self.strip_v1 else prefix
+        self.base_path = parts.path.rstrip("/")
+        """The base URL's path ("/v1", "/api/v1", "/openai", ""): see join_path."""
         self.base_url = base_url
-        self.timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=connect_timeout_s,
-            sock_connect=connect_timeout_s,
-            sock_read=read_timeout_s,
-        )
-        self._session: aiohttp.ClientSession | None = None
-        self.ssl: ssl.SSLContext | bool = True
+        context: ssl.SSLContext | None = None
         if ca_file:  # a private CA, on top of the system's
-            self.ssl = ssl.create_default_context()
-            self.ssl.load_verify_locations(cafile=ca_file)
+            context = ssl.create_default_context()
+            context.load_verify_locations(cafile=ca_file)
         self.client = Client(
             self.origin,
             connect_timeout_s=connect_timeout_s,
             read_timeout_s=read_timeout_s,
-            ssl_context=self.ssl if isinstance(self.ssl, ssl.SSLContext) else None,
+            ssl_context=context,
+            environ=environ,
         )
 
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, ssl=self.ssl),
-                timeout=self.timeout,
-                auto_decompress=True,
-                skip_auto_headers=("User-Agent",),
-                cookie_jar=aiohttp.DummyCookieJar(),
-            )
-        return self._session
+    def path_for(self, path_qs: str) -> str:
+        """The path and query sent upstream for a request's (see join_path)."""
+        base = self.base_path
+        if not base:
+            return path_qs
+        if base == "/v1" and path_qs.startswith("/v1/"):
+            return path_qs  # the usual case, without the general join
+        return join_path(base, path_qs)
 
     def url_for(self, path_qs: str) -> str:
-        return self.origin + self.prefix + path_qs
+        return self.origin + self.path_for(path_qs)
 
     def request(
         self, method: str, path_qs: str, headers: CIMultiDict[str], body: bytes
-    ) -> Exchange | LeanExchange:
+    ) -> Exchange:
         """Send one request: `async with` it, the response is open inside the block. Raises
         UpstreamError (UpstreamTimeout) for the upstream's failures, in the block too."""
-        if method != "HEAD":
-            return self.client.request(method, self.prefix + path_qs, headers, body)
-        return Exchange(
-            self.session.request(
-                method,
-                self.url_for(path_qs),
-                headers=headers,
-                # Large bodies go as a stream so the loop is not held by one big write.
-                data=(io.BytesIO(body) if len(body) > LARGE_BODY else body) if body else None,
-                allow_redirects=False,
-            )
-        )
+        return self.client.request(method, self.path_for(path_qs), headers, body)
 
     async def aclose(self) -> None:
         await self.client.aclose()
-        if self._session is not None:
-            await self._session.close()
-            # Let the connector's transports close before the loop goes (aiohttp's advice).
-            await asyncio.sleep(0)
 
 
 def forward_headers(headers: Mapping[str, str], *, decoded: bool = False) -> CIMultiDict[str]:
     """The client's request headers minus hop-by-hop and the proxy's own control headers;
     `decoded`: the body goes up decoded, so its Content-Encoding must not."""
     out: CIMultiDict[str] = CIMultiDict()
+    named: frozenset[str] = frozenset()
+    connection = headers.get("Connection")
+    if connection is not None and connection.lower() not in ("keep-alive", "close"):
+        named = _connection_tokens(headers)  # what it names is hop-by-hop too (RFC 9110 7.6.1)
     for name, value in headers.items():
         low = name.lower()
-        if low in HOP_BY_HOP or low in PROXY_REQUEST_HEADERS:
+        if low in HOP_BY_HOP or low in PROXY_REQUEST_HEADERS or low in named:
             continue
         if decoded and low == "content-encoding":
             continue
@@ -194,4 +154,13 @@ def response_headers(headers: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
         (name, value)
         for name, value in headers.items()
         if name.lower() not in DROP_RESPONSE_HEADERS
+    )
+
+
+def _connection_tokens(headers: Mapping[str, str]) -> frozenset[str]:
+    """Every header name the Connection header(s) list."""
+    getall = getattr(headers, "getall", None)
+    values = getall("Connection", ()) if getall is not None else [headers.get("Connection", "")]
+    return frozenset(
+        token.strip().lower() for value in values for token in value.split(",") if token.strip()
     )

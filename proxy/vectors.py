@@ -12,7 +12,7 @@
   text. Each process keeps the partitions it searches in memory (numpy, bounded by
   `--semantic-memory-mb`) and reads only the records added since its last look.
 - **The lookup** (`Semantic.probe`): embed, sync, one matrix product, then the best
-  candidates in order: the guards (semantic.py), then the entry itself, which must exist and
+  candidates in order: the guards (guards.py), then the entry itself, which must exist and
   be fresh. A candidate whose entry is gone is forgotten.
 """
 
@@ -34,6 +34,7 @@ import orjson
 import structlog
 from multidict import CIMultiDict
 
+from proxy import guards
 from proxy.cache import Cache
 from proxy.cost import Prices
 from proxy.errors import EmbeddingFailed, StoreUnavailable, UpstreamError
@@ -41,7 +42,7 @@ from proxy.keys import CREDENTIAL_HEADERS, Headers
 from proxy.models import CLOCK, CachedResponse
 from proxy.plan import Plan, make_plan
 from proxy.rules import Rule, Rules
-from proxy.semantic import features, signature, signature_guard
+from proxy.semantic import answer_text, judge_body, judge_says
 from proxy.upstream import Upstream, response_headers
 
 log = structlog.get_logger()
@@ -56,6 +57,9 @@ PAGE = 500
 """Records read from the store per call when a partition is synced."""
 ADD_ON_LOOP = 32
 """More records than this in one sync are unpacked off the event loop."""
+FEATURES_ON_LOOP = 1000
+"""Longer texts have their guard features read on the request-cpu pool (8000 characters
+take several milliseconds)."""
 OFF_LOOP = 262_144
 """Matrix products larger than this (rows x dimensions) run on the request-cpu pool."""
 ANSWER_MAX = 4 * 1024 * 1024
@@ -63,33 +67,60 @@ ANSWER_MAX = 4 * 1024 * 1024
 DIMS_MAX = 8192
 """Largest vector taken (the models have 256 to 3072 dimensions; a record holds up to 65535)."""
 FORWARDED = (*CREDENTIAL_HEADERS, "OpenAI-Organization", "OpenAI-Project")
-_HEAD = struct.Struct("<dH16sH")  # expires, key length, guard digests, dimensions
+_HEAD = struct.Struct("<BdHHH")  # version, expires, key length, guards length, dimensions
+RECORD_VERSION = 2
+"""Records of another version (an older proxy's) are skipped, as damaged ones are."""
 
 
 def pack(member: str, sig: bytes, expires: float, vector: np.ndarray) -> bytes:
     """One index record: the entry's key, its freshness, the guards' digests, the vector."""
     key = member.encode()
     v16 = np.asarray(vector, dtype="<f2")
-    return _HEAD.pack(expires, len(key), sig, v16.shape[0]) + key + v16.tobytes()
+    head = _HEAD.pack(RECORD_VERSION, expires, len(key), len(sig), v16.shape[0])
+    return head + key + sig + v16.tobytes()
 
 
 def unpack(record: bytes) -> tuple[str, bytes, float, np.ndarray]:
     """(member, guard digests, expires, vector as float32); ValueError when damaged."""
-    expires, klen, sig, dims = _HEAD.unpack_from(record)
-    start = _HEAD.size + klen
+    version, expires, klen, slen, dims = _HEAD.unpack_from(record)
+    if version != RECORD_VERSION:
+        raise ValueError("vector record of another version")
+    start = _HEAD.size + klen + slen
     if len(record) != start + 2 * dims:
         raise ValueError("damaged vector record")
-    member = record[_HEAD.size : start].decode()
+    member = record[_HEAD.size : _HEAD.size + klen].decode()
+    sig = record[_HEAD.size + klen : start]
     vector = np.frombuffer(record, dtype="<f2", count=dims, offset=start).astype(np.float32)
     return member, sig, expires, vector
+
+
+ROW_OVERHEAD = 160
+"""Bytes a row holds besides its vector, its key and its guard digests (list slots, object
+headers, its expiry)."""
+PART_FLOOR = 4096
+"""Bytes counted for a partition however empty (its arrays, lock and dictionary slot), so a
+client inventing namespaces holds a bounded number of them."""
 
 
 class Partition:
     """One partition's vectors in this process: rows in store order, newest last."""
 
-    __slots__ = ("after", "dims", "expires", "keep", "lock", "matrix", "members", "n", "sigs")
+    __slots__ = (
+        "after",
+        "counted",
+        "dims",
+        "expires",
+        "extra",
+        "keep",
+        "lock",
+        "matrix",
+        "max_bytes",
+        "members",
+        "n",
+        "sigs",
+    )
 
-    def __init__(self, keep: int) -> None:
+    def __init__(self, keep: int, max_bytes: int = 1 << 62) -> None:
         self.after = 0
         """The store's sequence number of the last record read."""
         self.dims = 0
@@ -99,13 +130,27 @@ class Partition:
         self.sigs: list[bytes] = []
         self.expires = np.zeros(0, dtype=np.float64)
         self.keep = keep
+        self.max_bytes = max_bytes
+        """What one partition may hold: fewer rows than `keep` are kept when they would not
+        fit (a single partition is capped too)."""
+        self.extra = 0
+        """Bytes held by the rows' keys and guard digests (and ROW_OVERHEAD each)."""
+        self.counted = 0
+        """What VectorIndex.bytes counts for this partition (0 once evicted)."""
         self.lock = asyncio.Lock()
         """One sync at a time (a large batch of records is added off the event loop)."""
 
     @property
     def nbytes(self) -> int:
         """Memory held, with a floor per partition (so empty ones are bounded in number too)."""
-        return int(self.matrix.nbytes + self.expires.nbytes) + 64 * len(self.members) + 1024
+        return int(self.matrix.nbytes + self.expires.nbytes) + self.extra + PART_FLOOR
+
+    def limit(self) -> int:
+        """Rows kept: `keep`, or fewer when that many would not fit in `max_bytes`."""
+        if self.dims == 0:
+            return self.keep
+        per_row = 4 * self.dims + 8 + (self.extra // self.n if self.n else 0) + ROW_OVERHEAD
+        return max(1, min(self.keep, (self.max_bytes - PART_FLOOR) // per_row))
 
     def add(self, rows: list[tuple[int, bytes]]) -> None:
         """Append records read from the store (those already held are skipped)."""
@@ -124,18 +169,24 @@ class Partition:
             if vector.shape[0] != self.dims:
                 continue
             if self.n == self.matrix.shape[0]:
-                self._grow()
+                limit = self.limit()
+                if self.n >= limit:
+                    self._keep_newest(max(0, limit - max(1, limit // 8)))
+                if self.n == self.matrix.shape[0]:
+                    self._grow(limit)
             norm = float(np.linalg.norm(vector))
             self.matrix[self.n] = vector / norm if norm > 0 else vector
             self.expires[self.n] = expires
             self.members.append(member)
             self.sigs.append(sig)
+            self.extra += len(member) + len(sig) + ROW_OVERHEAD
             self.n += 1
-        if self.n > self.keep + max(64, self.keep // 8):
-            self._keep_newest(self.keep)
+        limit = self.limit()
+        if self.n > limit:
+            self._keep_newest(limit)
 
-    def _grow(self) -> None:
-        cap = max(8, self.matrix.shape[0] * 2)
+    def _grow(self, limit: int) -> None:
+        cap = max(8, min(self.matrix.shape[0] * 2, limit + 1))
         matrix = np.zeros((cap, self.dims), dtype=np.float32)
         matrix[: self.n] = self.matrix[: self.n]
         expires = np.zeros(cap, dtype=np.float64)
@@ -148,6 +199,8 @@ class Partition:
         self.expires = self.expires[drop : self.n].copy()
         self.members = self.members[drop:]
         self.sigs = self.sigs[drop:]
+        self.extra = sum(len(m) + len(s) for m, s in zip(self.members, self.sigs, strict=True))
+        self.extra += ROW_OVERHEAD * keep
         self.n = keep
 
     def view(self) -> View:
@@ -186,7 +239,11 @@ def top(scores: np.ndarray, k: int) -> list[int]:
 
 
 class VectorIndex:
-    """The partitions this process searched lately, synced from the store on every lookup."""
+    """The partitions this process searched lately, synced from the store on every lookup.
+
+    Memory is capped over all partitions (`max_bytes`): the least recently searched are
+    dropped, a single partition keeps only the newest rows that fit, and first loads (a
+    partition's whole history) run one at a time, so ten at once hold no more than one."""
 
     def __init__(
         self, cache: Cache, *, keep: int, max_bytes: int, cpu: ThreadPoolExecutor | None = None
@@ -197,35 +254,54 @@ class VectorIndex:
         self.max_bytes = max_bytes
         self.parts: OrderedDict[str, Partition] = OrderedDict()
         self.bytes = 0
-        """What the partitions held hold (Partition.nbytes), kept as they change."""
+        """What the partitions held hold (the sum of their `counted`), kept as they change."""
+        self.loading = asyncio.Semaphore(1)
+        """First loads, one at a time."""
+
+    def _count(self, part: str, p: Partition) -> None:
+        """Bring `bytes` up to date with `p` (if it is still held), then drop the least
+        recently searched partitions (never `p`) until the total fits."""
+        if self.parts.get(part) is p:
+            now = p.nbytes
+            self.bytes += now - p.counted
+            p.counted = now
+        while self.bytes > self.max_bytes and len(self.parts) > 1:
+            name, gone = next(iter(self.parts.items()))
+            if gone is p:
+                self.parts.move_to_end(name)
+                name, gone = next(iter(self.parts.items()))
+            del self.parts[name]
+            self.bytes -= gone.counted
+            gone.counted = 0
 
     async def sync(self, part: str) -> View:
         """The partition with every record the store holds for it, as a view taken while no
         add runs (its rows stay aligned with their keys); StoreUnavailable."""
         p = self.parts.get(part)
+        first = p is None
         if p is None:
-            p = self.parts[part] = Partition(self.keep)
-            self.bytes += p.nbytes
+            p = self.parts[part] = Partition(self.keep, self.max_bytes)
         self.parts.move_to_end(part)
+        self._count(part, p)
+        if first:
+            async with self.loading:
+                return await self._sync(part, p)
+        return await self._sync(part, p)
+
+    async def _sync(self, part: str, p: Partition) -> View:
         store = self.cache.store
         async with p.lock:
             while True:
                 rows = await store.vectors_since(part, p.after, PAGE)
                 if rows:
-                    before = p.nbytes
                     if len(rows) > ADD_ON_LOOP:  # a first sync: thousands of records
                         await asyncio.get_running_loop().run_in_executor(self.cpu, p.add, rows)
                     else:
                         p.add(rows)
-                    if self.parts.get(part) is p:
-                        self.bytes += p.nbytes - before
+                    self._count(part, p)
                 if len(rows) < PAGE:
                     break
-            view = p.view()
-        while self.bytes > self.max_bytes and len(self.parts) > 1:
-            _, gone = self.parts.popitem(last=False)
-            self.bytes -= gone.nbytes
-        return view
+            return p.view()
 
     async def add(self, part: str, member: str, record: bytes, expires: float) -> None:
         await self.cache.store.vectors_add(part, member, record, expires, self.keep)
@@ -251,8 +327,18 @@ class Embedder:
         prices: Prices,
         *,
         timeout_s: float,
+        servers: dict[str, Upstream] | None = None,
+        default_server: str = "",
+        local_key: str = "",
     ) -> None:
         self.upstream = upstream
+        self.servers = servers or {}
+        """Embeddings servers by base URL (--semantic-embeddings-url, a rule's
+        `semantic_embeddings_url`): asked with their own key, never the caller's; their
+        vectors are not kept in the exact cache, where they could answer the caller's own
+        embeddings requests of the same body."""
+        self.default_server = default_server
+        self.local_key = local_key
         self.cache = cache
         self.rules = rules
         self.secret = secret
@@ -273,8 +359,11 @@ class Embedder:
         headers: Headers,
         route: str,
         query: str,
+        server: str = "",
     ) -> Embedding:
-        """The unit vector of `text`; raises EmbeddingFailed (never anything else)."""
+        """The unit vector of `text` (from `server`, a base URL, else the default one, else
+        the upstream); raises EmbeddingFailed (never anything else)."""
+        local = self.servers.get(server or self.default_server)
         if time.monotonic() < self.down_until:
             raise EmbeddingFailed("embeddings unavailable (waiting after a failure)")
         path = _embeddings_route(route, model)
@@ -284,8 +373,9 @@ class Embedder:
             self.rules, self.secret, tenant, "POST", path, qs, namespace, "application/json", body
         )
         # in-flight sharing within one tenant (and namespace, route) only
+        where = (server or self.default_server if local is not None else "").encode()
         memo = hashlib.blake2b(
-            tenant + b"\0" + namespace.encode() + b"\0" + path.encode() + b"\0" + body
+            tenant + b"\0" + namespace.encode() + b"\0" + path.encode() + b"\0" + where + body
         ).hexdigest()
         shared = self._inflight.get(memo)
         if shared is not None:
@@ -294,7 +384,10 @@ class Embedder:
         self._inflight[memo] = future
         try:
             async with asyncio.timeout(self.timeout_s):
-                result = await self._embed(plan, path, qs, body, headers)
+                if local is not None:
+                    result = await self._embed_local(local, body)
+                else:
+                    result = await self._embed(plan, path, qs, body, headers)
         except BaseException as exc:
             failure = (
                 exc
@@ -352,8 +445,6 @@ class Embedder:
                 fwd.add(name, value)
         fwd["Content-Type"] = "application/json"
         path_qs = path + ("?" + qs if qs else "")
-        if self.upstream.strip_v1 and path_qs.startswith("/v1/"):
-            path_qs = path_qs[3:]
         started = time.monotonic()
         try:
             async with self.upstream.request("POST", path_qs, fwd, body) as resp:
@@ -376,6 +467,34 @@ class Embedder:
         if rule is not None and rule.store and plan.key:
             await self._store(plan, rule, head, data, started)
         return Embedding(vector, cost.usd if cost is not None else None)
+
+    async def _embed_local(self, local: Upstream, body: bytes) -> Embedding:
+        fwd: CIMultiDict[str] = CIMultiDict({"Content-Type": "application/json"})
+        if self.local_key:
+            fwd["Authorization"] = f"Bearer {self.local_key}"
+        path = "/v1/embeddings"  # joined with the server's base path once (join_path)
+        data = await self._read(local, path, fwd, body)
+        return Embedding(_vector_of(data), None)
+
+    async def _read(
+        self, upstream: Upstream, path_qs: str, headers: CIMultiDict[str], body: bytes
+    ) -> bytes:
+        """A whole 200 answer from an embeddings route, bounded; EmbeddingFailed."""
+        try:
+            async with upstream.request("POST", path_qs, headers, body) as resp:
+                status = resp.status
+                pieces: list[bytes] = []
+                size = 0
+                async for piece in resp.content.iter_any():
+                    size += len(piece)
+                    if size > ANSWER_MAX:
+                        raise EmbeddingFailed("embeddings answer too large")
+                    pieces.append(piece)
+        except UpstreamError as exc:
+            raise EmbeddingFailed(f"embeddings: {type(exc).__name__}") from None
+        if status != 200:
+            raise EmbeddingFailed(f"embeddings answered {status}")
+        return b"".join(pieces)
 
     async def _store(
         self,
@@ -432,6 +551,76 @@ def _vector_of(data: bytes) -> np.ndarray:
     return vector / norm
 
 
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What the judge said of one (request, candidate) pair."""
+
+    ok: bool
+    ms: float = 0.0
+    usd: float | None = None
+    cached: bool = False
+    error: str | None = None
+
+
+class Verifier:
+    """`semantic_verify = "llm"`: a small judge model, through the upstream with the caller's
+    credential, confirms a candidate before it is served. Verdicts are kept per (tenant's
+    text, candidate) pair in this process (bounded); a failed or unreadable verdict is a no."""
+
+    def __init__(
+        self, upstream: Upstream, prices: Prices, *, timeout_s: float, memo_max: int = 10_000
+    ) -> None:
+        self.upstream = upstream
+        self.prices = prices
+        self.timeout_s = timeout_s
+        self.memo_max = memo_max
+        self.memo: OrderedDict[bytes, bool] = OrderedDict()
+
+    async def confirm(
+        self, model: str, memo: bytes, question: str, answer: str, headers: Headers
+    ) -> Verdict:
+        """Is `answer` an answer to `question`? Never raises."""
+        known = self.memo.get(memo)
+        if known is not None:
+            self.memo.move_to_end(memo)
+            return Verdict(known, cached=True)
+        fwd: CIMultiDict[str] = CIMultiDict()
+        for name in FORWARDED:
+            for value in headers.getall(name, ()):
+                fwd.add(name, value)
+        fwd["Content-Type"] = "application/json"
+        path = "/v1/chat/completions"
+        body = judge_body(model, question, answer)
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                async with self.upstream.request("POST", path, fwd, body) as resp:
+                    status = resp.status
+                    pieces: list[bytes] = []
+                    size = 0
+                    async for piece in resp.content.iter_any():
+                        size += len(piece)
+                        if size > ANSWER_MAX:
+                            break
+                        pieces.append(piece)
+                    data = b"".join(pieces)
+        except (UpstreamError, TimeoutError) as exc:
+            ms = (time.perf_counter() - started) * 1000.0
+            return Verdict(False, ms, error=f"verifier: {type(exc).__name__}")
+        ms = (time.perf_counter() - started) * 1000.0
+        if status != 200:
+            return Verdict(False, ms, error=f"verifier answered {status}")
+        said = judge_says(data)
+        cost = self.prices.cost("/v1/chat/completions", model, _usage(data), {})
+        usd = cost.usd if cost is not None else None
+        if said is None:
+            return Verdict(False, ms, usd, error="verifier said neither yes nor no")
+        self.memo[memo] = said
+        while len(self.memo) > self.memo_max:
+            self.memo.popitem(last=False)
+        return Verdict(said, ms, usd)
+
+
 @dataclass(slots=True)
 class Probe:
     """What one semantic lookup found (logged on the request's line)."""
@@ -446,11 +635,15 @@ class Probe:
     hit: bool = False
     """The best candidate clears the threshold (served in "on", would be in "shadow")."""
     guard: str | None = None
-    """The guard that turned down a candidate above the threshold."""
+    """The guard that turned down a candidate above the threshold (guards.GUARDS)."""
+    guard_score: float | None = None
+    """That candidate's similarity."""
     error: str | None = None
     ms: float = 0.0
     embed_ms: float = 0.0
     embed_usd: float | None = None
+    verdicts: list[Verdict] | None = None
+    """The judge's verdicts on the candidates it was asked about (semantic_verify)."""
 
     def fields(self) -> dict[str, Any]:
         """The request.done fields."""
@@ -460,10 +653,23 @@ class Probe:
             out["semantic_hit"] = self.hit
         if self.guard:
             out["semantic_guard"] = self.guard
+            if self.guard_score is not None:
+                out["semantic_guard_score"] = round(self.guard_score, 4)
         if self.error:
             out["semantic_error"] = self.error
         if self.embed_usd:
             out["semantic_cost_usd"] = self.embed_usd
+        if self.verdicts:
+            last = self.verdicts[-1]
+            out["semantic_verify"] = "yes" if last.ok else "no"
+            out["semantic_verify_calls"] = sum(not v.cached for v in self.verdicts)
+            out["semantic_verify_ms"] = round(sum(v.ms for v in self.verdicts), 2)
+            usd = sum(v.usd or 0.0 for v in self.verdicts)
+            if usd:
+                out["semantic_verify_cost_usd"] = usd
+            errors = [v.error for v in self.verdicts if v.error]
+            if errors:
+                out["semantic_verify_error"] = errors[-1][:200]
         return out
 
 
@@ -477,7 +683,9 @@ class Semantic:
         cache: Cache,
         mac_key: bytes,
         cpu: ThreadPoolExecutor,
+        verifier: Verifier | None = None,
     ) -> None:
+        self.verifier = verifier
         self.embedder = embedder
         self.index = index
         self.cache = cache
@@ -533,11 +741,17 @@ class Semantic:
             headers=headers,
             route=route,
             query=query,
+            server=rule.semantic_embeddings_url,
         )
         probe.embed_ms = (time.perf_counter() - t0) * 1000.0
         probe.embed_usd = emb.cost_usd
         probe.vector = emb.vector
-        probe.sig = signature(self.mac_key, features(text))
+        if len(text) > FEATURES_ON_LOOP:
+            loop = asyncio.get_running_loop()
+            mine = await loop.run_in_executor(self.cpu, guards.features, text, self.mac_key)
+        else:
+            mine = guards.features(text, self.mac_key)
+        probe.sig = guards.pack(mine)
         view = await self.index.sync(plan.semantic.partition)
         rows, dims = view.matrix.shape
         if rows == 0 or dims != emb.vector.shape[0]:
@@ -556,10 +770,13 @@ class Semantic:
             member = view.members[row]
             if not member.startswith(prefix):
                 continue  # never another tenant's, namespace's, model's or route's entry
-            why = signature_guard(probe.sig, view.sigs[row])
+            try:
+                why = guards.refusal(mine, guards.unpack(view.sigs[row]))
+            except (ValueError, struct.error, UnicodeDecodeError):
+                why = "damaged"
             if why is not None:
                 if score >= rule.semantic_threshold and probe.guard is None:
-                    probe.guard = why
+                    probe.guard, probe.guard_score = why, score
                 continue
             if score < rule.semantic_threshold:
                 # below the threshold: its score is logged (shadow data), its entry not read
@@ -573,8 +790,41 @@ class Semantic:
                 continue
             if max_age is not None and CLOCK.now() - entry.created > max_age:
                 continue
+            if (
+                rule.semantic == "on"
+                and rule.semantic_verify == "llm"
+                and not await self._verified(probe, plan, text, member, entry, headers)
+            ):
+                if probe.guard is None:
+                    probe.guard, probe.guard_score = "verifier", score
+                continue
             probe.score, probe.member, probe.entry, probe.hit = score, member, entry, True
             return
+
+    async def _verified(
+        self,
+        probe: Probe,
+        plan: Plan,
+        text: str,
+        member: str,
+        entry: CachedResponse,
+        headers: Headers,
+    ) -> bool:
+        """The judge confirms the candidate (no verifier configured, or no answer text: no)."""
+        assert plan.rule is not None
+        answer = answer_text(plan.twin or "chat", entry.body, entry.stream)
+        if self.verifier is None or answer is None:
+            return False
+        memo = hashlib.blake2b(
+            text.encode() + b"\0" + member.encode(), key=self.mac_key[:64], digest_size=16
+        ).digest()
+        verdict = await self.verifier.confirm(
+            plan.rule.semantic_verify_model, memo, text, answer, headers
+        )
+        if probe.verdicts is None:
+            probe.verdicts = []
+        probe.verdicts.append(verdict)
+        return verdict.ok
 
     async def remember(self, plan: Plan, probe: Probe, member: str, expires: float) -> None:
         """Index a stored answer under its request's vector (fail open)."""

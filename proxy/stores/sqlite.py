@@ -102,7 +102,7 @@ WRITE_DELAY_S = 0.05
 """A batch is written this long after its first answer is queued (it is in the hot tier
 meanwhile, so this process serves it; other processes see it that much later). Each
 commit has a fixed cost (its WAL pages, the totals row), which one connection's MISSes
-(about 20 a batch at 10 ms) paid for in latency: see the README's MISS benchmark."""
+(about 20 a batch at 10 ms) paid for in latency: see docs/benchmarks.md, the MISS path."""
 FOLLOW_EVERY_S = 0.05
 """How often the key filter reads the keys other processes wrote (see KeyFilter): another
 worker's new answer is a HIT here that long after it is written, a MISS before."""
@@ -265,6 +265,30 @@ class SQLiteStore:
             with db:
                 db.execute("UPDATE entries SET atime = ? WHERE key = ?", (now, key))
         return bytes(row[0])
+
+    def _get_many(self, keys: list[str]) -> list[bytes | None]:
+        """_get for many keys in one trip to the store thread (SELECT ... IN, by 500)."""
+        db = self._connect()
+        now = time.time()
+        found: dict[str, bytes] = {}
+        stale: list[str] = []
+        for start in range(0, len(keys), 500):
+            part = keys[start : start + 500]
+            marks = ",".join("?" * len(part))
+            rows = db.execute(
+                f"SELECT key, value, expires, atime FROM entries WHERE key IN ({marks})", part
+            ).fetchall()
+            for key, value, expires, atime in rows:
+                if expires >= now:
+                    found[key] = bytes(value)
+                    if now - atime > ATIME_EVERY_S:
+                        stale.append(key)
+        if stale:
+            with db:
+                db.executemany(
+                    "UPDATE entries SET atime = ? WHERE key = ?", [(now, k) for k in stale]
+                )
+        return [found.get(k) for k in keys]
 
     def _set_many(self, items: list[tuple[str, CachedResponse, float]]) -> tuple[int, int]:
         """Write a batch of entries in one transaction; the store's total bytes after it, and
@@ -517,6 +541,26 @@ class SQLiteStore:
             log.warning("store.corrupt_entry", store=self.name, key=key_id(key), error=str(exc))
             await self.delete(key)
             return None
+
+    async def get_many(self, keys: list[str]) -> list[CachedResponse | None]:
+        """get() for many keys: the key filter on the loop, the rest in one store trip."""
+        ask = [k for k in keys if not self._absent(k)]
+        raws = await self._run(self._get_many, ask) if ask else []
+        found = dict(zip(ask, raws, strict=True))
+        out: list[CachedResponse | None] = []
+        for key in keys:
+            raw = found.get(key)
+            entry = None
+            if raw is not None:
+                try:
+                    entry = CachedResponse.from_bytes(raw)
+                except CorruptEntry as exc:
+                    log.warning(
+                        "store.corrupt_entry", store=self.name, key=key_id(key), error=str(exc)
+                    )
+                    await self.delete(key)
+            out.append(entry)
+        return out
 
     async def set(self, key: str, entry: CachedResponse, ttl_s: float) -> None:
         """Queue the entry for the next batch and wait until it is written; StoreUnavailable

@@ -210,6 +210,15 @@ class FakeOpenAI:
     base_url: str = ""
     speech_mb: float = 0.0
     """When above 0, /v1/audio/speech answers this many MB (a large answer)."""
+    model_replies: dict[str, str] = field(default_factory=dict)
+    """Chat Completions for these models answer this text (a judge model saying yes, say)."""
+    prompt_cache_machines: int = 0
+    """When above 0, chat and Responses simulate the provider's prompt cache over this many
+    machines (see `_prompt_cached`); their usage then reports `cached_tokens`."""
+    prompt_cache_min_tokens: int = 1024
+    """The shortest stable prefix (in the fake's tokens, 4 bytes each) that is cached."""
+    _prompt_caches: list[set[bytes]] = field(default_factory=list)
+    _spread: int = 0
     _runner: web.AppRunner | None = None
     _n: int = 0
 
@@ -351,6 +360,40 @@ class FakeOpenAI:
         words = [base] + [f" word{i}" for i in range(1, self.chunks)]
         return words[: self.chunks]
 
+    def _prompt_cached(self, req: dict[str, Any], items_key: str) -> tuple[int, int]:
+        """(prompt tokens of the stable prefix, of them cached) under the simulated provider
+        prompt cache. The prefix is the leading system/developer messages (or input items),
+        `instructions` and `tools`. A request with a `prompt_cache_key` is routed to the
+        machine that key hashes to; one without is spread over the machines in turn (as the
+        provider spreads load it cannot pin). A machine reports the prefix cached when it has
+        seen that prefix before, in steps of 128 tokens from `prompt_cache_min_tokens`."""
+        if self.prompt_cache_machines <= 0:
+            return 0, 0
+        items = req.get(items_key)
+        lead = []
+        if isinstance(items, list):
+            for item in items:
+                if not isinstance(item, dict) or item.get("role") not in ("system", "developer"):
+                    break
+                lead.append(item)
+        prefix = orjson.dumps([lead, req.get("instructions"), req.get("tools")])
+        tokens = len(prefix) // 4
+        if tokens < self.prompt_cache_min_tokens:
+            return tokens, 0
+        while len(self._prompt_caches) < self.prompt_cache_machines:
+            self._prompt_caches.append(set())
+        key = req.get("prompt_cache_key")
+        if isinstance(key, str):
+            machine = int(hashlib.sha256(key.encode()).hexdigest(), 16)
+        else:
+            machine, self._spread = self._spread, self._spread + 1
+        seen = self._prompt_caches[machine % self.prompt_cache_machines]
+        digest = hashlib.sha256(prefix).digest()
+        if digest in seen:
+            return tokens, tokens - tokens % 128
+        seen.add(digest)
+        return tokens, 0
+
     # -- routes -------------------------------------------------------------------------------
     async def chat(self, request: web.Request) -> web.StreamResponse:
         req, n = request[BODY], request[CALL_N]
@@ -368,11 +411,16 @@ class FakeOpenAI:
             return web.Response(body=rec["body_text"].encode(), content_type="application/json")
         prompt = orjson.dumps(req.get("messages", []))
         words = self._words(prompt.decode(), n)
-        usage = {
+        if model in self.model_replies:
+            words = [self.model_replies[model]]
+        usage: dict[str, Any] = {
             "prompt_tokens": len(prompt) // 4 + 1,
             "completion_tokens": len(words),
             "total_tokens": len(prompt) // 4 + 1 + len(words),
         }
+        if self.prompt_cache_machines:
+            _, cached = self._prompt_cached(req, "messages")
+            usage["prompt_tokens_details"] = {"cached_tokens": min(cached, len(prompt) // 4)}
         cid, created = f"chatcmpl-fake-{n}", 1_700_000_000 + n
         if not req.get("stream"):
             body = {
@@ -469,9 +517,10 @@ class FakeOpenAI:
         words = self._words(orjson.dumps(req.get("input", "")).decode(), n)
         text = "".join(words)
         rid, mid = f"resp_fake_{n}", f"msg_fake_{n}"
+        prefix_tokens, cached = self._prompt_cached(req, "input")
         usage = {
-            "input_tokens": 11,
-            "input_tokens_details": {"cached_tokens": 0},
+            "input_tokens": 11 + prefix_tokens,
+            "input_tokens_details": {"cached_tokens": cached},
             "output_tokens": len(words),
             "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": 11 + len(words),

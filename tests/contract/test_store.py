@@ -86,3 +86,24 @@ async def test_overwrite_replaces(store_url, tmp_path):
         assert got is not None and got.body == b"new"
     finally:
         await store.aclose()
+
+
+async def test_many_keys_in_one_read(store_url, tmp_path):
+    """Cache.get_many (embeddings items) answers each key as get() does, in order, through
+    a store's batch read (SQLite IN, Redis MGET) or a read per key; expired keys are None."""
+    from proxy.cache import Cache
+
+    store = open_store(store_url, tmp_path)
+    cache = Cache(store)
+    try:
+        entries = {f"v1:k{i}": answer(b"%d" % i) for i in range(520)}  # more than one IN
+        for key, entry in entries.items():
+            await store.set(key, entry, 60)
+        await store.set("v1:gone", answer(b"old"), 0.001)
+        await asyncio.sleep(0.01)
+        keys = ["v1:missing", *entries, "v1:gone", "v1:k3"]
+        got = await cache.get_many(keys)
+        assert got[0] is None and got[-2] is None
+        assert got[1:-2] == list(entries.values()) and got[-1] == entries["v1:k3"]
+    finally:
+        await store.aclose()

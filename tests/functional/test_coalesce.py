@@ -100,23 +100,40 @@ async def test_different_prompts_and_tenants_never_merge(proxy, fake):
     assert len({b for _, _, b in results}) == 9
 
 
-async def test_hanging_leader_waiters_go_upstream_after_lock_timeout(start_proxy, fake, tmp_path):
-    """A leader that hangs: a duplicate waits lock_timeout_s, then goes upstream itself,
-    uncached, like nginx's proxy_cache_lock_timeout."""
+async def test_a_slow_upstream_is_not_a_silent_leader(start_proxy, fake, tmp_path):
+    """A leader whose request is out and whose answer's head takes longer than lock_timeout_s
+    is working, not hanging: its duplicates keep waiting and share its one upstream call."""
     rules = tmp_path / "r.toml"
     rules.write_text('[[rule]]\nroute = "/v1/chat/completions"\nlock_timeout_s = 0.3\n')
     proxy = start_proxy(rules=rules)
-    fake.latencies = [3.0]  # the first call hangs for 3 s, the next answers at once
+    fake.latencies = [1.5]  # the first call takes 1.5 s to its first byte
     url = proxy.url + "/v1/chat/completions"
     leader = asyncio.ensure_future(post(url, CHAT))
     await asyncio.sleep(0.1)
+    results = await asyncio.gather(*(post(url, CHAT) for _ in range(4)))
+    assert (await leader)[0] == 200
+    assert [(s, h["X-Cache-Status"]) for s, h, _ in results] == [(200, "COALESCED")] * 4
+    assert fake.count() == 1
+
+
+async def test_followers_of_a_slow_leader_wait_only_up_to_the_read_timeout(
+    start_proxy, fake, tmp_path
+):
+    """An upstream silent past --upstream-read-timeout-s: the leader and its followers all get
+    the proxy's 504 then, after one upstream call, not a wait as long as the upstream's."""
+    rules = tmp_path / "r.toml"
+    rules.write_text('[[rule]]\nroute = "/v1/chat/completions"\nlock_timeout_s = 0.2\n')
+    proxy = start_proxy(rules=rules, upstream_read_timeout_s=1.0)
+    fake.latencies = [8.0]
+    url = proxy.url + "/v1/chat/completions"
     t0 = time.monotonic()
-    status, headers, _ = await post(url, CHAT)
+    leader = asyncio.ensure_future(post(url, CHAT))
+    await asyncio.sleep(0.1)
+    results = await asyncio.gather(leader, *(post(url, CHAT) for _ in range(3)))
     took = time.monotonic() - t0
-    assert status == 200 and headers["X-Cache-Status"] == "BYPASS"
-    assert 0.25 < took < 1.5
-    assert fake.count() == 2
-    leader.cancel()
+    assert [s for s, _, _ in results] == [504] * 4
+    assert 0.9 < took < 5.0
+    assert fake.count() == 1
 
 
 @pytest.mark.parametrize("body", [STREAM, CHAT], ids=["stream-task", "inline-handler"])

@@ -321,10 +321,10 @@ async def test_shutdown_closes_everything_even_when_one_close_fails(tmp_path):
 
     app.state.rehoster = BrokenImages()  # type: ignore[assignment]
     await app.startup()
-    session = app.state.upstream.session  # opened, so there is something to close
+    upstream = app.state.upstream.client
     with pytest.raises(RuntimeError, match="image store"):
         await app.shutdown()
-    assert session.closed  # closed before the failing one (reverse order)
+    assert upstream.closed  # closed before the failing one (reverse order)
     assert app.state.cpu._shutdown
     store = app.state.cache.store
     assert isinstance(store, MemoryStore) and store.bytes == 0 and len(store) == 0

@@ -59,7 +59,9 @@ def test_a_paraphrase_is_a_semantic_hit(start_proxy, fake, tmp_path):
     with capture_logs() as logs:
         second = ask(client, PARAPHRASE)
     assert second.headers["x-cache-status"] == "HIT"
-    assert second.headers["cache-status"] == "openai-cache-proxy; hit; detail=semantic"
+    status, _, similarity = second.headers["cache-status"].rpartition("; similarity=")
+    assert status == "openai-cache-proxy; hit; detail=semantic"
+    assert 0.95 <= float(similarity) <= 1.0 and len(similarity) == 5
     assert "age" in second.headers
     assert second.parse().model_dump() == first.parse().model_dump()
     assert fake.count(CHAT) == 1
@@ -237,7 +239,7 @@ def test_two_instances_on_one_redis_share_candidates(start_proxy, fake, tmp_path
     indexed(a, 1)
     hit = ask(sdk(b), PARAPHRASE)
     assert hit.headers["x-cache-status"] == "HIT"
-    assert hit.headers["cache-status"].endswith("detail=semantic")
+    assert "; detail=semantic; similarity=" in hit.headers["cache-status"]
     assert fake.count(CHAT) == 1
 
 
@@ -272,4 +274,56 @@ def test_a_redis_cluster_holds_the_index(start_proxy, fake, tmp_path, redis_clus
     client = sdk(proxy)
     assert ask(client, Q).headers["x-cache-status"] == "MISS"
     indexed(proxy, 1)
-    assert ask(client, PARAPHRASE).headers["cache-status"].endswith("detail=semantic")
+    assert "detail=semantic; similarity=" in ask(client, PARAPHRASE).headers["cache-status"]
+
+
+JUDGE = 'semantic_verify = "llm"\nsemantic_verify_model = "{model}"\n'
+
+
+def test_the_verifier_confirms_a_candidate_once_per_pair(start_proxy, fake, tmp_path):
+    """With semantic_verify = "llm", a paraphrase is served only after the judge says yes
+    (one judge call, with the caller's key), the verdict is reused for the same pair, and
+    its calls, latency and cost reach the line and the report."""
+    fake.model_replies["gpt-4o-mini"] = "Yes."  # the judge (priced); asked with gpt-4.1
+    proxy = start_proxy(rules=rules(tmp_path, extra=JUDGE.format(model="gpt-4o-mini")))
+    client = sdk(proxy)
+    ask(client, Q, model="gpt-4.1")
+    indexed(proxy, 1)
+    with capture_logs() as logs:
+        hit = ask(client, PARAPHRASE, model="gpt-4.1")
+        again = ask(client, PARAPHRASE, model="gpt-4.1")
+    assert hit.headers["x-cache-status"] == again.headers["x-cache-status"] == "HIT"
+    judged = [c for c in fake.calls if c.path == CHAT and c.json()["model"] == "gpt-4o-mini"]
+    assert len(judged) == 1 and judged[0].headers["Authorization"] == "Bearer sk-test-a"
+    assert PARAPHRASE in judged[0].json()["messages"][1]["content"]
+    first, second = done_lines(logs)
+    assert first["semantic_verify"] == "yes" and first["semantic_verify_calls"] == 1
+    assert first["semantic_verify_ms"] > 0 and first["semantic_verify_cost_usd"] > 0
+    assert second["semantic_verify"] == "yes" and second["semantic_verify_calls"] == 0
+    report = Report(by="model")
+    for entry in logs:
+        report.feed(orjson.dumps(entry), None, None)
+    total = report.rows()[-1]
+    assert total["verify_calls"] == 1 and total["verify_p50_ms"] > 0
+    assert total["verify_usd"] > 0
+
+
+def test_the_verifier_saying_no_is_a_miss(start_proxy, fake, tmp_path):
+    """A judge that says no (or neither yes nor no) turns the candidate down: a MISS whose
+    line names the verifier as the refusal."""
+    fake.model_replies["judge-no"] = "no"
+    proxy = start_proxy(rules=rules(tmp_path, extra=JUDGE.format(model="judge-no")))
+    client = sdk(proxy)
+    ask(client, Q)
+    indexed(proxy, 1)
+    with capture_logs() as logs:
+        miss = ask(client, PARAPHRASE)
+    assert miss.headers["x-cache-status"] == "MISS"
+    line = done_lines(logs)[-1]
+    assert line["semantic_guard"] == "verifier" and line["semantic_verify"] == "no"
+    fake.model_replies["judge-no"] = "Perhaps."
+    with capture_logs() as logs:
+        assert ask(client, "Tell me the capital of France").headers["x-cache-status"] == "MISS"
+    line = done_lines(logs)[-1]
+    assert line.get("semantic_guard") == "verifier"
+    assert "neither yes nor no" in line["semantic_verify_error"]

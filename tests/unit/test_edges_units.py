@@ -99,3 +99,30 @@ def test_stale_if_error_directive_and_window():
     assert c.stale_window(0) == 600 and c.stale_window(60) == 60 and c.stale_window(6000) == 600
     plain = parse_cache_control("stale-if-error=-5", None)
     assert plain.stale_if_error is None and plain.stale_window(30) == 30
+
+
+@pytest.mark.parametrize(
+    ("base", "path_qs", "expected"),
+    [
+        ("", "/v1/chat/completions", "/v1/chat/completions"),
+        ("/v1", "/v1/chat/completions", "/v1/chat/completions"),
+        ("/v1/", "/v1/models", "/v1/models"),
+        ("/api/v1", "/v1/chat/completions", "/api/v1/chat/completions"),
+        (
+            "/openai",
+            "/openai/deployments/d/embeddings?api-version=1",
+            "/openai/deployments/d/embeddings?api-version=1",
+        ),
+        ("/openai", "/v1/chat/completions", "/openai/v1/chat/completions"),
+        ("/openai/v1", "/openai/v1/responses", "/openai/v1/responses"),
+        ("/openai/v1", "/v1/responses", "/openai/v1/responses"),
+        ("/x/v1", "/v1?a=/v1/b", "/x/v1?a=/v1/b"),
+        ("/v1x", "/v1/models", "/v1x/v1/models"),  # whole segments only
+        ("/gateway", "/v1/models", "/gateway/v1/models"),
+    ],
+)
+def test_the_base_path_is_joined_once(base, path_qs, expected):
+    """The base URL's path, then the request's with what they share left out, never doubled."""
+    from proxy.upstream import join_path
+
+    assert join_path(base.rstrip("/"), path_qs) == expected

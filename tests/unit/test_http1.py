@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 
 import brotli
 import pytest
+from aiohappyeyeballs import AddrInfoType
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
@@ -200,8 +201,7 @@ async def test_a_connection_the_upstream_closed_while_idle_is_not_reused():
     assert srv.connections == 2 and len(srv.requests) == 2
 
 
-async def test_a_reused_connection_closed_before_answering_is_retried_once():
-    """The race an idle timeout makes: the request went out as the upstream closed."""
+def _closes_the_second_unanswered() -> Answer:
     served = 0
 
     async def answer(_r: asyncio.StreamReader, w: asyncio.StreamWriter, _req: bytes) -> bool:
@@ -213,10 +213,28 @@ async def test_a_reused_connection_closed_before_answering_is_retried_once():
         await w.drain()
         return True
 
-    async with Server(answer) as srv:
+    return answer
+
+
+async def test_a_post_the_upstream_read_is_never_sent_again():
+    """A reused connection closed after the upstream read a POST: an error, not a resend
+    (RFC 9112 9.3.1: it may have been acted on; one more chat completion is one more bill)."""
+    async with Server(_closes_the_second_unanswered()) as srv:
         client = srv.client()
         assert await ask(client) == (200, b"x")
-        assert await ask(client) == (200, b"x")
+        with pytest.raises(UpstreamError, match="Server disconnected"):
+            await ask(client)
+        await client.aclose()
+    assert srv.connections == 1 and len(srv.requests) == 2
+
+
+async def test_a_get_on_a_reused_connection_closed_unanswered_is_retried_once():
+    """The race an idle timeout makes, for an idempotent GET: once more on a new connection."""
+    async with Server(_closes_the_second_unanswered()) as srv:
+        client = srv.client()
+        for _ in range(2):
+            async with client.request("GET", "/v1/models", CIMultiDict(), b"") as resp:
+                assert (resp.status, await resp.read()) == (200, b"x")
         await client.aclose()
     assert srv.connections == 2 and len(srv.requests) == 3
 
@@ -379,8 +397,13 @@ class _Transport:
     def close(self) -> None:
         self.closed = True
 
+    abort = close
+
     def is_closing(self) -> bool:
         return self.closed
+
+    def get_write_buffer_size(self) -> int:
+        return 0
 
 
 async def _parse(pieces: list[bytes]) -> tuple[int, bytes]:
@@ -388,6 +411,7 @@ async def _parse(pieces: list[bytes]) -> tuple[int, bytes]:
     conn = http1._Connection(client)
     conn.connection_made(_Transport())  # type: ignore[arg-type]
     conn._head = asyncio.get_running_loop().create_future()
+    conn.active = conn.written = True
     head = conn._head
     for piece in pieces:
         conn.data_received(piece)
@@ -420,10 +444,10 @@ async def test_a_host_name_is_resolved_once_and_its_addresses_tried_in_turn():
         )
         assert client.host_header == f"localhost:{srv.port}"
         assert await ask(client) == (200, b"x")
-        resolved = client._dns
-        assert resolved is not None and "127.0.0.1" in resolved
+        resolved = client._dns[("localhost", srv.port)][0]
+        assert "127.0.0.1" in [info[4][0] for info in resolved]
         assert await ask(client) == (200, b"x")
-        assert client._dns is resolved and client._resolving is None
+        assert client._dns[("localhost", srv.port)][0] is resolved and not client._resolving
         await client.aclose()
     assert srv.connections == 2
     assert f"Host: localhost:{srv.port}".encode() in srv.requests[0]
@@ -461,3 +485,233 @@ async def test_an_answer_is_freed_without_the_garbage_collector():
             gc.enable()
         await client.aclose()
     assert left == []
+
+
+@pytest.mark.parametrize(
+    ("environ", "host", "expected"),
+    [
+        ({}, "api.openai.com", None),
+        ({"HTTPS_PROXY": "http://p:3128"}, "api.openai.com", "http://p:3128"),
+        ({"https_proxy": "p:3128", "HTTPS_PROXY": "http://q:1"}, "api.openai.com", "http://p:3128"),
+        ({"ALL_PROXY": "http://p:1"}, "api.openai.com", "http://p:1"),
+        ({"HTTPS_PROXY": "http://p:1", "NO_PROXY": "*"}, "api.openai.com", None),
+        ({"HTTPS_PROXY": "http://p:1", "NO_PROXY": "openai.com"}, "api.openai.com", None),
+        ({"HTTPS_PROXY": "http://p:1", "NO_PROXY": ".openai.com"}, "api.openai.com", None),
+        ({"HTTPS_PROXY": "http://p:1", "NO_PROXY": "penai.com"}, "api.openai.com", "http://p:1"),
+        ({"HTTPS_PROXY": "http://p:1", "no_proxy": "10.0.0.0/8"}, "10.1.2.3", None),
+        (
+            {"HTTPS_PROXY": "http://p:1", "NO_PROXY": "api.openai.com:8443"},
+            "api.openai.com",
+            "http://p:1",
+        ),
+        ({"HTTP_PROXY": "http://p:1"}, "api.openai.com", None),  # https upstream: not HTTP_PROXY
+    ],
+)
+def test_the_egress_proxy_from_the_environment(environ, host, expected):
+    """HTTPS_PROXY / ALL_PROXY (lower case first) unless NO_PROXY names the host, as curl and
+    the SDKs read them."""
+    assert http1.proxy_for("https", host, 443, environ) == expected
+
+
+async def test_through_an_http_proxy_the_target_is_absolute_and_authenticated():
+    """HTTP_PROXY for an http upstream: the request goes to the proxy, its target in absolute
+    form, with the proxy's credentials as Proxy-Authorization (never the upstream's)."""
+    async with Server(fixed(ok(b"via"))) as proxy_srv:
+        client = Client(
+            "http://upstream.internal:8000",
+            connect_timeout_s=5,
+            read_timeout_s=5,
+            ssl_context=None,
+            environ={"HTTP_PROXY": f"http://user:pa%40ss@127.0.0.1:{proxy_srv.port}"},
+        )
+        assert await ask(client) == (200, b"via")
+        await client.aclose()
+    sent = proxy_srv.requests[0]
+    assert sent.startswith(b"POST http://upstream.internal:8000/v1/chat/completions HTTP/1.1\r\n")
+    assert b"Host: upstream.internal:8000\r\n" in sent
+    assert b"Proxy-Authorization: Basic dXNlcjpwYUBzcw==\r\n" in sent  # user:pa@ss
+
+
+async def test_an_answer_nobody_asked_for_closes_the_idle_connection():
+    """Bytes that arrive while the connection idles (a late 408) close it: the next request
+    goes on a new connection and gets its own answer, never the stray one."""
+
+    async def answer(_r: asyncio.StreamReader, w: asyncio.StreamWriter, req: bytes) -> bool:
+        w.write(ok(req[-3:]))
+        await w.drain()
+        await asyncio.sleep(0.05)
+        w.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")
+        await w.drain()
+        return True
+
+    async with Server(answer) as srv:
+        client = srv.client()
+        assert await ask(client, b"one") == (200, b"one")
+        await asyncio.sleep(0.2)
+        assert await ask(client, b"two") == (200, b"two")
+        await client.aclose()
+    assert srv.connections == 2
+
+
+async def test_a_second_answer_in_the_same_write_is_never_the_next_answer():
+    """An extra whole answer in the bytes of the first: the first is read, the connection is
+    closed, and the next request gets its own answer on a new one."""
+
+    async def answer(_r: asyncio.StreamReader, w: asyncio.StreamWriter, req: bytes) -> bool:
+        w.write(ok(req[-3:]) + ok(b"stray"))
+        await w.drain()
+        return True
+
+    async with Server(answer) as srv:
+        client = srv.client()
+        assert await ask(client, b"one") == (200, b"one")
+        assert await ask(client, b"two") == (200, b"two")
+        await client.aclose()
+    assert srv.connections == 2
+
+
+async def test_an_early_answer_stops_the_body_and_the_connection_is_not_reused():
+    """A 413 before the body was read: the client gets it, the writing stops, and the next
+    request never shares that socket."""
+
+    async def early(r: asyncio.StreamReader, w: asyncio.StreamWriter, _req: bytes) -> bool:
+        w.write(b"HTTP/1.1 413 Too Large\r\nContent-Length: 2\r\n\r\nno")
+        await w.drain()
+        return True
+
+    requests: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        requests.append(head)
+        if not requests[1:]:
+            await early(reader, writer, head)  # and reads nothing of the body
+        else:
+            length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            writer.write(ok(b"two"))
+            await writer.drain()
+        await over.wait()
+        writer.close()
+
+    over = asyncio.Event()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = Client(
+        f"http://127.0.0.1:{port}", connect_timeout_s=5, read_timeout_s=5, ssl_context=None
+    )
+    assert await ask(client, b"x" * (64 * 1024 * 1024)) == (413, b"no")
+    assert await ask(client, b"{}") == (200, b"two")
+    await client.aclose()
+    over.set()
+    server.close()
+    await asyncio.sleep(0.05)
+    assert len(requests) == 2  # the second on its own connection (each serve() takes one)
+
+
+async def test_writing_a_body_nobody_reads_times_out():
+    """An upstream that reads the head and never the body: after the read timeout without
+    write progress, UpstreamTimeout, and the connection is dropped."""
+
+    over = asyncio.Event()
+
+    async def deaf(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await over.wait()
+        writer.close()
+
+    server = await asyncio.start_server(deaf, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = Client(
+        f"http://127.0.0.1:{port}", connect_timeout_s=5, read_timeout_s=0.3, ssl_context=None
+    )
+    t0 = asyncio.get_running_loop().time()
+    with pytest.raises(UpstreamTimeout):
+        await ask(client, b"x" * (64 * 1024 * 1024))
+    assert asyncio.get_running_loop().time() - t0 < 3
+    assert not client._busy and not client._idle
+    await client.aclose()
+    over.set()
+    server.close()
+    await asyncio.sleep(0.05)
+
+
+async def test_a_head_answer_ends_with_its_head():
+    """HEAD: Content-Length describes a body that is not sent; the answer ends at its head."""
+    async with Server(fixed(b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n")) as srv:
+        client = srv.client()
+        async with client.request("HEAD", "/v1/models", CIMultiDict(), b"") as resp:
+            assert resp.status == 200 and resp.content_length == 50
+            assert await resp.read() == b""
+        await client.aclose()
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "br"])
+def test_a_coded_body_cut_short_is_an_error_not_a_short_answer(coding):
+    """The coded stream must end where the body does: a cut one is an upstream error."""
+    data = bytes(range(256)) * 64
+    packed = {"gzip": gzip.compress, "deflate": zlib.compress, "br": brotli.compress}[coding](data)
+    decoder = http1._Decoder(coding)
+    out = b"".join(decoder.pieces(packed[: len(packed) // 2]))
+    assert len(out) < len(data)
+    with pytest.raises(UpstreamError, match="ended early"):
+        list(decoder.rest())
+    whole = http1._Decoder(coding)
+    assert b"".join([*whole.pieces(packed), *whole.rest()]) == data
+
+
+def test_an_egress_proxy_that_is_not_http_stops_the_start_naming_the_variable():
+    """A socks or https egress proxy is refused at start-up (ConfigError), its password
+    never shown."""
+    from proxy.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="HTTPS_PROXY") as refused:
+        Client(
+            "https://api.openai.com",
+            connect_timeout_s=1,
+            read_timeout_s=1,
+            ssl_context=None,
+            environ={"HTTPS_PROXY": "socks5://user:hunter2@p:1080"},
+        )
+    assert "hunter2" not in str(refused.value)
+
+
+async def test_an_address_that_does_not_answer_does_not_hold_the_next_one_back():
+    """Happy Eyeballs: with a first address that never answers (a black hole), the next is
+    tried 250 ms later, and the request is answered long before the connect timeout."""
+    import socket
+    import time
+
+    # A black hole: a listening socket whose accept queue is full drops new SYNs.
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(hole.getsockname())
+        fillers.append(filler)
+    try:
+        async with Server(fixed(ok(b"x"))) as srv:
+            client = Client(
+                f"http://upstream.test:{srv.port}",
+                connect_timeout_s=10,
+                read_timeout_s=5,
+                ssl_context=None,
+                environ={},
+            )
+            infos: list[AddrInfoType] = [
+                (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", tuple(address))
+                for address in (hole.getsockname(), ("127.0.0.1", srv.port))
+            ]
+            client._dns[("upstream.test", srv.port)] = (infos, time.monotonic() + 60)
+            t0 = time.monotonic()
+            assert await ask(client) == (200, b"x")
+            assert 0.2 < time.monotonic() - t0 < 3  # the hole held it back 250 ms, no more
+            await client.aclose()
+    finally:
+        for filler in fillers:
+            filler.close()
+        hole.close()

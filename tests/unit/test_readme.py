@@ -8,6 +8,7 @@ from pathlib import Path
 from proxy.settings import Settings, _env, _flag
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+DESIGN = (Path(__file__).resolve().parents[2] / "docs" / "design.md").read_text()
 
 
 def test_every_setting_is_in_the_readme_table():
@@ -22,3 +23,26 @@ def test_the_two_commands_are_there():
     assert "./scripts/test\n" in README
     ci = (Path(__file__).resolve().parents[2] / ".ci" / "run").read_text()
     assert "./scripts/test" in ci
+
+
+def test_the_base_url_table_is_what_the_proxy_sends():
+    """Each row of the base URL table (docs/design.md, linked from the README): the request
+    the client sends, through
+    `--upstream`, reaches exactly the path (and query) the row says."""
+    from urllib.parse import urlsplit
+
+    from proxy.plan import route_of
+    from proxy.upstream import Upstream
+
+    rows = [
+        [cell.strip().strip("`") for cell in line.strip("|").split("|")]
+        for line in DESIGN.splitlines()
+        if line.startswith("| ") and "`--upstream`" not in line and "/chat/completions" in line
+    ]
+    assert len(rows) == 9
+    for _client, sends, upstream, expected in rows:
+        path, _, query = sends.partition("?")
+        _route, upstream_path = route_of(path)
+        up = Upstream(upstream, connect_timeout_s=1, read_timeout_s=1, environ={})
+        assert up.path_for(upstream_path + ("?" + query if query else "")) == expected, sends
+        assert urlsplit(up.url_for("/v1/x")).netloc == urlsplit(upstream).netloc

@@ -13,18 +13,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.errors import ConfigError
+from proxy.guards import features, refusal
+from proxy.guards import pack as pack_guards
+from proxy.guards import unpack as unpack_guards
 from proxy.models import CachedResponse
 from proxy.plan import make_plan
 from proxy.report import Report
 from proxy.rules import Rules, parse_rules
-from proxy.semantic import (
-    TEXT_MAX,
-    features,
-    guard,
-    query_of,
-    signature,
-    signature_guard,
-)
+from proxy.semantic import TEXT_MAX, query_of
 from proxy.stores import MemoryStore
 from proxy.stores.sqlite import SQLiteStore
 from proxy.vectors import Partition, pack, top, unpack
@@ -48,8 +44,9 @@ KEY = b"k" * 32
     ],
 )
 def test_guards_turn_down_the_known_false_hits(a, b, why):
-    assert guard(features(a), features(b)) == why
-    assert signature_guard(signature(KEY, features(a)), signature(KEY, features(b))) == why
+    """Each known false hit is turned down by the guard named, from its stored form too."""
+    assert refusal(features(a, KEY), features(b, KEY)) == why
+    assert refusal(unpack_guards(pack_guards(features(a, KEY))), features(b, KEY)) == why
 
 
 @pytest.mark.parametrize(
@@ -65,16 +62,18 @@ def test_guards_turn_down_the_known_false_hits(a, b, why):
     ],
 )
 def test_guards_let_the_same_numbers_and_negations_through(a, b):
-    assert guard(features(a), features(b)) is None
-    assert signature(KEY, features(a)) == signature(KEY, features(b))
+    """The same numbers and negations, written otherwise, pass."""
+    assert refusal(features(a, KEY), features(b, KEY)) is None
 
 
 @given(st.text(max_size=200), st.text(max_size=200))
 def test_signatures_agree_with_the_guards(a, b):
     """The stored digests decide exactly as the features do (and never raise)."""
-    fa, fb = features(a), features(b)
-    assert signature_guard(signature(KEY, fa), signature(KEY, fb)) == guard(fa, fb)
-    assert guard(fa, fa) is None
+    fa, fb = features(a, KEY), features(b, KEY)
+    assert refusal(unpack_guards(pack_guards(fa)), unpack_guards(pack_guards(fb))) == refusal(
+        fa, fb
+    )
+    assert refusal(fa, fa) is None
 
 
 def chat(*messages, **extra):
@@ -345,3 +344,32 @@ def test_a_broken_embeddings_answer_is_refused(answer):
 
     with pytest.raises(EmbeddingFailed):
         _vector_of(answer)
+
+
+def test_the_judge_request_and_verdict():
+    """The judge is asked for one word, deterministically; only yes or no is a verdict, and
+    the rule option takes only "off" or "llm"."""
+    from proxy.semantic import answer_text, judge_body, judge_says
+
+    body = orjson.loads(judge_body("gpt-4o-mini", "Capital of France?", "Paris."))
+    assert body["temperature"] == 0 and body["max_tokens"] == 2
+    assert "Capital of France?" in body["messages"][1]["content"]
+
+    def said(text):
+        return judge_says(orjson.dumps({"choices": [{"message": {"content": text}}]}))
+
+    assert (said("Yes."), said(" no"), said("maybe"), judge_says(b"{}")) == (
+        True,
+        False,
+        None,
+        None,
+    )
+    chat_answer = orjson.dumps({"choices": [{"message": {"content": "Paris."}}]})
+    assert answer_text("chat", chat_answer, stream=False) == "Paris."
+    assert answer_text("chat", b"not json", stream=False) is None
+    (rule,) = parse_rules('[[rule]]\nroute = "/x"\nsemantic_verify = "llm"\n', "t")
+    assert rule.semantic_verify == "llm" and rule.semantic_verify_model == "gpt-4o-mini"
+    with pytest.raises(ConfigError):
+        parse_rules('[[rule]]\nroute = "/x"\nsemantic_verify = "yes"\n', "t")
+    with pytest.raises(ConfigError, match="semantic_embeddings_url"):
+        parse_rules('[[rule]]\nroute = "/x"\nsemantic_embeddings_url = "localhost:8000"\n', "t")

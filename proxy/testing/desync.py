@@ -1,0 +1,338 @@
+"""ScriptedUpstream: a raw asyncio upstream that misbehaves at the connection level, on
+purpose, the way an upstream (or a box in front of it) can desynchronise a keep-alive pool.
+
+Every answer names the credential it was made for (`[who:xxxxxxxx]`, a hash of the
+Authorization / api-key / x-api-key headers) and echoes the prompt, so an answer that reaches
+another tenant is visible. What it does for a request is `behave(request)`, a Behaviour:
+
+- NORMAL: the answer.
+- EXTRA_SAME_WRITE: the answer and a second whole answer in the same write.
+- EXTRA_LATE: the answer; a moment later, while the connection is idle (no byte of a next
+  request arrived: the kernel is asked), a second whole answer.
+- IDLE_408: the answer; a moment later, while idle, a `408` and the connection closed.
+- EARLY: a 401 as soon as the head arrived, before the body is read; then the body is read
+  (and checked: a request head inside it is a desync, recorded in `violations`).
+- READ_CLOSE: reads the request, closes without a byte.
+- HEAD_ONLY: reads the head, never the body, says nothing (until the client gives up).
+- CLOSE_MID: the head and half the body, then closes.
+- DELAY: the answer after a short pause.
+- CUT_GZIP / CUT_BR: the answer compressed, cut short, framed right (Content-Length of what
+  is sent).
+- BODY_AFTER_204: a 204 followed by body bytes in the same write.
+
+Each request may carry `X-Fuzz-Id`; an id seen twice is a resent request (`violations`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import gzip
+import hashlib
+import select
+import ssl
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import brotli
+import orjson
+
+
+class Behaviour(enum.Enum):
+    NORMAL = "normal"
+    EXTRA_SAME_WRITE = "extra_same_write"
+    EXTRA_LATE = "extra_late"
+    IDLE_408 = "idle_408"
+    EARLY = "early"
+    READ_CLOSE = "read_close"
+    HEAD_ONLY = "head_only"
+    CLOSE_MID = "close_mid"
+    DELAY = "delay"
+    CUT_GZIP = "cut_gzip"
+    CUT_BR = "cut_br"
+    BODY_AFTER_204 = "body_after_204"
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    connection: int
+    """Which connection it came on (1, 2, ...)."""
+
+
+def who(headers: dict[str, str]) -> str:
+    """The short hash that names a credential in every answer."""
+    credential = "|".join(
+        headers.get(name, "") for name in ("authorization", "api-key", "x-api-key")
+    )
+    return hashlib.sha256(credential.encode()).hexdigest()[:8]
+
+
+def prompt_of(body: bytes) -> str:
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return ""
+    if isinstance(doc, dict):
+        messages = doc.get("messages")
+        if isinstance(messages, list) and messages and isinstance(messages[-1], dict):
+            return str(messages[-1].get("content", ""))
+        if "input" in doc:
+            return str(doc["input"])
+    return ""
+
+
+def answer_body(req: Request) -> bytes:
+    """A chat completion naming the request's credential and echoing its prompt."""
+    content = f"[who:{who(req.headers)}] {prompt_of(req.body)}"
+    return orjson.dumps(
+        {
+            "id": "chatcmpl-scripted",
+            "object": "chat.completion",
+            "created": 0,
+            "model": "gpt-4o-mini",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        }
+    )
+
+
+SPEECH = bytes(range(256)) * 400
+"""What /v1/audio/speech answers (gzip-coded on the wire)."""
+
+
+def stream_body(req: Request) -> bytes:
+    """The same answer as a chat completion stream (three content chunks, then [DONE])."""
+    content = f"[who:{who(req.headers)}] {prompt_of(req.body)}"
+    third = max(1, len(content) // 3)
+    pieces = [content[:third], content[third : 2 * third], content[2 * third :]]
+    events = []
+    for i, piece in enumerate(pieces):
+        delta = {"role": "assistant", "content": piece} if i == 0 else {"content": piece}
+        chunk = {
+            "id": "chatcmpl-scripted",
+            "object": "chat.completion.chunk",
+            "created": 0,
+            "model": "gpt-4o-mini",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+        }
+        events.append(b"data: " + orjson.dumps(chunk) + b"\n\n")
+    last = {
+        "id": "chatcmpl-scripted",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": "gpt-4o-mini",
+        "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+    }
+    events.append(b"data: " + orjson.dumps(last) + b"\n\n")
+    return b"".join(events) + b"data: [DONE]\n\n"
+
+
+def message(
+    status: int,
+    body: bytes,
+    *extra: str,
+    length: int | None = None,
+    ctype: str = "application/json",
+) -> bytes:
+    head = f"HTTP/1.1 {status} X\r\nContent-Type: {ctype}\r\n"
+    head += "".join(f"{line}\r\n" for line in extra)
+    head += f"Content-Length: {len(body) if length is None else length}\r\n\r\n"
+    return head.encode() + body
+
+
+@dataclass
+class ScriptedUpstream:
+    behave: Callable[[Request], Behaviour] = lambda _req: Behaviour.NORMAL
+    ssl_context: ssl.SSLContext | None = None
+    late_s: float = 0.05
+    """How long after an answer EXTRA_LATE / IDLE_408 strike (if the connection is idle)."""
+    delay_s: float = 0.2
+    host: str = "127.0.0.1"
+    port: int = 0
+    requests: list[Request] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+    behaviours: Counter[str] = field(default_factory=Counter)
+    connections: int = 0
+    _ids: set[str] = field(default_factory=set)
+    _server: asyncio.Server | None = None
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    @property
+    def base_url(self) -> str:
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._serve, self.host, self.port, ssl=self.ssl_context
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for task in list(self._tasks):
+                task.cancel()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self.connections += 1
+        number = self.connections
+        try:
+            while await self._one(reader, writer, number):
+                pass
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self._tasks.discard(task)
+            writer.close()
+
+    async def _one(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, number: int
+    ) -> bool:
+        """Serve one request; False: the connection is done."""
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError:
+            return False
+        lines = head.decode("latin-1").split("\r\n")
+        method, path, _ = lines[0].split(" ", 2)
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            if ":" in line:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+        length = int(headers.get("content-length", "0"))
+        req = Request(method, path, headers, b"", number)
+        how = self.behave(req)
+        self.behaviours[how.value] += 1
+        if how is Behaviour.HEAD_ONLY:
+            self.requests.append(req)
+            await asyncio.sleep(3600)  # reads nothing more (stop() ends it)
+            return False
+        if how is Behaviour.EARLY:
+            self.requests.append(req)
+            writer.write(message(401, _error(req, "answered before the body was read")))
+            await writer.drain()
+            body = await reader.readexactly(length)
+            if b" HTTP/1.1\r\n" in body or b"authorization:" in body.lower():
+                self.violations.append("a request head arrived inside another's body")
+            return True
+        req.body = await reader.readexactly(length)
+        self.requests.append(req)
+        fuzz_id = headers.get("x-fuzz-id")
+        if fuzz_id is not None:
+            if fuzz_id in self._ids:
+                self.violations.append(f"request {fuzz_id} was sent twice")
+            self._ids.add(fuzz_id)
+        if not any(name in headers for name in ("authorization", "api-key", "x-api-key")):
+            writer.write(message(401, _error(req, "no credential")))
+            await writer.drain()
+            return True
+        if method == "HEAD" or path.endswith("/models"):
+            listing = orjson.dumps({"object": "list", "data": [], "who": who(headers)})
+            if method == "HEAD":
+                writer.write(message(200, b"", length=len(listing)))
+            else:
+                writer.write(message(200, listing))
+            await writer.drain()
+            return True
+        answer = answer_body(req)
+        ctype = "application/json"
+        if b'"stream":true' in req.body.replace(b" ", b""):
+            answer, ctype = stream_body(req), "text/event-stream"
+        if path.endswith("/audio/speech"):  # audio, always sent gzip-coded
+            coded = gzip.compress(SPEECH)
+            if how is Behaviour.CUT_GZIP:
+                coded = coded[: len(coded) // 2]
+            writer.write(
+                message(200, coded, "Content-Encoding: gzip", ctype="audio/mpeg")
+                if how is not Behaviour.CUT_BR
+                else message(200, brotli.compress(SPEECH)[:-20], "Content-Encoding: br")
+            )
+            await writer.drain()
+            return True
+        match how:
+            case Behaviour.NORMAL:
+                writer.write(message(200, answer, ctype=ctype))
+            case Behaviour.DELAY:
+                await asyncio.sleep(self.delay_s)
+                writer.write(message(200, answer, ctype=ctype))
+            case Behaviour.EXTRA_SAME_WRITE:
+                writer.write(message(200, answer, ctype=ctype) + message(200, answer, ctype=ctype))
+            case Behaviour.EXTRA_LATE | Behaviour.IDLE_408:
+                writer.write(message(200, answer, ctype=ctype))
+                await writer.drain()
+                await asyncio.sleep(self.late_s)
+                if not _idle(reader, writer):
+                    return True  # a next request came: no longer "on an idle connection"
+                if how is Behaviour.EXTRA_LATE:
+                    writer.write(message(200, answer, ctype=ctype))
+                else:
+                    writer.write(message(408, b"", "Connection: close"))
+                    await writer.drain()
+                    return False
+            case Behaviour.READ_CLOSE:
+                return False
+            case Behaviour.CLOSE_MID:
+                writer.write(
+                    message(200, answer[: len(answer) // 2], length=len(answer), ctype=ctype)
+                )
+                await writer.drain()
+                return False
+            case Behaviour.CUT_GZIP | Behaviour.CUT_BR:
+                coded = (
+                    gzip.compress(answer) if how is Behaviour.CUT_GZIP else brotli.compress(answer)
+                )
+                cut = coded[: max(1, len(coded) * 2 // 3)]
+                coding = "gzip" if how is Behaviour.CUT_GZIP else "br"
+                writer.write(message(200, cut, f"Content-Encoding: {coding}", ctype=ctype))
+            case Behaviour.BODY_AFTER_204:
+                writer.write(b"HTTP/1.1 204 No Content\r\n\r\n" + answer)
+            case Behaviour.EARLY | Behaviour.HEAD_ONLY:
+                raise AssertionError("handled above")
+        await writer.drain()
+        return True
+
+
+def _idle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    """No byte of a next request has arrived: none in the reader's buffer, none in the
+    kernel's."""
+    if reader.__dict__.get("_buffer") or reader.at_eof():
+        return False
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return True
+    readable, _, _ = select.select([sock.fileno()], [], [], 0)
+    return not readable
+
+
+def _error(req: Request, text: str) -> bytes:
+    return orjson.dumps(
+        {
+            "error": {
+                "message": f"[who:{who(req.headers)}] {text}",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "invalid_api_key",
+            }
+        }
+    )

@@ -1,0 +1,281 @@
+"""The guards against false semantic hits (proxy/guards.py): one test per guard class, the
+examples of issue #25 among them, paraphrases that must pass, and symmetry as a property."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy import guards
+from proxy.guards import features, pack, refusal, unpack
+
+KEY = b"g" * 32
+
+
+def why(a: str, b: str) -> str | None:
+    """The refusal of A against B, checked both ways and from the stored form."""
+    fa, fb = features(a, KEY), features(b, KEY)
+    found = refusal(fa, fb)
+    assert refusal(fb, fa) == found
+    assert refusal(unpack(pack(fa)), unpack(pack(fb))) == found
+    return found
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("What is 2^10?", "What is 10^2?"),
+        ("Is -40 degrees cold?", "Is 40 degrees cold?"),
+        ("Add ½ cup of sugar", "Add ¼ cup of sugar"),
+        ("Add 1/2 cup of sugar", "Add 1/4 cup of sugar"),
+        ("What happened on 03/05/2021?", "What happened on 05/03/2021?"),
+        ("Set an alarm for 2pm", "Set an alarm for 2am"),
+        ("Set an alarm for 2 pm", "Set an alarm for 2 am"),
+        ("Is 500 mg of vitamin C a day safe?", "Is 500 g of vitamin C a day safe?"),
+        ("We raised $5M, is that a lot?", "We raised $5B, is that a lot?"),
+        ("Is 40°F cold?", "Is 40°C cold?"),
+        ("Summarise chapter 3", "Summarise chapter 4"),
+        ("Who won the 3rd round?", "Who won the 4th round?"),
+        ("Causes of World War I", "Causes of World War II"),
+        ("What did Henry VIII do?", "What did Henry VII do?"),
+        ("How far is 5 km?", "How far is 5 miles?"),
+        ("Is 5k steps a day enough?", "Is 5M steps a day enough?"),
+        ("What is 7 - 3?", "What is 3 - 7?"),
+    ],
+)
+def test_numbers_are_compared_in_order_with_sign_units_and_form(a, b):
+    """Numbers differing in order, sign, fraction, unit, suffix, ordinal, roman form, date or
+    am/pm are refused by the numbers guard."""
+    assert why(a, b) == "numbers"
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("Is 5k steps a day enough?", "Is 5,000 steps a day enough?"),
+        ("Summarise the 3rd chapter", "Summarise the third chapter"),
+        ("What is 17 and 25?", "what's seventeen and twenty-five"),
+        ("Convert 100 USD to EUR", "How much is $100 in EUR?"),
+        ("Boil it for 10 minutes?", "Should it boil for ten minutes?"),
+        ("Is 2 pm too late for coffee?", "Is 2pm too late for coffee?"),
+    ],
+)
+def test_the_same_numbers_written_otherwise_pass(a, b):
+    """Digits, words, separators and suffixes that say the same number pass."""
+    assert why(a, b) is None
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("Why does the build start?", "Why does the build fail to start?"),
+        ("Warum startet der Server?", "Warum startet der Server nicht?"),
+        ("¿Funciona en Linux?", "¿No funciona en Linux?"),
+        ("Est-ce que ça marche?", "Est-ce que ça ne marche pas?"),
+        ("Funziona con Python?", "Non funziona con Python?"),
+        ("Это работает?", "Это не работает?"),
+        ("这个可以用吗", "这个不可以用吗"),
+        ("Is the museum open on Mondays?", "Is the museum never open on Mondays?"),
+    ],
+)
+def test_negation_in_major_languages(a, b):
+    """A negation in one text only (English, German, Spanish, French, Italian, Russian,
+    Chinese, "fail to") is refused."""
+    assert why(a, b) == "negation"
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("Is this film suitable for children?", "Is this film unsuitable for children?"),
+        ("How do I archive a conversation?", "How do I unarchive a conversation?"),
+        ("Is a careful driver cheaper to insure?", "Is a careless driver cheaper to insure?"),
+        ("Is this behaviour legal?", "Is this behaviour illegal?"),
+        ("Why is the data consistent?", "Why is the data inconsistent?"),
+    ],
+)
+def test_affixes_negate_their_stem(a, b):
+    """un-, in-, il-, -less and friends against the plain stem are refused."""
+    assert why(a, b) in ("affix", "antonym")
+
+
+def test_non_prefix_is_a_negation():
+    """ "non-transferable" against "transferable" is refused."""
+    assert why("Is the ticket transferable?", "Is the ticket non-transferable?") is not None
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("Is smoking allowed on the balcony?", "Is smoking banned on the balcony?"),
+        ("Are drinks included in the price?", "Are drinks excluded from the price?"),
+        ("How do I join a Slack channel?", "How do I leave a Slack channel?"),
+        ("Is the gym busy at 6 in the morning?", "Is the gym quiet at 6 in the morning?"),
+        ("What is the cheapest flight?", "What is the most expensive flight?"),
+        ("How do I enable dark mode?", "How do I disable dark mode?"),
+    ],
+)
+def test_antonym_pairs(a, b):
+    """Lexicon antonyms on opposite sides are refused."""
+    assert why(a, b) == "antonym"
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("When is the best time to buy Bitcoin?", "When is the best time to sell Bitcoin?"),
+        ("How do I import contacts?", "How do I export contacts?"),
+        ("Should I eat before a run?", "Should I eat after a run?"),
+        ("How do I upload a file?", "How do I download a file?"),
+    ],
+)
+def test_direction_words(a, b):
+    """buy/sell, import/export, before/after, upload/download on opposite sides are refused."""
+    assert why(a, b) == "direction"
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("What is the population of Canada?", "What is the population of China?"),
+        ("What is the population of Austria?", "What is the population of Australia?"),
+        ("Is Linux good for gaming?", "Is Windows good for gaming?"),
+        ("Translate 'good morning' into French", "Translate 'good morning' into German"),
+        ("How strong is the dollar?", "How strong is the euro?"),
+        ("How do I install Kubernetes on Ubuntu?", "How do I install Kubernetes on Fedora?"),
+    ],
+)
+def test_entities_products_currencies_and_languages(a, b):
+    """A swapped country, product, currency or language is refused."""
+    assert why(a, b) == "entity"
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("How do I migrate from MySQL to Postgres?", "How do I migrate from Postgres to MySQL?"),
+        ("Convert USD to EUR", "Convert EUR to USD"),
+        ("USD->EUR rate today", "EUR->USD rate today"),
+        ("Is Canada bigger than Mexico?", "Is Mexico bigger than Canada?"),
+        ("Move money from PayPal to my bank", "Move money from my bank to PayPal"),
+        (
+            "Copy the file from the laptop to the server",
+            "Copy the file from the server to the laptop",
+        ),
+    ],
+)
+def test_entities_in_order_where_direction_matters(a, b):
+    """The same entities the other way round, with a direction marker, are refused."""
+    assert why(a, b) == "order"
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("Can I take ibuprofen with coffee?", "Can my elderly mother take ibuprofen with coffee?"),
+        (
+            "What's the baggage allowance in economy class?",
+            "What's the baggage allowance in business class?",
+        ),
+        ("Does the free plan include SSO?", "Does the enterprise plan include SSO?"),
+        (
+            "Who pays for a broken boiler, the homeowner?",
+            "Who pays for a broken boiler, the tenant?",
+        ),
+        ("How much chocolate is toxic for dogs?", "How much chocolate is toxic for cats?"),
+    ],
+)
+def test_scope_who_and_which_plan(a, b):
+    """Who or which plan or class the question is for differs: refused."""
+    assert why(a, b) == "scope"
+
+
+def test_language_of_the_question():
+    """The same question in another language is refused (its answer is in another language)."""
+    assert why("What is the capital of France?", "Quelle est la capitale de la France ?") == (
+        "language"
+    )
+    assert why("What is the capital of France?", "Was ist die Hauptstadt von Frankreich?") in (
+        "language",
+        "entity",
+    )
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("How do I reverse a list in Python?", "What's the way to reverse a Python list?"),
+        ("What is the capital of France?", "Tell me France's capital"),
+        ("How do I undo a commit in git?", "How can I revert a commit in git?"),
+        ("Which one is better, vim or emacs?", "Which is better: vim or emacs?"),
+        ("Give me a recipe for chocolate chip cookies", "Share a chocolate chip cookie recipe"),
+        ("Is it rude not to tip in the US?", "Is not tipping rude in the US?"),
+        ("How do I migrate from MySQL to Postgres?", "Steps to migrate MySQL to Postgres"),
+        ("what is the capital of france", "What is the capital city of France?"),
+    ],
+)
+def test_paraphrases_pass(a, b):
+    """Paraphrases with the same numbers, polarity, entities and scope pass every guard."""
+    assert why(a, b) is None
+
+
+def test_every_guard_is_named_and_pure():
+    """Each guard is its own function, listed under the name its refusal is logged by."""
+    names = [name for name, _ in guards.GUARDS]
+    assert len(names) == len(set(names))
+    assert {"numbers", "negation", "affix", "antonym", "direction", "entity", "order"} <= set(names)
+    assert {"scope", "language"} <= set(names)
+    f = features("Is 5 mg not allowed in Canada for my mother?", KEY)
+    for _, check in guards.GUARDS:
+        assert check(f, f) is False
+
+
+def test_features_hold_no_text():
+    """The stored form holds digests, never a word of the text."""
+    blob = pack(features("Does my grandmother's Medicare cover hearing aids in Ohio?", KEY))
+    for word in (b"grandmother", b"Medicare", b"hearing", b"Ohio", b"medicare", b"ohio"):
+        assert word not in blob
+
+
+VOCABULARY = (
+    "is are not no never the a of in to from into than I my mother tenant free enterprise "
+    "plan economy business class Canada China USD EUR French German 5 40 -40 2pm 2am 500 mg g "
+    "½ ¼ 2^10 10^2 03/05/2021 II IV suitable unsuitable allowed banned buy sell before after "
+    "import export nicht pas не 不 transferable non-transferable careless care -> $5M $5B"
+)
+WORDS = st.sampled_from(VOCABULARY.split(" "))
+
+
+@settings(max_examples=300, print_blob=True)
+@given(st.lists(WORDS, max_size=12), st.lists(WORDS, max_size=12))
+def test_refusals_are_symmetric(a, b):
+    """Every guard says of B against A what it says of A against B."""
+    fa, fb = features(" ".join(a), KEY), features(" ".join(b), KEY)
+    for name, check in guards.GUARDS:
+        assert check(fa, fb) == check(fb, fa), name
+    assert refusal(fa, fb) == refusal(fb, fa)
+
+
+@settings(max_examples=200, print_blob=True)
+@given(st.text(max_size=300), st.text(max_size=300))
+def test_any_text_is_read_and_stored(a, b):
+    """Any text gives features that round-trip through the stored form, symmetrically."""
+    fa, fb = features(a, KEY), features(b, KEY)
+    assert unpack(pack(fa)) == fa
+    assert refusal(fa, fb) == refusal(fb, fa)
+    assert refusal(fa, fa) is None
+
+
+def test_the_stored_form_is_bounded_for_any_text():
+    """8000 characters of distinct names, negated words and from/to pairs keep a stored form
+    of a few KiB (words, entities, stems and ends are capped)."""
+
+    def name(i: int) -> str:
+        return "".join("abcdefghijklmnopqrstuvwxyz"[int(d)] for d in f"{i:04d}")
+
+    words = [f"X{name(i)} un{name(i)}ed from {name(i)}a to {name(i)}b" for i in range(400)]
+    text = " ".join(words)[:8000]
+    blob = pack(features(text, KEY))
+    assert len(blob) <= 4096
+    assert unpack(blob) == features(text, KEY)
