@@ -394,9 +394,20 @@ def _roman(word: str) -> int | None:
 
 
 def _digest(key: bytes, text: str) -> int:
-    return int.from_bytes(
-        hashlib.blake2b(text.encode(), key=key[:64], digest_size=4, person=b"sem-guard").digest()
-    )
+    return _hasher(key)(text)
+
+
+def _hasher(key: bytes) -> Callable[[str], int]:
+    """The keyed 4-byte digest of a text, keyed once (a copy per text is 4x cheaper than
+    keying each one)."""
+    base = hashlib.blake2b(key=key[:64], digest_size=4, person=b"sem-guard")
+
+    def digest(text: str) -> int:
+        h = base.copy()
+        h.update(text.encode())
+        return int.from_bytes(h.digest())
+
+    return digest
 
 
 # ---------------------------------------------------------------- content words (swap, order)
@@ -871,8 +882,7 @@ def features(text: str, key: bytes = b"") -> Features:
         numbers.pop()  # a trailing operator is punctuation ("5 -")
     language = _language(lang_votes, scripts)
 
-    def d(text: str) -> int:
-        return _digest(key, text)
+    d = _hasher(key)
 
     content, marks = _content(text)
     return Features(
@@ -887,15 +897,15 @@ def features(text: str, key: bytes = b"") -> Features:
         language=language,
         roles=frozenset((d(w), r) for w, r in roles),
         content=tuple(d(w) for w in content),
-        typos=tuple(_typos(key, w) for w in content),
+        typos=tuple(_typos(d, w) for w in content),
         marks=tuple((d(m), n) for m, n in marks),
     )
 
 
-def _typos(key: bytes, word: str) -> tuple[int, ...]:
+def _typos(d: Callable[[str], int], word: str) -> tuple[int, ...]:
     if not TYPO_MIN <= len(word) <= TYPO_LONGEST:
         return ()
-    return tuple(sorted({_digest(key, w) & 0xFFFF for w in (word, *_deletions(word))}))
+    return tuple(sorted({d(w) & 0xFFFF for w in (word, *_deletions(word))}))
 
 
 _TIMES_WORDS = _wordset("once twice thrice")
