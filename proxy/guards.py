@@ -82,6 +82,9 @@ class Features:
     of TYPO_MIN letters or more; else empty): two words one typo apart share one."""
     marks: tuple[tuple[int, int], ...] = ()
     """(order marker, content words before it): than, to, into, from, en, nach, que, als, ->."""
+    paired: bool = False
+    """A word that makes a relation symmetric is present (and, or, between, with, differ,
+    compare; und, et, y, e, o, tra...): its two sides may come in any order."""
 
 
 # ---------------------------------------------------------------- lexicons
@@ -458,6 +461,11 @@ STOPWORDS = _wordset(
 
 ORDER_MARKERS = _wordset("than to into from vs versus in en nach à que als naar dan para zu ->")
 """Words around which the same content words in another order say another thing."""
+SYMMETRIC = _wordset(
+    """and or between with differ differs difference differences compare compared comparison
+    same both und oder zwischen et ou entre y o e tra fra tussen"""
+)
+"""Words that make a relation symmetric: "A and B", "between A and B", "A differs from B"."""
 
 _CONTENT = re.compile(r"[^\W_]+(?:[-'\u2019][^\W_]+)*(?:\+\+|#)?|->|→|=>")
 _ELISION = re.compile(r"^(?:l|d|qu|j|n|s|c|m|t|dell|all|dall|nell|sull|un)['\u2019]")
@@ -492,17 +500,21 @@ def _stem(word: str) -> str:
     return word
 
 
-def _content(text: str) -> tuple[list[str], list[tuple[str, int]]]:
-    """The content words of `text` in order (stemmed, first occurrence each), and each order
-    marker with the number of content words before it (first occurrence each)."""
+def _content(text: str) -> tuple[list[str], list[tuple[str, int]], bool]:
+    """The content words of `text` in order (stemmed, first occurrence each), each order
+    marker with the number of content words before it (first occurrence each), and whether a
+    word makes a relation symmetric (SYMMETRIC)."""
     words: list[str] = []
     seen: set[str] = set()
     marks: list[tuple[str, int]] = []
     marked: set[str] = set()
     after_number = False
+    paired = False
     for match in _CONTENT.finditer(text):
         raw = match.group()
         number, after_number = after_number, False
+        if not paired and raw.lower() in SYMMETRIC:
+            paired = True
         if raw[0].isdigit() or raw.lower() in UNITS:
             after_number = True  # the numbers guard reads "2pm", "2FA", "ten minutes"
             continue
@@ -548,7 +560,7 @@ def _content(text: str) -> tuple[list[str], list[tuple[str, int]]]:
             _add_content(canon, words, seen, stem=False)
             continue
         _add_content(word, words, seen, stem=not (raw.isupper() and len(raw) > 1))
-    return words, marks
+    return words, marks, paired
 
 
 def _add_content(word: str, words: list[str], seen: set[str], stem: bool = True) -> None:
@@ -884,7 +896,7 @@ def features(text: str, key: bytes = b"") -> Features:
 
     d = _hasher(key)
 
-    content, marks = _content(text)
+    content, marks, paired = _content(text)
     return Features(
         numbers=d("\x00".join(numbers)) if numbers else 0,
         negations=negations,
@@ -899,6 +911,7 @@ def features(text: str, key: bytes = b"") -> Features:
         content=tuple(d(w) for w in content),
         typos=tuple(_typos(d, w) for w in content),
         marks=tuple((d(m), n) for m, n in marks),
+        paired=paired,
     )
 
 
@@ -1128,7 +1141,25 @@ def order(a: Features, b: Features) -> bool:
     entities come in another order where a direction marker makes order matter."""
     if any((w, 3 - r) in b.roles for w, r in a.roles):
         return True  # "from PayPal to my bank" / "from my bank to PayPal"
-    return _crossed(a, b)
+    return _crossed(a, b) or _transposed(a, b)
+
+
+def _transposed(a: Features, b: Features) -> bool:
+    """The shared content words in the same order but for two, at least two apart, that
+    trade places ("Can a Mac run Windows apps?" / "Can a Windows PC run Mac apps?"), where
+    no word makes the relation symmetric ("A and B", "between", "differ")."""
+    if a.paired or b.paired:
+        return False
+    in_a, in_b = set(a.content), set(b.content)
+    seq_a = [w for w in a.content if w in in_b]
+    seq_b = [w for w in b.content if w in in_a]
+    if len(seq_a) != len(seq_b):
+        return False  # two words with one digest
+    moved = [i for i, (x, y) in enumerate(zip(seq_a, seq_b, strict=True)) if x != y]
+    if len(moved) != 2:
+        return False
+    i, j = moved
+    return j - i >= 2 and seq_a[i] == seq_b[j] and seq_a[j] == seq_b[i]
 
 
 SWAP_MAX = 2
@@ -1216,7 +1247,7 @@ def refusal(a: Features, b: Features) -> str | None:
 
 # ---------------------------------------------------------------- stored form
 
-_HEAD = struct.Struct("<BBIHHHHHH?")
+_HEAD = struct.Struct("<BBIHHHHHH??")
 
 
 def pack(f: Features) -> bytes:
@@ -1233,6 +1264,7 @@ def pack(f: Features) -> bytes:
         len(f.scope),
         len(f.roles),
         f.directed,
+        f.paired,
     )
     lang = f.language.encode()[:16]
     parts = [head, bytes([len(lang)]), lang]
@@ -1252,7 +1284,7 @@ def pack(f: Features) -> bytes:
 
 def unpack(data: bytes) -> Features:
     """pack() reversed; ValueError (or struct.error) when damaged."""
-    version, neg, nums, nw, nn, np_, ne, ns, nr, directed = _HEAD.unpack_from(data)
+    version, neg, nums, nw, nn, np_, ne, ns, nr, directed, paired = _HEAD.unpack_from(data)
     if version != VERSION:
         raise ValueError("unknown guard record version")
     at = _HEAD.size
@@ -1308,4 +1340,5 @@ def unpack(data: bytes) -> Features:
         content=content,
         typos=tuple(typos),
         marks=tuple(marks),
+        paired=paired,
     )

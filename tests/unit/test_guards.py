@@ -275,11 +275,13 @@ def test_a_replaced_content_word_is_a_swap(a, b):
         ("Is Austria north of Italy?", "Is Italy north of Austria?"),
         ("How do I redirect HTTP to HTTPS in nginx?", "How do I redirect HTTPS to HTTP in nginx?"),
         ("Wie rechne ich Euro in Dollar um?", "Wie rechne ich Dollar in Euro um?"),
+        ("Can a Mac run Windows apps?", "Can a Windows PC run Mac apps?"),
     ],
 )
 def test_the_same_words_crossing_an_order_marker(a, b):
     """The same content words on the other sides of an order marker (en, than, to, in, a
-    direction word) are refused by the order guard."""
+    direction word), or two of them trading places with no "and"/"between" to make the
+    relation symmetric, are refused by the order guard."""
     assert why(a, b) == "order"
 
 
@@ -369,7 +371,7 @@ VOCABULARY = (
     "import export nicht pas не 不 transferable non-transferable careless care -> $5M $5B "
     "thicker thinner soccer basketball en miles kilomètres than K2 Everest recieve receive "
     "north Austria Italy in-state out-of-state samedi dimanche twice two times one COVID-19 "
-    "vegans vegetarians maternity paternity"
+    "vegans vegetarians maternity paternity Mac Windows run apps PC and between"
 )
 WORDS = st.sampled_from(VOCABULARY.split(" "))
 
