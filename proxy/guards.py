@@ -250,7 +250,7 @@ spain: españa; portugal; italy: italia; netherlands: holland dutch-country; bel
 austrian; switzerland: swiss; sweden: swedish-country; norway; denmark; finland; poland; greece;
 ireland: irish; russia: russian-country; ukraine; turkey: türkiye; egypt; israel; iran; iraq;
 india: indian; pakistan; japan: japanese-country; korea: korean-country; vietnam; thailand;
-indonesia; philippines; australia: australian; zealand; nigeria; kenya; africa; europe:
+indonesia; philippines; australia: australian; zealand; nigeria; kenya; africa: african; europe:
 european; asia: asian; singapore; malaysia; hungary; czechia; romania; morocco; saudi; qatar;
 english; french; german; spanish; portuguese; italian; dutch; swedish; norwegian; danish;
 finnish; polish; russian; ukrainian; turkish; arabic; hebrew; hindi; urdu; bengali; chinese:
