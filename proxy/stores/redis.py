@@ -233,23 +233,35 @@ class RedisStore:
         return out
 
     async def set(self, key: str, entry: CachedResponse, ttl_s: float) -> None:
-        """Store an entry, unless a purge naming its key, made by any instance, came after
-        its fill began (see purged)."""
-        if await self.purged(key, entry):
-            return
+        """Store an entry, then take it back if a purge naming its key, made by any instance,
+        came after its fill began (see named). The SET and the read of the purge log go in
+        one round trip, SET first: a purge logged after that read also scans after the SET,
+        so it finds the entry itself. (One round trip: an instance that asks right after
+        this answer finds it stored, not still being stored.)"""
         value = entry.to_bytes()
         px = max(1, int(ttl_s * 1000))
-        await self._call(lambda: self.client.set(self._k(key), value, px=px))
+        name, log_name = self._k(key), self._purges_key()
+
+        async def put() -> Any:
+            if isinstance(self.client, RedisCluster):  # two slots: two commands, in order
+                await self.client.set(name, value, px=px)
+                return await self.client.lrange(log_name, 0, -1)
+            pipe = self.client.pipeline(transaction=False)
+            pipe.set(name, value, px=px)
+            pipe.lrange(log_name, 0, -1)
+            return (await pipe.execute())[1]
+
+        rows = await self._call(put)
+        if rows and self.named(rows, key, entry):
+            await self._call(lambda: self.client.delete(name))
 
     def _purges_key(self) -> str:
         return f"{self.prefix}:purges"
 
-    async def purged(self, key: str, entry: CachedResponse) -> bool:
-        """Did a purge of every instance (the list PURGE_LOG keeps) name `key` after the fill
-        of `entry` began (upstream_ms before it was made)? One LRANGE per stored answer."""
-        rows = await self._call(lambda: self.client.lrange(self._purges_key(), 0, -1))
-        if not rows:
-            return False
+    @staticmethod
+    def named(rows: list[Any], key: str, entry: CachedResponse) -> bool:
+        """Does a purge of the log `rows` (newest first, PURGE_LOG of them) name `key` after
+        the fill of `entry` began (upstream_ms before it was made)?"""
         began = entry.created - entry.upstream_ms / 1000.0
         for row in rows:
             at, _, pattern = (row.decode() if isinstance(row, bytes) else str(row)).partition(" ")
@@ -261,7 +273,7 @@ class RedisStore:
         return False
 
     async def _note_purge(self, pattern: str) -> None:
-        """Tell every instance's later stores about this purge (see purged), for an hour."""
+        """Tell every instance's later stores about this purge (see named), for an hour."""
         name, row = self._purges_key(), f"{CLOCK.now()!r} {pattern}"
 
         async def note() -> None:

@@ -1,4 +1,4 @@
-"""answers.storable on its own: only whole, sound 2xx answers are stored."""
+"""answers.storable on its own: only whole, sound 200 answers are stored."""
 
 from __future__ import annotations
 
@@ -102,3 +102,11 @@ def test_stored_headers_share_their_strings_between_entries():
     assert a == (("Content-Type", "application/json"), ("x-request-id", "req_1"))
     assert type(a[0][0]) is str and a[0][0] is b[0][0] and a[0][1] is b[0][1]
     assert a[1][1] != b[1][1]
+
+
+@pytest.mark.parametrize("status", [201, 203, 204, 206])
+def test_only_a_200_is_stored(status):
+    """A 204 (no body) or any other 2xx than 200 is never kept: it would be served as a HIT."""
+    body = b"" if status == 204 else b'{"id":"x"}'
+    v = verdict(finished(status, JSON, body), False)
+    assert not v.ok and v.why == f"status {status}, not 200"
