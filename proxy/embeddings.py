@@ -424,6 +424,7 @@ async def _call(
     """One upstream call for the items at `lead`; their entries stored and futures set."""
     body = orjson.dumps({**items.fields, "input": [items.inputs[i] for i in lead]})
     t0 = time.perf_counter()
+    began = CLOCK.now()  # the fill begins: a purge after this keeps its items out
     try:
         async with st.upstream.request("POST", ex.path_qs, ex.fwd, body) as up:
             status = up.status
@@ -491,6 +492,7 @@ async def _call(
                 (),
                 emb,
                 now,
+                upstream_ms=(now - began) * 1000.0,  # when the fill began (Cache.purged)
                 meta={"ttl": keyed.ttl_s, "tokens": share[j], "model": model},
             )
             _put(st, key, entry, keyed.ttl_s + keyed.keep_s)

@@ -329,8 +329,19 @@ def make_plan(
         and route.endswith("/embeddings")
         and not (caller.key and rule.caller_keys)
         and per_item(fields)
+        and _exact_besides_input(fields, ignore, body)
     )
     return Plan(rule, key, label, stream, digest, hints, twin, form, semantic, used, pck, items)
+
+
+def _exact_besides_input(fields: dict[str, Any], ignore: tuple[str, ...], body: bytes) -> bool:
+    """Can the fields other than `input` be keyed exactly (no float past what a double
+    holds)? If not, the list is keyed whole, by its exact bytes, never item by item."""
+    try:
+        canonical_json({k: v for k, v in fields.items() if k != "input"}, ignore, has_float(body))
+    except Inexact:
+        return False
+    return True
 
 
 def _caller_used(caller: CallerControls) -> str:
