@@ -109,6 +109,9 @@ def item_keys(
     """Parse the body and key each item (pure; run off the loop for long lists)."""
     fields = orjson.loads(body)
     inputs = fields.pop("input")
+    model = fields.get("model")
+    if isinstance(model, str):
+        label = model  # the whole name in the store key: a purge by that name finds it
     fields.setdefault("encoding_format", "float")  # OpenAI's default: one entry for both
     base = canonical_json(fields, ignore, has_float(body))
     tid = tenant.hex()[:12]

@@ -295,7 +295,7 @@ def make_plan(
     if used and used != "refused" and caller.ignore:
         ignore = ignore + caller.ignore
     if used and used != "refused" and caller.key is not None:
-        canonical = caller_canonical(caller.key)
+        canonical = caller_canonical(caller.key, fields, twin, route)
     elif fingerprint and (raw or ignore == forms):
         canonical = canonical_all
     elif raw:

@@ -359,3 +359,22 @@ def test_a_float_no_double_holds_keys_the_list_whole(proxy, fake, extra):
     status, answer, got = _post(proxy, EMB, body, headers)
     assert status == 200, answer[:300]
     assert got["X-Cache-Status"] == "MISS" and len(orjson.loads(answer)["data"]) == 2
+
+
+def test_a_long_model_name_is_purged_by_its_full_name(proxy, fake):
+    """Items of a model whose name is longer than any label are tagged with the whole name:
+    a purge by that name takes them, and the list goes upstream again."""
+    model = "ft:text-embedding-3-small:acme-corp:" + "x" * 120
+    client = sdk(proxy)
+    client.embeddings.create(model=model, input=texts(2, "long"), dimensions=8)
+    status, body, _ = _post(
+        proxy,
+        "/_proxy/purge",
+        orjson.dumps({"model": model}),
+        {"Content-Type": "application/json"},
+    )
+    assert status == 200 and orjson.loads(body)["purged"] == 2
+    again = client.embeddings.with_raw_response.create(
+        model=model, input=texts(2, "long"), dimensions=8
+    )
+    assert again.headers["x-cache-status"] == "MISS"
