@@ -510,8 +510,7 @@ def _content(text: str) -> tuple[list[str], list[tuple[str, int]], bool]:
     marked: set[str] = set()
     after_number = False
     paired = False
-    for match in _CONTENT.finditer(text):
-        raw = match.group()
+    for raw in _pieces(text):
         number, after_number = after_number, False
         if not paired and raw.lower() in SYMMETRIC:
             paired = True
@@ -561,6 +560,21 @@ def _content(text: str) -> tuple[list[str], list[tuple[str, int]], bool]:
             continue
         _add_content(word, words, seen, stem=not (raw.isupper() and len(raw) > 1))
     return words, marks, paired
+
+
+def _pieces(text: str) -> list[str]:
+    """The words of `text` for `_content`, a hyphenated word holding a number split at its
+    hyphens ("ten-year-old" reads as "ten year old", "10-minute" as "10 minute")."""
+    out: list[str] = []
+    for match in _CONTENT.finditer(text):
+        raw = match.group()
+        if "-" in raw:
+            parts = raw.split("-")
+            if any(p[:1].isdigit() or p.lower() in UNITS for p in parts):
+                out.extend(p for p in parts if p)
+                continue
+        out.append(raw)
+    return out
 
 
 def _add_content(word: str, words: list[str], seen: set[str], stem: bool = True) -> None:
@@ -678,7 +692,7 @@ def features(text: str, key: bytes = b"") -> Features:
                 elif suffix.lower() in _ORDINAL_SUFFIXES:
                     num.ordinal = True
                 elif suffix.lower() not in UNIT_NAMES and suffix[:1] != "°":
-                    continue  # "2FA", "3D": a name, not a number
+                    pass  # "2FA", "3D": a number in a name, read as the number (two-factor)
                 else:
                     num.unit = UNIT_NAMES.get(suffix.lower(), suffix.lower())
                     if num.unit in ("c", "f"):
@@ -702,6 +716,15 @@ def features(text: str, key: bytes = b"") -> Features:
             adjacent = nxt is not None and nxt.start() == match.end()
             if raw == "-" and run and adjacent and nxt is not None and nxt.group().lower() in UNITS:
                 continue  # "twenty-five"
+            if (
+                raw == "-"
+                and (run or last_kind == "num")
+                and adjacent
+                and nxt is not None
+                and nxt.lastgroup == "word"
+                and nxt.group().lower() in UNIT_NAMES
+            ):
+                continue  # "ten-year-old" is "ten year old", "10-minute" is "10 minute"
             flush_run()
             if raw in CURRENCY_SIGNS:
                 pending_currency = CURRENCY_SIGNS[raw]
@@ -927,7 +950,8 @@ _ORDINAL_WORDS = _wordset("first second third fourth fifth sixth seventh eighth 
 
 def _counts(tokens: list[re.Match[str]], i: int, lower: str, prev_word: str) -> bool:
     """Is this number word a number? Not "one" as a pronoun or article ("which one", "on one
-    charge"), nor a number word hyphenated to a word ("two-factor", "one-way")."""
+    charge", "one-way"). A hyphen reads as a space: "two-factor" is "two factor", "half-life"
+    is "half life"."""
     nxt = tokens[i + 1] if i + 1 < len(tokens) else None
     after = tokens[i + 2] if i + 2 < len(tokens) else None
     if (
@@ -938,8 +962,7 @@ def _counts(tokens: list[re.Match[str]], i: int, lower: str, prev_word: str) -> 
         and after.start() == nxt.end()
         and after.lastgroup == "word"
     ):
-        word = after.group().lower()
-        return lower in _ORDINAL_WORDS or word in UNITS or word in UNIT_NAMES or word in SCALES
+        nxt = after
     if lower != "one":
         return True
     if prev_word in _PRONOUN_ONE:

@@ -408,3 +408,38 @@ def test_the_stored_form_is_bounded_for_any_text():
     blob = pack(features(text, KEY))
     assert len(blob) <= 4096
     assert unpack(blob) == features(text, KEY)
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("What's a good gift for a ten year old?", "What's a good gift for a ten-year-old?"),
+        ("What is the half-life of caffeine?", "What is the half life of caffeine?"),
+        (
+            "How do I set up two factor authentication?",
+            "How do I set up two-factor authentication?",
+        ),
+        ("Plan a two week road trip", "Plan a two-week road trip"),
+        ("Is a 10-minute walk enough?", "Is a 10 minute walk enough?"),
+        ("Gift for a twenty-five-year-old?", "Gift for a twenty five year old?"),
+    ],
+)
+def test_hyphens_do_not_change_the_numbers(a, b):
+    """A number word or number hyphenated to the next word reads as the same number spaced."""
+    assert why(a, b) is None
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        (
+            "How do I set up two-factor authentication?",
+            "How do I set up three-factor authentication?",
+        ),
+        ("Is this movie in 2D?", "Is this movie in 3D?"),
+        ("What's a good gift for a ten-year-old?", "What's a good gift for a two-year-old?"),
+    ],
+)
+def test_a_number_in_a_compound_still_counts(a, b):
+    """A number hyphenated or glued to a word (two-factor, 3D) is still compared."""
+    assert why(a, b) == "numbers"
