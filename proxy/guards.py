@@ -510,11 +510,13 @@ def _content(text: str) -> tuple[list[str], list[tuple[str, int]], bool]:
     marked: set[str] = set()
     after_number = False
     paired = False
-    for raw in _pieces(text):
+    for raw, end in _pieces(text):
         number, after_number = after_number, False
         if not paired and raw.lower() in SYMMETRIC:
             paired = True
-        if raw[0].isdigit() or raw.lower() in UNITS:
+        if raw[0].isdigit() or (
+            raw.lower() in UNITS and not (raw.lower() == "first" and _first_as_word(text, end))
+        ):
             after_number = True  # the numbers guard reads "2pm", "2FA", "ten minutes"
             continue
         if number and raw.lower() in UNIT_NAMES:
@@ -538,7 +540,11 @@ def _content(text: str) -> tuple[list[str], list[tuple[str, int]], bool]:
         lower = _ELISION.sub("", lower)
         if lower.endswith("'s"):
             lower = lower[:-2]
-        parts = [p for p in re.split(r"[-']", lower) if p and not p.isdigit() and p not in UNITS]
+        parts = [
+            p
+            for p in re.split(r"[-']", lower)
+            if p and not p.isdigit() and (p not in UNITS or p == lower == "first")
+        ]
         if len(parts) > 1 and all(len(p) >= 3 and p not in STOPWORDS for p in parts):
             for part in parts[:-1]:  # "cast-iron" is "cast iron"; "grown-up" stays one word
                 _add_content(_fold(part), words, seen)
@@ -549,7 +555,7 @@ def _content(text: str) -> tuple[list[str], list[tuple[str, int]], bool]:
             or word in STOPWORDS
             or lower in STOPWORDS
             or word in NEGATIONS
-            or lower in UNITS
+            or (lower in UNITS and lower != "first")
             or lower in SCALES
             or (_roman(raw) is not None and len(raw) > 1)
         ):
@@ -562,19 +568,43 @@ def _content(text: str) -> tuple[list[str], list[tuple[str, int]], bool]:
     return words, marks, paired
 
 
-def _pieces(text: str) -> list[str]:
-    """The words of `text` for `_content`, a hyphenated word holding a number split at its
-    hyphens ("ten-year-old" reads as "ten year old", "10-minute" as "10 minute")."""
-    out: list[str] = []
+def _pieces(text: str) -> list[tuple[str, int]]:
+    """The words of `text` for `_content` with where each ends, a hyphenated word holding a
+    number split at its hyphens ("ten-year-old" reads as "ten year old")."""
+    out: list[tuple[str, int]] = []
     for match in _CONTENT.finditer(text):
         raw = match.group()
         if "-" in raw:
             parts = raw.split("-")
             if any(p[:1].isdigit() or p.lower() in UNITS for p in parts):
-                out.extend(p for p in parts if p)
+                at = match.start()
+                for p in parts:
+                    at += len(p)
+                    if p:
+                        out.append((p, at))
+                    at += 1
                 continue
-        out.append(raw)
+        out.append((raw, match.end()))
     return out
+
+
+_FIRST_NOUNS = _wordset("thing things step steps")
+_NEXT_WORD = re.compile(r"\s*([^\W\d_]+)")
+_PREVIOUS_WORD = re.compile(r"([^\W\d_]+)\s*$")
+
+
+def _first_as_word(text: str, end: int) -> bool:
+    """Is "first" (ending at `end`) "to begin with" rather than an ordinal: last in its
+    sentence ("what do I do first?") or before a word that only means "what to do" ("the
+    first thing", "the first step"), and not after "vs", "and"... ("second vs first")? It
+    is then a content word, as "last" is."""
+    if text[end : end + 1] == "-":
+        return False
+    before = _PREVIOUS_WORD.search(text, max(0, end - 5 - 24), end - 5)
+    if before is not None and before.group(1).lower() in _NUMBER_JOINERS | {"than"}:
+        return False
+    match = _NEXT_WORD.match(text, end)
+    return match is None or match.group(1).lower() in _FIRST_NOUNS
 
 
 def _add_content(word: str, words: list[str], seen: set[str], stem: bool = True) -> None:
@@ -633,6 +663,8 @@ def features(text: str, key: bytes = b"") -> Features:
     prev_word = ""
     prev_word_raw = ""
     prev_initial = True
+    join_at = -1  # where a number joined to the one before by "and", "vs", ... would stand
+    joins: list[int] = []
 
     def flush_run() -> None:
         nonlocal pending_sign, pending_currency
@@ -850,7 +882,15 @@ def features(text: str, key: bytes = b"") -> Features:
             last_kind = "num"
             prev_word, prev_word_raw, prev_initial = lower, raw, initial
             continue
+        after_number = last_kind == "num" or bool(run)
         flush_run()
+        if join_at >= 0 and len(nums) > join_at:
+            joins.append(join_at)  # "4G and 5G": the number after the joiner came
+            join_at = -1
+        if lower in _NUMBER_JOINERS and after_number and nums and isinstance(nums[-1], _Num):
+            join_at = len(nums)
+        elif lower not in _JOIN_FILLERS:
+            join_at = -1
         last_kind = "word"
         _scripts(raw, scripts)
         # negation
@@ -912,16 +952,19 @@ def features(text: str, key: bytes = b"") -> Features:
             scope.add(prev_word + "-class")
         prev_word, prev_word_raw, prev_initial = lower, raw, initial
     flush_run()
+    if join_at >= 0 and len(nums) > join_at:
+        joins.append(join_at)
     numbers = [n.canon() if isinstance(n, _Num) else n for n in nums]
     while numbers and not isinstance(nums[len(numbers) - 1], _Num):
         numbers.pop()  # a trailing operator is punctuation ("5 -")
+    number_text = _number_text(nums[: len(numbers)], numbers, joins)
     language = _language(lang_votes, scripts)
 
     d = _hasher(key)
 
     content, marks, paired = _content(text)
     return Features(
-        numbers=d("\x00".join(numbers)) if numbers else 0,
+        numbers=d(number_text) if numbers else 0,
         negations=negations,
         words=frozenset(d(w) for w in words),
         negated=frozenset(d(w) for w in negated),
@@ -936,6 +979,33 @@ def features(text: str, key: bytes = b"") -> Features:
         marks=tuple((d(m), n) for m, n in marks),
         paired=paired,
     )
+
+
+_NUMBER_JOINERS = _wordset("and or vs versus differ differs compared compare und oder et ou y o e")
+"""Words that make the numbers on their two sides a set: "4G and 5G" is "5G and 4G"."""
+_JOIN_FILLERS = _wordset("from to with the a an")
+"""Words that may stand between a joiner and the next number ("differ from", "and the")."""
+
+
+def _number_text(nums: list[_Num | str], canon: list[str], joins: list[int]) -> str:
+    """The numbers in order, as text; a run of groups (a number with its operators: 2^10,
+    03/05/2021) joined by "and", "vs", "differ from"... directly is sorted, so "4G and 5G"
+    reads as "5G differ from 4G" while 2^10 and 10^2 stay apart."""
+    clusters: list[list[list[str]]] = []
+    joined = set(joins)
+    for i, item in enumerate(nums):
+        starts = isinstance(item, _Num) and (i == 0 or isinstance(nums[i - 1], _Num) or i in joined)
+        if starts and i in joined and clusters:
+            clusters[-1].append([canon[i]])
+        elif starts or not clusters:
+            clusters.append([[canon[i]]])
+        else:
+            clusters[-1][-1].append(canon[i])
+    parts = []
+    for cluster in clusters:
+        groups = ["\x00".join(g) for g in cluster]
+        parts.append("\x00&\x00".join(sorted(groups)) if len(groups) > 1 else groups[0])
+    return "\x00".join(parts)
 
 
 def _typos(d: Callable[[str], int], word: str) -> tuple[int, ...]:
@@ -963,6 +1033,8 @@ def _counts(tokens: list[re.Match[str]], i: int, lower: str, prev_word: str) -> 
         and after.lastgroup == "word"
     ):
         nxt = after
+    if lower == "first":
+        return not _first_as_word(tokens[i].string, tokens[i].end())
     if lower != "one":
         return True
     if prev_word in _PRONOUN_ONE:

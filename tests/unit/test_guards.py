@@ -443,3 +443,51 @@ def test_hyphens_do_not_change_the_numbers(a, b):
 def test_a_number_in_a_compound_still_counts(a, b):
     """A number hyphenated or glued to a word (two-factor, 3D) is still compared."""
     assert why(a, b) == "numbers"
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("What is the difference between 4G and 5G?", "How does 5G differ from 4G?"),
+        ("Is 5 mg or 10 mg better?", "Is 10 mg or 5 mg better?"),
+        ("first vs second amendment", "second vs first amendment"),
+        (
+            "I owe back taxes, what do I do first?",
+            "I owe back taxes, what is the first thing to do?",
+        ),
+        ("How do I start a garden?", "What is the first step to start a garden?"),
+    ],
+)
+def test_numbers_joined_by_a_symmetric_word_are_a_set(a, b):
+    """Numbers directly around "and", "or", "vs", "differ from" may come in either order,
+    and "first" meaning "to begin with" is no ordinal."""
+    assert guards.numbers(features(a, KEY), features(b, KEY)) is False
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("What is 2^10?", "What is 10^2?"),
+        ("Is 2^10 bigger than 10^2?", "Is 10^2 bigger than 2^10?"),
+        ("What happened on 03/05/2021?", "What happened on 05/03/2021?"),
+        ("Flights on June 3 and July 5", "Flights on June 5 and July 3"),
+        ("first vs second amendment", "first vs third amendment"),
+        ("What is the first step in making bread?", "What is the second step in making bread?"),
+        ("Take 5 mg then 10 mg", "Take 10 mg then 5 mg"),
+    ],
+)
+def test_ordered_numbers_stay_ordered(a, b):
+    """Operators, dates, numbers not directly around a symmetric word keep their order."""
+    assert guards.numbers(features(a, KEY), features(b, KEY)) is True
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("Who came first in the race?", "Who came last in the race?"),
+        ("What is the first step in making bread?", "What is the last step in making bread?"),
+    ],
+)
+def test_first_as_a_word_still_clashes_with_last(a, b):
+    """ "first" read as "to begin with" or as an ordinal is still refused against "last"."""
+    assert why(a, b) in ("swap", "numbers")
