@@ -34,6 +34,7 @@ index can hold them (`pack` / `unpack`) and compare a stored candidate without i
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 import struct
 import unicodedata
@@ -49,7 +50,7 @@ WORDS_MAX = 256
 """Distinct words kept per text for the affix and entity guards (longer texts keep the first)."""
 MARKS_MAX = 64
 """Entities, negated stems and from/to words kept per text (the stored form stays small)."""
-VERSION = 2
+VERSION = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +86,9 @@ class Features:
     paired: bool = False
     """A word that makes a relation symmetric is present (and, or, between, with, differ,
     compare; und, et, y, e, o, tra...): its two sides may come in any order."""
+    joins: tuple[tuple[int, int, int], ...] = ()
+    """(two adjacent words written as one, stemmed; the index in `content` of each, 255 when
+    not a content word): "gold fish" holds goldfish, "for loop" forloop."""
 
 
 # ---------------------------------------------------------------- lexicons
@@ -607,6 +611,30 @@ def _first_as_word(text: str, end: int) -> bool:
     return match is None or match.group(1).lower() in _FIRST_NOUNS
 
 
+JOINS_MAX = 48
+
+
+def _joins(text: str, content: list[str]) -> list[tuple[str, int, int]]:
+    """Each two adjacent words (or hyphen parts) written as one, stemmed, with the index in
+    `content` of each part (255: not a content word)."""
+    where = {w: i for i, w in enumerate(content)}
+    pieces = [_fold(part) for match in _CONTENT.finditer(text) for part in match.group().split("-")]
+    out: list[tuple[str, int, int]] = []
+    for left, right in itertools.pairwise(pieces):
+        if len(out) >= JOINS_MAX:
+            break
+        if not (left.isalpha() and right.isalpha() and len(left) >= 2 and len(right) >= 2):
+            continue
+        out.append(
+            (
+                _stem(left + right),
+                where.get(_stem(left), 255),
+                where.get(_stem(right), 255),
+            )
+        )
+    return out
+
+
 def _add_content(word: str, words: list[str], seen: set[str], stem: bool = True) -> None:
     """Adds the stem of `word` (`stem=False`: an acronym, kept whole: HTTP/HTTPS)."""
     if stem:
@@ -978,6 +1006,7 @@ def features(text: str, key: bytes = b"") -> Features:
         typos=tuple(_typos(d, w) for w in content),
         marks=tuple((d(m), n) for m, n in marks),
         paired=paired,
+        joins=tuple((d(j), i, k) for j, i, k in _joins(text, content)),
     )
 
 
@@ -1272,6 +1301,12 @@ def _unmatched(a: Features, b: Features) -> tuple[list[int], list[int], int]:
     only_a = [i for i, w in enumerate(a.content) if w not in in_b]
     only_b = [i for i, w in enumerate(b.content) if w not in in_a]
     shared = len(in_a & in_b)
+    if (only_a or only_b) and (a.joins or b.joins):
+        whole_a, parts_b = _compounds(a, b, only_a)
+        whole_b, parts_a = _compounds(b, a, only_b)
+        shared += len(whole_a) + len(whole_b)
+        only_a = [i for i in only_a if i not in whole_a and i not in parts_a]
+        only_b = [i for i in only_b if i not in whole_b and i not in parts_b]
     if only_a and only_b:
         ta = [frozenset(a.typos[i]) if i < len(a.typos) else frozenset() for i in only_a]
         tb = [frozenset(b.typos[i]) if i < len(b.typos) else frozenset() for i in only_b]
@@ -1281,6 +1316,20 @@ def _unmatched(a: Features, b: Features) -> tuple[list[int], list[int], int]:
         only_a = [i for i, near in zip(only_a, near_a, strict=True) if not near]
         only_b = [i for i, near in zip(only_b, near_b, strict=True) if not near]
     return only_a, only_b, shared
+
+
+def _compounds(a: Features, b: Features, only_a: list[int]) -> tuple[set[int], set[int]]:
+    """A's unmatched words that B writes as two words ("goldfish" / "gold fish", "forloop" /
+    "for loop"), and the indices of those two words in B's content."""
+    joins_b = {j: (i, k) for j, i, k in b.joins}
+    whole: set[int] = set()
+    parts: set[int] = set()
+    for i in only_a:
+        pair = joins_b.get(a.content[i])
+        if pair is not None:
+            whole.add(i)
+            parts.update(x for x in pair if x != 255)
+    return whole, parts
 
 
 def swap(a: Features, b: Features) -> bool:
@@ -1374,6 +1423,8 @@ def pack(f: Features) -> bytes:
         parts.append(struct.pack(f"<B{len(typos)}H", len(typos), *typos))
     parts.append(bytes([len(f.marks)]))
     parts.append(b"".join(struct.pack("<IH", m, n) for m, n in f.marks))
+    parts.append(bytes([len(f.joins)]))
+    parts.append(b"".join(struct.pack("<IBB", j, i, k) for j, i, k in f.joins))
     return b"".join(parts)
 
 
@@ -1419,6 +1470,12 @@ def unpack(data: bytes) -> Features:
     for _ in range(nm):
         marks.append(struct.unpack_from("<IH", data, at))
         at += 6
+    nj = data[at]
+    at += 1
+    joins = []
+    for _ in range(nj):
+        joins.append(struct.unpack_from("<IBB", data, at))
+        at += 6
     if at != len(data):
         raise ValueError("damaged guard record")
     return Features(
@@ -1436,4 +1493,5 @@ def unpack(data: bytes) -> Features:
         typos=tuple(typos),
         marks=tuple(marks),
         paired=paired,
+        joins=tuple(joins),
     )

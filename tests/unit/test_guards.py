@@ -371,7 +371,8 @@ VOCABULARY = (
     "import export nicht pas не 不 transferable non-transferable careless care -> $5M $5B "
     "thicker thinner soccer basketball en miles kilomètres than K2 Everest recieve receive "
     "north Austria Italy in-state out-of-state samedi dimanche twice two times one COVID-19 "
-    "vegans vegetarians maternity paternity Mac Windows run apps PC and between"
+    "vegans vegetarians maternity paternity Mac Windows run apps PC and between goldfish gold "
+    "fish for-loop for loop ten-year-old year old 4G 5G vs first"
 )
 WORDS = st.sampled_from(VOCABULARY.split(" "))
 
@@ -491,3 +492,28 @@ def test_ordered_numbers_stay_ordered(a, b):
 def test_first_as_a_word_still_clashes_with_last(a, b):
     """ "first" read as "to begin with" or as an ordinal is still refused against "last"."""
     assert why(a, b) in ("swap", "numbers")
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("How do I write a for loop in Rust?", "How do I write a for-loop in Rust?"),
+        ("How often should I feed my goldfish?", "How often should I feed my gold fish?"),
+        ("How do I clean a cast iron skillet?", "How do I clean a castiron skillet?"),
+    ],
+)
+def test_a_compound_is_the_same_word_as_its_two_parts(a, b):
+    """A word written as one on one side and as two adjacent words on the other is no swap."""
+    assert why(a, b) is None
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("How often should I feed my goldfish?", "How often should I feed my gold bar?"),
+        ("How do I write a for-loop in Rust?", "How do I write a while loop in Rust?"),
+    ],
+)
+def test_a_compound_against_other_words_is_still_a_swap(a, b):
+    """Only the two parts that make the compound are matched: other words are a swap."""
+    assert why(a, b) == "swap"
