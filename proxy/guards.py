@@ -34,6 +34,7 @@ index can hold them (`pack` / `unpack`) and compare a stored candidate without i
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 import struct
 import unicodedata
@@ -49,7 +50,7 @@ WORDS_MAX = 256
 """Distinct words kept per text for the affix and entity guards (longer texts keep the first)."""
 MARKS_MAX = 64
 """Entities, negated stems and from/to words kept per text (the stored form stays small)."""
-VERSION = 2
+VERSION = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +86,9 @@ class Features:
     paired: bool = False
     """A word that makes a relation symmetric is present (and, or, between, with, differ,
     compare; und, et, y, e, o, tra...): its two sides may come in any order."""
+    joins: tuple[tuple[int, int, int], ...] = ()
+    """(two adjacent words written as one, stemmed; the index in `content` of each, 255 when
+    not a content word): "gold fish" holds goldfish, "for loop" forloop."""
 
 
 # ---------------------------------------------------------------- lexicons
@@ -510,12 +514,13 @@ def _content(text: str) -> tuple[list[str], list[tuple[str, int]], bool]:
     marked: set[str] = set()
     after_number = False
     paired = False
-    for match in _CONTENT.finditer(text):
-        raw = match.group()
+    for raw, end in _pieces(text):
         number, after_number = after_number, False
         if not paired and raw.lower() in SYMMETRIC:
             paired = True
-        if raw[0].isdigit() or raw.lower() in UNITS:
+        if raw[0].isdigit() or (
+            raw.lower() in UNITS and not (raw.lower() == "first" and _first_as_word(text, end))
+        ):
             after_number = True  # the numbers guard reads "2pm", "2FA", "ten minutes"
             continue
         if number and raw.lower() in UNIT_NAMES:
@@ -539,7 +544,11 @@ def _content(text: str) -> tuple[list[str], list[tuple[str, int]], bool]:
         lower = _ELISION.sub("", lower)
         if lower.endswith("'s"):
             lower = lower[:-2]
-        parts = [p for p in re.split(r"[-']", lower) if p and not p.isdigit() and p not in UNITS]
+        parts = [
+            p
+            for p in re.split(r"[-']", lower)
+            if p and not p.isdigit() and (p not in UNITS or p == lower == "first")
+        ]
         if len(parts) > 1 and all(len(p) >= 3 and p not in STOPWORDS for p in parts):
             for part in parts[:-1]:  # "cast-iron" is "cast iron"; "grown-up" stays one word
                 _add_content(_fold(part), words, seen)
@@ -550,7 +559,7 @@ def _content(text: str) -> tuple[list[str], list[tuple[str, int]], bool]:
             or word in STOPWORDS
             or lower in STOPWORDS
             or word in NEGATIONS
-            or lower in UNITS
+            or (lower in UNITS and lower != "first")
             or lower in SCALES
             or (_roman(raw) is not None and len(raw) > 1)
         ):
@@ -561,6 +570,69 @@ def _content(text: str) -> tuple[list[str], list[tuple[str, int]], bool]:
             continue
         _add_content(word, words, seen, stem=not (raw.isupper() and len(raw) > 1))
     return words, marks, paired
+
+
+def _pieces(text: str) -> list[tuple[str, int]]:
+    """The words of `text` for `_content` with where each ends, a hyphenated word holding a
+    number split at its hyphens ("ten-year-old" reads as "ten year old")."""
+    out: list[tuple[str, int]] = []
+    for match in _CONTENT.finditer(text):
+        raw = match.group()
+        if "-" in raw:
+            parts = raw.split("-")
+            if any(p[:1].isdigit() or p.lower() in UNITS for p in parts):
+                at = match.start()
+                for p in parts:
+                    at += len(p)
+                    if p:
+                        out.append((p, at))
+                    at += 1
+                continue
+        out.append((raw, match.end()))
+    return out
+
+
+_FIRST_NOUNS = _wordset("thing things step steps")
+_NEXT_WORD = re.compile(r"\s*([^\W\d_]+)")
+_PREVIOUS_WORD = re.compile(r"([^\W\d_]+)\s*$")
+
+
+def _first_as_word(text: str, end: int) -> bool:
+    """Is "first" (ending at `end`) "to begin with" rather than an ordinal: last in its
+    sentence ("what do I do first?") or before a word that only means "what to do" ("the
+    first thing", "the first step"), and not after "vs", "and"... ("second vs first")? It
+    is then a content word, as "last" is."""
+    if text[end : end + 1] == "-":
+        return False
+    before = _PREVIOUS_WORD.search(text, max(0, end - 5 - 24), end - 5)
+    if before is not None and before.group(1).lower() in _NUMBER_JOINERS | {"than"}:
+        return False
+    match = _NEXT_WORD.match(text, end)
+    return match is None or match.group(1).lower() in _FIRST_NOUNS
+
+
+JOINS_MAX = 48
+
+
+def _joins(text: str, content: list[str]) -> list[tuple[str, int, int]]:
+    """Each two adjacent words (or hyphen parts) written as one, stemmed, with the index in
+    `content` of each part (255: not a content word)."""
+    where = {w: i for i, w in enumerate(content)}
+    pieces = [_fold(part) for match in _CONTENT.finditer(text) for part in match.group().split("-")]
+    out: list[tuple[str, int, int]] = []
+    for left, right in itertools.pairwise(pieces):
+        if len(out) >= JOINS_MAX:
+            break
+        if not (left.isalpha() and right.isalpha() and len(left) >= 2 and len(right) >= 2):
+            continue
+        out.append(
+            (
+                _stem(left + right),
+                where.get(_stem(left), 255),
+                where.get(_stem(right), 255),
+            )
+        )
+    return out
 
 
 def _add_content(word: str, words: list[str], seen: set[str], stem: bool = True) -> None:
@@ -619,6 +691,8 @@ def features(text: str, key: bytes = b"") -> Features:
     prev_word = ""
     prev_word_raw = ""
     prev_initial = True
+    join_at = -1  # where a number joined to the one before by "and", "vs", ... would stand
+    joins: list[int] = []
 
     def flush_run() -> None:
         nonlocal pending_sign, pending_currency
@@ -678,7 +752,7 @@ def features(text: str, key: bytes = b"") -> Features:
                 elif suffix.lower() in _ORDINAL_SUFFIXES:
                     num.ordinal = True
                 elif suffix.lower() not in UNIT_NAMES and suffix[:1] != "°":
-                    continue  # "2FA", "3D": a name, not a number
+                    pass  # "2FA", "3D": a number in a name, read as the number (two-factor)
                 else:
                     num.unit = UNIT_NAMES.get(suffix.lower(), suffix.lower())
                     if num.unit in ("c", "f"):
@@ -702,6 +776,15 @@ def features(text: str, key: bytes = b"") -> Features:
             adjacent = nxt is not None and nxt.start() == match.end()
             if raw == "-" and run and adjacent and nxt is not None and nxt.group().lower() in UNITS:
                 continue  # "twenty-five"
+            if (
+                raw == "-"
+                and (run or last_kind == "num")
+                and adjacent
+                and nxt is not None
+                and nxt.lastgroup == "word"
+                and nxt.group().lower() in UNIT_NAMES
+            ):
+                continue  # "ten-year-old" is "ten year old", "10-minute" is "10 minute"
             flush_run()
             if raw in CURRENCY_SIGNS:
                 pending_currency = CURRENCY_SIGNS[raw]
@@ -827,7 +910,15 @@ def features(text: str, key: bytes = b"") -> Features:
             last_kind = "num"
             prev_word, prev_word_raw, prev_initial = lower, raw, initial
             continue
+        after_number = last_kind == "num" or bool(run)
         flush_run()
+        if join_at >= 0 and len(nums) > join_at:
+            joins.append(join_at)  # "4G and 5G": the number after the joiner came
+            join_at = -1
+        if lower in _NUMBER_JOINERS and after_number and nums and isinstance(nums[-1], _Num):
+            join_at = len(nums)
+        elif lower not in _JOIN_FILLERS:
+            join_at = -1
         last_kind = "word"
         _scripts(raw, scripts)
         # negation
@@ -889,16 +980,19 @@ def features(text: str, key: bytes = b"") -> Features:
             scope.add(prev_word + "-class")
         prev_word, prev_word_raw, prev_initial = lower, raw, initial
     flush_run()
+    if join_at >= 0 and len(nums) > join_at:
+        joins.append(join_at)
     numbers = [n.canon() if isinstance(n, _Num) else n for n in nums]
     while numbers and not isinstance(nums[len(numbers) - 1], _Num):
         numbers.pop()  # a trailing operator is punctuation ("5 -")
+    number_text = _number_text(nums[: len(numbers)], numbers, joins)
     language = _language(lang_votes, scripts)
 
     d = _hasher(key)
 
     content, marks, paired = _content(text)
     return Features(
-        numbers=d("\x00".join(numbers)) if numbers else 0,
+        numbers=d(number_text) if numbers else 0,
         negations=negations,
         words=frozenset(d(w) for w in words),
         negated=frozenset(d(w) for w in negated),
@@ -912,7 +1006,35 @@ def features(text: str, key: bytes = b"") -> Features:
         typos=tuple(_typos(d, w) for w in content),
         marks=tuple((d(m), n) for m, n in marks),
         paired=paired,
+        joins=tuple((d(j), i, k) for j, i, k in _joins(text, content)),
     )
+
+
+_NUMBER_JOINERS = _wordset("and or vs versus differ differs compared compare und oder et ou y o e")
+"""Words that make the numbers on their two sides a set: "4G and 5G" is "5G and 4G"."""
+_JOIN_FILLERS = _wordset("from to with the a an")
+"""Words that may stand between a joiner and the next number ("differ from", "and the")."""
+
+
+def _number_text(nums: list[_Num | str], canon: list[str], joins: list[int]) -> str:
+    """The numbers in order, as text; a run of groups (a number with its operators: 2^10,
+    03/05/2021) joined by "and", "vs", "differ from"... directly is sorted, so "4G and 5G"
+    reads as "5G differ from 4G" while 2^10 and 10^2 stay apart."""
+    clusters: list[list[list[str]]] = []
+    joined = set(joins)
+    for i, item in enumerate(nums):
+        starts = isinstance(item, _Num) and (i == 0 or isinstance(nums[i - 1], _Num) or i in joined)
+        if starts and i in joined and clusters:
+            clusters[-1].append([canon[i]])
+        elif starts or not clusters:
+            clusters.append([[canon[i]]])
+        else:
+            clusters[-1][-1].append(canon[i])
+    parts = []
+    for cluster in clusters:
+        groups = ["\x00".join(g) for g in cluster]
+        parts.append("\x00&\x00".join(sorted(groups)) if len(groups) > 1 else groups[0])
+    return "\x00".join(parts)
 
 
 def _typos(d: Callable[[str], int], word: str) -> tuple[int, ...]:
@@ -927,7 +1049,8 @@ _ORDINAL_WORDS = _wordset("first second third fourth fifth sixth seventh eighth 
 
 def _counts(tokens: list[re.Match[str]], i: int, lower: str, prev_word: str) -> bool:
     """Is this number word a number? Not "one" as a pronoun or article ("which one", "on one
-    charge"), nor a number word hyphenated to a word ("two-factor", "one-way")."""
+    charge", "one-way"). A hyphen reads as a space: "two-factor" is "two factor", "half-life"
+    is "half life"."""
     nxt = tokens[i + 1] if i + 1 < len(tokens) else None
     after = tokens[i + 2] if i + 2 < len(tokens) else None
     if (
@@ -938,8 +1061,9 @@ def _counts(tokens: list[re.Match[str]], i: int, lower: str, prev_word: str) -> 
         and after.start() == nxt.end()
         and after.lastgroup == "word"
     ):
-        word = after.group().lower()
-        return lower in _ORDINAL_WORDS or word in UNITS or word in UNIT_NAMES or word in SCALES
+        nxt = after
+    if lower == "first":
+        return not _first_as_word(tokens[i].string, tokens[i].end())
     if lower != "one":
         return True
     if prev_word in _PRONOUN_ONE:
@@ -1177,6 +1301,12 @@ def _unmatched(a: Features, b: Features) -> tuple[list[int], list[int], int]:
     only_a = [i for i, w in enumerate(a.content) if w not in in_b]
     only_b = [i for i, w in enumerate(b.content) if w not in in_a]
     shared = len(in_a & in_b)
+    if (only_a or only_b) and (a.joins or b.joins):
+        whole_a, parts_b = _compounds(a, b, only_a)
+        whole_b, parts_a = _compounds(b, a, only_b)
+        shared += len(whole_a) + len(whole_b)
+        only_a = [i for i in only_a if i not in whole_a and i not in parts_a]
+        only_b = [i for i in only_b if i not in whole_b and i not in parts_b]
     if only_a and only_b:
         ta = [frozenset(a.typos[i]) if i < len(a.typos) else frozenset() for i in only_a]
         tb = [frozenset(b.typos[i]) if i < len(b.typos) else frozenset() for i in only_b]
@@ -1186,6 +1316,20 @@ def _unmatched(a: Features, b: Features) -> tuple[list[int], list[int], int]:
         only_a = [i for i, near in zip(only_a, near_a, strict=True) if not near]
         only_b = [i for i, near in zip(only_b, near_b, strict=True) if not near]
     return only_a, only_b, shared
+
+
+def _compounds(a: Features, b: Features, only_a: list[int]) -> tuple[set[int], set[int]]:
+    """A's unmatched words that B writes as two words ("goldfish" / "gold fish", "forloop" /
+    "for loop"), and the indices of those two words in B's content."""
+    joins_b = {j: (i, k) for j, i, k in b.joins}
+    whole: set[int] = set()
+    parts: set[int] = set()
+    for i in only_a:
+        pair = joins_b.get(a.content[i])
+        if pair is not None:
+            whole.add(i)
+            parts.update(x for x in pair if x != 255)
+    return whole, parts
 
 
 def swap(a: Features, b: Features) -> bool:
@@ -1279,6 +1423,8 @@ def pack(f: Features) -> bytes:
         parts.append(struct.pack(f"<B{len(typos)}H", len(typos), *typos))
     parts.append(bytes([len(f.marks)]))
     parts.append(b"".join(struct.pack("<IH", m, n) for m, n in f.marks))
+    parts.append(bytes([len(f.joins)]))
+    parts.append(b"".join(struct.pack("<IBB", j, i, k) for j, i, k in f.joins))
     return b"".join(parts)
 
 
@@ -1324,6 +1470,12 @@ def unpack(data: bytes) -> Features:
     for _ in range(nm):
         marks.append(struct.unpack_from("<IH", data, at))
         at += 6
+    nj = data[at]
+    at += 1
+    joins = []
+    for _ in range(nj):
+        joins.append(struct.unpack_from("<IBB", data, at))
+        at += 6
     if at != len(data):
         raise ValueError("damaged guard record")
     return Features(
@@ -1341,4 +1493,5 @@ def unpack(data: bytes) -> Features:
         typos=tuple(typos),
         marks=tuple(marks),
         paired=paired,
+        joins=tuple(joins),
     )

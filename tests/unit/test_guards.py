@@ -371,7 +371,8 @@ VOCABULARY = (
     "import export nicht pas не 不 transferable non-transferable careless care -> $5M $5B "
     "thicker thinner soccer basketball en miles kilomètres than K2 Everest recieve receive "
     "north Austria Italy in-state out-of-state samedi dimanche twice two times one COVID-19 "
-    "vegans vegetarians maternity paternity Mac Windows run apps PC and between"
+    "vegans vegetarians maternity paternity Mac Windows run apps PC and between goldfish gold "
+    "fish for-loop for loop ten-year-old year old 4G 5G vs first"
 )
 WORDS = st.sampled_from(VOCABULARY.split(" "))
 
@@ -408,3 +409,111 @@ def test_the_stored_form_is_bounded_for_any_text():
     blob = pack(features(text, KEY))
     assert len(blob) <= 4096
     assert unpack(blob) == features(text, KEY)
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("What's a good gift for a ten year old?", "What's a good gift for a ten-year-old?"),
+        ("What is the half-life of caffeine?", "What is the half life of caffeine?"),
+        (
+            "How do I set up two factor authentication?",
+            "How do I set up two-factor authentication?",
+        ),
+        ("Plan a two week road trip", "Plan a two-week road trip"),
+        ("Is a 10-minute walk enough?", "Is a 10 minute walk enough?"),
+        ("Gift for a twenty-five-year-old?", "Gift for a twenty five year old?"),
+    ],
+)
+def test_hyphens_do_not_change_the_numbers(a, b):
+    """A number word or number hyphenated to the next word reads as the same number spaced."""
+    assert why(a, b) is None
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        (
+            "How do I set up two-factor authentication?",
+            "How do I set up three-factor authentication?",
+        ),
+        ("Is this movie in 2D?", "Is this movie in 3D?"),
+        ("What's a good gift for a ten-year-old?", "What's a good gift for a two-year-old?"),
+    ],
+)
+def test_a_number_in_a_compound_still_counts(a, b):
+    """A number hyphenated or glued to a word (two-factor, 3D) is still compared."""
+    assert why(a, b) == "numbers"
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("What is the difference between 4G and 5G?", "How does 5G differ from 4G?"),
+        ("Is 5 mg or 10 mg better?", "Is 10 mg or 5 mg better?"),
+        ("first vs second amendment", "second vs first amendment"),
+        (
+            "I owe back taxes, what do I do first?",
+            "I owe back taxes, what is the first thing to do?",
+        ),
+        ("How do I start a garden?", "What is the first step to start a garden?"),
+    ],
+)
+def test_numbers_joined_by_a_symmetric_word_are_a_set(a, b):
+    """Numbers directly around "and", "or", "vs", "differ from" may come in either order,
+    and "first" meaning "to begin with" is no ordinal."""
+    assert guards.numbers(features(a, KEY), features(b, KEY)) is False
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("What is 2^10?", "What is 10^2?"),
+        ("Is 2^10 bigger than 10^2?", "Is 10^2 bigger than 2^10?"),
+        ("What happened on 03/05/2021?", "What happened on 05/03/2021?"),
+        ("Flights on June 3 and July 5", "Flights on June 5 and July 3"),
+        ("first vs second amendment", "first vs third amendment"),
+        ("What is the first step in making bread?", "What is the second step in making bread?"),
+        ("Take 5 mg then 10 mg", "Take 10 mg then 5 mg"),
+    ],
+)
+def test_ordered_numbers_stay_ordered(a, b):
+    """Operators, dates, numbers not directly around a symmetric word keep their order."""
+    assert guards.numbers(features(a, KEY), features(b, KEY)) is True
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("Who came first in the race?", "Who came last in the race?"),
+        ("What is the first step in making bread?", "What is the last step in making bread?"),
+    ],
+)
+def test_first_as_a_word_still_clashes_with_last(a, b):
+    """ "first" read as "to begin with" or as an ordinal is still refused against "last"."""
+    assert why(a, b) in ("swap", "numbers")
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("How do I write a for loop in Rust?", "How do I write a for-loop in Rust?"),
+        ("How often should I feed my goldfish?", "How often should I feed my gold fish?"),
+        ("How do I clean a cast iron skillet?", "How do I clean a castiron skillet?"),
+    ],
+)
+def test_a_compound_is_the_same_word_as_its_two_parts(a, b):
+    """A word written as one on one side and as two adjacent words on the other is no swap."""
+    assert why(a, b) is None
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("How often should I feed my goldfish?", "How often should I feed my gold bar?"),
+        ("How do I write a for-loop in Rust?", "How do I write a while loop in Rust?"),
+    ],
+)
+def test_a_compound_against_other_words_is_still_a_swap(a, b):
+    """Only the two parts that make the compound are matched: other words are a swap."""
+    assert why(a, b) == "swap"
