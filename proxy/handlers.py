@@ -42,37 +42,35 @@ async def proxy_handler(st: State, request: web.BaseRequest) -> web.StreamRespon
     try:
         intake = await read_intake(st, request, route, upstream_path, query, rec, t0)
         match intake:
+            case Intake():
+                pass
             case Refused():
                 resp = intake.answer
+                return resp
             case Opaque():
                 resp = await passthrough(st, intake.forward, rec)
-            case Intake():
-                resp = await _keyed_or_not(st, intake, route, rec)
+                return resp
             case _:
                 assert_never(intake)
+        plan = intake.plan
+        if intake.controls is DEFAULT_CONTROLS and plan.rule is not None and not intake.idem:
+            resp = hot(st, request, rec, plan, intake.tenant)  # the HIT fast path
+            if resp is not None:
+                return resp
+        fwd = forward_of(st, intake, rec)
+        what = decision(st, intake, route)
+        match what:
+            case Keyed() if plan.per_item and not intake.idem:
+                resp = await serve_items(st, fwd, rec, plan, intake.tenant, what)
+            case Keyed():
+                resp = await serve_keyed(st, fwd, rec, plan, intake.tenant, what)
+            case PassThrough():
+                resp = await passthrough(st, fwd, rec, plan)
+            case _:
+                assert_never(what)
         return resp
     finally:
         _finish(st, rec, resp, t0)
-
-
-async def _keyed_or_not(st: State, intake: Intake, route: str, rec: Record) -> web.StreamResponse:
-    """A planned request: the hot HIT, or what plan.decide makes of it."""
-    plan = intake.plan
-    if intake.controls is DEFAULT_CONTROLS and plan.rule is not None and not intake.idem:
-        answer = hot(st, intake.request, rec, plan, intake.tenant)
-        if answer is not None:
-            return answer
-    fwd = forward_of(st, intake, rec)
-    what = decision(st, intake, route)
-    match what:
-        case Keyed() if plan.per_item and not intake.idem:
-            return await serve_items(st, fwd, rec, plan, intake.tenant, what)
-        case Keyed():
-            return await serve_keyed(st, fwd, rec, plan, intake.tenant, what)
-        case PassThrough():
-            return await passthrough(st, fwd, rec, plan)
-        case _:
-            assert_never(what)
 
 
 def _finish(st: State, rec: Record, resp: web.StreamResponse | None, t0: float) -> None:

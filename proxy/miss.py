@@ -7,13 +7,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from dataclasses import dataclass
 from functools import partial
-from typing import assert_never
+from typing import NamedTuple, assert_never
 
 from aiohttp import web
 
-from proxy.bus import LOCAL, Conflict, Follow, Leader, Leadership, Local
+from proxy.bus import Conflict, Follow, Leader, Local, RedisBus
 from proxy.coalesce import COMPLETE, CUT, Flight, Reader
 from proxy.errors import StoreUnavailable, json_error
 from proxy.fetch import FetchJob
@@ -43,36 +42,31 @@ from proxy.vectors import Probe
 LOOKUP, REFRESH_MODE = Mode.LOOKUP, Mode.REFRESH  # module names: see coalesce.PENDING
 
 
-@dataclass(frozen=True, slots=True)
-class Fresh:
+class Fresh(NamedTuple):
     """A fresh stored answer for the key."""
 
     entry: CachedResponse
 
 
-@dataclass(frozen=True, slots=True)
-class Missing:
+class Missing(NamedTuple):
     """No answer to give: fetch one. `degraded`: the store is down (nothing is stored)."""
 
     degraded: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Answered:
+class Answered(NamedTuple):
     """The request is answered already (an Idempotency-Key conflict, a semantic HIT...)."""
 
     answer: web.StreamResponse
 
 
-@dataclass(frozen=True, slots=True)
-class Join:
+class Join(NamedTuple):
     """The key has a flight in this process: read it."""
 
     flight: Flight
 
 
-@dataclass(frozen=True, slots=True)
-class Lead:
+class Lead(NamedTuple):
     """No flight for the key: lead one (`probe`: the semantic lookup already made)."""
 
     fkey: str
@@ -88,7 +82,18 @@ async def serve_keyed(
 ) -> web.StreamResponse:
     """A request with a key: answer from the cache, join a flight, or lead one."""
     rec.key = key_id(keyed.key)
-    found = await lookup(st, keyed, plan)
+    found: Fresh | Stale | Missing | Answered = DEGRADED
+    if keyed.controls.mode is not LOOKUP:
+        if keyed.controls.mode is not REFRESH_MODE or st.cache.healthy:
+            found = MISSING
+    else:
+        entry = st.cache.peek(keyed.key)
+        try:
+            if entry is None and not st.cache.in_memory:  # (in memory, peek was the lookup)
+                entry = await st.cache.get(keyed.key)
+            found = judge(entry, keyed, plan, CLOCK.now())
+        except StoreUnavailable:
+            pass
     stale: Stale | None = None
     match found:
         case Answered():
@@ -110,7 +115,9 @@ async def serve_keyed(
         case _:
             assert_never(found)
     degraded = found is DEGRADED
-    chosen = await choose_flight(st, fwd, rec, plan, tenant, keyed, degraded)
+    chosen: Join | Lead | Answered = choose_flight(st, plan, keyed, degraded)
+    if type(chosen) is Lead and chosen.semantic == "on":
+        chosen = await by_meaning(st, fwd, rec, plan, tenant, keyed, chosen)
     match chosen:
         case Answered():
             return chosen.answer
@@ -122,52 +129,39 @@ async def serve_keyed(
             assert_never(chosen)
 
 
-async def lookup(st: State, keyed: Keyed, plan: Plan) -> Fresh | Stale | Missing | Answered:
-    """The stored answer for the key, as the request's Cache-Control may take it."""
-    key, fingerprint, controls = keyed.key, keyed.fingerprint, keyed.controls
-    if controls.mode is not LOOKUP:
-        return DEGRADED if controls.mode is REFRESH_MODE and not st.cache.healthy else MISSING
-    entry = st.cache.peek(key)
-    if entry is None and not st.cache.in_memory:  # (in memory, peek was the lookup)
-        try:
-            entry = await st.cache.get(key)
-        except StoreUnavailable:
-            return DEGRADED
+def judge(
+    entry: CachedResponse | None, keyed: Keyed, plan: Plan, now: float
+) -> Fresh | Stale | Missing | Answered:
+    """What the stored answer for the key is to this request (its Cache-Control, its
+    Idempotency-Key), at `now`; no I/O."""
     if entry is None:
         return MISSING
+    fingerprint, controls = keyed.fingerprint, keyed.controls
     if fingerprint and entry.meta.get("fingerprint") != fingerprint:
         return Answered(idempotency_conflict())
-    now = CLOCK.now()
     if now <= entry.fresh_until:
         fits = controls.max_age is None or now - entry.created <= controls.max_age
         return Fresh(entry) if fits else MISSING
     rule = plan.rule
     window = controls.stale_window(rule.stale_if_error_s if rule is not None else 0.0)
     if window > 0 and now <= entry.fresh_until + window:
-        return Stale(key, entry, plan)  # served only if the upstream fails for this request
+        return Stale(keyed.key, entry, plan)  # served only if the upstream fails for this one
     return MISSING
 
 
-async def choose_flight(
-    st: State,
-    fwd: Forward,
-    rec: Record,
-    plan: Plan,
-    tenant: bytes,
-    keyed: Keyed,
-    degraded: bool,
-) -> Join | Lead | Answered:
-    """Join the key's flight if there is one; else look the request up by meaning (a rule
-    with `semantic` on), and lead one if that finds nothing either."""
+def choose_flight(st: State, plan: Plan, keyed: Keyed, degraded: bool) -> Join | Lead:
+    """Join the key's flight if there is one, else lead one (after a lookup by meaning, when
+    Lead.semantic is "on": by_meaning)."""
     rule = plan.rule
     fingerprint, controls = keyed.fingerprint, keyed.controls
-    coalesce = rule.coalesce if rule is not None else True
     # Twins share the store key, never a flight: a streamed and a non-streamed request in
     # flight at once each go upstream (a live stream is not converted half-way). But an
     # Idempotency-Key names one request in every form: one flight, which another form waits
     # for whole, then gets converted (join_form).
     fkey = f"{keyed.key}#{plan.form}" if plan.twin and not fingerprint else keyed.key
-    flight = st.flights.get(fkey) if coalesce else None
+    flight = st.flights.get(fkey) if rule is None or rule.coalesce else None
+    if flight is not None:
+        return Join(flight)
     semantic = (
         rule.semantic
         if rule is not None
@@ -178,22 +172,27 @@ async def choose_flight(
         and not fingerprint
         else "off"
     )
-    probe: Probe | None = None
-    if flight is None and semantic == "on":
-        probe = await probe_meaning(st, fwd, rec, plan, tenant, keyed)
-        if probe.hit and probe.entry is not None:
-            refused = await auth_refusal(st, tenant, fwd.request, rec)
-            if refused is not None:
-                return Answered(refused)
-            similar = semantic_hit(probe.score or 0.0)
-            served = await serve_entry(
-                st, fwd.request, rec, probe.member, probe.entry, plan, similar
-            )
-            if served is not None:
-                rec.extra["semantic_key"] = key_id(probe.member)
-                return Answered(served)
-        flight = st.flights.get(fkey) if coalesce else None  # one may have started meanwhile
-    return Lead(fkey, semantic, probe) if flight is None else Join(flight)
+    return Lead(fkey, semantic, None)
+
+
+async def by_meaning(
+    st: State, fwd: Forward, rec: Record, plan: Plan, tenant: bytes, keyed: Keyed, chosen: Lead
+) -> Join | Lead | Answered:
+    """Look the request up by meaning (a rule with `semantic` on): a semantic HIT, or the
+    key's flight if one started meanwhile, or lead one (with the lookup's probe)."""
+    probe = await probe_meaning(st, fwd, rec, plan, tenant, keyed)
+    if probe.hit and probe.entry is not None:
+        refused = await auth_refusal(st, tenant, fwd.request, rec)
+        if refused is not None:
+            return Answered(refused)
+        similar = semantic_hit(probe.score or 0.0)
+        served = await serve_entry(st, fwd.request, rec, probe.member, probe.entry, plan, similar)
+        if served is not None:
+            rec.extra["semantic_key"] = key_id(probe.member)
+            return Answered(served)
+    rule = plan.rule
+    flight = st.flights.get(chosen.fkey) if rule is None or rule.coalesce else None
+    return Lead(chosen.fkey, chosen.semantic, probe) if flight is None else Join(flight)
 
 
 async def join(
@@ -268,18 +267,22 @@ async def lead(
     if not coalesce:
         st.flights.forget(flight)
     job = _job(st, fwd, rec, plan, keyed, degraded)
-    shadow: asyncio.Task[Probe] | None = None
-    if chosen.semantic != "off" and keyed.store and not degraded:
-        if chosen.probe is None:  # shadow: the lookup runs beside the upstream call
-            probing = probe_meaning(st, fwd, rec, plan, tenant, keyed)
-            shadow = spawn(probing, name="semantic-shadow")
-        job.on_stored = partial(_remember, st, plan, chosen.probe, shadow, keyed.key)
+    shadow = _shadow(st, fwd, rec, plan, tenant, keyed, chosen, job) if not degraded else None
     reader = flight.attach()
-    started = await _start(
-        st, fwd, rec, flight, reader, job, plan, keyed, stale, coalesce and not degraded
-    )
-    if started is not None:
-        return started
+    bus = st.bus if coalesce and not degraded else None
+    if bus is None:
+        inline = _start_local(st, flight, reader, job, plan)
+    else:
+        inline = False
+        started = await _start_shared(st, fwd, rec, flight, reader, job, plan, keyed, stale, bus)
+        if started is not None:
+            return started
+    if inline:
+        flight.task = asyncio.current_task()
+        flight.whole = True
+        st.fetcher.keep(flight, job, await st.fetcher.fetch(flight, job))
+    if flight.head is None and not flight.done:  # (an inline read has it already)
+        await flight.wait_head(None)
     if stale is not None and failed(flight):
         served = await serve_stale(st, fwd.request, rec, flight, stale)
         if served is not None:
@@ -297,7 +300,51 @@ async def lead(
     return resp
 
 
-async def _start(
+def _shadow(
+    st: State,
+    fwd: Forward,
+    rec: Record,
+    plan: Plan,
+    tenant: bytes,
+    keyed: Keyed,
+    chosen: Lead,
+    job: FetchJob,
+) -> asyncio.Task[Probe] | None:
+    """With the semantic layer on for this request: index the answer once stored, under its
+    probe; a shadow lookup (or one on with no probe yet) runs beside the upstream call."""
+    if chosen.semantic == "off" or not keyed.store:
+        return None
+    shadow = None
+    if chosen.probe is None:  # shadow: the lookup runs beside the upstream call
+        shadow = spawn(probe_meaning(st, fwd, rec, plan, tenant, keyed), name="semantic-shadow")
+    job.on_stored = partial(_remember, st, plan, chosen.probe, shadow, keyed.key)
+    return shadow
+
+
+def _abandon(st: State, flight: Flight, reader: Reader) -> None:
+    """No upstream read was started for a flight: it must not stay registered."""
+    reader.close()
+    flight.finish(CUT, "no upstream read was started")
+    st.flights.forget(flight)
+
+
+def _start_local(st: State, flight: Flight, reader: Reader, job: FetchJob, plan: Plan) -> bool:
+    """Start reading a flight this process leads; True if this handler is to read it. A
+    streamed answer is read by its own task, at the upstream's pace whatever this client's.
+    A chat or Responses answer asked for whole (a JSON object, bounded by the model's output)
+    is read by the leading handler, which saves a task per MISS; other whole answers (speech,
+    embeddings) can be large: they are relayed live, from their own task."""
+    inline = not plan.stream and plan.twin is not None
+    if not inline:
+        try:
+            st.fetcher.start(flight, job)
+        except BaseException:
+            _abandon(st, flight, reader)
+            raise
+    return inline
+
+
+async def _start_shared(
     st: State,
     fwd: Forward,
     rec: Record,
@@ -307,21 +354,19 @@ async def _start(
     plan: Plan,
     keyed: Keyed,
     stale: Stale | None,
-    shared: bool,
+    bus: RedisBus,
 ) -> web.StreamResponse | None:
-    """Start the flight's upstream read (here, in a task, or following another instance
-    that leads it) and wait for its head; an answer when another instance leads it."""
+    """Lead the flight across instances (bus.py), or follow the instance that leads it (then
+    the answer); None once this instance's upstream read is started."""
     fkey, fingerprint = flight.key, keyed.fingerprint
     lock_timeout = plan.rule.lock_timeout_s if plan.rule is not None else 30.0
-    bus = st.bus if shared else None
-    fed = inline = False
+    fed = False
     try:  # whatever happens before a feeder starts, the flight must not stay registered
-        lead: Leadership = LOCAL if bus is None else await bus.lead(fkey, fingerprint, plan.form)
+        lead = await bus.lead(fkey, fingerprint, plan.form)
         match lead:
             case Conflict():
                 return idempotency_conflict()
             case Follow(form=form):
-                assert bus is not None
                 if fingerprint and form != plan.form:
                     # another form of this request is led elsewhere: whole, then converted
                     flight.form = form or "?"
@@ -334,31 +379,16 @@ async def _start(
                 fed = True
                 return await follow(st, fwd, rec, flight, reader, lock_timeout, stale)
             case Leader(token=token):
-                assert bus is not None
                 st.fetcher.lead_shared(bus, flight, job, token)
             case Local():
-                # A streamed answer is read by its own task, at the upstream's pace whatever
-                # this client's. A chat or Responses answer asked for whole (a JSON object,
-                # bounded by the model's output) is read by this handler, which saves a task
-                # per MISS; other whole answers (speech, embeddings) can be large: they are
-                # relayed live, from their own task.
-                inline = not plan.stream and plan.twin is not None
-                if not inline:
-                    st.fetcher.start(flight, job)
+                # the bus is down: this process leads (read by a task, whatever the form)
+                st.fetcher.start(flight, job)
             case _:
                 assert_never(lead)
         fed = True
     finally:
         if not fed:
-            reader.close()
-            flight.finish(CUT, "no upstream read was started")
-            st.flights.forget(flight)
-    if inline:
-        flight.task = asyncio.current_task()
-        flight.whole = True
-        st.fetcher.keep(flight, job, await st.fetcher.fetch(flight, job))
-    if flight.head is None and not flight.done:  # (an inline read has it already)
-        await flight.wait_head(None)
+            _abandon(st, flight, reader)
     return None
 
 
