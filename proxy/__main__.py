@@ -41,15 +41,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                     args[1:],
                     prog="python -m proxy healthcheck",
                     description="Exit 0 if the proxy running on this machine answers "
-                    "/_proxy/health (it finds the port in the data folder), else 1.",
+                    "/_proxy/health (it finds the URL in the data folder, else --host and "
+                    "--port), else 1 with one line saying why.",
                     epilog=None,
+                    only=("data_dir", "host", "port"),
                 )
             )
+        if args[:1] == ["fake-upstream"]:
+            from proxy.testing.fake_openai import main as fake_main
+
+            return fake_main(args[1:])
         settings = Settings.from_args(args)
         from proxy.app import build_state
 
         build_state(settings)  # fail fast, in one line, on a bad setting or rule
-        serve(settings)
+        return serve(settings)
     except ConfigError as exc:
         print(f"openai-cache-proxy: {exc}", file=sys.stderr)
         return 2

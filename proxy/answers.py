@@ -46,9 +46,10 @@ NOT_STORED = Verdict(False)
 
 def storable(flight: Flight, stream: bool, body: bytes) -> Verdict:
     """May this finished flight's answer be stored? Only a whole 200 answer under the record
-    limit (a 204 or another 2xx is no answer to keep: an empty body served as a HIT), with its framing intact: a stream that ended with its terminal event (and no
-    error event), a JSON answer that parses and is no error object, and as many bytes as
-    the upstream's Content-Length said. `body` is the flight's body (b"" unless 2xx)."""
+    limit (a 204 or another 2xx is no answer to keep: an empty body served as a HIT), with
+    its framing intact: a stream that ended with its terminal event (and no error event), a
+    JSON answer that parses and is no error object, and as many bytes as the upstream's
+    Content-Length said. `body` is the flight's body (b"" unless 2xx)."""
     head = flight.head
     if flight.outcome is not COMPLETE or head is None or not 200 <= head.status < 300:
         return NOT_STORED

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import os
 import secrets
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import structlog
@@ -34,6 +37,8 @@ from proxy.keys import mac_key
 from proxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from proxy.metrics import registry_for, render
 from proxy.rules import default_rules_path, load_rules
+from proxy.secret import NAME as SECRET_NAME
+from proxy.secret import SecretMismatch, agree, record_of
 from proxy.server import GuardedServer
 from proxy.settings import Settings
 from proxy.stats import Shared, Stats
@@ -47,7 +52,8 @@ log = structlog.get_logger()
 
 
 def load_secret(settings: Settings) -> bytes:
-    """The HMAC secret: PROXY_SECRET if given, else a random one kept (0600) in the data dir."""
+    """The HMAC secret this instance proposes: PROXY_SECRET if given, else a random one kept
+    (0600) in the data dir. At start-up the store may hand back another (see proxy.secret)."""
     if settings.secret:
         return settings.secret.encode()
     path: Path = settings.data_dir / "secret.key"
@@ -175,14 +181,56 @@ def build_state(settings: Settings) -> State:
     return state
 
 
+UNSHARED = (
+    "the key secret could not be read from the store yet: this instance makes keys of its "
+    "own until the store answers"
+)
+
+
+def adopt_secret(st: State, secret: bytes) -> None:
+    """Make keys and tenant ids with `secret` from now on (the store's shared one)."""
+    st.secret = secret
+    st.mac_key = mac_key(secret)
+    st.plans.clear()
+    if st.semantic is not None:
+        st.semantic.embedder.secret = secret
+        st.semantic.mac_key = st.mac_key
+
+
 AdminHandler = Callable[[State, web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
+def from_loopback(request: web.BaseRequest) -> bool:
+    """The client's address is a loopback one (127.0.0.0/8, ::1, or ::ffff:127.x.y.z); a
+    Unix socket or an unknown peer is not."""
+    transport = request.transport
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    if not isinstance(peer, tuple) or not peer:
+        return False
+    try:
+        addr = ipaddress.ip_address(str(peer[0]).split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
+
 def admin_only(handler: AdminHandler) -> AdminHandler:
-    """With --admin-token set, the wrapped page needs `Authorization: Bearer <token>`."""
+    """The admin door. With --admin-token set, the wrapped page needs `Authorization: Bearer
+    <token>` (or ?token= from a browser); without one, it answers clients on loopback only."""
 
     async def guarded(st: State, request: web.BaseRequest) -> web.StreamResponse:
         token = st.settings.admin_token
+        if not token and not from_loopback(request):
+            return json_error(
+                403,
+                "The proxy's admin pages answer clients on this machine only; to open them to "
+                "others, start the proxy with --admin-token (PROXY_ADMIN_TOKEN) and send it as "
+                "Authorization: Bearer <token>.",
+                "invalid_request_error",
+                "admin_token_not_configured",
+            )
         if token:
             given = request.headers.get("Authorization", "")
             if not given and "token" in request.query:  # a browser opening the dashboard
@@ -244,15 +292,7 @@ SHARE_EVERY_S = 1.0
 
 async def purge(st: State, request: web.BaseRequest) -> web.StreamResponse:
     """POST /_proxy/purge {"namespace"?, "tenant"?, "model"?, "route"?}: {"purged": N}.
-    Needs --admin-token: 403 (saying how to enable it) when none is configured."""
-    if not st.settings.admin_token:
-        return json_error(
-            403,
-            "Purge needs an admin token: start the proxy with --admin-token (PROXY_ADMIN_TOKEN) "
-            "and send it as Authorization: Bearer <token>.",
-            "invalid_request_error",
-            "admin_token_not_configured",
-        )
+    Behind the admin door (the token, or loopback without one)."""
     from proxy.errors import BadFilter
     from proxy.purge import patterns_of
 
@@ -269,8 +309,26 @@ async def purge(st: State, request: web.BaseRequest) -> web.StreamResponse:
     return _json({"purged": purged})
 
 
+def shown_url(url: str) -> str:
+    """A URL as health, logs and the start-up line show it: no user, password or query."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    netloc = f"{host}:{port}" if port is not None else host
+    if not netloc and not parts.path:
+        return f"{parts.scheme}://"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
 async def health(st: State, request: web.BaseRequest) -> web.StreamResponse:
-    """200 while the proxy serves (degraded: passing through); ?strict=1: 503 when degraded."""
+    """200 while the proxy serves (degraded: passing through); ?strict=1: 503 when degraded.
+    Open to every client, so it shows no credential, no setting beyond the upstream's
+    address, and nothing of any tenant."""
     body: dict[str, Any] = {
         "status": "ok" if st.cache.healthy else "degraded",
         "store": {
@@ -278,7 +336,7 @@ async def health(st: State, request: web.BaseRequest) -> web.StreamResponse:
             "state": st.cache.state,
             "write_errors": st.cache.write_errors,
         },
-        "upstream": st.upstream.base_url,
+        "upstream": shown_url(st.settings.upstream),
         "version": __version__,
         "in_flight": len(st.flights),
     }
@@ -324,10 +382,13 @@ class ProxyApp:
         settings: Settings,
         state: State | None = None,
         log_sink: logmod.BufferedSink | None = None,
+        shared_dir: Path | None = None,
     ) -> None:
         """`log_sink`: configure_logging's buffer, which the app then writes its request lines
-        to and flushes (None: the lines go through structlog, as in tests)."""
+        to and flushes (None: the lines go through structlog, as in tests). `shared_dir`:
+        with --workers N, the supervisor's folder where the workers share their counters."""
         self.settings = settings
+        self.shared_dir = shared_dir
         self.state = state or build_state(settings)
         self.state.log = logmod.RequestLog(log_sink)
         self.registry = registry_for(self.state)
@@ -338,6 +399,8 @@ class ProxyApp:
             ("GET", "/_proxy/dashboard"): admin_only(dashboard),
             ("POST", "/_proxy/purge"): admin_only(purge),
         }
+        self.secret_pending = False
+        """The store could not be asked for the shared key secret yet (see agree_secret)."""
         self._stack = contextlib.AsyncExitStack()
         """What startup() started, closed by shutdown() in reverse order: every close runs
         even when an earlier one fails."""
@@ -405,35 +468,72 @@ class ProxyApp:
         cache = st.cache
         await cache.warm()
         await cache.probe()
+        await self.agree_secret()
         log.info(
             "proxy.started",
             store=cache.store.name,
             store_state=cache.state,
             reason=cache.reason or None,
             data_dir=str(self.settings.data_dir),
-            upstream=self.settings.upstream,
+            upstream=shown_url(self.settings.upstream),
         )
         stack.callback(_cancel, spawn(self._probe_forever(), name="store-probe"))
-        if self.settings.workers > 1:
-            st.shared = Shared(st.stats, self.settings.data_dir / "stats")
+        if self.settings.workers > 1 and self.shared_dir is not None:
+            st.shared = Shared(st.stats, self.shared_dir)
+            stack.callback(st.shared.close)
             stack.callback(_cancel, spawn(self._share_forever(), name="stats-share"))
 
     async def _share_forever(self) -> None:
+        """Write this worker's counters for the others (its journal has every request since;
+        a worker that dies leaves both behind, and they are still counted)."""
         shared = self.state.shared
         assert shared is not None
         try:
             while True:
+                data = shared.snapshot()  # on the loop: consistent with the journal
                 with contextlib.suppress(OSError):
-                    await asyncio.to_thread(shared.write)
+                    await asyncio.to_thread(shared.write, data)
                 await asyncio.sleep(SHARE_EVERY_S)
         finally:
             with contextlib.suppress(OSError):
-                shared.remove()
+                shared.write(shared.snapshot())
 
     async def _probe_forever(self) -> None:
         while True:
             await asyncio.sleep(PROBE_EVERY_S)
             await self.state.cache.probe()
+            if self.secret_pending and self.state.cache.healthy:
+                try:
+                    await self.agree_secret()
+                except SecretMismatch as exc:  # too late to refuse: say it, keep passing
+                    log.error("store.secret_mismatch", error=str(exc))
+                    self.secret_pending = False
+                    self.state.cache.notes.append(str(exc))
+
+    async def agree_secret(self) -> None:
+        """Take the store's key secret (or put ours there first), so every instance on one
+        store makes the same keys. SecretMismatch (one line, start-up stops) when an explicit
+        --secret disagrees with the store. A store that cannot be reached: this instance's
+        own secret meanwhile, and the store is asked again once it answers."""
+        st = self.state
+        claim = getattr(st.cache.store, "claim", None)
+        if claim is None:  # an in-process store: nothing is shared
+            return
+        explicit = bool(self.settings.secret)
+        try:
+            stored: bytes = await claim(SECRET_NAME, record_of(st.secret, explicit))
+        except StoreUnavailable as exc:
+            if not self.secret_pending:
+                log.warning("store.secret_unshared", store=st.cache.store.name, error=str(exc))
+                st.cache.notes.append(UNSHARED)
+            self.secret_pending = True
+            return
+        if self.secret_pending:
+            st.cache.notes.remove(UNSHARED)
+        self.secret_pending = False
+        use = agree(st.secret, explicit, stored)
+        if use != st.secret:
+            adopt_secret(st, use)
 
     async def shutdown(self) -> None:
         await self._stack.aclose()
@@ -451,14 +551,29 @@ async def _close_optional(resource: Any) -> None:
 
 @asynccontextmanager
 async def running(
-    app: ProxyApp, host: str, port: int, *, reuse_port: bool = False, shutdown_timeout: float = 10
+    app: ProxyApp,
+    host: str,
+    port: int,
+    *,
+    reuse_port: bool = False,
+    shutdown_timeout: float = 10,
+    sock: socket.socket | None = None,
 ) -> AsyncIterator[str]:
-    """Serve `app` on host:port (0: a free one) inside the block; yields the base URL."""
-    await app.startup()
+    """Serve `app` on host:port (0: a free one), or on the listening `sock` it was given,
+    inside the block; yields the base URL."""
+    try:
+        await app.startup()
+    except BaseException:
+        await app.shutdown()  # what startup opened before it failed
+        raise
     runner = web.ServerRunner(app.server(), shutdown_timeout=shutdown_timeout)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
+        site: web.BaseSite
+        if sock is not None:
+            site = web.SockSite(runner, sock)
+        else:
+            site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
         await site.start()
         server = site._server
         assert server is not None

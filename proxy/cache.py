@@ -52,6 +52,8 @@ class Cache:
         self.healthy = True
         self.reason = ""
         """Why the store is degraded (the last failure), for /_proxy/health."""
+        self.notes: list[str] = []
+        """What else an operator should know, shown in health's warnings (few, fixed)."""
         self.write_errors = 0
         """Writes skipped because the store refused them (reads went on)."""
         self._write_logged = -1e9
@@ -272,7 +274,7 @@ class Cache:
     @property
     def warnings(self) -> list[str]:
         found = getattr(self.store, "warnings", None)
-        return list(found) if found else []
+        return [*(found or ()), *self.notes]
 
     async def aclose(self) -> None:
         await self.store.aclose()

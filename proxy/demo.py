@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import shutil
 import sys
 import tempfile
@@ -214,7 +215,8 @@ async def run(
     app: ProxyApp, fake: FakeOpenAI, serve: bool, port: int, log_path: Path | None = None
 ) -> int:
     console = Console(width=None if sys.stdout.isatty() else 170)
-    async with running(app, "127.0.0.1", port) as url:
+    host = app.settings.host if serve else "127.0.0.1"
+    async with running(app, host, port) as url:
         async with openai.AsyncOpenAI(
             base_url=url + "/v1", api_key="sk-demo-not-a-real-key", max_retries=0
         ) as client:
@@ -233,10 +235,17 @@ async def run(
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m proxy demo", description=__doc__)
-    p.add_argument("--serve", action="store_true", help="keep the proxy running afterwards")
-    p.add_argument("--port", type=int, default=8080, help="port for --serve (default 8080)")
-    args = p.parse_args(argv)
+    def serve_flag(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--serve",
+            action="store_true",
+            help="keep the proxy running afterwards, with the server's flags below (the "
+            "upstream is always the fake one; --data-dir and --rules default to the demo's)",
+        )
+
+    given, args = Settings.parse(
+        argv, prog="python -m proxy demo", description=__doc__, epilog=None, extra=serve_flag
+    )
     work = Path(tempfile.mkdtemp(prefix="openai-cache-proxy-demo-"))
     log = (work / "requests.log").open("wb")
     log_sink = configure_logging("json", out=log)  # the tour's request lines go to this file
@@ -245,16 +254,17 @@ def main(argv: list[str]) -> int:
 
     async def main_async() -> int:
         await fake.start()
-        settings = Settings(
+        flags = set(argv)
+        settings = dataclasses.replace(
+            given,
             upstream=fake.base_url,
-            data_dir=work,
             image_source_hosts=fake.netloc,
-            port=args.port,
-            rules=demo_rules(work),
+            data_dir=given.data_dir if "--data-dir" in flags else work,
+            rules=given.rules if "--rules" in flags else demo_rules(work),
         )
         app = await asyncio.to_thread(ProxyApp, settings, None, log_sink)
         try:
-            port = args.port if args.serve else 0
+            port = settings.port if args.serve else 0
             return await run(app, fake, args.serve, port, work / "requests.log")
         finally:
             await fake.stop()

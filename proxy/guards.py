@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import re
 import struct
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -48,7 +49,7 @@ WORDS_MAX = 256
 """Distinct words kept per text for the affix and entity guards (longer texts keep the first)."""
 MARKS_MAX = 64
 """Entities, negated stems and from/to words kept per text (the stored form stays small)."""
-VERSION = 1
+VERSION = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +74,17 @@ class Features:
     """(word, 1 after "from" / 2 after "to", "into", "onto"): the ends of a move."""
     language: str
     """"en", "de", ..., a script name ("cyrillic", "han", ...) or "" when unsure."""
+    content: tuple[int, ...] = ()
+    """Content words (stop and filler words, negations and numbers left out), stemmed, in
+    order, first occurrence each."""
+    typos: tuple[tuple[int, ...], ...] = ()
+    """Per content word: 16-bit digests of it and of each of its one-letter deletions (words
+    of TYPO_MIN letters or more; else empty): two words one typo apart share one."""
+    marks: tuple[tuple[int, int], ...] = ()
+    """(order marker, content words before it): than, to, into, from, en, nach, que, als, ->."""
+    paired: bool = False
+    """A word that makes a relation symmetric is present (and, or, between, with, differ,
+    compare; und, et, y, e, o, tra...): its two sides may come in any order."""
 
 
 # ---------------------------------------------------------------- lexicons
@@ -238,7 +250,7 @@ spain: españa; portugal; italy: italia; netherlands: holland dutch-country; bel
 austrian; switzerland: swiss; sweden: swedish-country; norway; denmark; finland; poland; greece;
 ireland: irish; russia: russian-country; ukraine; turkey: türkiye; egypt; israel; iran; iraq;
 india: indian; pakistan; japan: japanese-country; korea: korean-country; vietnam; thailand;
-indonesia; philippines; australia: australian; zealand; nigeria; kenya; africa; europe:
+indonesia; philippines; australia: australian; zealand; nigeria; kenya; africa: african; europe:
 european; asia: asian; singapore; malaysia; hungary; czechia; romania; morocco; saudi; qatar;
 english; french; german; spanish; portuguese; italian; dutch; swedish; norwegian; danish;
 finnish; polish; russian; ukrainian; turkish; arabic; hebrew; hindi; urdu; bengali; chinese:
@@ -284,10 +296,12 @@ siblings; friend: friends; elderly: senior seniors older-adult aged; pregnant: p
 pregnancies; dog: dogs puppy puppies; cat: cats kitten kittens; employee: employees
 worker workers staff; employer: employers boss; landlord: landlords; tenant: tenants renter
 renters; homeowner: homeowners; student: students; teacher: teachers; patient: patients;
-minor: minors; adult: adults; guest: guests visitor visitors; admin: admins administrator
+everyone: everybody;
+minor: minors; adult: adults grownup grownups; guest: guests visitor visitors;
+admin: admins administrator
 administrators; contractor: contractors freelancer freelancers; resident: residents
 citizen citizens; nonresident: nonresidents foreigner foreigners tourist tourists;
-veteran: veterans; diabetic: diabetics diabetes; vegan: vegans vegetarian vegetarians;
+veteran: veterans; diabetic: diabetics diabetes; vegan: vegans; vegetarian: vegetarians;
 beginner: beginners novice; expert: experts advanced;
 free: freemium; basic: starter; pro: professional; plus; premium; team: teams-plan;
 business; enterprise: enterprises; trial; family; economy: coach; first-class; standard;
@@ -383,9 +397,185 @@ def _roman(word: str) -> int | None:
 
 
 def _digest(key: bytes, text: str) -> int:
-    return int.from_bytes(
-        hashlib.blake2b(text.encode(), key=key[:64], digest_size=4, person=b"sem-guard").digest()
-    )
+    return _hasher(key)(text)
+
+
+def _hasher(key: bytes) -> Callable[[str], int]:
+    """The keyed 4-byte digest of a text, keyed once (a copy per text is 4x cheaper than
+    keying each one)."""
+    base = hashlib.blake2b(key=key[:64], digest_size=4, person=b"sem-guard")
+
+    def digest(text: str) -> int:
+        h = base.copy()
+        h.update(text.encode())
+        return int.from_bytes(h.digest())
+
+    return digest
+
+
+# ---------------------------------------------------------------- content words (swap, order)
+
+CONTENT_MAX = 48
+"""Content words kept per text for the swap and order guards (longer texts keep the first)."""
+MARKERS_MAX = 8
+TYPO_MIN = 5
+"""Words this long or longer match a word one typo away (Damerau distance 1)."""
+TYPO_LONGEST = 16
+
+STOPWORDS = _wordset(
+    """a an the this that these those some any each every all both such what whats which who
+    whom whose how hows why when where whether is are was were be been being am do does did
+    doing done have has had having can could should would will shall may might must i me my
+    mine myself you your yours we us our ours they them their it its he him his she her one
+    ones there here of for on at by with about as and or but if so then also just really very
+    quite exactly actually basically please pls thanks thank hey hi hello ok okay quick
+    question tell explain know want need like would id im ive ill youre get got way
+    ways best good some thing things stuff anyone someone something anything kind sort
+    possible possibly maybe perhaps still yet even again ever much many lot lots whats
+    give show make let lets help idea tips tip steps step guide method process procedure
+    happen happens happened difference differences different differ differs between
+    recipe recipes recette recettes receta recetas ricetta ricette rezept rezepte receita
+    receitas faire hacer fare machen fazer unterschied unterschiede unterscheiden
+    unterscheidet zwischen difference entre diferencia diferencias differenza tra fra verschil
+    tussen
+    der die das den dem des ein eine einen einem einer eines ist sind war waren bin bist sein
+    wird werden wurde hat haben kann können könnte soll sollte muss müssen man ich du er sie
+    es wir ihr mein meine dein sich was wie warum wann wo welche welcher welches wer und oder
+    aber auch noch schon nur bitte genau mal denn doch ja eigentlich im am zum zur vom beim
+    le la les l un une des du de d est sont était être ai as a avons ont je tu il elle nous
+    vous ils elles mon ma mes ton ta tes son sa ses ce cet cette ces qui quoi comment pourquoi
+    quand où quel quelle quels quelles et ou mais aussi svp stp exactement s se y qu c j n au aux
+    el los las unos unas lo es son era fue ser estar está están he ha han hay yo tú él ella
+    nosotros mi mis tu tus su sus qué cómo por cuándo cuál cuáles dónde quién y o pero también
+    favor exactamente se le les del al me te
+    il lo gli i è sono era essere ho hai ha abbiamo hanno io lui lei noi mio mia miei tuo
+    suo sua che cosa come perché quando dove quale quali chi ed o ma anche si ci del della dei
+    delle dello degli al allo alla ai agli alle
+    o os as um uma é são foi ser estar está eu ele ela nós meu minha seu sua que como porque
+    quando onde qual quais quem e ou mas também do da dos das ao aos
+    het een zijn ben was waren heb hebt heeft hebben ik jij hij zij wij mijn wat hoe waarom
+    wanneer waar welke wie en of maar ook"""
+)
+"""Words that carry no content: articles, auxiliaries, pronouns, question words, fillers
+(en, de, fr, es, it, pt, nl). Never a negation, a number or a direction marker."""
+
+ORDER_MARKERS = _wordset("than to into from vs versus in en nach à que als naar dan para zu ->")
+"""Words around which the same content words in another order say another thing."""
+SYMMETRIC = _wordset(
+    """and or between with differ differs difference differences compare compared comparison
+    same both und oder zwischen et ou entre y o e tra fra tussen"""
+)
+"""Words that make a relation symmetric: "A and B", "between A and B", "A differs from B"."""
+
+_CONTENT = re.compile(r"[^\W_]+(?:[-'\u2019][^\W_]+)*(?:\+\+|#)?|->|→|=>")
+_ELISION = re.compile(r"^(?:l|d|qu|j|n|s|c|m|t|dell|all|dall|nell|sull|un)['\u2019]")
+_STEM_SUFFIXES = (
+    "izations", "ization", "izing", "ising", "ations", "ation", "ating", "ated", "ates", "ized",
+    "ised", "izes", "ises", "ize", "ise", "ate", "ies", "ing", "ed", "es", "s",
+)  # fmt: skip
+_NOT_DOUBLED = frozenset("lsfz")
+
+
+def _fold(word: str) -> str:
+    """Lower case without diacritics (pâte -> pate, Ü -> u); other scripts kept as they are."""
+    if word.isascii():
+        return word.lower()
+    decomposed = unicodedata.normalize("NFKD", word.lower())
+    return "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+
+
+def _stem(word: str) -> str:
+    """A light multilingual stem: a plural or inflection suffix (-s, -es, -ies, -ed, -ing),
+    then up to two final letters of -e, -n, -a, -o, -i (Tulpen/Tulpe, kittens/kitten,
+    permitido/permitida)."""
+    for suffix in _STEM_SUFFIXES:
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            word = word[: -len(suffix)]
+            if len(word) > 3 and word[-1] == word[-2] and word[-1] not in _NOT_DOUBLED:
+                word = word[:-1]  # running -> run, shipped -> ship
+            break
+    for _ in range(2):
+        if (len(word) > 4 and word[-1] in "enaoiy") or (len(word) > 3 and word[-1] == "e"):
+            word = word[:-1]
+    return word
+
+
+def _content(text: str) -> tuple[list[str], list[tuple[str, int]], bool]:
+    """The content words of `text` in order (stemmed, first occurrence each), each order
+    marker with the number of content words before it (first occurrence each), and whether a
+    word makes a relation symmetric (SYMMETRIC)."""
+    words: list[str] = []
+    seen: set[str] = set()
+    marks: list[tuple[str, int]] = []
+    marked: set[str] = set()
+    after_number = False
+    paired = False
+    for match in _CONTENT.finditer(text):
+        raw = match.group()
+        number, after_number = after_number, False
+        if not paired and raw.lower() in SYMMETRIC:
+            paired = True
+        if raw[0].isdigit() or raw.lower() in UNITS:
+            after_number = True  # the numbers guard reads "2pm", "2FA", "ten minutes"
+            continue
+        if number and raw.lower() in UNIT_NAMES:
+            continue
+        if raw in ("->", "→", "=>"):
+            raw = "->"
+        lower = raw.lower().replace("\u2019", "'")
+        if lower in ORDER_MARKERS:
+            if lower not in marked and len(marks) < MARKERS_MAX:
+                marked.add(lower)
+                marks.append((lower, len(words)))
+            continue
+        # north, before, above: the words around it have roles
+        if (
+            POLES.get(lower, ("", 0, 0))[2] == 1
+            and lower not in marked
+            and len(marks) < MARKERS_MAX
+        ):
+            marked.add(lower)
+            marks.append((lower, len(words)))
+        lower = _ELISION.sub("", lower)
+        if lower.endswith("'s"):
+            lower = lower[:-2]
+        parts = [p for p in re.split(r"[-']", lower) if p and not p.isdigit() and p not in UNITS]
+        if len(parts) > 1 and all(len(p) >= 3 and p not in STOPWORDS for p in parts):
+            for part in parts[:-1]:  # "cast-iron" is "cast iron"; "grown-up" stays one word
+                _add_content(_fold(part), words, seen)
+            parts = parts[-1:]
+        word = _fold("".join(parts))
+        if (
+            not word
+            or word in STOPWORDS
+            or lower in STOPWORDS
+            or word in NEGATIONS
+            or lower in UNITS
+            or lower in SCALES
+            or (_roman(raw) is not None and len(raw) > 1)
+        ):
+            continue
+        canon = SCOPE.get(word)  # a grown-up is an adult
+        if canon is not None:
+            _add_content(canon, words, seen, stem=False)
+            continue
+        _add_content(word, words, seen, stem=not (raw.isupper() and len(raw) > 1))
+    return words, marks, paired
+
+
+def _add_content(word: str, words: list[str], seen: set[str], stem: bool = True) -> None:
+    """Adds the stem of `word` (`stem=False`: an acronym, kept whole: HTTP/HTTPS)."""
+    if stem:
+        word = _stem(word)
+    if word not in seen and len(words) < CONTENT_MAX:
+        seen.add(word)
+        words.append(word)
+
+
+def _deletions(word: str) -> frozenset[str]:
+    """The word less one letter, never the first (a typo seldom hits the first letter, and
+    maternity / paternity are two words)."""
+    return frozenset(word[:i] + word[i + 1 :] for i in range(1, len(word)))
 
 
 # ---------------------------------------------------------------- extraction
@@ -487,6 +677,8 @@ def features(text: str, key: bytes = b"") -> Features:
                     num.value *= 1e6
                 elif suffix.lower() in _ORDINAL_SUFFIXES:
                     num.ordinal = True
+                elif suffix.lower() not in UNIT_NAMES and suffix[:1] != "°":
+                    continue  # "2FA", "3D": a name, not a number
                 else:
                     num.unit = UNIT_NAMES.get(suffix.lower(), suffix.lower())
                     if num.unit in ("c", "f"):
@@ -531,6 +723,7 @@ def features(text: str, key: bytes = b"") -> Features:
                 and adjacent
                 and nxt is not None
                 and nxt.group("num") is not None
+                and not (i > 0 and tokens[i - 1].end() == match.start())  # COVID-19
             ):
                 pending_sign = True
                 continue
@@ -547,7 +740,13 @@ def features(text: str, key: bytes = b"") -> Features:
         if run and (lower in UNIT_NAMES or lower in ("degree", "degrees")):
             flush_run()  # "ten minutes"
             last_kind = "num"
-        if last_kind == "num" and nums and isinstance(nums[-1], _Num) and not run:
+        if (
+            last_kind == "num"
+            and nums
+            and isinstance(nums[-1], _Num)
+            and not run
+            and not nums[-1].ordinal
+        ):
             last = nums[-1]
             if lower in SCALES:
                 last.value *= SCALES[lower]
@@ -571,8 +770,16 @@ def features(text: str, key: bytes = b"") -> Features:
                     add_entity("celsius" if unit == "c" else "fahrenheit")
                 continue
         # number words
-        if lower in UNITS and not (lower == "one" and prev_word in _PRONOUN_ONE):
+        if lower in UNITS and _counts(tokens, i, lower, prev_word):
             value = float(UNITS[lower])
+            if lower in _ORDINAL_WORDS or lower in _TIMES_WORDS:
+                flush_run()
+                # "twice" is "two times"
+                unit = "x" if lower in _TIMES_WORDS else ""
+                nums.append(_Num(value, unit=unit, ordinal=lower in _ORDINAL_WORDS))
+                last_kind = "num"
+                prev_word, prev_word_raw, prev_initial = lower, raw, initial
+                continue
             if run and not _continues(run[-1], value):
                 flush_run()
             run.append(value)
@@ -594,7 +801,11 @@ def features(text: str, key: bytes = b"") -> Features:
             else:
                 pending_sign = True
             continue
-        if lower in ("plus", "times", "over") and (last_kind == "num" or run):
+        if (
+            lower in ("plus", "times", "over")
+            and (last_kind == "num" or run)
+            and _number_next(tokens, i)
+        ):
             flush_run()
             nums.append({"plus": "+", "times": "*", "over": "/"}[lower])
             last_kind = "op"
@@ -622,6 +833,10 @@ def features(text: str, key: bytes = b"") -> Features:
         # negation
         if plain in NEGATIONS or lower.endswith("n't"):
             negations += 1
+        elif (plain == "free" and i > 0 and tokens[i - 1].group() == "-") or (
+            len(plain) >= 7 and plain.endswith(("free", "frei"))
+        ):
+            negations += 1  # "chemical-free" is "without chemicals", glutenfrei
         elif any(ch in raw for ch in NEGATION_CHARS):
             negations += sum(raw.count(ch) for ch in NEGATION_CHARS)
         elif any(s in raw for s in NEGATION_KANA):
@@ -663,10 +878,12 @@ def features(text: str, key: bytes = b"") -> Features:
         elif (plain in ("march", "may") and raw[:1].isupper() and not initial) or (
             _looks_named(raw, initial) and plain not in SCOPE
         ):
-            add_entity(plain)
+            add_entity(plain[:-1] if plain.endswith("s") and len(plain) > 4 else plain)
         # scope
         sc = SCOPE.get(plain)
-        if sc is not None and plain not in _SCOPE_SKIP_IF_ENTITY:
+        if lower == "up" and prev_word == "grown":
+            scope.add("adult")
+        elif sc is not None and plain not in _SCOPE_SKIP_IF_ENTITY and _scoped(tokens, i, sc):
             scope.add(sc)
         elif lower == "class" and prev_word in ("first", "business", "economy", "premium"):
             scope.add(prev_word + "-class")
@@ -677,9 +894,9 @@ def features(text: str, key: bytes = b"") -> Features:
         numbers.pop()  # a trailing operator is punctuation ("5 -")
     language = _language(lang_votes, scripts)
 
-    def d(text: str) -> int:
-        return _digest(key, text)
+    d = _hasher(key)
 
+    content, marks, paired = _content(text)
     return Features(
         numbers=d("\x00".join(numbers)) if numbers else 0,
         negations=negations,
@@ -691,7 +908,79 @@ def features(text: str, key: bytes = b"") -> Features:
         directed=directed,
         language=language,
         roles=frozenset((d(w), r) for w, r in roles),
+        content=tuple(d(w) for w in content),
+        typos=tuple(_typos(d, w) for w in content),
+        marks=tuple((d(m), n) for m, n in marks),
+        paired=paired,
     )
+
+
+def _typos(d: Callable[[str], int], word: str) -> tuple[int, ...]:
+    if not TYPO_MIN <= len(word) <= TYPO_LONGEST:
+        return ()
+    return tuple(sorted({d(w) & 0xFFFF for w in (word, *_deletions(word))}))
+
+
+_TIMES_WORDS = _wordset("once twice thrice")
+_ORDINAL_WORDS = _wordset("first second third fourth fifth sixth seventh eighth ninth tenth")
+
+
+def _counts(tokens: list[re.Match[str]], i: int, lower: str, prev_word: str) -> bool:
+    """Is this number word a number? Not "one" as a pronoun or article ("which one", "on one
+    charge"), nor a number word hyphenated to a word ("two-factor", "one-way")."""
+    nxt = tokens[i + 1] if i + 1 < len(tokens) else None
+    after = tokens[i + 2] if i + 2 < len(tokens) else None
+    if (
+        nxt is not None
+        and nxt.group() == "-"
+        and nxt.start() == tokens[i].end()
+        and after is not None
+        and after.start() == nxt.end()
+        and after.lastgroup == "word"
+    ):
+        word = after.group().lower()
+        return lower in _ORDINAL_WORDS or word in UNITS or word in UNIT_NAMES or word in SCALES
+    if lower != "one":
+        return True
+    if prev_word in _PRONOUN_ONE:
+        return False
+    if nxt is None or nxt.lastgroup != "word":
+        return False
+    word = nxt.group().lower()
+    return word in SCALES or word in UNIT_NAMES or word in UNITS
+
+
+def _number_next(tokens: list[re.Match[str]], i: int) -> bool:
+    """Is the next token a number ("2 times 3"), not "two times" (twice)?"""
+    nxt = tokens[i + 1] if i + 1 < len(tokens) else None
+    if nxt is None:
+        return False
+    return nxt.group("num") is not None or nxt.group().lower() in UNITS
+
+
+_PLAN_SCOPES = _wordset(
+    "free basic pro plus premium team business enterprise trial family standard personal "
+    "individual economy"
+)
+_PLAN_NOUNS = _wordset(
+    """plan plans tier tiers account accounts subscription subscriptions license licence
+    licenses edition version versions membership memberships class seat seats user users
+    customer customers member members ticket tickets fare fares pass passes package packages
+    level cabin option options"""
+)
+_MINOR_FOLLOWERS = _wordset("in under at and or who with to")
+
+
+def _scoped(tokens: list[re.Match[str]], i: int, canon: str) -> bool:
+    """Does this scope word say who or which plan? A plan word only before a plan noun ("the
+    free plan", not "chemical-free"), "minor" not before a noun ("a minor burn")."""
+    nxt = tokens[i + 1] if i + 1 < len(tokens) else None
+    word = nxt.group().lower() if nxt is not None and nxt.lastgroup == "word" else ""
+    if canon in _PLAN_SCOPES:
+        return word in _PLAN_NOUNS
+    if canon == "minor":
+        return not word or word in _MINOR_FOLLOWERS
+    return True
 
 
 def _continues(previous: float, value: float) -> bool:
@@ -820,7 +1109,10 @@ def _pole_clash(a: Features, b: Features, kind: int) -> bool:
     for g, p, k in b.poles:
         if k == kind:
             groups_b.setdefault(g, set()).add(p)
-    return any(g in groups_b and groups_b[g] != poles for g, poles in groups_a.items())
+    return any(
+        g in groups_b and (poles - groups_b[g]) and (groups_b[g] - poles)
+        for g, poles in groups_a.items()
+    )
 
 
 def antonym(a: Features, b: Features) -> bool:
@@ -834,21 +1126,90 @@ def direction(a: Features, b: Features) -> bool:
 
 
 def entity(a: Features, b: Features) -> bool:
-    """A named entity, product, currency or language in one text is missing from the other."""
-    return any(e not in b.words for e in a.entities) or any(e not in a.words for e in b.entities)
+    """Each text names an entity, product, currency or language the other lacks (Canada /
+    China): a swap. One that only adds a name ("a pivot table" / "... in Excel", "on
+    Earth", "Darwin's theory") narrows or restates the question, which the scope and swap
+    guards judge."""
+    return any(e not in b.words for e in a.entities) and any(e not in a.words for e in b.entities)
 
 
 def order(a: Features, b: Features) -> bool:
-    """A word that one text moves from is one the other moves to, or the shared entities come
-    in another order where a direction marker makes order matter."""
+    """A word that one text moves from is one the other moves to; or around an order marker
+    both texts hold (than, to, into, en, nach, que, als, ->) one content word goes from
+    before it to after it while another goes the other way (miles en kilomètres /
+    kilomètres en miles, Everest taller than K2 / K2 taller than Everest); or the shared
+    entities come in another order where a direction marker makes order matter."""
     if any((w, 3 - r) in b.roles for w, r in a.roles):
         return True  # "from PayPal to my bank" / "from my bank to PayPal"
-    if not (a.directed or b.directed):
+    return _crossed(a, b) or _transposed(a, b)
+
+
+def _transposed(a: Features, b: Features) -> bool:
+    """The shared content words in the same order but for two, at least two apart, that
+    trade places ("Can a Mac run Windows apps?" / "Can a Windows PC run Mac apps?"), where
+    no word makes the relation symmetric ("A and B", "between", "differ")."""
+    if a.paired or b.paired:
         return False
-    common = set(a.entities) & set(b.entities)
-    if len(common) < 2:
+    in_a, in_b = set(a.content), set(b.content)
+    seq_a = [w for w in a.content if w in in_b]
+    seq_b = [w for w in b.content if w in in_a]
+    if len(seq_a) != len(seq_b):
+        return False  # two words with one digest
+    moved = [i for i, (x, y) in enumerate(zip(seq_a, seq_b, strict=True)) if x != y]
+    if len(moved) != 2:
         return False
-    return [e for e in a.entities if e in common] != [e for e in b.entities if e in common]
+    i, j = moved
+    return j - i >= 2 and seq_a[i] == seq_b[j] and seq_a[j] == seq_b[i]
+
+
+SWAP_MAX = 2
+"""At most this many unmatched content words on each side make a replacement (a minimal
+pair), not a rewording."""
+SWAP_SHARED_MIN = 1
+"""... with at least this many content words shared."""
+
+
+def _unmatched(a: Features, b: Features) -> tuple[list[int], list[int], int]:
+    """A's and B's content words the other lacks (one typo apart counts as the same word),
+    and how many they share."""
+    in_b = set(b.content)
+    in_a = set(a.content)
+    only_a = [i for i, w in enumerate(a.content) if w not in in_b]
+    only_b = [i for i, w in enumerate(b.content) if w not in in_a]
+    shared = len(in_a & in_b)
+    if only_a and only_b:
+        ta = [frozenset(a.typos[i]) if i < len(a.typos) else frozenset() for i in only_a]
+        tb = [frozenset(b.typos[i]) if i < len(b.typos) else frozenset() for i in only_b]
+        near_a = [any(x & y for y in tb) for x in ta]
+        near_b = [any(y & x for x in ta) for y in tb]
+        shared += min(sum(near_a), sum(near_b))
+        only_a = [i for i, near in zip(only_a, near_a, strict=True) if not near]
+        only_b = [i for i, near in zip(only_b, near_b, strict=True) if not near]
+    return only_a, only_b, shared
+
+
+def swap(a: Features, b: Features) -> bool:
+    """Nearly the same content words with one or two replaced on each side (a minimal pair:
+    thicker/thinner, soccer/basketball, required/optional, samedi/dimanche); a typo or
+    another inflection of the same word is not a replacement."""
+    only_a, only_b, shared = _unmatched(a, b)
+    if not only_a or not only_b:
+        return False
+    most = max(len(only_a), len(only_b))
+    return most <= SWAP_MAX and shared >= SWAP_SHARED_MIN * most
+
+
+def _crossed(a: Features, b: Features) -> bool:
+    at_b = dict(b.marks)
+    for marker, n_a in a.marks:
+        n_b = at_b.get(marker)
+        if n_b is None:
+            continue
+        before_a, after_a = set(a.content[:n_a]), set(a.content[n_a:])
+        before_b, after_b = set(b.content[:n_b]), set(b.content[n_b:])
+        if before_a & after_b and after_a & before_b:
+            return True
+    return False
 
 
 def scope(a: Features, b: Features) -> bool:
@@ -871,6 +1232,7 @@ GUARDS: tuple[tuple[str, Callable[[Features, Features], bool]], ...] = (
     ("order", order),
     ("scope", scope),
     ("language", language),
+    ("swap", swap),
 )
 """Every guard, by the name its refusal is logged under, in the order they are asked."""
 
@@ -885,7 +1247,7 @@ def refusal(a: Features, b: Features) -> str | None:
 
 # ---------------------------------------------------------------- stored form
 
-_HEAD = struct.Struct("<BBIHHHHHH?")
+_HEAD = struct.Struct("<BBIHHHHHH??")
 
 
 def pack(f: Features) -> bytes:
@@ -902,6 +1264,7 @@ def pack(f: Features) -> bytes:
         len(f.scope),
         len(f.roles),
         f.directed,
+        f.paired,
     )
     lang = f.language.encode()[:16]
     parts = [head, bytes([len(lang)]), lang]
@@ -911,12 +1274,17 @@ def pack(f: Features) -> bytes:
     parts.append(struct.pack(f"<{len(f.entities)}I", *f.entities))
     parts.append(struct.pack(f"<{len(f.scope)}I", *sorted(f.scope)))
     parts.append(b"".join(struct.pack("<Ib", w, r) for w, r in sorted(f.roles)))
+    parts.append(struct.pack(f"<H{len(f.content)}I", len(f.content), *f.content))
+    for typos in f.typos:
+        parts.append(struct.pack(f"<B{len(typos)}H", len(typos), *typos))
+    parts.append(bytes([len(f.marks)]))
+    parts.append(b"".join(struct.pack("<IH", m, n) for m, n in f.marks))
     return b"".join(parts)
 
 
 def unpack(data: bytes) -> Features:
     """pack() reversed; ValueError (or struct.error) when damaged."""
-    version, neg, nums, nw, nn, np_, ne, ns, nr, directed = _HEAD.unpack_from(data)
+    version, neg, nums, nw, nn, np_, ne, ns, nr, directed, paired = _HEAD.unpack_from(data)
     if version != VERSION:
         raise ValueError("unknown guard record version")
     at = _HEAD.size
@@ -942,6 +1310,20 @@ def unpack(data: bytes) -> Features:
     for _ in range(nr):
         roles.append(struct.unpack_from("<Ib", data, at))
         at += 5
+    (nc,) = struct.unpack_from("<H", data, at)
+    at += 2
+    content = ints(nc)
+    typos = []
+    for _ in range(nc):
+        nt = data[at]
+        typos.append(struct.unpack_from(f"<{nt}H", data, at + 1))
+        at += 1 + 2 * nt
+    nm = data[at]
+    at += 1
+    marks = []
+    for _ in range(nm):
+        marks.append(struct.unpack_from("<IH", data, at))
+        at += 6
     if at != len(data):
         raise ValueError("damaged guard record")
     return Features(
@@ -955,4 +1337,8 @@ def unpack(data: bytes) -> Features:
         directed=directed,
         language=lang,
         roles=frozenset(roles),
+        content=content,
+        typos=tuple(typos),
+        marks=tuple(marks),
+        paired=paired,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import re
 import sys
 from collections.abc import Sequence
@@ -73,23 +74,30 @@ def _route(route: str | None) -> str | None:
 
 
 def main(argv: Sequence[str]) -> int:
-    own = argparse.ArgumentParser(add_help=False)
-    for name in FILTERS:
-        own.add_argument(f"--{name}")
-    filters, rest = own.parse_known_args(list(argv))
-    settings = Settings.from_args(
-        rest,
+    def filters(parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("filters (at least one; ANDed)")
+        group.add_argument("--namespace", metavar="NAME", help="the X-Cache-Namespace answers")
+        group.add_argument(
+            "--tenant", metavar="ID", help="one tenant (the 12-character id of the log lines)"
+        )
+        group.add_argument("--model", metavar="NAME", help="answers for this model")
+        group.add_argument("--route", metavar="/v1/...", help="answers of this route")
+
+    settings, ns = Settings.parse(
+        argv,
         prog="python -m proxy purge",
-        description="Delete cached answers matching every filter given (at least one): "
-        "--namespace NAME, --tenant ID (the 12-character id of the log lines), --model "
-        "NAME, --route /v1/... . It works straight on the store the server's flags name "
-        '(embedded SQLite or Redis), so the proxy may be stopped; it prints {"purged": N}.',
-        epilog="Filters: --namespace, --tenant, --model, --route (ANDed).",
+        description="Delete cached answers matching every filter given. It works straight on "
+        "the store --cache names (embedded SQLite in --data-dir, or Redis), so the proxy may "
+        'be running or stopped; it prints {"purged": N}.',
+        epilog=None,
+        only=("cache", "data_dir"),
+        extra=filters,
     )
     try:
-        patterns = patterns_of(vars(filters))
+        patterns = patterns_of({name: getattr(ns, name) for name in FILTERS})
     except BadFilter as exc:
         raise ConfigError(str(exc)) from None
+    from proxy.errors import StoreUnavailable
     from proxy.stores import open_store
 
     store = open_store(settings.cache, settings.data_dir)
@@ -104,8 +112,15 @@ def main(argv: Sequence[str]) -> int:
                 gone += await purge(pattern)
             return gone
         finally:
-            await store.aclose()
+            with contextlib.suppress(Exception):
+                await store.aclose()
 
-    purged = asyncio.run(run())
+    try:
+        purged = asyncio.run(run())
+    except StoreUnavailable as exc:
+        raise ConfigError(
+            f"--cache / PROXY_CACHE: the store did not answer ({exc}); start it, or name the "
+            "one the proxy uses"
+        ) from None
     sys.stdout.write(orjson.dumps({"purged": purged}).decode() + "\n")
     return 0

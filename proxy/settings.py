@@ -53,9 +53,12 @@ class Settings:
     log_format: str = "json"
     """json (one line per request) or console."""
     workers: int = 1
-    """Processes sharing the port (SO_REUSEPORT)."""
+    """Worker processes on one listening socket bound by a supervising parent (a worker that
+    dies is replaced)."""
     secret: str = ""
-    """HMAC secret for cache keys and tenant hashes. Empty: generated once and kept in data_dir."""
+    """HMAC secret for cache keys and tenant hashes. Empty: the one kept in the store, shared by
+    every instance on it (the first puts its data_dir's there). Given: never stored; an
+    instance whose secret differs from the store's entries stops with one line."""
     upstream_connect_timeout_s: float = 10.0
     """Connect timeout to the upstream; past it the client gets 502."""
     upstream_read_timeout_s: float = 600.0
@@ -113,7 +116,8 @@ class Settings:
     semantic_embeddings_key: str = ""
     """The bearer token sent to --semantic-embeddings-url (the caller's key never is)."""
     admin_token: str = ""
-    """Guards /_proxy/stats, /_proxy/metrics and /_proxy/dashboard when set."""
+    """Opens /_proxy/stats, /_proxy/metrics, /_proxy/dashboard and /_proxy/purge to clients
+    that send it as `Authorization: Bearer <token>`. Empty: they answer loopback clients only."""
 
     @classmethod
     def from_args(
@@ -123,18 +127,37 @@ class Settings:
         **parser_kw: Any,
     ) -> Settings:
         """Parse flags; each flag's default comes from its PROXY_* twin, then the built-in one.
-        `parser_kw` (prog, description, epilog) serve subcommands that take the server's flags."""
-        parser = build_parser(environ, **parser_kw)
+        `parser_kw` (prog, description, epilog, only, extra) serve subcommands (see parse)."""
+        return cls.parse(argv, environ, **parser_kw)[0]
+
+    @classmethod
+    def parse(
+        cls,
+        argv: Sequence[str] | None = None,
+        environ: Mapping[str, str] = os.environ,
+        *,
+        only: Sequence[str] | None = None,
+        extra: Callable[[argparse.ArgumentParser], None] | None = None,
+        **parser_kw: Any,
+    ) -> tuple[Settings, argparse.Namespace]:
+        """Settings and the parsed flags. A subcommand shows and takes `only` the settings it
+        uses as flags (the others still come from their PROXY_* twins) and adds its own
+        options with `extra`; their values are in the namespace."""
+        parser = build_parser(environ, only=only, **parser_kw)
+        if extra is not None:
+            extra(parser)
         ns = parser.parse_args(argv)
         values: dict[str, Any] = {}
         for f in fields(cls):
             raw = getattr(ns, f.name, None)
+            if raw is None and only is not None and f.name not in only:
+                raw = environ.get(_env(f.name))
             if raw is None:
                 continue
             values[f.name] = _convert(f.name, raw)
         settings = cls(**values)
         settings.validate()
-        return settings
+        return settings, ns
 
     def validate(self) -> None:
         """Raise ConfigError naming the first setting that is wrong."""
@@ -266,17 +289,20 @@ def _convert(name: str, raw: str) -> Any:
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         """One line naming what is wrong (not argparse's usage block)."""
-        raise ConfigError(f"{message} (see python -m proxy --help)")
+        raise ConfigError(f"{message} (see {self.prog} --help)")
 
 
 DESCRIPTION = "A transparent caching proxy for the OpenAI API."
 SUBCOMMANDS = """subcommands (each has its own --help):
-  demo [--serve]               the proxy doing its job on a fake upstream, offline
+  demo [--serve [flags]]       the proxy doing its job on a fake upstream, offline
+  fake-upstream [--port N]     the fake OpenAI API the tests and the demo use (no key needed)
   report [FILE ...|-]          hit ratios, tokens and dollars from request.done lines
   images backfill [flags]      rehost images in answers cached before rehosting was on
-  purge --namespace|--tenant|--model|--route ... [flags]
+  purge --namespace|--tenant|--model|--route ... [--cache URL] [--data-dir DIR]
                                delete cached answers from the configured store
-  healthcheck [flags]          exit 0 if the proxy on this machine answers its health route
+  healthcheck [--data-dir DIR] exit 0 if the proxy on this machine answers its health route
+  semantic calibrate --model NAME [--pairs FILE] [--max-wrong 0.05]
+                               the semantic threshold for an embeddings model
 
 Every flag has a PROXY_* environment twin (shown with each flag)."""
 
@@ -295,8 +321,10 @@ def build_parser(
     prog: str = "python -m proxy",
     description: str = DESCRIPTION,
     epilog: str | None = SUBCOMMANDS,
+    only: Sequence[str] | None = None,
 ) -> argparse.ArgumentParser:
-    """The argument parser; every Settings field is a flag whose default is its env twin."""
+    """The argument parser; every Settings field (or `only` those) is a flag whose default is
+    its env twin."""
     parser = _Parser(
         prog=prog,
         description=description,
@@ -305,6 +333,8 @@ def build_parser(
     )
     docs = field_docs()
     for f in fields(Settings):
+        if only is not None and f.name not in only:
+            continue
         doc = " ".join(docs.get(f.name, "").split()).replace("%", "%%")
         shown = _shown_default(f).replace("%", "%%")
         parser.add_argument(

@@ -8,6 +8,7 @@ seen (then "other"); no key or tenant is ever a label.
 from __future__ import annotations
 
 import os
+import struct
 import time
 from bisect import bisect_left
 from collections import deque
@@ -150,6 +151,8 @@ class Stats:
         self._minute = Minute(int(self.started // 60))
         self._minute_ends = (self._minute.minute + 1) * 60.0
         self.series.append(self._minute)
+        self.journal: Journal | None = None
+        """With --workers N: every request is also written here (see Shared)."""
 
     def model_label(self, model: str | None) -> str:
         if not model:
@@ -197,6 +200,8 @@ class Stats:
             usd = line.get("cost_usd")
             if usd:
                 m.usd_spent += usd
+        if self.journal is not None:
+            self.journal.append(line, duration_s)
 
     @property
     def total(self) -> Totals:
@@ -303,10 +308,13 @@ class Stats:
         }
 
     # -- across worker processes ----------------------------------------------------------
-    def dump(self) -> bytes:
-        """This process's counters as JSON, for the other workers to add up (see Shared)."""
+    def dump(self, seq: int = 0) -> bytes:
+        """This process's counters as JSON, for the other workers to add up (see Shared);
+        `seq`: how many of its journal's entries they include."""
         return orjson.dumps(
             {
+                "pid": os.getpid(),
+                "seq": seq,
                 "started": self.started,
                 "cells": [
                     [*k, [getattr(t, n) for n in Totals.__slots__]] for k, t in self.cells.items()
@@ -318,8 +326,8 @@ class Stats:
             }
         )
 
-    def add_dump(self, data: bytes) -> None:
-        """Add another process's dumped counters to these."""
+    def add_dump(self, data: bytes) -> int:
+        """Add another process's dumped counters to these; the journal entries they include."""
         doc = orjson.loads(data)
         self.started = min(self.started, float(doc["started"]))
         names = Totals.__slots__
@@ -343,54 +351,148 @@ class Stats:
             sorted(minutes.values(), key=lambda m: m.minute)[-SERIES_MINUTES:],
             maxlen=SERIES_MINUTES,
         )
+        return int(doc.get("seq", 0))
+
+
+JOURNAL_SLOT = 256
+JOURNAL_SLOTS = 8192
+"""Requests a worker's journal holds between two writes of its counters (a ring: 2 MB)."""
+_JOURNAL_HEAD = 32
+_MAGIC = b"ocpjrnl1"
+
+
+class Journal:
+    """Every request a worker counted, as it counted it, in a memory-mapped ring file.
+
+    The kernel keeps what was written to a shared mapping when the process is killed (even
+    by SIGKILL), so a dead worker's last requests, those after its last counters file, are
+    still counted: its counters file plus the journal entries after the `seq` it names.
+    Header: magic, pid, start time, entries written."""
+
+    def __init__(self, path: Path) -> None:
+        import mmap
+
+        self.path = path
+        self.count = 0
+        size = _JOURNAL_HEAD + JOURNAL_SLOT * JOURNAL_SLOTS
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            self._map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self._map[0:24] = _MAGIC + struct.pack("<Qd", os.getpid(), time.time())
+
+    def append(self, line: dict[str, Any], duration_s: float) -> None:
+        entry = orjson.dumps(
+            [
+                line["cache"],
+                line.get("rule", "other"),
+                line.get("model"),
+                line.get("status"),
+                line.get("bytes"),
+                line.get("tokens_in"),
+                line.get("tokens_out"),
+                "saved_usd" in line,
+                line.get("saved_usd"),
+                line.get("cost_usd"),
+                line.get("saved_ms"),
+                "unpriced" in line,
+                duration_s,
+            ]
+        )
+        if len(entry) > JOURNAL_SLOT - 2:  # a very long model or rule name: counted as other
+            entry = orjson.dumps([line["cache"], "other", "other", *orjson.loads(entry)[3:]])
+        at = _JOURNAL_HEAD + (self.count % JOURNAL_SLOTS) * JOURNAL_SLOT
+        self._map[at : at + 2 + len(entry)] = len(entry).to_bytes(2, "little") + entry
+        self.count += 1
+        self._map[24:32] = self.count.to_bytes(8, "little")
+
+    def close(self) -> None:
+        self._map.close()
+
+    @staticmethod
+    def read(path: Path, after: int) -> list[tuple[dict[str, Any], float]]:
+        """The entries after the first `after` (those still in the ring), as (line, seconds)."""
+        data = path.read_bytes()
+        if len(data) < _JOURNAL_HEAD or not data.startswith(_MAGIC):
+            return []
+        count = int.from_bytes(data[24:32], "little")
+        out: list[tuple[dict[str, Any], float]] = []
+        for seq in range(max(after, count - JOURNAL_SLOTS + 1), count):
+            at = _JOURNAL_HEAD + (seq % JOURNAL_SLOTS) * JOURNAL_SLOT
+            size = int.from_bytes(data[at : at + 2], "little")
+            try:
+                fields = orjson.loads(data[at + 2 : at + 2 + size])
+                (cache, rule, model, status, nbytes, t_in, t_out, has_saved, saved, cost) = fields[
+                    :10
+                ]
+                saved_ms, unpriced, duration = fields[10:]
+            except (ValueError, TypeError):
+                continue  # an entry being written
+            line: dict[str, Any] = {"cache": cache, "rule": rule, "model": model}
+            line.update(status=status, bytes=nbytes, tokens_in=t_in, tokens_out=t_out)
+            line.update(cost_usd=cost, saved_ms=saved_ms)
+            if has_saved:
+                line["saved_usd"] = saved
+            if unpriced:
+                line["unpriced"] = True
+            out.append((line, float(duration)))
+        return out
 
 
 class Shared:
     """The counters of every worker of one `--workers N` proxy, whichever worker is asked.
 
-    Each worker writes its counters to `<data_dir>/stats/<pid>.json` every second (atomic
-    rename); a worker asked for stats adds its own live counters to the other live workers'
-    latest files. With one worker it is just the process's own Stats."""
+    The supervisor gives its workers a folder of their own (named after its pid and start
+    time: no other process's files are ever read). Each worker keeps there a journal of
+    every request (see Journal) and writes its counters every second (atomic rename), both
+    named `<pid>-<start time>`. A worker asked for stats adds to its own live counters every
+    other worker's, dead or alive: its latest counters plus its journal since. A dead
+    worker's files stay, so what it counted is never lost."""
 
-    def __init__(self, stats: Stats, folder: Path | None) -> None:
+    def __init__(self, stats: Stats, folder: Path) -> None:
         self.stats = stats
         self.folder = folder
-        self.path = folder / f"{os.getpid()}.json" if folder is not None else None
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"{os.getpid()}-{time.time_ns()}"
+        self.path = folder / f"{name}.json"
+        self.journal = Journal(folder / f"{name}.journal")
+        stats.journal = self.journal
 
-    def write(self) -> None:
-        if self.folder is None or self.path is None:
-            return
-        self.folder.mkdir(parents=True, exist_ok=True)
+    def snapshot(self) -> bytes:
+        """This worker's counters and how many journal entries they include (on the loop)."""
+        return self.stats.dump(seq=self.journal.count)
+
+    def write(self, data: bytes) -> None:
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_bytes(self.stats.dump())
+        tmp.write_bytes(data)
         os.replace(tmp, self.path)
 
-    def remove(self) -> None:
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
+    def close(self) -> None:
+        """Stop journaling (the last counters are written by the caller first)."""
+        self.stats.journal = None
+        self.journal.close()
 
     def combined(self) -> Stats:
-        """This worker's counters plus every other live worker's (read from their files)."""
-        if self.folder is None:
-            return self.stats
+        """This worker's counters plus every other worker's, the dead ones' included."""
         total = Stats()
         total.started = self.stats.started
         total.add_dump(self.stats.dump())
-        for path in self.folder.glob("*.json"):
-            if path == self.path or not _alive(path.stem):
+        for journal in self.folder.glob("*.journal"):
+            if journal == self.journal.path:
+                continue
+            seq = 0
+            try:
+                seq = total.add_dump(journal.with_suffix(".json").read_bytes())
+            except FileNotFoundError:
+                pass  # a worker that never wrote its counters: all in its journal
+            except (OSError, ValueError, KeyError, TypeError):
                 continue
             try:
-                total.add_dump(path.read_bytes())
-            except (OSError, ValueError, KeyError, TypeError):
-                continue  # a worker that is just writing or just gone
+                entries = Journal.read(journal, seq)
+            except OSError:
+                continue
+            for line, duration_s in entries:
+                total.record(line, duration_s)
         return total
-
-
-def _alive(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -113,7 +113,10 @@ class ImageRehoster:
             raise RehostError("the image URL has an invalid port") from None
         if not _allowed(self.allowed, host, port, parts.scheme):
             where = f"{host or '?'}:{port}" if port is not None else (host or "?")
-            raise RehostError(f"host {where} is not an allowed image source")
+            raise RehostError(
+                f"host {where} is not an allowed image source: add it to "
+                "--image-source-hosts (PROXY_IMAGE_SOURCE_HOSTS) to rehost and cache these answers"
+            )
         if host in self.strict and parts.scheme != "https":
             raise RehostError(f"{host} must be fetched over https")
 

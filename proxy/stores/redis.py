@@ -193,6 +193,14 @@ class RedisStore:
         except Exception as exc:
             raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
 
+    async def claim(self, name: str, value: bytes) -> bytes:
+        """Set `{prefix}:meta:{name}` to `value` unless it is set (SET NX: one writer wins,
+        whatever the race); what it holds after. No TTL: it lives as long as the entries."""
+        key = f"{self.prefix}:meta:{name}"
+        await self._call(lambda: self.client.set(key, value, nx=True))
+        got = await self._call(lambda: self.client.get(key))
+        return bytes(got) if got is not None else b""
+
     async def get(self, key: str) -> CachedResponse | None:
         raw = await self._call(lambda: self.client.get(self._k(key)))
         if raw is None:

@@ -1,7 +1,10 @@
 """Embedded on-disk store: SQLite in WAL mode, every call on one worker thread off the loop.
 
-Bounded: the file holds at most `max_bytes` of answers and their semantic index records
-(`sqlite:///path?max_mb=N`; the default store in the data dir is capped at DEFAULT_MAX_MB).
+Bounded: the file and its WAL stay within `max_bytes` on disk (`sqlite:///path?max_mb=N`;
+the default store in the data dir is capped at DEFAULT_MAX_MB): answers may use DATA_SHARE
+of it, the WAL is checkpointed and truncated past WAL_SHARE, evictions free a bounded
+number of bytes per transaction (secure delete writes them through the WAL), and an answer
+larger than a tenth of the cap is not stored.
 Past the cap the least recently used entries go, with their index records (a trigger);
 expired entries and records go on a timer. Both run in batches of BATCH rows, each its own
 short job on the store thread, so a lookup waits a few milliseconds at most behind them, and
@@ -13,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +43,13 @@ ATIME_EVERY_S = 60.0
 VACUUM_PAGES = 2000
 PAUSE_S = 0.01
 """Between two batches of a sweep or an eviction: lookups get the store thread."""
+DATA_SHARE = 0.75
+"""Of the cap, what answers (and the pages holding them) may use; the rest is for the WAL
+and the pages an eviction frees before they are given back: the cap is the disk budget."""
+WAL_SHARE = 0.05
+"""Of the cap, how large the WAL may grow before it is checkpointed and truncated (at least
+WAL_MIN_BYTES; the default cap keeps SQLite's own 1000 pages)."""
+WAL_MIN_BYTES = 256 * 1024
 QUEUE_MAX_BYTES = 64 * 1024 * 1024
 """Most bytes of answers waiting for the next batch write: past it a write is refused
 (counted and logged as a failed write), so a disk that stalls cannot grow the queue."""
@@ -79,6 +90,7 @@ CREATE TRIGGER IF NOT EXISTS entries_vectors AFTER DELETE ON entries BEGIN
 END;
 CREATE TABLE IF NOT EXISTS totals (id INTEGER PRIMARY KEY CHECK (id = 0), bytes INTEGER NOT NULL);
 INSERT OR IGNORE INTO totals(id, bytes) VALUES (0, 0);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
 """
 )
 _MIGRATE = (  # stores written by earlier versions: size and last use
@@ -90,7 +102,7 @@ WRITE_DELAY_S = 0.05
 """A batch is written this long after its first answer is queued (it is in the hot tier
 meanwhile, so this process serves it; other processes see it that much later). Each
 commit has a fixed cost (its WAL pages, the totals row), which one connection's MISSes
-(about 20 a batch at 10 ms) paid for in latency: see the README's MISS benchmark."""
+(about 20 a batch at 10 ms) paid for in latency: see docs/benchmarks.md, the MISS path."""
 FOLLOW_EVERY_S = 0.05
 """How often the key filter reads the keys other processes wrote (see KeyFilter): another
 worker's new answer is a HIT here that long after it is written, a MISS before."""
@@ -173,6 +185,15 @@ class SQLiteStore:
         burst of answers holds no second copy of each, and the loop does not compress)."""
         self._queued_bytes = 0
         self.queue_max_bytes = QUEUE_MAX_BYTES
+        self.data_cap: int | None = None
+        self.wal_max = 0
+        """Past this many bytes the WAL is checkpointed and truncated after a write (0: as
+        SQLite does by itself)."""
+        if max_bytes is not None:
+            self.data_cap = int(max_bytes * DATA_SHARE)
+            self.wal_max = max(WAL_MIN_BYTES, int(max_bytes * WAL_SHARE))
+            # one batch may not take the file far past its cap before eviction runs
+            self.queue_max_bytes = min(QUEUE_MAX_BYTES, max(1 << 20, max_bytes // 10))
         self._next_batch: asyncio.Future[int] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._writing: asyncio.Future[int] | None = None
@@ -203,6 +224,10 @@ class SQLiteStore:
                 db.execute("PRAGMA auto_vacuum=INCREMENTAL")
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
+            if self.wal_max:
+                page = int(db.execute("PRAGMA page_size").fetchone()[0])
+                db.execute(f"PRAGMA journal_size_limit={self.wal_max}")
+                db.execute(f"PRAGMA wal_autocheckpoint={max(16, min(1000, self.wal_max // page))}")
             columns = {r[1] for r in db.execute("PRAGMA table_info(entries)")}
             if columns and "size" not in columns:
                 with db:
@@ -265,8 +290,9 @@ class SQLiteStore:
                 )
         return [found.get(k) for k in keys]
 
-    def _set_many(self, items: list[tuple[str, CachedResponse, float]]) -> int:
-        """Write a batch of entries in one transaction; the store's total bytes after it.
+    def _set_many(self, items: list[tuple[str, CachedResponse, float]]) -> tuple[int, int]:
+        """Write a batch of entries in one transaction; the store's total bytes after it, and
+        what counts against the cap (see _size).
         Serialised ROWS_PER_INSERT at a time, so a burst holds no second copy of its answers."""
         db = self._connect()
         now = time.time()
@@ -294,7 +320,39 @@ class SQLiteStore:
                     params += (key, expires, value, len(value), now)
                 db.execute(_insert_sql(len(group)), params)
             db.execute("UPDATE totals SET bytes = bytes + ? WHERE id = 0", (delta,))
-        return int(db.execute("SELECT bytes FROM totals WHERE id = 0").fetchone()[0])
+        self._trim_wal(db)
+        return int(db.execute("SELECT bytes FROM totals WHERE id = 0").fetchone()[0]), self._size(
+            db
+        )
+
+    def _size(self, db: sqlite3.Connection) -> int:
+        """What counts against the cap: the answers' bytes, or the pages in use if more
+        (keys, indexes and half-full pages)."""
+        data = int(db.execute("SELECT bytes FROM totals WHERE id = 0").fetchone()[0])
+        if self.max_bytes is None:
+            return data
+        pages = db.execute(
+            "SELECT (SELECT page_count FROM pragma_page_count()) - "
+            "(SELECT freelist_count FROM pragma_freelist_count()), "
+            "(SELECT page_size FROM pragma_page_size())"
+        ).fetchone()
+        return max(data, int(pages[0]) * int(pages[1]))
+
+    def _trim_wal(self, db: sqlite3.Connection) -> None:
+        """Checkpoint and truncate the WAL once it is past wal_max (waiting at most 100 ms
+        for readers: a checkpoint that cannot finish now is tried after the next write)."""
+        if not self.wal_max:
+            return
+        try:
+            wal = os.path.getsize(f"{self.path}-wal")
+        except OSError:
+            return
+        if wal > self.wal_max:
+            db.execute("PRAGMA busy_timeout=100")
+            try:
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            finally:
+                db.execute("PRAGMA busy_timeout=5000")
 
     def _delete(self, key: str) -> None:
         db = self._connect()
@@ -307,24 +365,42 @@ class SQLiteStore:
         """Delete up to BATCH rows chosen by `where`/`order`; (rows, bytes left in the store)."""
         db = self._connect()
         with db:
-            rows = db.execute(
-                # fixed SQL from this module, arguments bound
-                f"DELETE FROM entries WHERE key IN "
-                f"(SELECT key FROM entries {where} {order} LIMIT {BATCH}) RETURNING size",
-                args,
-            ).fetchall()
+            if self.wal_max:
+                # SQLite's secure delete writes zeros over every freed page, through the WAL:
+                # a batch frees at most half the WAL's budget, so the WAL stays in the cap
+                picked: list[str] = []
+                taken = 0
+                for key, size in db.execute(
+                    f"SELECT key, size FROM entries {where} {order} LIMIT {BATCH}", args
+                ):
+                    if picked and taken + size > self.wal_max // 2:
+                        break
+                    picked.append(key)
+                    taken += size
+                marks = ",".join("?" * len(picked))
+                rows = db.execute(
+                    f"DELETE FROM entries WHERE key IN ({marks}) RETURNING size", picked
+                ).fetchall()
+            else:
+                rows = db.execute(
+                    # fixed SQL from this module, arguments bound
+                    f"DELETE FROM entries WHERE key IN "
+                    f"(SELECT key FROM entries {where} {order} LIMIT {BATCH}) RETURNING size",
+                    args,
+                ).fetchall()
             freed = sum(r[0] for r in rows)
             if freed:
                 db.execute("UPDATE totals SET bytes = bytes - ? WHERE id = 0", (freed,))
-        total = int(db.execute("SELECT bytes FROM totals WHERE id = 0").fetchone()[0])
-        return len(rows), total
+        self._trim_wal(db)
+        return len(rows), self._size(db)
 
     def _vadd(self, part: str, member: str, record: bytes, expires: float, keep: int) -> int:
-        """Add one index record (it counts against the cap, like answers); the total after."""
+        """Add one index record (it counts against the cap, like answers); what counts
+        against the cap after."""
         db = self._connect()
         with db:
             if db.execute("SELECT 1 FROM entries WHERE key = ?", (member,)).fetchone() is None:
-                return self._total()  # its entry went already (evicted, purged)
+                return self._used()  # its entry went already (evicted, purged)
             freed = db.execute(
                 "DELETE FROM vectors WHERE member = ? RETURNING length(record)", (member,)
             ).fetchall()
@@ -340,7 +416,7 @@ class SQLiteStore:
                 ).fetchall()
             delta = len(record) - sum(r[0] for r in freed)
             db.execute("UPDATE totals SET bytes = bytes + ? WHERE id = 0", (delta,))
-        return self._total()
+        return self._used()
 
     def _vsince(self, part: str, after: int, limit: int) -> list[tuple[int, bytes]]:
         # by (part, seq) only: an `expires` test here lets the planner pick the expires index
@@ -370,8 +446,12 @@ class SQLiteStore:
     def _vacuum(self) -> int:
         """Give up to VACUUM_PAGES free pages back to the file system; the free pages left."""
         db = self._connect()
+        pages = VACUUM_PAGES
+        if self.wal_max:  # pages moved to the freed places are written to the WAL first
+            pages = max(16, min(pages, self.wal_max // 2 // 4096))
         # executescript steps the pragma to its end: execute() would free one page a call
-        db.executescript(f"PRAGMA incremental_vacuum({VACUUM_PAGES});")
+        db.executescript(f"PRAGMA incremental_vacuum({pages});")
+        self._trim_wal(db)
         return int(db.execute("PRAGMA freelist_count").fetchone()[0])
 
     def _close(self) -> None:
@@ -384,6 +464,9 @@ class SQLiteStore:
 
     def _total(self) -> int:
         return int(self._connect().execute("SELECT bytes FROM totals WHERE id = 0").fetchone()[0])
+
+    def _used(self) -> int:
+        return self._size(self._connect())
 
     # -- on the loop ------------------------------------------------------------------------
     async def warm(self) -> None:
@@ -425,6 +508,19 @@ class SQLiteStore:
         except sqlite3.Error:
             return False  # busy (a checkpoint, another process): ask the store thread
         return row is None or bool(row[0] < time.time())
+
+    def _claim(self, name: str, value: bytes) -> bytes:
+        db = self._connect()
+        with db:
+            db.execute("INSERT OR IGNORE INTO meta(name, value) VALUES (?, ?)", (name, value))
+        row = db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+        return bytes(row[0]) if row is not None else b""
+
+    async def claim(self, name: str, value: bytes) -> bytes:
+        """Set `name` to `value` unless it is set (INSERT OR IGNORE, one transaction); what it
+        holds after."""
+        got: bytes = await self._run(self._claim, name, value)
+        return got
 
     def _ping(self) -> None:
         self._connect().execute("SELECT count(*) FROM totals").fetchone()
@@ -477,7 +573,13 @@ class SQLiteStore:
     def enqueue(self, key: str, entry: CachedResponse, ttl_s: float) -> asyncio.Future[int]:
         """Queue the entry for the next batch (group commit: the writes that arrive within
         WRITE_DELAY_S, or while a batch is written, go in one transaction and one job after
-        it); that batch's future, the store's total bytes after it or StoreUnavailable."""
+        it); that batch's future, the store's total bytes after it or StoreUnavailable.
+        An entry larger than a tenth of the cap is not stored (its write and its eviction
+        would take the file past the cap)."""
+        if self.max_bytes is not None and entry.size > self.max_bytes // 10:
+            skipped: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            skipped.set_result(0)
+            return skipped
         if self._queue and self._queued_bytes + entry.size > self.queue_max_bytes:
             # the file is far behind (a stalled disk): refuse rather than hold every answer
             refused = asyncio.get_running_loop().create_future()
@@ -507,7 +609,7 @@ class SQLiteStore:
                 assert batch is not None
                 self._writing = batch
                 try:
-                    total = await self._run(self._set_many, items)
+                    total, used = await self._run(self._set_many, items)
                 except StoreUnavailable as exc:
                     batch.set_exception(exc)
                     batch.exception()  # retrieved: its writers may all have gone
@@ -515,9 +617,9 @@ class SQLiteStore:
                 finally:
                     self._writing = None
                 batch.set_result(total)
-                over = self.max_bytes is not None and total > self.max_bytes
+                over = self.data_cap is not None and used > self.data_cap
                 if over and not self._evicting and self._eviction is None:
-                    self._eviction = spawn(self._over_cap(total), name="sqlite-evict")
+                    self._eviction = spawn(self._over_cap(used), name="sqlite-evict")
                     self._eviction.add_done_callback(self._evicted)
         finally:
             self._writer = None
@@ -591,7 +693,7 @@ class SQLiteStore:
         self._eviction = None
 
     async def _over_cap(self, total: int) -> None:
-        if self.max_bytes is not None and total > self.max_bytes and not self._evicting:
+        if self.data_cap is not None and total > self.data_cap and not self._evicting:
             self._evicting = True
             try:
                 await self._evict()
@@ -599,11 +701,11 @@ class SQLiteStore:
                 self._evicting = False
 
     async def _evict(self) -> None:
-        """Least recently used entries go, a batch per job, until the store is under its cap
-        (with a tenth of headroom, so eviction does not run on every write)."""
-        assert self.max_bytes is not None
-        target = int(self.max_bytes * 0.9)
-        total = await self._run(self._total)
+        """Least recently used entries go, a batch per job, until the store is under its
+        share of the cap (with a tenth of headroom, so eviction does not run on every write)."""
+        assert self.data_cap is not None
+        target = int(self.data_cap * 0.9)
+        total = await self._run(self._used)
         while total > target:
             n, total = await self._run(self._delete_batch, "", "ORDER BY atime", ())
             self.evicted += n
@@ -633,7 +735,7 @@ class SQLiteStore:
         while True:
             n, _ = await self._run(self._delete_batch, where, "", args)
             gone += int(n)
-            if n < BATCH:
+            if n == 0 or (n < BATCH and not self.wal_max):  # (capped: batches by bytes)
                 break
             await asyncio.sleep(PAUSE_S)
         if gone:
@@ -680,8 +782,8 @@ class SQLiteStore:
     async def vectors_add(
         self, part: str, member: str, record: bytes, expires: float, keep: int
     ) -> None:
-        total = await self._run(self._vadd, part, member, record, expires, keep)
-        await self._over_cap(total)
+        used = await self._run(self._vadd, part, member, record, expires, keep)
+        await self._over_cap(used)
 
     async def vectors_since(self, part: str, after: int, limit: int) -> list[tuple[int, bytes]]:
         rows: list[tuple[int, bytes]] = await self._run(self._vsince, part, after, limit)

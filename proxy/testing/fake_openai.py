@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import hashlib
 import re
@@ -777,3 +778,49 @@ class FakeOpenAI:
 
 def _dumps(obj: Any) -> str:
     return orjson.dumps(obj).decode()
+
+
+def main(argv: list[str]) -> int:
+    """python -m proxy fake-upstream: serve the fake OpenAI API until Ctrl-C."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(
+        prog="python -m proxy fake-upstream",
+        description="Serve the fake OpenAI API the tests and the demo use: chat (streamed or "
+        "not), completions, responses, embeddings, images, models, moderations, speech, "
+        "from recorded real answers. Any API key works but sk-bad (401). Run the proxy in "
+        "front of it with --upstream http://HOST:PORT to try everything without a key.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="listen address [default: 127.0.0.1]")
+    p.add_argument("--port", type=int, default=8081, help="listen port [default: 8081]")
+    p.add_argument(
+        "--latency", type=float, default=0.25, help="seconds before each answer [default: 0.25]"
+    )
+    args = p.parse_args(argv)
+    fake = FakeOpenAI(latency=args.latency)
+
+    async def run() -> None:
+        try:
+            url = await fake.start(args.host, args.port)
+        except OSError as exc:
+            print(
+                f"openai-cache-proxy fake-upstream: cannot listen on {args.host}:{args.port}: "
+                f"{exc.strerror or exc}; choose another --port",
+                file=sys.stderr,
+            )
+            raise SystemExit(2) from None
+        print(
+            f"fake OpenAI upstream on {url}: python -m proxy --upstream {url} "
+            f"(clients: any key; sk-bad is refused)",
+            file=sys.stderr,
+            flush=True,
+        )
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await fake.stop()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
+    return 0

@@ -75,10 +75,10 @@ def cached(port: int, key: str, ns: str, model: str) -> bool:
 
 
 def test_purge_token_rules(start_proxy):
-    """Without an admin token configured: 403 saying how; configured: 401 without it."""
+    """Without an admin token configured: open on loopback (the door for other clients is
+    tested in test_deploy); configured: 401 without it."""
     bare = start_proxy()
-    status, body = purge_http(port_of(bare), {"namespace": "x"}, token=None)
-    assert status == 403 and "--admin-token" in body["error"]["message"]
+    assert purge_http(port_of(bare), {"namespace": "x"}, token=None) == (200, {"purged": 0})
     guarded = start_proxy(admin_token=TOKEN)
     assert purge_http(port_of(guarded), {"namespace": "x"}, token=None)[0] == 401
     assert purge_http(port_of(guarded), {"namespace": "x"}, token="wrong")[0] == 401

@@ -97,6 +97,13 @@ def test_a_rule_can_name_its_own_embeddings_server(start_proxy, e5_server, fake,
         ("Are pets allowed in the apartment?", "Are pets banned in the apartment?", "antonym"),
         ("Is Linux good for gaming?", "Is Windows good for gaming?", "entity"),
         ("Warum funktioniert mein Drucker?", "Warum funktioniert mein Drucker nicht?", "negation"),
+        ("How do I make my sauce thicker?", "How do I make my sauce thinner?", "swap"),
+        ("¿Está permitido fumar en el hotel?", "¿Está prohibido fumar en el hotel?", "swap"),
+        (
+            "Comment convertir des miles en kilomètres ?",
+            "Comment convertir des kilomètres en miles ?",
+            "order",
+        ),
     ],
 )
 def test_traps_close_by_similarity_are_refused_by_name(e5_proxy, fake, stored, asked, guard):
@@ -119,8 +126,8 @@ CALIBRATE = ("--model", "multilingual-e5-small", "--semantic-embeddings-url")
 
 def test_calibrate_on_the_shipped_set_meets_the_goal(e5_server):
     """`python -m proxy semantic calibrate` with the real model prints a table and, as its last
-    line, a threshold at which the held-out pairs are served at >= 50 % with <= 5 % of traps
-    served."""
+    line, a threshold at which the held-out pairs are served at >= 60 % with <= 3 % of traps
+    served (the goal is 50 % and 5 % on pairs never seen)."""
     out = subprocess.run(
         [sys.executable, "-m", "proxy", "semantic", "calibrate", *CALIBRATE, e5_server.url],
         capture_output=True,
@@ -131,6 +138,6 @@ def test_calibrate_on_the_shipped_set_meets_the_goal(e5_server):
     result = orjson.loads(lines[-1])
     assert result["model"] == "multilingual-e5-small" and result["split"] == "held-out"
     assert 0.80 <= result["threshold"] <= 0.99
-    assert result["served"] >= 0.50 and result["wrong"] <= 0.05
+    assert result["served"] >= 0.60 and result["wrong"] <= 0.03
     assert any(line.lstrip().startswith("0.99 ") for line in lines)
     assert "paraphrase" in lines[1] and "negation*" in lines[1]

@@ -47,7 +47,7 @@ def test_two_workers_stats_add_up_whichever_answers(fake, tmp_path):
     proc, port = spawn_proxy(fake.base_url, tmp_path, "--workers", "2")
     try:
         deadline = time.monotonic() + 20  # both workers up (each writes its counters)
-        while len(list((tmp_path / "stats").glob("*.json"))) < 2:
+        while len(list((tmp_path / "stats").glob("*/*.json"))) < 2:
             assert time.monotonic() < deadline, "the second worker did not start"
             time.sleep(0.1)
         headers = {"Authorization": "Bearer sk-w", "Content-Type": "application/json"}
@@ -73,7 +73,7 @@ def test_two_workers_stats_add_up_whichever_answers(fake, tmp_path):
                 float(v) for v in re.findall(r"^ocp_requests_total\{.*\} (\S+)$", metrics, re.M)
             )
             assert total == 30
-        shares = [orjson.loads(p.read_bytes()) for p in (tmp_path / "stats").glob("*.json")]
+        shares = [orjson.loads(p.read_bytes()) for p in (tmp_path / "stats").glob("*/*.json")]
         per_worker = [sum(c[3][0] for c in share["cells"]) for share in shares]
         assert len(per_worker) == 2 and sum(per_worker) == 30 and min(per_worker) > 0
     finally:

@@ -6,7 +6,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from proxy.calibrate import THRESHOLDS, Pair, choose, point, read_pairs, score, shipped_pairs
+from proxy.calibrate import (
+    SERVED_MARGIN,
+    THRESHOLDS,
+    Pair,
+    Point,
+    choose,
+    point,
+    read_pairs,
+    score,
+    shipped_pairs,
+)
 from proxy.errors import ConfigError
 
 
@@ -65,3 +75,17 @@ def test_the_chosen_threshold_serves_most_within_the_wrong_budget():
     assert chosen is not None and chosen.wrong == 0.0 and chosen.served == 1.0
     assert chosen.threshold == pytest.approx(0.95)  # the trap is 0.928, the pair 0.958
     assert choose([point(scored, 0.80)], 0.05) is None
+
+
+def test_the_choice_is_conservative():
+    """Half the wrong budget, then the highest threshold within SERVED_MARGIN of the most
+    served: not the lowest threshold that fits (it served 3x the traps on unseen pairs)."""
+    rows = [(0.90, 0.80, 0.04), (0.91, 0.78, 0.02), (0.92, 0.77, 0.02), (0.93, 0.70, 0.0)]
+    points = [Point(t, served, wrong, ()) for t, served, wrong in rows]
+    chosen = choose(points, 0.05)
+    assert chosen is not None and chosen.threshold == 0.92
+    assert pytest.approx(0.03) == SERVED_MARGIN
+    only_full_budget = [Point(0.90, 0.8, 0.04, ()), Point(0.95, 0.6, 0.03, ())]
+    fallback = choose(only_full_budget, 0.05)
+    assert fallback is not None and fallback.threshold == 0.90
+    assert choose([Point(0.9, 0.9, 0.2, ())], 0.05) is None

@@ -184,6 +184,7 @@ def test_entities_in_order_where_direction_matters(a, b):
             "Who pays for a broken boiler, the tenant?",
         ),
         ("How much chocolate is toxic for dogs?", "How much chocolate is toxic for cats?"),
+        ("Is this recipe suitable for vegetarians?", "Is this recipe suitable for vegans?"),
     ],
 )
 def test_scope_who_and_which_plan(a, b):
@@ -207,7 +208,7 @@ def test_language_of_the_question():
     [
         ("How do I reverse a list in Python?", "What's the way to reverse a Python list?"),
         ("What is the capital of France?", "Tell me France's capital"),
-        ("How do I undo a commit in git?", "How can I revert a commit in git?"),
+        ("How do I undo the last commit in git?", "In git, how can I undo my last commit?"),
         ("Which one is better, vim or emacs?", "Which is better: vim or emacs?"),
         ("Give me a recipe for chocolate chip cookies", "Share a chocolate chip cookie recipe"),
         ("Is it rude not to tip in the US?", "Is not tipping rude in the US?"),
@@ -220,12 +221,137 @@ def test_paraphrases_pass(a, b):
     assert why(a, b) is None
 
 
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        # antonyms no lexicon lists, in several languages
+        ("How do I make my sauce thicker?", "How do I make my sauce thinner?"),
+        (
+            "What's the best way to gain weight healthily?",
+            "What's the best way to lose weight healthily?",
+        ),
+        (
+            "Which foods should I eat during pregnancy?",
+            "Which foods should I avoid during pregnancy?",
+        ),
+        ("Which vaccines are required for Kenya?", "Which vaccines are optional for Kenya?"),
+        ("¿Está permitido fumar en el hotel?", "¿Está prohibido fumar en el hotel?"),
+        ("È consentito portare animali in spiaggia?", "È vietato portare animali in spiaggia?"),
+        ("¿Qué alimentos aumentan el colesterol?", "¿Qué alimentos reducen el colesterol?"),
+        # scope the lexicon lacks
+        ("What taxes does a home buyer pay?", "What taxes does a home seller pay?"),
+        ("How is overtime paid for hourly staff?", "How is overtime paid for salaried staff?"),
+        ("What's the maternity leave policy?", "What's the paternity leave policy?"),
+        ("Do part-time workers get holidays?", "Do full-time workers get holidays?"),
+        (
+            "What's the tuition for in-state students?",
+            "What's the tuition for out-of-state students?",
+        ),
+        # lowercase entities
+        ("How many players are on a soccer team?", "How many players are on a basketball team?"),
+        ("What are the side effects of amoxicillin?", "What are the side effects of azithromycin?"),
+        ("How do I make a margherita pizza?", "How do I make a pepperoni pizza?"),
+        ("What is the speed of sound in water?", "What is the speed of sound in steel?"),
+        ("How do I sort a list in C#?", "How do I sort a list in Go?"),
+        # time without digits
+        ("Le musée est-il ouvert le samedi ?", "Le musée est-il ouvert le dimanche ?"),
+        ("Will it rain tomorrow in Oslo?", "Will it rain next week in Oslo?"),
+    ],
+)
+def test_a_replaced_content_word_is_a_swap(a, b):
+    """Nearly the same content words with one or two replaced on each side (a minimal pair)
+    are refused by the swap guard, whatever the words and the language."""
+    assert why(a, b) == "swap"
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        (
+            "Comment convertir des miles en kilomètres ?",
+            "Comment convertir des kilomètres en miles ?",
+        ),
+        ("Is Mount Everest taller than K2?", "Is K2 taller than Mount Everest?"),
+        ("Is Austria north of Italy?", "Is Italy north of Austria?"),
+        ("How do I redirect HTTP to HTTPS in nginx?", "How do I redirect HTTPS to HTTP in nginx?"),
+        ("Wie rechne ich Euro in Dollar um?", "Wie rechne ich Dollar in Euro um?"),
+        ("Can a Mac run Windows apps?", "Can a Windows PC run Mac apps?"),
+    ],
+)
+def test_the_same_words_crossing_an_order_marker(a, b):
+    """The same content words on the other sides of an order marker (en, than, to, in, a
+    direction word), or two of them trading places with no "and"/"between" to make the
+    relation symmetric, are refused by the order guard."""
+    assert why(a, b) == "order"
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        # near repeats: typos, casing, punctuation, fillers, inflection
+        ("How do I recieve a refund for my order?", "How do I receive a refund for my order?"),
+        ("What is the capital of Peru", "whats the capital of peru??"),
+        ("How do I fix a leaky faucet?", "Please, how do I fix a leaking faucet exactly?"),
+        ("How do I clean a cast iron pan?", "How do I clean a cast-iron pan?"),
+        ("What is a black hole?", "Explain what black holes are."),
+        # the false refusals the evaluator found
+        ("What is Newton's second law?", "What is Newtons second law?"),
+        ("How do I make a pivot table?", "How do I make a pivot table in Excel?"),
+        (
+            "How does a bill become law in the United States?",
+            "How does a bill become law in the US?",
+        ),
+        ("What are the symptoms of COVID-19?", "What are the symptoms of Covid 19?"),
+        ("Why was I charged twice?", "Why was I charged two times?"),
+        ("How do I set up two-factor authentication?", "How can I turn on 2FA?"),
+        ("What is an electric car's range?", "How far can electric cars go on one charge?"),
+        ("How much sleep does an adult need?", "How much sleep does a grown-up need?"),
+        ("How do I treat a minor burn at home?", "How do I treat a minor burn?"),
+        ("How do I unclog a sink without chemicals?", "How do I unclog a sink chemical-free?"),
+        (
+            "What's the difference between a Roth IRA and a traditional IRA?",
+            "How does a traditional IRA differ from a Roth IRA?",
+        ),
+        (
+            "Was ist der Unterschied zwischen Wetter und Klima?",
+            "Wie unterscheiden sich Klima und Wetter?",
+        ),
+        ("I'd like to know how to make a budget.", "How do I create a personal budget?"),
+        ("How do I contact customer support?", "What's the way to reach your support team?"),
+        ("Who was the first person on the moon?", "Which astronaut first set foot on the moon?"),
+    ],
+)
+def test_near_repeats_and_restatements_pass(a, b):
+    """Typos, inflections, fillers, hyphens, apostrophes, a number word used as a word, an
+    added place, and the rewordings the evaluator saw refused, pass every guard."""
+    assert why(a, b) is None
+
+
+def test_antonyms_clash_only_when_each_side_holds_its_own_pole():
+    """ "slow ... faster" against "slow" is no clash: only a pole one side holds alone against
+    the other pole the other side holds alone is."""
+    a, b = "How can I speed up my slow Wi-Fi?", "My wifi is slow, how do I make it faster?"
+    assert guards.antonym(features(a, KEY), features(b, KEY)) is False
+
+
+def test_a_synonym_in_a_minimal_pair_is_refused():
+    """The swap guard cannot tell a synonym from an antonym in a minimal pair: "undo" /
+    "revert" is refused like "thicker" / "thinner" (the price of not serving traps)."""
+    assert why("How do I undo a commit in git?", "How can I revert a commit in git?") == "swap"
+
+
+def test_a_rewording_of_many_words_is_not_a_swap():
+    """Three or more content words replaced on a side is a rewording, not a minimal pair."""
+    a, b = "What causes the northern lights?", "Why does the aurora borealis glow in the night sky?"
+    assert guards.swap(features(a, KEY), features(b, KEY)) is False
+
+
 def test_every_guard_is_named_and_pure():
     """Each guard is its own function, listed under the name its refusal is logged by."""
     names = [name for name, _ in guards.GUARDS]
     assert len(names) == len(set(names))
     assert {"numbers", "negation", "affix", "antonym", "direction", "entity", "order"} <= set(names)
-    assert {"scope", "language"} <= set(names)
+    assert {"scope", "language", "swap"} <= set(names)
     f = features("Is 5 mg not allowed in Canada for my mother?", KEY)
     for _, check in guards.GUARDS:
         assert check(f, f) is False
@@ -242,7 +368,10 @@ VOCABULARY = (
     "is are not no never the a of in to from into than I my mother tenant free enterprise "
     "plan economy business class Canada China USD EUR French German 5 40 -40 2pm 2am 500 mg g "
     "½ ¼ 2^10 10^2 03/05/2021 II IV suitable unsuitable allowed banned buy sell before after "
-    "import export nicht pas не 不 transferable non-transferable careless care -> $5M $5B"
+    "import export nicht pas не 不 transferable non-transferable careless care -> $5M $5B "
+    "thicker thinner soccer basketball en miles kilomètres than K2 Everest recieve receive "
+    "north Austria Italy in-state out-of-state samedi dimanche twice two times one COVID-19 "
+    "vegans vegetarians maternity paternity Mac Windows run apps PC and between"
 )
 WORDS = st.sampled_from(VOCABULARY.split(" "))
 
