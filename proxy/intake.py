@@ -17,7 +17,7 @@ from aiohttp import web
 from proxy.body import decodable, decode
 from proxy.caller_keys import NO_CALLER, BadCacheHeader, CallerControls, caller_fields, read_caller
 from proxy.errors import BadBody, BodyTooLarge, json_error
-from proxy.keys import credential_of, header_values, raw_digest, tenant_digest
+from proxy.keys import credentials, raw_digest, tenant_digest
 from proxy.plan import (
     ClientControls,
     Keyed,
@@ -257,9 +257,7 @@ def _head(
     """The credential headers, and what the plan memo keys on beside the body (the memo
     holds plans with a fingerprint, for an Idempotency-Key, apart from those without)."""
     h = request.headers
-    credential = credential_of(h)
-    org = header_values(h, "OpenAI-Organization")
-    project = header_values(h, "OpenAI-Project")
+    credential, org, project = credentials(h)
     head = "\0".join(
         (
             credential,
