@@ -24,7 +24,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
+import orjson
 from aiohttp import web
 from multidict import istr
 
@@ -149,9 +151,26 @@ def read_caller(headers: Mapping[str, str]) -> CallerControls:
     return CallerControls(key, ignore, ttl, skip)
 
 
-def caller_canonical(key: str) -> bytes:
-    """What a caller-keyed request's key is built over in place of its canonical body."""
-    return b"caller-key\0" + key.encode("utf-8", "surrogatepass")
+SHAPE_FIELDS = ("encoding_format", "response_format", "output_format")
+"""Body fields whose string value decides the form of an answer (base64 or floats, a URL or
+bytes, mp3 or wav): a caller key never spans two forms."""
+
+
+def caller_canonical(key: str, fields: Mapping[str, Any], twin: str | None, route: str) -> bytes:
+    """What a caller-keyed request's key is built over in place of its canonical body: the
+    caller's key and the form its answer takes. On chat and Responses a stored stream and a
+    JSON answer convert into each other (twins); elsewhere `stream` is part of the form."""
+    shape: dict[str, Any] = {}
+    if twin is None:
+        shape["stream"] = fields.get("stream") in (True, "true", "True")
+    if route.endswith("/embeddings"):
+        shape["encoding_format"] = "float"  # OpenAI's default
+    for name in SHAPE_FIELDS:
+        value = fields.get(name)
+        if isinstance(value, str):
+            shape[name] = value[:64]
+    form = orjson.dumps(shape, option=orjson.OPT_SORT_KEYS)
+    return b"caller-key\0" + key.encode("utf-8", "surrogatepass") + b"\0form\0" + form
 
 
 DETAIL = web.RequestKey("cache_detail", str)

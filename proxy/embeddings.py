@@ -109,6 +109,9 @@ def item_keys(
     """Parse the body and key each item (pure; run off the loop for long lists)."""
     fields = orjson.loads(body)
     inputs = fields.pop("input")
+    model = fields.get("model")
+    if isinstance(model, str):
+        label = model  # the whole name in the store key: a purge by that name finds it
     fields.setdefault("encoding_format", "float")  # OpenAI's default: one entry for both
     base = canonical_json(fields, ignore, has_float(body))
     tid = tenant.hex()[:12]
@@ -424,6 +427,7 @@ async def _call(
     """One upstream call for the items at `lead`; their entries stored and futures set."""
     body = orjson.dumps({**items.fields, "input": [items.inputs[i] for i in lead]})
     t0 = time.perf_counter()
+    began = CLOCK.now()  # the fill begins: a purge after this keeps its items out
     try:
         async with st.upstream.request("POST", ex.path_qs, ex.fwd, body) as up:
             status = up.status
@@ -491,6 +495,7 @@ async def _call(
                 (),
                 emb,
                 now,
+                upstream_ms=(now - began) * 1000.0,  # when the fill began (Cache.purged)
                 meta={"ttl": keyed.ttl_s, "tokens": share[j], "model": model},
             )
             _put(st, key, entry, keyed.ttl_s + keyed.keep_s)

@@ -288,7 +288,7 @@ def make_plan(
         return Plan(None, "", label, stream, digest, hints)
     used, ignore = _caller_shape(rule, caller, rule.ignore_fields + (TWIN_FIELDS if twin else ()))
     if used and used != "refused" and caller.key is not None:
-        canonical = caller_canonical(caller.key)
+        canonical = caller_canonical(caller.key, fields, twin, route)
     elif fingerprint and (raw or ignore == forms):
         canonical = canonical_all
     else:
@@ -360,6 +360,7 @@ def _extras(
         and scope.route.endswith("/embeddings")
         and not (caller.key and rule.caller_keys)
         and per_item(fields)
+        and _exact_besides_input(fields, ignore, body)
     )
     return semantic, pck, bool(items)
 
@@ -394,6 +395,16 @@ def _form_of(twin: str | None, stream: bool, fields: dict[str, Any]) -> str:
     options = fields.get("stream_options")
     usage = isinstance(options, dict) and bool(options.get("include_usage"))
     return "sse+usage" if usage and twin == "chat" else "sse"
+
+
+def _exact_besides_input(fields: dict[str, Any], ignore: tuple[str, ...], body: bytes) -> bool:
+    """Can the fields other than `input` be keyed exactly (no float past what a double
+    holds)? If not, the list is keyed whole, by its exact bytes, never item by item."""
+    try:
+        canonical_json({k: v for k, v in fields.items() if k != "input"}, ignore, has_float(body))
+    except Inexact:
+        return False
+    return True
 
 
 def _caller_used(caller: CallerControls) -> str:

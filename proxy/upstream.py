@@ -149,12 +149,13 @@ def forward_headers(headers: Mapping[str, str], *, decoded: bool = False) -> CIM
 
 
 def response_headers(headers: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
-    """Upstream response headers a client may see again (hop-by-hop and cookies dropped)."""
-    return tuple(
-        (name, value)
-        for name, value in headers.items()
-        if name.lower() not in DROP_RESPONSE_HEADERS
-    )
+    """Upstream response headers a client may see again: hop-by-hop ones (those the
+    Connection header names included, RFC 9110 7.6.1) and cookies dropped."""
+    drop = DROP_RESPONSE_HEADERS
+    connection = headers.get("Connection")
+    if connection is not None and connection.lower() not in ("keep-alive", "close"):
+        drop = drop | _connection_tokens(headers)
+    return tuple((name, value) for name, value in headers.items() if name.lower() not in drop)
 
 
 def _connection_tokens(headers: Mapping[str, str]) -> frozenset[str]:

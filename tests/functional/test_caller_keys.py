@@ -129,3 +129,32 @@ def test_bad_cache_headers_are_openai_shaped_400s(proxy, fake):
         assert header(answer, "Content-Type") == "application/json"
         assert b'"type":"invalid_request_error"' in body_of(answer)
     assert fake.count(CHAT) == 0
+
+
+def test_a_caller_key_never_spans_two_forms(proxy, fake):
+    """Under one X-Cache-Key a /v1/completions stream is not served to a JSON request (the
+    SDK gets a Completion), and base64 and float embeddings are two entries; on chat a stream
+    (with its usage) and a JSON request still share one answer (the twin)."""
+    client = sdk(proxy)
+    key = {"X-Cache-Key": "faq-7"}
+    streamed = client.completions.create(
+        model="gpt-3.5-turbo-instruct", prompt="a", stream=True, extra_headers=key
+    )
+    assert "".join(c.choices[0].text for c in streamed if c.choices)
+    plain = client.completions.with_raw_response.create(
+        model="gpt-3.5-turbo-instruct", prompt="b", extra_headers=key
+    )
+    assert plain.headers["x-cache-status"] == "MISS"
+    assert isinstance(plain.parse(), openai.types.Completion)
+    floats = client.embeddings.with_raw_response.create(
+        model="text-embedding-3-small", input="x", encoding_format="float", extra_headers=key
+    )
+    b64 = client.embeddings.with_raw_response.create(
+        model="text-embedding-3-small", input="y", encoding_format="base64", extra_headers=key
+    )
+    assert floats.headers["x-cache-status"] == "MISS" and b64.headers["x-cache-status"] == "MISS"
+    assert isinstance(floats.parse().data[0].embedding, list)
+    chat_stream = ask(client, "c", key, stream=True, stream_options={"include_usage": True})
+    chat_stream.parse().close()
+    chat_json = ask(client, "d", key)
+    assert chat_json.headers["x-cache-status"] == "HIT"

@@ -279,7 +279,8 @@ def _cmdline(pid: int) -> str:
 def test_a_worker_killed_under_load_is_replaced_and_its_counts_kept(fake, tmp_path):
     """SIGKILL one of two workers under load: a new worker is there within 5 s and logged,
     no request sent after that fails, /_proxy/stats counts every request answered (the
-    dead worker's included) and a second proxy on the same port fails in one line."""
+    dead worker's included, and at most the requests the kill cut besides), and a second
+    proxy on the same port fails in one line."""
     import os
     import signal
     import threading
@@ -293,7 +294,7 @@ def test_a_worker_killed_under_load_is_replaced_and_its_counts_kept(fake, tmp_pa
     try:
         wait_for(lambda: b"listening" in b"".join(running._err), 60, lambda: "not started")
         first = worker_pids(proc)
-        answered, failed_after = [0], []
+        answered, failed, failed_after = [0], [0], []
         replaced_at = [float("inf")]
 
         def load(n: int) -> None:
@@ -314,7 +315,9 @@ def test_a_worker_killed_under_load_is_replaced_and_its_counts_kept(fake, tmp_pa
                     why = repr(exc)
                 if not why:
                     answered[0] += 1
-                elif sent > replaced_at[0]:
+                else:
+                    failed[0] += 1
+                if why and sent > replaced_at[0]:
                     failed_after.append((round(sent - replaced_at[0], 3), why))
                 i += 1
 
@@ -347,7 +350,11 @@ def test_a_worker_killed_under_load_is_replaced_and_its_counts_kept(fake, tmp_pa
                 raw(port, b"GET /_proxy/stats HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             )
         )
-        assert snap["requests"] == answered[0], (snap["requests"], answered[0])
+        # The killed worker may have counted a request whose answer it never finished
+        # sending (the client saw a reset): stats hold every answered request, and at most
+        # those that failed besides.
+        counted = snap["requests"]
+        assert answered[0] <= counted <= answered[0] + failed[0], (counted, answered, failed)
         health = raw(port, b"GET /_proxy/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert status_of(health) == 200
         print(f"replaced in {took:.2f} s; {answered[0]} requests answered")

@@ -308,3 +308,73 @@ def test_stale_items_cover_an_upstream_failure(start_proxy, fake, tmp_path):
     assert_matches(covered, texts(4), 8)
     with pytest.raises(Exception, match="overloaded"):
         embed(client, [*texts(4), "never stored"], dimensions=8, encoding_format="float")
+
+
+def _post(proxy, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes, dict]:
+    req = urllib.request.Request(proxy.base_url.removesuffix("/v1") + path, data=body)
+    for name, value in headers.items():
+        req.add_header(name, value)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, resp.read(), dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(), dict(exc.headers)
+
+
+async def test_a_purge_during_the_call_keeps_its_items_out(start_proxy, fake):
+    """A purge by model made while a list's items are upstream: the items that come back
+    after it are not stored, so the same list again goes upstream (as a whole answer does)."""
+    proxy = start_proxy()
+    fake.latencies = [1.0]
+    items = texts(3, "purged")
+    async with async_sdk(proxy) as client:
+
+        async def purge_midway():
+            await asyncio.sleep(0.4)
+            return await asyncio.to_thread(
+                _post,
+                proxy,
+                "/_proxy/purge",
+                orjson.dumps({"model": MODEL}),
+                {"Content-Type": "application/json"},
+            )
+
+        first, (status, _, _) = await asyncio.gather(
+            client.embeddings.with_raw_response.create(model=MODEL, input=items, dimensions=8),
+            purge_midway(),
+        )
+        assert status == 200 and first.headers["x-cache-status"] == "MISS"
+        again = await client.embeddings.with_raw_response.create(
+            model=MODEL, input=items, dimensions=8
+        )
+    assert again.headers["x-cache-status"] == "MISS" and fake.count(EMB) == 2
+
+
+@pytest.mark.parametrize("extra", [b'"x":1e300', b'"y":9007199254740993.0'])
+def test_a_float_no_double_holds_keys_the_list_whole(proxy, fake, extra):
+    """A list whose other fields hold a number no double keeps exactly is not cached item
+    by item (its items could not be keyed exactly): it is answered, never a 500."""
+    body = b'{"model":"' + MODEL.encode() + b'","input":["a","b"],' + extra + b"}"
+    headers = {"Content-Type": "application/json", "Authorization": "Bearer sk-test-a"}
+    status, answer, got = _post(proxy, EMB, body, headers)
+    assert status == 200, answer[:300]
+    assert got["X-Cache-Status"] == "MISS" and len(orjson.loads(answer)["data"]) == 2
+
+
+def test_a_long_model_name_is_purged_by_its_full_name(proxy, fake):
+    """Items of a model whose name is longer than any label are tagged with the whole name:
+    a purge by that name takes them, and the list goes upstream again."""
+    model = "ft:text-embedding-3-small:acme-corp:" + "x" * 120
+    client = sdk(proxy)
+    client.embeddings.create(model=model, input=texts(2, "long"), dimensions=8)
+    status, body, _ = _post(
+        proxy,
+        "/_proxy/purge",
+        orjson.dumps({"model": model}),
+        {"Content-Type": "application/json"},
+    )
+    assert status == 200 and orjson.loads(body)["purged"] == 2
+    again = client.embeddings.with_raw_response.create(
+        model=model, input=texts(2, "long"), dimensions=8
+    )
+    assert again.headers["x-cache-status"] == "MISS"

@@ -126,3 +126,26 @@ def test_the_base_path_is_joined_once(base, path_qs, expected):
     from proxy.upstream import join_path
 
     assert join_path(base.rstrip("/"), path_qs) == expected
+
+
+def test_response_headers_named_in_connection_are_dropped():
+    """An upstream header the answer's Connection header names is hop-by-hop (RFC 9110
+    7.6.1): never passed to the client nor stored; the others are kept."""
+    from multidict import CIMultiDict
+
+    from proxy.upstream import response_headers
+
+    headers = CIMultiDict(
+        [
+            ("Connection", "keep-alive, X-Internal-Hop"),
+            ("X-Internal-Hop", "upstream-secret-123"),
+            ("x-request-id", "req_1"),
+            ("Content-Type", "application/json"),
+        ]
+    )
+    assert response_headers(headers) == (
+        ("x-request-id", "req_1"),
+        ("Content-Type", "application/json"),
+    )
+    plain = CIMultiDict([("Connection", "keep-alive"), ("x-request-id", "req_2")])
+    assert response_headers(plain) == (("x-request-id", "req_2"),)
