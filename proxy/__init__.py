@@ -1,26 +1,24 @@
 """openai-cache-proxy: a transparent caching, coalescing reverse proxy for the OpenAI API.
 
-The data path, one request (handlers.proxy_handler):
+The data path, one request (handlers.proxy_handler, on one screen; docs/architecture.md):
 
-1. read the body (capped: 413; `Expect: 100-continue` answered here), decode its
-   Content-Encoding capped while decoding (body.py), name the tenant from every credential
-   header (keys.py)
-2. plan.make_plan: the first matching rule (rules.py) and the key (keys.py) over the
-   canonical body (normalize.py: JSON under any content type, bounded depth, exact numbers);
-   memoised on a digest of the raw bytes; large bodies are planned off the loop
-3. plan.decide -> PassThrough (no rule, Cache-Control: no-store: streamed both ways) or
-   Keyed (key, freshness, what to store)
-4. cache.Cache.get (a Store from stores/, behind a hot tier and a breaker) -> HIT: replay.py
-   (twins.py converts a stored stream to JSON or back); on an exact miss, a rule with
-   `semantic` looks the request up by meaning (vectors.py, guards in guards.py) -> HIT
-5. coalesce.Flights: join the key's flight (COALESCED) or lead one (MISS / REFRESH); across
+1. intake.read_intake -> Refused (a 4xx) | Opaque (an unreadable Content-Encoding: passed
+   through) | Intake: the body capped and decoded (body.py), the tenant from every
+   credential header (keys.py), Cache-Control and caller headers, the Plan (plan.make_plan:
+   rule, key over the canonical body; memoised on the raw bytes; large bodies off the loop)
+2. hit.hot: a fresh entry in the hot tier, sent whole (the HIT fast path)
+3. plan.decide -> PassThrough (passthrough.py: streamed both ways, cost counted) | Keyed
+   (embeddings lists item by item: embeddings.py)
+4. miss.serve_keyed: the stored entry judged Fresh (hit.serve_entry: a HIT, a twin
+   converted by twins.py) | Stale | Missing; then choose_flight -> Join (COALESCED) | Lead
+   (MISS / REFRESH; by_meaning first for a rule with `semantic`, vectors.py); across
    instances bus.RedisBus.lead answers Local | Leader | Follow | Conflict; fetch.Fetcher
-   reads upstream.Upstream (http1.py) into the flight (in its own task, or a whole chat or
-   Responses answer in the leading handler), readers relay it from the first chunk then
-   live (bounded, with a write timeout), and answers.storable decides whether the whole
-   answer becomes a models.CachedResponse in the store
+   reads upstream.Upstream (http1.py) into the flight, and answers.storable decides
+   whether the whole answer becomes a models.CachedResponse in the store
+5. relay.relay / relay.pump: the one write loop to the client (write timeout, drop, cut)
 6. one `request.done` line, rendered from a record.Record (log.py), and the counters behind
-   /_proxy/stats (stats.py); status.CacheStatus is the vocabulary of both
+   /_proxy/stats (stats.py); status.py is the vocabulary of both (CacheStatus, Failure,
+   mark() for the status headers)
 
 Module map:
 
@@ -30,9 +28,15 @@ Module map:
     server.py     aiohttp's low-level server with a deadline for request heads
     app.py        build_state, ProxyApp: the /_proxy/ routes (health, stats, metrics,
                   dashboard, purge, images), start-up and shutdown
-    handlers.py   proxy_handler: the data path above
+    handlers.py   proxy_handler: the stages above in order, each match ending in assert_never
+    state.py      State (the collaborators a request needs), Forward (the upstream request)
+    intake.py     request -> Refused | Opaque | Intake (body, headers, Plan memo)
+    hit.py        a stored entry -> this client's HIT or STALE answer (one place); twins
+    miss.py       Keyed: judge -> Fresh | Stale | Missing; flight -> Join | Lead; semantic probe
+    relay.py      a flight or a stored answer -> the client: one write loop (pump)
+    passthrough.py uncached requests, streamed both ways, cost counted
     record.py     Record: one request's line, filled along the way, rendered once
-    status.py     CacheStatus: headers, Cache-Status, log and stats labels       [pure]
+    status.py     CacheStatus, Failure codes, mark(): the status headers      [pure]
     body.py       request Content-Encoding, decoded with a cap                   [pure]
     normalize.py  body -> canonical bytes                                        [pure]
     keys.py       tenant digest, cache key, store key with purge tags            [pure]
@@ -51,13 +55,14 @@ Module map:
     coalesce.py   Flight, Reader: single flight in one process, bounded buffers
     bus.py        Redis lease + stream: flights across instances; who leads
     fetch.py      upstream -> flight -> store (a task, or the leading handler)
-    answers.py    storable(): may a finished answer be stored; its stored form   [pure]
+    answers.py    storable(): may a finished answer be stored; its stored form from an
+                  EntrySpec (depends on nothing above it)                      [pure]
     upstream.py   the upstream: one http1.Client for every method, the base URL joined
                   with each path once (join_path), header filters
     http1.py      a lean HTTP/1.1 client for one origin: a keep-alive pool that reuses only
                   clean connections, httptools parser, codings decoded piece by piece (and
                   checked to end), read and write timeouts, Happy Eyeballs, egress proxies
-    replay.py     a stored answer -> the client (whole, in pieces, or paced)
+    replay.py     a stored answer as one response; its headers and Age
     twins.py      a stored stream <-> its JSON object (chat, responses)          [pure]
     vectors.py    embeddings (exact cache or a local server), the shared vector index
                   (memory-capped), lookup, the optional verifier

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 from array import array
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 
@@ -15,8 +15,18 @@ from proxy.coalesce import COMPLETE, Flight
 from proxy.cost import Cost, Prices
 from proxy.models import CLOCK, CachedResponse
 
-if TYPE_CHECKING:
-    from proxy.fetch import FetchJob
+
+class EntrySpec(Protocol):
+    """What a stored entry is made with beside its flight (fetch.FetchJob is one): this
+    module depends on nothing above it."""
+
+    @property
+    def route(self) -> str: ...
+    @property
+    def ttl_s(self) -> float: ...
+    @property
+    def meta(self) -> dict[str, Any]: ...
+
 
 UNKNOWN: Any = object()
 """A verdict's usage when it was not read while checking: make_entry reads it from the body."""
@@ -106,7 +116,7 @@ NAMES_MAX = 1024
 
 def make_entry(
     flight: Flight,
-    job: FetchJob,
+    job: EntrySpec,
     *,
     stream: bool,
     body: bytes,

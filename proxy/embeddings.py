@@ -47,9 +47,9 @@ from proxy.tasks import spawn
 from proxy.upstream import response_headers
 
 if TYPE_CHECKING:
-    from proxy.handlers import Exchange, State
     from proxy.plan import Keyed, Plan
     from proxy.record import Record
+    from proxy.state import Forward, State
 
 MAX_ITEMS = 2048
 """OpenAI's limit on one request's inputs; a longer list is keyed whole, as before."""
@@ -215,7 +215,7 @@ class _Got:
 
 
 async def serve_items(
-    st: State, ex: Exchange, rec: Record, plan: Plan, tenant: bytes, keyed: Keyed
+    st: State, ex: Forward, rec: Record, plan: Plan, tenant: bytes, keyed: Keyed
 ) -> web.StreamResponse:
     """Answer a per-item embeddings request (see the module docstring)."""
     rule = plan.rule
@@ -337,7 +337,7 @@ async def _lookup(st: State, items: Items, keyed: Keyed, got: _Got, window: floa
 async def _fetch(
     st: State,
     tenant: bytes,
-    ex: Exchange,
+    ex: Forward,
     items: Items,
     missing: list[int],
     keyed: Keyed,
@@ -416,7 +416,7 @@ async def _join(
 async def _call(
     st: State,
     tenant: bytes,
-    ex: Exchange,
+    ex: Forward,
     items: Items,
     lead: list[int],
     keyed: Keyed,

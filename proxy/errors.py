@@ -6,6 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import orjson
+from aiohttp import web
+
+from proxy.status import Failure
 
 
 class ProxyError(Exception):
@@ -116,11 +119,13 @@ def failure_answer(exc: BaseException) -> FailureAnswer:
     """504 for a silent upstream, 502 for an unreachable or broken one, 502 for a proxy bug:
     the one place these answers are worded (pass-through and flights alike)."""
     if isinstance(exc, UpstreamTimeout):
-        return FailureAnswer(504, "upstream_timeout", "The upstream API did not answer in time.")
+        return FailureAnswer(
+            504, Failure.UPSTREAM_TIMEOUT, "The upstream API did not answer in time."
+        )
     if isinstance(exc, UpstreamError):
-        return FailureAnswer(502, "upstream_unreachable", exc.client_message())
+        return FailureAnswer(502, Failure.UPSTREAM_UNREACHABLE, exc.client_message())
     return FailureAnswer(
-        502, "proxy_failure", "The proxy failed while reading the upstream answer."
+        502, Failure.PROXY_FAILURE, "The proxy failed while reading the upstream answer."
     )
 
 
@@ -128,4 +133,13 @@ def error_body(message: str, type_: str, code: str | None, param: str | None = N
     """The JSON body OpenAI uses for errors, so SDKs raise their usual exception types."""
     return orjson.dumps(
         {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    )
+
+
+def json_error(status: int, message: str, type_: str, code: str | None) -> web.Response:
+    """An OpenAI-shaped error answer."""
+    return web.Response(
+        status=status,
+        body=error_body(message, type_, code),
+        content_type="application/json",
     )

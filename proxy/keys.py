@@ -42,6 +42,16 @@ def credential_of(headers: Headers) -> str:
     )
 
 
+def credentials(headers: Headers) -> tuple[str, str, str]:
+    """What names the tenant: the credential (credential_of), OpenAI-Organization and
+    OpenAI-Project, each framed (one call from the data path, not three)."""
+    return (
+        credential_of(headers),
+        header_values(headers, "OpenAI-Organization"),
+        header_values(headers, "OpenAI-Project"),
+    )
+
+
 def _frame(*parts: bytes) -> bytes:
     # Length-prefixed, so ("ab", "c") and ("a", "bc") can never collide.
     return b"".join(len(p).to_bytes(4, "big") + p for p in parts)

@@ -6,8 +6,8 @@ never disagree. Labels: route (a rule's route or "other"), model (bounded), cach
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Sized
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -18,16 +18,26 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from proxy.cache import Cache
 from proxy.stats import LATENCY_BUCKETS_S, Stats
 
-if TYPE_CHECKING:
-    from proxy.handlers import State
+
+class Observed(Protocol):
+    """What the metrics read of the running proxy (handlers.State is one)."""
+
+    @property
+    def stats(self) -> Stats: ...
+    @property
+    def cache(self) -> Cache: ...
+    @property
+    def flights(self) -> Sized: ...
+
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class StatsCollector(Collector):
-    def __init__(self, state: State, stats: Stats | None = None) -> None:
+    def __init__(self, state: Observed, stats: Stats | None = None) -> None:
         self.state = state
         self.stats = stats
         """The counters to show (every worker's, added up); None: this process's."""
@@ -129,7 +139,7 @@ class StatsCollector(Collector):
         yield in_flight
 
 
-def registry_for(state: State, stats: Stats | None = None) -> CollectorRegistry:
+def registry_for(state: Observed, stats: Stats | None = None) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StatsCollector(state, stats))
     return registry

@@ -225,6 +225,23 @@ def _azure_deployment(route: str) -> str | None:
     return None
 
 
+class Scope(NamedTuple):
+    """What a request's keys are computed within: the secret, the tenant, the request line.
+    (One object, not five positional parameters that are easy to shift by one.)"""
+
+    secret: bytes
+    tenant: bytes
+    method: str
+    route: str
+    query: str
+
+    def key(self, namespace: str, canonical: bytes) -> str:
+        """The cache key of a canonical body in a namespace (keys.cache_key)."""
+        return cache_key(
+            self.secret, self.tenant, self.method, self.route, self.query, namespace, canonical
+        )
+
+
 def make_plan(
     rules: Rules,
     secret: bytes,
@@ -249,89 +266,135 @@ def make_plan(
     if not rules.has_route(method, route):
         return Plan(None, "", None, False, "")
     ctype = content_type.split(";", 1)[0].strip().lower()
-    fields: dict[str, Any] = {}
-    parts: list[tuple[str, str | None, bytes]] = []
-    raw = False
-    if ctype == "multipart/form-data":
-        parts = parse_multipart(body, content_type)
-        fields = multipart_fields(parts)
-    elif ctype == "application/json" or ctype.endswith("+json"):
-        parsed = parse_json(body) if body else {}
-        if not isinstance(parsed, dict):
-            raise BadBody("The request body must be a JSON object.")
-        fields = parsed
-    elif body:
-        parsed = try_json(body)
-        if isinstance(parsed, dict):
-            fields = parsed
-        else:
-            raw = True
-    model = fields.get("model")
-    if not isinstance(model, str):
-        model = _azure_deployment(route)
+    fields, parts, raw = _fields_of(ctype, content_type, body)
+    model = _model_of(fields, route)
     rule = rules.match(method, route, model)
     label = bounded(model) if model is not None else None
     stream = fields.get("stream") in (True, "true", "True")
     hints = _hints(route, fields)
-    canonical_all = b""
-    digest = ""
     keyed = rule is not None and rule.enabled and not any(fields.get(f) for f in rule.never_if)
     twin = kind_of(route) if not raw and not parts else None
-    # An Idempotency-Key names one request in every form the proxy converts between: on a
-    # twin route, `stream` and `stream_options` are not part of what it names.
+    # an Idempotency-Key names a request in every form: not by `stream`, `stream_options`
     forms = TWIN_FIELDS if twin and keyed else ()
+    scope = Scope(secret, tenant, method, route, query)
+    canonical_all, digest = b"", ""
     if fingerprint:
-        if raw:
-            canonical_all = raw_canonical(ctype, body)
-        else:
-            canonical_all = _canonical(fields, parts, forms, ctype, body)
-        digest = cache_key(secret, tenant, method, route, query, ctype, canonical_all)
+        canonical_all = (
+            raw_canonical(ctype, body) if raw else _canonical(fields, parts, forms, ctype, body)
+        )
+        # (a fingerprint's digest has the body's media type where a key has its namespace)
+        digest = scope.key(ctype, canonical_all)
     if rule is None or not keyed:
         return Plan(None, "", label, stream, digest, hints)
-    ignore = rule.ignore_fields + (TWIN_FIELDS if twin else ())
-    used = ""
-    if caller.keys:
-        used = "refused" if not rule.caller_keys else _caller_used(caller)
-    if used and used != "refused" and caller.ignore:
-        ignore = ignore + caller.ignore
+    used, ignore = _caller_shape(rule, caller, rule.ignore_fields + (TWIN_FIELDS if twin else ()))
     if used and used != "refused" and caller.key is not None:
         canonical = caller_canonical(caller.key, fields, twin, route)
     elif fingerprint and (raw or ignore == forms):
         canonical = canonical_all
-    elif raw:
-        canonical = raw_canonical(ctype, body)
     else:
-        canonical = _canonical(fields, parts, ignore, ctype, body)
-    key = store_key(
-        tenant.hex()[:12],
-        namespace,
-        model,  # the whole name: a purge by the name the client sent finds it
-        route,
-        cache_key(secret, tenant, method, route, query, namespace, canonical),
+        canonical = (
+            raw_canonical(ctype, body) if raw else _canonical(fields, parts, ignore, ctype, body)
+        )
+    # the whole model name: a purge by the name the client sent finds it
+    key = store_key(tenant.hex()[:12], namespace, model, route, scope.key(namespace, canonical))
+    form = _form_of(twin, stream, fields)
+    semantic, pck, items = _extras(
+        rule, scope, namespace, model, twin, fields, ignore, body, caller, raw or bool(parts)
     )
-    form = ""
-    if twin:
-        options = fields.get("stream_options")
-        usage = isinstance(options, dict) and bool(options.get("include_usage"))
-        form = ("sse+usage" if usage and twin == "chat" else "sse") if stream else "json"
-    semantic = None
+    return Plan(rule, key, label, stream, digest, hints, twin, form, semantic, used, pck, items)
+
+
+def _model_of(fields: dict[str, Any], route: str) -> str | None:
+    """The model the body names (or the Azure deployment the route names)."""
+    model = fields.get("model")
+    return model if isinstance(model, str) else _azure_deployment(route)
+
+
+def _caller_shape(
+    rule: Rule, caller: CallerControls, ignore: tuple[str, ...]
+) -> tuple[str, tuple[str, ...]]:
+    """How the caller's cache headers shape the key (Plan.caller) and the fields it ignores."""
+    used = "" if not caller.keys else "refused" if not rule.caller_keys else _caller_used(caller)
+    if used and used != "refused" and caller.ignore:
+        ignore = ignore + caller.ignore
+    return used, ignore
+
+
+def _extras(
+    rule: Rule,
+    scope: Scope,
+    namespace: str,
+    model: str | None,
+    twin: str | None,
+    fields: dict[str, Any],
+    ignore: tuple[str, ...],
+    body: bytes,
+    caller: CallerControls,
+    unparsed: bool,
+) -> tuple[SemanticQuery | None, str | None, bool]:
+    """What a keyed request also gets: its semantic lookup, the prompt_cache_key to add,
+    whether embeddings go item by item."""
+    secret, tenant = scope.secret, scope.tenant
     pck = None
     if rule.prompt_cache_key == "auto" and twin and "prompt_cache_key" not in fields:
         pck = auto_prompt_cache_key(secret, tenant, twin, fields)
+    semantic = None
     if twin and rule.semantic != "off" and not (caller.key and rule.caller_keys):
         semantic = _semantic(
-            rule, secret, tenant, method, route, query, namespace, model, twin, fields, ignore, body
+            rule,
+            secret,
+            tenant,
+            scope.method,
+            scope.route,
+            scope.query,
+            namespace,
+            model,
+            twin,
+            fields,
+            ignore,
+            body,
         )
     items = (
         rule.embeddings_per_item
-        and not raw
-        and not parts
-        and route.endswith("/embeddings")
+        and not unparsed
+        and scope.route.endswith("/embeddings")
         and not (caller.key and rule.caller_keys)
         and per_item(fields)
         and _exact_besides_input(fields, ignore, body)
     )
-    return Plan(rule, key, label, stream, digest, hints, twin, form, semantic, used, pck, items)
+    return semantic, pck, bool(items)
+
+
+def _fields_of(
+    ctype: str, content_type: str, body: bytes
+) -> tuple[dict[str, Any], list[tuple[str, str | None, bytes]], bool]:
+    """The body's fields (a JSON object, or multipart's), its multipart parts, and whether
+    it is neither (keyed by its raw bytes)."""
+    if ctype == "multipart/form-data":
+        parts = parse_multipart(body, content_type)
+        return multipart_fields(parts), parts, False
+    if ctype == "application/json" or ctype.endswith("+json"):
+        parsed = parse_json(body) if body else {}
+        if not isinstance(parsed, dict):
+            raise BadBody("The request body must be a JSON object.")
+        return parsed, [], False
+    if body:
+        parsed = try_json(body)
+        if isinstance(parsed, dict):
+            return parsed, [], False
+        return {}, [], True
+    return {}, [], False
+
+
+def _form_of(twin: str | None, stream: bool, fields: dict[str, Any]) -> str:
+    """The form a twin route's answer is asked in: json, sse, sse+usage ("" off twin routes)."""
+    if not twin:
+        return ""
+    if not stream:
+        return "json"
+    options = fields.get("stream_options")
+    usage = isinstance(options, dict) and bool(options.get("include_usage"))
+    return "sse+usage" if usage and twin == "chat" else "sse"
 
 
 def _exact_besides_input(fields: dict[str, Any], ignore: tuple[str, ...], body: bytes) -> bool:

@@ -3,6 +3,7 @@ Cache-Status, the `cache` field of request.done, and the labels of stats and met
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from enum import StrEnum
 
 CACHE_NAME = "openai-cache-proxy"
@@ -74,3 +75,29 @@ def semantic_hit(similarity: float) -> str:
 def stale(cause: str) -> str:
     """Cache-Status of a STALE answer: which failure it covers (fwd-status=503, detail=...)."""
     return f"{CacheStatus.STALE.rfc9211}; {cause}"
+
+
+def mark(headers: MutableMapping[str, str], status: CacheStatus, cache_status: str = "") -> None:
+    """Write the pair of status headers an answer carries (X-Cache-Status, Cache-Status), set
+    over any already there: the one place they are written. `cache_status`: Cache-Status when
+    it says more than the status's own (a STALE answer's cause, a semantic HIT)."""
+    headers["X-Cache-Status"] = status.header
+    headers["Cache-Status"] = cache_status or status.rfc9211
+
+
+class Failure(StrEnum):
+    """Why a flight or an answer failed: the code of the proxy's error answer, the `error`
+    field of request.done, and Flight.reason when the proxy answered for the upstream."""
+
+    UPSTREAM_UNREACHABLE = "upstream_unreachable"
+    UPSTREAM_TIMEOUT = "upstream_timeout"
+    PROXY_FAILURE = "proxy_failure"
+    """The proxy failed while reading the upstream answer."""
+    UPSTREAM_FAILED = "upstream_failed"
+    """The upstream answer broke off before its head (the proxy's 502)."""
+
+
+PROXY_FAILURES = frozenset(
+    {Failure.UPSTREAM_UNREACHABLE, Failure.UPSTREAM_TIMEOUT, Failure.PROXY_FAILURE}
+)
+"""A flight's reason when the proxy answered for a failed upstream (logged as `error`)."""

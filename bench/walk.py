@@ -1,0 +1,126 @@
+"""A walk of one request through the data path: which proxy/ files it enters, how often, and
+the longest functions it runs.
+
+    python -m bench.walk [--top 12]
+
+Starts the bare upstream (bench.servers bare) and, in this process, the proxy on a memory
+store; then sends one chat completion twice (a MISS, then a HIT) while sys.setprofile
+records every function started on the event loop's thread (a coroutine resumed is not a
+new start). A file is *entered* when a function in it starts from a caller in another file
+(the event loop, aiohttp, or another proxy/ file). Printed per request: the entries and
+starts per proxy/ file, then the longest functions (in source lines) the walk ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from bench.common import HIT_BODY, free_port, process
+from proxy.app import ProxyApp, running
+from proxy.settings import Settings
+
+PROXY = str(Path(__file__).resolve().parent.parent / "proxy") + "/"
+
+
+class Walk:
+    """What one request ran: function starts, file entries, the code objects seen."""
+
+    def __init__(self) -> None:
+        self.frames: set[FrameType] = set()  # (held, so no id is reused mid-walk)
+        self.starts: Counter[str] = Counter()
+        self.entries: Counter[str] = Counter()
+        self.codes: set[Any] = set()
+
+    def hook(self, frame: FrameType, event: str, arg: object) -> None:
+        if event != "call" or frame in self.frames:
+            return
+        self.frames.add(frame)
+        file = frame.f_code.co_filename
+        if not file.startswith(PROXY):
+            return
+        name = file[len(PROXY) :]
+        self.starts[name] += 1
+        self.codes.add(frame.f_code)
+        back = frame.f_back
+        if back is None or back.f_code.co_filename != file:
+            self.entries[name] += 1
+
+
+def lines_of(code: Any) -> int:
+    """A function's length in source lines (its first to its last line with code)."""
+    last = max((line for _, _, line in code.co_lines() if line is not None), default=0)
+    return max(0, last - code.co_firstlineno + 1)
+
+
+def ask(port: int, body: str = HIT_BODY) -> str:
+    """One chat completion; its X-Cache-Status."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    headers = {"Content-Type": "application/json", "Authorization": "Bearer sk-walk"}
+    conn.request("POST", "/v1/chat/completions", body=body, headers=headers)
+    resp = conn.getresponse()
+    resp.read()
+    conn.close()
+    if resp.status != 200:
+        raise SystemExit(f"{resp.status} from the proxy")
+    return resp.getheader("X-Cache-Status") or "?"
+
+
+async def walk_one(port: int) -> tuple[str, Walk]:
+    """Send one request from a thread while this (the loop's) thread is traced."""
+    walk = Walk()
+    sys.setprofile(walk.hook)
+    try:
+        status = await asyncio.to_thread(ask, port)
+        await asyncio.sleep(0.2)  # what the request left running (the store's write)
+    finally:
+        sys.setprofile(None)
+    return status, walk
+
+
+def report(status: str, walk: Walk, top: int) -> None:
+    print(f"\n== {status}: {sum(walk.starts.values())} function starts in proxy/")
+    print(f"{'file':24s}{'entered':>9s}{'starts':>8s}")
+    for name, n in walk.entries.most_common():
+        print(f"{name:24s}{n:9d}{walk.starts[name]:8d}")
+    print(f"longest functions run ({top}):")
+    longest = sorted(walk.codes, key=lines_of, reverse=True)[:top]
+    for code in longest:
+        where = f"{code.co_filename[len(PROXY) :]}:{code.co_firstlineno}"
+        print(f"  {lines_of(code):4d}  {code.co_qualname:36s} {where}")
+
+
+async def main_async(upstream: str, top: int) -> None:
+    data = tempfile.mkdtemp(prefix="ocp-walk-")
+    settings = Settings(
+        upstream=upstream, data_dir=Path(data), cache="memory://", secret="walk-secret"
+    )
+    settings.validate()
+    app = await asyncio.to_thread(ProxyApp, settings)
+    async with running(app, "127.0.0.1", 0) as url:
+        port = int(url.rsplit(":", 1)[1])
+        warm = HIT_BODY.replace("a persona", "a warm-up persona")
+        for _ in range(3):  # imports, the upstream connection, the first MISS and HIT
+            await asyncio.to_thread(ask, port, warm)
+        for status, walk in [await walk_one(port), await walk_one(port)]:
+            report(status, walk, top)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--top", type=int, default=12, help="longest functions to list")
+    args = p.parse_args()
+    up = free_port()
+    with process([sys.executable, "-m", "bench.servers", "bare", "--port", str(up)], up):
+        asyncio.run(main_async(f"http://127.0.0.1:{up}", args.top))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,364 @@
+"""A client request -> Intake (the body read, capped and decoded; the tenant; the headers
+that steer the cache; the Plan, memoised on the raw bytes), or the 4xx answer that refuses
+it, or Opaque (a body in a coding the proxy cannot read: forwarded as it came)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, NamedTuple, cast
+
+import structlog
+from aiohttp import web
+
+from proxy.body import decodable, decode
+from proxy.caller_keys import NO_CALLER, BadCacheHeader, CallerControls, caller_fields, read_caller
+from proxy.errors import BadBody, BodyTooLarge, json_error
+from proxy.keys import credentials, raw_digest, tenant_digest
+from proxy.plan import (
+    ClientControls,
+    Keyed,
+    PassThrough,
+    Plan,
+    bounded,
+    decide,
+    idempotency_key,
+    make_plan,
+    parse_cache_control,
+    passthrough_fingerprint,
+    with_caller,
+)
+from proxy.prompt_cache import with_prompt_cache_key
+from proxy.record import Record
+from proxy.state import OFF_LOOP_BYTES, Forward, State, off_loop
+from proxy.upstream import forward_headers
+
+log = structlog.get_logger()
+
+PLAN_MEMO_MAX = 20_000
+PROCESS_BYTES = 1024 * 1024
+"""Bodies larger than this are planned (parsed) in a worker process: a JSON parser holds the
+GIL, so on a thread it would stall the loop as long as it parses (about 0.5 s for 15 MB of
+nested arrays), and every other client with it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """The request is answered before it is planned (a 4xx: too large, a bad body...)."""
+
+    answer: web.Response
+
+
+@dataclass(frozen=True, slots=True)
+class Opaque:
+    """A body in a Content-Encoding the proxy cannot read: forwarded as it came, unkeyed."""
+
+    forward: Forward
+
+
+class Intake(NamedTuple):
+    """A request read and planned: what every later stage needs to know of it. (A
+    NamedTuple: on every HIT, it builds for a third of a frozen dataclass's cost.)"""
+
+    request: web.BaseRequest
+    body: bytes
+    """As read, decoded from its Content-Encoding."""
+    decoded: bool
+    upstream_path: str
+    query: str
+    controls: ClientControls
+    caller: CallerControls
+    idem: str | None
+    """The Idempotency-Key header."""
+    plan: Plan
+    tenant: bytes
+    t0: float
+    """When the request arrived (time.perf_counter)."""
+
+
+async def read_intake(
+    st: State,
+    request: web.BaseRequest,
+    route: str,
+    upstream_path: str,
+    query: str,
+    rec: Record,
+    t0: float,
+) -> Refused | Opaque | Intake:
+    """Read the request: its body (capped, decoded), its cache headers, its Plan."""
+    if request.raw_path[:1] != "/":
+        return Refused(_bad_target())
+    content = request.content
+    if content.is_eof() and not request.headers.get("Expect"):
+        body = content.read_nowait()  # the whole body came with the head (most requests)
+        if len(body) > st.max_body:
+            return Refused(too_large(st))
+    else:
+        read = await _read_body(st, request)
+        if type(read) is not bytes:  # (not isinstance: web.Response is an ABC, slow to check)
+            return Refused(cast(web.Response, read))
+        body = read
+    h = request.headers
+    encoding = h.get("Content-Encoding")
+    decoded = False
+    if encoding is not None and body:
+        taken = await _decode(st, request, body, encoding, path_qs(upstream_path, query), rec, t0)
+        if type(taken) is not bytes:
+            return cast(Refused | Opaque, taken)
+        body, decoded = taken, True
+    cache_control = h.getall("Cache-Control", None)
+    controls = parse_cache_control(
+        ",".join(cache_control) if cache_control else None, h.get("X-Cache-Namespace")
+    )
+    try:
+        caller = read_caller(h)
+    except BadCacheHeader as exc:
+        return Refused(json_error(400, str(exc), "invalid_request_error", exc.code))
+    if caller is not NO_CALLER:
+        controls = with_caller(controls, caller)
+    if controls.namespace:
+        rec.namespace = bounded(controls.namespace)
+    idem = h.get("Idempotency-Key")
+    try:
+        if len(body) <= OFF_LOOP_BYTES:
+            memo = _planned(st, request, route, query, controls, caller, idem, body)
+        else:
+            memo = await _planned_large(st, request, route, query, controls, caller, idem, body)
+    except BadBody as exc:
+        return Refused(json_error(exc.status, str(exc), "invalid_request_error", exc.code))
+    plan, tenant, rec.tenant = memo
+    rec.rule = plan.rule.label if plan.rule is not None else "other"
+    rec.model = plan.model
+    rec.stream = plan.stream
+    if plan.caller:
+        caller_fields(request, rec.extra, plan.caller, caller)
+    return Intake(
+        request, body, decoded, upstream_path, query, controls, caller, idem, plan, tenant, t0
+    )
+
+
+def _bad_target() -> web.Response:
+    """400 for an absolute-form (`POST http://host/...`) or asterisk-form target: the proxy
+    is no forward proxy, and gluing such a target to the upstream's path makes nonsense."""
+    resp = json_error(
+        400, "The request target must be a path.", "invalid_request_error", "bad_target"
+    )
+    resp.force_close()
+    return resp
+
+
+async def _decode(
+    st: State,
+    request: web.BaseRequest,
+    body: bytes,
+    encoding: str,
+    upstream_path_qs: str,
+    rec: Record,
+    t0: float,
+) -> bytes | Refused | Opaque:
+    """The body decoded from its Content-Encoding (capped while decoding), a 4xx, or Opaque
+    for a coding the proxy cannot read (forwarded as it came, never keyed)."""
+    h = request.headers
+    if not decodable(encoding):
+        rec.tenant = None
+        return Opaque(Forward(request, body, forward_headers(h), upstream_path_qs, t0))
+    try:
+        return await off_loop(st, len(body), decode, body, encoding, st.max_body)
+    except BodyTooLarge:
+        return Refused(too_large(st))
+    except BadBody as exc:
+        return Refused(json_error(400, str(exc), "invalid_request_error", exc.code))
+
+
+async def _read_body(st: State, request: web.BaseRequest) -> bytes | web.Response:
+    """A body still to come, capped at max_body (413), `Expect: 100-continue` answered first."""
+    length = request.content_length
+    if length is not None and length > st.max_body:
+        return too_large(st)
+    if request.headers.get("Expect"):
+        refused = await _expect(request)
+        if refused is not None:
+            return refused
+    content = request.content
+    if content.is_eof():
+        body = content.read_nowait()
+        return too_large(st) if len(body) > st.max_body else body
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return too_large(st)
+
+
+def _planned(
+    st: State,
+    request: web.BaseRequest,
+    route: str,
+    query: str,
+    controls: ClientControls,
+    caller: CallerControls,
+    idem: str | None,
+    body: bytes,
+) -> tuple[Plan, bytes, str]:
+    """The request's (Plan, tenant digest, tenant id), memoised on a keyed digest of the raw
+    request: for a small body, on the loop (no coroutine: a HIT's 3 %)."""
+    credential, org, project, head = _head(request, route, query, controls, caller, idem)
+    raw = raw_digest(st.mac_key, head, body)
+    memo = st.plans.get(raw)
+    if memo is None:
+        tenant = tenant_digest(st.mac_key, credential, org, project)
+        args = (st.rules, st.secret, tenant, request.method, route, query, controls.namespace)
+        ctype = request.headers.get("Content-Type", "")
+        plan = make_plan(*args, ctype, body, fingerprint=bool(idem), caller=caller)
+        memo = _memoise(st, raw, plan, tenant)
+    return memo
+
+
+async def _planned_large(
+    st: State,
+    request: web.BaseRequest,
+    route: str,
+    query: str,
+    controls: ClientControls,
+    caller: CallerControls,
+    idem: str | None,
+    body: bytes,
+) -> tuple[Plan, bytes, str]:
+    """_planned for a body over OFF_LOOP_BYTES: hashed and planned off the loop (and, over
+    PROCESS_BYTES, in a worker process)."""
+    credential, org, project, head = _head(request, route, query, controls, caller, idem)
+    raw = await off_loop(st, len(body), raw_digest, st.mac_key, head, body)
+    memo = st.plans.get(raw)
+    if memo is None:
+        tenant = tenant_digest(st.mac_key, credential, org, project)
+        ctype = request.headers.get("Content-Type", "")
+        namespace = controls.namespace
+        args = (st.rules, st.secret, tenant, request.method, route, query, namespace, ctype)
+        if len(body) <= PROCESS_BYTES:
+            plan = await off_loop(
+                st, len(body), make_plan, *args, body, fingerprint=bool(idem), caller=caller
+            )
+        else:
+            plan = await _plan_large(st, args, body, bool(idem), caller)
+        memo = _memoise(st, raw, plan, tenant)
+    return memo
+
+
+def _head(
+    request: web.BaseRequest,
+    route: str,
+    query: str,
+    controls: ClientControls,
+    caller: CallerControls,
+    idem: str | None,
+) -> tuple[str, str, str, str]:
+    """The credential headers, and what the plan memo keys on beside the body (the memo
+    holds plans with a fingerprint, for an Idempotency-Key, apart from those without)."""
+    h = request.headers
+    credential, org, project = credentials(h)
+    head = "\0".join(
+        (
+            credential,
+            org,
+            project,
+            request.method,
+            route,
+            query,
+            controls.namespace,
+            h.get("Content-Type", ""),
+            "i" * bool(idem),
+            caller.memo,
+        )
+    )
+    return credential, org, project, head
+
+
+def _memoise(st: State, raw: bytes, plan: Plan, tenant: bytes) -> tuple[Plan, bytes, str]:
+    """Keep a plan (the memo is emptied when full)."""
+    if len(st.plans) >= PLAN_MEMO_MAX:
+        st.plans.clear()
+    memo = st.plans[raw] = (plan, tenant, tenant.hex()[:12])
+    return memo
+
+
+async def _plan_large(
+    st: State, args: tuple[Any, ...], body: bytes, fingerprint: bool, caller: CallerControls
+) -> Plan:
+    """make_plan for a body over PROCESS_BYTES, in a worker process, so parsing it holds no
+    lock this process's loop needs; on State.cpu if the workers cannot be had."""
+    loop = asyncio.get_running_loop()
+    call: Callable[[], Plan] = partial(
+        cast(Any, make_plan), *args, body, fingerprint=fingerprint, caller=caller
+    )
+    pool = await st.parser_pool()
+    if pool is not None:
+        try:
+            return await loop.run_in_executor(pool, call)
+        except BrokenProcessPool:
+            log.warning("parsers.broken")
+            st.parsers_broken()
+    return await loop.run_in_executor(st.cpu, call)
+
+
+async def _expect(request: web.BaseRequest) -> web.Response | None:
+    """Answer `Expect: 100-continue` as a server does (the header never goes upstream)."""
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        return json_error(
+            417, "Only Expect: 100-continue is supported.", "invalid_request_error", None
+        )
+    if request.version >= (1, 1):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the 100 is not part of the answer
+    return None
+
+
+def too_large(st: State) -> web.Response:
+    """413, and the connection closed: the unread rest of the body must not be taken for the
+    next request."""
+    resp = json_error(
+        413,
+        f"Request body too large: the limit is {st.settings.max_body_mb:g} MB.",
+        "invalid_request_error",
+        "request_too_large",
+    )
+    resp.force_close()
+    return resp
+
+
+def path_qs(upstream_path: str, query: str) -> str:
+    """The upstream path and query."""
+    return upstream_path + ("?" + query if query else "")
+
+
+def forward_of(st: State, intake: Intake, rec: Record) -> Forward:
+    """The request as it goes upstream: its body (with the rule's prompt_cache_key), its
+    headers filtered, the upstream path."""
+    body = intake.body
+    plan = intake.plan
+    if plan.prompt_cache_key is not None:  # the rule's prompt_cache_key = "auto"
+        body = with_prompt_cache_key(body, plan.prompt_cache_key)
+        rec.extra["prompt_cache_key"] = "auto"
+    request = intake.request
+    headers = forward_headers(request.headers, decoded=intake.decoded)
+    return Forward(request, body, headers, path_qs(intake.upstream_path, intake.query), intake.t0)
+
+
+def decision(st: State, intake: Intake, route: str) -> PassThrough | Keyed:
+    """plan.decide for this request: its Cache-Control, and its Idempotency-Key if any."""
+    plan, idem = intake.plan, intake.idem
+    idempotency = None
+    if idem:
+        tenant, query = intake.tenant, intake.query
+        fingerprint = plan.fingerprint or passthrough_fingerprint(
+            st.secret, tenant, intake.request.method, route, query, intake.body
+        )
+        key = idempotency_key(st.secret, tenant, idem, intake.controls.namespace)
+        idempotency = (key, fingerprint)
+    return decide(
+        plan,
+        intake.controls,
+        idempotency=idempotency,
+        idempotency_ttl_s=st.settings.idempotency_ttl_s,
+    )
