@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import functools
 import os
 import sqlite3
@@ -27,7 +28,7 @@ import structlog
 
 from proxy.errors import CorruptEntry, StoreUnavailable
 from proxy.keys import key_id
-from proxy.models import CachedResponse
+from proxy.models import CLOCK, CachedResponse
 from proxy.stores.keyfilter import KeyFilter
 from proxy.tasks import spawn
 
@@ -53,6 +54,19 @@ WAL_MIN_BYTES = 256 * 1024
 QUEUE_MAX_BYTES = 64 * 1024 * 1024
 """Most bytes of answers waiting for the next batch write: past it a write is refused
 (counted and logged as a failed write), so a disk that stalls cannot grow the queue."""
+
+PURGE_MEMORY_S = 3600.0
+"""How long a purge is remembered in the file: longer than any fill may take."""
+PURGES_KEPT = 256
+"""Purges remembered in the file (the newest)."""
+
+
+def _purged(key: str, entry: CachedResponse, purges: list[tuple[float, str]]) -> bool:
+    """Did a purge naming `key` come after the fill of `entry` began (upstream_ms before it
+    was made)?"""
+    began = entry.created - entry.upstream_ms / 1000.0
+    return any(began <= at and fnmatch.fnmatchcase(key, pattern) for at, pattern in purges)
+
 
 _ENTRIES = """
 CREATE TABLE IF NOT EXISTS {name} (
@@ -91,6 +105,7 @@ END;
 CREATE TABLE IF NOT EXISTS totals (id INTEGER PRIMARY KEY CHECK (id = 0), bytes INTEGER NOT NULL);
 INSERT OR IGNORE INTO totals(id, bytes) VALUES (0, 0);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS purges (at REAL NOT NULL, pattern TEXT NOT NULL);
 """
 )
 _MIGRATE = (  # stores written by earlier versions: size and last use
@@ -297,6 +312,13 @@ class SQLiteStore:
         db = self._connect()
         now = time.time()
         newest = {key: (entry, expires) for key, entry, expires in items}  # last write wins
+        purges = db.execute("SELECT at, pattern FROM purges").fetchall()
+        if purges:  # a purge by any process sharing the file keeps out fills begun before it
+            newest = {
+                key: (entry, expires)
+                for key, (entry, expires) in newest.items()
+                if not _purged(key, entry, purges)
+            }
         keys = list(newest)
         delta = 0
         with db:
@@ -777,7 +799,23 @@ class SQLiteStore:
         Their semantic index records go with them (a trigger); so do answers still queued
         for the file when the purge began."""
         await self._settled()
+        await self._run(self._note_purge, pattern)  # first: see _set_many
         return await self._delete_all("WHERE key GLOB ?", (pattern,))
+
+    def _note_purge(self, pattern: str) -> None:
+        """Log a purge in the file for an hour, so that every process sharing it keeps out the
+        answers whose fill began before it (a batch written after this sees it; one written
+        before is deleted by the purge that follows)."""
+        db = self._connect()
+        now = CLOCK.now()
+        with db:
+            db.execute("DELETE FROM purges WHERE at < ?", (now - PURGE_MEMORY_S,))
+            db.execute("INSERT INTO purges(at, pattern) VALUES (?, ?)", (now, pattern))
+            db.execute(
+                "DELETE FROM purges WHERE rowid NOT IN "
+                "(SELECT rowid FROM purges ORDER BY at DESC LIMIT ?)",
+                (PURGES_KEPT,),
+            )
 
     async def vectors_add(
         self, part: str, member: str, record: bytes, expires: float, keep: int

@@ -237,6 +237,29 @@ async def test_a_fill_on_another_instance_begun_before_a_purge_is_not_stored(
     assert fake.count(CHAT) == 2
 
 
+async def test_a_fill_on_another_process_of_one_sqlite_file_is_kept_out_by_a_purge(
+    start_proxy, fake, tmp_path
+):
+    """Two instances on one SQLite file: a purge through A keeps a fill already under way on
+    B out of the file, so A (reading the file) still finds nothing afterwards."""
+    cache = f"sqlite:///{tmp_path / 'shared.db'}"
+    a = start_proxy(cache=cache, admin_token=TOKEN, hot_cache_mb=0)
+    b = start_proxy(cache=cache, admin_token=TOKEN, hot_cache_mb=0)
+    loop = asyncio.get_running_loop()
+    fake.latency = 1.0
+    body = chat_body(False, "one file")
+    filling = loop.run_in_executor(None, post, port_of(b), body, AUTH)
+    await asyncio.sleep(0.4)
+    purged = await loop.run_in_executor(None, purge_http, port_of(a), {"model": "gpt-4o-mini"})
+    assert purged == (200, {"purged": 0})
+    assert header(await filling, "X-Cache-Status") == "MISS"
+    fake.latency = 0.0
+    await asyncio.sleep(0.5)  # B's batch is written, and A's key filter has read the file
+    again = await loop.run_in_executor(None, post, port_of(a), body, AUTH)
+    assert header(again, "X-Cache-Status") == "MISS"  # the purged fill was not stored
+    assert fake.count(CHAT) == 2
+
+
 def test_purge_on_redis_cluster(start_proxy, fake, redis_cluster):
     """On a Redis Cluster a purge removes the entries it names (spread over the masters)
     and they are MISSes afterwards."""
