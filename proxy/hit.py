@@ -85,6 +85,8 @@ async def serve_entry(
     plan: Plan,
     cache_status: str,
     label: CacheStatus = HIT,
+    *,
+    idempotent: bool = False,
 ) -> web.StreamResponse | None:
     """How a stored answer becomes this client's answer, for every path that serves one (a
     HIT, a semantic HIT, a STALE answer; the fast path is its sync subset, hot()): the form
@@ -92,9 +94,11 @@ async def serve_entry(
     pieces or paced. None when it cannot be given in that form (it is fetched again)."""
     rule = plan.rule
     if plan.form and plan.form != entry.form:
-        if entry.form == "sse" and plan.twin == "chat":
+        if entry.form == "sse" and plan.twin == "chat" and not idempotent:
             # A chat stream stored without its usage chunk cannot give the usage a JSON
             # answer or an include_usage stream must carry: fetched again (and replaced).
+            # Not under an Idempotency-Key, which names one upstream call: its retry in
+            # the other form gets that answer converted, with no usage (`usage: null`).
             rec.extra["twin_skipped"] = "no_usage"
             return None
         converted = await twin(st, rec, key, entry, plan, cache_status, label)

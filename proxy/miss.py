@@ -103,7 +103,14 @@ async def serve_keyed(
             if refused is not None:
                 return refused
             served = await serve_entry(
-                st, fwd.request, rec, keyed.key, found.entry, plan, HIT_CACHE_STATUS
+                st,
+                fwd.request,
+                rec,
+                keyed.key,
+                found.entry,
+                plan,
+                HIT_CACHE_STATUS,
+                idempotent=bool(keyed.fingerprint),
             )
             if served is not None:
                 return served
@@ -446,7 +453,9 @@ async def join_form(
         with contextlib.suppress(StoreUnavailable):  # (a large answer is stored by a task)
             entry = await st.cache.get(key)
     if entry is not None and entry.meta.get("fingerprint") == flight.fingerprint:
-        served = await serve_entry(st, fwd.request, rec, key, entry, plan, HIT_CACHE_STATUS)
+        served = await serve_entry(
+            st, fwd.request, rec, key, entry, plan, HIT_CACHE_STATUS, idempotent=True
+        )
         if served is not None:
             rec.cache = COALESCED
             mark(served.headers, COALESCED)

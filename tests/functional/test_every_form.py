@@ -137,6 +137,28 @@ async def test_one_idempotency_key_one_call_in_every_form(start_proxy, fake):
     assert status_of(other) == 422  # another request under the key is still refused
 
 
+def test_an_idempotency_key_stream_without_usage_is_one_call_for_a_json_retry(proxy, fake):
+    """A key first used with a chat stream that asked no usage, then retried as JSON: no
+    second upstream call (one key, one bill); the JSON carries the stream's answer, with
+    `usage: null`, and the SDK parses it."""
+    client = sdk(proxy, key="sk-a")
+    key = {"Idempotency-Key": "order-43"}
+    messages: Any = [{"role": "user", "content": "book one ticket"}]
+    chunks: list[Any] = list(
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=messages, stream=True, extra_headers=key
+        )
+    )
+    retry = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=messages, extra_headers=key
+    )
+    completion = retry.parse()
+    assert fake.count(CHAT) == 1 and retry.headers["x-cache-status"] == "HIT"
+    assert completion.id == chunks[0].id and completion.usage is None
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert completion.choices[0].message.content == text
+
+
 def test_one_idempotency_key_across_instances_in_every_form(start_proxy, fake, redis_server):
     """On two instances sharing Redis, the same key led as a stream on A is one call for a
     non-streamed retry on B, which gets JSON, not a 422."""
