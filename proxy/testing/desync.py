@@ -32,12 +32,18 @@ import gzip
 import hashlib
 import select
 import ssl
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import brotli
 import orjson
+
+CROSSING_S = 0.5
+"""A request that reaches a connection this soon after an unsolicited answer was written on
+it crossed that answer on the wire (on a loaded machine the client's poll and write may be
+this far apart); later than that, the client kept a connection it should have closed."""
 
 
 class Behaviour(enum.Enum):
@@ -166,6 +172,11 @@ class ScriptedUpstream:
     behaviours: Counter[str] = field(default_factory=Counter)
     connections: int = 0
     _ids: set[str] = field(default_factory=set)
+    crossed: set[str] = field(default_factory=set)
+    """X-Fuzz-Ids of requests that crossed an unsolicited answer on the wire: written by the
+    client before that answer reached it (see CROSSING_S). No HTTP/1.1 client can tell such
+    an answer from its own; everything else must never read one."""
+    _extra_at: dict[int, float] = field(default_factory=dict)
     _server: asyncio.Server | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -220,6 +231,12 @@ class ScriptedUpstream:
             if ":" in line:
                 name, _, value = line.partition(":")
                 headers[name.strip().lower()] = value.strip()
+        extra_at = self._extra_at.pop(number, None)
+        if extra_at is not None:  # a request on a connection that got an unsolicited answer
+            if time.monotonic() - extra_at < CROSSING_S:
+                self.crossed.add(headers.get("x-fuzz-id", ""))
+            else:
+                self.violations.append("a connection was used after an unsolicited answer")
         length = int(headers.get("content-length", "0"))
         req = Request(method, path, headers, b"", number)
         how = self.behave(req)
@@ -286,6 +303,7 @@ class ScriptedUpstream:
                     return True  # a next request came: no longer "on an idle connection"
                 if how is Behaviour.EXTRA_LATE:
                     writer.write(message(200, answer, ctype=ctype))
+                    self._extra_at[number] = time.monotonic()
                 else:
                     writer.write(message(408, b"", "Connection: close"))
                     await writer.drain()

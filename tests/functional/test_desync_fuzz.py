@@ -76,7 +76,9 @@ def proc(upstream: ScriptedUpstream, tmp_path: Path) -> Iterator[Proc]:
         p.stop()
 
 
-async def streamed(client: openai.AsyncOpenAI, messages: list[dict[str, str]]) -> tuple[str, str]:
+async def streamed(
+    client: openai.AsyncOpenAI, messages: list[dict[str, str]], fuzz_id: str
+) -> tuple[str, str]:
     """A streamed chat completion: the content received, and how it ended."""
     parts: list[str] = []
     try:
@@ -84,7 +86,7 @@ async def streamed(client: openai.AsyncOpenAI, messages: list[dict[str, str]]) -
             model="gpt-4o-mini",
             messages=messages,  # type: ignore[arg-type]
             stream=True,
-            extra_headers={"X-Fuzz-Id": uuid.uuid4().hex},
+            extra_headers={"X-Fuzz-Id": fuzz_id},
         )
         async for chunk in stream:
             for choice in chunk.choices:
@@ -107,7 +109,7 @@ async def test_no_answer_ever_reaches_another_request(proc, upstream, seed):
         for key in keys
     ]
     outcomes: Counter[str] = Counter()
-    wrong: list[str] = []
+    suspects: list[tuple[str, int, str, str, str]] = []  # (fuzz id, tenant, prompt, got, why)
     deadline = time.monotonic() + seconds
 
     async def worker() -> None:
@@ -127,55 +129,67 @@ async def test_no_answer_ever_reaches_another_request(proc, upstream, seed):
             if rng.random() < 0.03:  # now and then a large body (early answers, slow writes)
                 messages.insert(0, {"role": "system", "content": "p" * 1_500_000})
             expected = f"[who:{mine}] {prompt}"
+            fid = uuid.uuid4().hex
+
+            def wrong(got: str, why: str) -> None:
+                suspects.append((fid, tenant, prompt, got, why))  # noqa: B023 (called at once)
+
             if rng.random() < 0.25:  # streamed: a cut stream must still be a prefix of its own
-                content, outcome = await streamed(clients[tenant], messages)
+                content, outcome = await streamed(clients[tenant], messages, fid)
                 outcomes[outcome] += 1
                 whole = outcome == "stream 200"
                 if outcome.startswith("stream status"):
                     pass  # an error body: it may only name this tenant (below)
                 elif (content != expected) if whole else not expected.startswith(content):
-                    wrong.append(f"tenant {tenant} asked {prompt!r}, streamed {content!r}")
+                    wrong(content, f"tenant {tenant} asked {prompt!r}, streamed {content!r}")
                 for name in NAMED.findall(content):
                     if name != mine:
-                        wrong.append(f"tenant {tenant} got a stream naming {name}")
+                        wrong(content, f"tenant {tenant} got a stream naming {name}")
                 continue
             try:
                 got: object = await clients[tenant].chat.completions.create(
                     model="gpt-4o-mini",
                     messages=messages,  # type: ignore[arg-type]
-                    extra_headers={"X-Fuzz-Id": uuid.uuid4().hex},
+                    extra_headers={"X-Fuzz-Id": fid},
                 )
             except openai.APIStatusError as exc:
                 outcomes[f"status {exc.status_code}"] += 1
                 for name in NAMED.findall(exc.response.text):
                     if name != mine:
-                        wrong.append(f"tenant {tenant} got an error naming {name}")
+                        wrong(exc.response.text, f"tenant {tenant} got an error naming {name}")
                 continue
             except (openai.APIConnectionError, openai.APITimeoutError):
                 outcomes["connection error"] += 1
                 continue
             except ValueError as exc:  # a 200 whose body is not whole JSON: a broken answer
-                wrong.append(f"tenant {tenant} got a broken answer: {exc}")
+                wrong(str(exc), f"tenant {tenant} got a broken answer: {exc}")
                 continue
             if not isinstance(got, openai.types.chat.ChatCompletion):
                 outcomes["no body"] += 1
                 for name in NAMED.findall(str(got)):
                     if name != mine:
-                        wrong.append(f"tenant {tenant} got a body naming {name}")
+                        wrong(str(got), f"tenant {tenant} got a body naming {name}")
                 continue
             answer = got.choices[0].message.content
             outcomes["200"] += 1
             if answer != expected:
-                wrong.append(f"tenant {tenant} asked {prompt!r} and got {answer!r}")
+                wrong(str(answer), f"tenant {tenant} asked {prompt!r} and got {answer!r}")
 
     try:
         await asyncio.gather(*(worker() for _ in range(WORKERS)))
     finally:
         for client in clients:
             await client.close()
+    # A request that crossed an unsolicited answer on the wire got that answer (no HTTP/1.1
+    # client can tell): it, and the same answer served again for that tenant and prompt (it
+    # was stored), are counted apart. Everything else wrong is a failure.
+    crossed = {(t, p, g) for f, t, p, g, _ in suspects if f in upstream.crossed}
+    wrong_ones = [why for f, t, p, g, why in suspects if (t, p, g) not in crossed]
+    outcomes["crossed on the wire"] = len(suspects) - len(wrong_ones)
+    outcomes["requests that crossed"] = len(upstream.crossed)
     report = f"DESYNC_SEED={seed}: {dict(outcomes)}; upstream {dict(upstream.behaviours)}"
     print(report)
-    assert wrong == [], f"{report}\n" + "\n".join(wrong[:20])
+    assert wrong_ones == [], f"{report}\n" + "\n".join(wrong_ones[:20])
     assert upstream.violations == [], f"{report}\n" + "\n".join(upstream.violations[:20])
     assert outcomes["200"] > 50, report  # it did run: most requests were answered
     assert proc.proc.poll() is None, report
