@@ -179,6 +179,8 @@ def test_health_sees_a_dead_redis_without_traffic(fake, tmp_path):
 
 
 def test_a_dead_redis_at_start_up_is_named_at_once(fake, tmp_path):
+    """A Redis that is down at start-up shows at once as a degraded store, with a reason, in health
+    and in the start-up log line."""
     proc, port = spawn_proxy(
         fake.base_url,
         tmp_path / "d",

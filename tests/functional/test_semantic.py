@@ -205,6 +205,8 @@ def test_embeddings_that_time_out_or_fail_are_plain_misses(start_proxy, fake, tm
 
 
 def test_a_failing_embeddings_service_is_a_plain_miss(start_proxy, fake, tmp_path):
+    """An embeddings service that fails turns a semantic lookup into a plain MISS and leaves the
+    exact cache working."""
     proxy = start_proxy(rules=rules(tmp_path))
     client = sdk(proxy)
     fake.path_errors[EMB] = 500

@@ -74,6 +74,8 @@ def test_4xx_is_never_covered(start_proxy, fake, tmp_path, status):
 
 
 def test_without_the_option_or_the_directive_errors_pass_through(start_proxy, fake, tmp_path):
+    """Without a stale rule option or a stale-if-error directive, an upstream error after expiry
+    passes through to the client."""
     proxy = start_proxy(rules=rules(tmp_path, stale=None))
     port = port_of(proxy)
     post(port, chat("q"), AUTH)

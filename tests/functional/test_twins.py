@@ -60,6 +60,8 @@ def test_chat_json_first_then_stream(proxy, fake):
 
 
 def test_chat_stream_first_then_json(proxy, fake):
+    """A chat answer stored as a stream serves the JSON twin and the stream itself as HITs with the
+    same content."""
     with sdk(proxy) as c:
         a = stream_chat(c, model="gpt-4o-mini", messages=PROMPT)
         b = json_chat(c, model="gpt-4o-mini", messages=PROMPT)
@@ -109,6 +111,7 @@ def test_responses_both_ways(proxy, fake):
 
 
 def test_another_field_is_not_served_from_the_twin(proxy, fake):
+    """A twin that differs in another field (temperature) is a MISS and goes upstream."""
     with sdk(proxy) as c:
         json_chat(c, model="gpt-4o-mini", messages=PROMPT)
         assert stream_chat(c, model="gpt-4o-mini", messages=PROMPT, temperature=0.2)[0] == "MISS"

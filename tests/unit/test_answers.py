@@ -40,11 +40,13 @@ CHAT_SSE = (
 
 
 def test_a_whole_json_answer_is_stored_with_its_usage():
+    """A whole JSON answer is storable and its usage is taken from the body."""
     v = verdict(finished(200, JSON, b'{"id":"x","usage":{"prompt_tokens":3}}'), False)
     assert v.ok and v.usage == {"prompt_tokens": 3}
 
 
 def test_a_whole_stream_is_stored_with_its_usage():
+    """A whole chat stream is storable and its usage is taken from its events."""
     v = verdict(finished(200, SSE, *CHAT_SSE), True)
     assert v.ok and v.usage == {"prompt_tokens": 1, "completion_tokens": 2}
 
@@ -66,17 +68,21 @@ def test_a_whole_stream_is_stored_with_its_usage():
     ],
 )
 def test_what_is_not_stored(flight, stream, why):
+    """Errors, unparseable or cut answers, streams without their terminal event, wrong lengths and
+    oversize answers are not stored, each with its reason."""
     v = verdict(flight, stream)
     assert not v.ok
     assert v.why == why or (why and why in v.why)
 
 
 def test_other_types_are_taken_as_they_are():
+    """An answer of another content type (audio) is storable as it is, with unknown usage."""
     v = verdict(finished(200, (("Content-Type", "audio/mpeg"),), b"ID3..."), False)
     assert v.ok and v.usage is UNKNOWN
 
 
 def test_stored_headers_drop_rate_limits_and_the_caches_own():
+    """Stored headers keep the upstream's own headers and drop rate-limit and cache headers."""
     kept = stored_headers(
         (
             ("x-request-id", "r"),

@@ -15,6 +15,8 @@ async def read_all(reader) -> list[bytes]:
 
 
 async def test_a_late_reader_gets_every_chunk_from_the_first_then_live():
+    """A reader that joins a flight half-way gets every chunk from the first one, then the live
+    ones."""
     flight = Flight("k", max_bytes=1 << 20)
     first = flight.attach()
     flight.publish_head(200, (("Content-Type", "text/event-stream"),))
@@ -31,6 +33,7 @@ async def test_a_late_reader_gets_every_chunk_from_the_first_then_live():
 
 
 async def test_wait_head_times_out_on_a_silent_leader_unless_it_is_busy():
+    """Waiting for a head times out on a silent leader but keeps waiting for a busy one."""
     flight = Flight("k", max_bytes=100)
     assert await flight.wait_head(0.01) is None
     flight.busy = True
@@ -43,6 +46,7 @@ async def test_wait_head_times_out_on_a_silent_leader_unless_it_is_busy():
 
 
 async def test_an_ended_flight_without_a_head_answers_none():
+    """A flight that ends before any head wakes its waiters with None and keeps its reason."""
     flight = Flight("k", max_bytes=100)
     waiter = asyncio.ensure_future(flight.wait_head(None))
     await asyncio.sleep(0)
@@ -51,6 +55,7 @@ async def test_an_ended_flight_without_a_head_answers_none():
 
 
 async def test_overflow_stops_joiners_and_releases_what_every_reader_passed():
+    """A flight past max_bytes takes no joiners and releases the chunks every reader passed."""
     flight = Flight("k", max_bytes=10)
     reader = flight.attach()
     flight.publish_head(200, ())
@@ -68,6 +73,7 @@ async def test_overflow_stops_joiners_and_releases_what_every_reader_passed():
 
 
 async def test_a_reader_that_lags_past_the_window_is_cut():
+    """A reader that falls behind by more than the lag window is cut with Lagged."""
     flight = Flight("k", max_bytes=1)
     slow = flight.attach()
     flight.publish_head(200, ())
@@ -80,6 +86,8 @@ async def test_a_reader_that_lags_past_the_window_is_cut():
 
 
 async def test_a_cut_flight_ends_its_readers_and_is_not_joinable():
+    """A cut flight ends its readers after what they had, is not joinable, and keeps its first
+    outcome."""
     flight = Flight("k", max_bytes=100)
     reader = flight.attach()
     flight.publish_head(200, ())
@@ -92,6 +100,8 @@ async def test_a_cut_flight_ends_its_readers_and_is_not_joinable():
 
 
 async def test_a_cancelled_reader_leaves_no_waiter_and_detaches():
+    """A cancelled reader leaves no waiter behind and closing it (twice) detaches it from the
+    flight."""
     flight = Flight("k", max_bytes=100)
     reader = flight.attach()
     flight.publish_head(200, ())
@@ -108,6 +118,8 @@ async def test_a_cancelled_reader_leaves_no_waiter_and_detaches():
 
 
 async def test_the_registry_forgets_unjoinable_flights_and_debounces():
+    """The flight registry keeps a finished flight for its debounce window, forgets cut ones, and
+    lets a new leader replace an old flight."""
     flights = Flights()
     flight = flights.lead("k", max_bytes=100)
     assert flights.get("k") is flight

@@ -45,6 +45,8 @@ def test_scanner_fed_in_any_pieces_agrees_with_one_pass(name, cuts):
 
 
 def test_scanner_sees_a_cut_and_an_error_event():
+    """The SSE scanner names a stream without its terminal event and a stream carrying an error
+    event."""
     scan = sse.Scanner()
     scan.feed(b'data: {"choices":[]}\n\n')
     scan.close()

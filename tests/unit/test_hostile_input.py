@@ -68,6 +68,7 @@ def test_a_body_with_no_canonical_form_is_keyed_by_its_exact_bytes():
 
 
 def test_declared_json_that_does_not_parse_is_a_400():
+    """A body declared as JSON that does not parse, or is not an object, is refused as BadBody."""
     with pytest.raises(BadBody):
         plan(b'{"model": ')
     with pytest.raises(BadBody):
@@ -96,6 +97,7 @@ def test_nesting_is_bounded_with_a_400():
 
 
 def test_multipart_part_count_is_bounded():
+    """A multipart body with too many parts is refused with TooManyParts."""
     boundary = "b0undary"
     part = f'--{boundary}\r\nContent-Disposition: form-data; name="f"\r\n\r\nv\r\n'
     body = (part * 20_000 + f"--{boundary}--\r\n").encode()
@@ -176,6 +178,7 @@ def test_bodies_that_differ_in_a_kept_field_never_share_a_key(a, b, field):
     boundary=st.sampled_from(["abc", "----x123", "b"]),
 )
 def test_multipart_bodies_raise_nothing_but_bad_body(fields, boundary):
+    """Any multipart body, however broken, plans or raises BadBody, never another exception."""
     body = (
         b"".join(
             b"--"
@@ -245,6 +248,8 @@ def test_image_source_hosts_check_ports():
 
 
 def test_image_links_follow_the_client_and_a_forged_host_reaches_nobody():
+    """Image links are rebased on the client's own base URL, and a forged Host header falls back to
+    the configured base."""
     body = orjson.dumps({"data": [{"url": PLACEHOLDER_BASE + "/_proxy/images/a.png"}]})
     assert b"http://localhost:1/_proxy" in rebase(body, client_base("http", "localhost:1", "x"))
     forged = client_base("http", 'evil.example/"><script>', "http://127.0.0.1:9")

@@ -95,6 +95,8 @@ async def ask(client: Client, body: bytes = b"{}", **headers: str) -> tuple[int,
 
 
 async def test_keep_alive_one_connection_and_the_request_as_sent():
+    """Several requests share one keep-alive connection and each goes out with its request line,
+    headers and body as expected."""
     async with Server(fixed(ok(b'{"a":1}', "Content-Type: application/json"))) as srv:
         client = srv.client()
         for _ in range(3):
@@ -110,6 +112,8 @@ async def test_keep_alive_one_connection_and_the_request_as_sent():
 
 
 async def test_a_chunked_answer_streams_as_it_comes():
+    """A chunked answer reaches the reader piece by piece as it comes, and the connection is reused
+    after it."""
     gate = asyncio.Event()
 
     async def answer(_r: asyncio.StreamReader, w: asyncio.StreamWriter, _req: bytes) -> bool:
@@ -132,6 +136,8 @@ async def test_a_chunked_answer_streams_as_it_comes():
 
 
 async def test_an_answer_without_length_ends_with_its_connection():
+    """An answer without a length is read until its connection closes, and the next request opens a
+    new one."""
     async with Server(fixed(b"HTTP/1.1 200 OK\r\n\r\nuntil close", keep=False)) as srv:
         client = srv.client()
         assert await ask(client) == (200, b"until close")
@@ -141,6 +147,7 @@ async def test_an_answer_without_length_ends_with_its_connection():
 
 
 async def test_informational_answers_are_skipped():
+    """1xx informational answers before the real one are skipped, headers and all."""
     raw = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + ok(b"x")
     async with Server(fixed(raw)) as srv:
         client = srv.client()
@@ -160,6 +167,8 @@ async def test_informational_answers_are_skipped():
     ],
 )
 async def test_coded_answers_are_decoded(coding, pack):
+    """gzip, deflate (zlib or raw) and brotli answers are decoded while their Content-Encoding
+    header is kept."""
     body = b'{"answer": "' + b"word " * 5000 + b'"}'
     raw = ok(pack(body), f"Content-Encoding: {coding}")
     async with Server(fixed(raw)) as srv:
@@ -172,6 +181,7 @@ async def test_coded_answers_are_decoded(coding, pack):
 
 @pytest.mark.parametrize("coding", ["gzip", "br"])
 async def test_a_compression_bomb_comes_out_in_bounded_pieces(coding):
+    """A compression bomb is decoded whole but never in a piece larger than twice DECODE_PIECE."""
     zeros = b"\0" * (64 * 1024 * 1024)
     packed = gzip.compress(zeros, 9) if coding == "gzip" else brotli.compress(zeros)
     async with Server(fixed(ok(packed, f"Content-Encoding: {coding}"))) as srv:
@@ -186,6 +196,8 @@ async def test_a_compression_bomb_comes_out_in_bounded_pieces(coding):
 
 
 async def test_a_connection_the_upstream_closed_while_idle_is_not_reused():
+    """A kept-alive connection the upstream closed while idle is not reused for the next request."""
+
     async def answer(_r: asyncio.StreamReader, w: asyncio.StreamWriter, _req: bytes) -> bool:
         w.write(ok(b"x"))  # says keep-alive, then closes
         await w.drain()
@@ -262,6 +274,7 @@ async def test_no_retry_once_the_upstream_began_to_answer():
 
 @pytest.mark.parametrize("raw", [b"", b"HTTP/1.1 200 OK\r\nContent-Le"])
 async def test_a_fresh_connection_closed_before_a_whole_head_is_an_error(raw):
+    """A fresh connection that closes before a whole answer head is an UpstreamError, sent once."""
     async with Server(fixed(raw, keep=False)) as srv:
         client = srv.client()
         with pytest.raises(UpstreamError, match="could not be reached: Server disconnected"):
@@ -271,6 +284,7 @@ async def test_a_fresh_connection_closed_before_a_whole_head_is_an_error(raw):
 
 
 async def test_a_body_cut_short_is_an_error():
+    """A body shorter than its Content-Length is an UpstreamError saying it broke off."""
     raw = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b"
     async with Server(fixed(raw, keep=False)) as srv:
         client = srv.client()
@@ -281,6 +295,9 @@ async def test_a_body_cut_short_is_an_error():
 
 
 async def test_a_silent_upstream_times_out_before_and_within_the_answer():
+    """An upstream that goes silent before the head or in the middle of the body times out with
+    UpstreamTimeout."""
+
     async def silent(r: asyncio.StreamReader, _w: asyncio.StreamWriter, _req: bytes) -> bool:
         await r.read()  # until the client gives up
         return False
@@ -309,6 +326,7 @@ async def test_a_silent_upstream_times_out_before_and_within_the_answer():
 
 
 async def test_nothing_listening_and_malformed_answers_are_upstream_errors():
+    """A port with nothing listening and an answer that is not HTTP are both UpstreamErrors."""
     async with Server(fixed(b"")) as srv:
         port = srv.port
     client = Client(
@@ -325,6 +343,8 @@ async def test_nothing_listening_and_malformed_answers_are_upstream_errors():
 
 
 async def test_endless_headers_are_cut_off():
+    """An answer head larger than 256 KB is cut off with an UpstreamError."""
+
     async def endless(_r: asyncio.StreamReader, w: asyncio.StreamWriter, _req: bytes) -> bool:
         w.write(b"HTTP/1.1 200 OK\r\n")
         try:
@@ -343,6 +363,8 @@ async def test_endless_headers_are_cut_off():
 
 
 async def test_a_reader_that_waits_pauses_the_upstream():
+    """A reader that stops reading makes the client stop reading the socket, with bounded buffering
+    and nothing lost."""
     big = bytes(range(256)) * (16 * 1024)  # 4 MB
 
     async with Server(fixed(ok(big))) as srv:
@@ -357,6 +379,7 @@ async def test_a_reader_that_waits_pauses_the_upstream():
 
 
 async def test_leaving_before_the_end_closes_the_connection():
+    """Leaving an answer before its end closes its connection; the next request opens one."""
     async with Server(fixed(ok(b"y" * 2_000_000))) as srv:
         client = srv.client()
         async with client.request("POST", "/x", CIMultiDict(), b"") as resp:
@@ -367,6 +390,7 @@ async def test_leaving_before_the_end_closes_the_connection():
 
 
 async def test_a_large_request_body_arrives_whole():
+    """A request body of several megabytes, sent in slices, arrives whole."""
     body = bytes(range(256)) * (12 * 1024)  # 3 MB, sent in slices
     async with Server(fixed(ok(b"ok"))) as srv:
         client = srv.client()
@@ -376,6 +400,7 @@ async def test_a_large_request_body_arrives_whole():
 
 
 async def test_a_line_break_in_a_header_is_refused_before_anything_is_sent():
+    """A header value with a line break is refused before any byte is sent upstream."""
     async with Server(fixed(ok(b"x"))) as srv:
         client = srv.client()
         with pytest.raises(UpstreamError, match="line break"):
@@ -426,6 +451,7 @@ async def _parse(pieces: list[bytes]) -> tuple[int, bytes]:
     cuts=st.lists(st.integers(0, 4000), max_size=12),
 )
 def test_any_split_of_a_chunked_answer_gives_the_same_body(body, chunk, cuts):
+    """A chunked answer parses to the same status and body however its bytes are split."""
     raw = b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n"
     for i in range(0, len(body), chunk):
         part = body[i : i + chunk]
@@ -454,6 +480,7 @@ async def test_a_host_name_is_resolved_once_and_its_addresses_tried_in_turn():
 
 
 async def test_trailers_are_dropped_and_never_become_the_next_answers_headers():
+    """Chunked trailers are dropped and never leak into the next answer on the same connection."""
     raw = (
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Trail\r\n\r\n"
         b"2\r\nhi\r\n0\r\nX-Trail: t\r\n\r\n"

@@ -126,6 +126,8 @@ USER = {"role": "user", "content": "hello there"}
     ],
 )
 def test_only_plain_user_text_is_compared(twin, fields, text):
+    """Only the plain text of a last user message is compared; images, tools, other roles, blank or
+    oversize text are not."""
     found = query_of(twin, fields)
     assert (found[0] if found else None) == text
 
@@ -153,6 +155,8 @@ def partition(
 
 
 def test_partitions_hold_everything_but_the_last_user_text():
+    """A semantic partition covers every part of the request but the last user text, so any other
+    difference separates partitions."""
     base = partition(chat({"role": "user", "content": "What is the capital of France?"}))
     assert base is not None and base.rpartition(".")[2].startswith("s")
     assert partition(chat({"role": "user", "content": "France's capital?"})) == base
@@ -171,6 +175,7 @@ def test_partitions_hold_everything_but_the_last_user_text():
 
 
 def test_rule_options_are_validated():
+    """Semantic rule options are parsed and bad values are refused with ConfigError."""
     rule = parse_rules(
         '[[rule]]\nroute = "/x"\nsemantic = "shadow"\nsemantic_threshold = 0.9\n', "t"
     )[0]
@@ -195,6 +200,8 @@ def unit(*values: float) -> np.ndarray:
 
 
 def test_records_round_trip_without_the_text():
+    """A vector record round-trips its member, signature, expiry and vector, and a truncated record
+    is refused."""
     record = pack("v2:a.b.c.d.e", b"s" * 16, 123.5, unit(1, 2, 3))
     member, sig, expires, vector = unpack(record)
     assert (member, sig, expires) == ("v2:a.b.c.d.e", b"s" * 16, 123.5)
@@ -204,6 +211,8 @@ def test_records_round_trip_without_the_text():
 
 
 def test_a_partition_keeps_the_newest_and_ranks_by_cosine():
+    """A partition keeps about its newest records without doubling, ranks by cosine, and forgets a
+    dropped member."""
     part = Partition(keep=100)
     future = time.time() + 60
     rows = [(i + 1, pack(f"m{i}", b"s" * 16, future, unit(1, i, 0))) for i in range(200)]
@@ -220,6 +229,7 @@ def test_a_partition_keeps_the_newest_and_ranks_by_cosine():
 
 
 def test_an_expired_or_other_sized_record_is_never_a_candidate():
+    """An expired record or a vector of another size never becomes a candidate."""
     part = Partition(keep=10)
     part.add([(1, pack("old", b"s" * 16, time.time() - 1, unit(1, 0)))])
     part.add([(2, pack("odd", b"s" * 16, time.time() + 60, unit(1, 0, 0)))])
@@ -233,6 +243,9 @@ def entry() -> CachedResponse:
 
 @pytest.mark.parametrize("kind", ["memory", "sqlite"])
 def test_stores_keep_records_and_drop_them_with_their_entry(kind, tmp_path):
+    """Memory and SQLite stores keep vector records in order and drop them with their entry or a
+    purge."""
+
     async def go() -> None:
         store = MemoryStore() if kind == "memory" else SQLiteStore(tmp_path / "v.db")
         later = time.time() + 60
@@ -255,6 +268,7 @@ def test_stores_keep_records_and_drop_them_with_their_entry(kind, tmp_path):
 
 
 def test_the_report_shows_would_be_hits_and_the_score_distribution():
+    """The report counts shadow semantic would-be hits, their savings and the score distribution."""
     report = Report(by="route")
     lines = [
         {

@@ -263,6 +263,8 @@ def test_the_key_filter_never_forgets_a_key(keys):
 
 
 def test_the_key_filter_is_rarely_wrong_about_other_keys():
+    """The key filter is wrong about unseen keys about 1 % of the time at capacity and fills up near
+    it."""
     f = KeyFilter(10_000)
     for i in range(f.capacity):
         f.add(f"v2:t.a.b.c.{i:064x}")

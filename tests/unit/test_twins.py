@@ -33,6 +33,8 @@ def test_recorded_chat_stream_to_json_and_back():
 
 
 def test_recorded_chat_json_to_stream_is_a_clean_stream():
+    """A recorded chat JSON answer turns into a clean stream, with or without usage, and back to the
+    same choices."""
     doc = recorded("chat_completion_tool_call")["response"]["body_text"].encode()
     for usage in (True, False):
         stream = twins.chat_to_sse(doc, usage)
@@ -46,6 +48,8 @@ def test_recorded_chat_json_to_stream_is_a_clean_stream():
 
 
 def test_recorded_responses_both_ways():
+    """A recorded Responses stream turns into JSON and back into a clean stream that gives the same
+    JSON and text."""
     stream = body("response_stream")
     doc = orjson.loads(twins.responses_to_json(stream))
     assert doc["object"] == "response" and doc["status"] == "completed"
