@@ -9,11 +9,13 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 
+from proxy.testing import FakeOpenAI
 from tests.conftest import async_sdk, free_port
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -59,7 +61,7 @@ class Page:
 
 
 @pytest.fixture
-def chromium(tmp_path):
+def chromium(tmp_path: Path):
     if CHROMIUM is None:
         pytest.fail("chromium is not installed (scripts/test installs it)")
     port = free_port()
@@ -101,7 +103,9 @@ async def open_page(devtools: str, session: aiohttp.ClientSession):
     return await session.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0)
 
 
-async def test_dashboard_shows_stats_and_refreshes(start_proxy, fake, chromium):
+async def test_dashboard_shows_stats_and_refreshes(
+    start_proxy: Any, fake: FakeOpenAI, chromium
+) -> None:
     """The page loads offline in Chromium, shows the same figures as /_proxy/stats, refreshes
     after new requests, and the test saves a screenshot."""
     proxy = start_proxy(admin_token="tok")

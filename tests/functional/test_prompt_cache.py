@@ -5,11 +5,14 @@ report."""
 from __future__ import annotations
 
 import urllib.request
+from pathlib import Path
+from typing import Any
 
 import orjson
 from structlog.testing import capture_logs
 
 from proxy.report import Report
+from proxy.testing import FakeOpenAI
 from tests.conftest import sdk
 
 CHAT = "/v1/chat/completions"
@@ -38,7 +41,9 @@ def sent(fake, i: int) -> dict:
     return fake.calls[i].json()
 
 
-def test_auto_sets_one_key_per_tenant_and_prefix(start_proxy, fake, tmp_path):
+def test_auto_sets_one_key_per_tenant_and_prefix(
+    start_proxy: Any, fake: FakeOpenAI, tmp_path: Path
+) -> None:
     """With "auto", requests sharing a system prompt go up with one prompt_cache_key; another
     tenant or another prefix gets another; a request's own key is left as it is."""
     proxy = start_proxy(rules=rules(tmp_path))
@@ -58,7 +63,9 @@ def test_auto_sets_one_key_per_tenant_and_prefix(start_proxy, fake, tmp_path):
     assert "ocp-" not in str(sent(fake, 0)["messages"])  # only the one field was added
 
 
-def test_the_auto_key_stays_out_of_the_proxy_key(start_proxy, fake, tmp_path):
+def test_the_auto_key_stays_out_of_the_proxy_key(
+    start_proxy: Any, fake: FakeOpenAI, tmp_path: Path
+) -> None:
     """Even with a rule that keys every field, the added prompt_cache_key does not enter the
     proxy's key: the same request again is a HIT, whatever the fake answered with."""
     proxy = start_proxy(rules=rules(tmp_path, extra="ignore_fields = []\n"))
@@ -70,14 +77,16 @@ def test_the_auto_key_stays_out_of_the_proxy_key(start_proxy, fake, tmp_path):
     assert fake.count(CHAT) == 1
 
 
-def test_without_auto_nothing_is_added(start_proxy, fake, tmp_path):
+def test_without_auto_nothing_is_added(start_proxy: Any, fake: FakeOpenAI, tmp_path: Path) -> None:
     """A rule without the option sends the body as the client wrote it."""
     proxy = start_proxy(rules=rules(tmp_path, auto=False))
     ask(sdk(proxy), "q")
     assert "prompt_cache_key" not in sent(fake, 0)
 
 
-def test_provider_cached_tokens_are_counted_apart(start_proxy, fake, tmp_path):
+def test_provider_cached_tokens_are_counted_apart(
+    start_proxy: Any, fake: FakeOpenAI, tmp_path: Path
+) -> None:
     """Cached input tokens the provider reports are priced at the cached-input price and
     shown apart from the proxy's savings: on the line, in stats, metrics and the report."""
     fake.prompt_cache_machines = 4

@@ -13,7 +13,7 @@ def body(name: str) -> bytes:
     return recorded(name)["response"]["body_text"].encode()
 
 
-def test_recorded_chat_stream_to_json_and_back():
+def test_recorded_chat_stream_to_json_and_back() -> None:
     """The recorded tool-call stream assembles to the object the API returns, and that object
     streams back to the same content."""
     for name in (
@@ -32,7 +32,7 @@ def test_recorded_chat_stream_to_json_and_back():
     assert calls["choices"][0]["finish_reason"] == "tool_calls"
 
 
-def test_recorded_chat_json_to_stream_is_a_clean_stream():
+def test_recorded_chat_json_to_stream_is_a_clean_stream() -> None:
     """A recorded chat JSON answer turns into a clean stream, with or without usage, and back to the
     same choices."""
     doc = recorded("chat_completion_tool_call")["response"]["body_text"].encode()
@@ -47,7 +47,7 @@ def test_recorded_chat_json_to_stream_is_a_clean_stream():
         ]
 
 
-def test_recorded_responses_both_ways():
+def test_recorded_responses_both_ways() -> None:
     """A recorded Responses stream turns into JSON and back into a clean stream that gives the same
     JSON and text."""
     stream = body("response_stream")
