@@ -8,6 +8,7 @@ import itertools
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,7 @@ class Page:
 
 
 @pytest.fixture
-def chromium(tmp_path: Path):
+def chromium(tmp_path: Path) -> Iterator[str]:
     if CHROMIUM is None:
         pytest.fail("chromium is not installed (scripts/test installs it)")
     port = free_port()
@@ -104,7 +105,7 @@ async def open_page(devtools: str, session: aiohttp.ClientSession):
 
 
 async def test_dashboard_shows_stats_and_refreshes(
-    start_proxy: Any, fake: FakeOpenAI, chromium
+    start_proxy: Any, fake: FakeOpenAI, chromium: str
 ) -> None:
     """The page loads offline in Chromium, shows the same figures as /_proxy/stats, refreshes
     after new requests, and the test saves a screenshot."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import orjson
 import pytest
 
 from proxy.testing import FakeOpenAI
-from tests.conftest import RedisServer, start_redis
+from tests.conftest import ProxyServer, RedisServer, start_redis
 
 CHAT_PATH = "/v1/chat/completions"
 CHAT: dict[str, Any] = {
@@ -32,7 +33,9 @@ async def post(url: str, body: dict, headers: dict | None = None) -> tuple[int, 
 
 
 @pytest.fixture
-def fleet(start_proxy: Any, redis_server: RedisServer, tmp_path: Path):
+def fleet(
+    start_proxy: Any, redis_server: RedisServer, tmp_path: Path
+) -> tuple[ProxyServer, ProxyServer]:
     """Two instances on one Redis, each with its own data folder and no --secret."""
     a = start_proxy(cache=redis_server.url, secret="", data_dir=tmp_path / "a")
     b = start_proxy(cache=redis_server.url, secret="", data_dir=tmp_path / "b")
@@ -40,7 +43,7 @@ def fleet(start_proxy: Any, redis_server: RedisServer, tmp_path: Path):
 
 
 async def test_two_instances_without_secret_coalesce_into_one_call(
-    fleet, fake: FakeOpenAI, tmp_path: Path
+    fleet: tuple[ProxyServer, ProxyServer], fake: FakeOpenAI, tmp_path: Path
 ) -> None:
     """Two instances on one Redis with no --secret make the same keys: 20 identical requests
     over both are one upstream call, though each data folder holds its own secret file."""
@@ -57,7 +60,7 @@ async def test_two_instances_without_secret_coalesce_into_one_call(
 
 
 async def test_one_idempotency_key_with_two_bodies_across_instances_is_422(
-    fleet, fake: FakeOpenAI
+    fleet: tuple[ProxyServer, ProxyServer], fake: FakeOpenAI
 ) -> None:
     """An Idempotency-Key used on A, then on B with another body: 422, one upstream call."""
     a, b = fleet
@@ -111,7 +114,7 @@ print(orjson.dumps(out).decode())
 
 
 @pytest.fixture
-def netns():
+def netns() -> Iterator[tuple[Callable[..., str], str]]:
     """A network namespace of its own, joined to the test's by a veth pair on a private /30:
     (run a command inside it, the proxy-side address). Root and `ip` are needed."""
     import os
@@ -162,7 +165,7 @@ def ask_all(run: Any, base: str, routes: Any) -> list[tuple[int, str]]:
 
 
 def test_admin_pages_refuse_a_non_loopback_client_without_a_token(
-    fake: FakeOpenAI, tmp_path: Path, netns
+    fake: FakeOpenAI, tmp_path: Path, netns: tuple[Callable[..., str], str]
 ) -> None:
     """Without --admin-token, stats, metrics, dashboard and purge answer 403 to a client on
     another network namespace and 200 on loopback; health answers both and shows no
@@ -197,7 +200,7 @@ def test_admin_pages_refuse_a_non_loopback_client_without_a_token(
 
 
 def test_admin_pages_open_to_a_non_loopback_client_with_the_token(
-    fake: FakeOpenAI, tmp_path: Path, netns
+    fake: FakeOpenAI, tmp_path: Path, netns: tuple[Callable[..., str], str]
 ) -> None:
     """With --admin-token, a client on another network namespace gets the admin pages with
     the token (?token= for a browser) and 401 without it."""

@@ -35,7 +35,7 @@ def chat(prompt: str) -> bytes:
 AUTH = {"Authorization": "Bearer sk-a", "Content-Type": "application/json"}
 
 
-async def test_cluster_cold_start_many_first_calls_at_once(redis_cluster) -> None:
+async def test_cluster_cold_start_many_first_calls_at_once(redis_cluster: str) -> None:
     """A cluster client that has never been used, hit by 100 coroutines at once: no failure
     (redis-py's cluster client breaks when they all initialise it together)."""
     store = RedisStore.from_url(redis_cluster)
@@ -62,7 +62,7 @@ async def _load(urls: list[str], n: int, prompt_of) -> list[int]:
 
 
 async def test_cluster_cold_start_under_load(
-    start_proxy: Any, redis_cluster, fake: FakeOpenAI
+    start_proxy: Any, redis_cluster: str, fake: FakeOpenAI
 ) -> None:
     """Two fresh instances on a fresh cluster, a burst at once: no 5xx, one upstream call per
     distinct prompt."""
@@ -85,7 +85,9 @@ def _node_ids(port: int) -> dict[str, tuple[int, str]]:
     return nodes
 
 
-async def test_slot_migration_under_load(start_proxy: Any, redis_cluster, fake: FakeOpenAI) -> None:
+async def test_slot_migration_under_load(
+    start_proxy: Any, redis_cluster: str, fake: FakeOpenAI
+) -> None:
     """Moving slots between masters while requests flow: no 5xx, and HITs after."""
     a = start_proxy(cache=redis_cluster, lease_s=1.0, hot_cache_mb=0)
     port = int(redis_cluster.rsplit(":", 1)[1])

@@ -300,7 +300,7 @@ async def test_a_fill_on_another_process_of_one_sqlite_file_is_kept_out_by_a_pur
     assert fake.count(CHAT) == 2
 
 
-def test_purge_on_redis_cluster(start_proxy: Any, fake: FakeOpenAI, redis_cluster) -> None:
+def test_purge_on_redis_cluster(start_proxy: Any, fake: FakeOpenAI, redis_cluster: str) -> None:
     """On a Redis Cluster a purge removes the entries it names (spread over the masters)
     and they are MISSes afterwards."""
     proxy = start_proxy(cache=redis_cluster, admin_token=TOKEN, hot_cache_mb=0)

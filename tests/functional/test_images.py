@@ -9,6 +9,7 @@ import sqlite3
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -23,7 +24,7 @@ from proxy.errors import RehostError
 from proxy.images.rehost import ImageRehoster
 from proxy.testing import FakeOpenAI
 from proxy.testing.fake_openai import make_png
-from tests.conftest import BackgroundLoop, free_port, sdk
+from tests.conftest import BackgroundLoop, ProxyServer, free_port, sdk
 from tests.helpers import eventually
 
 
@@ -36,12 +37,15 @@ def get(url: str) -> tuple[int, dict[str, str], bytes]:
 
 
 @pytest.fixture
-def image_proxy(start_proxy: Any, fake: FakeOpenAI):
+def image_proxy(start_proxy: Any, fake: FakeOpenAI) -> ProxyServer:
     """A proxy that may fetch images from the fake upstream's host and port."""
-    return start_proxy(image_source_hosts=fake.netloc)
+    server: ProxyServer = start_proxy(image_source_hosts=fake.netloc)
+    return server
 
 
-def test_url_answer_is_rehosted_and_outlives_upstream_url(image_proxy, fake: FakeOpenAI) -> None:
+def test_url_answer_is_rehosted_and_outlives_upstream_url(
+    image_proxy: ProxyServer, fake: FakeOpenAI
+) -> None:
     """images.generate(response_format="url") returns a proxy URL that still serves the same
     PNG after the upstream URL has expired; the repeat is a HIT with the same URLs."""
     fake.image_ttl_s = 1.0
@@ -72,7 +76,7 @@ def test_url_answer_is_rehosted_and_outlives_upstream_url(image_proxy, fake: Fak
     assert len(fake.image_downloads) == 2  # the proxy's one fetch, and the probe above
 
 
-def test_three_images_three_objects(image_proxy, fake: FakeOpenAI) -> None:
+def test_three_images_three_objects(image_proxy: ProxyServer, fake: FakeOpenAI) -> None:
     """n = 3 gives 3 distinct stored images."""
     with sdk(image_proxy) as c:
         result = c.images.generate(prompt="three", n=3, response_format="url")
@@ -81,7 +85,7 @@ def test_three_images_three_objects(image_proxy, fake: FakeOpenAI) -> None:
     assert [get(u)[2] for u in urls] == [make_png(10 + i) for i in range(3)]
 
 
-def test_b64_answers_are_cached_as_they_are(image_proxy, fake: FakeOpenAI) -> None:
+def test_b64_answers_are_cached_as_they_are(image_proxy: ProxyServer, fake: FakeOpenAI) -> None:
     """b64_json answers are cached untouched."""
     with sdk(image_proxy) as c:
         a = c.images.generate(prompt="b64", response_format="b64_json")
@@ -91,7 +95,9 @@ def test_b64_answers_are_cached_as_they_are(image_proxy, fake: FakeOpenAI) -> No
     assert fake.image_downloads == []
 
 
-def test_expired_upstream_url_passes_through_uncached(image_proxy, fake: FakeOpenAI) -> None:
+def test_expired_upstream_url_passes_through_uncached(
+    image_proxy: ProxyServer, fake: FakeOpenAI
+) -> None:
     """An image URL already expired upstream: the original answer, nothing cached, and the
     next identical request goes upstream again."""
     fake.image_ttl_s = -10
@@ -116,7 +122,7 @@ def test_host_not_allowed_is_never_fetched(start_proxy: Any, fake: FakeOpenAI) -
 
 
 @pytest.fixture
-def recorder(bg: BackgroundLoop):
+def recorder(bg: BackgroundLoop) -> Iterator[tuple[list[str], int]]:
     """A local server that records every hit; /redirect sends a 302 to /target."""
     hits: list[str] = []
 
@@ -126,7 +132,7 @@ def recorder(bg: BackgroundLoop):
             raise web.HTTPFound("/target")
         return web.Response(body=make_png(1), content_type="image/png")
 
-    async def start():
+    async def start() -> tuple[web.AppRunner, int]:
         app = web.Application()
         app.router.add_get("/{tail:.*}", handler)
         runner = web.AppRunner(app)
@@ -140,7 +146,9 @@ def recorder(bg: BackgroundLoop):
     bg.run(runner.cleanup())
 
 
-def test_redirect_is_never_followed(start_proxy: Any, fake: FakeOpenAI, recorder) -> None:
+def test_redirect_is_never_followed(
+    start_proxy: Any, fake: FakeOpenAI, recorder: tuple[list[str], int]
+) -> None:
     """A trusted host whose image URL redirects: the redirect is not followed."""
     hits, port = recorder
     fake.image_url = f"http://127.0.0.1:{port}/redirect"
@@ -152,7 +160,7 @@ def test_redirect_is_never_followed(start_proxy: Any, fake: FakeOpenAI, recorder
 
 
 async def test_strict_host_resolving_to_private_address_is_never_fetched(
-    recorder, tmp_path: Path
+    recorder: tuple[list[str], int], tmp_path: Path
 ) -> None:
     """The default (strict) host rule: https only, and an address that is loopback or private
     is refused before any connection."""
@@ -172,7 +180,7 @@ async def test_strict_host_resolving_to_private_address_is_never_fetched(
     assert hits == []
 
 
-async def test_odd_image_names_are_refused(image_proxy) -> None:
+async def test_odd_image_names_are_refused(image_proxy: ProxyServer) -> None:
     """Traversal and odd names on /_proxy/images/ get 400/404, never a file."""
     names = [
         "../secret.key",
@@ -193,7 +201,9 @@ async def test_odd_image_names_are_refused(image_proxy) -> None:
                 assert b"secret" not in await r.read()
 
 
-def test_edit_multipart_is_a_hit_whatever_the_boundary(image_proxy, fake: FakeOpenAI) -> None:
+def test_edit_multipart_is_a_hit_whatever_the_boundary(
+    image_proxy: ProxyServer, fake: FakeOpenAI
+) -> None:
     """images.edit with the same file and fields is a HIT although every multipart body has
     its own random boundary."""
     png = make_png(7)
@@ -217,7 +227,7 @@ def test_edit_multipart_is_a_hit_whatever_the_boundary(image_proxy, fake: FakeOp
 
 
 @pytest.fixture
-def s3_server(monkeypatch: pytest.MonkeyPatch):
+def s3_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """moto's S3-compatible server on a free local port, standing in for R2."""
     from moto.server import ThreadedMotoServer
 
@@ -239,7 +249,7 @@ def s3_server(monkeypatch: pytest.MonkeyPatch):
 
 
 @pytest.mark.parametrize("public", [False, True])
-def test_s3_store(start_proxy: Any, fake: FakeOpenAI, s3_server, public: bool) -> None:
+def test_s3_store(start_proxy: Any, fake: FakeOpenAI, s3_server: str, public: bool) -> None:
     """With an S3-compatible server: objects land under the prefix with upstream's bytes, and
     the rewritten URLs (presigned, or on the public base URL) serve them."""
     public_url = f"{s3_server}/images" if public else ""

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import redis
 from structlog.testing import capture_logs
 
 from proxy.testing import FakeOpenAI
-from tests.conftest import RedisServer, sdk, spawn_proxy, start_redis
+from tests.conftest import ProxyServer, RedisServer, sdk, spawn_proxy, start_redis
 from tests.helpers import HEADERS, joined, post_stream, wait_until
 
 CHAT: dict[str, Any] = {
@@ -61,7 +62,7 @@ def assert_clean(url: str) -> None:
 
 
 @pytest.fixture
-def two(start_proxy: Any, redis_server: RedisServer):
+def two(start_proxy: Any, redis_server: RedisServer) -> Iterator[tuple[ProxyServer, ProxyServer]]:
     """Two proxy instances sharing one Redis."""
     a = start_proxy(cache=redis_server.url, lease_s=1.0)
     b = start_proxy(cache=redis_server.url, lease_s=1.0)
@@ -70,7 +71,10 @@ def two(start_proxy: Any, redis_server: RedisServer):
 
 
 def test_instance_b_hits_what_a_stored_and_restart_keeps_it(
-    two, start_proxy: Any, redis_server: RedisServer, fake: FakeOpenAI
+    two: tuple[ProxyServer, ProxyServer],
+    start_proxy: Any,
+    redis_server: RedisServer,
+    fake: FakeOpenAI,
 ) -> None:
     """B answers HIT for what A stored; a new instance (a restart) still has it."""
     a, b = two
@@ -85,7 +89,9 @@ def test_instance_b_hits_what_a_stored_and_restart_keeps_it(
     assert fake.count(CHAT_PATH) == 1
 
 
-async def test_forty_requests_over_two_instances_one_call(two, fake: FakeOpenAI) -> None:
+async def test_forty_requests_over_two_instances_one_call(
+    two: tuple[ProxyServer, ProxyServer], fake: FakeOpenAI
+) -> None:
     """40 concurrent identical requests spread over 2 instances: 1 upstream call."""
     a, b = two
     fake.latency = 0.5
@@ -98,7 +104,9 @@ async def test_forty_requests_over_two_instances_one_call(two, fake: FakeOpenAI)
     assert labels.count("MISS") == 1 and labels.count("COALESCED") == 39
 
 
-async def test_twenty_streams_over_two_instances_one_call(two, fake: FakeOpenAI) -> None:
+async def test_twenty_streams_over_two_instances_one_call(
+    two: tuple[ProxyServer, ProxyServer], fake: FakeOpenAI
+) -> None:
     """20 concurrent identical streams over 2 instances: 1 call, 20 complete streams."""
     a, b = two
     fake.chunk_delay = 0.03
@@ -109,7 +117,9 @@ async def test_twenty_streams_over_two_instances_one_call(two, fake: FakeOpenAI)
     assert len(bodies) == 1 and next(iter(bodies)).endswith(b"data: [DONE]\n\n")
 
 
-async def test_upstream_error_crosses_instances_uncached(two, fake: FakeOpenAI) -> None:
+async def test_upstream_error_crosses_instances_uncached(
+    two: tuple[ProxyServer, ProxyServer], fake: FakeOpenAI
+) -> None:
     """An upstream error reaches the other instance's waiters too, and is not stored."""
     a, b = two
     fake.latency = 0.3
@@ -218,7 +228,7 @@ async def test_redis_killed_while_requests_flow(start_proxy: Any, fake: FakeOpen
 
 
 async def test_coalescing_on_redis_cluster(
-    start_proxy: Any, redis_cluster, fake: FakeOpenAI
+    start_proxy: Any, redis_cluster: str, fake: FakeOpenAI
 ) -> None:
     """The cross-instance coalescing test passes against a local Redis Cluster."""
     a = start_proxy(cache=redis_cluster, lease_s=1.0)

@@ -293,7 +293,7 @@ def test_purging_an_entry_removes_its_vector(
 
 
 def test_a_redis_cluster_holds_the_index(
-    start_proxy: Any, fake: FakeOpenAI, tmp_path: Path, redis_cluster
+    start_proxy: Any, fake: FakeOpenAI, tmp_path: Path, redis_cluster: str
 ) -> None:
     """The partition's stream lives on one cluster node; a paraphrase finds it."""
     proxy = start_proxy(rules=rules(tmp_path), cache=redis_cluster)

@@ -15,7 +15,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from proxy.testing import FakeOpenAI
-from tests.conftest import EmbeddingsServer, sdk
+from tests.conftest import EmbeddingsServer, ProxyServer, sdk
 from tests.helpers import eventually
 
 CHAT = "/v1/chat/completions"
@@ -41,23 +41,26 @@ def ask(client: openai.OpenAI, text: str) -> Any:
 
 
 @pytest.fixture
-def e5_proxy(start_proxy: Any, e5_server: EmbeddingsServer, tmp_path: Path):
-    return start_proxy(
+def e5_proxy(start_proxy: Any, e5_server: EmbeddingsServer, tmp_path: Path) -> ProxyServer:
+    server: ProxyServer = start_proxy(
         rules=rules(tmp_path),
         semantic_embeddings_url=e5_server.url,
         semantic_embeddings_key="local-key",
         semantic_timeout_s=30.0,
     )
+    return server
 
 
 def test_a_paraphrase_hits_with_its_similarity_and_no_upstream_embedding(
-    e5_proxy, fake: FakeOpenAI
+    e5_proxy: ProxyServer, fake: FakeOpenAI
 ) -> None:
     """With a local model, a paraphrase is a HIT whose Cache-Status shows its similarity, and
     no embedding is asked of the upstream (nor is the caller's key sent to the model)."""
     client = sdk(e5_proxy)
     assert ask(client, "How do I reverse a list in Python?").headers["x-cache-status"] == "MISS"
-    eventually(lambda: e5_proxy.state.semantic.indexed >= 1)
+    semantic = e5_proxy.state.semantic
+    assert semantic is not None
+    eventually(lambda: semantic.indexed >= 1)
     hit = ask(client, "What's the way to reverse a Python list?")
     assert hit.headers["x-cache-status"] == "HIT"
     status, _, similarity = hit.headers["cache-status"].rpartition("; similarity=")
@@ -113,13 +116,15 @@ def test_a_rule_can_name_its_own_embeddings_server(
     ],
 )
 def test_traps_close_by_similarity_are_refused_by_name(
-    e5_proxy, fake: FakeOpenAI, stored: str, asked: str, guard: str
+    e5_proxy: ProxyServer, fake: FakeOpenAI, stored: str, asked: str, guard: str
 ) -> None:
     """A trap the real model puts above the threshold is a MISS, and the line names the guard
     that refused it with the candidate's similarity."""
     client = sdk(e5_proxy)
     ask(client, stored)
-    eventually(lambda: e5_proxy.state.semantic.indexed >= 1)
+    semantic = e5_proxy.state.semantic
+    assert semantic is not None
+    eventually(lambda: semantic.indexed >= 1)
     with capture_logs() as logs:
         answer = ask(client, asked)
     assert answer.headers["x-cache-status"] == "MISS"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.answers import UNKNOWN, storable, stored_headers
+from proxy.answers import UNKNOWN, Verdict, storable, stored_headers
 from proxy.coalesce import Flight, Outcome
 
 JSON = (("Content-Type", "application/json"),)
@@ -13,7 +13,7 @@ SSE = (("Content-Type", "text/event-stream"),)
 
 def finished(
     status: int,
-    headers,
+    headers: tuple[tuple[str, str], ...],
     *chunks: bytes,
     outcome: Outcome = Outcome.COMPLETE,
     expected: int | None = None,
@@ -28,7 +28,7 @@ def finished(
     return flight
 
 
-def verdict(flight: Flight, stream: bool):
+def verdict(flight: Flight, stream: bool) -> Verdict:
     return storable(flight, stream, flight.body())
 
 
@@ -67,7 +67,7 @@ def test_a_whole_stream_is_stored_with_its_usage() -> None:
         (finished(200, SSE, b"x" * 64, max_bytes=8), True, "above max_record_mb"),
     ],
 )
-def test_what_is_not_stored(flight, stream: bool, why: str) -> None:
+def test_what_is_not_stored(flight: Flight, stream: bool, why: str) -> None:
     """Errors, unparseable or cut answers, streams without their terminal event, wrong lengths and
     oversize answers are not stored, each with its reason."""
     v = verdict(flight, stream)

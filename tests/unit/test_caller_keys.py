@@ -60,7 +60,7 @@ def test_controls_follow_the_caller() -> None:
         {"X-Cache-Ignore-Fields": "x" * 257},
     ],
 )
-def test_bad_values_are_refused(headers) -> None:
+def test_bad_values_are_refused(headers: dict[str, str]) -> None:
     """Unreadable or unbounded values raise BadCacheHeader (an OpenAI-shaped 400)."""
     with pytest.raises(BadCacheHeader):
         read_caller(CIMultiDict(headers))

@@ -6,11 +6,11 @@ import asyncio
 
 import pytest
 
-from proxy.coalesce import COMPLETE, LAG_BYTES, Flight, Flights, Outcome
+from proxy.coalesce import COMPLETE, LAG_BYTES, Flight, Flights, Outcome, Reader
 from proxy.errors import Lagged
 
 
-async def read_all(reader) -> list[bytes]:
+async def read_all(reader: Reader) -> list[bytes]:
     return [chunk async for chunk in reader.chunks()]
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy import sse
-from proxy.coalesce import Flight
+from proxy.coalesce import Flight, Reader
 from proxy.errors import Lagged
 from proxy.models import CLOCK, CachedResponse
 from proxy.replay import whole
@@ -31,7 +32,7 @@ def one_pass(body: bytes) -> tuple[str, object]:
 
 @settings(max_examples=60, deadline=None)
 @given(name=st.sampled_from(STREAMS), cuts=st.lists(st.integers(0, 10_000), max_size=30))
-def test_scanner_fed_in_any_pieces_agrees_with_one_pass(name, cuts) -> None:
+def test_scanner_fed_in_any_pieces_agrees_with_one_pass(name: str, cuts: list[int]) -> None:
     """Split a recorded real stream anywhere (mid-line, mid-CRLF): same verdict and usage."""
     body = recorded(name)["response"]["body_text"].encode()
     points = sorted({c % (len(body) + 1) for c in cuts})
@@ -75,7 +76,7 @@ async def test_a_reader_that_lags_behind_an_overflowing_flight_is_cut() -> None:
     assert [c[0] for c in got_fast] == [i % 256 for i in range(2000)]
 
 
-async def _take(reader, n):
+async def _take(reader: Reader, n: int) -> AsyncIterator[bytes]:
     it = reader.chunks()
     for _ in range(n):
         yield await asyncio.wait_for(it.__anext__(), 1)

@@ -12,7 +12,7 @@ from proxy.status import COALESCED, HIT, MISS, PARTIAL
 ARGS = (b"secret", b"t" * 32, "POST", "/v1/embeddings", "", "")
 
 
-def keys(body: dict, tenant: bytes = b"t" * 32) -> list[str]:
+def keys(body: dict[str, Any], tenant: bytes = b"t" * 32) -> list[str]:
     args = (ARGS[0], tenant, *ARGS[2:])
     return item_keys(*args, "m", ("user",), orjson.dumps(body)).keys
 

@@ -379,7 +379,7 @@ WORDS = st.sampled_from(VOCABULARY.split(" "))
 
 @settings(max_examples=300, print_blob=True)
 @given(st.lists(WORDS, max_size=12), st.lists(WORDS, max_size=12))
-def test_refusals_are_symmetric(a, b) -> None:
+def test_refusals_are_symmetric(a: list[str], b: list[str]) -> None:
     """Every guard says of B against A what it says of A against B."""
     fa, fb = features(" ".join(a), KEY), features(" ".join(b), KEY)
     for name, check in guards.GUARDS:
@@ -389,7 +389,7 @@ def test_refusals_are_symmetric(a, b) -> None:
 
 @settings(max_examples=200, print_blob=True)
 @given(st.text(max_size=300), st.text(max_size=300))
-def test_any_text_is_read_and_stored(a, b) -> None:
+def test_any_text_is_read_and_stored(a: str, b: str) -> None:
     """Any text gives features that round-trip through the stored form, symmetrically."""
     fa, fb = features(a, KEY), features(b, KEY)
     assert unpack(pack(fa)) == fa

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json  # noqa: TID251 - stdlib writes integers of any size, which orjson refuses to
 import zlib
+from typing import Any
 
 import brotli
 import orjson
@@ -21,7 +22,7 @@ from proxy.images.rehost import ImageRehoster
 from proxy.keys import credential_of, mac_key, tenant_digest
 from proxy.models import CachedResponse
 from proxy.normalize import MAX_DEPTH
-from proxy.plan import LABEL_MAX, make_plan
+from proxy.plan import LABEL_MAX, Plan, make_plan
 from proxy.rules import default_rules_path, load_rules
 
 RULES = load_rules(default_rules_path())
@@ -30,7 +31,7 @@ TENANT = tenant_digest(mac_key(SECRET), "Bearer sk-a", "", "")
 CHAT = "/v1/chat/completions"
 
 
-def plan(body: bytes, ctype: str = "application/json", route: str = CHAT):
+def plan(body: bytes, ctype: str = "application/json", route: str = CHAT) -> Plan:
     return make_plan(RULES, SECRET, TENANT, "POST", route, "", "", ctype, body)
 
 
@@ -131,7 +132,7 @@ def test_labels_from_the_body_are_bounded() -> None:
         ]
     ),
 )
-def test_arbitrary_bytes_raise_nothing_but_bad_body(body, ctype) -> None:
+def test_arbitrary_bytes_raise_nothing_but_bad_body(body: bytes, ctype: str) -> None:
     """Whatever the bytes, the planner answers a plan or the proxy's own bad-body error."""
     try:
         p = plan(body, ctype)
@@ -155,7 +156,7 @@ JSON = st.recursive(
 
 @settings(max_examples=300, deadline=None)
 @given(a=JSON, b=JSON, field=st.sampled_from(["messages", "temperature", "seed", "tools", "x"]))
-def test_bodies_that_differ_in_a_kept_field_never_share_a_key(a, b, field) -> None:
+def test_bodies_that_differ_in_a_kept_field_never_share_a_key(a: Any, b: Any, field: str) -> None:
     """Two JSON bodies differing in a non-ignored field never share a key (integers of any
     size included); the same bytes always give the same key."""
     one = json.dumps({"model": "gpt-4o-mini", field: a}).encode()
@@ -177,7 +178,9 @@ def test_bodies_that_differ_in_a_kept_field_never_share_a_key(a, b, field) -> No
     ),
     boundary=st.sampled_from(["abc", "----x123", "b"]),
 )
-def test_multipart_bodies_raise_nothing_but_bad_body(fields, boundary) -> None:
+def test_multipart_bodies_raise_nothing_but_bad_body(
+    fields: list[tuple[str, bytes]], boundary: str
+) -> None:
     """Any multipart body, however broken, plans or raises BadBody, never another exception."""
     body = (
         b"".join(

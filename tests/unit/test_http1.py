@@ -166,7 +166,7 @@ async def test_informational_answers_are_skipped() -> None:
         ("br", brotli.compress),
     ],
 )
-async def test_coded_answers_are_decoded(coding: str, pack) -> None:
+async def test_coded_answers_are_decoded(coding: str, pack: Callable[[bytes], bytes]) -> None:
     """gzip, deflate (zlib or raw) and brotli answers are decoded while their Content-Encoding
     header is kept."""
     body = b'{"answer": "' + b"word " * 5000 + b'"}'
@@ -450,7 +450,9 @@ async def _parse(pieces: list[bytes]) -> tuple[int, bytes]:
     chunk=st.integers(1, 700),
     cuts=st.lists(st.integers(0, 4000), max_size=12),
 )
-def test_any_split_of_a_chunked_answer_gives_the_same_body(body, chunk, cuts) -> None:
+def test_any_split_of_a_chunked_answer_gives_the_same_body(
+    body: bytes, chunk: int, cuts: list[int]
+) -> None:
     """A chunked answer parses to the same status and body however its bytes are split."""
     raw = b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n"
     for i in range(0, len(body), chunk):
@@ -534,7 +536,9 @@ async def test_an_answer_is_freed_without_the_garbage_collector() -> None:
         ({"HTTP_PROXY": "http://p:1"}, "api.openai.com", None),  # https upstream: not HTTP_PROXY
     ],
 )
-def test_the_egress_proxy_from_the_environment(environ, host: str, expected: str | None) -> None:
+def test_the_egress_proxy_from_the_environment(
+    environ: dict[str, str], host: str, expected: str | None
+) -> None:
     """HTTPS_PROXY / ALL_PROXY (lower case first) unless NO_PROXY names the host, as curl and
     the SDKs read them."""
     assert http1.proxy_for("https", host, 443, environ) == expected

@@ -3,6 +3,8 @@ decide (what the data path does with a planned request)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 import pytest
 
@@ -13,6 +15,7 @@ from proxy.plan import (
     Keyed,
     Mode,
     PassThrough,
+    Plan,
     decide,
     make_plan,
     parse_cache_control,
@@ -32,7 +35,9 @@ TENANT = b"t" * 32
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
 
-def plan(body: object, route: str = "/v1/chat/completions", *, ctype="application/json", **kw):
+def plan(
+    body: object, route: str = "/v1/chat/completions", *, ctype: str = "application/json", **kw: Any
+) -> Plan:
     raw = body if isinstance(body, bytes) else orjson.dumps(body)
     return make_plan(RULES, b"s", TENANT, "POST", route, "", "", ctype, raw, **kw)
 
@@ -49,7 +54,9 @@ def plan(body: object, route: str = "/v1/chat/completions", *, ctype="applicatio
         ('stale-if-error="60"', Mode.LOOKUP, None, 60.0),
     ],
 )
-def test_cache_control(value: str | None, mode, max_age: float | None, stale: float | None) -> None:
+def test_cache_control(
+    value: str | None, mode: Mode, max_age: float | None, stale: float | None
+) -> None:
     """Cache-Control parses to the right mode, max-age and stale-if-error, taking the smallest sane
     max-age and capping huge ones."""
     c = parse_cache_control(value, None)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -25,7 +27,7 @@ JSON = st.recursive(
     ),
     st.sampled_from([b"", b" ", b"\n  "]),
 )
-def test_the_splice_adds_exactly_one_field(obj, pad) -> None:
+def test_the_splice_adds_exactly_one_field(obj: dict[str, Any], pad: bytes) -> None:
     """Whatever the object and the whitespace around it, the spliced body parses to the same
     object plus prompt_cache_key (print_blob: a failure prints its reproduction)."""
     body = pad + orjson.dumps(obj) + pad

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -68,7 +69,7 @@ def test_guards_let_the_same_numbers_and_negations_through(a: str, b: str) -> No
 
 
 @given(st.text(max_size=200), st.text(max_size=200))
-def test_signatures_agree_with_the_guards(a, b) -> None:
+def test_signatures_agree_with_the_guards(a: str, b: str) -> None:
     """The stored digests decide exactly as the features do (and never raise)."""
     fa, fb = features(a, KEY), features(b, KEY)
     assert refusal(unpack_guards(pack_guards(fa)), unpack_guards(pack_guards(fb))) == refusal(
@@ -77,7 +78,7 @@ def test_signatures_agree_with_the_guards(a, b) -> None:
     assert refusal(fa, fa) is None
 
 
-def chat(*messages, **extra):
+def chat(*messages: dict[str, Any], **extra: Any) -> dict[str, Any]:
     return {"model": "gpt-4o-mini", "messages": list(messages), **extra}
 
 
@@ -126,7 +127,9 @@ USER = {"role": "user", "content": "hello there"}
         ),
     ],
 )
-def test_only_plain_user_text_is_compared(twin: str, fields, text: str | None) -> None:
+def test_only_plain_user_text_is_compared(
+    twin: str, fields: dict[str, Any], text: str | None
+) -> None:
     """Only the plain text of a last user message is compared; images, tools, other roles, blank or
     oversize text are not."""
     found = query_of(twin, fields)
@@ -143,12 +146,12 @@ RULES = Rules(
 
 
 def partition(
-    body: dict,
+    body: dict[str, Any],
     *,
     tenant: bytes = b"t" * 32,
     namespace: str = "",
     route: str = "/v1/chat/completions",
-):
+) -> str | None:
     plan = make_plan(
         RULES, b"s", tenant, "POST", route, "", namespace, "application/json", orjson.dumps(body)
     )
@@ -352,7 +355,7 @@ def test_the_text_is_read_from_the_body_not_kept_in_the_plan() -> None:
         orjson.dumps({"data": [{"embedding": [1.0] * 9000}]}),
     ],
 )
-def test_a_broken_embeddings_answer_is_refused(answer) -> None:
+def test_a_broken_embeddings_answer_is_refused(answer: bytes) -> None:
     """An upstream's odd answer never becomes a vector (the request is a plain MISS)."""
     from proxy.errors import EmbeddingFailed
     from proxy.vectors import _vector_of
@@ -370,7 +373,7 @@ def test_the_judge_request_and_verdict() -> None:
     assert body["temperature"] == 0 and body["max_tokens"] == 2
     assert "Capital of France?" in body["messages"][1]["content"]
 
-    def said(text):
+    def said(text: str) -> bool | None:
         return judge_says(orjson.dumps({"choices": [{"message": {"content": text}}]}))
 
     assert (said("Yes."), said(" no"), said("maybe"), judge_says(b"{}")) == (

@@ -21,7 +21,7 @@ from proxy.settings import Settings
         (["--rules", "/nonexistent/rules"], {}, "--rules / PROXY_RULES"),
     ],
 )
-def test_bad_settings_name_the_setting(argv, env, message: str) -> None:
+def test_bad_settings_name_the_setting(argv: list[str], env: dict[str, str], message: str) -> None:
     """A bad flag or variable raises ConfigError naming both forms of the setting."""
     with pytest.raises(ConfigError, match=message):
         Settings.from_args(argv, env)

@@ -256,7 +256,7 @@ async def test_batches_of_any_size_prepare_few_statements(tmp_path: Path) -> Non
 
 
 @given(st.lists(st.text(min_size=1, max_size=80), max_size=300))
-def test_the_key_filter_never_forgets_a_key(keys) -> None:
+def test_the_key_filter_never_forgets_a_key(keys: list[str]) -> None:
     """No false negatives, whatever the keys."""
     f = KeyFilter(len(keys))
     for k in keys:

@@ -10,7 +10,8 @@ from proxy.testing.fake_openai import recorded
 
 
 def body(name: str) -> bytes:
-    return recorded(name)["response"]["body_text"].encode()
+    text: str = recorded(name)["response"]["body_text"]
+    return text.encode()
 
 
 def test_recorded_chat_stream_to_json_and_back() -> None:

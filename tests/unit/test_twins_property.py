@@ -254,7 +254,9 @@ def completion(doc: dict[str, Any]) -> dict[str, Any]:
 
 @SETTINGS
 @given(chat_stream())
-def test_chat_stream_to_json_is_what_the_sdk_accumulates(case) -> None:
+def test_chat_stream_to_json_is_what_the_sdk_accumulates(
+    case: tuple[dict[str, Any], bytes, bool],
+) -> None:
     """A generated chat stream, assembled by twins.py, equals openai-python's own result,
     and the object it was cut from (but for usage when the stream had none)."""
     doc, stream, usage = case
@@ -268,7 +270,7 @@ def test_chat_stream_to_json_is_what_the_sdk_accumulates(case) -> None:
 
 @SETTINGS
 @given(chat_completion())
-def test_chat_json_to_stream_adds_back_up_to_the_json(doc) -> None:
+def test_chat_json_to_stream_adds_back_up_to_the_json(doc: dict[str, Any]) -> None:
     """A chat.completion sent as a stream (with include_usage) adds back up to itself in the
     SDK's accumulator and in twins.py; without include_usage, to itself without usage."""
     body = orjson.dumps(doc)
@@ -383,7 +385,7 @@ def response(doc: dict[str, Any]) -> dict[str, Any]:
 
 @SETTINGS
 @given(response_object(), st.booleans())
-def test_responses_both_ways_against_the_sdk(doc, no_output) -> None:
+def test_responses_both_ways_against_the_sdk(doc: dict[str, Any], no_output: bool) -> None:
     """A response sent as a stream adds back up to itself in the SDK's ResponseStreamState;
     the stream assembled by twins.py equals the SDK's result, also when the terminal event
     carries no output (then the output_item.done items are the output)."""
