@@ -12,6 +12,7 @@ import aiohttp
 import openai
 import orjson
 import pytest
+from openai.types import CompletionUsage
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
@@ -23,11 +24,11 @@ PRICE_IN, PRICE_OUT = 0.15, 0.60  # gpt-4o-mini in rules/prices.toml, per 1M tok
 DALLE2_1024 = 0.020
 
 
-def chat_cost(usage) -> float:
-    return (usage.prompt_tokens * PRICE_IN + usage.completion_tokens * PRICE_OUT) / 1e6
+def chat_cost(usage: CompletionUsage) -> float:
+    return float(usage.prompt_tokens * PRICE_IN + usage.completion_tokens * PRICE_OUT) / 1e6
 
 
-async def get_json(url: str, token: str | None = None):
+async def get_json(url: str, token: str | None = None) -> tuple[int, bytes]:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     async with aiohttp.ClientSession() as s, s.get(url, headers=headers) as r:
         return r.status, await r.read()

@@ -3,6 +3,7 @@ X-Cache-TTL and the Cloudflare AI Gateway / Helicone aliases; a rule may forbid 
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from tests.helpers import HEADERS, body_of, header, post, status_of
 CHAT = "/v1/chat/completions"
 
 
-def ask(client: openai.OpenAI, text: str, headers: dict[str, str] | None = None, **kw: Any):
+def ask(client: openai.OpenAI, text: str, headers: dict[str, str] | None = None, **kw: Any) -> Any:
     return client.chat.completions.with_raw_response.create(
         model="gpt-4o-mini",
         messages=[{"role": "user", "content": text}],
@@ -26,7 +27,7 @@ def ask(client: openai.OpenAI, text: str, headers: dict[str, str] | None = None,
     )
 
 
-def done_lines(logs):
+def done_lines(logs: list[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any]]:
     return [e for e in logs if e["event"] == "request.done"]
 
 

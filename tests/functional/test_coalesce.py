@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from multidict import CIMultiDictProxy
 
 from proxy.testing import FakeOpenAI
 from tests.conftest import BackgroundLoop, ProxyServer
@@ -22,7 +23,9 @@ CHAT: dict[str, Any] = {
 STREAM = {**CHAT, "stream": True}
 
 
-async def post(url: str, body: dict, headers: dict | None = None):
+async def post(
+    url: str, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> tuple[int, CIMultiDictProxy[str], bytes]:
     async with (
         aiohttp.ClientSession() as s,
         s.post(url, data=orjson.dumps(body), headers={**HEADERS, **(headers or {})}) as r,
@@ -153,7 +156,7 @@ async def test_followers_of_a_slow_leader_wait_only_up_to_the_read_timeout(
 
 @pytest.mark.parametrize("body", [STREAM, CHAT], ids=["stream-task", "inline-handler"])
 async def test_cancelled_leader_task_fails_waiters_fast(
-    proxy: ProxyServer, fake: FakeOpenAI, bg: BackgroundLoop, body
+    proxy: ProxyServer, fake: FakeOpenAI, bg: BackgroundLoop, body: dict[str, Any]
 ) -> None:
     """A cancelled upstream read leaves no stuck flight: every waiter gets an error at once.
     A stream is read by its own task; a whole answer by the leading client's handler (whose
@@ -189,7 +192,7 @@ async def test_leader_client_hangs_up_waiters_still_served(
     fake.chunk_delay = 0.05
     url = proxy.url + "/v1/chat/completions"
 
-    async def leave_after_first_chunk():
+    async def leave_after_first_chunk() -> bytes:
         async with (
             aiohttp.ClientSession() as s,
             s.post(url, data=orjson.dumps(STREAM), headers=HEADERS) as r,
@@ -210,7 +213,7 @@ async def test_slow_waiter_does_not_slow_the_others(proxy: ProxyServer, fake: Fa
     fake.chunk_delay = 0.02
     url = proxy.url + "/v1/chat/completions"
 
-    async def slow():
+    async def slow() -> tuple[float, bytes]:
         async with (
             aiohttp.ClientSession() as s,
             s.post(url, data=orjson.dumps(STREAM), headers=HEADERS) as r,

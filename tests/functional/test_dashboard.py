@@ -8,7 +8,7 @@ import itertools
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ class Page:
         self.ws = ws
         self.ids = itertools.count(1)
 
-    async def send(self, method: str, **params):
+    async def send(self, method: str, **params: Any) -> Any:
         msg_id = next(self.ids)
         await self.ws.send_str(
             orjson.dumps({"id": msg_id, "method": method, "params": params}).decode()
@@ -50,7 +50,9 @@ class Page:
         )
         return str(result["result"].get("value", ""))
 
-    async def wait_text(self, element_id: str, want, within_s: float = 15.0) -> str:
+    async def wait_text(
+        self, element_id: str, want: Callable[[str], bool], within_s: float = 15.0
+    ) -> str:
         deadline = time.monotonic() + within_s
         value = ""
         while time.monotonic() < deadline:
@@ -90,7 +92,9 @@ def chromium(tmp_path: Path) -> Iterator[str]:
     proc.wait(10)
 
 
-async def open_page(devtools: str, session: aiohttp.ClientSession):
+async def open_page(
+    devtools: str, session: aiohttp.ClientSession
+) -> aiohttp.ClientWebSocketResponse:
     deadline = time.monotonic() + 20
     while True:
         try:

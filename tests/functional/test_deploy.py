@@ -24,7 +24,9 @@ CHAT: dict[str, Any] = {
 HEADERS = {"Authorization": "Bearer sk-fleet", "Content-Type": "application/json"}
 
 
-async def post(url: str, body: dict, headers: dict | None = None) -> tuple[int, Any, bytes]:
+async def post(
+    url: str, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> tuple[int, Any, bytes]:
     async with (
         aiohttp.ClientSession() as s,
         s.post(url, data=orjson.dumps(body), headers={**HEADERS, **(headers or {})}) as r,

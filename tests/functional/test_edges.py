@@ -9,6 +9,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ async def test_cluster_cold_start_many_first_calls_at_once(redis_cluster: str) -
         await store.aclose()
 
 
-async def _load(urls: list[str], n: int, prompt_of) -> list[int]:
+async def _load(urls: list[str], n: int, prompt_of: Callable[[int], str]) -> list[int]:
     async with aiohttp.ClientSession() as s:
 
         async def one(i: int) -> int:

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import urllib.request
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
+import openai
 import orjson
 import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from openai.types import CreateEmbeddingResponse
 from structlog.testing import capture_logs
 
 from proxy.report import Report
@@ -30,15 +33,15 @@ def texts(n: int, tag: str = "doc") -> list[str]:
     return [f"{tag} number {i} about topic{i % 97} and subject{i}" for i in range(n)]
 
 
-def embed(client, inputs, **kw):
+def embed(client: openai.OpenAI, inputs: list[str] | list[list[int]], **kw: Any) -> Any:
     return client.embeddings.with_raw_response.create(model=MODEL, input=inputs, **kw)
 
 
-def sent_items(fake) -> list[list]:
+def sent_items(fake: FakeOpenAI) -> list[list[Any]]:
     return [c.json()["input"] for c in fake.calls if c.path == EMB]
 
 
-def assert_matches(answer, inputs, dims: int) -> None:
+def assert_matches(answer: Any, inputs: list[str] | list[list[int]], dims: int) -> None:
     """Each returned embedding is the fake's embedding of the input at that position."""
     data = answer.parse().data
     assert [d.index for d in data] == list(range(len(inputs)))
@@ -46,7 +49,7 @@ def assert_matches(answer, inputs, dims: int) -> None:
         assert d.embedding == pytest.approx(bag_of_words(text, dims), abs=1e-6)
 
 
-def done_lines(logs):
+def done_lines(logs: list[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any]]:
     return [e for e in logs if e["event"] == "request.done"]
 
 
@@ -131,7 +134,7 @@ async def test_items_in_flight_are_joined(start_proxy: Any, fake: FakeOpenAI) ->
     a, b = texts(3, "a"), [*texts(3, "a")[1:], "only in b"]
     async with async_sdk(proxy) as client:
 
-        async def later():
+        async def later() -> Any:
             await asyncio.sleep(0.3)
             return await client.embeddings.with_raw_response.create(
                 model=MODEL, input=b, dimensions=8
@@ -247,7 +250,7 @@ WORDS = [f"w{i} apple" for i in range(12)]
 )
 @given(lists=st.lists(st.lists(st.sampled_from(WORDS), min_size=2, max_size=9), max_size=4))
 def test_any_sequence_of_lists_gets_every_item_in_place(
-    start_proxy: Any, fake: FakeOpenAI, lists
+    start_proxy: Any, fake: FakeOpenAI, lists: list[list[str]]
 ) -> None:
     """Whatever lists come in, with repeats inside a list and across lists, each answer has
     the right embedding at every position and no item goes upstream twice (print_blob: a
@@ -299,7 +302,7 @@ async def test_a_rule_without_coalescing_joins_no_items(
     a, b = texts(3, "c"), [*texts(3, "c")[1:], "only in b"]
     async with async_sdk(proxy) as client:
 
-        async def later():
+        async def later() -> CreateEmbeddingResponse:
             await asyncio.sleep(0.3)
             return await client.embeddings.create(model=MODEL, input=b, dimensions=8)
 
@@ -331,7 +334,9 @@ def test_stale_items_cover_an_upstream_failure(
         embed(client, [*texts(4), "never stored"], dimensions=8, encoding_format="float")
 
 
-def _post(proxy, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes, dict]:
+def _post(
+    proxy: ProxyServer, path: str, body: bytes, headers: dict[str, str]
+) -> tuple[int, bytes, dict[str, str]]:
     req = urllib.request.Request(proxy.base_url.removesuffix("/v1") + path, data=body)
     for name, value in headers.items():
         req.add_header(name, value)
@@ -352,7 +357,7 @@ async def test_a_purge_during_the_call_keeps_its_items_out(
     items = texts(3, "purged")
     async with async_sdk(proxy) as client:
 
-        async def purge_midway():
+        async def purge_midway() -> tuple[int, bytes, dict[str, str]]:
             await asyncio.sleep(0.4)
             return await asyncio.to_thread(
                 _post,

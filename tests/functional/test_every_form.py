@@ -29,11 +29,11 @@ ERROR = orjson.dumps(
 PROMPT: list[Any] = [{"role": "user", "content": "every form"}]
 
 
-def port_of(server) -> int:
+def port_of(server: ProxyServer) -> int:
     return int(server.url.rsplit(":", 1)[1])
 
 
-def stale_rules(tmp_path, route: str = CHAT) -> Any:
+def stale_rules(tmp_path: Path, route: str = CHAT) -> Any:
     path = tmp_path / "rules.toml"
     path.write_text(f'[[rule]]\nroute = "{route}"\nttl_s = 1\nstale_if_error_s = 60\n')
     return path

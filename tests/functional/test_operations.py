@@ -14,7 +14,7 @@ import pytest
 
 from proxy.__main__ import main
 from proxy.testing import FakeOpenAI
-from tests.conftest import ROOT, RedisServer, free_port, spawn_proxy, start_redis
+from tests.conftest import ROOT, ProxyServer, RedisServer, free_port, spawn_proxy, start_redis
 from tests.helpers import body_of, header, post, raw, status_of
 
 CHAT = "/v1/chat/completions"
@@ -40,7 +40,7 @@ def ask(
     return header(post(port, body, headers, path), "X-Cache-Status")
 
 
-def purge_http(port: int, filters: object, token: str | None = TOKEN) -> tuple[int, dict]:
+def purge_http(port: int, filters: object, token: str | None = TOKEN) -> tuple[int, dict[str, Any]]:
     body = orjson.dumps(filters)
     headers = {"Content-Type": "application/json"}
     if token is not None:
@@ -59,7 +59,7 @@ def tenant_of(port: int, key: str) -> str:
     return tenant_digest(mac_key(b"test-secret"), cred, "", "").hex()[:12]
 
 
-def port_of(server) -> int:
+def port_of(server: ProxyServer) -> int:
     return int(server.url.rsplit(":", 1)[1])
 
 
@@ -216,7 +216,9 @@ def test_a_dead_redis_at_start_up_is_named_at_once(fake: FakeOpenAI, tmp_path: P
         ("--cache", "sqlite:///x.db?max_mb=-2"),
     ],
 )
-def test_nonsense_settings_stop_start_up_with_one_line(flag, tmp_path: Path) -> None:
+def test_nonsense_settings_stop_start_up_with_one_line(
+    flag: tuple[str, str], tmp_path: Path
+) -> None:
     """A size or time that makes no sense stops start-up with one line naming the setting."""
     run = subprocess.run(
         [sys.executable, "-m", "proxy", *flag, "--data-dir", str(tmp_path)],

@@ -14,7 +14,7 @@ from tests.conftest import spawn_proxy
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_proxy(fake, tmp_path, *flags: str) -> tuple[subprocess.Popen[bytes], str]:
+def run_proxy(fake: FakeOpenAI, tmp_path: Path, *flags: str) -> tuple[subprocess.Popen[bytes], str]:
     proc, port = spawn_proxy(fake.base_url, tmp_path, *flags, output=subprocess.PIPE)
     return proc, f"http://127.0.0.1:{port}/v1"
 

@@ -8,6 +8,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import openai
 import orjson
 from structlog.testing import capture_logs
 
@@ -19,7 +20,7 @@ CHAT = "/v1/chat/completions"
 SYSTEM = "You are a careful assistant for the ACME help desk. " * 120  # ~1500 fake tokens
 
 
-def rules(tmp_path, auto: bool = True, extra: str = ""):
+def rules(tmp_path: Path, auto: bool = True, extra: str = "") -> Path:
     path = tmp_path / "r.toml"
     option = 'prompt_cache_key = "auto"\n' if auto else ""
     path.write_text(
@@ -29,16 +30,17 @@ def rules(tmp_path, auto: bool = True, extra: str = ""):
     return path
 
 
-def ask(client, text: str, system: str = SYSTEM, **kw):
-    messages = [{"role": "system", "content": system}] if system else []
+def ask(client: openai.OpenAI, text: str, system: str = SYSTEM, **kw: Any) -> Any:
+    messages: list[Any] = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": text})
     return client.chat.completions.with_raw_response.create(
         model="gpt-4o-mini", messages=messages, **kw
     )
 
 
-def sent(fake, i: int) -> dict:
-    return fake.calls[i].json()
+def sent(fake: FakeOpenAI, i: int) -> dict[str, Any]:
+    body: dict[str, Any] = fake.calls[i].json()
+    return body
 
 
 def test_auto_sets_one_key_per_tenant_and_prefix(

@@ -20,7 +20,7 @@ CHAT: dict[str, Any] = {
 }
 
 
-def chat_raw(client: openai.OpenAI, **extra):
+def chat_raw(client: openai.OpenAI, **extra: Any) -> Any:
     return client.chat.completions.with_raw_response.create(**{**CHAT, **extra})
 
 
@@ -91,7 +91,11 @@ def test_responses_and_models(client: openai.OpenAI, fake: FakeOpenAI) -> None:
     ],
 )
 def test_errors_arrive_as_from_upstream_and_are_not_cached(
-    client: openai.OpenAI, fake: FakeOpenAI, model: str, status: int, exc
+    client: openai.OpenAI,
+    fake: FakeOpenAI,
+    model: str,
+    status: int,
+    exc: type[openai.APIStatusError],
 ) -> None:
     """Upstream errors reach the SDK with their status and body, and are never cached."""
     for _ in range(2):
@@ -123,7 +127,9 @@ def test_404_on_models_get(client: openai.OpenAI, fake: FakeOpenAI) -> None:
         client.models.retrieve("missing-model")
 
 
-async def _post(url, body: bytes, headers=None):
+async def _post(
+    url: str, body: bytes, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
     hdrs = {"Authorization": "Bearer sk-test-a", "Content-Type": "application/json"}
     hdrs.update(headers or {})
     data = io.BytesIO(body) if len(body) > 1_000_000 else body
@@ -217,7 +223,8 @@ def test_max_age(client: openai.OpenAI, fake: FakeOpenAI) -> None:
 
     def status(age: int) -> str:
         headers = {"Cache-Control": f"max-age={age}"}
-        return chat_raw(client, extra_headers=headers).headers["x-cache-status"]
+        status: str = chat_raw(client, extra_headers=headers).headers["x-cache-status"]
+        return status
 
     assert status(60) == "MISS"
     assert status(60) == "HIT"

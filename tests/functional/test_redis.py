@@ -14,6 +14,7 @@ import aiohttp
 import orjson
 import pytest
 import redis
+from multidict import CIMultiDictProxy
 from structlog.testing import capture_logs
 
 from proxy.testing import FakeOpenAI
@@ -30,7 +31,9 @@ ROOT = Path(__file__).resolve().parents[2]
 CHAT_PATH = "/v1/chat/completions"
 
 
-async def post(url: str, body: dict, headers: dict | None = None):
+async def post(
+    url: str, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> tuple[int, CIMultiDictProxy[str], bytes]:
     async with (
         aiohttp.ClientSession() as s,
         s.post(url, data=orjson.dumps(body), headers={**HEADERS, **(headers or {})}) as r,
@@ -149,7 +152,7 @@ def test_leader_instance_killed_mid_stream(
     )
     b = start_proxy(cache=redis_server.url, lease_s=1.0)
 
-    async def scenario():
+    async def scenario() -> tuple[tuple[Any, ...], float]:
         first = asyncio.ensure_future(
             post_stream(f"http://127.0.0.1:{port}/v1/chat/completions", STREAM)
         )
@@ -189,7 +192,7 @@ async def test_redis_killed_while_requests_flow(start_proxy: Any, fake: FakeOpen
         proxy = start_proxy(cache=server.url + "?timeout=0.2", breaker_s=0.5)
         url = proxy.url + "/v1/chat/completions"
 
-        def body(i: int) -> dict:
+        def body(i: int) -> dict[str, Any]:
             # Repeats before the outage (HITs); new questions after it (no hot copy to serve).
             text = f"q{i % 5}" if i < 20 else f"new {i}"
             return {**CHAT, "messages": [{"role": "user", "content": text}]}

@@ -33,7 +33,7 @@ def test_caller_keys_items_and_auto_prompt_cache_key_in_a_real_process(
         with openai.OpenAI(base_url=proc.url + "/v1", api_key="sk-secret-77", max_retries=0) as c:
             chat = c.chat.completions.with_raw_response
 
-            def ask(text: str, **headers: str):
+            def ask(text: str, **headers: str) -> Any:
                 messages: list[Any] = [
                     {"role": "system", "content": SYSTEM},
                     {"role": "user", "content": text},

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from structlog.testing import capture_logs
 
 from proxy.report import Report
 from proxy.testing import FakeOpenAI
-from tests.conftest import RedisServer, sdk
+from tests.conftest import ProxyServer, RedisServer, sdk
 from tests.helpers import body_of, eventually, post, status_of
 
 CHAT = "/v1/chat/completions"
@@ -24,7 +25,7 @@ Q = "What is the capital of France?"
 PARAPHRASE = "Tell me the capital of France, please"
 
 
-def rules(tmp_path, mode: str = "on", threshold: float = 0.95, extra: str = "") -> object:
+def rules(tmp_path: Path, mode: str = "on", threshold: float = 0.95, extra: str = "") -> object:
     path = tmp_path / "semantic.toml"
     path.write_text(
         "[defaults]\n"
@@ -36,17 +37,21 @@ def rules(tmp_path, mode: str = "on", threshold: float = 0.95, extra: str = "") 
     return path
 
 
-def ask(client: openai.OpenAI, text: Any, *, model: str = "gpt-4o-mini", system: str = "", **kw):
+def ask(
+    client: openai.OpenAI, text: Any, *, model: str = "gpt-4o-mini", system: str = "", **kw: Any
+) -> Any:
     messages: list[Any] = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": text})
     return client.chat.completions.with_raw_response.create(model=model, messages=messages, **kw)
 
 
-def indexed(proxy, n: int) -> None:
-    eventually(lambda: proxy.state.semantic.indexed >= n)
+def indexed(proxy: ProxyServer, n: int) -> None:
+    semantic = proxy.state.semantic
+    assert semantic is not None
+    eventually(lambda: semantic.indexed >= n)
 
 
-def done_lines(logs):
+def done_lines(logs: list[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any]]:
     return [e for e in logs if e["event"] == "request.done"]
 
 

@@ -24,7 +24,7 @@ THRESHOLD = 0.92
 """About what `python -m proxy semantic calibrate` picks for this model (README)."""
 
 
-def rules(tmp_path) -> object:
+def rules(tmp_path: Path) -> object:
     path = tmp_path / "semantic.toml"
     path.write_text(
         f'[defaults]\nsemantic = "on"\nsemantic_threshold = {THRESHOLD}\n'

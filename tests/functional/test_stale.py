@@ -13,7 +13,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from proxy.testing import FakeOpenAI
-from tests.conftest import RedisServer, free_port
+from tests.conftest import ProxyServer, RedisServer, free_port
 from tests.helpers import body_of, header, post, raw, status_of
 
 CHAT = "/v1/chat/completions"
@@ -27,14 +27,14 @@ def chat(prompt: str) -> bytes:
     return orjson.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": prompt}]})
 
 
-def rules(tmp_path, stale: float | None = 60.0):
+def rules(tmp_path: Path, stale: float | None = 60.0) -> Path:
     path = tmp_path / "rules.toml"
     extra = f"stale_if_error_s = {stale}\n" if stale is not None else ""
     path.write_text(f'[[rule]]\nroute = "/v1/chat/completions"\nttl_s = 1\n{extra}')
     return path
 
 
-def port_of(server) -> int:
+def port_of(server: ProxyServer) -> int:
     return int(server.url.rsplit(":", 1)[1])
 
 

@@ -65,7 +65,7 @@ async def test_sdk_chat_stream_with_usage_same_text_and_usage(
 ) -> None:
     """The SDK's stream parser yields the same text and usage from a HIT as from the MISS."""
 
-    async def run():
+    async def run() -> tuple[str, dict[str, Any] | None]:
         async with async_sdk(proxy) as c:
             stream = await c.chat.completions.create(
                 model="gpt-4o-mini",
@@ -85,7 +85,8 @@ async def test_sdk_chat_stream_with_usage_same_text_and_usage(
     await wait_until(lambda: len(proxy.state.flights) == 0)
     second = await run()
     assert first == second
-    assert first[0] and first[1]["completion_tokens"] == 8
+    usage = first[1]
+    assert first[0] and usage is not None and usage["completion_tokens"] == 8
     assert fake.count() == 1
 
 
@@ -95,7 +96,7 @@ async def test_sdk_responses_stream_helper(
 ) -> None:
     """client.responses.stream(...) gives the same text and usage from a HIT."""
 
-    async def run():
+    async def run() -> tuple[str, str, dict[str, Any]]:
         async with async_sdk(proxy) as c:
             async with c.responses.stream(model=model, input="Who won in 2020?") as stream:
                 deltas = [e.delta async for e in stream if e.type == "response.output_text.delta"]

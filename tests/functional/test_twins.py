@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import openai
 import orjson
 
 from proxy.stores.memory import MemoryStore
@@ -16,7 +17,7 @@ from tests.helpers import eventually
 PROMPT: list[Any] = [{"role": "user", "content": "twin persona"}]
 
 
-def stream_chat(c, **kw):
+def stream_chat(c: openai.OpenAI, **kw: Any) -> tuple[Any, ...]:
     """(x-cache-status, text, tool calls, usage, finish reason) of a streamed chat."""
     with c.chat.completions.with_streaming_response.create(
         stream=True, stream_options={"include_usage": True}, **kw
@@ -36,7 +37,7 @@ def stream_chat(c, **kw):
         return resp.headers["x-cache-status"], text, list(calls.values()), usage, finish
 
 
-def json_chat(c, **kw):
+def json_chat(c: openai.OpenAI, **kw: Any) -> tuple[Any, ...]:
     raw = c.chat.completions.with_raw_response.create(**kw)
     r = raw.parse()
     msg = r.choices[0].message

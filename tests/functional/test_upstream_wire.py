@@ -82,7 +82,7 @@ def named(key: str) -> str:
     ids=lambda b: b.value,
 )
 def test_an_answer_nobody_asked_for_never_reaches_a_request(
-    upstream: ScriptedUpstream, start: Callable[..., Proc], misbehaviour
+    upstream: ScriptedUpstream, start: Callable[..., Proc], misbehaviour: Behaviour
 ) -> None:
     """An extra whole answer (in the answer's write, or later on the idle connection) or a body
     after a 204 closes that connection: the next tenant gets its own answer, and so does its
@@ -170,7 +170,7 @@ def test_an_upstream_that_never_reads_the_body_gets_a_504_in_bounded_time(
 
 @pytest.mark.parametrize("coding", [Behaviour.CUT_GZIP, Behaviour.CUT_BR], ids=["gzip", "br"])
 def test_a_compressed_chat_answer_cut_short_is_never_stored(
-    upstream: ScriptedUpstream, start: Callable[..., Proc], coding
+    upstream: ScriptedUpstream, start: Callable[..., Proc], coding: Behaviour
 ) -> None:
     """A gzip/br body cut short but framed right: the client sees an error, and the same
     request again goes upstream (nothing was stored)."""
@@ -186,7 +186,7 @@ def test_a_compressed_chat_answer_cut_short_is_never_stored(
 
 @pytest.mark.parametrize("coding", [Behaviour.CUT_GZIP, Behaviour.CUT_BR], ids=["gzip", "br"])
 def test_a_cut_compressed_speech_answer_is_never_stored_nor_served(
-    upstream: ScriptedUpstream, start: Callable[..., Proc], coding
+    upstream: ScriptedUpstream, start: Callable[..., Proc], coding: Behaviour
 ) -> None:
     """/v1/audio/speech answered with gzip/br cut short (framed right): the client sees an
     error, never half the audio, and the next identical request goes upstream again."""
