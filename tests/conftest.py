@@ -284,7 +284,7 @@ def spawn_proxy(
 
 
 @pytest.fixture
-def redis_cluster(tmp_path):
+def redis_cluster(tmp_path: Path) -> Iterator[str]:
     """A local Redis Cluster: 3 masters made with redis-cli --cluster create."""
     ports = cluster_ports(3)
     servers = []

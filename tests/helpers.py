@@ -8,11 +8,13 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import aiohttp
 import orjson
+from multidict import CIMultiDictProxy
 
 from tests.conftest import spawn_proxy
 
@@ -127,7 +129,9 @@ def body_of(answer: bytes) -> bytes:
 HEADERS = {"Authorization": "Bearer sk-test-a", "Content-Type": "application/json"}
 
 
-async def post_stream(url: str, body: dict, headers: dict | None = None):
+async def post_stream(
+    url: str, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> tuple[int, CIMultiDictProxy[str], list[tuple[float, bytes]]]:
     """POST and collect (status, headers, chunks with their arrival times)."""
     chunks: list[tuple[float, bytes]] = []
     async with (
@@ -139,11 +143,11 @@ async def post_stream(url: str, body: dict, headers: dict | None = None):
         return r.status, r.headers, chunks
 
 
-def joined(chunks) -> bytes:
+def joined(chunks: Iterable[tuple[float, bytes]]) -> bytes:
     return b"".join(c for _, c in chunks)
 
 
-async def wait_until(cond, within_s: float = 5.0) -> None:
+async def wait_until(cond: Callable[[], object], within_s: float = 5.0) -> None:
     deadline = time.monotonic() + within_s
     while not cond():
         if time.monotonic() > deadline:
@@ -151,7 +155,7 @@ async def wait_until(cond, within_s: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
-def eventually(cond, within_s: float = 10.0) -> None:
+def eventually(cond: Callable[[], object], within_s: float = 10.0) -> None:
     """wait_until for synchronous tests (the proxy runs on its own loop in a thread)."""
     deadline = time.monotonic() + within_s
     while not cond():

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,7 +16,7 @@ from tests.conftest import start_redis
 
 
 @pytest.fixture(params=["memory", "sqlite", "redis"])
-def store_url(request, tmp_path):
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "memory":
         yield "memory://"
     elif request.param == "sqlite":
@@ -24,7 +27,7 @@ def store_url(request, tmp_path):
         server.stop()
 
 
-def answer(body: bytes = b'{"ok": true}', **kw) -> CachedResponse:
+def answer(body: bytes = b'{"ok": true}', **kw: Any) -> CachedResponse:
     return CachedResponse(
         200,
         (("Content-Type", "application/json"), ("x-request-id", "req_1")),
@@ -34,7 +37,7 @@ def answer(body: bytes = b'{"ok": true}', **kw) -> CachedResponse:
     )
 
 
-async def test_set_get_delete(store_url, tmp_path):
+async def test_set_get_delete(store_url: str, tmp_path: Path) -> None:
     """What is set comes back equal; delete removes it; unknown keys are None."""
     store = open_store(store_url, tmp_path)
     try:
@@ -48,7 +51,7 @@ async def test_set_get_delete(store_url, tmp_path):
         await store.aclose()
 
 
-async def test_streams_round_trip_with_their_chunks(store_url, tmp_path):
+async def test_streams_round_trip_with_their_chunks(store_url: str, tmp_path: Path) -> None:
     """A large recorded stream keeps its bytes, chunk boundaries and timing."""
     body = b"".join(b'data: {"i": %d}\n\n' % i for i in range(5000))
     ends = (*tuple(range(16, len(body), 4096)), len(body))
@@ -64,7 +67,7 @@ async def test_streams_round_trip_with_their_chunks(store_url, tmp_path):
         await store.aclose()
 
 
-async def test_entries_expire(store_url, tmp_path):
+async def test_entries_expire(store_url: str, tmp_path: Path) -> None:
     """An entry is gone after its TTL."""
     store = open_store(store_url, tmp_path)
     try:
@@ -76,7 +79,7 @@ async def test_entries_expire(store_url, tmp_path):
         await store.aclose()
 
 
-async def test_overwrite_replaces(store_url, tmp_path):
+async def test_overwrite_replaces(store_url: str, tmp_path: Path) -> None:
     """A REFRESH writes over the old entry."""
     store = open_store(store_url, tmp_path)
     try:
@@ -88,7 +91,7 @@ async def test_overwrite_replaces(store_url, tmp_path):
         await store.aclose()
 
 
-async def test_many_keys_in_one_read(store_url, tmp_path):
+async def test_many_keys_in_one_read(store_url: str, tmp_path: Path) -> None:
     """Cache.get_many (embeddings items) answers each key as get() does, in order, through
     a store's batch read (SQLite IN, Redis MGET) or a read per key; expired keys are None."""
     from proxy.cache import Cache

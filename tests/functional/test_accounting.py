@@ -12,27 +12,29 @@ import aiohttp
 import openai
 import orjson
 import pytest
+from openai.types import CompletionUsage
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from proxy.report import Report, render
-from tests.conftest import async_sdk
+from proxy.testing import FakeOpenAI
+from tests.conftest import ProxyServer, async_sdk
 
 PRICE_IN, PRICE_OUT = 0.15, 0.60  # gpt-4o-mini in rules/prices.toml, per 1M tokens
 DALLE2_1024 = 0.020
 
 
-def chat_cost(usage) -> float:
-    return (usage.prompt_tokens * PRICE_IN + usage.completion_tokens * PRICE_OUT) / 1e6
+def chat_cost(usage: CompletionUsage) -> float:
+    return float(usage.prompt_tokens * PRICE_IN + usage.completion_tokens * PRICE_OUT) / 1e6
 
 
-async def get_json(url: str, token: str | None = None):
+async def get_json(url: str, token: str | None = None) -> tuple[int, bytes]:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     async with aiohttp.ClientSession() as s, s.get(url, headers=headers) as r:
         return r.status, await r.read()
 
 
-async def test_scripted_workload_adds_up_everywhere(start_proxy, fake):
+async def test_scripted_workload_adds_up_everywhere(start_proxy: Any, fake: FakeOpenAI) -> None:
     """Misses spend, hits and coalesced duplicates save, errors count nothing; every view of
     the numbers agrees exactly."""
     proxy = start_proxy(image_source_hosts=fake.netloc)
@@ -157,7 +159,9 @@ async def test_scripted_workload_adds_up_everywhere(start_proxy, fake):
     assert all("sk-" not in str(s.labels) for s in samples)
 
 
-async def test_unpriced_model_counts_tokens_not_dollars(proxy, fake):
+async def test_unpriced_model_counts_tokens_not_dollars(
+    proxy: ProxyServer, fake: FakeOpenAI
+) -> None:
     """A model with no price: tokens are counted, the cost is reported as unpriced."""
     with capture_logs() as logs:
         async with async_sdk(proxy) as c:
@@ -169,7 +173,7 @@ async def test_unpriced_model_counts_tokens_not_dollars(proxy, fake):
 
 
 @pytest.mark.parametrize("path", ["/_proxy/stats", "/_proxy/metrics", "/_proxy/dashboard"])
-async def test_admin_token_guards_stats_metrics_dashboard(start_proxy, path):
+async def test_admin_token_guards_stats_metrics_dashboard(start_proxy: Any, path: str) -> None:
     """With --admin-token set, the admin pages answer 401 without it, 200 with it."""
     proxy = start_proxy(admin_token="s3cret")
     status, body = await get_json(proxy.url + path)

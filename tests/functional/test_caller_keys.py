@@ -3,19 +3,22 @@ X-Cache-TTL and the Cloudflare AI Gateway / Helicone aliases; a rule may forbid 
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
+from pathlib import Path
 from typing import Any
 
 import openai
 from structlog.testing import capture_logs
 
 from proxy.caller_keys import CALLER_HEADERS
-from tests.conftest import sdk
+from proxy.testing import FakeOpenAI
+from tests.conftest import ProxyServer, sdk
 from tests.helpers import HEADERS, body_of, header, post, status_of
 
 CHAT = "/v1/chat/completions"
 
 
-def ask(client: openai.OpenAI, text: str, headers: dict[str, str] | None = None, **kw: Any):
+def ask(client: openai.OpenAI, text: str, headers: dict[str, str] | None = None, **kw: Any) -> Any:
     return client.chat.completions.with_raw_response.create(
         model="gpt-4o-mini",
         messages=[{"role": "user", "content": text}],
@@ -24,11 +27,11 @@ def ask(client: openai.OpenAI, text: str, headers: dict[str, str] | None = None,
     )
 
 
-def done_lines(logs):
+def done_lines(logs: list[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any]]:
     return [e for e in logs if e["event"] == "request.done"]
 
 
-def test_a_caller_key_names_the_entry(proxy, fake):
+def test_a_caller_key_names_the_entry(proxy: ProxyServer, fake: FakeOpenAI) -> None:
     """Two bodies under one X-Cache-Key share one answer (one upstream call); the HIT says
     detail=caller-key, the line says caller_key, and the header never goes upstream."""
     client = sdk(proxy)
@@ -46,7 +49,9 @@ def test_a_caller_key_names_the_entry(proxy, fake):
     assert line["caller_key"] is True and "faq:shipping" not in str(logs)
 
 
-def test_a_caller_key_stays_in_its_tenant_and_namespace(proxy, fake):
+def test_a_caller_key_stays_in_its_tenant_and_namespace(
+    proxy: ProxyServer, fake: FakeOpenAI
+) -> None:
     """The same caller key from another API key, or another namespace, is another entry."""
     ask(sdk(proxy), "a", {"X-Cache-Key": "k1"})
     other = ask(sdk(proxy, key="sk-test-b"), "a", {"X-Cache-Key": "k1"})
@@ -56,7 +61,7 @@ def test_a_caller_key_stays_in_its_tenant_and_namespace(proxy, fake):
     assert fake.count(CHAT) == 3
 
 
-def test_the_cloudflare_cache_key_alias(proxy, fake):
+def test_the_cloudflare_cache_key_alias(proxy: ProxyServer, fake: FakeOpenAI) -> None:
     """cf-aig-cache-key names the entry as X-Cache-Key does (the same entry)."""
     client = sdk(proxy)
     ask(client, "one", {"cf-aig-cache-key": "same"})
@@ -64,7 +69,7 @@ def test_the_cloudflare_cache_key_alias(proxy, fake):
     assert second.headers["x-cache-status"] == "HIT" and fake.count(CHAT) == 1
 
 
-def test_ignored_fields_leave_the_key(proxy, fake):
+def test_ignored_fields_leave_the_key(proxy: ProxyServer, fake: FakeOpenAI) -> None:
     """X-Cache-Ignore-Fields (and Helicone-Cache-Ignore-Keys) leave the named fields out of
     this request's key: another temperature is a HIT with them, a MISS without."""
     client = sdk(proxy)
@@ -80,7 +85,7 @@ def test_ignored_fields_leave_the_key(proxy, fake):
     assert done_lines(logs)[-1]["ignored_fields"] == 2
 
 
-def test_cache_ttl_is_a_max_age(proxy, fake):
+def test_cache_ttl_is_a_max_age(proxy: ProxyServer, fake: FakeOpenAI) -> None:
     """X-Cache-TTL: 0 is max-age=0: a stored answer is too old for it, so it goes upstream."""
     client = sdk(proxy)
     ask(client, "ttl")
@@ -89,7 +94,7 @@ def test_cache_ttl_is_a_max_age(proxy, fake):
     assert fake.count(CHAT) == 2
 
 
-def test_skip_aliases_bypass(proxy, fake):
+def test_skip_aliases_bypass(proxy: ProxyServer, fake: FakeOpenAI) -> None:
     """cf-aig-skip-cache: true and Helicone-Cache-Enabled: false bypass the cache."""
     client = sdk(proxy)
     ask(client, "skip")
@@ -102,7 +107,7 @@ def test_skip_aliases_bypass(proxy, fake):
     assert fake.count(CHAT) == 3
 
 
-def test_a_rule_may_forbid_caller_keys(start_proxy, fake, tmp_path):
+def test_a_rule_may_forbid_caller_keys(start_proxy: Any, fake: FakeOpenAI, tmp_path: Path) -> None:
     """With caller_keys = false, a caller key and ignored fields change nothing (the body is
     the key) and the line says the caller key was refused."""
     rules = tmp_path / "r.toml"
@@ -119,7 +124,7 @@ def test_a_rule_may_forbid_caller_keys(start_proxy, fake, tmp_path):
     assert done_lines(logs)[-1]["caller_key"] == "refused"
 
 
-def test_bad_cache_headers_are_openai_shaped_400s(proxy, fake):
+def test_bad_cache_headers_are_openai_shaped_400s(proxy: ProxyServer, fake: FakeOpenAI) -> None:
     """A TTL that is no whole number or a key past 1024 characters: 400, OpenAI's shape."""
     body = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"x"}]}'
     for extra in ({"X-Cache-TTL": "soon"}, {"X-Cache-Key": "k" * 1025}):
@@ -131,7 +136,7 @@ def test_bad_cache_headers_are_openai_shaped_400s(proxy, fake):
     assert fake.count(CHAT) == 0
 
 
-def test_a_caller_key_never_spans_two_forms(proxy, fake):
+def test_a_caller_key_never_spans_two_forms(proxy: ProxyServer, fake: FakeOpenAI) -> None:
     """Under one X-Cache-Key a /v1/completions stream is not served to a JSON request (the
     SDK gets a Completion), and base64 and float embeddings are two entries; on chat a stream
     (with its usage) and a JSON request still share one answer (the twin)."""

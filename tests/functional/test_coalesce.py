@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
+from multidict import CIMultiDictProxy
 
+from proxy.testing import FakeOpenAI
+from tests.conftest import BackgroundLoop, ProxyServer
 from tests.helpers import HEADERS, joined, post_stream, wait_until
 
 CHAT: dict[str, Any] = {
@@ -19,7 +23,9 @@ CHAT: dict[str, Any] = {
 STREAM = {**CHAT, "stream": True}
 
 
-async def post(url: str, body: dict, headers: dict | None = None):
+async def post(
+    url: str, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> tuple[int, CIMultiDictProxy[str], bytes]:
     async with (
         aiohttp.ClientSession() as s,
         s.post(url, data=orjson.dumps(body), headers={**HEADERS, **(headers or {})}) as r,
@@ -27,7 +33,9 @@ async def post(url: str, body: dict, headers: dict | None = None):
         return r.status, r.headers, await r.read()
 
 
-async def test_fifty_identical_requests_one_upstream_call(proxy, fake):
+async def test_fifty_identical_requests_one_upstream_call(
+    proxy: ProxyServer, fake: FakeOpenAI
+) -> None:
     """50 concurrent identical requests (upstream 600 ms): 1 call, 50 identical answers, at
     least 49 COALESCED, in about one upstream latency."""
     fake.latency = 0.6
@@ -45,7 +53,9 @@ async def test_fifty_identical_requests_one_upstream_call(proxy, fake):
     assert took < 1.5, f"took {took:.2f}s for one 0.6s upstream call"
 
 
-async def test_twenty_identical_streams_one_upstream_call(proxy, fake):
+async def test_twenty_identical_streams_one_upstream_call(
+    proxy: ProxyServer, fake: FakeOpenAI
+) -> None:
     """20 concurrent identical streamed requests: 1 call, 20 complete identical streams."""
     fake.chunk_delay = 0.02
     url = proxy.url + "/v1/chat/completions"
@@ -55,7 +65,9 @@ async def test_twenty_identical_streams_one_upstream_call(proxy, fake):
     assert len(bodies) == 1 and next(iter(bodies)).endswith(b"data: [DONE]\n\n")
 
 
-async def test_late_joiner_gets_whole_stream_and_ends_with_leader(proxy, fake):
+async def test_late_joiner_gets_whole_stream_and_ends_with_leader(
+    proxy: ProxyServer, fake: FakeOpenAI
+) -> None:
     """A duplicate starting 300 ms into a stream gets it all from byte 0 and ends with the
     leader, not a whole stream later."""
     fake.chunk_delay = 0.1  # 8 chunks: about 0.8 s
@@ -71,7 +83,9 @@ async def test_late_joiner_gets_whole_stream_and_ends_with_leader(proxy, fake):
     assert fake.count() == 1
 
 
-async def test_upstream_error_reaches_every_waiter_then_retries(proxy, fake):
+async def test_upstream_error_reaches_every_waiter_then_retries(
+    proxy: ProxyServer, fake: FakeOpenAI
+) -> None:
     """10 concurrent requests whose upstream answers 500: all get the 500 from one call, and
     the next identical request goes upstream again."""
     fake.latency = 0.3
@@ -86,7 +100,9 @@ async def test_upstream_error_reaches_every_waiter_then_retries(proxy, fake):
     assert status == 500 and fake.count() == 2
 
 
-async def test_different_prompts_and_tenants_never_merge(proxy, fake):
+async def test_different_prompts_and_tenants_never_merge(
+    proxy: ProxyServer, fake: FakeOpenAI
+) -> None:
     """Concurrent requests that differ in prompt or tenant each get their own upstream call."""
     fake.latency = 0.2
     url = proxy.url + "/v1/chat/completions"
@@ -100,7 +116,9 @@ async def test_different_prompts_and_tenants_never_merge(proxy, fake):
     assert len({b for _, _, b in results}) == 9
 
 
-async def test_a_slow_upstream_is_not_a_silent_leader(start_proxy, fake, tmp_path):
+async def test_a_slow_upstream_is_not_a_silent_leader(
+    start_proxy: Any, fake: FakeOpenAI, tmp_path: Path
+) -> None:
     """A leader whose request is out and whose answer's head takes longer than lock_timeout_s
     is working, not hanging: its duplicates keep waiting and share its one upstream call."""
     rules = tmp_path / "r.toml"
@@ -117,8 +135,8 @@ async def test_a_slow_upstream_is_not_a_silent_leader(start_proxy, fake, tmp_pat
 
 
 async def test_followers_of_a_slow_leader_wait_only_up_to_the_read_timeout(
-    start_proxy, fake, tmp_path
-):
+    start_proxy: Any, fake: FakeOpenAI, tmp_path: Path
+) -> None:
     """An upstream silent past --upstream-read-timeout-s: the leader and its followers all get
     the proxy's 504 then, after one upstream call, not a wait as long as the upstream's."""
     rules = tmp_path / "r.toml"
@@ -137,7 +155,9 @@ async def test_followers_of_a_slow_leader_wait_only_up_to_the_read_timeout(
 
 
 @pytest.mark.parametrize("body", [STREAM, CHAT], ids=["stream-task", "inline-handler"])
-async def test_cancelled_leader_task_fails_waiters_fast(proxy, fake, bg, body):
+async def test_cancelled_leader_task_fails_waiters_fast(
+    proxy: ProxyServer, fake: FakeOpenAI, bg: BackgroundLoop, body: dict[str, Any]
+) -> None:
     """A cancelled upstream read leaves no stuck flight: every waiter gets an error at once.
     A stream is read by its own task; a whole answer by the leading client's handler (whose
     own client then loses its connection)."""
@@ -164,13 +184,15 @@ async def test_cancelled_leader_task_fails_waiters_fast(proxy, fake, bg, body):
     await wait_until(lambda: len(st.flights) == 0)
 
 
-async def test_leader_client_hangs_up_waiters_still_served(proxy, fake):
+async def test_leader_client_hangs_up_waiters_still_served(
+    proxy: ProxyServer, fake: FakeOpenAI
+) -> None:
     """The leader's client leaving does not stop the fetch: waiters get the whole stream, and
     a waiter leaving affects nobody else."""
     fake.chunk_delay = 0.05
     url = proxy.url + "/v1/chat/completions"
 
-    async def leave_after_first_chunk():
+    async def leave_after_first_chunk() -> bytes:
         async with (
             aiohttp.ClientSession() as s,
             s.post(url, data=orjson.dumps(STREAM), headers=HEADERS) as r,
@@ -186,12 +208,12 @@ async def test_leader_client_hangs_up_waiters_still_served(proxy, fake):
     assert fake.count() == 1
 
 
-async def test_slow_waiter_does_not_slow_the_others(proxy, fake):
+async def test_slow_waiter_does_not_slow_the_others(proxy: ProxyServer, fake: FakeOpenAI) -> None:
     """One reader that reads slowly lags alone; the others finish with the upstream."""
     fake.chunk_delay = 0.02
     url = proxy.url + "/v1/chat/completions"
 
-    async def slow():
+    async def slow() -> tuple[float, bytes]:
         async with (
             aiohttp.ClientSession() as s,
             s.post(url, data=orjson.dumps(STREAM), headers=HEADERS) as r,
@@ -212,7 +234,9 @@ async def test_slow_waiter_does_not_slow_the_others(proxy, fake):
     assert fake.count() == 1
 
 
-async def test_coalesce_without_store_and_debounce(start_proxy, fake, tmp_path):
+async def test_coalesce_without_store_and_debounce(
+    start_proxy: Any, fake: FakeOpenAI, tmp_path: Path
+) -> None:
     """store = false keeps coalescing; debounce_s reuses a just-finished answer for a while;
     Cache-Control: no-store opts out of both."""
     rules = tmp_path / "r.toml"
@@ -233,7 +257,7 @@ async def test_coalesce_without_store_and_debounce(start_proxy, fake, tmp_path):
     assert fake.count() == 3
 
 
-async def test_idempotency_key(start_proxy, fake, tmp_path):
+async def test_idempotency_key(start_proxy: Any, fake: FakeOpenAI, tmp_path: Path) -> None:
     """Idempotency-Key: same key and tenant -> the same answer, even on an uncached route;
     the same key with another body -> 422; the header never goes upstream."""
     rules = tmp_path / "r.toml"
@@ -258,7 +282,9 @@ async def test_idempotency_key(start_proxy, fake, tmp_path):
     assert all("idempotency-key" not in {k.lower() for k in c.headers} for c in fake.calls)
 
 
-async def test_idempotency_key_concurrent_duplicates_coalesce(start_proxy, fake):
+async def test_idempotency_key_concurrent_duplicates_coalesce(
+    start_proxy: Any, fake: FakeOpenAI
+) -> None:
     """Concurrent retries with one Idempotency-Key make one upstream call."""
     proxy = start_proxy()
     fake.latency = 0.3

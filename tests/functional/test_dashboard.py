@@ -8,12 +8,15 @@ import itertools
 import shutil
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 
+from proxy.testing import FakeOpenAI
 from tests.conftest import async_sdk, free_port
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -27,7 +30,7 @@ class Page:
         self.ws = ws
         self.ids = itertools.count(1)
 
-    async def send(self, method: str, **params):
+    async def send(self, method: str, **params: Any) -> Any:
         msg_id = next(self.ids)
         await self.ws.send_str(
             orjson.dumps({"id": msg_id, "method": method, "params": params}).decode()
@@ -47,7 +50,9 @@ class Page:
         )
         return str(result["result"].get("value", ""))
 
-    async def wait_text(self, element_id: str, want, within_s: float = 15.0) -> str:
+    async def wait_text(
+        self, element_id: str, want: Callable[[str], bool], within_s: float = 15.0
+    ) -> str:
         deadline = time.monotonic() + within_s
         value = ""
         while time.monotonic() < deadline:
@@ -59,7 +64,7 @@ class Page:
 
 
 @pytest.fixture
-def chromium(tmp_path):
+def chromium(tmp_path: Path) -> Iterator[str]:
     if CHROMIUM is None:
         pytest.fail("chromium is not installed (scripts/test installs it)")
     port = free_port()
@@ -87,7 +92,9 @@ def chromium(tmp_path):
     proc.wait(10)
 
 
-async def open_page(devtools: str, session: aiohttp.ClientSession):
+async def open_page(
+    devtools: str, session: aiohttp.ClientSession
+) -> aiohttp.ClientWebSocketResponse:
     deadline = time.monotonic() + 20
     while True:
         try:
@@ -101,7 +108,9 @@ async def open_page(devtools: str, session: aiohttp.ClientSession):
     return await session.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0)
 
 
-async def test_dashboard_shows_stats_and_refreshes(start_proxy, fake, chromium):
+async def test_dashboard_shows_stats_and_refreshes(
+    start_proxy: Any, fake: FakeOpenAI, chromium: str
+) -> None:
     """The page loads offline in Chromium, shows the same figures as /_proxy/stats, refreshes
     after new requests, and the test saves a screenshot."""
     proxy = start_proxy(admin_token="tok")

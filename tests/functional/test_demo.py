@@ -16,7 +16,7 @@ from tests.conftest import free_port
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_demo_runs_offline_in_under_15_seconds(tmp_path):
+def test_demo_runs_offline_in_under_15_seconds(tmp_path: Path) -> None:
     """The tour exits 0 in under 15 s and shows the HIT, one upstream call for 20 duplicates
     and an image URL that outlives the upstream one."""
     env = {**os.environ, "NO_PROXY": "*", "HTTPS_PROXY": "", "HTTP_PROXY": ""}
@@ -61,7 +61,7 @@ def test_demo_runs_offline_in_under_15_seconds(tmp_path):
     assert list(tmp_path.iterdir()) == []  # the demo removed its temporary folder
 
 
-def test_demo_serve_answers_an_sdk_request():
+def test_demo_serve_answers_an_sdk_request() -> None:
     """`demo --serve` keeps the proxy up at the printed base URL; an SDK call gets through."""
     port = free_port()
     proc = subprocess.Popen(

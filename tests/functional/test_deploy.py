@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 
-from tests.conftest import start_redis
+from proxy.testing import FakeOpenAI
+from tests.conftest import ProxyServer, RedisServer, start_redis
 
 CHAT_PATH = "/v1/chat/completions"
 CHAT: dict[str, Any] = {
@@ -21,7 +24,9 @@ CHAT: dict[str, Any] = {
 HEADERS = {"Authorization": "Bearer sk-fleet", "Content-Type": "application/json"}
 
 
-async def post(url: str, body: dict, headers: dict | None = None) -> tuple[int, Any, bytes]:
+async def post(
+    url: str, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> tuple[int, Any, bytes]:
     async with (
         aiohttp.ClientSession() as s,
         s.post(url, data=orjson.dumps(body), headers={**HEADERS, **(headers or {})}) as r,
@@ -30,14 +35,18 @@ async def post(url: str, body: dict, headers: dict | None = None) -> tuple[int, 
 
 
 @pytest.fixture
-def fleet(start_proxy, redis_server, tmp_path):
+def fleet(
+    start_proxy: Any, redis_server: RedisServer, tmp_path: Path
+) -> tuple[ProxyServer, ProxyServer]:
     """Two instances on one Redis, each with its own data folder and no --secret."""
     a = start_proxy(cache=redis_server.url, secret="", data_dir=tmp_path / "a")
     b = start_proxy(cache=redis_server.url, secret="", data_dir=tmp_path / "b")
     return a, b
 
 
-async def test_two_instances_without_secret_coalesce_into_one_call(fleet, fake, tmp_path):
+async def test_two_instances_without_secret_coalesce_into_one_call(
+    fleet: tuple[ProxyServer, ProxyServer], fake: FakeOpenAI, tmp_path: Path
+) -> None:
     """Two instances on one Redis with no --secret make the same keys: 20 identical requests
     over both are one upstream call, though each data folder holds its own secret file."""
     a, b = fleet
@@ -52,7 +61,9 @@ async def test_two_instances_without_secret_coalesce_into_one_call(fleet, fake, 
     assert fake.count(CHAT_PATH) == 1 and len({body for _, _, body in results}) == 1
 
 
-async def test_one_idempotency_key_with_two_bodies_across_instances_is_422(fleet, fake):
+async def test_one_idempotency_key_with_two_bodies_across_instances_is_422(
+    fleet: tuple[ProxyServer, ProxyServer], fake: FakeOpenAI
+) -> None:
     """An Idempotency-Key used on A, then on B with another body: 422, one upstream call."""
     a, b = fleet
     key = {"Idempotency-Key": "order-7"}
@@ -64,7 +75,9 @@ async def test_one_idempotency_key_with_two_bodies_across_instances_is_422(fleet
     assert fake.count(CHAT_PATH) == 1
 
 
-def test_an_explicit_secret_that_differs_from_the_store_is_one_line(start_proxy, tmp_path):
+def test_an_explicit_secret_that_differs_from_the_store_is_one_line(
+    start_proxy: Any, tmp_path: Path
+) -> None:
     """--secret against a store whose entries were made with another secret (or with a
     generated one) stops start-up with one line naming --secret; the same secret starts."""
     from proxy.errors import ConfigError
@@ -103,7 +116,7 @@ print(orjson.dumps(out).decode())
 
 
 @pytest.fixture
-def netns():
+def netns() -> Iterator[tuple[Callable[..., str], str]]:
     """A network namespace of its own, joined to the test's by a veth pair on a private /30:
     (run a command inside it, the proxy-side address). Root and `ip` are needed."""
     import os
@@ -153,7 +166,9 @@ def ask_all(run: Any, base: str, routes: Any) -> list[tuple[int, str]]:
     return [(status, body) for status, body in orjson.loads(out)]
 
 
-def test_admin_pages_refuse_a_non_loopback_client_without_a_token(fake, tmp_path, netns):
+def test_admin_pages_refuse_a_non_loopback_client_without_a_token(
+    fake: FakeOpenAI, tmp_path: Path, netns: tuple[Callable[..., str], str]
+) -> None:
     """Without --admin-token, stats, metrics, dashboard and purge answer 403 to a client on
     another network namespace and 200 on loopback; health answers both and shows no
     credential of the upstream."""
@@ -186,7 +201,9 @@ def test_admin_pages_refuse_a_non_loopback_client_without_a_token(fake, tmp_path
         proc.wait(20)
 
 
-def test_admin_pages_open_to_a_non_loopback_client_with_the_token(fake, tmp_path, netns):
+def test_admin_pages_open_to_a_non_loopback_client_with_the_token(
+    fake: FakeOpenAI, tmp_path: Path, netns: tuple[Callable[..., str], str]
+) -> None:
     """With --admin-token, a client on another network namespace gets the admin pages with
     the token (?token= for a browser) and 401 without it."""
     from tests.conftest import spawn_proxy
@@ -221,7 +238,7 @@ def run_proxy(*flags: str, timeout: float = 60) -> Any:
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
-def test_a_port_in_use_is_one_line_and_a_failure(workers, tmp_path):
+def test_a_port_in_use_is_one_line_and_a_failure(workers: str, tmp_path: Path) -> None:
     """A port another process listens on: one line naming --port, exit status 2, and no
     "listening" line, with one worker and with two."""
     import socket
@@ -276,7 +293,9 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def test_a_worker_killed_under_load_is_replaced_and_its_counts_kept(fake, tmp_path):
+def test_a_worker_killed_under_load_is_replaced_and_its_counts_kept(
+    fake: FakeOpenAI, tmp_path: Path
+) -> None:
     """SIGKILL one of two workers under load: a new worker is there within 5 s and logged,
     no request sent after that fails, /_proxy/stats counts every request answered (the
     dead worker's included, and at most the requests the kill cut besides), and a second
@@ -371,7 +390,7 @@ def test_a_worker_killed_under_load_is_replaced_and_its_counts_kept(fake, tmp_pa
     assert any(e["event"] == "worker.replaced" for e in events)
 
 
-async def test_the_sqlite_store_stays_within_its_cap_on_disk_wal_included(tmp_path):
+async def test_the_sqlite_store_stays_within_its_cap_on_disk_wal_included(tmp_path: Path) -> None:
     """Sustained writes of incompressible answers (10 KB to 400 KB, several writers, reads
     in between) into a 5 MB SQLite store: database plus WAL never pass 1.2 times the cap,
     sampled every few milliseconds while it writes, evicts and vacuums."""
@@ -427,7 +446,7 @@ async def test_the_sqlite_store_stays_within_its_cap_on_disk_wal_included(tmp_pa
     print(f"worst {worst[0] / cap:.2f}x the cap, {store.evicted} evicted, {refused[0]} refused")
 
 
-def test_each_subcommand_help_shows_its_own_options():
+def test_each_subcommand_help_shows_its_own_options() -> None:
     """purge --help lists its filters and only the store flags; healthcheck --help only where
     to find the proxy; demo --help takes the server's flags; fake-upstream has its own."""
     purge = run_proxy("purge", "--help").stdout
@@ -445,7 +464,7 @@ def test_each_subcommand_help_shows_its_own_options():
     assert "fake-upstream" in top
 
 
-def test_subcommands_fail_in_one_line(tmp_path):
+def test_subcommands_fail_in_one_line(tmp_path: Path) -> None:
     """purge with its store down, a failing healthcheck and a bad flag to a subcommand each
     end with one line that says what to do, and a non-zero status."""
     from tests.conftest import free_port
@@ -461,7 +480,7 @@ def test_subcommands_fail_in_one_line(tmp_path):
         assert done.returncode != 0 and len(lines) == 1 and words in lines[0], (argv, done.stderr)
 
 
-def test_the_real_cli_runs_against_fake_upstream_without_a_key(tmp_path):
+def test_the_real_cli_runs_against_fake_upstream_without_a_key(tmp_path: Path) -> None:
     """`python -m proxy fake-upstream` serves the fake API; the real proxy in front of it
     answers an SDK call (MISS, then HIT) with any key."""
     import subprocess
@@ -501,7 +520,7 @@ def test_the_real_cli_runs_against_fake_upstream_without_a_key(tmp_path):
     assert f"--upstream http://127.0.0.1:{port}".encode() in err
 
 
-def test_demo_serve_takes_the_server_flags(tmp_path):
+def test_demo_serve_takes_the_server_flags(tmp_path: Path) -> None:
     """`demo --serve --admin-token T --port P`: the served proxy has the token (its stats
     answer 401 without it and 200 with it)."""
     import subprocess
@@ -529,7 +548,7 @@ def test_demo_serve_takes_the_server_flags(tmp_path):
         proc.wait(20)
 
 
-def test_an_image_host_off_the_allowlist_names_the_setting(tmp_path):
+def test_an_image_host_off_the_allowlist_names_the_setting(tmp_path: Path) -> None:
     """The refusal for an image host off the allowlist names --image-source-hosts, so the
     operator knows which setting lets those answers be rehosted and cached."""
     from proxy.errors import RehostError

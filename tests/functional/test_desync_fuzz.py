@@ -98,7 +98,9 @@ async def streamed(
     return "".join(parts), "stream 200" if parts else "stream without a body"
 
 
-async def test_no_answer_ever_reaches_another_request(proc, upstream, seed):
+async def test_no_answer_ever_reaches_another_request(
+    proc: Proc, upstream: ScriptedUpstream, seed: int
+) -> None:
     """Under random upstream misbehaviour, every answer names its own tenant and prompt or is
     an error; nothing is sent twice upstream, nothing is spliced into another request."""
     seconds = float(os.environ.get("DESYNC_SECONDS", "15"))

@@ -9,7 +9,9 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -20,7 +22,8 @@ from proxy.models import CachedResponse
 from proxy.plan import parse_cache_control
 from proxy.stores.redis import RedisStore
 from proxy.stores.sqlite import SQLiteStore
-from tests.conftest import free_port, spawn_proxy, start_redis
+from proxy.testing import FakeOpenAI
+from tests.conftest import BackgroundLoop, free_port, spawn_proxy, start_redis
 from tests.helpers import Proc, body_of, header, post, raw, status_of
 
 CHAT = "/v1/chat/completions"
@@ -33,7 +36,7 @@ def chat(prompt: str) -> bytes:
 AUTH = {"Authorization": "Bearer sk-a", "Content-Type": "application/json"}
 
 
-async def test_cluster_cold_start_many_first_calls_at_once(redis_cluster):
+async def test_cluster_cold_start_many_first_calls_at_once(redis_cluster: str) -> None:
     """A cluster client that has never been used, hit by 100 coroutines at once: no failure
     (redis-py's cluster client breaks when they all initialise it together)."""
     store = RedisStore.from_url(redis_cluster)
@@ -46,7 +49,7 @@ async def test_cluster_cold_start_many_first_calls_at_once(redis_cluster):
         await store.aclose()
 
 
-async def _load(urls: list[str], n: int, prompt_of) -> list[int]:
+async def _load(urls: list[str], n: int, prompt_of: Callable[[int], str]) -> list[int]:
     async with aiohttp.ClientSession() as s:
 
         async def one(i: int) -> int:
@@ -59,7 +62,9 @@ async def _load(urls: list[str], n: int, prompt_of) -> list[int]:
         return list(await asyncio.gather(*(one(i) for i in range(n))))
 
 
-async def test_cluster_cold_start_under_load(start_proxy, redis_cluster, fake):
+async def test_cluster_cold_start_under_load(
+    start_proxy: Any, redis_cluster: str, fake: FakeOpenAI
+) -> None:
     """Two fresh instances on a fresh cluster, a burst at once: no 5xx, one upstream call per
     distinct prompt."""
     a = start_proxy(cache=redis_cluster, lease_s=1.0)
@@ -81,7 +86,9 @@ def _node_ids(port: int) -> dict[str, tuple[int, str]]:
     return nodes
 
 
-async def test_slot_migration_under_load(start_proxy, redis_cluster, fake):
+async def test_slot_migration_under_load(
+    start_proxy: Any, redis_cluster: str, fake: FakeOpenAI
+) -> None:
     """Moving slots between masters while requests flow: no 5xx, and HITs after."""
     a = start_proxy(cache=redis_cluster, lease_s=1.0, hot_cache_mb=0)
     port = int(redis_cluster.rsplit(":", 1)[1])
@@ -117,7 +124,9 @@ async def test_slot_migration_under_load(start_proxy, redis_cluster, fake):
                 assert r.headers["X-Cache-Status"] == "HIT"
 
 
-def test_a_full_redis_skips_writes_and_keeps_serving_reads(start_proxy, fake):
+def test_a_full_redis_skips_writes_and_keeps_serving_reads(
+    start_proxy: Any, fake: FakeOpenAI
+) -> None:
     """Redis at maxmemory with noeviction: one tenant's failed writes are skipped and
     counted, and another tenant's HITs keep coming from Redis (no breaker)."""
     server = start_redis(None, "--maxmemory", "4mb", "--maxmemory-policy", "noeviction")
@@ -153,7 +162,7 @@ def test_a_full_redis_skips_writes_and_keeps_serving_reads(start_proxy, fake):
         server.stop()
 
 
-def test_evicting_redis_policy_is_named_in_health(start_proxy):
+def test_evicting_redis_policy_is_named_in_health(start_proxy: Any) -> None:
     """A Redis whose maxmemory-policy evicts keys without a TTL is a warning in health."""
     server = start_redis(None, "--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru")
     try:
@@ -165,7 +174,9 @@ def test_evicting_redis_policy_is_named_in_health(start_proxy):
         server.stop()
 
 
-def test_a_client_that_never_reads_pins_no_more_than_a_window(fake, tmp_path):
+def test_a_client_that_never_reads_pins_no_more_than_a_window(
+    fake: FakeOpenAI, tmp_path: Path
+) -> None:
     """A 100 MB answer to a client that reads nothing: the proxy's memory stays bounded (the
     flight keeps --max-record-mb at most) and the client is dropped after the write timeout."""
     fake.speech_mb = 100
@@ -219,7 +230,9 @@ def test_a_client_that_never_reads_pins_no_more_than_a_window(fake, tmp_path):
         p.stop()
 
 
-def test_partial_headers_and_idle_connections_are_closed_in_time(fake, tmp_path):
+def test_partial_headers_and_idle_connections_are_closed_in_time(
+    fake: FakeOpenAI, tmp_path: Path
+) -> None:
     """50 connections that send half a request head are closed after --header-timeout-s;
     an idle keep-alive after --keepalive-timeout-s; other clients are served meanwhile."""
     p = Proc(fake.base_url, tmp_path / "d", "--header-timeout-s", "1", "--keepalive-timeout-s", "2")
@@ -255,7 +268,9 @@ def test_partial_headers_and_idle_connections_are_closed_in_time(fake, tmp_path)
         p.stop()
 
 
-def test_cache_control_lines_form_one_list_and_invalid_values_are_ignored(start_proxy, fake):
+def test_cache_control_lines_form_one_list_and_invalid_values_are_ignored(
+    start_proxy: Any, fake: FakeOpenAI
+) -> None:
     """max-age on one line and no-store on the next: not stored; max-age=-1 or nan is
     ignored (a HIT, the entry kept), not taken as 0."""
     assert parse_cache_control("max-age=3600,no-store", None).mode.value == "bypass"
@@ -279,7 +294,7 @@ def test_cache_control_lines_form_one_list_and_invalid_values_are_ignored(start_
     assert fake.count(CHAT) == 2
 
 
-async def test_capped_sqlite_store_stays_under_its_cap(tmp_path):
+async def test_capped_sqlite_store_stays_under_its_cap(tmp_path: Path) -> None:
     """Incompressible answers past the cap: the least recently used go, the total stays
     under the cap, the file stops growing, and expired rows are swept in batches."""
     cap = 2 * 1024 * 1024
@@ -305,7 +320,9 @@ async def test_capped_sqlite_store_stays_under_its_cap(tmp_path):
         await store.aclose()
 
 
-def test_a_hung_s3_is_bounded_and_duplicates_wait_for_the_busy_leader(start_proxy, fake, tmp_path):
+def test_a_hung_s3_is_bounded_and_duplicates_wait_for_the_busy_leader(
+    start_proxy: Any, fake: FakeOpenAI, tmp_path: Path
+) -> None:
     """An S3 endpoint that accepts and never answers: the image answer comes back within
     --image-timeout-s (original URL, not stored), and a duplicate that arrived meanwhile
     waited for that leader instead of paying for a second generation."""
@@ -368,7 +385,7 @@ def test_a_hung_s3_is_bounded_and_duplicates_wait_for_the_busy_leader(start_prox
         hole.close()
 
 
-def test_private_upstream_ca(tmp_path, bg):
+def test_private_upstream_ca(tmp_path: Path, bg: BackgroundLoop) -> None:
     """--upstream-ca-file trusts a private CA: without it the TLS upstream is a 502."""
     trustme = pytest.importorskip("trustme")
     from aiohttp import web

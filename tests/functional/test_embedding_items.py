@@ -6,17 +6,23 @@ from __future__ import annotations
 
 import asyncio
 import urllib.request
+from collections.abc import MutableMapping
+from pathlib import Path
+from typing import Any
 
+import openai
 import orjson
 import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from openai.types import CreateEmbeddingResponse
 from structlog.testing import capture_logs
 
 from proxy.report import Report
+from proxy.testing import FakeOpenAI
 from proxy.testing.fake_openai import bag_of_words
-from tests.conftest import async_sdk, sdk
+from tests.conftest import ProxyServer, RedisServer, async_sdk, sdk
 from tests.helpers import eventually
 
 EMB = "/v1/embeddings"
@@ -27,15 +33,15 @@ def texts(n: int, tag: str = "doc") -> list[str]:
     return [f"{tag} number {i} about topic{i % 97} and subject{i}" for i in range(n)]
 
 
-def embed(client, inputs, **kw):
+def embed(client: openai.OpenAI, inputs: list[str] | list[list[int]], **kw: Any) -> Any:
     return client.embeddings.with_raw_response.create(model=MODEL, input=inputs, **kw)
 
 
-def sent_items(fake) -> list[list]:
+def sent_items(fake: FakeOpenAI) -> list[list[Any]]:
     return [c.json()["input"] for c in fake.calls if c.path == EMB]
 
 
-def assert_matches(answer, inputs, dims: int) -> None:
+def assert_matches(answer: Any, inputs: list[str] | list[list[int]], dims: int) -> None:
     """Each returned embedding is the fake's embedding of the input at that position."""
     data = answer.parse().data
     assert [d.index for d in data] == list(range(len(inputs)))
@@ -43,12 +49,14 @@ def assert_matches(answer, inputs, dims: int) -> None:
         assert d.embedding == pytest.approx(bag_of_words(text, dims), abs=1e-6)
 
 
-def done_lines(logs):
+def done_lines(logs: list[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any]]:
     return [e for e in logs if e["event"] == "request.done"]
 
 
 @pytest.mark.parametrize("encoding", ["float", "base64"])
-def test_only_missing_items_go_upstream(proxy, fake, encoding):
+def test_only_missing_items_go_upstream(
+    proxy: ProxyServer, fake: FakeOpenAI, encoding: str
+) -> None:
     """A re-sent list with two changed items sends only those two, in one call; the answer
     has every item in order, usage counts the two, the status is PARTIAL; the same list again
     is a HIT with no call at all."""
@@ -82,7 +90,7 @@ def test_only_missing_items_go_upstream(proxy, fake, encoding):
     assert_matches(third, second_in, 32)
 
 
-def test_encoding_and_dimensions_are_in_the_item_key(proxy, fake):
+def test_encoding_and_dimensions_are_in_the_item_key(proxy: ProxyServer, fake: FakeOpenAI) -> None:
     """Items embedded as base64 or at another size are other entries: a float request for
     the same texts is a MISS, and so is another `dimensions`."""
     client = sdk(proxy)
@@ -95,7 +103,7 @@ def test_encoding_and_dimensions_are_in_the_item_key(proxy, fake):
     assert_matches(floats, inputs, 16)
 
 
-def test_items_stay_in_their_tenant(proxy, fake):
+def test_items_stay_in_their_tenant(proxy: ProxyServer, fake: FakeOpenAI) -> None:
     """Another API key sending the same list gets none of the first tenant's items."""
     embed(sdk(proxy), texts(3), dimensions=8)
     other = embed(sdk(proxy, key="sk-test-b"), texts(3), dimensions=8)
@@ -103,7 +111,7 @@ def test_items_stay_in_their_tenant(proxy, fake):
     assert sent_items(fake) == [texts(3), texts(3)]
 
 
-def test_a_2048_item_rerun_with_ten_changed_sends_ten(proxy, fake):
+def test_a_2048_item_rerun_with_ten_changed_sends_ten(proxy: ProxyServer, fake: FakeOpenAI) -> None:
     """2048 items, then the same list with 10 changed: the second call upstream carries
     exactly the 10, and all 2048 come back in order."""
     client = sdk(proxy, timeout=120)
@@ -118,7 +126,7 @@ def test_a_2048_item_rerun_with_ten_changed_sends_ten(proxy, fake):
     assert_matches(second, second_in, 16)
 
 
-async def test_items_in_flight_are_joined(start_proxy, fake):
+async def test_items_in_flight_are_joined(start_proxy: Any, fake: FakeOpenAI) -> None:
     """Two lists that overlap, sent while the first is still upstream: the overlapping items
     go upstream once, the second request waits for them and sends only its own."""
     proxy = start_proxy()
@@ -126,7 +134,7 @@ async def test_items_in_flight_are_joined(start_proxy, fake):
     a, b = texts(3, "a"), [*texts(3, "a")[1:], "only in b"]
     async with async_sdk(proxy) as client:
 
-        async def later():
+        async def later() -> Any:
             await asyncio.sleep(0.3)
             return await client.embeddings.with_raw_response.create(
                 model=MODEL, input=b, dimensions=8
@@ -142,7 +150,9 @@ async def test_items_in_flight_are_joined(start_proxy, fake):
     assert_matches(second, b, 8)
 
 
-def test_an_upstream_error_is_relayed_and_nothing_stored(proxy, fake):
+def test_an_upstream_error_is_relayed_and_nothing_stored(
+    proxy: ProxyServer, fake: FakeOpenAI
+) -> None:
     """The upstream's 429 reaches the client as it came; the items are not stored."""
     client = sdk(proxy)
     fake.errors = [(429, b'{"error":{"message":"slow down","type":"rate_limit","code":null}}')]
@@ -152,7 +162,9 @@ def test_an_upstream_error_is_relayed_and_nothing_stored(proxy, fake):
     assert again.headers["x-cache-status"] == "MISS" and fake.count(EMB) == 2
 
 
-def test_partial_is_counted_in_stats_metrics_and_report(proxy, fake):
+def test_partial_is_counted_in_stats_metrics_and_report(
+    proxy: ProxyServer, fake: FakeOpenAI
+) -> None:
     """PARTIAL answers and the items behind them show in /_proxy/stats, the metrics and the
     report, with the saved estimate apart from what was spent."""
     client = sdk(proxy)
@@ -178,7 +190,9 @@ def test_partial_is_counted_in_stats_metrics_and_report(proxy, fake):
     assert row["saved_usd"] > 0
 
 
-def test_items_across_two_proxies_on_one_redis(start_proxy, fake, redis_server):
+def test_items_across_two_proxies_on_one_redis(
+    start_proxy: Any, fake: FakeOpenAI, redis_server: RedisServer
+) -> None:
     """With Redis, the items one instance stored are found by another: a list re-sent to the
     second instance with one new item sends only that item."""
     one = start_proxy(cache=redis_server.url)
@@ -193,7 +207,9 @@ def test_items_across_two_proxies_on_one_redis(start_proxy, fake, redis_server):
     assert_matches(again, [*texts(40), "new"], 8)
 
 
-def test_an_answer_that_does_not_match_the_items_is_a_502(proxy, fake):
+def test_an_answer_that_does_not_match_the_items_is_a_502(
+    proxy: ProxyServer, fake: FakeOpenAI
+) -> None:
     """A 200 whose data does not hold one embedding per item sent is never stored nor
     relayed as the whole list's answer: 502, OpenAI-shaped."""
     client = sdk(proxy)
@@ -205,7 +221,7 @@ def test_an_answer_that_does_not_match_the_items_is_a_502(proxy, fake):
     assert again.headers["x-cache-status"] == "MISS" and fake.count(EMB) == 2
 
 
-def test_a_revoked_key_gets_no_cached_items(start_proxy, fake):
+def test_a_revoked_key_gets_no_cached_items(start_proxy: Any, fake: FakeOpenAI) -> None:
     """Past --auth-recheck-s, cached items are served only after the credential is checked
     again: a revoked key gets the upstream's 401, not the items it stored."""
     import time
@@ -233,7 +249,9 @@ WORDS = [f"w{i} apple" for i in range(12)]
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(lists=st.lists(st.lists(st.sampled_from(WORDS), min_size=2, max_size=9), max_size=4))
-def test_any_sequence_of_lists_gets_every_item_in_place(start_proxy, fake, lists):
+def test_any_sequence_of_lists_gets_every_item_in_place(
+    start_proxy: Any, fake: FakeOpenAI, lists: list[list[str]]
+) -> None:
     """Whatever lists come in, with repeats inside a list and across lists, each answer has
     the right embedding at every position and no item goes upstream twice (print_blob: a
     failure prints how to reproduce it)."""
@@ -247,7 +265,7 @@ def test_any_sequence_of_lists_gets_every_item_in_place(start_proxy, fake, lists
     assert sorted(sent) == sorted({i for inputs in lists for i in inputs})
 
 
-def test_token_arrays_are_items_too(proxy, fake):
+def test_token_arrays_are_items_too(proxy: ProxyServer, fake: FakeOpenAI) -> None:
     """A list of token arrays is cached per array: a new array alone goes upstream."""
     client = sdk(proxy)
     first = [[1, 2, 3], [40, 50], [600]]
@@ -259,7 +277,9 @@ def test_token_arrays_are_items_too(proxy, fake):
     assert_matches(answer, second, 8)
 
 
-def test_a_dead_store_passes_items_through(start_proxy, fake, redis_server):
+def test_a_dead_store_passes_items_through(
+    start_proxy: Any, fake: FakeOpenAI, redis_server: RedisServer
+) -> None:
     """With Redis gone, a list is answered whole from upstream (BYPASS), never an error."""
     proxy = start_proxy(cache=redis_server.url)
     client = sdk(proxy)
@@ -271,7 +291,9 @@ def test_a_dead_store_passes_items_through(start_proxy, fake, redis_server):
     assert sent_items(fake)[-1] == [*texts(5), "new"]
 
 
-async def test_a_rule_without_coalescing_joins_no_items(start_proxy, fake, tmp_path):
+async def test_a_rule_without_coalescing_joins_no_items(
+    start_proxy: Any, fake: FakeOpenAI, tmp_path: Path
+) -> None:
     """With coalesce = false, an item in flight for another request is sent again."""
     rules = tmp_path / "r.toml"
     rules.write_text('[[rule]]\nroute = "/v1/embeddings"\ncoalesce = false\n')
@@ -280,7 +302,7 @@ async def test_a_rule_without_coalescing_joins_no_items(start_proxy, fake, tmp_p
     a, b = texts(3, "c"), [*texts(3, "c")[1:], "only in b"]
     async with async_sdk(proxy) as client:
 
-        async def later():
+        async def later() -> CreateEmbeddingResponse:
             await asyncio.sleep(0.3)
             return await client.embeddings.create(model=MODEL, input=b, dimensions=8)
 
@@ -288,7 +310,9 @@ async def test_a_rule_without_coalescing_joins_no_items(start_proxy, fake, tmp_p
     assert sent_items(fake) == [a, b]
 
 
-def test_stale_items_cover_an_upstream_failure(start_proxy, fake, tmp_path):
+def test_stale_items_cover_an_upstream_failure(
+    start_proxy: Any, fake: FakeOpenAI, tmp_path: Path
+) -> None:
     """Past ttl_s, within stale_if_error_s: an upstream 503 is covered by the stale items
     (STALE, fwd-status=503) when every missing item has one; a list with an item never
     stored gets the 503 as it came."""
@@ -310,7 +334,9 @@ def test_stale_items_cover_an_upstream_failure(start_proxy, fake, tmp_path):
         embed(client, [*texts(4), "never stored"], dimensions=8, encoding_format="float")
 
 
-def _post(proxy, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes, dict]:
+def _post(
+    proxy: ProxyServer, path: str, body: bytes, headers: dict[str, str]
+) -> tuple[int, bytes, dict[str, str]]:
     req = urllib.request.Request(proxy.base_url.removesuffix("/v1") + path, data=body)
     for name, value in headers.items():
         req.add_header(name, value)
@@ -321,7 +347,9 @@ def _post(proxy, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, 
         return exc.code, exc.read(), dict(exc.headers)
 
 
-async def test_a_purge_during_the_call_keeps_its_items_out(start_proxy, fake):
+async def test_a_purge_during_the_call_keeps_its_items_out(
+    start_proxy: Any, fake: FakeOpenAI
+) -> None:
     """A purge by model made while a list's items are upstream: the items that come back
     after it are not stored, so the same list again goes upstream (as a whole answer does)."""
     proxy = start_proxy()
@@ -329,7 +357,7 @@ async def test_a_purge_during_the_call_keeps_its_items_out(start_proxy, fake):
     items = texts(3, "purged")
     async with async_sdk(proxy) as client:
 
-        async def purge_midway():
+        async def purge_midway() -> tuple[int, bytes, dict[str, str]]:
             await asyncio.sleep(0.4)
             return await asyncio.to_thread(
                 _post,
@@ -351,7 +379,9 @@ async def test_a_purge_during_the_call_keeps_its_items_out(start_proxy, fake):
 
 
 @pytest.mark.parametrize("extra", [b'"x":1e300', b'"y":9007199254740993.0'])
-def test_a_float_no_double_holds_keys_the_list_whole(proxy, fake, extra):
+def test_a_float_no_double_holds_keys_the_list_whole(
+    proxy: ProxyServer, fake: FakeOpenAI, extra: bytes
+) -> None:
     """A list whose other fields hold a number no double keeps exactly is not cached item
     by item (its items could not be keyed exactly): it is answered, never a 500."""
     body = b'{"model":"' + MODEL.encode() + b'","input":["a","b"],' + extra + b"}"
@@ -361,7 +391,7 @@ def test_a_float_no_double_holds_keys_the_list_whole(proxy, fake, extra):
     assert got["X-Cache-Status"] == "MISS" and len(orjson.loads(answer)["data"]) == 2
 
 
-def test_a_long_model_name_is_purged_by_its_full_name(proxy, fake):
+def test_a_long_model_name_is_purged_by_its_full_name(proxy: ProxyServer, fake: FakeOpenAI) -> None:
     """Items of a model whose name is longer than any label are tagged with the whole name:
     a purge by that name takes them, and the list goes upstream again."""
     model = "ft:text-embedding-3-small:acme-corp:" + "x" * 120

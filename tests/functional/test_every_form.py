@@ -8,6 +8,7 @@ import dataclasses
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -15,7 +16,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from proxy.models import CachedResponse
-from tests.conftest import ROOT, sdk
+from proxy.testing import FakeOpenAI
+from tests.conftest import ROOT, BackgroundLoop, ProxyServer, RedisServer, sdk
 from tests.functional.test_operations import TOKEN, purge_http, tenant_of
 from tests.helpers import body_of, header, post, status_of
 
@@ -27,11 +29,11 @@ ERROR = orjson.dumps(
 PROMPT: list[Any] = [{"role": "user", "content": "every form"}]
 
 
-def port_of(server) -> int:
+def port_of(server: ProxyServer) -> int:
     return int(server.url.rsplit(":", 1)[1])
 
 
-def stale_rules(tmp_path, route: str = CHAT) -> Any:
+def stale_rules(tmp_path: Path, route: str = CHAT) -> Any:
     path = tmp_path / "rules.toml"
     path.write_text(f'[[rule]]\nroute = "{route}"\nttl_s = 1\nstale_if_error_s = 60\n')
     return path
@@ -46,7 +48,9 @@ def chat_body(stream: bool, prompt: str = "q", model: str = "gpt-4o-mini", **kw:
 
 
 # -- 1. STALE goes through the same conversion as a HIT ------------------------------------------
-def test_a_stale_stream_serves_a_json_client_as_json(start_proxy, fake, tmp_path):
+def test_a_stale_stream_serves_a_json_client_as_json(
+    start_proxy: Any, fake: FakeOpenAI, tmp_path: Path
+) -> None:
     """A stored stream, expired, covers a 503 for a non-streamed SDK call: a chat.completion
     object (not SSE chunks) with the stream's text and usage, labelled STALE."""
     proxy = start_proxy(rules=stale_rules(tmp_path))
@@ -71,7 +75,9 @@ def test_a_stale_stream_serves_a_json_client_as_json(start_proxy, fake, tmp_path
     assert got.usage.total_tokens > 0
 
 
-def test_a_stale_json_answer_serves_a_streaming_client_as_a_stream(start_proxy, fake, tmp_path):
+def test_a_stale_json_answer_serves_a_streaming_client_as_a_stream(
+    start_proxy: Any, fake: FakeOpenAI, tmp_path: Path
+) -> None:
     """A stored JSON answer, expired, covers a 502 for a streamed request: SSE chunks ending
     in [DONE], labelled STALE."""
     proxy = start_proxy(rules=stale_rules(tmp_path))
@@ -89,7 +95,9 @@ def test_a_stale_json_answer_serves_a_streaming_client_as_a_stream(start_proxy, 
     assert text.split(":")[0].encode() in body
 
 
-def test_a_stale_image_answer_links_to_this_proxy(start_proxy, fake, tmp_path):
+def test_a_stale_image_answer_links_to_this_proxy(
+    start_proxy: Any, fake: FakeOpenAI, tmp_path: Path
+) -> None:
     """An expired image answer that covers a 503 carries links under this proxy's address
     (never the placeholder base it is stored with), which serve the image."""
     route = "/v1/images/generations"
@@ -110,7 +118,9 @@ def test_a_stale_image_answer_links_to_this_proxy(start_proxy, fake, tmp_path):
 
 
 # -- 3. Idempotency-Key does not depend on `stream` -----------------------------------------------
-async def test_one_idempotency_key_one_call_in_every_form(start_proxy, fake):
+async def test_one_idempotency_key_one_call_in_every_form(
+    start_proxy: Any, fake: FakeOpenAI
+) -> None:
     """Two concurrent requests with one Idempotency-Key that differ only in `stream` make
     one upstream call, each gets its own form, and a later retry of either is not a 422."""
     proxy = start_proxy()
@@ -137,7 +147,9 @@ async def test_one_idempotency_key_one_call_in_every_form(start_proxy, fake):
     assert status_of(other) == 422  # another request under the key is still refused
 
 
-def test_an_idempotency_key_stream_without_usage_is_one_call_for_a_json_retry(proxy, fake):
+def test_an_idempotency_key_stream_without_usage_is_one_call_for_a_json_retry(
+    proxy: ProxyServer, fake: FakeOpenAI
+) -> None:
     """A key first used with a chat stream that asked no usage, then retried as JSON: no
     second upstream call (one key, one bill); the JSON carries the stream's answer, with
     `usage: null`, and the SDK parses it."""
@@ -159,7 +171,9 @@ def test_an_idempotency_key_stream_without_usage_is_one_call_for_a_json_retry(pr
     assert completion.choices[0].message.content == text
 
 
-def test_one_idempotency_key_across_instances_in_every_form(start_proxy, fake, redis_server):
+def test_one_idempotency_key_across_instances_in_every_form(
+    start_proxy: Any, fake: FakeOpenAI, redis_server: RedisServer
+) -> None:
     """On two instances sharing Redis, the same key led as a stream on A is one call for a
     non-streamed retry on B, which gets JSON, not a 422."""
     a = start_proxy(cache=redis_server.url, lease_s=2.0)
@@ -182,7 +196,7 @@ def test_one_idempotency_key_across_instances_in_every_form(start_proxy, fake, r
 
 
 # -- 4. Purge removes everything it names ---------------------------------------------------
-def test_a_long_model_name_is_purged_by_its_full_name(start_proxy, fake):
+def test_a_long_model_name_is_purged_by_its_full_name(start_proxy: Any, fake: FakeOpenAI) -> None:
     """A model name longer than the label kept in logs is purged by the name the client sent
     (and a name sharing its first 95 characters is kept)."""
     proxy = start_proxy(admin_token=TOKEN)
@@ -196,7 +210,9 @@ def test_a_long_model_name_is_purged_by_its_full_name(start_proxy, fake):
 
 
 @pytest.mark.parametrize("store", ["memory", "redis"])
-def test_a_tenant_purge_takes_its_idempotency_entries(start_proxy, fake, store, redis_server):
+def test_a_tenant_purge_takes_its_idempotency_entries(
+    start_proxy: Any, fake: FakeOpenAI, store: str, redis_server: RedisServer
+) -> None:
     """After a purge of a tenant, its Idempotency-Key retries go upstream again; another
     tenant's are kept."""
     cache = "memory://" if store == "memory" else redis_server.url
@@ -214,7 +230,9 @@ def test_a_tenant_purge_takes_its_idempotency_entries(start_proxy, fake, store, 
     assert fake.count(CHAT) == 3  # sk-a's retry went upstream again, sk-b's was kept
 
 
-async def test_a_fill_begun_before_a_purge_is_not_stored(start_proxy, fake):
+async def test_a_fill_begun_before_a_purge_is_not_stored(
+    start_proxy: Any, fake: FakeOpenAI
+) -> None:
     """A flight still filling when a purge names its key does not store its answer after
     the purge: the next request is a MISS."""
     proxy = start_proxy(admin_token=TOKEN)
@@ -235,8 +253,8 @@ async def test_a_fill_begun_before_a_purge_is_not_stored(start_proxy, fake):
 
 
 async def test_a_fill_on_another_instance_begun_before_a_purge_is_not_stored(
-    start_proxy, fake, redis_server
-):
+    start_proxy: Any, fake: FakeOpenAI, redis_server: RedisServer
+) -> None:
     """Two instances on one Redis: a purge through A stops a fill already under way on B from
     storing its answer afterwards."""
     a = start_proxy(cache=redis_server.url, admin_token=TOKEN, hot_cache_mb=0)
@@ -260,8 +278,8 @@ async def test_a_fill_on_another_instance_begun_before_a_purge_is_not_stored(
 
 
 async def test_a_fill_on_another_process_of_one_sqlite_file_is_kept_out_by_a_purge(
-    start_proxy, fake, tmp_path
-):
+    start_proxy: Any, fake: FakeOpenAI, tmp_path: Path
+) -> None:
     """Two instances on one SQLite file: a purge through A keeps a fill already under way on
     B out of the file, so A (reading the file) still finds nothing afterwards."""
     cache = f"sqlite:///{tmp_path / 'shared.db'}"
@@ -282,7 +300,7 @@ async def test_a_fill_on_another_process_of_one_sqlite_file_is_kept_out_by_a_pur
     assert fake.count(CHAT) == 2
 
 
-def test_purge_on_redis_cluster(start_proxy, fake, redis_cluster):
+def test_purge_on_redis_cluster(start_proxy: Any, fake: FakeOpenAI, redis_cluster: str) -> None:
     """On a Redis Cluster a purge removes the entries it names (spread over the masters)
     and they are MISSes afterwards."""
     proxy = start_proxy(cache=redis_cluster, admin_token=TOKEN, hot_cache_mb=0)
@@ -308,7 +326,9 @@ def test_purge_on_redis_cluster(start_proxy, fake, redis_cluster):
         b"",
     ],
 )
-def test_a_damaged_stored_stream_is_a_miss_that_deletes_it(proxy, fake, bg, damage):
+def test_a_damaged_stored_stream_is_a_miss_that_deletes_it(
+    proxy: ProxyServer, fake: FakeOpenAI, bg: BackgroundLoop, damage: bytes
+) -> None:
     """A stored stream whose events cannot be assembled, asked for as JSON, is a MISS (never a
     500 of the proxy's) and the damaged entry is deleted, even when the new answer is not
     stored; then the SDK gets a whole chat.completion."""
@@ -349,7 +369,7 @@ while True:
 """
 
 
-def test_health_answers_while_15_mb_bodies_are_parsed(tmp_path):
+def test_health_answers_while_15_mb_bodies_are_parsed(tmp_path: Path) -> None:
     """While two processes keep sending new 15 MB nested-array JSON bodies (each takes a
     JSON parser about a second here), /_proxy/health answers at once: the bodies are parsed
     in worker processes, not on (or beside, holding the GIL of) the event loop

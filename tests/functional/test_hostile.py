@@ -19,8 +19,9 @@ import orjson
 import pytest
 import redis
 
+from proxy.testing import FakeOpenAI
 from proxy.testing.hostile import HostileUpstream
-from tests.conftest import BackgroundLoop, spawn_proxy, start_redis
+from tests.conftest import BackgroundLoop, RedisServer, spawn_proxy, start_redis
 from tests.helpers import Proc, _complete, body_of, eventually, header, post, raw, status_of
 
 CHAT = "/v1/chat/completions"
@@ -46,7 +47,7 @@ def chat(prompt: str, model: str = "gpt-4o-mini") -> bytes:
     return orjson.dumps({"model": model, "messages": [{"role": "user", "content": prompt}]})
 
 
-def test_every_credential_partitions_the_cache(proc, hostile):
+def test_every_credential_partitions_the_cache(proc: Proc, hostile: HostileUpstream) -> None:
     """Clients that share `Authorization` but send different `api-key`s (which is what this
     upstream reads) never get each other's answers."""
     answers: dict[str, Any] = {}
@@ -71,7 +72,9 @@ def test_every_credential_partitions_the_cache(proc, hostile):
 
 
 @pytest.mark.parametrize("ctype", ["application/x-www-form-urlencoded", "text/plain", None])
-def test_json_under_another_content_type_is_keyed_by_its_content(proc, hostile, ctype):
+def test_json_under_another_content_type_is_keyed_by_its_content(
+    proc: Proc, hostile: HostileUpstream, ctype: str | None
+) -> None:
     """curl -d and text/plain JSON bodies: each prompt gets its own answer; a repeat is a HIT."""
     headers = {"api-key": "k"} | ({"Content-Type": ctype} if ctype else {})
     first = post(proc.port, chat("prompt one"), headers)
@@ -83,7 +86,7 @@ def test_json_under_another_content_type_is_keyed_by_its_content(proc, hostile, 
     assert hostile.calls(CHAT) == 2
 
 
-def test_unparsable_bodies_are_never_keyed_as_empty(proc, hostile):
+def test_unparsable_bodies_are_never_keyed_as_empty(proc: Proc, hostile: HostileUpstream) -> None:
     """Two different non-JSON bodies both reach the upstream: neither is served the other's
     (or an empty body's) answer."""
     for body in (b"", b"garbage one", b"garbage two", b"garbage one"):
@@ -93,7 +96,9 @@ def test_unparsable_bodies_are_never_keyed_as_empty(proc, hostile):
 
 
 @pytest.mark.parametrize("coding", ["gzip", "deflate", "br"])
-def test_encoded_request_bodies_go_up_decoded_without_the_header(proc, hostile, coding):
+def test_encoded_request_bodies_go_up_decoded_without_the_header(
+    proc: Proc, hostile: HostileUpstream, coding: str
+) -> None:
     """The upstream receives the decoded body without Content-Encoding; the key is the
     content's (a plain repeat is a HIT)."""
     body = chat("compressed prompt")
@@ -107,7 +112,9 @@ def test_encoded_request_bodies_go_up_decoded_without_the_header(proc, hostile, 
     assert header(plain, "X-Cache-Status") == "HIT"
 
 
-def test_a_gzip_bomb_is_a_413_at_once_with_memory_bounded(hostile, tmp_path):
+def test_a_gzip_bomb_is_a_413_at_once_with_memory_bounded(
+    hostile: HostileUpstream, tmp_path: Path
+) -> None:
     """1 MB of gzip that would inflate to 1 GiB: 413 while decoding, RSS bounded by the cap."""
     p = Proc(hostile.base_url, tmp_path / "d", "--max-body-mb", "16")
     try:
@@ -127,7 +134,9 @@ def test_a_gzip_bomb_is_a_413_at_once_with_memory_bounded(hostile, tmp_path):
         p.stop()
 
 
-def test_deep_nesting_and_huge_multipart_get_openai_shaped_400s(proc, hostile):
+def test_deep_nesting_and_huge_multipart_get_openai_shaped_400s(
+    proc: Proc, hostile: HostileUpstream
+) -> None:
     """Nesting past the limits and 20k-part multipart bodies: 400 in OpenAI's error shape."""
     for depth in (300, 5000):
         deep = b'{"model":"m","x":' + b"[" * depth + b"]" * depth + b"}"
@@ -162,7 +171,7 @@ while True:
 """
 
 
-def test_health_answers_while_pathological_bodies_are_parsed(proc):
+def test_health_answers_while_pathological_bodies_are_parsed(proc: Proc) -> None:
     """While two other processes keep sending 6 MB flat JSON bodies (3 million numbers),
     /_proxy/health keeps answering: no stall of the event loop (bench/hostile_bench.py
     measures the p99; this guards against the multi-second stalls of parsing on the loop)."""
@@ -187,7 +196,9 @@ def test_health_answers_while_pathological_bodies_are_parsed(proc):
     assert worst < 2.0
 
 
-def test_client_strings_never_grow_logs_metrics_or_memory(proc, hostile):
+def test_client_strings_never_grow_logs_metrics_or_memory(
+    proc: Proc, hostile: HostileUpstream
+) -> None:
     """Megabyte model names and long namespaces: every log line < 8 KB, metrics < 1 MB, and
     the process does not grow by the names' size."""
     before = proc.rss_kb()
@@ -209,7 +220,7 @@ def test_client_strings_never_grow_logs_metrics_or_memory(proc, hostile):
     assert grown < 120 * 1024, grown  # 60 MB of names went through
 
 
-def test_no_secret_reaches_stdout_or_stderr_for_malformed_http(proc):
+def test_no_secret_reaches_stdout_or_stderr_for_malformed_http(proc: Proc) -> None:
     """Malformed requests carrying a key and a prompt: aiohttp's error logging is redacted."""
     secret, prompt = "sk-LEAKED-SECRET-123", "LEAKED-PROMPT-TEXT"
     bad = [
@@ -227,7 +238,9 @@ def test_no_secret_reaches_stdout_or_stderr_for_malformed_http(proc):
     assert b"http.error" in out  # the failure is still reported, redacted
 
 
-def test_expect_100_continue_is_answered_here_and_never_forwarded(proc, hostile):
+def test_expect_100_continue_is_answered_here_and_never_forwarded(
+    proc: Proc, hostile: HostileUpstream
+) -> None:
     """The proxy answers 100 Continue at once; the upstream (which ignores Expect) never sees
     the header; a 2 MB body goes through without the client's wait."""
     body = chat("x" * 2_000_000)
@@ -253,7 +266,9 @@ def test_expect_100_continue_is_answered_here_and_never_forwarded(proc, hostile)
 
 
 @pytest.mark.parametrize("model", ["broken-json", "error-200", "lie-long", "lie-short"])
-def test_unsound_answers_are_relayed_but_never_stored(proc, hostile, model):
+def test_unsound_answers_are_relayed_but_never_stored(
+    proc: Proc, hostile: HostileUpstream, model: str
+) -> None:
     """A 200 with broken JSON, an error object, or a length that disagrees with its
     Content-Length reaches the client as it came and is never served again from the cache."""
     for _ in range(2):
@@ -270,8 +285,8 @@ def test_unsound_answers_are_relayed_but_never_stored(proc, hostile, model):
 
 
 def test_a_corrupt_entry_is_a_miss_that_replaces_it_and_redis_restarts_are_retried(
-    hostile, tmp_path
-):
+    hostile: HostileUpstream, tmp_path: Path
+) -> None:
     """Damaged bytes in Redis: a MISS (not BYPASS), the entry is replaced, other keys keep
     hitting and the store stays healthy; after a Redis restart the next call reconnects."""
     server = start_redis()
@@ -315,7 +330,7 @@ def test_a_corrupt_entry_is_a_miss_that_replaces_it_and_redis_restarts_are_retri
         server.stop()
 
 
-def test_image_links_follow_each_client(fake, tmp_path):
+def test_image_links_follow_each_client(fake: FakeOpenAI, tmp_path: Path) -> None:
     """Without --public-url, clients reaching the proxy by two names each get links they can
     open, and a forged Host reaches nobody else."""
     proc, port = spawn_proxy(
@@ -342,7 +357,9 @@ def test_image_links_follow_each_client(fake, tmp_path):
         proc.wait(20)
 
 
-def test_idempotency_key_conflict_across_instances(fake, tmp_path, redis_server):
+def test_idempotency_key_conflict_across_instances(
+    fake: FakeOpenAI, tmp_path: Path, redis_server: RedisServer
+) -> None:
     """The same Idempotency-Key with another body on a second instance, while the first is
     in flight, is a 422; with the same body it shares the first answer."""
     import threading
@@ -374,7 +391,7 @@ def test_idempotency_key_conflict_across_instances(fake, tmp_path, redis_server)
             p.wait(20)
 
 
-def test_integers_past_64_bits_never_share_a_key(proc, hostile):
+def test_integers_past_64_bits_never_share_a_key(proc: Proc, hostile: HostileUpstream) -> None:
     """Seeds one apart past 2**64 (read as equal floats by the JSON parser) get two answers."""
     headers = {"api-key": "k", "Content-Type": "application/json"}
     for seed in ("18446744073709551616", "18446744073709551617", "18446744073709551616"):
@@ -383,7 +400,7 @@ def test_integers_past_64_bits_never_share_a_key(proc, hostile):
     assert hostile.calls(CHAT) == 2  # the third repeats the first: a HIT
 
 
-def test_a_bare_image_host_allows_only_its_default_port(fake, tmp_path):
+def test_a_bare_image_host_allows_only_its_default_port(fake: FakeOpenAI, tmp_path: Path) -> None:
     """--image-source-hosts 127.0.0.1 does not allow 127.0.0.1:<other port>: the upstream's
     URL passes through untouched and nothing is stored."""
     proc, port = spawn_proxy(

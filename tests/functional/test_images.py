@@ -9,6 +9,9 @@ import sqlite3
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -19,8 +22,9 @@ from yarl import URL
 
 from proxy.errors import RehostError
 from proxy.images.rehost import ImageRehoster
+from proxy.testing import FakeOpenAI
 from proxy.testing.fake_openai import make_png
-from tests.conftest import free_port, sdk
+from tests.conftest import BackgroundLoop, ProxyServer, free_port, sdk
 from tests.helpers import eventually
 
 
@@ -33,12 +37,15 @@ def get(url: str) -> tuple[int, dict[str, str], bytes]:
 
 
 @pytest.fixture
-def image_proxy(start_proxy, fake):
+def image_proxy(start_proxy: Any, fake: FakeOpenAI) -> ProxyServer:
     """A proxy that may fetch images from the fake upstream's host and port."""
-    return start_proxy(image_source_hosts=fake.netloc)
+    server: ProxyServer = start_proxy(image_source_hosts=fake.netloc)
+    return server
 
 
-def test_url_answer_is_rehosted_and_outlives_upstream_url(image_proxy, fake):
+def test_url_answer_is_rehosted_and_outlives_upstream_url(
+    image_proxy: ProxyServer, fake: FakeOpenAI
+) -> None:
     """images.generate(response_format="url") returns a proxy URL that still serves the same
     PNG after the upstream URL has expired; the repeat is a HIT with the same URLs."""
     fake.image_ttl_s = 1.0
@@ -69,7 +76,7 @@ def test_url_answer_is_rehosted_and_outlives_upstream_url(image_proxy, fake):
     assert len(fake.image_downloads) == 2  # the proxy's one fetch, and the probe above
 
 
-def test_three_images_three_objects(image_proxy, fake):
+def test_three_images_three_objects(image_proxy: ProxyServer, fake: FakeOpenAI) -> None:
     """n = 3 gives 3 distinct stored images."""
     with sdk(image_proxy) as c:
         result = c.images.generate(prompt="three", n=3, response_format="url")
@@ -78,7 +85,7 @@ def test_three_images_three_objects(image_proxy, fake):
     assert [get(u)[2] for u in urls] == [make_png(10 + i) for i in range(3)]
 
 
-def test_b64_answers_are_cached_as_they_are(image_proxy, fake):
+def test_b64_answers_are_cached_as_they_are(image_proxy: ProxyServer, fake: FakeOpenAI) -> None:
     """b64_json answers are cached untouched."""
     with sdk(image_proxy) as c:
         a = c.images.generate(prompt="b64", response_format="b64_json")
@@ -88,7 +95,9 @@ def test_b64_answers_are_cached_as_they_are(image_proxy, fake):
     assert fake.image_downloads == []
 
 
-def test_expired_upstream_url_passes_through_uncached(image_proxy, fake):
+def test_expired_upstream_url_passes_through_uncached(
+    image_proxy: ProxyServer, fake: FakeOpenAI
+) -> None:
     """An image URL already expired upstream: the original answer, nothing cached, and the
     next identical request goes upstream again."""
     fake.image_ttl_s = -10
@@ -100,7 +109,7 @@ def test_expired_upstream_url_passes_through_uncached(image_proxy, fake):
     assert fake.count("/v1/images/generations") == 2
 
 
-def test_host_not_allowed_is_never_fetched(start_proxy, fake):
+def test_host_not_allowed_is_never_fetched(start_proxy: Any, fake: FakeOpenAI) -> None:
     """With the default allowlist (OpenAI's blob host only), a URL on another host is never
     fetched: the client gets the original answer and nothing is cached."""
     proxy = start_proxy()
@@ -113,7 +122,7 @@ def test_host_not_allowed_is_never_fetched(start_proxy, fake):
 
 
 @pytest.fixture
-def recorder(bg):
+def recorder(bg: BackgroundLoop) -> Iterator[tuple[list[str], int]]:
     """A local server that records every hit; /redirect sends a 302 to /target."""
     hits: list[str] = []
 
@@ -123,7 +132,7 @@ def recorder(bg):
             raise web.HTTPFound("/target")
         return web.Response(body=make_png(1), content_type="image/png")
 
-    async def start():
+    async def start() -> tuple[web.AppRunner, int]:
         app = web.Application()
         app.router.add_get("/{tail:.*}", handler)
         runner = web.AppRunner(app)
@@ -137,7 +146,9 @@ def recorder(bg):
     bg.run(runner.cleanup())
 
 
-def test_redirect_is_never_followed(start_proxy, fake, recorder):
+def test_redirect_is_never_followed(
+    start_proxy: Any, fake: FakeOpenAI, recorder: tuple[list[str], int]
+) -> None:
     """A trusted host whose image URL redirects: the redirect is not followed."""
     hits, port = recorder
     fake.image_url = f"http://127.0.0.1:{port}/redirect"
@@ -148,7 +159,9 @@ def test_redirect_is_never_followed(start_proxy, fake, recorder):
     assert hits == ["/redirect"]
 
 
-async def test_strict_host_resolving_to_private_address_is_never_fetched(recorder, tmp_path):
+async def test_strict_host_resolving_to_private_address_is_never_fetched(
+    recorder: tuple[list[str], int], tmp_path: Path
+) -> None:
     """The default (strict) host rule: https only, and an address that is loopback or private
     is refused before any connection."""
     hits, port = recorder
@@ -167,7 +180,7 @@ async def test_strict_host_resolving_to_private_address_is_never_fetched(recorde
     assert hits == []
 
 
-async def test_odd_image_names_are_refused(image_proxy):
+async def test_odd_image_names_are_refused(image_proxy: ProxyServer) -> None:
     """Traversal and odd names on /_proxy/images/ get 400/404, never a file."""
     names = [
         "../secret.key",
@@ -188,7 +201,9 @@ async def test_odd_image_names_are_refused(image_proxy):
                 assert b"secret" not in await r.read()
 
 
-def test_edit_multipart_is_a_hit_whatever_the_boundary(image_proxy, fake):
+def test_edit_multipart_is_a_hit_whatever_the_boundary(
+    image_proxy: ProxyServer, fake: FakeOpenAI
+) -> None:
     """images.edit with the same file and fields is a HIT although every multipart body has
     its own random boundary."""
     png = make_png(7)
@@ -212,7 +227,7 @@ def test_edit_multipart_is_a_hit_whatever_the_boundary(image_proxy, fake):
 
 
 @pytest.fixture
-def s3_server(monkeypatch):
+def s3_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """moto's S3-compatible server on a free local port, standing in for R2."""
     from moto.server import ThreadedMotoServer
 
@@ -234,7 +249,7 @@ def s3_server(monkeypatch):
 
 
 @pytest.mark.parametrize("public", [False, True])
-def test_s3_store(start_proxy, fake, s3_server, public):
+def test_s3_store(start_proxy: Any, fake: FakeOpenAI, s3_server: str, public: bool) -> None:
     """With an S3-compatible server: objects land under the prefix with upstream's bytes, and
     the rewritten URLs (presigned, or on the public base URL) serve them."""
     public_url = f"{s3_server}/images" if public else ""
@@ -261,7 +276,7 @@ def test_s3_store(start_proxy, fake, s3_server, public):
         assert status == 200 and data in bodies
 
 
-def test_s3_down_passes_the_answer_through(start_proxy, fake):
+def test_s3_down_passes_the_answer_through(start_proxy: Any, fake: FakeOpenAI) -> None:
     """An image store that cannot be reached: the original answer, nothing cached."""
     proxy = start_proxy(
         image_source_hosts=fake.netloc,
@@ -275,7 +290,9 @@ def test_s3_down_passes_the_answer_through(start_proxy, fake):
         assert again.headers["x-cache-status"] == "MISS"
 
 
-def test_backfill_rehosts_entries_cached_before(start_proxy, fake, tmp_path, capsys):
+def test_backfill_rehosts_entries_cached_before(
+    start_proxy: Any, fake: FakeOpenAI, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`python -m proxy images backfill` rehosts image answers cached with upstream URLs, and
     reports the ones whose URL had already expired."""
     from proxy.__main__ import main

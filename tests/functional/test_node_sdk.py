@@ -5,9 +5,12 @@ from __future__ import annotations
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
+
+from proxy.testing import FakeOpenAI
 
 NODE_DIR = Path(__file__).resolve().parents[1] / "node"
 
@@ -27,7 +30,7 @@ def node_sdk() -> Path:
     return Path(node)
 
 
-def test_node_sdk_through_the_proxy(node_sdk, start_proxy, fake):
+def test_node_sdk_through_the_proxy(node_sdk: Path, start_proxy: Any, fake: FakeOpenAI) -> None:
     """Chat (JSON and SSE with usage), the responses stream helper, base64 embeddings,
     images, errors and models all behave through the proxy, with HITs replayed faithfully."""
     proxy = start_proxy(image_source_hosts=fake.netloc)

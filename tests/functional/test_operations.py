@@ -7,12 +7,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 
 from proxy.__main__ import main
-from tests.conftest import ROOT, free_port, spawn_proxy, start_redis
+from proxy.testing import FakeOpenAI
+from tests.conftest import ROOT, ProxyServer, RedisServer, free_port, spawn_proxy, start_redis
 from tests.helpers import body_of, header, post, raw, status_of
 
 CHAT = "/v1/chat/completions"
@@ -38,7 +40,7 @@ def ask(
     return header(post(port, body, headers, path), "X-Cache-Status")
 
 
-def purge_http(port: int, filters: object, token: str | None = TOKEN) -> tuple[int, dict]:
+def purge_http(port: int, filters: object, token: str | None = TOKEN) -> tuple[int, dict[str, Any]]:
     body = orjson.dumps(filters)
     headers = {"Content-Type": "application/json"}
     if token is not None:
@@ -57,7 +59,7 @@ def tenant_of(port: int, key: str) -> str:
     return tenant_digest(mac_key(b"test-secret"), cred, "", "").hex()[:12]
 
 
-def port_of(server) -> int:
+def port_of(server: ProxyServer) -> int:
     return int(server.url.rsplit(":", 1)[1])
 
 
@@ -74,7 +76,7 @@ def cached(port: int, key: str, ns: str, model: str) -> bool:
     return ask(port, "p", key, ns, model) == "HIT"
 
 
-def test_purge_token_rules(start_proxy):
+def test_purge_token_rules(start_proxy: Any) -> None:
     """Without an admin token configured: open on loopback (the door for other clients is
     tested in test_deploy); configured: 401 without it."""
     bare = start_proxy()
@@ -88,7 +90,7 @@ def test_purge_token_rules(start_proxy):
 
 
 @pytest.mark.parametrize("store", ["memory", "sqlite", "redis"])
-def test_purge_each_filter(start_proxy, fake, tmp_path, store):
+def test_purge_each_filter(start_proxy: Any, fake: FakeOpenAI, tmp_path: Path, store: str) -> None:
     """namespace, tenant, model and route, alone and ANDed, purge exactly their answers."""
     server = None
     if store == "redis":
@@ -115,7 +117,9 @@ def test_purge_each_filter(start_proxy, fake, tmp_path, store):
             server.stop()
 
 
-def test_purge_reaches_every_instance_within_the_hot_ttl(start_proxy, fake, redis_server):
+def test_purge_reaches_every_instance_within_the_hot_ttl(
+    start_proxy: Any, fake: FakeOpenAI, redis_server: RedisServer
+) -> None:
     """Two instances on one Redis: a purge on A is seen by B (whose hot tier held the entry)
     within --hot-cache-ttl-s."""
     a = start_proxy(cache=redis_server.url, admin_token=TOKEN, hot_cache_ttl_s=0.5)
@@ -127,7 +131,9 @@ def test_purge_reaches_every_instance_within_the_hot_ttl(start_proxy, fake, redi
     assert ask(port_of(b), "shared", ns="n") == "MISS"
 
 
-def test_purge_cli_on_a_stopped_proxy(fake, tmp_path, capsys):
+def test_purge_cli_on_a_stopped_proxy(
+    fake: FakeOpenAI, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """python -m proxy purge works on the embedded store with the proxy stopped."""
     db = tmp_path / "c.db"
     proc, port = spawn_proxy(
@@ -148,7 +154,7 @@ def test_purge_cli_on_a_stopped_proxy(fake, tmp_path, capsys):
     assert "at least one filter" in capsys.readouterr().err
 
 
-def test_health_sees_a_dead_redis_without_traffic(fake, tmp_path):
+def test_health_sees_a_dead_redis_without_traffic(fake: FakeOpenAI, tmp_path: Path) -> None:
     """A Redis that dies is `degraded` in health within 3 s with no request sent; health stays
     200 (the proxy passes through) and ?strict=1 answers 503; a start-up line says it."""
     server = start_redis()
@@ -178,7 +184,9 @@ def test_health_sees_a_dead_redis_without_traffic(fake, tmp_path):
     assert b"data folder" in err and b"OPENAI_BASE_URL=http://127.0.0.1:" in err
 
 
-def test_a_dead_redis_at_start_up_is_named_at_once(fake, tmp_path):
+def test_a_dead_redis_at_start_up_is_named_at_once(fake: FakeOpenAI, tmp_path: Path) -> None:
+    """A Redis that is down at start-up shows at once as a degraded store, with a reason, in health
+    and in the start-up log line."""
     proc, port = spawn_proxy(
         fake.base_url,
         tmp_path / "d",
@@ -208,7 +216,9 @@ def test_a_dead_redis_at_start_up_is_named_at_once(fake, tmp_path):
         ("--cache", "sqlite:///x.db?max_mb=-2"),
     ],
 )
-def test_nonsense_settings_stop_start_up_with_one_line(flag, tmp_path):
+def test_nonsense_settings_stop_start_up_with_one_line(
+    flag: tuple[str, str], tmp_path: Path
+) -> None:
     """A size or time that makes no sense stops start-up with one line naming the setting."""
     run = subprocess.run(
         [sys.executable, "-m", "proxy", *flag, "--data-dir", str(tmp_path)],
@@ -222,7 +232,7 @@ def test_nonsense_settings_stop_start_up_with_one_line(flag, tmp_path):
     assert len(lines) == 1 and flag[0].split("=")[0] in lines[0]
 
 
-def test_help_shows_defaults_and_subcommands():
+def test_help_shows_defaults_and_subcommands() -> None:
     """--help shows each flag's default and lists the subcommands; each has its own help."""
     top = subprocess.run(
         [sys.executable, "-m", "proxy", "--help"], cwd=ROOT, capture_output=True, text=True
@@ -247,7 +257,7 @@ def test_help_shows_defaults_and_subcommands():
         assert f"python -m proxy {' '.join(sub)}" in text
 
 
-def test_dockerfile_listens_through_its_environment():
+def test_dockerfile_listens_through_its_environment() -> None:
     """CMD carries no --host (so `docker run image --port 9000` still listens on every
     interface), the health check follows the configured port, dependencies are pinned."""
     text = (ROOT / "Dockerfile").read_text()
@@ -260,7 +270,9 @@ def test_dockerfile_listens_through_its_environment():
     assert "10001" in text
 
 
-def test_healthcheck_follows_the_port_the_proxy_was_started_with(fake, tmp_path):
+def test_healthcheck_follows_the_port_the_proxy_was_started_with(
+    fake: FakeOpenAI, tmp_path: Path
+) -> None:
     """The proxy writes the URL it answers at in its data folder; healthcheck reads it."""
     data = tmp_path / "d"
     proc, port = spawn_proxy(fake.base_url, data)
@@ -286,7 +298,7 @@ def test_healthcheck_follows_the_port_the_proxy_was_started_with(fake, tmp_path)
     assert Path(data / "listening").read_text().strip() == f"http://127.0.0.1:{port}"
 
 
-def test_an_upstream_failure_is_named_in_the_log_and_said_once(start_proxy):
+def test_an_upstream_failure_is_named_in_the_log_and_said_once(start_proxy: Any) -> None:
     """An unreachable upstream: a 502 whose message does not repeat itself, and a
     request.done line with error: upstream_unreachable."""
     from structlog.testing import capture_logs
@@ -302,7 +314,7 @@ def test_an_upstream_failure_is_named_in_the_log_and_said_once(start_proxy):
     assert [e.get("error") for e in done] == ["upstream_unreachable", "upstream_unreachable"]
 
 
-async def test_shutdown_closes_everything_even_when_one_close_fails(tmp_path):
+async def test_shutdown_closes_everything_even_when_one_close_fails(tmp_path: Path) -> None:
     """Resources close in reverse order of start, and one failing close skips no other."""
     import asyncio
 

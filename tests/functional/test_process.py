@@ -8,17 +8,18 @@ from pathlib import Path
 import openai
 import orjson
 
+from proxy.testing import FakeOpenAI
 from tests.conftest import spawn_proxy
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_proxy(fake, tmp_path, *flags: str) -> tuple[subprocess.Popen[bytes], str]:
+def run_proxy(fake: FakeOpenAI, tmp_path: Path, *flags: str) -> tuple[subprocess.Popen[bytes], str]:
     proc, port = spawn_proxy(fake.base_url, tmp_path, *flags, output=subprocess.PIPE)
     return proc, f"http://127.0.0.1:{port}/v1"
 
 
-def test_json_log_lines_from_a_real_process(fake, tmp_path):
+def test_json_log_lines_from_a_real_process(fake: FakeOpenAI, tmp_path: Path) -> None:
     """One request.done JSON line per request, with the documented fields and never the key
     or the prompt; SIGTERM stops the process cleanly and flushes the lines."""
     proc, base = run_proxy(fake, tmp_path)
@@ -54,7 +55,7 @@ def test_json_log_lines_from_a_real_process(fake, tmp_path):
     assert b"sk-secret-key-123" not in out + err and b"private prompt" not in out + err
 
 
-def test_console_log_format(fake, tmp_path):
+def test_console_log_format(fake: FakeOpenAI, tmp_path: Path) -> None:
     """--log-format console writes readable lines instead of JSON."""
     proc, base = run_proxy(fake, tmp_path, "--log-format", "console")
     try:
@@ -67,7 +68,7 @@ def test_console_log_format(fake, tmp_path):
     assert "request.done" in text and "cache=bypass" in text and not text.lstrip().startswith("{")
 
 
-def test_a_stdout_nobody_reads_never_stalls_the_proxy(fake, tmp_path):
+def test_a_stdout_nobody_reads_never_stalls_the_proxy(fake: FakeOpenAI, tmp_path: Path) -> None:
     """With its stdout a pipe that nobody reads (64 KB of lines fill it), the proxy goes on
     answering: the log waits in a writer thread, and every line comes out once read."""
     import http.client

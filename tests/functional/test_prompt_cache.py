@@ -5,18 +5,22 @@ report."""
 from __future__ import annotations
 
 import urllib.request
+from pathlib import Path
+from typing import Any
 
+import openai
 import orjson
 from structlog.testing import capture_logs
 
 from proxy.report import Report
+from proxy.testing import FakeOpenAI
 from tests.conftest import sdk
 
 CHAT = "/v1/chat/completions"
 SYSTEM = "You are a careful assistant for the ACME help desk. " * 120  # ~1500 fake tokens
 
 
-def rules(tmp_path, auto: bool = True, extra: str = ""):
+def rules(tmp_path: Path, auto: bool = True, extra: str = "") -> Path:
     path = tmp_path / "r.toml"
     option = 'prompt_cache_key = "auto"\n' if auto else ""
     path.write_text(
@@ -26,19 +30,22 @@ def rules(tmp_path, auto: bool = True, extra: str = ""):
     return path
 
 
-def ask(client, text: str, system: str = SYSTEM, **kw):
-    messages = [{"role": "system", "content": system}] if system else []
+def ask(client: openai.OpenAI, text: str, system: str = SYSTEM, **kw: Any) -> Any:
+    messages: list[Any] = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": text})
     return client.chat.completions.with_raw_response.create(
         model="gpt-4o-mini", messages=messages, **kw
     )
 
 
-def sent(fake, i: int) -> dict:
-    return fake.calls[i].json()
+def sent(fake: FakeOpenAI, i: int) -> dict[str, Any]:
+    body: dict[str, Any] = fake.calls[i].json()
+    return body
 
 
-def test_auto_sets_one_key_per_tenant_and_prefix(start_proxy, fake, tmp_path):
+def test_auto_sets_one_key_per_tenant_and_prefix(
+    start_proxy: Any, fake: FakeOpenAI, tmp_path: Path
+) -> None:
     """With "auto", requests sharing a system prompt go up with one prompt_cache_key; another
     tenant or another prefix gets another; a request's own key is left as it is."""
     proxy = start_proxy(rules=rules(tmp_path))
@@ -58,7 +65,9 @@ def test_auto_sets_one_key_per_tenant_and_prefix(start_proxy, fake, tmp_path):
     assert "ocp-" not in str(sent(fake, 0)["messages"])  # only the one field was added
 
 
-def test_the_auto_key_stays_out_of_the_proxy_key(start_proxy, fake, tmp_path):
+def test_the_auto_key_stays_out_of_the_proxy_key(
+    start_proxy: Any, fake: FakeOpenAI, tmp_path: Path
+) -> None:
     """Even with a rule that keys every field, the added prompt_cache_key does not enter the
     proxy's key: the same request again is a HIT, whatever the fake answered with."""
     proxy = start_proxy(rules=rules(tmp_path, extra="ignore_fields = []\n"))
@@ -70,14 +79,16 @@ def test_the_auto_key_stays_out_of_the_proxy_key(start_proxy, fake, tmp_path):
     assert fake.count(CHAT) == 1
 
 
-def test_without_auto_nothing_is_added(start_proxy, fake, tmp_path):
+def test_without_auto_nothing_is_added(start_proxy: Any, fake: FakeOpenAI, tmp_path: Path) -> None:
     """A rule without the option sends the body as the client wrote it."""
     proxy = start_proxy(rules=rules(tmp_path, auto=False))
     ask(sdk(proxy), "q")
     assert "prompt_cache_key" not in sent(fake, 0)
 
 
-def test_provider_cached_tokens_are_counted_apart(start_proxy, fake, tmp_path):
+def test_provider_cached_tokens_are_counted_apart(
+    start_proxy: Any, fake: FakeOpenAI, tmp_path: Path
+) -> None:
     """Cached input tokens the provider reports are priced at the cached-input price and
     shown apart from the proxy's savings: on the line, in stats, metrics and the report."""
     fake.prompt_cache_machines = 4

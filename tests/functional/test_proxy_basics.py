@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -10,7 +11,8 @@ import openai
 import orjson
 import pytest
 
-from tests.conftest import async_sdk, sdk
+from proxy.testing import FakeOpenAI
+from tests.conftest import BackgroundLoop, ProxyServer, async_sdk, sdk
 
 CHAT: dict[str, Any] = {
     "model": "gpt-4o-mini",
@@ -18,11 +20,13 @@ CHAT: dict[str, Any] = {
 }
 
 
-def chat_raw(client: openai.OpenAI, **extra):
+def chat_raw(client: openai.OpenAI, **extra: Any) -> Any:
     return client.chat.completions.with_raw_response.create(**{**CHAT, **extra})
 
 
-def test_repeat_is_hit_with_same_body_and_no_upstream_call(client, fake):
+def test_repeat_is_hit_with_same_body_and_no_upstream_call(
+    client: openai.OpenAI, fake: FakeOpenAI
+) -> None:
     """A repeated chat request is a HIT with the same body, and upstream is called once."""
     first = chat_raw(client)
     second = chat_raw(client)
@@ -38,7 +42,7 @@ def test_repeat_is_hit_with_same_body_and_no_upstream_call(client, fake):
     assert second.parse().choices[0].message.content == first.parse().choices[0].message.content
 
 
-async def test_async_sdk_hit(proxy, fake):
+async def test_async_sdk_hit(proxy: ProxyServer, fake: FakeOpenAI) -> None:
     """The async SDK sees the same: MISS, then HIT with identical content."""
     async with async_sdk(proxy) as c:
         a = await c.chat.completions.with_raw_response.create(**CHAT)
@@ -48,7 +52,7 @@ async def test_async_sdk_hit(proxy, fake):
     assert fake.count() == 1
 
 
-def test_embeddings_with_sdk_base64_default(client, fake):
+def test_embeddings_with_sdk_base64_default(client: openai.OpenAI, fake: FakeOpenAI) -> None:
     """Embeddings through the SDK (which asks for base64) are decoded and cached; a raw float
     request is a different key."""
     a = client.embeddings.create(model="text-embedding-3-small", input=["a", "b"], dimensions=4)
@@ -64,7 +68,7 @@ def test_embeddings_with_sdk_base64_default(client, fake):
     assert len(floats.data[0].embedding) == 4
 
 
-def test_responses_and_models(client, fake):
+def test_responses_and_models(client: openai.OpenAI, fake: FakeOpenAI) -> None:
     """Responses are cached; GET /v1/models passes through every time."""
     r1 = client.responses.create(model="gpt-4.1", input="hello")
     r2 = client.responses.create(model="gpt-4.1", input="hello")
@@ -86,7 +90,13 @@ def test_responses_and_models(client, fake):
         ("fake-error-500", 500, openai.InternalServerError),
     ],
 )
-def test_errors_arrive_as_from_upstream_and_are_not_cached(client, fake, model, status, exc):
+def test_errors_arrive_as_from_upstream_and_are_not_cached(
+    client: openai.OpenAI,
+    fake: FakeOpenAI,
+    model: str,
+    status: int,
+    exc: type[openai.APIStatusError],
+) -> None:
     """Upstream errors reach the SDK with their status and body, and are never cached."""
     for _ in range(2):
         with pytest.raises(exc) as info:
@@ -101,7 +111,7 @@ def test_errors_arrive_as_from_upstream_and_are_not_cached(client, fake, model, 
     assert fake.count() == 2
 
 
-def test_401_from_upstream(proxy, fake):
+def test_401_from_upstream(proxy: ProxyServer, fake: FakeOpenAI) -> None:
     """A wrong key gets upstream's own 401 (the recorded real body), twice, never cached."""
     with sdk(proxy, key="sk-bad") as c:
         for _ in range(2):
@@ -111,13 +121,15 @@ def test_401_from_upstream(proxy, fake):
     assert fake.count() == 2
 
 
-def test_404_on_models_get(client, fake):
+def test_404_on_models_get(client: openai.OpenAI, fake: FakeOpenAI) -> None:
     """A 404 on a passed-through GET arrives as NotFoundError."""
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("missing-model")
 
 
-async def _post(url, body: bytes, headers=None):
+async def _post(
+    url: str, body: bytes, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
     hdrs = {"Authorization": "Bearer sk-test-a", "Content-Type": "application/json"}
     hdrs.update(headers or {})
     data = io.BytesIO(body) if len(body) > 1_000_000 else body
@@ -125,7 +137,9 @@ async def _post(url, body: bytes, headers=None):
         return r.status, dict(r.headers), await r.read()
 
 
-async def test_key_ignores_order_whitespace_and_identity_headers(proxy, fake):
+async def test_key_ignores_order_whitespace_and_identity_headers(
+    proxy: ProxyServer, fake: FakeOpenAI
+) -> None:
     """Reordered keys, other whitespace, 1.0 vs 1 and other SDK identity headers are one key."""
     url = proxy.url + "/v1/chat/completions"
     a = (
@@ -143,7 +157,7 @@ async def test_key_ignores_order_whitespace_and_identity_headers(proxy, fake):
     assert fake.count() == 1
 
 
-async def test_no_v1_prefix_still_works(proxy, fake):
+async def test_no_v1_prefix_still_works(proxy: ProxyServer, fake: FakeOpenAI) -> None:
     """A base URL without /v1 reaches the same route and the same cache entry."""
     body = orjson.dumps(CHAT)
     _, _h1, b1 = await _post(proxy.url + "/v1/chat/completions", body)
@@ -152,7 +166,7 @@ async def test_no_v1_prefix_still_works(proxy, fake):
     assert fake.calls[0].path == "/v1/chat/completions"
 
 
-def test_tenants_are_partitioned(proxy, fake):
+def test_tenants_are_partitioned(proxy: ProxyServer, fake: FakeOpenAI) -> None:
     """Another API key, organisation or project never gets this tenant's answer."""
     with (
         sdk(proxy, "sk-a") as a,
@@ -167,7 +181,9 @@ def test_tenants_are_partitioned(proxy, fake):
     assert fake.count() == 4
 
 
-def test_ignored_fields_share_a_key_other_fields_split_it(client, fake):
+def test_ignored_fields_share_a_key_other_fields_split_it(
+    client: openai.OpenAI, fake: FakeOpenAI
+) -> None:
     """user and metadata do not split the key; temperature (any other field) does."""
     first = client.chat.completions.create(**CHAT, user="alice")
     same = client.chat.completions.create(**CHAT, user="bob", metadata={"run": "2"}, store=False)
@@ -179,7 +195,7 @@ def test_ignored_fields_share_a_key_other_fields_split_it(client, fake):
     assert fake.count() == 3
 
 
-def test_client_cache_controls(client, fake):
+def test_client_cache_controls(client: openai.OpenAI, fake: FakeOpenAI) -> None:
     """no-cache refreshes (and stores), no-store bypasses, namespaces partition."""
     first = chat_raw(client)
     refreshed = chat_raw(client, extra_headers={"Cache-Control": "no-cache"})
@@ -202,12 +218,13 @@ def test_client_cache_controls(client, fake):
         assert "x-cache-namespace" not in {k.lower() for k in call.headers}
 
 
-def test_max_age(client, fake):
+def test_max_age(client: openai.OpenAI, fake: FakeOpenAI) -> None:
     """max-age=N refuses stored answers older than N s, and stores the new one for N s."""
 
     def status(age: int) -> str:
         headers = {"Cache-Control": f"max-age={age}"}
-        return chat_raw(client, extra_headers=headers).headers["x-cache-status"]
+        status: str = chat_raw(client, extra_headers=headers).headers["x-cache-status"]
+        return status
 
     assert status(60) == "MISS"
     assert status(60) == "HIT"
@@ -216,7 +233,7 @@ def test_max_age(client, fake):
     assert fake.count() == 3
 
 
-async def test_body_limits_and_bad_json(start_proxy, fake):
+async def test_body_limits_and_bad_json(start_proxy: Any, fake: FakeOpenAI) -> None:
     """An 8 MB body passes; above --max-body-mb is 413 with no upstream call; bad JSON is 400."""
     proxy = start_proxy(max_body_mb=10)
     big = orjson.dumps({**CHAT, "messages": [{"role": "user", "content": "x" * 8_000_000}]})
@@ -236,7 +253,7 @@ async def test_body_limits_and_bad_json(start_proxy, fake):
     assert fake.count() == 1
 
 
-def test_too_large_through_sdk(start_proxy, fake):
+def test_too_large_through_sdk(start_proxy: Any, fake: FakeOpenAI) -> None:
     """The SDK raises its own 413 error type for the proxy's 413."""
     proxy = start_proxy(max_body_mb=1)
     with sdk(proxy) as c, pytest.raises(openai.APIStatusError) as info:
@@ -247,7 +264,9 @@ def test_too_large_through_sdk(start_proxy, fake):
     assert fake.count() == 0
 
 
-def test_embedded_store_survives_restart(start_proxy, fake, bg):
+def test_embedded_store_survives_restart(
+    start_proxy: Any, fake: FakeOpenAI, bg: BackgroundLoop
+) -> None:
     """With no --cache, the SQLite store in the data dir keeps entries across a restart (the
     first process writes what it still has queued as it stops)."""
     first = start_proxy(cache="")
@@ -262,7 +281,7 @@ def test_embedded_store_survives_restart(start_proxy, fake, bg):
     assert fake.count("/v1/models") == 1  # the new process checked the credential once
 
 
-async def test_unreachable_upstream_is_502(start_proxy):
+async def test_unreachable_upstream_is_502(start_proxy: Any) -> None:
     """An upstream nobody listens on gives 502 in OpenAI's error shape."""
     from tests.conftest import free_port
 
@@ -272,7 +291,7 @@ async def test_unreachable_upstream_is_502(start_proxy):
     assert orjson.loads(body)["error"]["code"] == "upstream_unreachable"
 
 
-async def test_upstream_timeout_is_504(start_proxy, fake):
+async def test_upstream_timeout_is_504(start_proxy: Any, fake: FakeOpenAI) -> None:
     """An upstream slower than the read timeout gives 504 in OpenAI's error shape."""
     fake.latency = 2.0
     proxy = start_proxy(upstream_read_timeout_s=0.3)
@@ -283,7 +302,7 @@ async def test_upstream_timeout_is_504(start_proxy, fake):
     assert status == 504
 
 
-async def test_revoked_key_stops_getting_cached_answers(start_proxy, fake):
+async def test_revoked_key_stops_getting_cached_answers(start_proxy: Any, fake: FakeOpenAI) -> None:
     """Past --auth-recheck-s, a HIT re-checks the credential upstream: a revoked key gets
     upstream's 401 instead of the cached answer; a valid key still gets its HITs."""
     import asyncio
@@ -304,7 +323,9 @@ async def test_revoked_key_stops_getting_cached_answers(start_proxy, fake):
     assert fake.count("/v1/chat/completions") == 2 and fake.count("/v1/models") == 2
 
 
-async def test_gzipped_upstream_answers_are_decoded_once(proxy, fake):
+async def test_gzipped_upstream_answers_are_decoded_once(
+    proxy: ProxyServer, fake: FakeOpenAI
+) -> None:
     """A gzip-encoded upstream answer reaches the client decoded (no stale Content-Encoding or
     Content-Length), and its HIT carries the same bytes."""
     fake.gzip = True
@@ -319,7 +340,7 @@ async def test_gzipped_upstream_answers_are_decoded_once(proxy, fake):
     assert "gzip" in fake.calls[0].headers.get("Accept-Encoding", "")
 
 
-async def test_sqlite_on_the_event_loop_would_fail_the_suite(tmp_path):
+async def test_sqlite_on_the_event_loop_would_fail_the_suite(tmp_path: Path) -> None:
     """The guard that proves the SQLite store stays off the loop can fail: a direct sqlite
     call on the loop raises."""
     from blockbuster import BlockingError
@@ -333,7 +354,7 @@ async def test_sqlite_on_the_event_loop_would_fail_the_suite(tmp_path):
     await store.aclose()
 
 
-async def test_async_sdk_sees_what_upstream_says(proxy, fake):
+async def test_async_sdk_sees_what_upstream_says(proxy: ProxyServer, fake: FakeOpenAI) -> None:
     """Through the async SDK, embeddings, responses and models work, and each error arrives
     exactly as the same SDK gets it from the upstream directly (type, status, body)."""
     direct = openai.AsyncOpenAI(base_url=fake.base_url + "/v1", api_key="sk-test-a", max_retries=0)
@@ -364,7 +385,7 @@ async def test_async_sdk_sees_what_upstream_says(proxy, fake):
         assert errs[0].body == errs[1].body and errs[0].status_code == 401
 
 
-async def test_background_requests_are_never_cached(proxy, fake):
+async def test_background_requests_are_never_cached(proxy: ProxyServer, fake: FakeOpenAI) -> None:
     """A request with side effects (background: true) passes through every time."""
     body = orjson.dumps({"model": "gpt-4.1", "input": "long job", "background": True})
     for _ in range(2):
@@ -373,7 +394,9 @@ async def test_background_requests_are_never_cached(proxy, fake):
     assert fake.count("/v1/responses") == 2
 
 
-async def test_azure_deployment_paths_are_cached_per_api_version(proxy, fake):
+async def test_azure_deployment_paths_are_cached_per_api_version(
+    proxy: ProxyServer, fake: FakeOpenAI
+) -> None:
     """Azure classic paths with an api-key header are cached; api-version splits the key."""
     path = "/openai/deployments/my-gpt/chat/completions"
     body = orjson.dumps({"messages": [{"role": "user", "content": "azure"}]})

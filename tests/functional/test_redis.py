@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,11 @@ import aiohttp
 import orjson
 import pytest
 import redis
+from multidict import CIMultiDictProxy
 from structlog.testing import capture_logs
 
-from tests.conftest import sdk, spawn_proxy, start_redis
+from proxy.testing import FakeOpenAI
+from tests.conftest import ProxyServer, RedisServer, sdk, spawn_proxy, start_redis
 from tests.helpers import HEADERS, joined, post_stream, wait_until
 
 CHAT: dict[str, Any] = {
@@ -28,7 +31,9 @@ ROOT = Path(__file__).resolve().parents[2]
 CHAT_PATH = "/v1/chat/completions"
 
 
-async def post(url: str, body: dict, headers: dict | None = None):
+async def post(
+    url: str, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> tuple[int, CIMultiDictProxy[str], bytes]:
     async with (
         aiohttp.ClientSession() as s,
         s.post(url, data=orjson.dumps(body), headers={**HEADERS, **(headers or {})}) as r,
@@ -60,7 +65,7 @@ def assert_clean(url: str) -> None:
 
 
 @pytest.fixture
-def two(start_proxy, redis_server):
+def two(start_proxy: Any, redis_server: RedisServer) -> Iterator[tuple[ProxyServer, ProxyServer]]:
     """Two proxy instances sharing one Redis."""
     a = start_proxy(cache=redis_server.url, lease_s=1.0)
     b = start_proxy(cache=redis_server.url, lease_s=1.0)
@@ -68,7 +73,12 @@ def two(start_proxy, redis_server):
     assert_clean(redis_server.url)
 
 
-def test_instance_b_hits_what_a_stored_and_restart_keeps_it(two, start_proxy, redis_server, fake):
+def test_instance_b_hits_what_a_stored_and_restart_keeps_it(
+    two: tuple[ProxyServer, ProxyServer],
+    start_proxy: Any,
+    redis_server: RedisServer,
+    fake: FakeOpenAI,
+) -> None:
     """B answers HIT for what A stored; a new instance (a restart) still has it."""
     a, b = two
     with sdk(a) as ca, sdk(b) as cb:
@@ -82,7 +92,9 @@ def test_instance_b_hits_what_a_stored_and_restart_keeps_it(two, start_proxy, re
     assert fake.count(CHAT_PATH) == 1
 
 
-async def test_forty_requests_over_two_instances_one_call(two, fake):
+async def test_forty_requests_over_two_instances_one_call(
+    two: tuple[ProxyServer, ProxyServer], fake: FakeOpenAI
+) -> None:
     """40 concurrent identical requests spread over 2 instances: 1 upstream call."""
     a, b = two
     fake.latency = 0.5
@@ -95,7 +107,9 @@ async def test_forty_requests_over_two_instances_one_call(two, fake):
     assert labels.count("MISS") == 1 and labels.count("COALESCED") == 39
 
 
-async def test_twenty_streams_over_two_instances_one_call(two, fake):
+async def test_twenty_streams_over_two_instances_one_call(
+    two: tuple[ProxyServer, ProxyServer], fake: FakeOpenAI
+) -> None:
     """20 concurrent identical streams over 2 instances: 1 call, 20 complete streams."""
     a, b = two
     fake.chunk_delay = 0.03
@@ -106,7 +120,9 @@ async def test_twenty_streams_over_two_instances_one_call(two, fake):
     assert len(bodies) == 1 and next(iter(bodies)).endswith(b"data: [DONE]\n\n")
 
 
-async def test_upstream_error_crosses_instances_uncached(two, fake):
+async def test_upstream_error_crosses_instances_uncached(
+    two: tuple[ProxyServer, ProxyServer], fake: FakeOpenAI
+) -> None:
     """An upstream error reaches the other instance's waiters too, and is not stored."""
     a, b = two
     fake.latency = 0.3
@@ -118,7 +134,9 @@ async def test_upstream_error_crosses_instances_uncached(two, fake):
     assert status == 503 and fake.count(CHAT_PATH) == 2
 
 
-def test_leader_instance_killed_mid_stream(start_proxy, redis_server, fake, tmp_path):
+def test_leader_instance_killed_mid_stream(
+    start_proxy: Any, redis_server: RedisServer, fake: FakeOpenAI, tmp_path: Path
+) -> None:
     """The leading instance dies mid-stream: exactly one re-fetch, nobody hangs beyond the
     lease plus the wait timeout, and no lease key is left behind."""
     fake.chunk_delay = 0.25  # 8 chunks: about 2 s
@@ -134,7 +152,7 @@ def test_leader_instance_killed_mid_stream(start_proxy, redis_server, fake, tmp_
     )
     b = start_proxy(cache=redis_server.url, lease_s=1.0)
 
-    async def scenario():
+    async def scenario() -> tuple[tuple[Any, ...], float]:
         first = asyncio.ensure_future(
             post_stream(f"http://127.0.0.1:{port}/v1/chat/completions", STREAM)
         )
@@ -166,7 +184,7 @@ def test_leader_instance_killed_mid_stream(start_proxy, redis_server, fake, tmp_
         assert b"".join(hit.iter_bytes()).endswith(b"data: [DONE]\n\n")
 
 
-async def test_redis_killed_while_requests_flow(start_proxy, fake):
+async def test_redis_killed_while_requests_flow(start_proxy: Any, fake: FakeOpenAI) -> None:
     """Redis dies under load: no client request fails, latency stays bounded, one
     store.unavailable line; when Redis is back, caching resumes without a restart."""
     server = start_redis()
@@ -174,7 +192,7 @@ async def test_redis_killed_while_requests_flow(start_proxy, fake):
         proxy = start_proxy(cache=server.url + "?timeout=0.2", breaker_s=0.5)
         url = proxy.url + "/v1/chat/completions"
 
-        def body(i: int) -> dict:
+        def body(i: int) -> dict[str, Any]:
             # Repeats before the outage (HITs); new questions after it (no hot copy to serve).
             text = f"q{i % 5}" if i < 20 else f"new {i}"
             return {**CHAT, "messages": [{"role": "user", "content": text}]}
@@ -212,7 +230,9 @@ async def test_redis_killed_while_requests_flow(start_proxy, fake):
         server.stop()
 
 
-async def test_coalescing_on_redis_cluster(start_proxy, redis_cluster, fake):
+async def test_coalescing_on_redis_cluster(
+    start_proxy: Any, redis_cluster: str, fake: FakeOpenAI
+) -> None:
     """The cross-instance coalescing test passes against a local Redis Cluster."""
     a = start_proxy(cache=redis_cluster, lease_s=1.0)
     b = start_proxy(cache=redis_cluster, lease_s=1.0)

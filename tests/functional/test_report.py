@@ -28,7 +28,7 @@ def run(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[b
     )
 
 
-def test_report_plain_gzip_stdin_agree_and_skip_foreign_lines(tmp_path):
+def test_report_plain_gzip_stdin_agree_and_skip_foreign_lines(tmp_path: Path) -> None:
     """Plain, gzipped and piped logs give the same figures; foreign lines are counted, the
     proxy's other events apart."""
     data = (
@@ -56,7 +56,7 @@ def test_report_plain_gzip_stdin_agree_and_skip_foreign_lines(tmp_path):
     assert total["hit_p50_ms"] < 2.1 < 200 < total["miss_p50_ms"]
 
 
-def test_group_by_and_time_filters(tmp_path):
+def test_group_by_and_time_filters(tmp_path: Path) -> None:
     """--by day with --since/--until keeps the lines of that window only; csv works."""
     log = tmp_path / "b.log"
     log.write_bytes(b"".join(lines(2 * 86400 // 60, start_ts=1_767_225_600.0)))  # spans 2 h
@@ -83,7 +83,7 @@ def test_group_by_and_time_filters(tmp_path):
     assert "/v1/chat/completions" in table and "hit %" in table
 
 
-def test_table_fits_the_terminal_and_prints_dollars_in_fixed_notation(tmp_path):
+def test_table_fits_the_terminal_and_prints_dollars_in_fixed_notation(tmp_path: Path) -> None:
     """At 80 and 100 columns every line fits; dollars never print as 2.9e-05; upstream
     failures are errors and stay out of the MISS latency percentiles."""
     import os
@@ -126,7 +126,7 @@ def test_table_fits_the_terminal_and_prints_dollars_in_fixed_notation(tmp_path):
     assert x["errors"] == 1 and x["miss_p95_ms"] < 200  # the 90 s failure is not a latency
 
 
-def test_report_memory_stays_bounded(tmp_path):
+def test_report_memory_stays_bounded(tmp_path: Path) -> None:
     """A 100 MB log is read in bounded memory (the 1 GB run is bench/report_bench.py)."""
     log = tmp_path / "big.log"
     with log.open("wb") as f:

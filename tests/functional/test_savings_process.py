@@ -4,17 +4,21 @@ as the JSON log lines tell them, with no caller key, prompt or API key in the ou
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import openai
 import orjson
 
+from proxy.testing import FakeOpenAI
 from tests.helpers import Proc
 
 SYSTEM = "You answer questions about the ACME returns policy, briefly and politely. " * 80
 
 
-def test_caller_keys_items_and_auto_prompt_cache_key_in_a_real_process(fake, tmp_path):
+def test_caller_keys_items_and_auto_prompt_cache_key_in_a_real_process(
+    fake: FakeOpenAI, tmp_path: Path
+) -> None:
     """One process: X-Cache-Key HITs across bodies, a re-sent embeddings list is PARTIAL with
     only its new item upstream, the chat request goes up with an auto prompt_cache_key and
     the provider's cached tokens are logged; the lines say so, and leak nothing."""
@@ -29,7 +33,7 @@ def test_caller_keys_items_and_auto_prompt_cache_key_in_a_real_process(fake, tmp
         with openai.OpenAI(base_url=proc.url + "/v1", api_key="sk-secret-77", max_retries=0) as c:
             chat = c.chat.completions.with_raw_response
 
-            def ask(text: str, **headers: str):
+            def ask(text: str, **headers: str) -> Any:
                 messages: list[Any] = [
                     {"role": "system", "content": SYSTEM},
                     {"role": "user", "content": text},

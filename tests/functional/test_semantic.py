@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import MutableMapping
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -13,7 +15,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from proxy.report import Report
-from tests.conftest import sdk
+from proxy.testing import FakeOpenAI
+from tests.conftest import ProxyServer, RedisServer, sdk
 from tests.helpers import body_of, eventually, post, status_of
 
 CHAT = "/v1/chat/completions"
@@ -22,7 +25,7 @@ Q = "What is the capital of France?"
 PARAPHRASE = "Tell me the capital of France, please"
 
 
-def rules(tmp_path, mode: str = "on", threshold: float = 0.95, extra: str = "") -> object:
+def rules(tmp_path: Path, mode: str = "on", threshold: float = 0.95, extra: str = "") -> object:
     path = tmp_path / "semantic.toml"
     path.write_text(
         "[defaults]\n"
@@ -34,21 +37,25 @@ def rules(tmp_path, mode: str = "on", threshold: float = 0.95, extra: str = "") 
     return path
 
 
-def ask(client: openai.OpenAI, text: Any, *, model: str = "gpt-4o-mini", system: str = "", **kw):
+def ask(
+    client: openai.OpenAI, text: Any, *, model: str = "gpt-4o-mini", system: str = "", **kw: Any
+) -> Any:
     messages: list[Any] = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": text})
     return client.chat.completions.with_raw_response.create(model=model, messages=messages, **kw)
 
 
-def indexed(proxy, n: int) -> None:
-    eventually(lambda: proxy.state.semantic.indexed >= n)
+def indexed(proxy: ProxyServer, n: int) -> None:
+    semantic = proxy.state.semantic
+    assert semantic is not None
+    eventually(lambda: semantic.indexed >= n)
 
 
-def done_lines(logs):
+def done_lines(logs: list[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any]]:
     return [e for e in logs if e["event"] == "request.done"]
 
 
-def test_a_paraphrase_is_a_semantic_hit(start_proxy, fake, tmp_path):
+def test_a_paraphrase_is_a_semantic_hit(start_proxy: Any, fake: FakeOpenAI, tmp_path: Path) -> None:
     """A paraphrase gets the cached answer with no upstream chat call; HIT with
     detail=semantic, Age, its score and the saving on the line; exact repeats never embed."""
     proxy = start_proxy(rules=rules(tmp_path))
@@ -77,7 +84,7 @@ def test_a_paraphrase_is_a_semantic_hit(start_proxy, fake, tmp_path):
     assert emb_call.headers["Authorization"] == "Bearer sk-test-a"  # the caller's own key
 
 
-def test_the_known_false_hits_never_hit(start_proxy, fake, tmp_path):
+def test_the_known_false_hits_never_hit(start_proxy: Any, fake: FakeOpenAI, tmp_path: Path) -> None:
     """A negated question, changed numbers, another tenant, system prompt or model: MISS."""
     proxy = start_proxy(rules=rules(tmp_path))
     client = sdk(proxy)
@@ -99,7 +106,9 @@ def test_the_known_false_hits_never_hit(start_proxy, fake, tmp_path):
     assert fake.count(CHAT) == 8
 
 
-def test_the_numbers_guard_turns_down_a_close_candidate(start_proxy, fake, tmp_path):
+def test_the_numbers_guard_turns_down_a_close_candidate(
+    start_proxy: Any, fake: FakeOpenAI, tmp_path: Path
+) -> None:
     """With a low threshold, "17 plus 26" is close enough to "17 plus 25" by similarity; the
     numbers guard turns it down (and says so on the line), while "seventeen plus twenty-five"
     is the same numbers."""
@@ -116,7 +125,9 @@ def test_the_numbers_guard_turns_down_a_close_candidate(start_proxy, fake, tmp_p
     assert words.headers["x-cache-status"] == "HIT"
 
 
-def test_streams_and_responses_replay_a_semantic_hit(start_proxy, fake, tmp_path):
+def test_streams_and_responses_replay_a_semantic_hit(
+    start_proxy: Any, fake: FakeOpenAI, tmp_path: Path
+) -> None:
     """A streamed paraphrase of a stored JSON answer replays as a stream (twins); the
     Responses API has its own partition."""
     proxy = start_proxy(rules=rules(tmp_path))
@@ -137,7 +148,9 @@ def test_streams_and_responses_replay_a_semantic_hit(start_proxy, fake, tmp_path
     assert r2.parse().output_text == r1.parse().output_text
 
 
-def test_only_plain_user_text_is_a_candidate(start_proxy, fake, tmp_path):
+def test_only_plain_user_text_is_a_candidate(
+    start_proxy: Any, fake: FakeOpenAI, tmp_path: Path
+) -> None:
     """A last message that is a tool result, an image or an assistant turn never embeds."""
     proxy = start_proxy(rules=rules(tmp_path))
     client = sdk(proxy)
@@ -157,7 +170,9 @@ def test_only_plain_user_text_is_a_candidate(start_proxy, fake, tmp_path):
     assert fake.count(EMB) == 1
 
 
-def test_shadow_mode_measures_and_never_serves(start_proxy, fake, tmp_path):
+def test_shadow_mode_measures_and_never_serves(
+    start_proxy: Any, fake: FakeOpenAI, tmp_path: Path
+) -> None:
     """Shadow: the paraphrase is served from upstream; its line carries the score, the
     would-be hit and the candidate's key; the report shows the would-be hit ratio."""
     proxy = start_proxy(rules=rules(tmp_path, mode="shadow"))
@@ -182,7 +197,9 @@ def test_shadow_mode_measures_and_never_serves(start_proxy, fake, tmp_path):
     assert report.scores.rows()[-1]["hits"] == 1  # at 0.99 too
 
 
-def test_embeddings_that_time_out_or_fail_are_plain_misses(start_proxy, fake, tmp_path):
+def test_embeddings_that_time_out_or_fail_are_plain_misses(
+    start_proxy: Any, fake: FakeOpenAI, tmp_path: Path
+) -> None:
     """A slow embeddings service: the answer is a MISS within the usual time plus the
     embedding timeout, with no error; then the breaker skips embeddings at once. A failing
     one (500) is a MISS too; one line is logged per burst."""
@@ -204,7 +221,11 @@ def test_embeddings_that_time_out_or_fail_are_plain_misses(start_proxy, fake, tm
     assert all("status" in e and e["status"] == 200 for e in lines)
 
 
-def test_a_failing_embeddings_service_is_a_plain_miss(start_proxy, fake, tmp_path):
+def test_a_failing_embeddings_service_is_a_plain_miss(
+    start_proxy: Any, fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    """An embeddings service that fails turns a semantic lookup into a plain MISS and leaves the
+    exact cache working."""
     proxy = start_proxy(rules=rules(tmp_path))
     client = sdk(proxy)
     fake.path_errors[EMB] = 500
@@ -212,7 +233,9 @@ def test_a_failing_embeddings_service_is_a_plain_miss(start_proxy, fake, tmp_pat
     assert ask(client, Q).headers["x-cache-status"] == "HIT"  # the exact cache is untouched
 
 
-def test_a_refused_caller_does_not_open_the_breaker(start_proxy, fake, tmp_path):
+def test_a_refused_caller_does_not_open_the_breaker(
+    start_proxy: Any, fake: FakeOpenAI, tmp_path: Path
+) -> None:
     """A 4xx from embeddings is this caller's problem: the next caller still embeds."""
     proxy = start_proxy(rules=rules(tmp_path))
     fake.path_errors[EMB] = 401
@@ -222,7 +245,9 @@ def test_a_refused_caller_does_not_open_the_breaker(start_proxy, fake, tmp_path)
     assert fake.count(EMB) == 2
 
 
-def test_embeddings_go_through_the_exact_cache(start_proxy, fake, tmp_path):
+def test_embeddings_go_through_the_exact_cache(
+    start_proxy: Any, fake: FakeOpenAI, tmp_path: Path
+) -> None:
     """The same text in another partition (another model) reuses the cached embedding."""
     proxy = start_proxy(rules=rules(tmp_path))
     client = sdk(proxy)
@@ -231,7 +256,9 @@ def test_embeddings_go_through_the_exact_cache(start_proxy, fake, tmp_path):
     assert fake.count(EMB) == 1
 
 
-def test_two_instances_on_one_redis_share_candidates(start_proxy, fake, tmp_path, redis_server):
+def test_two_instances_on_one_redis_share_candidates(
+    start_proxy: Any, fake: FakeOpenAI, tmp_path: Path, redis_server: RedisServer
+) -> None:
     """Indexed on one instance, found by the other."""
     a = start_proxy(rules=rules(tmp_path), cache=redis_server.url, data_dir=tmp_path / "a")
     b = start_proxy(rules=rules(tmp_path), cache=redis_server.url, data_dir=tmp_path / "b")
@@ -243,7 +270,9 @@ def test_two_instances_on_one_redis_share_candidates(start_proxy, fake, tmp_path
     assert fake.count(CHAT) == 1
 
 
-def test_purging_an_entry_removes_its_vector(start_proxy, fake, tmp_path):
+def test_purging_an_entry_removes_its_vector(
+    start_proxy: Any, fake: FakeOpenAI, tmp_path: Path
+) -> None:
     """SQLite: a purge (and any deletion of an entry) takes its vector with it."""
     db = tmp_path / "c.db"
     proxy = start_proxy(rules=rules(tmp_path), cache=f"sqlite:///{db}", admin_token="t")
@@ -268,7 +297,9 @@ def test_purging_an_entry_removes_its_vector(start_proxy, fake, tmp_path):
     assert ask(client, PARAPHRASE).headers["x-cache-status"] == "MISS"
 
 
-def test_a_redis_cluster_holds_the_index(start_proxy, fake, tmp_path, redis_cluster):
+def test_a_redis_cluster_holds_the_index(
+    start_proxy: Any, fake: FakeOpenAI, tmp_path: Path, redis_cluster: str
+) -> None:
     """The partition's stream lives on one cluster node; a paraphrase finds it."""
     proxy = start_proxy(rules=rules(tmp_path), cache=redis_cluster)
     client = sdk(proxy)
@@ -280,7 +311,9 @@ def test_a_redis_cluster_holds_the_index(start_proxy, fake, tmp_path, redis_clus
 JUDGE = 'semantic_verify = "llm"\nsemantic_verify_model = "{model}"\n'
 
 
-def test_the_verifier_confirms_a_candidate_once_per_pair(start_proxy, fake, tmp_path):
+def test_the_verifier_confirms_a_candidate_once_per_pair(
+    start_proxy: Any, fake: FakeOpenAI, tmp_path: Path
+) -> None:
     """With semantic_verify = "llm", a paraphrase is served only after the judge says yes
     (one judge call, with the caller's key), the verdict is reused for the same pair, and
     its calls, latency and cost reach the line and the report."""
@@ -308,7 +341,9 @@ def test_the_verifier_confirms_a_candidate_once_per_pair(start_proxy, fake, tmp_
     assert total["verify_usd"] > 0
 
 
-def test_the_verifier_saying_no_is_a_miss(start_proxy, fake, tmp_path):
+def test_the_verifier_saying_no_is_a_miss(
+    start_proxy: Any, fake: FakeOpenAI, tmp_path: Path
+) -> None:
     """A judge that says no (or neither yes nor no) turns the candidate down: a MISS whose
     line names the verifier as the refusal."""
     fake.model_replies["judge-no"] = "no"

@@ -10,6 +10,8 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -78,7 +80,7 @@ def consistent(index: VectorIndex) -> None:
     assert 0 <= index.bytes <= CAP + max((p.nbytes for p in index.parts.values()), default=0)
 
 
-async def test_a_single_partition_is_capped():
+async def test_a_single_partition_is_capped() -> None:
     """One partition of 40 MB of vectors is kept to the newest rows that fit in the cap."""
     cache = await filled({"v2:t.n.m.r.s1": 20_000})
     index = VectorIndex(cache, keep=100_000, max_bytes=CAP)
@@ -91,7 +93,7 @@ async def test_a_single_partition_is_capped():
     assert peak[0] <= CAP + MARGIN, f"{peak[0] / MIB:.1f} MiB"
 
 
-async def test_ten_concurrent_first_loads_stay_within_the_cap():
+async def test_ten_concurrent_first_loads_stay_within_the_cap() -> None:
     """Ten partitions loaded at once (each 5 MB of vectors) hold the cap plus a margin at
     their peak, and the count of bytes never goes negative."""
     names = [f"v2:t.n{i}.m.r.s" for i in range(10)]
@@ -116,7 +118,7 @@ async def test_ten_concurrent_first_loads_stay_within_the_cap():
     assert peak[0] <= CAP + MARGIN, f"{peak[0] / MIB:.1f} MiB"
 
 
-async def test_many_namespaces_are_bounded_in_number():
+async def test_many_namespaces_are_bounded_in_number() -> None:
     """A client inventing 5000 namespaces (each a new partition, some with records) leaves a
     bounded number of partitions and the bytes within the cap."""
     names = [f"v2:t.x{i}.m.r.s" for i in range(5000)]
@@ -131,7 +133,9 @@ async def test_many_namespaces_are_bounded_in_number():
     assert peak[0] <= CAP + MARGIN, f"{peak[0] / MIB:.1f} MiB"
 
 
-def test_one_tenant_inventing_namespaces_through_the_proxy(start_proxy, tmp_path):
+def test_one_tenant_inventing_namespaces_through_the_proxy(
+    start_proxy: Any, tmp_path: Path
+) -> None:
     """One tenant sending 200 new X-Cache-Namespace values through the proxy leaves the index
     within --semantic-memory-mb, with a bounded number of partitions."""
     from tests.conftest import sdk

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -13,7 +14,8 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
-from tests.conftest import sdk
+from proxy.testing import FakeOpenAI
+from tests.conftest import EmbeddingsServer, ProxyServer, sdk
 from tests.helpers import eventually
 
 CHAT = "/v1/chat/completions"
@@ -22,7 +24,7 @@ THRESHOLD = 0.92
 """About what `python -m proxy semantic calibrate` picks for this model (README)."""
 
 
-def rules(tmp_path) -> object:
+def rules(tmp_path: Path) -> object:
     path = tmp_path / "semantic.toml"
     path.write_text(
         f'[defaults]\nsemantic = "on"\nsemantic_threshold = {THRESHOLD}\n'
@@ -39,21 +41,26 @@ def ask(client: openai.OpenAI, text: str) -> Any:
 
 
 @pytest.fixture
-def e5_proxy(start_proxy, e5_server, tmp_path):
-    return start_proxy(
+def e5_proxy(start_proxy: Any, e5_server: EmbeddingsServer, tmp_path: Path) -> ProxyServer:
+    server: ProxyServer = start_proxy(
         rules=rules(tmp_path),
         semantic_embeddings_url=e5_server.url,
         semantic_embeddings_key="local-key",
         semantic_timeout_s=30.0,
     )
+    return server
 
 
-def test_a_paraphrase_hits_with_its_similarity_and_no_upstream_embedding(e5_proxy, fake):
+def test_a_paraphrase_hits_with_its_similarity_and_no_upstream_embedding(
+    e5_proxy: ProxyServer, fake: FakeOpenAI
+) -> None:
     """With a local model, a paraphrase is a HIT whose Cache-Status shows its similarity, and
     no embedding is asked of the upstream (nor is the caller's key sent to the model)."""
     client = sdk(e5_proxy)
     assert ask(client, "How do I reverse a list in Python?").headers["x-cache-status"] == "MISS"
-    eventually(lambda: e5_proxy.state.semantic.indexed >= 1)
+    semantic = e5_proxy.state.semantic
+    assert semantic is not None
+    eventually(lambda: semantic.indexed >= 1)
     hit = ask(client, "What's the way to reverse a Python list?")
     assert hit.headers["x-cache-status"] == "HIT"
     status, _, similarity = hit.headers["cache-status"].rpartition("; similarity=")
@@ -62,7 +69,9 @@ def test_a_paraphrase_hits_with_its_similarity_and_no_upstream_embedding(e5_prox
     assert fake.count(CHAT) == 1 and fake.count(EMB) == 0
 
 
-def test_a_rule_can_name_its_own_embeddings_server(start_proxy, e5_server, fake, tmp_path):
+def test_a_rule_can_name_its_own_embeddings_server(
+    start_proxy: Any, e5_server: EmbeddingsServer, fake: FakeOpenAI, tmp_path: Path
+) -> None:
     """`semantic_embeddings_url` in a rule sends that rule's lookups to the model server,
     not to the upstream."""
     path = tmp_path / "rule.toml"
@@ -106,12 +115,16 @@ def test_a_rule_can_name_its_own_embeddings_server(start_proxy, e5_server, fake,
         ),
     ],
 )
-def test_traps_close_by_similarity_are_refused_by_name(e5_proxy, fake, stored, asked, guard):
+def test_traps_close_by_similarity_are_refused_by_name(
+    e5_proxy: ProxyServer, fake: FakeOpenAI, stored: str, asked: str, guard: str
+) -> None:
     """A trap the real model puts above the threshold is a MISS, and the line names the guard
     that refused it with the candidate's similarity."""
     client = sdk(e5_proxy)
     ask(client, stored)
-    eventually(lambda: e5_proxy.state.semantic.indexed >= 1)
+    semantic = e5_proxy.state.semantic
+    assert semantic is not None
+    eventually(lambda: semantic.indexed >= 1)
     with capture_logs() as logs:
         answer = ask(client, asked)
     assert answer.headers["x-cache-status"] == "MISS"
@@ -124,7 +137,7 @@ def test_traps_close_by_similarity_are_refused_by_name(e5_proxy, fake, stored, a
 CALIBRATE = ("--model", "multilingual-e5-small", "--semantic-embeddings-url")
 
 
-def test_calibrate_on_the_shipped_set_meets_the_goal(e5_server):
+def test_calibrate_on_the_shipped_set_meets_the_goal(e5_server: EmbeddingsServer) -> None:
     """`python -m proxy semantic calibrate` with the real model prints a table and, as its last
     line, a threshold at which the held-out pairs are served at >= 60 % with <= 3 % of traps
     served (the goal is 50 % and 5 % on pairs never seen)."""

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 from structlog.testing import capture_logs
 
-from tests.conftest import free_port
+from proxy.testing import FakeOpenAI
+from tests.conftest import ProxyServer, RedisServer, free_port
 from tests.helpers import body_of, header, post, raw, status_of
 
 CHAT = "/v1/chat/completions"
@@ -24,19 +27,21 @@ def chat(prompt: str) -> bytes:
     return orjson.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": prompt}]})
 
 
-def rules(tmp_path, stale: float | None = 60.0):
+def rules(tmp_path: Path, stale: float | None = 60.0) -> Path:
     path = tmp_path / "rules.toml"
     extra = f"stale_if_error_s = {stale}\n" if stale is not None else ""
     path.write_text(f'[[rule]]\nroute = "/v1/chat/completions"\nttl_s = 1\n{extra}')
     return path
 
 
-def port_of(server) -> int:
+def port_of(server: ProxyServer) -> int:
     return int(server.url.rsplit(":", 1)[1])
 
 
 @pytest.mark.parametrize("status", [429, 500, 502, 503, 504])
-def test_an_expired_answer_covers_each_failing_status(start_proxy, fake, tmp_path, status):
+def test_an_expired_answer_covers_each_failing_status(
+    start_proxy: Any, fake: FakeOpenAI, tmp_path: Path, status: int
+) -> None:
     """Past ttl_s, a failing upstream answer is replaced by the stored one (STALE, Age,
     Cache-Status fwd-status); the next healthy answer replaces the entry."""
     proxy = start_proxy(rules=rules(tmp_path))
@@ -62,7 +67,9 @@ def test_an_expired_answer_covers_each_failing_status(start_proxy, fake, tmp_pat
 
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404])
-def test_4xx_is_never_covered(start_proxy, fake, tmp_path, status):
+def test_4xx_is_never_covered(
+    start_proxy: Any, fake: FakeOpenAI, tmp_path: Path, status: int
+) -> None:
     """A revoked key (401), a bad request (400)... pass through as they came."""
     proxy = start_proxy(rules=rules(tmp_path))
     port = port_of(proxy)
@@ -73,7 +80,11 @@ def test_4xx_is_never_covered(start_proxy, fake, tmp_path, status):
     assert status_of(answer) == status and header(answer, "X-Cache-Status") == "MISS"
 
 
-def test_without_the_option_or_the_directive_errors_pass_through(start_proxy, fake, tmp_path):
+def test_without_the_option_or_the_directive_errors_pass_through(
+    start_proxy: Any, fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    """Without a stale rule option or a stale-if-error directive, an upstream error after expiry
+    passes through to the client."""
     proxy = start_proxy(rules=rules(tmp_path, stale=None))
     port = port_of(proxy)
     post(port, chat("q"), AUTH)
@@ -82,7 +93,9 @@ def test_without_the_option_or_the_directive_errors_pass_through(start_proxy, fa
     assert status_of(post(port, chat("q"), AUTH)) == 503
 
 
-def test_the_request_directive_opts_in_on_any_rule(start_proxy, fake, tmp_path):
+def test_the_request_directive_opts_in_on_any_rule(
+    start_proxy: Any, fake: FakeOpenAI, tmp_path: Path
+) -> None:
     """Cache-Control: stale-if-error=N on a rule without the option: the answer it stored is
     kept N s past its ttl and covers a failure; a directive of 0 s does not."""
     proxy = start_proxy(rules=rules(tmp_path, stale=None))
@@ -97,7 +110,9 @@ def test_the_request_directive_opts_in_on_any_rule(start_proxy, fake, tmp_path):
     assert header(stale, "X-Cache-Status") == "STALE" and body_of(stale) == body_of(first)
 
 
-async def test_waiters_on_the_failed_flight_get_the_stale_answer(start_proxy, fake, tmp_path):
+async def test_waiters_on_the_failed_flight_get_the_stale_answer(
+    start_proxy: Any, fake: FakeOpenAI, tmp_path: Path
+) -> None:
     """Five identical requests while the upstream fails: one call, five STALE answers."""
     proxy = start_proxy(rules=rules(tmp_path))
     async with aiohttp.ClientSession() as s:
@@ -117,7 +132,9 @@ async def test_waiters_on_the_failed_flight_get_the_stale_answer(start_proxy, fa
     assert {a[0] for a in answers} == {"STALE"} and {a[1] for a in answers} == {original}
 
 
-def test_an_unreachable_upstream_on_a_second_instance(start_proxy, fake, tmp_path, redis_server):
+def test_an_unreachable_upstream_on_a_second_instance(
+    start_proxy: Any, fake: FakeOpenAI, tmp_path: Path, redis_server: RedisServer
+) -> None:
     """Two instances on one Redis: B, whose upstream is down, serves A's expired answer as
     STALE (Cache-Status says the network failed); without stale-if-error it would be a 502."""
     rule_file = rules(tmp_path)

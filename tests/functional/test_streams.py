@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -12,8 +13,9 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
+from proxy.testing import FakeOpenAI
 from proxy.testing.fake_openai import recorded
-from tests.conftest import async_sdk
+from tests.conftest import ProxyServer, async_sdk
 from tests.helpers import HEADERS, joined, post_stream, wait_until
 
 CHAT: dict[str, Any] = {
@@ -23,7 +25,7 @@ CHAT: dict[str, Any] = {
 }
 
 
-async def test_miss_is_relayed_live_not_buffered(proxy, fake):
+async def test_miss_is_relayed_live_not_buffered(proxy: ProxyServer, fake: FakeOpenAI) -> None:
     """With 8 chunks 60 ms apart, the client has the first chunk before the second is sent."""
     fake.chunk_delay = 0.06
     status, headers, chunks = await post_stream(proxy.url + "/v1/chat/completions", CHAT)
@@ -34,7 +36,7 @@ async def test_miss_is_relayed_live_not_buffered(proxy, fake):
     assert len(chunks) >= 8
 
 
-async def test_hit_replays_identical_bytes(proxy, fake):
+async def test_hit_replays_identical_bytes(proxy: ProxyServer, fake: FakeOpenAI) -> None:
     """A repeated streamed request is a HIT with the very same bytes and no upstream call."""
     _, _, first = await post_stream(proxy.url + "/v1/chat/completions", CHAT)
     await wait_until(lambda: len(proxy.state.flights) == 0)
@@ -45,7 +47,9 @@ async def test_hit_replays_identical_bytes(proxy, fake):
     assert fake.count() == 1
 
 
-async def test_recorded_real_stream_replays_byte_for_byte(proxy, fake):
+async def test_recorded_real_stream_replays_byte_for_byte(
+    proxy: ProxyServer, fake: FakeOpenAI
+) -> None:
     """The recorded real OpenAI stream (usage chunk included) comes back byte for byte."""
     body = {**CHAT, "model": "recorded", "stream_options": {"include_usage": True}}
     want = recorded("chat_completion_stream_prompt_caching_cache_read")["response"]["body_text"]
@@ -56,10 +60,12 @@ async def test_recorded_real_stream_replays_byte_for_byte(proxy, fake):
     assert joined(first) == joined(second) == want.encode()
 
 
-async def test_sdk_chat_stream_with_usage_same_text_and_usage(proxy, fake):
+async def test_sdk_chat_stream_with_usage_same_text_and_usage(
+    proxy: ProxyServer, fake: FakeOpenAI
+) -> None:
     """The SDK's stream parser yields the same text and usage from a HIT as from the MISS."""
 
-    async def run():
+    async def run() -> tuple[str, dict[str, Any] | None]:
         async with async_sdk(proxy) as c:
             stream = await c.chat.completions.create(
                 model="gpt-4o-mini",
@@ -79,15 +85,18 @@ async def test_sdk_chat_stream_with_usage_same_text_and_usage(proxy, fake):
     await wait_until(lambda: len(proxy.state.flights) == 0)
     second = await run()
     assert first == second
-    assert first[0] and first[1]["completion_tokens"] == 8
+    usage = first[1]
+    assert first[0] and usage is not None and usage["completion_tokens"] == 8
     assert fake.count() == 1
 
 
 @pytest.mark.parametrize("model", ["gpt-4.1", "recorded"])
-async def test_sdk_responses_stream_helper(proxy, fake, model):
+async def test_sdk_responses_stream_helper(
+    proxy: ProxyServer, fake: FakeOpenAI, model: str
+) -> None:
     """client.responses.stream(...) gives the same text and usage from a HIT."""
 
-    async def run():
+    async def run() -> tuple[str, str, dict[str, Any]]:
         async with async_sdk(proxy) as c:
             async with c.responses.stream(model=model, input="Who won in 2020?") as stream:
                 deltas = [e.delta async for e in stream if e.type == "response.output_text.delta"]
@@ -103,7 +112,9 @@ async def test_sdk_responses_stream_helper(proxy, fake, model):
 
 
 @pytest.mark.parametrize("knob", ["cut_after", "error_after"])
-async def test_broken_chat_stream_is_shown_and_not_stored(proxy, fake, knob):
+async def test_broken_chat_stream_is_shown_and_not_stored(
+    proxy: ProxyServer, fake: FakeOpenAI, knob: str
+) -> None:
     """A stream cut half-way, or carrying an error event, reaches the client as such and is
     not stored: the next request goes upstream again."""
     setattr(fake, knob, 4)
@@ -121,7 +132,7 @@ async def test_broken_chat_stream_is_shown_and_not_stored(proxy, fake, knob):
     assert fake.count() == 2
 
 
-async def test_sdk_sees_the_cut(proxy, fake):
+async def test_sdk_sees_the_cut(proxy: ProxyServer, fake: FakeOpenAI) -> None:
     """Through the SDK, a cut stream raises instead of ending quietly."""
     fake.cut_after = 3
     async with async_sdk(proxy) as c:
@@ -132,7 +143,7 @@ async def test_sdk_sees_the_cut(proxy, fake):
     assert not isinstance(info.value, AssertionError)
 
 
-async def test_response_failed_is_not_stored(proxy, fake):
+async def test_response_failed_is_not_stored(proxy: ProxyServer, fake: FakeOpenAI) -> None:
     """A Responses stream ending in response.failed is relayed but never stored."""
     fake.fail_responses = True
     body = {"model": "gpt-4.1", "input": "x", "stream": True}
@@ -145,7 +156,7 @@ async def test_response_failed_is_not_stored(proxy, fake):
     assert fake.count() == 2
 
 
-async def test_client_hangs_up_answer_still_kept(proxy, fake):
+async def test_client_hangs_up_answer_still_kept(proxy: ProxyServer, fake: FakeOpenAI) -> None:
     """A client leaving after the first chunk: upstream is read to the end and stored; the
     identical request afterwards is a HIT with the complete stream, 1 upstream call in all."""
     fake.chunk_delay = 0.03
@@ -162,7 +173,9 @@ async def test_client_hangs_up_answer_still_kept(proxy, fake):
     assert fake.count() == 1
 
 
-async def test_stream_above_record_limit_is_relayed_not_stored(start_proxy, fake):
+async def test_stream_above_record_limit_is_relayed_not_stored(
+    start_proxy: Any, fake: FakeOpenAI
+) -> None:
     """A stream larger than --max-record-mb reaches the client whole but is not stored."""
     proxy = start_proxy(max_record_mb=0.0005)  # about 500 bytes
     _, _, chunks = await post_stream(proxy.url + "/v1/chat/completions", CHAT)
@@ -172,7 +185,9 @@ async def test_stream_above_record_limit_is_relayed_not_stored(start_proxy, fake
     assert headers["X-Cache-Status"] == "MISS"
 
 
-async def test_paced_replay_follows_recorded_timing(start_proxy, fake, tmp_path):
+async def test_paced_replay_follows_recorded_timing(
+    start_proxy: Any, fake: FakeOpenAI, tmp_path: Path
+) -> None:
     """replay = "paced" replays at the recorded pace (replay_speed scales it)."""
     rules = tmp_path / "paced.toml"
     rules.write_text('[[rule]]\nroute = "/v1/chat/completions"\nreplay = "paced"\n')
@@ -188,7 +203,7 @@ async def test_paced_replay_follows_recorded_timing(start_proxy, fake, tmp_path)
     assert took >= 0.8 * recorded_span and len(second) >= 8
 
 
-async def test_log_line_says_stream_ttfb_and_chunks(proxy, fake):
+async def test_log_line_says_stream_ttfb_and_chunks(proxy: ProxyServer, fake: FakeOpenAI) -> None:
     """request.done says the request streamed, its time to first byte and chunk count."""
     with capture_logs() as logs:
         await post_stream(proxy.url + "/v1/chat/completions", CHAT)
@@ -200,7 +215,9 @@ async def test_log_line_says_stream_ttfb_and_chunks(proxy, fake):
     assert "Bearer" not in orjson.dumps(line).decode()
 
 
-async def test_streamed_image_generation_is_recorded_and_replayed(proxy, fake):
+async def test_streamed_image_generation_is_recorded_and_replayed(
+    proxy: ProxyServer, fake: FakeOpenAI
+) -> None:
     """A gpt-image stream (partial images, then image_generation.completed) is stored whole and
     replayed byte for byte."""
     body = {"model": "gpt-image-1", "prompt": "a cat", "stream": True, "partial_images": 2}
@@ -213,7 +230,7 @@ async def test_streamed_image_generation_is_recorded_and_replayed(proxy, fake):
     assert fake.count() == 1
 
 
-def test_binary_speech_is_cached_whole(proxy, fake):
+def test_binary_speech_is_cached_whole(proxy: ProxyServer, fake: FakeOpenAI) -> None:
     """audio.speech (binary MP3 bytes, chunked) is stored complete and replayed identical."""
     from tests.conftest import sdk
 
@@ -226,7 +243,9 @@ def test_binary_speech_is_cached_whole(proxy, fake):
     assert fake.count() == 1
 
 
-def test_a_large_answer_is_checked_off_the_loop_and_stored(proxy, fake):
+def test_a_large_answer_is_checked_off_the_loop_and_stored(
+    proxy: ProxyServer, fake: FakeOpenAI
+) -> None:
     """An answer over fetch.VERDICT_OFF_LOOP (here 1 MB of speech) is checked on a worker
     thread and then stored: the repeat is a HIT, byte for byte, with one upstream call."""
     from tests.conftest import sdk
@@ -242,7 +261,9 @@ def test_a_large_answer_is_checked_off_the_loop_and_stored(proxy, fake):
     assert fake.count() == 1
 
 
-def test_an_answer_past_max_record_mb_reaches_its_leader_whole_and_live(start_proxy, fake):
+def test_an_answer_past_max_record_mb_reaches_its_leader_whole_and_live(
+    start_proxy: Any, fake: FakeOpenAI
+) -> None:
     """A whole (non-streamed) answer larger than max_record_mb and the lag window (8 MB of
     speech, limit 1 MB) is not stored, but its own client gets every byte, relayed as it
     arrives: the leader reads the flight as a reader like any other."""

@@ -169,7 +169,7 @@ def ask(prompt: str) -> dict[str, Any]:
     return {"model": "gpt-4o-audio-preview", "messages": [{"role": "user", "content": prompt}]}
 
 
-def test_the_stream_as_json_keeps_every_field(start_proxy, rich):
+def test_the_stream_as_json_keeps_every_field(start_proxy: Any, rich: RichUpstream) -> None:
     """A stored stream (with its usage), asked for whole through the Python SDK, is a HIT
     with function_call, audio, annotations (also []), logprobs, refusals and all choices."""
     proxy = start_proxy(upstream=rich.url)
@@ -190,7 +190,7 @@ def test_the_stream_as_json_keeps_every_field(start_proxy, rich):
     assert got.usage is not None and got.usage.total_tokens == 30
 
 
-def test_the_json_as_a_stream_keeps_every_field(start_proxy, rich):
+def test_the_json_as_a_stream_keeps_every_field(start_proxy: Any, rich: RichUpstream) -> None:
     """A stored JSON answer, asked for as a stream, is a HIT that the Python SDK's own
     accumulator adds up to the stored object, field for field."""
     proxy = start_proxy(upstream=rich.url)
@@ -205,7 +205,7 @@ def test_the_json_as_a_stream_keeps_every_field(start_proxy, rich):
     assert completion(final.model_dump(mode="json")) == completion(RICH)
 
 
-def test_a_stream_without_usage_is_not_served_as_json(start_proxy, rich):
+def test_a_stream_without_usage_is_not_served_as_json(start_proxy: Any, rich: RichUpstream) -> None:
     """A stream stored without include_usage cannot give a JSON answer its usage: the JSON
     request goes upstream (its answer replaces the entry), never a HIT without usage."""
     proxy = start_proxy(upstream=rich.url)
@@ -241,7 +241,7 @@ def node() -> Path:
     return Path(found)
 
 
-def test_node_sdk_twins_keep_every_field(node, start_proxy, rich):
+def test_node_sdk_twins_keep_every_field(node: Path, start_proxy: Any, rich: RichUpstream) -> None:
     """Through the official Node SDK: a stored stream asked for whole, and a stored JSON answer
     asked for as a stream (the SDK's finalChatCompletion), both equal the upstream's object."""
     proxy = start_proxy(upstream=rich.url)

@@ -6,15 +6,18 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import openai
 import orjson
 
-from tests.conftest import async_sdk, sdk
+from proxy.stores.memory import MemoryStore
+from proxy.testing import FakeOpenAI
+from tests.conftest import ProxyServer, async_sdk, sdk
 from tests.helpers import eventually
 
 PROMPT: list[Any] = [{"role": "user", "content": "twin persona"}]
 
 
-def stream_chat(c, **kw):
+def stream_chat(c: openai.OpenAI, **kw: Any) -> tuple[Any, ...]:
     """(x-cache-status, text, tool calls, usage, finish reason) of a streamed chat."""
     with c.chat.completions.with_streaming_response.create(
         stream=True, stream_options={"include_usage": True}, **kw
@@ -34,7 +37,7 @@ def stream_chat(c, **kw):
         return resp.headers["x-cache-status"], text, list(calls.values()), usage, finish
 
 
-def json_chat(c, **kw):
+def json_chat(c: openai.OpenAI, **kw: Any) -> tuple[Any, ...]:
     raw = c.chat.completions.with_raw_response.create(**kw)
     r = raw.parse()
     msg = r.choices[0].message
@@ -50,7 +53,7 @@ def json_chat(c, **kw):
     )
 
 
-def test_chat_json_first_then_stream(proxy, fake):
+def test_chat_json_first_then_stream(proxy: ProxyServer, fake: FakeOpenAI) -> None:
     """A stored JSON answer serves a streaming client: same text, usage and finish reason."""
     with sdk(proxy) as c:
         a = json_chat(c, model="gpt-4o-mini", messages=PROMPT)
@@ -59,7 +62,9 @@ def test_chat_json_first_then_stream(proxy, fake):
     assert fake.count("/v1/chat/completions") == 1
 
 
-def test_chat_stream_first_then_json(proxy, fake):
+def test_chat_stream_first_then_json(proxy: ProxyServer, fake: FakeOpenAI) -> None:
+    """A chat answer stored as a stream serves the JSON twin and the stream itself as HITs with the
+    same content."""
     with sdk(proxy) as c:
         a = stream_chat(c, model="gpt-4o-mini", messages=PROMPT)
         b = json_chat(c, model="gpt-4o-mini", messages=PROMPT)
@@ -68,7 +73,7 @@ def test_chat_stream_first_then_json(proxy, fake):
     assert fake.count("/v1/chat/completions") == 1
 
 
-def test_tool_calls_both_ways(proxy, fake):
+def test_tool_calls_both_ways(proxy: ProxyServer, fake: FakeOpenAI) -> None:
     """The recorded real tool call, stored as JSON or as a stream, reaches the other form
     with the same function name and arguments."""
     tools = [
@@ -88,7 +93,7 @@ def test_tool_calls_both_ways(proxy, fake):
     assert d[2] == e[2] and orjson.loads(d[2][0]["arguments"]) and d[3] == e[3]
 
 
-def test_responses_both_ways(proxy, fake):
+def test_responses_both_ways(proxy: ProxyServer, fake: FakeOpenAI) -> None:
     """Responses: a stored response serves the stream helper (created .. completed) and a
     stored stream serves a plain create, with the same text and usage."""
     with sdk(proxy) as c:
@@ -108,14 +113,15 @@ def test_responses_both_ways(proxy, fake):
     assert fake.count("/v1/responses") == 2
 
 
-def test_another_field_is_not_served_from_the_twin(proxy, fake):
+def test_another_field_is_not_served_from_the_twin(proxy: ProxyServer, fake: FakeOpenAI) -> None:
+    """A twin that differs in another field (temperature) is a MISS and goes upstream."""
     with sdk(proxy) as c:
         json_chat(c, model="gpt-4o-mini", messages=PROMPT)
         assert stream_chat(c, model="gpt-4o-mini", messages=PROMPT, temperature=0.2)[0] == "MISS"
     assert fake.count("/v1/chat/completions") == 2
 
 
-async def test_twins_in_flight_each_go_upstream(proxy, fake):
+async def test_twins_in_flight_each_go_upstream(proxy: ProxyServer, fake: FakeOpenAI) -> None:
     """A streamed and a non-streamed request in flight at once do not share the live answer
     (a live stream is not converted half-way): two upstream calls; later both forms HIT."""
     fake.latency = 0.3
@@ -137,14 +143,18 @@ async def test_twins_in_flight_each_go_upstream(proxy, fake):
     assert fake.count("/v1/chat/completions") == 2
 
 
-def test_a_large_answer_converts_off_the_loop_and_whole(proxy, fake):
+def test_a_large_answer_converts_off_the_loop_and_whole(
+    proxy: ProxyServer, fake: FakeOpenAI
+) -> None:
     """A stored answer over 64 KB is converted on the worker pool (not the event loop) and
     reaches the streaming client whole; it is too large to be memoised, and converts again."""
     fake.chunks = 40_000  # about 340 KB of content: past the memo bound (256 KB)
     with sdk(proxy) as c:
         a = json_chat(c, model="gpt-4o-mini", messages=PROMPT)
         assert len(a[1]) > 64 * 1024
-        eventually(lambda: len(proxy.state.cache.store) == 1)  # stored after it was relayed
+        store = proxy.state.cache.store
+        assert isinstance(store, MemoryStore)
+        eventually(lambda: len(store) == 1)  # stored after it was relayed
         for _ in range(2):
             b = stream_chat(c, model="gpt-4o-mini", messages=PROMPT)
             assert b[0] == "HIT" and b[1:] == a[1:]

@@ -81,7 +81,9 @@ def named(key: str) -> str:
     [Behaviour.EXTRA_SAME_WRITE, Behaviour.EXTRA_LATE, Behaviour.BODY_AFTER_204],
     ids=lambda b: b.value,
 )
-def test_an_answer_nobody_asked_for_never_reaches_a_request(upstream, start, misbehaviour):
+def test_an_answer_nobody_asked_for_never_reaches_a_request(
+    upstream: ScriptedUpstream, start: Callable[..., Proc], misbehaviour: Behaviour
+) -> None:
     """An extra whole answer (in the answer's write, or later on the idle connection) or a body
     after a 204 closes that connection: the next tenant gets its own answer, and so does its
     repeat (a HIT of its own answer, not of the stray one)."""
@@ -100,7 +102,9 @@ def test_an_answer_nobody_asked_for_never_reaches_a_request(upstream, start, mis
     assert upstream.behaviours[misbehaviour.value] == 1
 
 
-def test_a_408_on_an_idle_connection_is_never_an_answer(upstream, start):
+def test_a_408_on_an_idle_connection_is_never_an_answer(
+    upstream: ScriptedUpstream, start: Callable[..., Proc]
+) -> None:
     """The everyday form: an idle keep-alive connection gets a 408 and is closed; the next
     request goes on a new connection and gets its answer."""
     upstream.behave = script(Behaviour.IDLE_408)
@@ -112,7 +116,9 @@ def test_a_408_on_an_idle_connection_is_never_an_answer(upstream, start):
     assert upstream.connections == 2
 
 
-def test_an_early_answer_ends_the_connections_reuse(upstream, start):
+def test_an_early_answer_ends_the_connections_reuse(
+    upstream: ScriptedUpstream, start: Callable[..., Proc]
+) -> None:
     """A 401 to a large POST before its body was read: the client gets the 401, the rest of
     the body is not sent, and the next tenant's request never goes on that socket."""
     upstream.behave = script(Behaviour.EARLY)
@@ -126,7 +132,9 @@ def test_an_early_answer_ends_the_connections_reuse(upstream, start):
     assert upstream.violations == []
 
 
-def test_a_post_the_upstream_read_is_never_resent(upstream, start):
+def test_a_post_the_upstream_read_is_never_resent(
+    upstream: ScriptedUpstream, start: Callable[..., Proc]
+) -> None:
     """A reused connection closed after the upstream read a POST: the client gets a 502 and
     the upstream saw the request once (RFC 9112 9.3.1)."""
     upstream.behave = script(Behaviour.NORMAL, Behaviour.READ_CLOSE)
@@ -142,7 +150,9 @@ def test_a_post_the_upstream_read_is_never_resent(upstream, start):
     assert sum(b'"two"' in r.body for r in upstream.requests) == 1
 
 
-def test_an_upstream_that_never_reads_the_body_gets_a_504_in_bounded_time(upstream, start):
+def test_an_upstream_that_never_reads_the_body_gets_a_504_in_bounded_time(
+    upstream: ScriptedUpstream, start: Callable[..., Proc]
+) -> None:
     """The upstream reads the head of a large POST and never its body: the write stalls, and
     after --upstream-read-timeout-s without progress the client gets the proxy's 504."""
     upstream.behave = script(Behaviour.HEAD_ONLY)
@@ -159,7 +169,9 @@ def test_an_upstream_that_never_reads_the_body_gets_a_504_in_bounded_time(upstre
 
 
 @pytest.mark.parametrize("coding", [Behaviour.CUT_GZIP, Behaviour.CUT_BR], ids=["gzip", "br"])
-def test_a_compressed_chat_answer_cut_short_is_never_stored(upstream, start, coding):
+def test_a_compressed_chat_answer_cut_short_is_never_stored(
+    upstream: ScriptedUpstream, start: Callable[..., Proc], coding: Behaviour
+) -> None:
     """A gzip/br body cut short but framed right: the client sees an error, and the same
     request again goes upstream (nothing was stored)."""
     upstream.behave = script(coding)
@@ -173,7 +185,9 @@ def test_a_compressed_chat_answer_cut_short_is_never_stored(upstream, start, cod
 
 
 @pytest.mark.parametrize("coding", [Behaviour.CUT_GZIP, Behaviour.CUT_BR], ids=["gzip", "br"])
-def test_a_cut_compressed_speech_answer_is_never_stored_nor_served(upstream, start, coding):
+def test_a_cut_compressed_speech_answer_is_never_stored_nor_served(
+    upstream: ScriptedUpstream, start: Callable[..., Proc], coding: Behaviour
+) -> None:
     """/v1/audio/speech answered with gzip/br cut short (framed right): the client sees an
     error, never half the audio, and the next identical request goes upstream again."""
     steps = iter([coding])
@@ -189,8 +203,8 @@ def test_a_cut_compressed_speech_answer_is_never_stored_nor_served(upstream, sta
 
 
 def test_headers_named_in_connection_are_not_forwarded_and_absolute_targets_get_400(
-    upstream, start
-):
+    upstream: ScriptedUpstream, start: Callable[..., Proc]
+) -> None:
     """`Connection: X-Private` makes X-Private hop-by-hop (RFC 9110 7.6.1); an absolute-form
     request target is refused with OpenAI's error shape, not glued to a path."""
     proc = start()
@@ -229,7 +243,9 @@ BASES = [
 ]
 
 
-def test_any_openai_compatible_base_url(upstream, start):
+def test_any_openai_compatible_base_url(
+    upstream: ScriptedUpstream, start: Callable[..., Proc]
+) -> None:
     """The README's table: each client base URL x --upstream path reaches the right path
     upstream (the base path's end is never repeated; the Azure api-version query is kept)."""
     by_base: dict[str, Proc] = {}
@@ -248,7 +264,9 @@ def test_any_openai_compatible_base_url(upstream, start):
         assert upstream.requests[-1].path == expected, (up_path, target)
 
 
-def test_head_goes_through_the_one_client_without_a_body(upstream, start):
+def test_head_goes_through_the_one_client_without_a_body(
+    upstream: ScriptedUpstream, start: Callable[..., Proc]
+) -> None:
     """HEAD: the answer's Content-Length describes a body that is not sent; the proxy relays
     the head and the next request still gets its own answer."""
     proc = start()
@@ -260,7 +278,9 @@ def test_head_goes_through_the_one_client_without_a_body(upstream, start):
     assert upstream.requests[0].method == "HEAD"
 
 
-def test_the_credential_recheck_sends_every_credential_header(upstream, start):
+def test_the_credential_recheck_sends_every_credential_header(
+    upstream: ScriptedUpstream, start: Callable[..., Proc]
+) -> None:
     """--auth-recheck-s: an `x-api-key` client's credential is re-checked with its x-api-key
     (an upstream that needs it says 200), so its HIT is served, not refused."""
     proc = start("--auth-recheck-s", "1")
@@ -322,7 +342,9 @@ class ConnectProxy:
         await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
 
 
-def test_https_upstream_through_an_egress_proxy_and_no_proxy(bg, start, tmp_path, monkeypatch):
+def test_https_upstream_through_an_egress_proxy_and_no_proxy(
+    bg: BackgroundLoop, start: Callable[..., Proc], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """HTTPS_PROXY: the proxy reaches an https upstream through a CONNECT tunnel (TLS checked
     against the upstream's own name inside it); NO_PROXY naming the host goes direct."""
     trustme = pytest.importorskip("trustme")
@@ -355,8 +377,8 @@ def test_https_upstream_through_an_egress_proxy_and_no_proxy(bg, start, tmp_path
 
 
 async def test_a_slow_first_byte_is_one_upstream_call_not_one_per_duplicate(
-    upstream, start, tmp_path
-):
+    upstream: ScriptedUpstream, start: Callable[..., Proc], tmp_path: Path
+) -> None:
     """An upstream that takes longer to its first byte than lock_timeout_s: five identical
     requests are one upstream POST (the leader is working, not silent), all answered alike."""
     rules = tmp_path / "rules.toml"

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import openai
 
+from proxy.testing import FakeOpenAI
 from tests.conftest import spawn_proxy
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_two_workers_share_the_embedded_store(fake, tmp_path):
+def test_two_workers_share_the_embedded_store(fake: FakeOpenAI, tmp_path: Path) -> None:
     """Two worker processes on one port answer from one SQLite store: 1 upstream call for
     20 sequential identical requests, whichever worker takes each."""
     proc, port = spawn_proxy(fake.base_url, tmp_path, "--workers", "2")
@@ -34,7 +35,7 @@ def test_two_workers_share_the_embedded_store(fake, tmp_path):
         assert proc.wait(15) is not None
 
 
-def test_two_workers_stats_add_up_whichever_answers(fake, tmp_path):
+def test_two_workers_stats_add_up_whichever_answers(fake: FakeOpenAI, tmp_path: Path) -> None:
     """With --workers 2, /_proxy/stats and /_proxy/metrics count every request sent, whichever
     worker answers (each shares its counters in the data folder every second)."""
     import re

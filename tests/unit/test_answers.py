@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.answers import UNKNOWN, storable, stored_headers
+from proxy.answers import UNKNOWN, Verdict, storable, stored_headers
 from proxy.coalesce import Flight, Outcome
 
 JSON = (("Content-Type", "application/json"),)
@@ -13,7 +13,7 @@ SSE = (("Content-Type", "text/event-stream"),)
 
 def finished(
     status: int,
-    headers,
+    headers: tuple[tuple[str, str], ...],
     *chunks: bytes,
     outcome: Outcome = Outcome.COMPLETE,
     expected: int | None = None,
@@ -28,7 +28,7 @@ def finished(
     return flight
 
 
-def verdict(flight: Flight, stream: bool):
+def verdict(flight: Flight, stream: bool) -> Verdict:
     return storable(flight, stream, flight.body())
 
 
@@ -39,12 +39,14 @@ CHAT_SSE = (
 )
 
 
-def test_a_whole_json_answer_is_stored_with_its_usage():
+def test_a_whole_json_answer_is_stored_with_its_usage() -> None:
+    """A whole JSON answer is storable and its usage is taken from the body."""
     v = verdict(finished(200, JSON, b'{"id":"x","usage":{"prompt_tokens":3}}'), False)
     assert v.ok and v.usage == {"prompt_tokens": 3}
 
 
-def test_a_whole_stream_is_stored_with_its_usage():
+def test_a_whole_stream_is_stored_with_its_usage() -> None:
+    """A whole chat stream is storable and its usage is taken from its events."""
     v = verdict(finished(200, SSE, *CHAT_SSE), True)
     assert v.ok and v.usage == {"prompt_tokens": 1, "completion_tokens": 2}
 
@@ -65,18 +67,22 @@ def test_a_whole_stream_is_stored_with_its_usage():
         (finished(200, SSE, b"x" * 64, max_bytes=8), True, "above max_record_mb"),
     ],
 )
-def test_what_is_not_stored(flight, stream, why):
+def test_what_is_not_stored(flight: Flight, stream: bool, why: str) -> None:
+    """Errors, unparseable or cut answers, streams without their terminal event, wrong lengths and
+    oversize answers are not stored, each with its reason."""
     v = verdict(flight, stream)
     assert not v.ok
     assert v.why == why or (why and why in v.why)
 
 
-def test_other_types_are_taken_as_they_are():
+def test_other_types_are_taken_as_they_are() -> None:
+    """An answer of another content type (audio) is storable as it is, with unknown usage."""
     v = verdict(finished(200, (("Content-Type", "audio/mpeg"),), b"ID3..."), False)
     assert v.ok and v.usage is UNKNOWN
 
 
-def test_stored_headers_drop_rate_limits_and_the_caches_own():
+def test_stored_headers_drop_rate_limits_and_the_caches_own() -> None:
+    """Stored headers keep the upstream's own headers and drop rate-limit and cache headers."""
     kept = stored_headers(
         (
             ("x-request-id", "r"),
@@ -88,7 +94,7 @@ def test_stored_headers_drop_rate_limits_and_the_caches_own():
     assert kept == (("x-request-id", "r"),)
 
 
-def test_stored_headers_share_their_strings_between_entries():
+def test_stored_headers_share_their_strings_between_entries() -> None:
     """Equal names and values of two answers are one object each in the entries (a stored
     answer's headers took more memory than a short answer's body); aiohttp's names, which
     are multidict.istr, are kept as plain strings."""
@@ -105,7 +111,7 @@ def test_stored_headers_share_their_strings_between_entries():
 
 
 @pytest.mark.parametrize("status", [201, 203, 204, 206])
-def test_only_a_200_is_stored(status):
+def test_only_a_200_is_stored(status: int) -> None:
     """A 204 (no body) or any other 2xx than 200 is never kept: it would be served as a HIT."""
     body = b"" if status == 204 else b'{"id":"x"}'
     v = verdict(finished(status, JSON, body), False)

@@ -20,7 +20,7 @@ from proxy.calibrate import (
 from proxy.errors import ConfigError
 
 
-def test_pairs_are_read_and_bad_lines_named():
+def test_pairs_are_read_and_bad_lines_named() -> None:
     """Good lines become pairs (kind defaults by label); a bad line is named by number."""
     pairs = read_pairs([b'{"a": "x", "b": "y", "same_answer": true}', b""], "f")
     assert pairs == [Pair("x", "y", True, "same answer", False)]
@@ -30,7 +30,7 @@ def test_pairs_are_read_and_bad_lines_named():
         read_pairs([], "f")
 
 
-def test_the_shipped_set_is_large_and_covers_every_trap_kind():
+def test_the_shipped_set_is_large_and_covers_every_trap_kind() -> None:
     """At least 400 pairs, a held-out third, and traps of every kind the guards cover."""
     pairs = read_pairs(shipped_pairs().splitlines(), "shipped")
     assert len(pairs) >= 400
@@ -45,7 +45,7 @@ def unit(*xs: float) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-def test_served_needs_the_threshold_and_the_guards():
+def test_served_needs_the_threshold_and_the_guards() -> None:
     """A pair is served at a threshold when its similarity clears it and no guard refuses."""
     pairs = [
         Pair("How do I boil an egg?", "How should I boil eggs?", True, "paraphrase", False),
@@ -63,7 +63,7 @@ def test_served_needs_the_threshold_and_the_guards():
     assert dict(high.by_kind) == {"paraphrase": 1.0, "antonym": 0.0}
 
 
-def test_the_chosen_threshold_serves_most_within_the_wrong_budget():
+def test_the_chosen_threshold_serves_most_within_the_wrong_budget() -> None:
     """The most same-answer pairs served with wrong answers within budget; ties go higher;
     None when nothing fits."""
     pairs = [Pair("a", "b", True, "p", False), Pair("c", "d", False, "t", False)]
@@ -77,7 +77,7 @@ def test_the_chosen_threshold_serves_most_within_the_wrong_budget():
     assert choose([point(scored, 0.80)], 0.05) is None
 
 
-def test_the_choice_is_conservative():
+def test_the_choice_is_conservative() -> None:
     """Half the wrong budget, then the highest threshold within SERVED_MARGIN of the most
     served: not the lowest threshold that fits (it served 3x the traps on unseen pairs)."""
     rows = [(0.90, 0.80, 0.04), (0.91, 0.78, 0.02), (0.92, 0.77, 0.02), (0.93, 0.70, 0.0)]

@@ -13,13 +13,13 @@ def read(**headers: str) -> CallerControls:
     return read_caller(CIMultiDict({k.replace("_", "-"): v for k, v in headers.items()}))
 
 
-def test_no_header_is_no_caller():
+def test_no_header_is_no_caller() -> None:
     """A request without any of the headers gets the shared NO_CALLER (nothing to memo)."""
     assert read(Authorization="Bearer x") is NO_CALLER
     assert NO_CALLER.memo == "" and not NO_CALLER.keys
 
 
-def test_key_and_fields_and_aliases():
+def test_key_and_fields_and_aliases() -> None:
     """X-Cache-Key and cf-aig-cache-key name the entry; ignored fields are deduplicated and
     sorted, whichever header (X-Cache-Ignore-Fields, Helicone-Cache-Ignore-Keys) names them."""
     assert read(X_Cache_Key=" k1 ").key == "k1"
@@ -30,7 +30,7 @@ def test_key_and_fields_and_aliases():
     assert read(X_Cache_Key="a|b").memo != read(X_Cache_Key="a", X_Cache_Ignore_Fields="b").memo
 
 
-def test_ttl_and_skip():
+def test_ttl_and_skip() -> None:
     """X-Cache-TTL is seconds as given; cf-aig-cache-ttl is held to Cloudflare's 60 s to a
     month; skip-cache true and Helicone-Cache-Enabled false bypass."""
     assert read(X_Cache_TTL="5").ttl_s == 5.0
@@ -42,7 +42,7 @@ def test_ttl_and_skip():
     assert not read(Helicone_Cache_Enabled="true").skip
 
 
-def test_controls_follow_the_caller():
+def test_controls_follow_the_caller() -> None:
     """skip is no-store; a TTL is a max-age, the shorter of it and Cache-Control's."""
     assert with_caller(DEFAULT_CONTROLS, read(cf_aig_skip_cache="true")).mode is Mode.BYPASS
     assert with_caller(DEFAULT_CONTROLS, read(X_Cache_TTL="30")).max_age == 30.0
@@ -60,7 +60,7 @@ def test_controls_follow_the_caller():
         {"X-Cache-Ignore-Fields": "x" * 257},
     ],
 )
-def test_bad_values_are_refused(headers):
+def test_bad_values_are_refused(headers: dict[str, str]) -> None:
     """Unreadable or unbounded values raise BadCacheHeader (an OpenAI-shaped 400)."""
     with pytest.raises(BadCacheHeader):
         read_caller(CIMultiDict(headers))

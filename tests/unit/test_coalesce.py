@@ -6,15 +6,17 @@ import asyncio
 
 import pytest
 
-from proxy.coalesce import COMPLETE, LAG_BYTES, Flight, Flights, Outcome
+from proxy.coalesce import COMPLETE, LAG_BYTES, Flight, Flights, Outcome, Reader
 from proxy.errors import Lagged
 
 
-async def read_all(reader) -> list[bytes]:
+async def read_all(reader: Reader) -> list[bytes]:
     return [chunk async for chunk in reader.chunks()]
 
 
-async def test_a_late_reader_gets_every_chunk_from_the_first_then_live():
+async def test_a_late_reader_gets_every_chunk_from_the_first_then_live() -> None:
+    """A reader that joins a flight half-way gets every chunk from the first one, then the live
+    ones."""
     flight = Flight("k", max_bytes=1 << 20)
     first = flight.attach()
     flight.publish_head(200, (("Content-Type", "text/event-stream"),))
@@ -30,7 +32,8 @@ async def test_a_late_reader_gets_every_chunk_from_the_first_then_live():
     assert flight.body() == b"abc" and flight.size == 3
 
 
-async def test_wait_head_times_out_on_a_silent_leader_unless_it_is_busy():
+async def test_wait_head_times_out_on_a_silent_leader_unless_it_is_busy() -> None:
+    """Waiting for a head times out on a silent leader but keeps waiting for a busy one."""
     flight = Flight("k", max_bytes=100)
     assert await flight.wait_head(0.01) is None
     flight.busy = True
@@ -42,7 +45,8 @@ async def test_wait_head_times_out_on_a_silent_leader_unless_it_is_busy():
     assert head is not None and head.status == 200
 
 
-async def test_an_ended_flight_without_a_head_answers_none():
+async def test_an_ended_flight_without_a_head_answers_none() -> None:
+    """A flight that ends before any head wakes its waiters with None and keeps its reason."""
     flight = Flight("k", max_bytes=100)
     waiter = asyncio.ensure_future(flight.wait_head(None))
     await asyncio.sleep(0)
@@ -50,7 +54,8 @@ async def test_an_ended_flight_without_a_head_answers_none():
     assert await waiter is None and flight.reason == "upstream unreachable"
 
 
-async def test_overflow_stops_joiners_and_releases_what_every_reader_passed():
+async def test_overflow_stops_joiners_and_releases_what_every_reader_passed() -> None:
+    """A flight past max_bytes takes no joiners and releases the chunks every reader passed."""
     flight = Flight("k", max_bytes=10)
     reader = flight.attach()
     flight.publish_head(200, ())
@@ -67,7 +72,8 @@ async def test_overflow_stops_joiners_and_releases_what_every_reader_passed():
     assert [c async for c in chunks] == [b"z"]
 
 
-async def test_a_reader_that_lags_past_the_window_is_cut():
+async def test_a_reader_that_lags_past_the_window_is_cut() -> None:
+    """A reader that falls behind by more than the lag window is cut with Lagged."""
     flight = Flight("k", max_bytes=1)
     slow = flight.attach()
     flight.publish_head(200, ())
@@ -79,7 +85,9 @@ async def test_a_reader_that_lags_past_the_window_is_cut():
         await read_all(slow)
 
 
-async def test_a_cut_flight_ends_its_readers_and_is_not_joinable():
+async def test_a_cut_flight_ends_its_readers_and_is_not_joinable() -> None:
+    """A cut flight ends its readers after what they had, is not joinable, and keeps its first
+    outcome."""
     flight = Flight("k", max_bytes=100)
     reader = flight.attach()
     flight.publish_head(200, ())
@@ -91,7 +99,9 @@ async def test_a_cut_flight_ends_its_readers_and_is_not_joinable():
     assert flight.outcome is Outcome.CUT
 
 
-async def test_a_cancelled_reader_leaves_no_waiter_and_detaches():
+async def test_a_cancelled_reader_leaves_no_waiter_and_detaches() -> None:
+    """A cancelled reader leaves no waiter behind and closing it (twice) detaches it from the
+    flight."""
     flight = Flight("k", max_bytes=100)
     reader = flight.attach()
     flight.publish_head(200, ())
@@ -107,7 +117,9 @@ async def test_a_cancelled_reader_leaves_no_waiter_and_detaches():
     assert flight.readers == 0 and flight.detached_since is not None
 
 
-async def test_the_registry_forgets_unjoinable_flights_and_debounces():
+async def test_the_registry_forgets_unjoinable_flights_and_debounces() -> None:
+    """The flight registry keeps a finished flight for its debounce window, forgets cut ones, and
+    lets a new leader replace an old flight."""
     flights = Flights()
     flight = flights.lead("k", max_bytes=100)
     assert flights.get("k") is flight

@@ -12,7 +12,7 @@ from proxy.rules import default_rules_path
 PRICES = Prices.load(default_rules_path() / "prices.toml")
 
 
-def test_prices():
+def test_prices() -> None:
     """Tokens, cached tokens, images and speech are priced; unknown models are unpriced."""
     today = dt.date(2026, 1, 1)
     usage = {

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy import sse
-from proxy.coalesce import Flight
+from proxy.coalesce import Flight, Reader
 from proxy.errors import Lagged
 from proxy.models import CLOCK, CachedResponse
 from proxy.replay import whole
@@ -31,7 +32,7 @@ def one_pass(body: bytes) -> tuple[str, object]:
 
 @settings(max_examples=60, deadline=None)
 @given(name=st.sampled_from(STREAMS), cuts=st.lists(st.integers(0, 10_000), max_size=30))
-def test_scanner_fed_in_any_pieces_agrees_with_one_pass(name, cuts):
+def test_scanner_fed_in_any_pieces_agrees_with_one_pass(name: str, cuts: list[int]) -> None:
     """Split a recorded real stream anywhere (mid-line, mid-CRLF): same verdict and usage."""
     body = recorded(name)["response"]["body_text"].encode()
     points = sorted({c % (len(body) + 1) for c in cuts})
@@ -44,7 +45,9 @@ def test_scanner_fed_in_any_pieces_agrees_with_one_pass(name, cuts):
     assert (scan.verdict(), scan.usage) == one_pass(body)
 
 
-def test_scanner_sees_a_cut_and_an_error_event():
+def test_scanner_sees_a_cut_and_an_error_event() -> None:
+    """The SSE scanner names a stream without its terminal event and a stream carrying an error
+    event."""
     scan = sse.Scanner()
     scan.feed(b'data: {"choices":[]}\n\n')
     scan.close()
@@ -55,7 +58,7 @@ def test_scanner_sees_a_cut_and_an_error_event():
     assert scan.verdict() == "stream carried an error event"
 
 
-async def test_a_reader_that_lags_behind_an_overflowing_flight_is_cut():
+async def test_a_reader_that_lags_behind_an_overflowing_flight_is_cut() -> None:
     """Past max_bytes the flight keeps a window; a reader whose chunks left it gets Lagged,
     never a chunk from the wrong place."""
     flight = Flight("k", max_bytes=10)
@@ -73,13 +76,13 @@ async def test_a_reader_that_lags_behind_an_overflowing_flight_is_cut():
     assert [c[0] for c in got_fast] == [i % 256 for i in range(2000)]
 
 
-async def _take(reader, n):
+async def _take(reader: Reader, n: int) -> AsyncIterator[bytes]:
     it = reader.chunks()
     for _ in range(n):
         yield await asyncio.wait_for(it.__anext__(), 1)
 
 
-def test_age_uses_the_store_clock():
+def test_age_uses_the_store_clock() -> None:
     """With Redis's clock ahead of this machine's, Age counts from the store's time."""
     entry = CachedResponse(200, (), b"x", created=time.time() + 100)
     try:
@@ -89,7 +92,7 @@ def test_age_uses_the_store_clock():
         CLOCK.offset = 0.0
 
 
-def test_stale_if_error_directive_and_window():
+def test_stale_if_error_directive_and_window() -> None:
     """The directive is read like max-age (invalid values ignored); the window is the rule's
     option, the directive's, or the smaller of both."""
     from proxy.plan import parse_cache_control
@@ -121,14 +124,14 @@ def test_stale_if_error_directive_and_window():
         ("/gateway", "/v1/models", "/gateway/v1/models"),
     ],
 )
-def test_the_base_path_is_joined_once(base, path_qs, expected):
+def test_the_base_path_is_joined_once(base: str, path_qs: str, expected: str) -> None:
     """The base URL's path, then the request's with what they share left out, never doubled."""
     from proxy.upstream import join_path
 
     assert join_path(base.rstrip("/"), path_qs) == expected
 
 
-def test_response_headers_named_in_connection_are_dropped():
+def test_response_headers_named_in_connection_are_dropped() -> None:
     """An upstream header the answer's Connection header names is hop-by-hop (RFC 9110
     7.6.1): never passed to the client nor stored; the others are kept."""
     from multidict import CIMultiDict

@@ -12,12 +12,12 @@ from proxy.status import COALESCED, HIT, MISS, PARTIAL
 ARGS = (b"secret", b"t" * 32, "POST", "/v1/embeddings", "", "")
 
 
-def keys(body: dict, tenant: bytes = b"t" * 32) -> list[str]:
+def keys(body: dict[str, Any], tenant: bytes = b"t" * 32) -> list[str]:
     args = (ARGS[0], tenant, *ARGS[2:])
     return item_keys(*args, "m", ("user",), orjson.dumps(body)).keys
 
 
-def test_which_inputs_go_item_by_item():
+def test_which_inputs_go_item_by_item() -> None:
     """Lists of 2..2048 strings or token arrays do; one string, one token array, a list of
     one, an over-long list or mixed junk do not."""
     assert per_item({"input": ["a", "b"]})
@@ -30,7 +30,7 @@ def test_which_inputs_go_item_by_item():
     assert not per_item({"input": [[1, True], [2]]})
 
 
-def test_item_keys_cover_every_other_field():
+def test_item_keys_cover_every_other_field() -> None:
     """An item's key is the same in any list, and changes with the model, dimensions,
     encoding format or tenant, not with an ignored field; "float" is the default format."""
     base = {"model": "m", "input": ["x", "y"], "dimensions": 8}
@@ -43,7 +43,7 @@ def test_item_keys_cover_every_other_field():
     assert keys(base)[0] != keys(base, tenant=b"u" * 32)[0]
 
 
-def test_split_and_assemble_round_trip():
+def test_split_and_assemble_round_trip() -> None:
     """An answer is split into items by index (whatever their order), and assembled back
     into OpenAI's shape; a wrong count or a duplicate index is no answer."""
     answer: dict[str, Any] = {
@@ -68,7 +68,7 @@ def test_split_and_assemble_round_trip():
     assert split_answer(b"not json", 2) is None
 
 
-def test_status_and_shares():
+def test_status_and_shares() -> None:
     """HIT, COALESCED, MISS, PARTIAL by where the items came from; shares sum to the call."""
     assert status_of(3, 0, 0) is HIT
     assert status_of(0, 2, 0) is COALESCED

@@ -44,7 +44,7 @@ def why(a: str, b: str) -> str | None:
         ("What is 7 - 3?", "What is 3 - 7?"),
     ],
 )
-def test_numbers_are_compared_in_order_with_sign_units_and_form(a, b):
+def test_numbers_are_compared_in_order_with_sign_units_and_form(a: str, b: str) -> None:
     """Numbers differing in order, sign, fraction, unit, suffix, ordinal, roman form, date or
     am/pm are refused by the numbers guard."""
     assert why(a, b) == "numbers"
@@ -61,7 +61,7 @@ def test_numbers_are_compared_in_order_with_sign_units_and_form(a, b):
         ("Is 2 pm too late for coffee?", "Is 2pm too late for coffee?"),
     ],
 )
-def test_the_same_numbers_written_otherwise_pass(a, b):
+def test_the_same_numbers_written_otherwise_pass(a: str, b: str) -> None:
     """Digits, words, separators and suffixes that say the same number pass."""
     assert why(a, b) is None
 
@@ -79,7 +79,7 @@ def test_the_same_numbers_written_otherwise_pass(a, b):
         ("Is the museum open on Mondays?", "Is the museum never open on Mondays?"),
     ],
 )
-def test_negation_in_major_languages(a, b):
+def test_negation_in_major_languages(a: str, b: str) -> None:
     """A negation in one text only (English, German, Spanish, French, Italian, Russian,
     Chinese, "fail to") is refused."""
     assert why(a, b) == "negation"
@@ -95,12 +95,12 @@ def test_negation_in_major_languages(a, b):
         ("Why is the data consistent?", "Why is the data inconsistent?"),
     ],
 )
-def test_affixes_negate_their_stem(a, b):
+def test_affixes_negate_their_stem(a: str, b: str) -> None:
     """un-, in-, il-, -less and friends against the plain stem are refused."""
     assert why(a, b) in ("affix", "antonym")
 
 
-def test_non_prefix_is_a_negation():
+def test_non_prefix_is_a_negation() -> None:
     """ "non-transferable" against "transferable" is refused."""
     assert why("Is the ticket transferable?", "Is the ticket non-transferable?") is not None
 
@@ -116,7 +116,7 @@ def test_non_prefix_is_a_negation():
         ("How do I enable dark mode?", "How do I disable dark mode?"),
     ],
 )
-def test_antonym_pairs(a, b):
+def test_antonym_pairs(a: str, b: str) -> None:
     """Lexicon antonyms on opposite sides are refused."""
     assert why(a, b) == "antonym"
 
@@ -130,7 +130,7 @@ def test_antonym_pairs(a, b):
         ("How do I upload a file?", "How do I download a file?"),
     ],
 )
-def test_direction_words(a, b):
+def test_direction_words(a: str, b: str) -> None:
     """buy/sell, import/export, before/after, upload/download on opposite sides are refused."""
     assert why(a, b) == "direction"
 
@@ -146,7 +146,7 @@ def test_direction_words(a, b):
         ("How do I install Kubernetes on Ubuntu?", "How do I install Kubernetes on Fedora?"),
     ],
 )
-def test_entities_products_currencies_and_languages(a, b):
+def test_entities_products_currencies_and_languages(a: str, b: str) -> None:
     """A swapped country, product, currency or language is refused."""
     assert why(a, b) == "entity"
 
@@ -165,7 +165,7 @@ def test_entities_products_currencies_and_languages(a, b):
         ),
     ],
 )
-def test_entities_in_order_where_direction_matters(a, b):
+def test_entities_in_order_where_direction_matters(a: str, b: str) -> None:
     """The same entities the other way round, with a direction marker, are refused."""
     assert why(a, b) == "order"
 
@@ -187,12 +187,12 @@ def test_entities_in_order_where_direction_matters(a, b):
         ("Is this recipe suitable for vegetarians?", "Is this recipe suitable for vegans?"),
     ],
 )
-def test_scope_who_and_which_plan(a, b):
+def test_scope_who_and_which_plan(a: str, b: str) -> None:
     """Who or which plan or class the question is for differs: refused."""
     assert why(a, b) == "scope"
 
 
-def test_language_of_the_question():
+def test_language_of_the_question() -> None:
     """The same question in another language is refused (its answer is in another language)."""
     assert why("What is the capital of France?", "Quelle est la capitale de la France ?") == (
         "language"
@@ -216,7 +216,7 @@ def test_language_of_the_question():
         ("what is the capital of france", "What is the capital city of France?"),
     ],
 )
-def test_paraphrases_pass(a, b):
+def test_paraphrases_pass(a: str, b: str) -> None:
     """Paraphrases with the same numbers, polarity, entities and scope pass every guard."""
     assert why(a, b) is None
 
@@ -258,7 +258,7 @@ def test_paraphrases_pass(a, b):
         ("Will it rain tomorrow in Oslo?", "Will it rain next week in Oslo?"),
     ],
 )
-def test_a_replaced_content_word_is_a_swap(a, b):
+def test_a_replaced_content_word_is_a_swap(a: str, b: str) -> None:
     """Nearly the same content words with one or two replaced on each side (a minimal pair)
     are refused by the swap guard, whatever the words and the language."""
     assert why(a, b) == "swap"
@@ -278,7 +278,7 @@ def test_a_replaced_content_word_is_a_swap(a, b):
         ("Can a Mac run Windows apps?", "Can a Windows PC run Mac apps?"),
     ],
 )
-def test_the_same_words_crossing_an_order_marker(a, b):
+def test_the_same_words_crossing_an_order_marker(a: str, b: str) -> None:
     """The same content words on the other sides of an order marker (en, than, to, in, a
     direction word), or two of them trading places with no "and"/"between" to make the
     relation symmetric, are refused by the order guard."""
@@ -321,32 +321,32 @@ def test_the_same_words_crossing_an_order_marker(a, b):
         ("Who was the first person on the moon?", "Which astronaut first set foot on the moon?"),
     ],
 )
-def test_near_repeats_and_restatements_pass(a, b):
+def test_near_repeats_and_restatements_pass(a: str, b: str) -> None:
     """Typos, inflections, fillers, hyphens, apostrophes, a number word used as a word, an
     added place, and the rewordings the evaluator saw refused, pass every guard."""
     assert why(a, b) is None
 
 
-def test_antonyms_clash_only_when_each_side_holds_its_own_pole():
+def test_antonyms_clash_only_when_each_side_holds_its_own_pole() -> None:
     """ "slow ... faster" against "slow" is no clash: only a pole one side holds alone against
     the other pole the other side holds alone is."""
     a, b = "How can I speed up my slow Wi-Fi?", "My wifi is slow, how do I make it faster?"
     assert guards.antonym(features(a, KEY), features(b, KEY)) is False
 
 
-def test_a_synonym_in_a_minimal_pair_is_refused():
+def test_a_synonym_in_a_minimal_pair_is_refused() -> None:
     """The swap guard cannot tell a synonym from an antonym in a minimal pair: "undo" /
     "revert" is refused like "thicker" / "thinner" (the price of not serving traps)."""
     assert why("How do I undo a commit in git?", "How can I revert a commit in git?") == "swap"
 
 
-def test_a_rewording_of_many_words_is_not_a_swap():
+def test_a_rewording_of_many_words_is_not_a_swap() -> None:
     """Three or more content words replaced on a side is a rewording, not a minimal pair."""
     a, b = "What causes the northern lights?", "Why does the aurora borealis glow in the night sky?"
     assert guards.swap(features(a, KEY), features(b, KEY)) is False
 
 
-def test_every_guard_is_named_and_pure():
+def test_every_guard_is_named_and_pure() -> None:
     """Each guard is its own function, listed under the name its refusal is logged by."""
     names = [name for name, _ in guards.GUARDS]
     assert len(names) == len(set(names))
@@ -357,7 +357,7 @@ def test_every_guard_is_named_and_pure():
         assert check(f, f) is False
 
 
-def test_features_hold_no_text():
+def test_features_hold_no_text() -> None:
     """The stored form holds digests, never a word of the text."""
     blob = pack(features("Does my grandmother's Medicare cover hearing aids in Ohio?", KEY))
     for word in (b"grandmother", b"Medicare", b"hearing", b"Ohio", b"medicare", b"ohio"):
@@ -379,7 +379,7 @@ WORDS = st.sampled_from(VOCABULARY.split(" "))
 
 @settings(max_examples=300, print_blob=True)
 @given(st.lists(WORDS, max_size=12), st.lists(WORDS, max_size=12))
-def test_refusals_are_symmetric(a, b):
+def test_refusals_are_symmetric(a: list[str], b: list[str]) -> None:
     """Every guard says of B against A what it says of A against B."""
     fa, fb = features(" ".join(a), KEY), features(" ".join(b), KEY)
     for name, check in guards.GUARDS:
@@ -389,7 +389,7 @@ def test_refusals_are_symmetric(a, b):
 
 @settings(max_examples=200, print_blob=True)
 @given(st.text(max_size=300), st.text(max_size=300))
-def test_any_text_is_read_and_stored(a, b):
+def test_any_text_is_read_and_stored(a: str, b: str) -> None:
     """Any text gives features that round-trip through the stored form, symmetrically."""
     fa, fb = features(a, KEY), features(b, KEY)
     assert unpack(pack(fa)) == fa
@@ -397,7 +397,7 @@ def test_any_text_is_read_and_stored(a, b):
     assert refusal(fa, fa) is None
 
 
-def test_the_stored_form_is_bounded_for_any_text():
+def test_the_stored_form_is_bounded_for_any_text() -> None:
     """8000 characters of distinct names, negated words and from/to pairs keep a stored form
     of a few KiB (words, entities, stems and ends are capped)."""
 
@@ -425,7 +425,7 @@ def test_the_stored_form_is_bounded_for_any_text():
         ("Gift for a twenty-five-year-old?", "Gift for a twenty five year old?"),
     ],
 )
-def test_hyphens_do_not_change_the_numbers(a, b):
+def test_hyphens_do_not_change_the_numbers(a: str, b: str) -> None:
     """A number word or number hyphenated to the next word reads as the same number spaced."""
     assert why(a, b) is None
 
@@ -441,7 +441,7 @@ def test_hyphens_do_not_change_the_numbers(a, b):
         ("What's a good gift for a ten-year-old?", "What's a good gift for a two-year-old?"),
     ],
 )
-def test_a_number_in_a_compound_still_counts(a, b):
+def test_a_number_in_a_compound_still_counts(a: str, b: str) -> None:
     """A number hyphenated or glued to a word (two-factor, 3D) is still compared."""
     assert why(a, b) == "numbers"
 
@@ -459,7 +459,7 @@ def test_a_number_in_a_compound_still_counts(a, b):
         ("How do I start a garden?", "What is the first step to start a garden?"),
     ],
 )
-def test_numbers_joined_by_a_symmetric_word_are_a_set(a, b):
+def test_numbers_joined_by_a_symmetric_word_are_a_set(a: str, b: str) -> None:
     """Numbers directly around "and", "or", "vs", "differ from" may come in either order,
     and "first" meaning "to begin with" is no ordinal."""
     assert guards.numbers(features(a, KEY), features(b, KEY)) is False
@@ -477,7 +477,7 @@ def test_numbers_joined_by_a_symmetric_word_are_a_set(a, b):
         ("Take 5 mg then 10 mg", "Take 10 mg then 5 mg"),
     ],
 )
-def test_ordered_numbers_stay_ordered(a, b):
+def test_ordered_numbers_stay_ordered(a: str, b: str) -> None:
     """Operators, dates, numbers not directly around a symmetric word keep their order."""
     assert guards.numbers(features(a, KEY), features(b, KEY)) is True
 
@@ -489,7 +489,7 @@ def test_ordered_numbers_stay_ordered(a, b):
         ("What is the first step in making bread?", "What is the last step in making bread?"),
     ],
 )
-def test_first_as_a_word_still_clashes_with_last(a, b):
+def test_first_as_a_word_still_clashes_with_last(a: str, b: str) -> None:
     """ "first" read as "to begin with" or as an ordinal is still refused against "last"."""
     assert why(a, b) in ("swap", "numbers")
 
@@ -502,7 +502,7 @@ def test_first_as_a_word_still_clashes_with_last(a, b):
         ("How do I clean a cast iron skillet?", "How do I clean a castiron skillet?"),
     ],
 )
-def test_a_compound_is_the_same_word_as_its_two_parts(a, b):
+def test_a_compound_is_the_same_word_as_its_two_parts(a: str, b: str) -> None:
     """A word written as one on one side and as two adjacent words on the other is no swap."""
     assert why(a, b) is None
 
@@ -514,6 +514,6 @@ def test_a_compound_is_the_same_word_as_its_two_parts(a, b):
         ("How do I write a for-loop in Rust?", "How do I write a while loop in Rust?"),
     ],
 )
-def test_a_compound_against_other_words_is_still_a_swap(a, b):
+def test_a_compound_against_other_words_is_still_a_swap(a: str, b: str) -> None:
     """Only the two parts that make the compound are matched: other words are a swap."""
     assert why(a, b) == "swap"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json  # noqa: TID251 - stdlib writes integers of any size, which orjson refuses to
 import zlib
+from typing import Any
 
 import brotli
 import orjson
@@ -21,7 +22,7 @@ from proxy.images.rehost import ImageRehoster
 from proxy.keys import credential_of, mac_key, tenant_digest
 from proxy.models import CachedResponse
 from proxy.normalize import MAX_DEPTH
-from proxy.plan import LABEL_MAX, make_plan
+from proxy.plan import LABEL_MAX, Plan, make_plan
 from proxy.rules import default_rules_path, load_rules
 
 RULES = load_rules(default_rules_path())
@@ -30,7 +31,7 @@ TENANT = tenant_digest(mac_key(SECRET), "Bearer sk-a", "", "")
 CHAT = "/v1/chat/completions"
 
 
-def plan(body: bytes, ctype: str = "application/json", route: str = CHAT):
+def plan(body: bytes, ctype: str = "application/json", route: str = CHAT) -> Plan:
     return make_plan(RULES, SECRET, TENANT, "POST", route, "", "", ctype, body)
 
 
@@ -39,7 +40,7 @@ def chat(content: str, **extra: object) -> bytes:
     return json.dumps(body).encode()
 
 
-def test_every_credential_header_enters_the_tenant():
+def test_every_credential_header_enters_the_tenant() -> None:
     """Authorization and api-key (and x-api-key) all count, every value of each."""
     one = credential_of(CIMultiDict({"Authorization": "Bearer sk-a", "api-key": "k1"}))
     two = credential_of(CIMultiDict({"Authorization": "Bearer sk-a", "api-key": "k2"}))
@@ -50,7 +51,7 @@ def test_every_credential_header_enters_the_tenant():
     assert moved != only_auth  # the same value under another header is another tenant
 
 
-def test_json_is_keyed_by_content_whatever_the_content_type():
+def test_json_is_keyed_by_content_whatever_the_content_type() -> None:
     """curl -d (form encoding) and text/plain JSON bodies get the key of their content."""
     a, b = chat("first prompt"), chat("second prompt")
     for ctype in ("application/x-www-form-urlencoded", "text/plain", ""):
@@ -59,7 +60,7 @@ def test_json_is_keyed_by_content_whatever_the_content_type():
         assert plan(a, ctype).model == "gpt-4o-mini"
 
 
-def test_a_body_with_no_canonical_form_is_keyed_by_its_exact_bytes():
+def test_a_body_with_no_canonical_form_is_keyed_by_its_exact_bytes() -> None:
     """Two different unparsable bodies never share a key, and neither is keyed as `{}`."""
     empty = plan(b"{}").key
     one, two = plan(b"not json 1", "text/plain").key, plan(b"not json 2", "text/plain").key
@@ -67,14 +68,15 @@ def test_a_body_with_no_canonical_form_is_keyed_by_its_exact_bytes():
     assert plan(b"not json 1", "text/csv").key != one  # the type is part of it
 
 
-def test_declared_json_that_does_not_parse_is_a_400():
+def test_declared_json_that_does_not_parse_is_a_400() -> None:
+    """A body declared as JSON that does not parse, or is not an object, is refused as BadBody."""
     with pytest.raises(BadBody):
         plan(b'{"model": ')
     with pytest.raises(BadBody):
         plan(b"[1, 2]")
 
 
-def test_integers_past_64_bits_keep_their_exact_value():
+def test_integers_past_64_bits_keep_their_exact_value() -> None:
     """orjson reads them as floats; two seeds one apart must still get two keys."""
     keys = {plan(chat("x", seed=2**64 + n)).key for n in range(3)}
     assert len(keys) == 3
@@ -82,7 +84,7 @@ def test_integers_past_64_bits_keep_their_exact_value():
     assert plan(chat("x", seed=7.0)).key == plan(chat("x", seed=7)).key  # still unified below
 
 
-def test_nesting_is_bounded_with_a_400():
+def test_nesting_is_bounded_with_a_400() -> None:
     """Past MAX_DEPTH (and past orjson's own limit) the body is a clear 400, never a crash."""
     ok = b'{"model":"m","x":' + b"[" * (MAX_DEPTH - 2) + b"]" * (MAX_DEPTH - 2) + b"}"
     assert plan(ok).key
@@ -95,7 +97,8 @@ def test_nesting_is_bounded_with_a_400():
         plan(b'{"model":"m","x":' + b"[" * 300 + b"]" * 300 + b"}")
 
 
-def test_multipart_part_count_is_bounded():
+def test_multipart_part_count_is_bounded() -> None:
+    """A multipart body with too many parts is refused with TooManyParts."""
     boundary = "b0undary"
     part = f'--{boundary}\r\nContent-Disposition: form-data; name="f"\r\n\r\nv\r\n'
     body = (part * 20_000 + f"--{boundary}--\r\n").encode()
@@ -103,7 +106,7 @@ def test_multipart_part_count_is_bounded():
         plan(body, f"multipart/form-data; boundary={boundary}", "/v1/images/edits")
 
 
-def test_labels_from_the_body_are_bounded():
+def test_labels_from_the_body_are_bounded() -> None:
     """A megabyte model name is cut for labels, logs and memos (the key still sees it all)."""
     huge = "m" * 1_000_000
     p = plan(orjson.dumps({"model": huge, "messages": []}))
@@ -129,7 +132,7 @@ def test_labels_from_the_body_are_bounded():
         ]
     ),
 )
-def test_arbitrary_bytes_raise_nothing_but_bad_body(body, ctype):
+def test_arbitrary_bytes_raise_nothing_but_bad_body(body: bytes, ctype: str) -> None:
     """Whatever the bytes, the planner answers a plan or the proxy's own bad-body error."""
     try:
         p = plan(body, ctype)
@@ -153,7 +156,7 @@ JSON = st.recursive(
 
 @settings(max_examples=300, deadline=None)
 @given(a=JSON, b=JSON, field=st.sampled_from(["messages", "temperature", "seed", "tools", "x"]))
-def test_bodies_that_differ_in_a_kept_field_never_share_a_key(a, b, field):
+def test_bodies_that_differ_in_a_kept_field_never_share_a_key(a: Any, b: Any, field: str) -> None:
     """Two JSON bodies differing in a non-ignored field never share a key (integers of any
     size included); the same bytes always give the same key."""
     one = json.dumps({"model": "gpt-4o-mini", field: a}).encode()
@@ -175,7 +178,10 @@ def test_bodies_that_differ_in_a_kept_field_never_share_a_key(a, b, field):
     ),
     boundary=st.sampled_from(["abc", "----x123", "b"]),
 )
-def test_multipart_bodies_raise_nothing_but_bad_body(fields, boundary):
+def test_multipart_bodies_raise_nothing_but_bad_body(
+    fields: list[tuple[str, bytes]], boundary: str
+) -> None:
+    """Any multipart body, however broken, plans or raises BadBody, never another exception."""
     body = (
         b"".join(
             b"--"
@@ -198,7 +204,7 @@ def test_multipart_bodies_raise_nothing_but_bad_body(fields, boundary):
     assert p.key
 
 
-def test_encoded_bodies_decode_capped_while_decoding():
+def test_encoded_bodies_decode_capped_while_decoding() -> None:
     """gzip, deflate (zlib and raw), br and stacked codings decode; a bomb stops at the cap."""
     data = b'{"model":"m"}' * 100
     raw_deflate = zlib.compressobj(wbits=-15)
@@ -219,7 +225,7 @@ def test_encoded_bodies_decode_capped_while_decoding():
     assert not decodable("zstd") and decodable("identity") and decodable("x-gzip")
 
 
-def test_a_damaged_entry_is_a_corrupt_entry_and_nothing_else():
+def test_a_damaged_entry_is_a_corrupt_entry_and_nothing_else() -> None:
     """Any damage (zlib, JSON, types, lengths) raises CorruptEntry, a ValueError."""
     good = CachedResponse(200, (("a", "b"),), b"x" * 20000, 1.0).to_bytes()
     damaged = [b"", b"OCZ1garbage", b"OCP1\0\0\0\x05{}xx", good[:50], b"OCP1\0\0\0\x02[]"]
@@ -230,7 +236,7 @@ def test_a_damaged_entry_is_a_corrupt_entry_and_nothing_else():
     assert CachedResponse.from_bytes(good).body == b"x" * 20000
 
 
-def test_image_source_hosts_check_ports():
+def test_image_source_hosts_check_ports() -> None:
     """A bare host allows its scheme's default port only; host:port allows that port."""
     r = ImageRehoster(
         LocalImageStore(__import__("pathlib").Path("/nonexistent")),
@@ -244,7 +250,9 @@ def test_image_source_hosts_check_ports():
     assert not r.allows("https://img.example:99999/a.png")
 
 
-def test_image_links_follow_the_client_and_a_forged_host_reaches_nobody():
+def test_image_links_follow_the_client_and_a_forged_host_reaches_nobody() -> None:
+    """Image links are rebased on the client's own base URL, and a forged Host header falls back to
+    the configured base."""
     body = orjson.dumps({"data": [{"url": PLACEHOLDER_BASE + "/_proxy/images/a.png"}]})
     assert b"http://localhost:1/_proxy" in rebase(body, client_base("http", "localhost:1", "x"))
     forged = client_base("http", 'evil.example/"><script>', "http://127.0.0.1:9")

@@ -94,7 +94,9 @@ async def ask(client: Client, body: bytes = b"{}", **headers: str) -> tuple[int,
         return r.status, await r.read()
 
 
-async def test_keep_alive_one_connection_and_the_request_as_sent():
+async def test_keep_alive_one_connection_and_the_request_as_sent() -> None:
+    """Several requests share one keep-alive connection and each goes out with its request line,
+    headers and body as expected."""
     async with Server(fixed(ok(b'{"a":1}', "Content-Type: application/json"))) as srv:
         client = srv.client()
         for _ in range(3):
@@ -109,7 +111,9 @@ async def test_keep_alive_one_connection_and_the_request_as_sent():
     assert b"Accept-Encoding: gzip, deflate, br" in lines and body == b'{"q":1}'
 
 
-async def test_a_chunked_answer_streams_as_it_comes():
+async def test_a_chunked_answer_streams_as_it_comes() -> None:
+    """A chunked answer reaches the reader piece by piece as it comes, and the connection is reused
+    after it."""
     gate = asyncio.Event()
 
     async def answer(_r: asyncio.StreamReader, w: asyncio.StreamWriter, _req: bytes) -> bool:
@@ -131,7 +135,9 @@ async def test_a_chunked_answer_streams_as_it_comes():
     assert srv.connections == 1
 
 
-async def test_an_answer_without_length_ends_with_its_connection():
+async def test_an_answer_without_length_ends_with_its_connection() -> None:
+    """An answer without a length is read until its connection closes, and the next request opens a
+    new one."""
     async with Server(fixed(b"HTTP/1.1 200 OK\r\n\r\nuntil close", keep=False)) as srv:
         client = srv.client()
         assert await ask(client) == (200, b"until close")
@@ -140,7 +146,8 @@ async def test_an_answer_without_length_ends_with_its_connection():
     assert srv.connections == 2
 
 
-async def test_informational_answers_are_skipped():
+async def test_informational_answers_are_skipped() -> None:
+    """1xx informational answers before the real one are skipped, headers and all."""
     raw = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + ok(b"x")
     async with Server(fixed(raw)) as srv:
         client = srv.client()
@@ -159,7 +166,9 @@ async def test_informational_answers_are_skipped():
         ("br", brotli.compress),
     ],
 )
-async def test_coded_answers_are_decoded(coding, pack):
+async def test_coded_answers_are_decoded(coding: str, pack: Callable[[bytes], bytes]) -> None:
+    """gzip, deflate (zlib or raw) and brotli answers are decoded while their Content-Encoding
+    header is kept."""
     body = b'{"answer": "' + b"word " * 5000 + b'"}'
     raw = ok(pack(body), f"Content-Encoding: {coding}")
     async with Server(fixed(raw)) as srv:
@@ -171,7 +180,8 @@ async def test_coded_answers_are_decoded(coding, pack):
 
 
 @pytest.mark.parametrize("coding", ["gzip", "br"])
-async def test_a_compression_bomb_comes_out_in_bounded_pieces(coding):
+async def test_a_compression_bomb_comes_out_in_bounded_pieces(coding: str) -> None:
+    """A compression bomb is decoded whole but never in a piece larger than twice DECODE_PIECE."""
     zeros = b"\0" * (64 * 1024 * 1024)
     packed = gzip.compress(zeros, 9) if coding == "gzip" else brotli.compress(zeros)
     async with Server(fixed(ok(packed, f"Content-Encoding: {coding}"))) as srv:
@@ -185,7 +195,9 @@ async def test_a_compression_bomb_comes_out_in_bounded_pieces(coding):
     assert total == len(zeros) and biggest <= 2 * DECODE_PIECE
 
 
-async def test_a_connection_the_upstream_closed_while_idle_is_not_reused():
+async def test_a_connection_the_upstream_closed_while_idle_is_not_reused() -> None:
+    """A kept-alive connection the upstream closed while idle is not reused for the next request."""
+
     async def answer(_r: asyncio.StreamReader, w: asyncio.StreamWriter, _req: bytes) -> bool:
         w.write(ok(b"x"))  # says keep-alive, then closes
         await w.drain()
@@ -216,7 +228,7 @@ def _closes_the_second_unanswered() -> Answer:
     return answer
 
 
-async def test_a_post_the_upstream_read_is_never_sent_again():
+async def test_a_post_the_upstream_read_is_never_sent_again() -> None:
     """A reused connection closed after the upstream read a POST: an error, not a resend
     (RFC 9112 9.3.1: it may have been acted on; one more chat completion is one more bill)."""
     async with Server(_closes_the_second_unanswered()) as srv:
@@ -228,7 +240,7 @@ async def test_a_post_the_upstream_read_is_never_sent_again():
     assert srv.connections == 1 and len(srv.requests) == 2
 
 
-async def test_a_get_on_a_reused_connection_closed_unanswered_is_retried_once():
+async def test_a_get_on_a_reused_connection_closed_unanswered_is_retried_once() -> None:
     """The race an idle timeout makes, for an idempotent GET: once more on a new connection."""
     async with Server(_closes_the_second_unanswered()) as srv:
         client = srv.client()
@@ -239,7 +251,7 @@ async def test_a_get_on_a_reused_connection_closed_unanswered_is_retried_once():
     assert srv.connections == 2 and len(srv.requests) == 3
 
 
-async def test_no_retry_once_the_upstream_began_to_answer():
+async def test_no_retry_once_the_upstream_began_to_answer() -> None:
     """A reused connection that broke off after the first bytes of an answer: the upstream
     had the request, so it is not sent again."""
     served = 0
@@ -261,7 +273,8 @@ async def test_no_retry_once_the_upstream_began_to_answer():
 
 
 @pytest.mark.parametrize("raw", [b"", b"HTTP/1.1 200 OK\r\nContent-Le"])
-async def test_a_fresh_connection_closed_before_a_whole_head_is_an_error(raw):
+async def test_a_fresh_connection_closed_before_a_whole_head_is_an_error(raw: bytes) -> None:
+    """A fresh connection that closes before a whole answer head is an UpstreamError, sent once."""
     async with Server(fixed(raw, keep=False)) as srv:
         client = srv.client()
         with pytest.raises(UpstreamError, match="could not be reached: Server disconnected"):
@@ -270,7 +283,8 @@ async def test_a_fresh_connection_closed_before_a_whole_head_is_an_error(raw):
     assert len(srv.requests) == 1
 
 
-async def test_a_body_cut_short_is_an_error():
+async def test_a_body_cut_short_is_an_error() -> None:
+    """A body shorter than its Content-Length is an UpstreamError saying it broke off."""
     raw = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b"
     async with Server(fixed(raw, keep=False)) as srv:
         client = srv.client()
@@ -280,7 +294,10 @@ async def test_a_body_cut_short_is_an_error():
         await client.aclose()
 
 
-async def test_a_silent_upstream_times_out_before_and_within_the_answer():
+async def test_a_silent_upstream_times_out_before_and_within_the_answer() -> None:
+    """An upstream that goes silent before the head or in the middle of the body times out with
+    UpstreamTimeout."""
+
     async def silent(r: asyncio.StreamReader, _w: asyncio.StreamWriter, _req: bytes) -> bool:
         await r.read()  # until the client gives up
         return False
@@ -308,7 +325,8 @@ async def test_a_silent_upstream_times_out_before_and_within_the_answer():
         await client.aclose()
 
 
-async def test_nothing_listening_and_malformed_answers_are_upstream_errors():
+async def test_nothing_listening_and_malformed_answers_are_upstream_errors() -> None:
+    """A port with nothing listening and an answer that is not HTTP are both UpstreamErrors."""
     async with Server(fixed(b"")) as srv:
         port = srv.port
     client = Client(
@@ -324,7 +342,9 @@ async def test_nothing_listening_and_malformed_answers_are_upstream_errors():
         await client.aclose()
 
 
-async def test_endless_headers_are_cut_off():
+async def test_endless_headers_are_cut_off() -> None:
+    """An answer head larger than 256 KB is cut off with an UpstreamError."""
+
     async def endless(_r: asyncio.StreamReader, w: asyncio.StreamWriter, _req: bytes) -> bool:
         w.write(b"HTTP/1.1 200 OK\r\n")
         try:
@@ -342,7 +362,9 @@ async def test_endless_headers_are_cut_off():
         await client.aclose()
 
 
-async def test_a_reader_that_waits_pauses_the_upstream():
+async def test_a_reader_that_waits_pauses_the_upstream() -> None:
+    """A reader that stops reading makes the client stop reading the socket, with bounded buffering
+    and nothing lost."""
     big = bytes(range(256)) * (16 * 1024)  # 4 MB
 
     async with Server(fixed(ok(big))) as srv:
@@ -356,7 +378,8 @@ async def test_a_reader_that_waits_pauses_the_upstream():
     assert srv.connections == 1
 
 
-async def test_leaving_before_the_end_closes_the_connection():
+async def test_leaving_before_the_end_closes_the_connection() -> None:
+    """Leaving an answer before its end closes its connection; the next request opens one."""
     async with Server(fixed(ok(b"y" * 2_000_000))) as srv:
         client = srv.client()
         async with client.request("POST", "/x", CIMultiDict(), b"") as resp:
@@ -366,7 +389,8 @@ async def test_leaving_before_the_end_closes_the_connection():
     assert srv.connections == 2
 
 
-async def test_a_large_request_body_arrives_whole():
+async def test_a_large_request_body_arrives_whole() -> None:
+    """A request body of several megabytes, sent in slices, arrives whole."""
     body = bytes(range(256)) * (12 * 1024)  # 3 MB, sent in slices
     async with Server(fixed(ok(b"ok"))) as srv:
         client = srv.client()
@@ -375,7 +399,8 @@ async def test_a_large_request_body_arrives_whole():
     assert srv.requests[0].endswith(body)
 
 
-async def test_a_line_break_in_a_header_is_refused_before_anything_is_sent():
+async def test_a_line_break_in_a_header_is_refused_before_anything_is_sent() -> None:
+    """A header value with a line break is refused before any byte is sent upstream."""
     async with Server(fixed(ok(b"x"))) as srv:
         client = srv.client()
         with pytest.raises(UpstreamError, match="line break"):
@@ -425,7 +450,10 @@ async def _parse(pieces: list[bytes]) -> tuple[int, bytes]:
     chunk=st.integers(1, 700),
     cuts=st.lists(st.integers(0, 4000), max_size=12),
 )
-def test_any_split_of_a_chunked_answer_gives_the_same_body(body, chunk, cuts):
+def test_any_split_of_a_chunked_answer_gives_the_same_body(
+    body: bytes, chunk: int, cuts: list[int]
+) -> None:
+    """A chunked answer parses to the same status and body however its bytes are split."""
     raw = b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n"
     for i in range(0, len(body), chunk):
         part = body[i : i + chunk]
@@ -436,7 +464,7 @@ def test_any_split_of_a_chunked_answer_gives_the_same_body(body, chunk, cuts):
     assert asyncio.run(_parse(pieces)) == (201, body)
 
 
-async def test_a_host_name_is_resolved_once_and_its_addresses_tried_in_turn():
+async def test_a_host_name_is_resolved_once_and_its_addresses_tried_in_turn() -> None:
     """localhost may resolve to ::1 first while the server listens on 127.0.0.1 only."""
     async with Server(fixed(ok(b"x"), keep=False)) as srv:
         client = Client(
@@ -453,7 +481,8 @@ async def test_a_host_name_is_resolved_once_and_its_addresses_tried_in_turn():
     assert f"Host: localhost:{srv.port}".encode() in srv.requests[0]
 
 
-async def test_trailers_are_dropped_and_never_become_the_next_answers_headers():
+async def test_trailers_are_dropped_and_never_become_the_next_answers_headers() -> None:
+    """Chunked trailers are dropped and never leak into the next answer on the same connection."""
     raw = (
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Trail\r\n\r\n"
         b"2\r\nhi\r\n0\r\nX-Trail: t\r\n\r\n"
@@ -468,7 +497,7 @@ async def test_trailers_are_dropped_and_never_become_the_next_answers_headers():
     assert srv.connections == 1
 
 
-async def test_an_answer_is_freed_without_the_garbage_collector():
+async def test_an_answer_is_freed_without_the_garbage_collector() -> None:
     """No reference cycle through a read answer: its buffers go as soon as it is dropped."""
     import gc
 
@@ -507,13 +536,15 @@ async def test_an_answer_is_freed_without_the_garbage_collector():
         ({"HTTP_PROXY": "http://p:1"}, "api.openai.com", None),  # https upstream: not HTTP_PROXY
     ],
 )
-def test_the_egress_proxy_from_the_environment(environ, host, expected):
+def test_the_egress_proxy_from_the_environment(
+    environ: dict[str, str], host: str, expected: str | None
+) -> None:
     """HTTPS_PROXY / ALL_PROXY (lower case first) unless NO_PROXY names the host, as curl and
     the SDKs read them."""
     assert http1.proxy_for("https", host, 443, environ) == expected
 
 
-async def test_through_an_http_proxy_the_target_is_absolute_and_authenticated():
+async def test_through_an_http_proxy_the_target_is_absolute_and_authenticated() -> None:
     """HTTP_PROXY for an http upstream: the request goes to the proxy, its target in absolute
     form, with the proxy's credentials as Proxy-Authorization (never the upstream's)."""
     async with Server(fixed(ok(b"via"))) as proxy_srv:
@@ -532,7 +563,7 @@ async def test_through_an_http_proxy_the_target_is_absolute_and_authenticated():
     assert b"Proxy-Authorization: Basic dXNlcjpwYUBzcw==\r\n" in sent  # user:pa@ss
 
 
-async def test_an_answer_nobody_asked_for_closes_the_idle_connection():
+async def test_an_answer_nobody_asked_for_closes_the_idle_connection() -> None:
     """Bytes that arrive while the connection idles (a late 408) close it: the next request
     goes on a new connection and gets its own answer, never the stray one."""
 
@@ -553,7 +584,7 @@ async def test_an_answer_nobody_asked_for_closes_the_idle_connection():
     assert srv.connections == 2
 
 
-async def test_a_second_answer_in_the_same_write_is_never_the_next_answer():
+async def test_a_second_answer_in_the_same_write_is_never_the_next_answer() -> None:
     """An extra whole answer in the bytes of the first: the first is read, the connection is
     closed, and the next request gets its own answer on a new one."""
 
@@ -570,7 +601,7 @@ async def test_a_second_answer_in_the_same_write_is_never_the_next_answer():
     assert srv.connections == 2
 
 
-async def test_an_early_answer_stops_the_body_and_the_connection_is_not_reused():
+async def test_an_early_answer_stops_the_body_and_the_connection_is_not_reused() -> None:
     """A 413 before the body was read: the client gets it, the writing stops, and the next
     request never shares that socket."""
 
@@ -610,7 +641,7 @@ async def test_an_early_answer_stops_the_body_and_the_connection_is_not_reused()
     assert len(requests) == 2  # the second on its own connection (each serve() takes one)
 
 
-async def test_writing_a_body_nobody_reads_times_out():
+async def test_writing_a_body_nobody_reads_times_out() -> None:
     """An upstream that reads the head and never the body: after the read timeout without
     write progress, UpstreamTimeout, and the connection is dropped."""
 
@@ -637,7 +668,7 @@ async def test_writing_a_body_nobody_reads_times_out():
     await asyncio.sleep(0.05)
 
 
-async def test_a_head_answer_ends_with_its_head():
+async def test_a_head_answer_ends_with_its_head() -> None:
     """HEAD: Content-Length describes a body that is not sent; the answer ends at its head."""
     async with Server(fixed(b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n")) as srv:
         client = srv.client()
@@ -648,7 +679,7 @@ async def test_a_head_answer_ends_with_its_head():
 
 
 @pytest.mark.parametrize("coding", ["gzip", "deflate", "br"])
-def test_a_coded_body_cut_short_is_an_error_not_a_short_answer(coding):
+def test_a_coded_body_cut_short_is_an_error_not_a_short_answer(coding: str) -> None:
     """The coded stream must end where the body does: a cut one is an upstream error."""
     data = bytes(range(256)) * 64
     packed = {"gzip": gzip.compress, "deflate": zlib.compress, "br": brotli.compress}[coding](data)
@@ -661,7 +692,7 @@ def test_a_coded_body_cut_short_is_an_error_not_a_short_answer(coding):
     assert b"".join([*whole.pieces(packed), *whole.rest()]) == data
 
 
-def test_an_egress_proxy_that_is_not_http_stops_the_start_naming_the_variable():
+def test_an_egress_proxy_that_is_not_http_stops_the_start_naming_the_variable() -> None:
     """A socks or https egress proxy is refused at start-up (ConfigError), its password
     never shown."""
     from proxy.errors import ConfigError
@@ -677,7 +708,7 @@ def test_an_egress_proxy_that_is_not_http_stops_the_start_naming_the_variable():
     assert "hunter2" not in str(refused.value)
 
 
-async def test_an_address_that_does_not_answer_does_not_hold_the_next_one_back():
+async def test_an_address_that_does_not_answer_does_not_hold_the_next_one_back() -> None:
     """Happy Eyeballs: with a first address that never answers (a black hole), the next is
     tried 250 ms later, and the request is answered long before the connect timeout."""
     import socket

@@ -5,7 +5,7 @@ from __future__ import annotations
 from proxy.keys import cache_key, raw_digest, tenant_digest
 
 
-def test_keys_partition_tenants_and_hide_credentials():
+def test_keys_partition_tenants_and_hide_credentials() -> None:
     """Another credential, org or project gives another key; no key contains the credential."""
     secret, mac = b"s", b"k" * 32
     tenants = {
@@ -25,7 +25,7 @@ def test_keys_partition_tenants_and_hide_credentials():
     assert cache_key(b"other", t, "POST", "/v1/x", "", "", b"{}") not in keys
 
 
-def test_raw_digest_covers_every_part():
+def test_raw_digest_covers_every_part() -> None:
     """The memo digest changes with any part of the request line or body."""
     base = raw_digest(b"k" * 32, "a\0b", b"body")
     assert raw_digest(b"k" * 32, "a\0c", b"body") != base
@@ -33,7 +33,7 @@ def test_raw_digest_covers_every_part():
     assert raw_digest(b"j" * 32, "a\0b", b"body") != base
 
 
-def test_the_credential_is_every_credential_header_in_order():
+def test_the_credential_is_every_credential_header_in_order() -> None:
     """credential_of (spelled out for speed) frames every value of each header named in
     CREDENTIAL_HEADERS, in that order: any change to one of them changes it."""
     from multidict import CIMultiDict

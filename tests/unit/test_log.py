@@ -12,7 +12,7 @@ import orjson
 from proxy.log import DRAIN_BYTES, BufferedSink
 
 
-def test_the_sink_writes_once_it_holds_more_than_drain_bytes():
+def test_the_sink_writes_once_it_holds_more_than_drain_bytes() -> None:
     """A burst of lines is written as soon as it passes DRAIN_BYTES, not held for the next
     timed drain; smaller amounts wait for drain()."""
     out = io.BytesIO()
@@ -29,7 +29,7 @@ def test_the_sink_writes_once_it_holds_more_than_drain_bytes():
     assert out.getvalue() == line * (k + 1)
 
 
-def test_a_full_pipe_blocks_the_writer_thread_not_the_caller():
+def test_a_full_pipe_blocks_the_writer_thread_not_the_caller() -> None:
     """drain() returns at once while nobody reads the pipe; past the backlog, lines are
     dropped and counted, and a log.dropped line says so once the pipe is read again."""
     read_end, write_end = os.pipe()

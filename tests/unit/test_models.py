@@ -7,7 +7,7 @@ import pytest
 from proxy.models import CachedResponse
 
 
-def test_cached_response_roundtrip_and_compression():
+def test_cached_response_roundtrip_and_compression() -> None:
     """to_bytes/from_bytes keep every field; large bodies are compressed."""
     small = CachedResponse(
         200, (("Content-Type", "application/json"),), b"{}", 1.5, meta={"cost": {"tokens_in": 1}}

@@ -12,14 +12,14 @@ from proxy.normalize import canonical_json, canonical_multipart, drop_ignored, h
 from proxy.rules import DEFAULT_IGNORE
 
 
-def test_canonical_form_ignores_order_whitespace_and_number_spelling():
+def test_canonical_form_ignores_order_whitespace_and_number_spelling() -> None:
     """Sorted keys, one spelling per number: 1 and 1.0 are one value, 0.5 stays 0.5."""
     a = canonical_json({"b": 1, "a": [1.0, {"y": 2.0, "x": 0.5}]}, ())
     b = canonical_json({"a": [1, {"x": 0.5, "y": 2}], "b": 1.0}, ())
     assert a == b == b'{"a":[1,{"x":0.5,"y":2}],"b":1}'
 
 
-def test_ignore_list_drops_fields_and_dotted_paths():
+def test_ignore_list_drops_fields_and_dotted_paths() -> None:
     """Default ignores drop user/metadata and stream_options.include_obfuscation only."""
     body = {
         "model": "m",
@@ -35,7 +35,7 @@ def test_ignore_list_drops_fields_and_dotted_paths():
     assert kept == {"stream_options": {"include_usage": True}}
 
 
-def test_multipart_canonical_form_keys_files_by_content_in_order():
+def test_multipart_canonical_form_keys_files_by_content_in_order() -> None:
     """Files are keyed by their bytes; image[] order matters; file names do not."""
     one = [("prompt", None, b"hat"), ("image[]", "a.png", b"A"), ("image[]", "b.png", b"B")]
     renamed = [("image[]", "x.png", b"A"), ("prompt", None, b"hat"), ("image[]", "y.png", b"B")]

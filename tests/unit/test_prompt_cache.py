@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -25,7 +27,7 @@ JSON = st.recursive(
     ),
     st.sampled_from([b"", b" ", b"\n  "]),
 )
-def test_the_splice_adds_exactly_one_field(obj, pad):
+def test_the_splice_adds_exactly_one_field(obj: dict[str, Any], pad: bytes) -> None:
     """Whatever the object and the whitespace around it, the spliced body parses to the same
     object plus prompt_cache_key (print_blob: a failure prints its reproduction)."""
     body = pad + orjson.dumps(obj) + pad
@@ -33,13 +35,13 @@ def test_the_splice_adds_exactly_one_field(obj, pad):
     assert orjson.loads(spliced) == {"prompt_cache_key": "ocp-x", **obj}
 
 
-def test_the_splice_leaves_non_objects_alone():
+def test_the_splice_leaves_non_objects_alone() -> None:
     """A body that is not a JSON object's text goes up as it came."""
     for body in (b"", b"[1]", b"null", b"x"):
         assert with_prompt_cache_key(body, "k") == body
 
 
-def test_the_auto_key_is_per_tenant_and_prefix():
+def test_the_auto_key_is_per_tenant_and_prefix() -> None:
     """The key depends on the tenant and the stable prefix, not on the last user message;
     a request with no system prompt or tools gets none."""
 
@@ -56,7 +58,7 @@ def test_the_auto_key_is_per_tenant_and_prefix():
     assert auto_prompt_cache_key(b"s", b"t", "responses", tools) is not None
 
 
-def test_cached_tokens_are_priced_at_the_cached_price():
+def test_cached_tokens_are_priced_at_the_cached_price() -> None:
     """A usage with cached tokens costs them at cached_input and says what that saved."""
     price = TokenPrice(("m",), __import__("datetime").date(2000, 1, 1), 2.0, 0.5, 8.0)
     prices = Prices((price,))

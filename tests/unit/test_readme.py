@@ -10,13 +10,13 @@ from proxy.settings import Settings, _env, _flag
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
 
-def test_every_setting_is_in_the_readme_table():
+def test_every_setting_is_in_the_readme_table() -> None:
     """Each flag and its PROXY_* twin has a row in the settings table."""
     for f in fields(Settings):
         assert f"| `{_flag(f.name)}` | `{_env(f.name)}` |" in README, f.name
 
 
-def test_the_two_commands_are_there():
+def test_the_two_commands_are_there() -> None:
     """The run and test commands the README promises are the ones CI uses."""
     assert "pip install -e . && python -m proxy\n" in README
     assert "./scripts/test\n" in README
@@ -24,7 +24,7 @@ def test_the_two_commands_are_there():
     assert "./scripts/test" in ci
 
 
-def test_the_base_url_table_is_what_the_proxy_sends():
+def test_the_base_url_table_is_what_the_proxy_sends() -> None:
     """Each row of the README's base URL table: the request the client sends, through
     `--upstream`, reaches exactly the path (and query) the row says."""
     from urllib.parse import urlsplit

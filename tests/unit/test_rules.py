@@ -8,7 +8,7 @@ from proxy.errors import ConfigError
 from proxy.rules import Rules, load_rules, parse_rules
 
 
-def test_shipped_rules_load_and_match():
+def test_shipped_rules_load_and_match() -> None:
     """The shipped rules cache the documented routes; others pass through."""
     rules = load_rules(None)
     for route in (
@@ -40,14 +40,14 @@ def test_shipped_rules_load_and_match():
         ('[[rule]]\nroute = "/v1/x"\nenabled = "yes"', "true or false"),
     ],
 )
-def test_bad_rules_stop_the_boot_with_one_clear_line(text, message):
+def test_bad_rules_stop_the_boot_with_one_clear_line(text: str, message: str) -> None:
     """A bad rule raises ConfigError naming the file, the rule and what is wrong."""
     with pytest.raises(ConfigError, match=r"rules f\.toml") as info:
         parse_rules(text, "f.toml")
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
-def test_model_globs_and_first_match_wins():
+def test_model_globs_and_first_match_wins() -> None:
     """A model-specific rule listed first wins over the route's general rule."""
     rules = Rules(
         parse_rules(
@@ -63,7 +63,7 @@ def test_model_globs_and_first_match_wins():
     assert ttls == [5, 9, 9]
 
 
-def test_rule_memos_never_keep_a_clients_long_strings():
+def test_rule_memos_never_keep_a_clients_long_strings() -> None:
     """A megabyte model name or path is matched but not memoised (the memos stay small)."""
     from proxy.rules import Rules, parse_rules
 

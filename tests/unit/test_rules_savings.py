@@ -8,7 +8,7 @@ from proxy.errors import ConfigError
 from proxy.rules import parse_rules
 
 
-def test_defaults_and_values():
+def test_defaults_and_values() -> None:
     """Caller keys and items are on by default, the auto prompt_cache_key is opt-in."""
     (rule,) = parse_rules('[[rule]]\nroute = "/v1/embeddings"\n', "t")
     assert rule.caller_keys and rule.embeddings_per_item and rule.prompt_cache_key == "off"
@@ -30,7 +30,7 @@ def test_defaults_and_values():
         "embeddings_per_item = 1",
     ],
 )
-def test_bad_values_stop_the_boot(line):
+def test_bad_values_stop_the_boot(line: str) -> None:
     """A value the option does not take is a ConfigError naming it."""
     with pytest.raises(ConfigError, match=line.split(" ")[0]):
         parse_rules(f'[[rule]]\nroute = "/v1/chat/completions"\n{line}\n', "t")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -43,7 +45,7 @@ KEY = b"k" * 32
         ("a hundred", "a thousand", "numbers"),
     ],
 )
-def test_guards_turn_down_the_known_false_hits(a, b, why):
+def test_guards_turn_down_the_known_false_hits(a: str, b: str, why: str) -> None:
     """Each known false hit is turned down by the guard named, from its stored form too."""
     assert refusal(features(a, KEY), features(b, KEY)) == why
     assert refusal(unpack_guards(pack_guards(features(a, KEY))), features(b, KEY)) == why
@@ -61,13 +63,13 @@ def test_guards_turn_down_the_known_false_hits(a, b, why):
         ("What is the capital of France?", "Tell me France's capital"),
     ],
 )
-def test_guards_let_the_same_numbers_and_negations_through(a, b):
+def test_guards_let_the_same_numbers_and_negations_through(a: str, b: str) -> None:
     """The same numbers and negations, written otherwise, pass."""
     assert refusal(features(a, KEY), features(b, KEY)) is None
 
 
 @given(st.text(max_size=200), st.text(max_size=200))
-def test_signatures_agree_with_the_guards(a, b):
+def test_signatures_agree_with_the_guards(a: str, b: str) -> None:
     """The stored digests decide exactly as the features do (and never raise)."""
     fa, fb = features(a, KEY), features(b, KEY)
     assert refusal(unpack_guards(pack_guards(fa)), unpack_guards(pack_guards(fb))) == refusal(
@@ -76,7 +78,7 @@ def test_signatures_agree_with_the_guards(a, b):
     assert refusal(fa, fa) is None
 
 
-def chat(*messages, **extra):
+def chat(*messages: dict[str, Any], **extra: Any) -> dict[str, Any]:
     return {"model": "gpt-4o-mini", "messages": list(messages), **extra}
 
 
@@ -125,7 +127,11 @@ USER = {"role": "user", "content": "hello there"}
         ),
     ],
 )
-def test_only_plain_user_text_is_compared(twin, fields, text):
+def test_only_plain_user_text_is_compared(
+    twin: str, fields: dict[str, Any], text: str | None
+) -> None:
+    """Only the plain text of a last user message is compared; images, tools, other roles, blank or
+    oversize text are not."""
     found = query_of(twin, fields)
     assert (found[0] if found else None) == text
 
@@ -140,19 +146,21 @@ RULES = Rules(
 
 
 def partition(
-    body: dict,
+    body: dict[str, Any],
     *,
     tenant: bytes = b"t" * 32,
     namespace: str = "",
     route: str = "/v1/chat/completions",
-):
+) -> str | None:
     plan = make_plan(
         RULES, b"s", tenant, "POST", route, "", namespace, "application/json", orjson.dumps(body)
     )
     return plan.semantic.partition if plan.semantic else None
 
 
-def test_partitions_hold_everything_but_the_last_user_text():
+def test_partitions_hold_everything_but_the_last_user_text() -> None:
+    """A semantic partition covers every part of the request but the last user text, so any other
+    difference separates partitions."""
     base = partition(chat({"role": "user", "content": "What is the capital of France?"}))
     assert base is not None and base.rpartition(".")[2].startswith("s")
     assert partition(chat({"role": "user", "content": "France's capital?"})) == base
@@ -170,7 +178,8 @@ def test_partitions_hold_everything_but_the_last_user_text():
     assert partition({"model": "m", "input": "x"}, route="/v1/responses") is None  # rule off
 
 
-def test_rule_options_are_validated():
+def test_rule_options_are_validated() -> None:
+    """Semantic rule options are parsed and bad values are refused with ConfigError."""
     rule = parse_rules(
         '[[rule]]\nroute = "/x"\nsemantic = "shadow"\nsemantic_threshold = 0.9\n', "t"
     )[0]
@@ -194,7 +203,9 @@ def unit(*values: float) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-def test_records_round_trip_without_the_text():
+def test_records_round_trip_without_the_text() -> None:
+    """A vector record round-trips its member, signature, expiry and vector, and a truncated record
+    is refused."""
     record = pack("v2:a.b.c.d.e", b"s" * 16, 123.5, unit(1, 2, 3))
     member, sig, expires, vector = unpack(record)
     assert (member, sig, expires) == ("v2:a.b.c.d.e", b"s" * 16, 123.5)
@@ -203,7 +214,9 @@ def test_records_round_trip_without_the_text():
         unpack(record[:-1])
 
 
-def test_a_partition_keeps_the_newest_and_ranks_by_cosine():
+def test_a_partition_keeps_the_newest_and_ranks_by_cosine() -> None:
+    """A partition keeps about its newest records without doubling, ranks by cosine, and forgets a
+    dropped member."""
     part = Partition(keep=100)
     future = time.time() + 60
     rows = [(i + 1, pack(f"m{i}", b"s" * 16, future, unit(1, i, 0))) for i in range(200)]
@@ -219,7 +232,8 @@ def test_a_partition_keeps_the_newest_and_ranks_by_cosine():
     assert part.view().scores(unit(1, 0, 0), time.time())[best[0]] == -2.0
 
 
-def test_an_expired_or_other_sized_record_is_never_a_candidate():
+def test_an_expired_or_other_sized_record_is_never_a_candidate() -> None:
+    """An expired record or a vector of another size never becomes a candidate."""
     part = Partition(keep=10)
     part.add([(1, pack("old", b"s" * 16, time.time() - 1, unit(1, 0)))])
     part.add([(2, pack("odd", b"s" * 16, time.time() + 60, unit(1, 0, 0)))])
@@ -232,7 +246,10 @@ def entry() -> CachedResponse:
 
 
 @pytest.mark.parametrize("kind", ["memory", "sqlite"])
-def test_stores_keep_records_and_drop_them_with_their_entry(kind, tmp_path):
+def test_stores_keep_records_and_drop_them_with_their_entry(kind: str, tmp_path: Path) -> None:
+    """Memory and SQLite stores keep vector records in order and drop them with their entry or a
+    purge."""
+
     async def go() -> None:
         store = MemoryStore() if kind == "memory" else SQLiteStore(tmp_path / "v.db")
         later = time.time() + 60
@@ -254,7 +271,8 @@ def test_stores_keep_records_and_drop_them_with_their_entry(kind, tmp_path):
     asyncio.run(go())
 
 
-def test_the_report_shows_would_be_hits_and_the_score_distribution():
+def test_the_report_shows_would_be_hits_and_the_score_distribution() -> None:
+    """The report counts shadow semantic would-be hits, their savings and the score distribution."""
     report = Report(by="route")
     lines = [
         {
@@ -293,7 +311,7 @@ def test_the_report_shows_would_be_hits_and_the_score_distribution():
     assert (at[0.95]["hits"], at[0.99]["hits"]) == (1, 0)
 
 
-def test_sqlite_index_records_count_against_the_cap(tmp_path):
+def test_sqlite_index_records_count_against_the_cap(tmp_path: Path) -> None:
     """A record adds its bytes to the store's total; deleting its entry takes them back."""
 
     async def go() -> None:
@@ -313,7 +331,7 @@ def test_sqlite_index_records_count_against_the_cap(tmp_path):
     asyncio.run(go())
 
 
-def test_the_text_is_read_from_the_body_not_kept_in_the_plan():
+def test_the_text_is_read_from_the_body_not_kept_in_the_plan() -> None:
     """Plans are memoised: a plan holds the partition, the lookup reads the text anew."""
     from proxy.semantic import text_of
 
@@ -337,7 +355,7 @@ def test_the_text_is_read_from_the_body_not_kept_in_the_plan():
         orjson.dumps({"data": [{"embedding": [1.0] * 9000}]}),
     ],
 )
-def test_a_broken_embeddings_answer_is_refused(answer):
+def test_a_broken_embeddings_answer_is_refused(answer: bytes) -> None:
     """An upstream's odd answer never becomes a vector (the request is a plain MISS)."""
     from proxy.errors import EmbeddingFailed
     from proxy.vectors import _vector_of
@@ -346,7 +364,7 @@ def test_a_broken_embeddings_answer_is_refused(answer):
         _vector_of(answer)
 
 
-def test_the_judge_request_and_verdict():
+def test_the_judge_request_and_verdict() -> None:
     """The judge is asked for one word, deterministically; only yes or no is a verdict, and
     the rule option takes only "off" or "llm"."""
     from proxy.semantic import answer_text, judge_body, judge_says
@@ -355,7 +373,7 @@ def test_the_judge_request_and_verdict():
     assert body["temperature"] == 0 and body["max_tokens"] == 2
     assert "Capital of France?" in body["messages"][1]["content"]
 
-    def said(text):
+    def said(text: str) -> bool | None:
         return judge_says(orjson.dumps({"choices": [{"message": {"content": text}}]}))
 
     assert (said("Yes."), said(" no"), said("maybe"), judge_says(b"{}")) == (

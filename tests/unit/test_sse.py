@@ -17,13 +17,13 @@ from proxy.testing.fake_openai import recorded
         ("response_stream_incomplete", ""),
     ],
 )
-def test_recorded_real_streams_are_whole(name, why):
+def test_recorded_real_streams_are_whole(name: str, why: str) -> None:
     """Every recorded real stream (chat, tool calls, responses, incomplete) counts as whole."""
     body = recorded(name)["response"]["body_text"].encode()
     assert verdict(body) == why
 
 
-def test_broken_streams_are_refused():
+def test_broken_streams_are_refused() -> None:
     """Cut streams, error events and response.failed are never whole."""
     chunk = b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n'
     assert verdict(chunk * 3) == "stream ended without its terminal event"
@@ -34,7 +34,7 @@ def test_broken_streams_are_refused():
     assert verdict(b"data: {}\r\n\r\ndata: [DONE]\r\n\r\n") == ""
 
 
-def test_usage_from_streams():
+def test_usage_from_streams() -> None:
     """The usage chunk of a chat stream and response.completed's usage are found."""
     chat = recorded("chat_completion_stream_prompt_caching_cache_read")["response"]["body_text"]
     usage = usage_of_stream(chat.encode())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-def test_stats_labels_stay_bounded():
+def test_stats_labels_stay_bounded() -> None:
     """100 distinct model names give at most 64 model labels plus "other"; totals add up."""
     from proxy.stats import MAX_MODELS, Stats
 

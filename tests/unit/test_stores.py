@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -23,7 +24,7 @@ def entry(n: int) -> CachedResponse:
     return CachedResponse(200, (), b"x" * n, time.time())
 
 
-async def test_memory_store_stays_under_its_byte_bound():
+async def test_memory_store_stays_under_its_byte_bound() -> None:
     """The LRU evicts the least recently used entries to stay under max_bytes."""
     store = MemoryStore(max_bytes=10_000)
     for i in range(50):
@@ -38,14 +39,14 @@ async def test_memory_store_stays_under_its_byte_bound():
     assert await store.get("huge") is None and store.bytes <= 10_000
 
 
-async def test_memory_store_ttl():
+async def test_memory_store_ttl() -> None:
     """Expired entries are gone."""
     store = MemoryStore()
     await store.set("k", entry(1), -1)
     assert await store.get("k") is None and store.bytes == 0
 
 
-def test_open_store_urls(tmp_path):
+def test_open_store_urls(tmp_path: Path) -> None:
     """Store URLs map to their backends; an empty one is SQLite in the data dir."""
     assert open_store("memory://?max_mb=1", tmp_path).name == "memory"
     assert open_store("", tmp_path).name == "sqlite"
@@ -54,7 +55,7 @@ def test_open_store_urls(tmp_path):
         open_store("memory://?max_mb=lots", tmp_path)
 
 
-async def test_cache_put_writes_through_sqlite_batches_without_waiting(tmp_path):
+async def test_cache_put_writes_through_sqlite_batches_without_waiting(tmp_path: Path) -> None:
     """Cache.put (the MISS path) puts the entry in the hot tier at once and hands it to
     SQLite's next batch: it is in the file when that batch is written, and a second put of
     the same burst rides in the same batch."""
@@ -80,7 +81,7 @@ async def test_cache_put_writes_through_sqlite_batches_without_waiting(tmp_path)
     assert cache.write_errors == 0
 
 
-async def test_cache_put_counts_a_failed_sqlite_batch_and_keeps_serving(tmp_path):
+async def test_cache_put_counts_a_failed_sqlite_batch_and_keeps_serving(tmp_path: Path) -> None:
     """A batch the file refuses (here a trigger standing for a full disk) is counted and
     logged as set() counts it; put() raises nothing and the breaker stays closed, so reads
     go on."""
@@ -105,7 +106,7 @@ async def test_cache_put_counts_a_failed_sqlite_batch_and_keeps_serving(tmp_path
     await store.aclose()
 
 
-async def test_a_full_sqlite_write_queue_refuses_writes_instead_of_growing(tmp_path):
+async def test_a_full_sqlite_write_queue_refuses_writes_instead_of_growing(tmp_path: Path) -> None:
     """Writes queued while the file is behind are bounded by queue_max_bytes: past it a put is
     refused and counted as a failed write (the hot tier still has the answer); the queue
     takes writes again once its batch is written."""
@@ -145,7 +146,9 @@ END;
 """
 
 
-async def test_a_store_of_an_earlier_version_is_converted_and_keeps_its_answers(tmp_path):
+async def test_a_store_of_an_earlier_version_is_converted_and_keeps_its_answers(
+    tmp_path: Path,
+) -> None:
     """A file whose entries table is WITHOUT ROWID (up to 0.1) is converted when opened: its
     answers, index records, byte total, expiry and index-record trigger all carry over."""
     path = tmp_path / "cache.db"
@@ -191,7 +194,7 @@ async def test_a_store_of_an_earlier_version_is_converted_and_keeps_its_answers(
         await reopened.aclose()
 
 
-async def test_a_batch_larger_than_one_insert_is_written_whole(tmp_path):
+async def test_a_batch_larger_than_one_insert_is_written_whole(tmp_path: Path) -> None:
     """A batch write goes in INSERT statements of ROWS_PER_INSERT rows: a batch of several
     of them, with a key written twice (the last write wins), is all in the file."""
     from proxy.stores.sqlite import ROWS_PER_INSERT
@@ -216,7 +219,7 @@ async def test_a_batch_larger_than_one_insert_is_written_whole(tmp_path):
         await store.aclose()
 
 
-async def test_a_purge_or_delete_takes_answers_still_queued_for_the_file(tmp_path):
+async def test_a_purge_or_delete_takes_answers_still_queued_for_the_file(tmp_path: Path) -> None:
     """Answers wait a few ms for their batch: a purge or delete made meanwhile waits for it,
     so the answer it removes is not written back after it."""
     store = SQLiteStore(tmp_path / "cache.db")
@@ -234,7 +237,7 @@ async def test_a_purge_or_delete_takes_answers_still_queued_for_the_file(tmp_pat
         await store.aclose()
 
 
-async def test_batches_of_any_size_prepare_few_statements(tmp_path):
+async def test_batches_of_any_size_prepare_few_statements(tmp_path: Path) -> None:
     """Batches of 1 to 130 answers go in INSERTs of 64 rows and powers of two: at most
     seven statements are prepared (and kept by the sqlite3 module), whatever the sizes."""
     from proxy.stores.sqlite import _insert_sql
@@ -253,7 +256,7 @@ async def test_batches_of_any_size_prepare_few_statements(tmp_path):
 
 
 @given(st.lists(st.text(min_size=1, max_size=80), max_size=300))
-def test_the_key_filter_never_forgets_a_key(keys):
+def test_the_key_filter_never_forgets_a_key(keys: list[str]) -> None:
     """No false negatives, whatever the keys."""
     f = KeyFilter(len(keys))
     for k in keys:
@@ -262,7 +265,9 @@ def test_the_key_filter_never_forgets_a_key(keys):
     assert f.count == len(set(keys)) and not f.full  # a key added twice counts once
 
 
-def test_the_key_filter_is_rarely_wrong_about_other_keys():
+def test_the_key_filter_is_rarely_wrong_about_other_keys() -> None:
+    """The key filter is wrong about unseen keys about 1 % of the time at capacity and fills up near
+    it."""
     f = KeyFilter(10_000)
     for i in range(f.capacity):
         f.add(f"v2:t.a.b.c.{i:064x}")
@@ -278,7 +283,9 @@ def test_the_key_filter_is_rarely_wrong_about_other_keys():
     assert extra < f.capacity * 0.05
 
 
-async def test_a_miss_needs_no_sqlite_lookup_and_other_processes_writes_are_followed(tmp_path):
+async def test_a_miss_needs_no_sqlite_lookup_and_other_processes_writes_are_followed(
+    tmp_path: Path,
+) -> None:
     """Once the key filter is loaded, a key never written is absent without asking SQLite;
     a key another process writes is found within a few follow periods; an Idempotency-Key is
     always looked up in the file, so a retry that reaches another worker finds it at once."""
@@ -310,7 +317,7 @@ async def test_a_miss_needs_no_sqlite_lookup_and_other_processes_writes_are_foll
         await first.aclose()
 
 
-async def test_a_full_key_filter_is_made_again_larger_with_every_key(tmp_path):
+async def test_a_full_key_filter_is_made_again_larger_with_every_key(tmp_path: Path) -> None:
     """When the filter is full it is loaded again from the file, sized for twice its keys,
     and keys queued meanwhile are not lost."""
     store = SQLiteStore(tmp_path / "cache.db")
@@ -331,7 +338,7 @@ async def test_a_full_key_filter_is_made_again_larger_with_every_key(tmp_path):
         await store.aclose()
 
 
-def test_a_key_added_again_is_not_counted_twice():
+def test_a_key_added_again_is_not_counted_twice() -> None:
     """The store's own keys are added when queued and again when it reads the file after
     them: the filter fills at the rate of distinct keys."""
     f = KeyFilter(10)

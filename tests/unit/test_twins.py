@@ -10,10 +10,11 @@ from proxy.testing.fake_openai import recorded
 
 
 def body(name: str) -> bytes:
-    return recorded(name)["response"]["body_text"].encode()
+    text: str = recorded(name)["response"]["body_text"]
+    return text.encode()
 
 
-def test_recorded_chat_stream_to_json_and_back():
+def test_recorded_chat_stream_to_json_and_back() -> None:
     """The recorded tool-call stream assembles to the object the API returns, and that object
     streams back to the same content."""
     for name in (
@@ -32,7 +33,9 @@ def test_recorded_chat_stream_to_json_and_back():
     assert calls["choices"][0]["finish_reason"] == "tool_calls"
 
 
-def test_recorded_chat_json_to_stream_is_a_clean_stream():
+def test_recorded_chat_json_to_stream_is_a_clean_stream() -> None:
+    """A recorded chat JSON answer turns into a clean stream, with or without usage, and back to the
+    same choices."""
     doc = recorded("chat_completion_tool_call")["response"]["body_text"].encode()
     for usage in (True, False):
         stream = twins.chat_to_sse(doc, usage)
@@ -45,7 +48,9 @@ def test_recorded_chat_json_to_stream_is_a_clean_stream():
         ]
 
 
-def test_recorded_responses_both_ways():
+def test_recorded_responses_both_ways() -> None:
+    """A recorded Responses stream turns into JSON and back into a clean stream that gives the same
+    JSON and text."""
     stream = body("response_stream")
     doc = orjson.loads(twins.responses_to_json(stream))
     assert doc["object"] == "response" and doc["status"] == "completed"

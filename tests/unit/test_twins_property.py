@@ -254,7 +254,9 @@ def completion(doc: dict[str, Any]) -> dict[str, Any]:
 
 @SETTINGS
 @given(chat_stream())
-def test_chat_stream_to_json_is_what_the_sdk_accumulates(case):
+def test_chat_stream_to_json_is_what_the_sdk_accumulates(
+    case: tuple[dict[str, Any], bytes, bool],
+) -> None:
     """A generated chat stream, assembled by twins.py, equals openai-python's own result,
     and the object it was cut from (but for usage when the stream had none)."""
     doc, stream, usage = case
@@ -268,7 +270,7 @@ def test_chat_stream_to_json_is_what_the_sdk_accumulates(case):
 
 @SETTINGS
 @given(chat_completion())
-def test_chat_json_to_stream_adds_back_up_to_the_json(doc):
+def test_chat_json_to_stream_adds_back_up_to_the_json(doc: dict[str, Any]) -> None:
     """A chat.completion sent as a stream (with include_usage) adds back up to itself in the
     SDK's accumulator and in twins.py; without include_usage, to itself without usage."""
     body = orjson.dumps(doc)
@@ -383,7 +385,7 @@ def response(doc: dict[str, Any]) -> dict[str, Any]:
 
 @SETTINGS
 @given(response_object(), st.booleans())
-def test_responses_both_ways_against_the_sdk(doc, no_output):
+def test_responses_both_ways_against_the_sdk(doc: dict[str, Any], no_output: bool) -> None:
     """A response sent as a stream adds back up to itself in the SDK's ResponseStreamState;
     the stream assembled by twins.py equals the SDK's result, also when the terminal event
     carries no output (then the output_item.done items are the output)."""
@@ -409,7 +411,7 @@ def test_responses_both_ways_against_the_sdk(doc, no_output):
         ("response_stream_incomplete", "responses"),
     ],
 )
-def test_recorded_streams_both_ways(name, kind):
+def test_recorded_streams_both_ways(name: str, kind: str) -> None:
     """Each recorded real stream assembles to what the SDK makes of it, and that object sent
     as a stream assembles to itself again."""
     stream = recorded(name)["response"]["body_text"].encode()
@@ -420,7 +422,7 @@ def test_recorded_streams_both_ways(name, kind):
     assert norm(sdk(again)) == norm(orjson.loads(as_json))
 
 
-def test_recorded_json_answer_both_ways():
+def test_recorded_json_answer_both_ways() -> None:
     """The recorded real tool-call answer, streamed and assembled, keeps every field."""
     body = recorded("chat_completion_tool_call")["response"]["body_text"].encode()
     doc = orjson.loads(body)
@@ -431,7 +433,7 @@ def test_recorded_json_answer_both_ways():
     assert choice["finish_reason"] == "tool_calls"
 
 
-def test_a_damaged_stream_is_not_convertible():
+def test_a_damaged_stream_is_not_convertible() -> None:
     """A list delta whose index is not an integer (a damaged entry) is NotConvertible."""
     head = b'data: {"object":"chat.completion.chunk","choices":[{"index":0,"delta":'
     stream = head + b'{"tool_calls":[{"index":0,"id":"a"}]}}]}\n\n'
