@@ -123,10 +123,14 @@ def test_another_field_is_not_served_from_the_twin(proxy: ProxyServer, fake: Fak
 
 async def test_twins_in_flight_each_go_upstream(proxy: ProxyServer, fake: FakeOpenAI) -> None:
     """A streamed and a non-streamed request in flight at once do not share the live answer
-    (a live stream is not converted half-way): two upstream calls; later both forms HIT."""
+    (a live stream is not converted half-way): two upstream calls; later both forms HIT,
+    whichever was stored last (the stream asks its usage, so either form serves the other)."""
     fake.latency = 0.3
+    usage: Any = {"include_usage": True}
     async with async_sdk(proxy) as c:
-        stream_call = c.chat.completions.create(model="gpt-4o-mini", messages=PROMPT, stream=True)
+        stream_call = c.chat.completions.create(
+            model="gpt-4o-mini", messages=PROMPT, stream=True, stream_options=usage
+        )
         json_call = c.chat.completions.create(model="gpt-4o-mini", messages=PROMPT)
         stream, _plain = await asyncio.gather(stream_call, json_call)
         async for _ in stream:
@@ -134,7 +138,7 @@ async def test_twins_in_flight_each_go_upstream(proxy: ProxyServer, fake: FakeOp
         assert fake.count("/v1/chat/completions") == 2
         await asyncio.sleep(0.1)  # both stored (the last one written is the entry)
         fake.latency = 0.0
-        forms: tuple[dict[str, Any], ...] = ({"stream": True}, {})
+        forms: tuple[dict[str, Any], ...] = ({"stream": True, "stream_options": usage}, {})
         for form in forms:
             raw = await c.chat.completions.with_raw_response.create(
                 model="gpt-4o-mini", messages=PROMPT, **form
