@@ -15,7 +15,6 @@ turns into a pass-through (BYPASS), and after a failure the store is not tried a
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import time
 from collections import deque
 from typing import Any, cast
@@ -23,7 +22,7 @@ from typing import Any, cast
 import structlog
 
 from proxy.errors import StoreUnavailable
-from proxy.models import CLOCK, CachedResponse
+from proxy.models import CLOCK, CachedResponse, purged_fill
 from proxy.stores import MemoryStore, Store
 from proxy.stores.base import Enqueues
 
@@ -252,13 +251,9 @@ class Cache:
         return gone
 
     def purged(self, key: str, entry: CachedResponse) -> bool:
-        """Did a purge naming `key` come after the fill of `entry` began? Its upstream read
-        began upstream_ms before the entry was made (`created`, a few ms at most after the
-        read ended): an answer asked for after the purge is stored, one asked before is not."""
-        began = entry.created - entry.upstream_ms / 1000.0
-        return any(
-            began <= at and fnmatch.fnmatchcase(key, pattern) for at, pattern in self._purges
-        )
+        """Did a purge made through this process name `key` after the fill of `entry` began
+        (models.purged_fill)?"""
+        return purged_fill(key, entry, self._purges)
 
     async def warm(self) -> None:
         """Connect to the store before the first request, if it has anything to warm; a store

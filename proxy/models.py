@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import fnmatch
 import time
 import zlib
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -202,3 +203,12 @@ def money_fields(cost: dict[str, Any] | None, *, saved: bool) -> dict[str, Any]:
         fields["cached_tokens"] = cached
         fields["provider_saved_usd"] = cost.get("provider_saved_usd")
     return fields
+
+
+def purged_fill(key: str, entry: CachedResponse, purges: Iterable[tuple[float, str]]) -> bool:
+    """Did a purge of `purges` ((when, key glob) pairs) name `key` after the fill of `entry`
+    began? Its upstream read began upstream_ms before the entry was made (`created`, a few
+    ms at most after the read ended): an answer asked for after the purge is kept, one asked
+    for before it is not. Every store's purge log is read through this one rule."""
+    began = entry.created - entry.upstream_ms / 1000.0
+    return any(began <= at and fnmatch.fnmatchcase(key, pattern) for at, pattern in purges)

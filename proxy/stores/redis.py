@@ -8,7 +8,7 @@ into pass-through. `redis+cluster://host:port` talks to a Redis Cluster.
 from __future__ import annotations
 
 import asyncio
-import fnmatch
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -24,7 +24,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from proxy.errors import ConfigError, CorruptEntry, StoreUnavailable
 from proxy.keys import is_partition, key_id
-from proxy.models import CLOCK, CachedResponse
+from proxy.models import CLOCK, CachedResponse, purged_fill
 
 log = structlog.get_logger()
 T = TypeVar("T")
@@ -262,15 +262,12 @@ class RedisStore:
     def named(rows: list[Any], key: str, entry: CachedResponse) -> bool:
         """Does a purge of the log `rows` (newest first, PURGE_LOG of them) name `key` after
         the fill of `entry` began (upstream_ms before it was made)?"""
-        began = entry.created - entry.upstream_ms / 1000.0
+        purges = []
         for row in rows:
             at, _, pattern = (row.decode() if isinstance(row, bytes) else str(row)).partition(" ")
-            try:
-                if began <= float(at) and fnmatch.fnmatchcase(key, pattern):
-                    return True
-            except ValueError:
-                continue
-        return False
+            with contextlib.suppress(ValueError):
+                purges.append((float(at), pattern))
+        return purged_fill(key, entry, purges)
 
     async def _note_purge(self, pattern: str) -> None:
         """Tell every instance's later stores about this purge (see named), for an hour."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fnmatch
 import functools
 import os
 import sqlite3
@@ -28,7 +27,7 @@ import structlog
 
 from proxy.errors import CorruptEntry, StoreUnavailable
 from proxy.keys import key_id
-from proxy.models import CLOCK, CachedResponse
+from proxy.models import CLOCK, CachedResponse, purged_fill
 from proxy.stores.keyfilter import KeyFilter
 from proxy.tasks import spawn
 
@@ -59,13 +58,6 @@ PURGE_MEMORY_S = 3600.0
 """How long a purge is remembered in the file: longer than any fill may take."""
 PURGES_KEPT = 256
 """Purges remembered in the file (the newest)."""
-
-
-def _purged(key: str, entry: CachedResponse, purges: list[tuple[float, str]]) -> bool:
-    """Did a purge naming `key` come after the fill of `entry` began (upstream_ms before it
-    was made)?"""
-    began = entry.created - entry.upstream_ms / 1000.0
-    return any(began <= at and fnmatch.fnmatchcase(key, pattern) for at, pattern in purges)
 
 
 _ENTRIES = """
@@ -317,7 +309,7 @@ class SQLiteStore:
             newest = {
                 key: (entry, expires)
                 for key, (entry, expires) in newest.items()
-                if not _purged(key, entry, purges)
+                if not purged_fill(key, entry, purges)
             }
         keys = list(newest)
         delta = 0
