@@ -5,7 +5,35 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Protocol, runtime_checkable
 
+import structlog
+
+from proxy.errors import CorruptEntry
+from proxy.keys import key_id
 from proxy.models import CachedResponse
+
+log = structlog.get_logger()
+
+
+class Deletes(Protocol):
+    """A store that can name itself in a log line and drop a key."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def delete(self, key: str) -> None: ...
+
+
+async def entry_of(store: Deletes, key: str, raw: bytes | None) -> CachedResponse | None:
+    """A stored value as an entry: None when absent; a damaged one is logged, deleted and read
+    as absent (a MISS that replaces it), the same in every store."""
+    if raw is None:
+        return None
+    try:
+        return CachedResponse.from_bytes(raw)
+    except CorruptEntry as exc:
+        log.warning("store.corrupt_entry", store=store.name, key=key_id(key), error=str(exc))
+        await store.delete(key)
+        return None
 
 
 class Store(Protocol):

@@ -22,9 +22,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from proxy.errors import ConfigError, CorruptEntry, StoreUnavailable
-from proxy.keys import is_partition, key_id
+from proxy.errors import ConfigError, StoreUnavailable
+from proxy.keys import is_partition
 from proxy.models import CLOCK, CachedResponse, purged_fill
+from proxy.stores.base import entry_of
 
 log = structlog.get_logger()
 T = TypeVar("T")
@@ -203,14 +204,7 @@ class RedisStore:
 
     async def get(self, key: str) -> CachedResponse | None:
         raw = await self._call(lambda: self.client.get(self._k(key)))
-        if raw is None:
-            return None
-        try:
-            return CachedResponse.from_bytes(raw)
-        except CorruptEntry as exc:
-            log.warning("store.corrupt_entry", store=self.name, key=key_id(key), error=str(exc))
-            await self.delete(key)
-            return None
+        return await entry_of(self, key, raw)
 
     async def get_many(self, keys: list[str]) -> list[CachedResponse | None]:
         """get() for many keys: one MGET (a cluster's keys live on many nodes: one GET each)."""
@@ -218,19 +212,7 @@ class RedisStore:
             return list(await asyncio.gather(*(self.get(k) for k in keys)))
         names = [self._k(k) for k in keys]
         raws = await self._call(lambda: self.client.mget(names))
-        out: list[CachedResponse | None] = []
-        for key, raw in zip(keys, raws, strict=True):
-            entry = None
-            if raw is not None:
-                try:
-                    entry = CachedResponse.from_bytes(raw)
-                except CorruptEntry as exc:
-                    log.warning(
-                        "store.corrupt_entry", store=self.name, key=key_id(key), error=str(exc)
-                    )
-                    await self.delete(key)
-            out.append(entry)
-        return out
+        return [await entry_of(self, key, raw) for key, raw in zip(keys, raws, strict=True)]
 
     async def set(self, key: str, entry: CachedResponse, ttl_s: float) -> None:
         """Store an entry, then take it back if a purge naming its key, made by any instance,

@@ -25,9 +25,9 @@ from typing import Any, TypeVar
 
 import structlog
 
-from proxy.errors import CorruptEntry, StoreUnavailable
-from proxy.keys import key_id
+from proxy.errors import StoreUnavailable
 from proxy.models import CLOCK, CachedResponse, purged_fill
+from proxy.stores.base import entry_of
 from proxy.stores.keyfilter import KeyFilter
 from proxy.tasks import spawn
 
@@ -547,34 +547,14 @@ class SQLiteStore:
         if self._absent(key):
             return None
         raw = await self._run(self._get, key)
-        if raw is None:
-            return None
-        try:
-            return CachedResponse.from_bytes(raw)
-        except CorruptEntry as exc:
-            log.warning("store.corrupt_entry", store=self.name, key=key_id(key), error=str(exc))
-            await self.delete(key)
-            return None
+        return await entry_of(self, key, raw)
 
     async def get_many(self, keys: list[str]) -> list[CachedResponse | None]:
         """get() for many keys: the key filter on the loop, the rest in one store trip."""
         ask = [k for k in keys if not self._absent(k)]
         raws = await self._run(self._get_many, ask) if ask else []
         found = dict(zip(ask, raws, strict=True))
-        out: list[CachedResponse | None] = []
-        for key in keys:
-            raw = found.get(key)
-            entry = None
-            if raw is not None:
-                try:
-                    entry = CachedResponse.from_bytes(raw)
-                except CorruptEntry as exc:
-                    log.warning(
-                        "store.corrupt_entry", store=self.name, key=key_id(key), error=str(exc)
-                    )
-                    await self.delete(key)
-            out.append(entry)
-        return out
+        return [await entry_of(self, key, found.get(key)) for key in keys]
 
     async def set(self, key: str, entry: CachedResponse, ttl_s: float) -> None:
         """Queue the entry for the next batch and wait until it is written; StoreUnavailable
