@@ -45,6 +45,8 @@ class Cache:
     ) -> None:
         self.store = store
         self.hot = hot
+        self.in_memory = hot is store
+        """The store is the in-process memory store: peek() is the whole lookup."""
         self.hot_ttl_s = hot_ttl_s
         self.breaker_s = breaker_s
         self.open_until = 0.0
@@ -187,11 +189,6 @@ class Cache:
             await self.store.delete(key)
         except StoreUnavailable:
             pass
-
-    @property
-    def in_memory(self) -> bool:
-        """The store is the in-process memory store: peek() is the whole lookup."""
-        return self.hot is self.store
 
     @property
     def can_put(self) -> bool:

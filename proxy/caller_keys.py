@@ -80,17 +80,21 @@ class CallerControls:
     skip: bool = False
     """Neither read nor store (as Cache-Control: no-store)."""
 
-    @property
-    def memo(self) -> str:
-        """What the plan memo must tell apart: the parts that change the key."""
-        if self.key is None and not self.ignore:
-            return ""
-        return f"{len(self.key or '')}:{self.key or ''}|{','.join(self.ignore)}"
+    memo: str = ""
+    """What the plan memo must tell apart: the parts that change the key (of())."""
+    keys: bool = False
+    """Does it change the key (a caller key or ignored fields)?"""
 
-    @property
-    def keys(self) -> bool:
-        """Does it change the key (a caller key or ignored fields)?"""
-        return self.key is not None or bool(self.ignore)
+    @classmethod
+    def of(
+        cls, key: str | None, ignore: tuple[str, ...], ttl_s: float | None, skip: bool
+    ) -> CallerControls:
+        """Controls with their memo and keys worked out (fields, not properties: the data
+        path reads them on every request)."""
+        if key is None and not ignore:
+            return cls(key, ignore, ttl_s, skip)
+        memo = f"{len(key or '')}:{key or ''}|{','.join(ignore)}"
+        return cls(key, ignore, ttl_s, skip, memo, True)
 
 
 NO_CALLER = CallerControls()
@@ -148,7 +152,7 @@ def read_caller(headers: Mapping[str, str]) -> CallerControls:
     skip = (skip_raw is not None and skip_raw.strip().lower() == "true") or (
         enabled is not None and enabled.strip().lower() == "false"
     )
-    return CallerControls(key, ignore, ttl, skip)
+    return CallerControls.of(key, ignore, ttl, skip)
 
 
 SHAPE_FIELDS = ("encoding_format", "response_format", "output_format")

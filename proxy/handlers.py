@@ -16,20 +16,18 @@ from typing import assert_never
 
 from aiohttp import web
 
+from proxy.controls import DEFAULT_CONTROLS
 from proxy.embeddings import serve_items
 from proxy.errors import json_error
 from proxy.hit import hot
-from proxy.intake import Intake, Opaque, Refused, decision, forward_of, read_intake
+from proxy.intake import Intake, Opaque, Refused, onward, read_intake, route_of
 from proxy.miss import serve_keyed
 from proxy.passthrough import passthrough
-from proxy.plan import DEFAULT_CONTROLS, Keyed, PassThrough, bounded, route_of
+from proxy.plan import Keyed, PassThrough
 from proxy.record import Record
 from proxy.state import Forward, State
 
 __all__ = ["Forward", "State", "json_error", "proxy_handler"]
-
-ROUTE_MAX = 256
-"""Longest route copied into a log line or an entry (the key covers the whole path)."""
 
 
 async def proxy_handler(st: State, request: web.BaseRequest) -> web.StreamResponse:
@@ -37,7 +35,7 @@ async def proxy_handler(st: State, request: web.BaseRequest) -> web.StreamRespon
     t0 = time.perf_counter()
     raw_path, _, query = request.raw_path.partition("?")
     route, upstream_path = route_of(raw_path)
-    rec = Record(bounded(route, ROUTE_MAX), bounded(request.method, 16))
+    rec = Record(route, request.method)
     resp: web.StreamResponse | None = None
     try:
         intake = await read_intake(st, request, route, upstream_path, query, rec, t0)
@@ -57,8 +55,7 @@ async def proxy_handler(st: State, request: web.BaseRequest) -> web.StreamRespon
             resp = hot(st, request, rec, plan, intake.tenant)  # the HIT fast path
             if resp is not None:
                 return resp
-        fwd = forward_of(st, intake, rec)
-        what = decision(st, intake, route)
+        fwd, what = onward(st, intake, rec)
         match what:
             case Keyed() if plan.per_item and not intake.idem:
                 resp = await serve_items(st, fwd, rec, plan, intake.tenant, what)

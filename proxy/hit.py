@@ -11,10 +11,9 @@ from aiohttp import web
 from proxy.coalesce import Flight
 from proxy.errors import NotConvertible
 from proxy.images.base import rebase
-from proxy.keys import key_id
 from proxy.models import CLOCK, CachedResponse
-from proxy.plan import Plan, bounded
-from proxy.record import Record
+from proxy.plan import Plan
+from proxy.record import Record, bounded
 from proxy.relay import WHOLE_MAX, in_pieces, paced, request_base
 from proxy.replay import age_of, is_fast, whole
 from proxy.state import State, off_loop
@@ -46,18 +45,20 @@ def hot(
     """The cache-hit fast path: a fresh entry in the hot tier, in the form asked for, sent
     whole (as_stored); None for anything else (looked up the long way, lookup())."""
     entry = st.cache.peek(plan.key)
+    if entry is None:
+        return None
+    now = CLOCK.now()
     if (
-        entry is None
-        or entry.fresh_until < CLOCK.now()
+        entry.fresh_until < now
         or (plan.form and plan.form != entry.form)
         or (entry.stream and plan.rule is not None and plan.rule.replay != "fast")
         or len(entry.body) > WHOLE_MAX
         or (st.auth is not None and not st.auth.fresh(tenant))
     ):
         return None
-    rec.key = key_id(plan.key)
+    rec.key = plan.kid
     rec.bytes = len(entry.body)
-    return as_stored(request, rec, entry, HIT, HIT_CACHE_STATUS)
+    return as_stored(request, rec, entry, HIT, HIT_CACHE_STATUS, now)
 
 
 def as_stored(
@@ -66,14 +67,15 @@ def as_stored(
     entry: CachedResponse,
     label: CacheStatus,
     cache_status: str,
+    now: float | None = None,
 ) -> web.Response:
     """A stored answer in its stored form, sent whole: image links rebased for this client.
-    Every whole HIT goes through here, the fast path's included."""
+    Every whole HIT goes through here, the fast path's included (with the `now` it read)."""
     rec.cache = label
     rec.extra.update(entry.saved_fields)
     if entry.rebase:
-        return whole(entry, label, cache_status, rebase(entry.body, request_base(request)))
-    return whole(entry, label, cache_status)
+        return whole(entry, label, cache_status, rebase(entry.body, request_base(request)), now)
+    return whole(entry, label, cache_status, now=now)
 
 
 async def serve_entry(

@@ -15,21 +15,18 @@ import structlog
 from aiohttp import web
 
 from proxy.body import decodable, decode
-from proxy.caller_keys import NO_CALLER, BadCacheHeader, CallerControls, caller_fields, read_caller
+from proxy.caller_keys import CallerControls, caller_fields
+from proxy.controls import ClientControls, read_controls
 from proxy.errors import BadBody, BodyTooLarge, json_error
-from proxy.keys import credentials, raw_digest, tenant_digest
+from proxy.keys import request_digest, tenant_digest
 from proxy.plan import (
-    ClientControls,
     Keyed,
     PassThrough,
     Plan,
-    bounded,
     decide,
     idempotency_key,
     make_plan,
-    parse_cache_control,
     passthrough_fingerprint,
-    with_caller,
 )
 from proxy.prompt_cache import with_prompt_cache_key
 from proxy.record import Record
@@ -67,6 +64,8 @@ class Intake(NamedTuple):
     body: bytes
     """As read, decoded from its Content-Encoding."""
     decoded: bool
+    route: str
+    """The route rules match (route_of)."""
     upstream_path: str
     query: str
     controls: ClientControls
@@ -109,26 +108,14 @@ async def read_intake(
         if type(taken) is not bytes:
             return cast(Refused | Opaque, taken)
         body, decoded = taken, True
-    cache_control = h.getall("Cache-Control", None)
-    controls = parse_cache_control(
-        ",".join(cache_control) if cache_control else None, h.get("X-Cache-Namespace")
-    )
-    try:
-        caller = read_caller(h)
-    except BadCacheHeader as exc:
-        return Refused(json_error(400, str(exc), "invalid_request_error", exc.code))
-    if caller is not NO_CALLER:
-        controls = with_caller(controls, caller)
-    if controls.namespace:
-        rec.namespace = bounded(controls.namespace)
     idem = h.get("Idempotency-Key")
-    try:
-        if len(body) <= OFF_LOOP_BYTES:
-            memo = _planned(st, request, route, query, controls, caller, idem, body)
-        else:
-            memo = await _planned_large(st, request, route, query, controls, caller, idem, body)
+    try:  # a bad cache header (BadCacheHeader) or body (BadBody): a 4xx
+        controls, caller = read_controls(h)
+        args = (st, request, route, query, controls, caller, idem, body)
+        memo = _planned(*args) if len(body) <= OFF_LOOP_BYTES else await _planned_large(*args)
     except BadBody as exc:
         return Refused(json_error(exc.status, str(exc), "invalid_request_error", exc.code))
+    rec.namespace = controls.namespace or None
     plan, tenant, rec.tenant = memo
     rec.rule = plan.rule.label if plan.rule is not None else "other"
     rec.model = plan.model
@@ -136,7 +123,18 @@ async def read_intake(
     if plan.caller:
         caller_fields(request, rec.extra, plan.caller, caller)
     return Intake(
-        request, body, decoded, upstream_path, query, controls, caller, idem, plan, tenant, t0
+        request,
+        body,
+        decoded,
+        route,
+        upstream_path,
+        query,
+        controls,
+        caller,
+        idem,
+        plan,
+        tenant,
+        t0,
     )
 
 
@@ -204,11 +202,11 @@ def _planned(
 ) -> tuple[Plan, bytes, str]:
     """The request's (Plan, tenant digest, tenant id), memoised on a keyed digest of the raw
     request: for a small body, on the loop (no coroutine: a HIT's 3 %)."""
-    credential, org, project, head = _head(request, route, query, controls, caller, idem)
-    raw = raw_digest(st.mac_key, head, body)
+    parts = _memo_parts(request, route, query, controls, caller, idem)
+    raw, creds = request_digest(st.mac_key, request.headers, parts, body)
     memo = st.plans.get(raw)
     if memo is None:
-        tenant = tenant_digest(st.mac_key, credential, org, project)
+        tenant = tenant_digest(st.mac_key, *creds)
         args = (st.rules, st.secret, tenant, request.method, route, query, controls.namespace)
         ctype = request.headers.get("Content-Type", "")
         plan = make_plan(*args, ctype, body, fingerprint=bool(idem), caller=caller)
@@ -228,11 +226,13 @@ async def _planned_large(
 ) -> tuple[Plan, bytes, str]:
     """_planned for a body over OFF_LOOP_BYTES: hashed and planned off the loop (and, over
     PROCESS_BYTES, in a worker process)."""
-    credential, org, project, head = _head(request, route, query, controls, caller, idem)
-    raw = await off_loop(st, len(body), raw_digest, st.mac_key, head, body)
+    parts = _memo_parts(request, route, query, controls, caller, idem)
+    raw, creds = await off_loop(
+        st, len(body), request_digest, st.mac_key, request.headers, parts, body
+    )
     memo = st.plans.get(raw)
     if memo is None:
-        tenant = tenant_digest(st.mac_key, credential, org, project)
+        tenant = tenant_digest(st.mac_key, *creds)
         ctype = request.headers.get("Content-Type", "")
         namespace = controls.namespace
         args = (st.rules, st.secret, tenant, request.method, route, query, namespace, ctype)
@@ -246,33 +246,26 @@ async def _planned_large(
     return memo
 
 
-def _head(
+def _memo_parts(
     request: web.BaseRequest,
     route: str,
     query: str,
     controls: ClientControls,
     caller: CallerControls,
     idem: str | None,
-) -> tuple[str, str, str, str]:
-    """The credential headers, and what the plan memo keys on beside the body (the memo
-    holds plans with a fingerprint, for an Idempotency-Key, apart from those without)."""
-    h = request.headers
-    credential, org, project = credentials(h)
-    head = "\0".join(
-        (
-            credential,
-            org,
-            project,
-            request.method,
-            route,
-            query,
-            controls.namespace,
-            h.get("Content-Type", ""),
-            "i" * bool(idem),
-            caller.memo,
-        )
+) -> tuple[str, ...]:
+    """What the plan memo keys on beside the credentials and the body (keys.request_digest;
+    the memo holds plans with a fingerprint, for an Idempotency-Key, apart from those
+    without)."""
+    return (
+        request.method,
+        route,
+        query,
+        controls.namespace,
+        request.headers.get("Content-Type", ""),
+        "i" * bool(idem),
+        caller.memo,
     )
-    return credential, org, project, head
 
 
 def _memoise(st: State, raw: bytes, plan: Plan, tenant: bytes) -> tuple[Plan, bytes, str]:
@@ -327,12 +320,29 @@ def too_large(st: State) -> web.Response:
     return resp
 
 
+def route_of(path: str) -> tuple[str, str]:
+    """(route for rules, path for upstream). Accepts paths with or without the /v1 prefix."""
+    if path.startswith("/v1/") or path == "/v1":
+        return path, path
+    if path.startswith("/openai/"):
+        if path.startswith("/openai/v1/"):
+            return path[len("/openai") :], path  # Azure v1: same routes as OpenAI
+        return path, path  # Azure classic: /openai/deployments/{name}/...
+    return "/v1" + path, "/v1" + path
+
+
 def path_qs(upstream_path: str, query: str) -> str:
     """The upstream path and query."""
     return upstream_path + ("?" + query if query else "")
 
 
-def forward_of(st: State, intake: Intake, rec: Record) -> Forward:
+def onward(st: State, intake: Intake, rec: Record) -> tuple[Forward, PassThrough | Keyed]:
+    """What becomes of a request not answered by the hot fast path: the request as it goes
+    upstream (forward_of), and plan.decide's decision for it (decision)."""
+    return forward_of(intake, rec), decision(st, intake)
+
+
+def forward_of(intake: Intake, rec: Record) -> Forward:
     """The request as it goes upstream: its body (with the rule's prompt_cache_key), its
     headers filtered, the upstream path."""
     body = intake.body
@@ -345,14 +355,14 @@ def forward_of(st: State, intake: Intake, rec: Record) -> Forward:
     return Forward(request, body, headers, path_qs(intake.upstream_path, intake.query), intake.t0)
 
 
-def decision(st: State, intake: Intake, route: str) -> PassThrough | Keyed:
+def decision(st: State, intake: Intake) -> PassThrough | Keyed:
     """plan.decide for this request: its Cache-Control, and its Idempotency-Key if any."""
     plan, idem = intake.plan, intake.idem
     idempotency = None
     if idem:
         tenant, query = intake.tenant, intake.query
         fingerprint = plan.fingerprint or passthrough_fingerprint(
-            st.secret, tenant, intake.request.method, route, query, intake.body
+            st.secret, tenant, intake.request.method, intake.route, query, intake.body
         )
         key = idempotency_key(st.secret, tenant, idem, intake.controls.namespace)
         idempotency = (key, fingerprint)

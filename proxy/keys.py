@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 CREDENTIAL_HEADERS = ("Authorization", "api-key", "x-api-key")
 """Every header an OpenAI-compatible upstream may read a credential from (OpenAI, Azure, and
@@ -103,6 +103,39 @@ def raw_digest(key: bytes, head: str, body: bytes) -> bytes:
     h = hashlib.blake2b(head.encode(), key=key, digest_size=24, person=b"raw")
     h.update(body)
     return h.digest()
+
+
+def request_digest(
+    key: bytes, headers: Headers, parts: tuple[str, ...], body: bytes
+) -> tuple[bytes, tuple[str, str, str]]:
+    """The request as it arrived, digested (raw_digest over its credentials, then `parts`,
+    then the body), and its credentials (for tenant_digest when the plan memo misses)."""
+    creds = credentials(headers)
+    return raw_digest(key, "\0".join((*creds, *parts)), body), creds
+
+
+class Scope(NamedTuple):
+    """What a request's keys are computed within: the secret, the tenant, the request line.
+    (One object, not five positional parameters that are easy to shift by one.)"""
+
+    secret: bytes
+    tenant: bytes
+    method: str
+    route: str
+    query: str
+
+    def key(self, namespace: str, canonical: bytes) -> str:
+        """The cache key of a canonical body in a namespace (cache_key)."""
+        return cache_key(
+            self.secret, self.tenant, self.method, self.route, self.query, namespace, canonical
+        )
+
+    def stored(self, namespace: str, model: str | None, canonical: bytes) -> tuple[str, str]:
+        """The key an answer to a canonical body is stored under (store_key, with the whole
+        model name: a purge by the name the client sent finds it), and its id for logs."""
+        hmac_key = self.key(namespace, canonical)
+        key = store_key(self.tenant.hex()[:12], namespace, model, self.route, hmac_key)
+        return key, key_id(key)
 
 
 def tag(value: str) -> str:

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from proxy.bus import Conflict, Follow, Leader, Local, RedisBus
 from proxy.coalesce import COMPLETE, CUT, Flight, Reader
+from proxy.controls import Mode
 from proxy.errors import StoreUnavailable, json_error
 from proxy.fetch import FetchJob
 from proxy.hit import Stale, auth_refusal, failed, serve_entry, serve_stale
@@ -22,7 +23,7 @@ from proxy.images.rehost import rewrites
 from proxy.keys import key_id
 from proxy.models import CLOCK, CachedResponse, money_fields
 from proxy.passthrough import passthrough
-from proxy.plan import Keyed, Mode, Plan
+from proxy.plan import Keyed, Plan
 from proxy.record import Record
 from proxy.relay import relay
 from proxy.semantic import text_of
@@ -81,7 +82,7 @@ async def serve_keyed(
     st: State, fwd: Forward, rec: Record, plan: Plan, tenant: bytes, keyed: Keyed
 ) -> web.StreamResponse:
     """A request with a key: answer from the cache, join a flight, or lead one."""
-    rec.key = key_id(keyed.key)
+    rec.key = keyed.kid
     found: Fresh | Stale | Missing | Answered = DEGRADED
     if keyed.controls.mode is not LOOKUP:
         if keyed.controls.mode is not REFRESH_MODE or st.cache.healthy:

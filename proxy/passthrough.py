@@ -14,8 +14,8 @@ from proxy import sse
 from proxy.answers import answer_cost, usage_of_json
 from proxy.errors import UpstreamError, UpstreamTimeout, failure_answer
 from proxy.models import money_fields
-from proxy.plan import Plan, bounded
-from proxy.record import Record
+from proxy.plan import Plan
+from proxy.record import Record, bounded
 from proxy.relay import cut, pump
 from proxy.state import Forward, State
 from proxy.status import BYPASS, mark

@@ -9,13 +9,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any, NamedTuple
 
 from proxy.caller_keys import NO_CALLER, CallerControls, caller_canonical
+from proxy.controls import ClientControls, Mode
 from proxy.embeddings import per_item
 from proxy.errors import BadBody, Inexact
-from proxy.keys import cache_key, partition_key, store_key, tag
+from proxy.keys import Scope, cache_key, key_id, partition_key, tag
 from proxy.normalize import (
     canonical_json,
     canonical_multipart,
@@ -27,28 +27,13 @@ from proxy.normalize import (
     try_json,
 )
 from proxy.prompt_cache import auto_prompt_cache_key
+from proxy.record import bounded
 from proxy.rules import Rule, Rules
 from proxy.semantic import query_of
 from proxy.twins import kind_of
 
 TWIN_FIELDS = ("stream", "stream_options")
 """What tells a twin route's two forms apart (twins.py): never part of its key."""
-LABEL_MAX = 96
-"""Longest client-given string (model, namespace) copied into logs, stats and memos."""
-
-
-def bounded(value: str, limit: int = LABEL_MAX) -> str:
-    """`value` cut to `limit` characters (marked with "~"), for logs, labels and memos."""
-    return value if len(value) <= limit else value[: limit - 1] + "~"
-
-
-class Mode(Enum):
-    LOOKUP = "lookup"
-    """Normal: answer from the cache, else fetch and store."""
-    REFRESH = "refresh"
-    """Cache-Control: no-cache: skip the lookup, store the fresh answer."""
-    BYPASS = "bypass"
-    """Cache-Control: no-store: neither read nor write, no coalescing."""
 
 
 class Plan(NamedTuple):
@@ -79,6 +64,8 @@ class Plan(NamedTuple):
     goes upstream with (prompt_cache.py); never part of the key."""
     per_item: bool = False
     """An embeddings list answered item by item (embeddings.py)."""
+    kid: str = ""
+    """The key's id in log lines (keys.key_id), computed with the key."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,79 +75,6 @@ class SemanticQuery:
     last user message's text (same tenant, namespace, model, route, every other field).
     The text itself is not kept here (plans are memoised): semantic.text_of reads it from
     the body when a lookup runs."""
-
-
-@dataclass(frozen=True, slots=True)
-class ClientControls:
-    mode: Mode
-    max_age: float | None
-    namespace: str
-    stale_if_error: float | None = None
-    """Cache-Control: stale-if-error=N: this request accepts an answer up to N s stale when
-    the upstream fails."""
-
-    def stale_window(self, rule_s: float) -> float:
-        """Seconds past freshness an answer may be served when the upstream fails: the rule's
-        option, the request's directive, or the smaller of both."""
-        if self.stale_if_error is None:
-            return rule_s
-        return min(self.stale_if_error, rule_s) if rule_s > 0 else self.stale_if_error
-
-
-DEFAULT_CONTROLS = ClientControls(Mode.LOOKUP, None, "")
-
-
-DELTA_MAX = 2**31
-"""RFC 9111 1.2.2: a delta-seconds too large to represent counts as 2^31."""
-
-
-def delta_seconds(arg: str) -> float | None:
-    """A Cache-Control delta-seconds (digits only, RFC 9111 1.2.2); None when invalid, so the
-    directive is ignored (a negative, fractional or `nan` value is not 0)."""
-    arg = arg.strip().strip('"')
-    if not arg or not arg.isascii() or not arg.isdigit():
-        return None
-    return float(min(int(arg[:12]), DELTA_MAX))
-
-
-def parse_cache_control(value: str | None, namespace: str | None) -> ClientControls:
-    """Read the request's Cache-Control (no-store, no-cache, max-age=N) and X-Cache-Namespace.
-
-    `value` is every Cache-Control line joined with commas (RFC 9110 5.3: one list)."""
-    if value is None and namespace is None:
-        return DEFAULT_CONTROLS
-    mode, max_age = Mode.LOOKUP, None
-    stale: float | None = None
-    if value:
-        for part in value.lower().split(","):
-            name, _, arg = part.strip().partition("=")
-            name = name.strip()
-            if name == "no-store":
-                mode = Mode.BYPASS
-            elif name == "no-cache" and mode is not Mode.BYPASS:
-                mode = Mode.REFRESH
-            elif name == "max-age":
-                seconds = delta_seconds(arg)
-                if seconds is not None:
-                    max_age = seconds if max_age is None else min(max_age, seconds)
-            elif name == "stale-if-error":
-                seconds = delta_seconds(arg)
-                if seconds is not None:
-                    stale = seconds if stale is None else min(stale, seconds)
-    return ClientControls(mode, max_age, (namespace or "").strip(), stale)
-
-
-def with_caller(controls: ClientControls, caller: CallerControls) -> ClientControls:
-    """Cache-Control as the caller's cache headers amend it: skip is no-store, a TTL a
-    max-age (the shorter one wins)."""
-    mode, max_age = controls.mode, controls.max_age
-    if caller.skip:
-        mode = Mode.BYPASS
-    if caller.ttl_s is not None:
-        max_age = caller.ttl_s if max_age is None else min(max_age, caller.ttl_s)
-    if mode is controls.mode and max_age == controls.max_age:
-        return controls
-    return ClientControls(mode, max_age, controls.namespace, controls.stale_if_error)
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +94,8 @@ class Keyed(NamedTuple):
     store: bool
     fingerprint: str = ""
     """For Idempotency-Key: the request the key must keep answering (another body: 422)."""
+    kid: str = ""
+    """The key's id in log lines (keys.key_id)."""
 
 
 PASS_THROUGH = PassThrough()
@@ -198,48 +114,20 @@ def decide(
     if idempotency is not None:
         key, fingerprint = idempotency
         lookup = ClientControls(Mode.LOOKUP, None, controls.namespace)
-        return Keyed(key, lookup, idempotency_ttl_s, 0.0, True, fingerprint)
+        return Keyed(key, lookup, idempotency_ttl_s, 0.0, True, fingerprint, key_id(key))
     rule = plan.rule
     if rule is None or controls.mode is Mode.BYPASS:
         return PASS_THROUGH
     ttl = rule.ttl_s if controls.max_age is None else min(rule.ttl_s, controls.max_age)
     # kept past freshness for stale-if-error: the rule's window, or the request's directive
     keep = max(rule.stale_if_error_s, controls.stale_if_error or 0.0)
-    return Keyed(plan.key, controls, ttl, keep, rule.store)
-
-
-def route_of(path: str) -> tuple[str, str]:
-    """(route for rules, path for upstream). Accepts paths with or without the /v1 prefix."""
-    if path.startswith("/v1/") or path == "/v1":
-        return path, path
-    if path.startswith("/openai/"):
-        if path.startswith("/openai/v1/"):
-            return path[len("/openai") :], path  # Azure v1: same routes as OpenAI
-        return path, path  # Azure classic: /openai/deployments/{name}/...
-    return "/v1" + path, "/v1" + path
+    return Keyed(plan.key, controls, ttl, keep, rule.store, kid=plan.kid)
 
 
 def _azure_deployment(route: str) -> str | None:
     if route.startswith("/openai/deployments/"):
         return route.split("/")[3] or None
     return None
-
-
-class Scope(NamedTuple):
-    """What a request's keys are computed within: the secret, the tenant, the request line.
-    (One object, not five positional parameters that are easy to shift by one.)"""
-
-    secret: bytes
-    tenant: bytes
-    method: str
-    route: str
-    query: str
-
-    def key(self, namespace: str, canonical: bytes) -> str:
-        """The cache key of a canonical body in a namespace (keys.cache_key)."""
-        return cache_key(
-            self.secret, self.tenant, self.method, self.route, self.query, namespace, canonical
-        )
 
 
 def make_plan(
@@ -295,13 +183,14 @@ def make_plan(
         canonical = (
             raw_canonical(ctype, body) if raw else _canonical(fields, parts, ignore, ctype, body)
         )
-    # the whole model name: a purge by the name the client sent finds it
-    key = store_key(tenant.hex()[:12], namespace, model, route, scope.key(namespace, canonical))
+    key, kid = scope.stored(namespace, model, canonical)
     form = _form_of(twin, stream, fields)
     semantic, pck, items = _extras(
         rule, scope, namespace, model, twin, fields, ignore, body, caller, raw or bool(parts)
     )
-    return Plan(rule, key, label, stream, digest, hints, twin, form, semantic, used, pck, items)
+    return Plan(
+        rule, key, label, stream, digest, hints, twin, form, semantic, used, pck, items, kid
+    )
 
 
 def _model_of(fields: dict[str, Any], route: str) -> str | None:

@@ -68,7 +68,7 @@ def _route(route: str | None) -> str | None:
     """Routes as the proxy keys them: /chat/completions is /v1/chat/completions."""
     if route is None:
         return None
-    from proxy.plan import route_of
+    from proxy.intake import route_of
 
     return route_of(route)[0]
 

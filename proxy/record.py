@@ -13,6 +13,16 @@ from typing import Any
 from proxy.status import CacheStatus
 
 _UNSET: Any = object()
+LABEL_MAX = 96
+"""Longest client-given string (model, namespace) copied into logs, stats and memos."""
+ROUTE_MAX = 256
+"""Longest route copied into a log line or an entry (the key covers the whole path)."""
+METHOD_MAX = 16
+
+
+def bounded(value: str, limit: int = LABEL_MAX) -> str:
+    """`value` cut to `limit` characters (marked with "~"), for logs, labels and memos."""
+    return value if len(value) <= limit else value[: limit - 1] + "~"
 
 
 @dataclass(slots=True)
@@ -49,6 +59,11 @@ class Record:
     """Money (tokens, cost_usd / saved_usd, saved_ms) and semantic lookup fields, as the
     functions that compute them name them (models.money_fields, vectors.Probe.fields)."""
 
+    def __post_init__(self) -> None:
+        # client-given: bounded before anything can log them
+        self.route = bounded(self.route, ROUTE_MAX)
+        self.method = bounded(self.method, METHOD_MAX)
+
     def fields(self) -> dict[str, Any]:
         """The line's fields: every field that was set, then the extra ones. (Spelled out
         field by field: it runs once per request, on the cache-hit path.)"""
@@ -60,7 +75,7 @@ class Record:
         if self.tenant is not _UNSET:
             out["tenant"] = self.tenant
         if self.namespace is not None:
-            out["namespace"] = self.namespace
+            out["namespace"] = bounded(self.namespace)
         if self.rule is not None:
             out["rule"] = self.rule
         if self.model is not None:

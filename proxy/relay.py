@@ -16,8 +16,7 @@ from proxy.coalesce import COMPLETE, CUT, Flight, Reader
 from proxy.errors import Lagged, UpstreamError, json_error
 from proxy.images.base import client_base, rebase
 from proxy.models import CachedResponse
-from proxy.plan import bounded
-from proxy.record import Record
+from proxy.record import Record, bounded
 from proxy.replay import headers_of
 from proxy.rules import Rule
 from proxy.status import PROXY_FAILURES, CacheStatus, Failure, mark

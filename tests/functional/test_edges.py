@@ -18,8 +18,8 @@ import orjson
 import pytest
 import redis
 
+from proxy.controls import parse_cache_control
 from proxy.models import CachedResponse
-from proxy.plan import parse_cache_control
 from proxy.stores.redis import RedisStore
 from proxy.stores.sqlite import SQLiteStore
 from proxy.testing import FakeOpenAI

@@ -6,7 +6,7 @@ import pytest
 from multidict import CIMultiDict
 
 from proxy.caller_keys import NO_CALLER, BadCacheHeader, CallerControls, read_caller
-from proxy.plan import DEFAULT_CONTROLS, Mode, with_caller
+from proxy.controls import DEFAULT_CONTROLS, Mode, with_caller
 
 
 def read(**headers: str) -> CallerControls:

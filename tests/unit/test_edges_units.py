@@ -95,7 +95,7 @@ def test_age_uses_the_store_clock() -> None:
 def test_stale_if_error_directive_and_window() -> None:
     """The directive is read like max-age (invalid values ignored); the window is the rule's
     option, the directive's, or the smaller of both."""
-    from proxy.plan import parse_cache_control
+    from proxy.controls import parse_cache_control
 
     c = parse_cache_control("max-age=10, stale-if-error=600", None)
     assert c.max_age == 10 and c.stale_if_error == 600

@@ -22,7 +22,8 @@ from proxy.images.rehost import ImageRehoster
 from proxy.keys import credential_of, mac_key, tenant_digest
 from proxy.models import CachedResponse
 from proxy.normalize import MAX_DEPTH
-from proxy.plan import LABEL_MAX, Plan, make_plan
+from proxy.plan import Plan, make_plan
+from proxy.record import LABEL_MAX
 from proxy.rules import default_rules_path, load_rules
 
 RULES = load_rules(default_rules_path())

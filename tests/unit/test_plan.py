@@ -8,18 +8,16 @@ from typing import Any
 import orjson
 import pytest
 
+from proxy.controls import DEFAULT_CONTROLS, ClientControls, Mode, parse_cache_control
 from proxy.errors import BadBody
+from proxy.intake import route_of
+from proxy.keys import key_id
 from proxy.plan import (
-    DEFAULT_CONTROLS,
-    ClientControls,
     Keyed,
-    Mode,
     PassThrough,
     Plan,
     decide,
     make_plan,
-    parse_cache_control,
-    route_of,
 )
 from proxy.rules import Rules, parse_rules
 
@@ -137,9 +135,9 @@ def test_decide() -> None:
     any route with an Idempotency-Key."""
     p = plan(CHAT)
     keyed = decide(p, DEFAULT_CONTROLS)
-    assert keyed == Keyed(p.key, DEFAULT_CONTROLS, 100.0, 50.0, True)
+    assert keyed == Keyed(p.key, DEFAULT_CONTROLS, 100.0, 50.0, True, kid=p.kid)
     short = parse_cache_control("max-age=10, stale-if-error=80", None)
-    assert decide(p, short) == Keyed(p.key, short, 10.0, 80.0, True)
+    assert decide(p, short) == Keyed(p.key, short, 10.0, 80.0, True, kid=p.kid)
     assert isinstance(decide(p, parse_cache_control("no-store", None)), PassThrough)
     assert isinstance(decide(plan({"input": "x"}, "/v1/files"), DEFAULT_CONTROLS), PassThrough)
     unstored = decide(plan({"model": "e", "input": "x"}, "/v1/embeddings"), DEFAULT_CONTROLS)
@@ -151,4 +149,5 @@ def test_decide() -> None:
         idempotency=("idem:k", "fp"),
         idempotency_ttl_s=60.0,
     )
-    assert idem == Keyed("idem:k", ClientControls(Mode.LOOKUP, None, "ns"), 60.0, 0.0, True, "fp")
+    lookup = ClientControls(Mode.LOOKUP, None, "ns")
+    assert idem == Keyed("idem:k", lookup, 60.0, 0.0, True, "fp", key_id("idem:k"))

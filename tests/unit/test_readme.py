@@ -29,7 +29,7 @@ def test_the_base_url_table_is_what_the_proxy_sends() -> None:
     `--upstream`, reaches exactly the path (and query) the row says."""
     from urllib.parse import urlsplit
 
-    from proxy.plan import route_of
+    from proxy.intake import route_of
     from proxy.upstream import Upstream
 
     rows = [
