@@ -3,12 +3,14 @@
 The data path, one request (handlers.proxy_handler, on one screen; docs/architecture.md):
 
 1. intake.read_intake -> Refused (a 4xx) | Opaque (an unreadable Content-Encoding: passed
-   through) | Intake: the body capped and decoded (body.py), the tenant from every
-   credential header (keys.py), Cache-Control and caller headers, the Plan (plan.make_plan:
-   rule, key over the canonical body; memoised on the raw bytes; large bodies off the loop)
+   through) | Intake: the route (intake.route_of), the body capped and decoded (body.py),
+   the cache headers (controls.read_controls), the tenant from every credential header
+   (keys.py), the Plan (plan.make_plan: rule, key over the canonical body; memoised on the
+   raw bytes; large bodies off the loop)
 2. hit.hot: a fresh entry in the hot tier, sent whole (the HIT fast path)
-3. plan.decide -> PassThrough (passthrough.py: streamed both ways, cost counted) | Keyed
-   (embeddings lists item by item: embeddings.py)
+3. intake.onward: the request as it goes upstream, and plan.decide -> PassThrough
+   (passthrough.py: streamed both ways, cost counted) | Keyed (embeddings lists item by
+   item: embeddings.py)
 4. miss.serve_keyed: the stored entry judged Fresh (hit.serve_entry: a HIT, a twin
    converted by twins.py) | Stale | Missing; then choose_flight -> Join (COALESCED) | Lead
    (MISS / REFRESH; by_meaning first for a rule with `semantic`, vectors.py); across
@@ -30,17 +32,21 @@ Module map:
                   dashboard, purge, images), start-up and shutdown
     handlers.py   proxy_handler: the stages above in order, each match ending in assert_never
     state.py      State (the collaborators a request needs), Forward (the upstream request)
-    intake.py     request -> Refused | Opaque | Intake (body, headers, Plan memo)
+    intake.py     request -> Refused | Opaque | Intake (route, body, Plan memo); onward
+    controls.py   the cache headers -> ClientControls (Cache-Control, namespace)  [pure]
+    caller_keys.py X-Cache-Key, ignored fields, TTL and their aliases -> CallerControls [pure]
     hit.py        a stored entry -> this client's HIT or STALE answer (one place); twins
     miss.py       Keyed: judge -> Fresh | Stale | Missing; flight -> Join | Lead; semantic probe
     relay.py      a flight or a stored answer -> the client: one write loop (pump)
     passthrough.py uncached requests, streamed both ways, cost counted
-    record.py     Record: one request's line, filled along the way, rendered once
+    record.py     Record: one request's line, filled along the way, rendered once;
+                  bounded() for every client-given string a line or label holds
     status.py     CacheStatus, Failure codes, mark(): the status headers      [pure]
     body.py       request Content-Encoding, decoded with a cap                   [pure]
     normalize.py  body -> canonical bytes                                        [pure]
-    keys.py       tenant digest, cache key, store key with purge tags            [pure]
-    plan.py       request -> Plan; Cache-Control                                 [pure]
+    keys.py       request and tenant digests; Scope: cache key, store key with
+                  purge tags, key id                                           [pure]
+    plan.py       request -> Plan; decide -> PassThrough | Keyed                 [pure]
     semantic.py   what a semantic lookup compares; the judge's request and verdict [pure]
     guards.py     the guards against false semantic hits, as keyed digests       [pure]
     calibrate.py  `semantic calibrate`: a model's threshold from labelled pairs

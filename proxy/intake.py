@@ -18,7 +18,7 @@ from proxy.body import decodable, decode
 from proxy.caller_keys import CallerControls, caller_fields
 from proxy.controls import ClientControls, read_controls
 from proxy.errors import BadBody, BodyTooLarge, json_error
-from proxy.keys import request_digest, tenant_digest
+from proxy.keys import Scope, request_digest, tenant_digest
 from proxy.plan import (
     Keyed,
     PassThrough,
@@ -207,9 +207,11 @@ def _planned(
     memo = st.plans.get(raw)
     if memo is None:
         tenant = tenant_digest(st.mac_key, *creds)
-        args = (st.rules, st.secret, tenant, request.method, route, query, controls.namespace)
+        scope = Scope(st.secret, tenant, request.method, route, query)
         ctype = request.headers.get("Content-Type", "")
-        plan = make_plan(*args, ctype, body, fingerprint=bool(idem), caller=caller)
+        plan = make_plan(
+            st.rules, scope, controls.namespace, ctype, body, fingerprint=bool(idem), caller=caller
+        )
         memo = _memoise(st, raw, plan, tenant)
     return memo
 
@@ -234,8 +236,8 @@ async def _planned_large(
     if memo is None:
         tenant = tenant_digest(st.mac_key, *creds)
         ctype = request.headers.get("Content-Type", "")
-        namespace = controls.namespace
-        args = (st.rules, st.secret, tenant, request.method, route, query, namespace, ctype)
+        scope = Scope(st.secret, tenant, request.method, route, query)
+        args = (st.rules, scope, controls.namespace, ctype)
         if len(body) <= PROCESS_BYTES:
             plan = await off_loop(
                 st, len(body), make_plan, *args, body, fingerprint=bool(idem), caller=caller

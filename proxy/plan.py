@@ -132,11 +132,7 @@ def _azure_deployment(route: str) -> str | None:
 
 def make_plan(
     rules: Rules,
-    secret: bytes,
-    tenant: bytes,
-    method: str,
-    route: str,
-    query: str,
+    scope: Scope,
     namespace: str,
     content_type: str,
     body: bytes,
@@ -144,13 +140,15 @@ def make_plan(
     fingerprint: bool = True,
     caller: CallerControls = NO_CALLER,
 ) -> Plan:
-    """Decide the rule and the key. Raises BadBody for a body that claims a type it is not
-    (JSON, multipart) or is out of bounds. `fingerprint=False` leaves Plan.fingerprint empty
-    (it costs a second canonical form and HMAC; only an Idempotency-Key needs it).
+    """Decide the rule and the key, within `scope` (secret, tenant, request line). Raises
+    BadBody for a body that claims a type it is not (JSON, multipart) or is out of bounds.
+    `fingerprint=False` leaves Plan.fingerprint empty (it costs a second canonical form and
+    HMAC; only an Idempotency-Key needs it).
 
     A body that parses as a JSON object is keyed by its content whatever its Content-Type
     says (curl -d sends form encoding); any other body is keyed by its exact bytes and type,
     never as an empty body."""
+    method, route = scope.method, scope.route
     if not rules.has_route(method, route):
         return Plan(None, "", None, False, "")
     ctype = content_type.split(";", 1)[0].strip().lower()
@@ -164,7 +162,6 @@ def make_plan(
     twin = kind_of(route) if not raw and not parts else None
     # an Idempotency-Key names a request in every form: not by `stream`, `stream_options`
     forms = TWIN_FIELDS if twin and keyed else ()
-    scope = Scope(secret, tenant, method, route, query)
     canonical_all, digest = b"", ""
     if fingerprint:
         canonical_all = (

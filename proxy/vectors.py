@@ -38,7 +38,7 @@ from proxy import guards
 from proxy.cache import Cache
 from proxy.cost import Prices
 from proxy.errors import EmbeddingFailed, StoreUnavailable, UpstreamError
-from proxy.keys import CREDENTIAL_HEADERS, Headers
+from proxy.keys import CREDENTIAL_HEADERS, Headers, Scope
 from proxy.models import CLOCK, CachedResponse
 from proxy.plan import Plan, make_plan
 from proxy.rules import Rule, Rules
@@ -369,9 +369,8 @@ class Embedder:
         path = _embeddings_route(route, model)
         body = orjson.dumps({"model": model, "input": text, "encoding_format": "base64"})
         qs = query if path.startswith("/openai/deployments/") else ""
-        plan = make_plan(
-            self.rules, self.secret, tenant, "POST", path, qs, namespace, "application/json", body
-        )
+        scope = Scope(self.secret, tenant, "POST", path, qs)
+        plan = make_plan(self.rules, scope, namespace, "application/json", body)
         # in-flight sharing within one tenant (and namespace, route) only
         where = (server or self.default_server if local is not None else "").encode()
         memo = hashlib.blake2b(

@@ -19,7 +19,7 @@ from proxy.errors import BadBody, BodyTooLarge, CorruptEntry, TooDeep, TooManyPa
 from proxy.images.base import PLACEHOLDER_BASE, client_base, rebase
 from proxy.images.local import LocalImageStore
 from proxy.images.rehost import ImageRehoster
-from proxy.keys import credential_of, mac_key, tenant_digest
+from proxy.keys import Scope, credential_of, mac_key, tenant_digest
 from proxy.models import CachedResponse
 from proxy.normalize import MAX_DEPTH
 from proxy.plan import Plan, make_plan
@@ -33,7 +33,7 @@ CHAT = "/v1/chat/completions"
 
 
 def plan(body: bytes, ctype: str = "application/json", route: str = CHAT) -> Plan:
-    return make_plan(RULES, SECRET, TENANT, "POST", route, "", "", ctype, body)
+    return make_plan(RULES, Scope(SECRET, TENANT, "POST", route, ""), "", ctype, body)
 
 
 def chat(content: str, **extra: object) -> bytes:

@@ -11,7 +11,7 @@ import pytest
 from proxy.controls import DEFAULT_CONTROLS, ClientControls, Mode, parse_cache_control
 from proxy.errors import BadBody
 from proxy.intake import route_of
-from proxy.keys import key_id
+from proxy.keys import Scope, key_id
 from proxy.plan import (
     Keyed,
     PassThrough,
@@ -37,7 +37,7 @@ def plan(
     body: object, route: str = "/v1/chat/completions", *, ctype: str = "application/json", **kw: Any
 ) -> Plan:
     raw = body if isinstance(body, bytes) else orjson.dumps(body)
-    return make_plan(RULES, b"s", TENANT, "POST", route, "", "", ctype, raw, **kw)
+    return make_plan(RULES, Scope(b"s", TENANT, "POST", route, ""), "", ctype, raw, **kw)
 
 
 @pytest.mark.parametrize(

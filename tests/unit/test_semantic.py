@@ -18,6 +18,7 @@ from proxy.errors import ConfigError
 from proxy.guards import features, refusal
 from proxy.guards import pack as pack_guards
 from proxy.guards import unpack as unpack_guards
+from proxy.keys import Scope
 from proxy.models import CachedResponse
 from proxy.plan import make_plan
 from proxy.report import Report
@@ -152,9 +153,8 @@ def partition(
     namespace: str = "",
     route: str = "/v1/chat/completions",
 ) -> str | None:
-    plan = make_plan(
-        RULES, b"s", tenant, "POST", route, "", namespace, "application/json", orjson.dumps(body)
-    )
+    scope = Scope(b"s", tenant, "POST", route, "")
+    plan = make_plan(RULES, scope, namespace, "application/json", orjson.dumps(body))
     return plan.semantic.partition if plan.semantic else None
 
 
@@ -338,9 +338,8 @@ def test_the_text_is_read_from_the_body_not_kept_in_the_plan() -> None:
     body = orjson.dumps(chat({"role": "system", "content": "s"}, {"role": "user", "content": "q?"}))
     assert text_of("chat", body) == "q?"
     assert text_of("responses", orjson.dumps({"model": "m", "input": "r"})) == "r"
-    plan = make_plan(
-        RULES, b"s", b"t" * 32, "POST", "/v1/chat/completions", "", "", "application/json", body
-    )
+    scope = Scope(b"s", b"t" * 32, "POST", "/v1/chat/completions", "")
+    plan = make_plan(RULES, scope, "", "application/json", body)
     assert plan.semantic is not None and not hasattr(plan.semantic, "text")
 
 
