@@ -1,7 +1,7 @@
 """A walk of one request through the data path: which proxy/ files it enters, how often, and
 the longest functions it runs.
 
-    python -m bench.walk [--top 12]
+    python -m bench.walk [--top 12] [--stream]
 
 Starts the bare upstream (bench.servers bare) and, in this process, the proxy on a memory
 store; then sends one chat completion twice (a MISS, then a HIT) while sys.setprofile
@@ -12,7 +12,9 @@ the event loop calling a protocol (server.py's, for the client's connection; htt
 the upstream's) as bytes arrive or a connection opens and closes, once per packet and not
 per step of the request (TRANSPORT_CALLBACKS). Printed per request: the entries, transport
 callbacks and starts per proxy/ file, then the longest functions (in source lines) the walk
-ran. The issue's bar: no file entered more than 3 times.
+ran. The issue's bar: no file entered more than 3 times. With --stream, the request is a
+streamed chat completion (8 chunks, from the fake upstream, bench.servers fake): a MISS read
+by its own task and relayed chunk by chunk, then its HIT replayed.
 """
 
 from __future__ import annotations
@@ -94,12 +96,12 @@ def ask(port: int, body: str = HIT_BODY) -> str:
     return resp.getheader("X-Cache-Status") or "?"
 
 
-async def walk_one(port: int) -> tuple[str, Walk]:
+async def walk_one(port: int, body: str) -> tuple[str, Walk]:
     """Send one request from a thread while this (the loop's) thread is traced."""
     walk = Walk()
     sys.setprofile(walk.hook)
     try:
-        status = await asyncio.to_thread(ask, port)
+        status = await asyncio.to_thread(ask, port, body)
         await asyncio.sleep(0.2)  # what the request left running (the store's write)
     finally:
         sys.setprofile(None)
@@ -121,7 +123,7 @@ def report(status: str, walk: Walk, top: int) -> None:
         print(f"  {lines_of(code):4d}  {code.co_qualname:36s} {where}")
 
 
-async def main_async(upstream: str, top: int) -> None:
+async def main_async(upstream: str, top: int, body: str) -> None:
     data = tempfile.mkdtemp(prefix="ocp-walk-")
     settings = Settings(
         upstream=upstream, data_dir=Path(data), cache="memory://", secret="walk-secret"
@@ -130,20 +132,23 @@ async def main_async(upstream: str, top: int) -> None:
     app = await asyncio.to_thread(ProxyApp, settings)
     async with running(app, "127.0.0.1", 0) as url:
         port = int(url.rsplit(":", 1)[1])
-        warm = HIT_BODY.replace("a persona", "a warm-up persona")
+        warm = body.replace("a persona", "a warm-up persona")
         for _ in range(3):  # imports, the upstream connection, the first MISS and HIT
             await asyncio.to_thread(ask, port, warm)
-        for status, walk in [await walk_one(port), await walk_one(port)]:
+        for status, walk in [await walk_one(port, body), await walk_one(port, body)]:
             report(status, walk, top)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--top", type=int, default=12, help="longest functions to list")
+    p.add_argument("--stream", action="store_true", help="walk a streamed chat completion")
     args = p.parse_args()
     up = free_port()
-    with process([sys.executable, "-m", "bench.servers", "bare", "--port", str(up)], up):
-        asyncio.run(main_async(f"http://127.0.0.1:{up}", args.top))
+    body = HIT_BODY.replace('"messages"', '"stream":true,"messages"') if args.stream else HIT_BODY
+    kind = "fake" if args.stream else "bare"
+    with process([sys.executable, "-m", "bench.servers", kind, "--port", str(up)], up):
+        asyncio.run(main_async(f"http://127.0.0.1:{up}", args.top, body))
 
 
 if __name__ == "__main__":
