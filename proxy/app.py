@@ -43,6 +43,7 @@ from proxy.server import GuardedServer
 from proxy.settings import Settings
 from proxy.stats import Shared, Stats
 from proxy.stores import MemoryStore, open_store
+from proxy.stores.base import Store
 from proxy.stores.redis import RedisStore
 from proxy.tasks import spawn
 from proxy.upstream import Upstream
@@ -84,39 +85,15 @@ def build_state(settings: Settings) -> State:
     rules = load_rules(settings.rules)
     secret = load_secret(settings)
     store = open_store(settings.cache, settings.data_dir)
-    hot = None
-    if isinstance(store, MemoryStore):
-        hot = store  # the store is the hot tier itself
-    elif settings.hot_cache_mb > 0:
-        hot = MemoryStore(max_bytes=int(settings.hot_cache_mb * 1024 * 1024))
-    cache = Cache(store, hot=hot, hot_ttl_s=settings.hot_cache_ttl_s, breaker_s=settings.breaker_s)
+    cache = _cache(settings, store)
     upstream = Upstream(
         settings.upstream,
         connect_timeout_s=settings.upstream_connect_timeout_s,
         read_timeout_s=settings.upstream_read_timeout_s,
         ca_file=settings.upstream_ca_file,
     )
-    images = open_image_store(
-        settings.images,
-        settings.data_dir,
-        public_url=settings.public_url,
-        images_public_url=settings.images_public_url,
-        s3_endpoint_url=settings.s3_endpoint_url,
-    )
-    rehoster = ImageRehoster(
-        images,
-        allowed_hosts=settings.image_source_hosts,
-        max_bytes=int(settings.image_max_mb * 1024 * 1024),
-    )
-    bus = None
-    if isinstance(store, RedisStore):
-        bus = RedisBus(
-            store.blocking_client(),
-            ready=store.blocking_ready,
-            prefix=store.prefix,
-            lease_s=settings.lease_s,
-            breaker_s=settings.breaker_s,
-        )
+    rehoster = _rehoster(settings)
+    bus = _bus(settings, store)
     flights = Flights()
     rules_dir = settings.rules if settings.rules and settings.rules.is_dir() else None
     prices = Prices.load((rules_dir or default_rules_path()) / "prices.toml")
@@ -145,40 +122,85 @@ def build_state(settings: Settings) -> State:
         else None,
     )
     if any(r.semantic != "off" for r in rules.rules):
-        index = VectorIndex(
-            cache,
-            keep=settings.semantic_max_entries,
-            max_bytes=int(settings.semantic_memory_mb * 1024 * 1024),
-            cpu=state.cpu,
-        )
-        urls = {settings.semantic_embeddings_url}
-        urls |= {r.semantic_embeddings_url for r in rules.rules if r.semantic != "off"}
-        servers = {
-            url: Upstream(
-                url,
-                connect_timeout_s=settings.upstream_connect_timeout_s,
-                read_timeout_s=settings.semantic_timeout_s,
-            )
-            for url in sorted(urls - {""})
-        }
-        embedder = Embedder(
-            upstream,
-            cache,
-            rules,
-            secret,
-            prices,
-            timeout_s=settings.semantic_timeout_s,
-            servers=servers,
-            default_server=settings.semantic_embeddings_url,
-            local_key=settings.semantic_embeddings_key,
-        )
-        verifier = None
-        if any(r.semantic_verify == "llm" for r in rules.rules):
-            verifier = Verifier(upstream, prices, timeout_s=settings.semantic_verify_timeout_s)
-        state.semantic = Semantic(
-            embedder, index, cache, state.mac_key, state.cpu, verifier=verifier
-        )
+        state.semantic = _semantic(settings, state, prices)
     return state
+
+
+def _cache(settings: Settings, store: Store) -> Cache:
+    """The cache over `store`, with an in-memory hot tier in front (the store itself when it
+    is in memory)."""
+    hot = None
+    if isinstance(store, MemoryStore):
+        hot = store  # the store is the hot tier itself
+    elif settings.hot_cache_mb > 0:
+        hot = MemoryStore(max_bytes=int(settings.hot_cache_mb * 1024 * 1024))
+    return Cache(store, hot=hot, hot_ttl_s=settings.hot_cache_ttl_s, breaker_s=settings.breaker_s)
+
+
+def _rehoster(settings: Settings) -> ImageRehoster:
+    """The image store and the rehoster that copies generated images into it."""
+    images = open_image_store(
+        settings.images,
+        settings.data_dir,
+        public_url=settings.public_url,
+        images_public_url=settings.images_public_url,
+        s3_endpoint_url=settings.s3_endpoint_url,
+    )
+    return ImageRehoster(
+        images,
+        allowed_hosts=settings.image_source_hosts,
+        max_bytes=int(settings.image_max_mb * 1024 * 1024),
+    )
+
+
+def _bus(settings: Settings, store: Store) -> RedisBus | None:
+    """The bus between instances (a Redis store only: else there is one instance)."""
+    if not isinstance(store, RedisStore):
+        return None
+    return RedisBus(
+        store.blocking_client(),
+        ready=store.blocking_ready,
+        prefix=store.prefix,
+        lease_s=settings.lease_s,
+        breaker_s=settings.breaker_s,
+    )
+
+
+def _semantic(settings: Settings, state: State, prices: Prices) -> Semantic:
+    """The semantic cache: the vector index, the embedder (and its embeddings servers) and
+    the verifier when a rule asks for one."""
+    rules, cache, upstream = state.rules, state.cache, state.upstream
+    index = VectorIndex(
+        cache,
+        keep=settings.semantic_max_entries,
+        max_bytes=int(settings.semantic_memory_mb * 1024 * 1024),
+        cpu=state.cpu,
+    )
+    urls = {settings.semantic_embeddings_url}
+    urls |= {r.semantic_embeddings_url for r in rules.rules if r.semantic != "off"}
+    servers = {
+        url: Upstream(
+            url,
+            connect_timeout_s=settings.upstream_connect_timeout_s,
+            read_timeout_s=settings.semantic_timeout_s,
+        )
+        for url in sorted(urls - {""})
+    }
+    embedder = Embedder(
+        upstream,
+        cache,
+        rules,
+        state.secret,
+        prices,
+        timeout_s=settings.semantic_timeout_s,
+        servers=servers,
+        default_server=settings.semantic_embeddings_url,
+        local_key=settings.semantic_embeddings_key,
+    )
+    verifier = None
+    if any(r.semantic_verify == "llm" for r in rules.rules):
+        verifier = Verifier(upstream, prices, timeout_s=settings.semantic_verify_timeout_s)
+    return Semantic(embedder, index, cache, state.mac_key, state.cpu, verifier=verifier)
 
 
 UNSHARED = (

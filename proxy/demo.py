@@ -57,18 +57,39 @@ def _http_status(url: str) -> tuple[int, bytes]:
 
 
 async def tour(client: openai.AsyncOpenAI, fake: FakeOpenAI) -> list[Row]:
-    rows: list[Row] = []
+    """Every step of the demo in order, one row each."""
     chat: dict[str, Any] = {
         "model": "gpt-4o-mini",
         "messages": [{"role": "user", "content": "Invent a user persona for a bakery app"}],
     }
+    rows = await _chat_steps(client, fake, chat)
+    rows += await _stream_steps(client, fake, chat)
+    rows.append(await _coalesce_step(client, fake, chat))
+    rows += await semantic_steps(client, fake, chat)
+    generated = await _image_step(client, fake)
+    rows.append(generated)
+    rows.append(await _expired_image_step(fake, generated.link))
+    return rows
 
+
+async def _chat_steps(
+    client: openai.AsyncOpenAI, fake: FakeOpenAI, chat: dict[str, Any]
+) -> list[Row]:
+    """One chat call, then the same call again (a HIT)."""
+    rows: list[Row] = []
     for step in ("chat: first call", "chat: same call again"):
         t0 = time.perf_counter()
         raw = await client.chat.completions.with_raw_response.create(**chat)
         ms = (time.perf_counter() - t0) * 1000
         rows.append(Row(step, raw.headers["x-cache-status"], ms, calls(fake)))
+    return rows
 
+
+async def _stream_steps(
+    client: openai.AsyncOpenAI, fake: FakeOpenAI, chat: dict[str, Any]
+) -> list[Row]:
+    """The same question streamed, twice (the second replayed), timed to the first byte."""
+    rows: list[Row] = []
     for step in ("stream: first call", "stream: replayed"):
         t0 = time.perf_counter()
         async with client.chat.completions.with_streaming_response.create(
@@ -87,7 +108,11 @@ async def tour(client: openai.AsyncOpenAI, fake: FakeOpenAI) -> list[Row]:
                     measures="to the first byte",
                 )
             )
+    return rows
 
+
+async def _coalesce_step(client: openai.AsyncOpenAI, fake: FakeOpenAI, chat: dict[str, Any]) -> Row:
+    """Twenty identical calls at once: one goes upstream, the rest join it."""
     dup = {**chat, "messages": [{"role": "user", "content": "Same question, 20 clicks"}]}
     t0 = time.perf_counter()
     answers = await asyncio.gather(
@@ -97,19 +122,18 @@ async def tour(client: openai.AsyncOpenAI, fake: FakeOpenAI) -> list[Row]:
     labels = [a.headers["x-cache-status"] for a in answers]
     summary = f"{labels.count('MISS')} MISS + {labels.count('COALESCED')} COALESCED"
     same = len({a.parse().choices[0].message.content for a in answers}) == 1
-    rows.append(
-        Row(
-            "20 identical calls at once",
-            summary,
-            ms,
-            calls(fake),
-            f"identical answers: {same}",
-            measures="the batch of 20",
-        )
+    return Row(
+        "20 identical calls at once",
+        summary,
+        ms,
+        calls(fake),
+        f"identical answers: {same}",
+        measures="the batch of 20",
     )
 
-    rows += await semantic_steps(client, fake, chat)
 
+async def _image_step(client: openai.AsyncOpenAI, fake: FakeOpenAI) -> Row:
+    """An image generated, its URL (ours: the image was rehosted) as the row's link."""
     t0 = time.perf_counter()
     raw_img = await client.images.with_raw_response.generate(
         prompt="portrait of the persona", model="dall-e-2", response_format="url"
@@ -117,17 +141,18 @@ async def tour(client: openai.AsyncOpenAI, fake: FakeOpenAI) -> list[Row]:
     ms = (time.perf_counter() - t0) * 1000
     images = raw_img.parse().data or []
     url = (images[0].url if images else None) or ""
-    rows.append(
-        Row(
-            "image: generate",
-            raw_img.headers["x-cache-status"],
-            ms,
-            calls(fake),
-            "link below",
-            link=url,
-        )
+    return Row(
+        "image: generate",
+        raw_img.headers["x-cache-status"],
+        ms,
+        calls(fake),
+        "link below",
+        link=url,
     )
 
+
+async def _expired_image_step(fake: FakeOpenAI, url: str) -> Row:
+    """Once the upstream's image URL has expired, ours still serves the image."""
     upstream_url = next(
         (f"{fake.base_url}/blob/{n}?se={int(time.time()) + 1}" for n in fake.image_downloads), ""
     )
@@ -137,17 +162,14 @@ async def tour(client: openai.AsyncOpenAI, fake: FakeOpenAI) -> list[Row]:
     t0 = time.perf_counter()
     kept_status, data = await asyncio.to_thread(_http_status, url)
     ms = (time.perf_counter() - t0) * 1000
-    rows.append(
-        Row(
-            "image: after upstream URL expired",
-            f"upstream {up_status}, ours {kept_status}",
-            ms,
-            calls(fake),
-            f"{len(data)} PNG bytes still served",
-            measures="one image download",
-        )
+    return Row(
+        "image: after upstream URL expired",
+        f"upstream {up_status}, ours {kept_status}",
+        ms,
+        calls(fake),
+        f"{len(data)} PNG bytes still served",
+        measures="one image download",
     )
-    return rows
 
 
 async def semantic_steps(

@@ -220,46 +220,20 @@ async def serve_items(
     """Answer a per-item embeddings request (see the module docstring)."""
     rule = plan.rule
     assert rule is not None
-    ignore = rule.ignore_fields
-    args = (st.secret, tenant, ex.request.method, rec.route, ex.request.query_string)
-    namespace = keyed.controls.namespace
-    if len(ex.body) > OFF_LOOP_BYTES:
-        items = await asyncio.get_running_loop().run_in_executor(
-            st.cpu, item_keys, *args, namespace, plan.model, ignore, ex.body
-        )
-    else:
-        items = item_keys(*args, namespace, plan.model, ignore, ex.body)
-    n = len(items.keys)
-    got = _Got([None] * n)
-    stored = keyed.store
-    if keyed.controls.mode.value == "lookup":
-        try:
-            await _lookup(st, items, keyed, got, keyed.controls.stale_window(rule.stale_if_error_s))
-        except StoreUnavailable:
-            stored = False
-    elif not st.cache.healthy:
-        stored = False
-    auth = st.auth
-    if got.cached and auth is not None and not auth.fresh(tenant):
-        # a cached item proves nothing about this credential (auth.py): re-check it first
-        refusal = await auth.check(tenant, ex.request.headers)
-        if refusal is not None:
-            rec.auth_refused = True
-            refused = web.Response(status=refusal.status, body=refusal.body)
-            refused.headers.extend(refusal.headers)
+    items = await _keys(st, ex, rec, plan, tenant, keyed)
+    got = _Got([None] * len(items.keys))
+    stored = await _read_stored(st, items, keyed, got, rule.stale_if_error_s)
+    if got.cached:
+        refused = await _recheck(st, ex, rec, tenant)
+        if refused is not None:
             return refused
-    missing = [i for i in range(n) if got.embeddings[i] is None]
+    missing = [i for i, e in enumerate(got.embeddings) if e is None]
     failed = await _fetch(
         st, tenant, ex, items, missing, keyed, got, stored, rule.lock_timeout_s, rule.coalesce
     )
     if failed is not None:
-        if failed.status not in STALE_STATUSES or not got.stale:
+        if not _stale_covers(failed, got):
             return failed
-        if any(got.embeddings[i] is None and i not in got.stale for i in range(n)):
-            return failed
-        for i, body in got.stale.items():  # every missing item has a stale entry: served
-            if got.embeddings[i] is None:
-                got.embeddings[i] = body
         rec.upstream_status = failed.status
         status = STALE
     elif not stored and keyed.store:  # the store is down: passed through, as BYPASS
@@ -268,34 +242,117 @@ async def serve_items(
         status = status_of(got.cached, got.joined, got.sent)
     rec.cache = status
     rec.key = None
+    body = await _assembled(st, got, got.model or plan.model or "")
+    rec.bytes = len(body)
+    _note(st, rec, plan, got)
+    return _answer(body, got, status, rec)
+
+
+async def _keys(
+    st: State, ex: Forward, rec: Record, plan: Plan, tenant: bytes, keyed: Keyed
+) -> Items:
+    """The request's items and their store keys (keyed off the loop for a long body)."""
+    assert plan.rule is not None
+    args = (
+        st.secret,
+        tenant,
+        ex.request.method,
+        rec.route,
+        ex.request.query_string,
+        keyed.controls.namespace,
+        plan.model,
+        plan.rule.ignore_fields,
+        ex.body,
+    )
+    if len(ex.body) > OFF_LOOP_BYTES:
+        return await asyncio.get_running_loop().run_in_executor(st.cpu, item_keys, *args)
+    return item_keys(*args)
+
+
+async def _read_stored(
+    st: State, items: Items, keyed: Keyed, got: _Got, stale_if_error_s: float
+) -> bool:
+    """Fill `got` from the store when the request looks up; whether to store what is fetched
+    (False when the store is down)."""
+    if keyed.controls.mode.value == "lookup":
+        try:
+            await _lookup(st, items, keyed, got, keyed.controls.stale_window(stale_if_error_s))
+        except StoreUnavailable:
+            return False
+        return keyed.store
+    return keyed.store if st.cache.healthy else False
+
+
+async def _recheck(st: State, ex: Forward, rec: Record, tenant: bytes) -> web.Response | None:
+    """A cached item proves nothing about this credential (auth.py): re-check it first; the
+    refusal to give, if any."""
+    auth = st.auth
+    if auth is None or auth.fresh(tenant):
+        return None
+    refusal = await auth.check(tenant, ex.request.headers)
+    if refusal is None:
+        return None
+    rec.auth_refused = True
+    refused = web.Response(status=refusal.status, body=refusal.body)
+    refused.headers.extend(refusal.headers)
+    return refused
+
+
+def _stale_covers(failed: web.Response, got: _Got) -> bool:
+    """After a failure a stale entry may cover: when every missing item has a stale entry,
+    fill them in (True); else the failure is the answer (False)."""
+    if failed.status not in STALE_STATUSES or not got.stale:
+        return False
+    embeddings = got.embeddings
+    if any(e is None and i not in got.stale for i, e in enumerate(embeddings)):
+        return False
+    for i, body in got.stale.items():
+        if embeddings[i] is None:
+            embeddings[i] = body
+    return True
+
+
+async def _assembled(st: State, got: _Got, model: str) -> bytes:
+    """The answer's body from every item's embedding (assembled off the loop when large)."""
     parts = [e or b"null" for e in got.embeddings]
-    model = got.model or plan.model or ""
     if sum(len(e) for e in parts) > OFF_LOOP_BYTES:
-        body = await asyncio.get_running_loop().run_in_executor(
+        return await asyncio.get_running_loop().run_in_executor(
             st.cpu, assemble, parts, model, got.usage
         )
-    else:
-        body = assemble(parts, model, got.usage)
-    rec.bytes = len(body)
+    return assemble(parts, model, got.usage)
+
+
+def _note(st: State, rec: Record, plan: Plan, got: _Got) -> None:
+    """The log line's item counts, tokens and costs (spent, and saved by reused items)."""
     extra = rec.extra
-    extra.update(items=n, items_cached=got.cached, items_joined=got.joined, items_sent=got.sent)
+    extra.update(
+        items=len(got.embeddings),
+        items_cached=got.cached,
+        items_joined=got.joined,
+        items_sent=got.sent,
+    )
     if got.sent:
         rec.upstream_ms = round(got.upstream_ms, 2)
         extra["tokens_in"] = got.usage.get("prompt_tokens", 0)
         extra["tokens_out"] = 0
         extra["cost_usd"] = got.spent_usd
-    if got.saved_tokens:
-        saved = st.fetcher.prices.cost(
-            rec.route, got.model or plan.model, {"prompt_tokens": got.saved_tokens}, {}
-        )
-        saved_usd = saved.usd if saved is not None else None
-        if got.sent:
-            extra["items_saved_tokens"] = got.saved_tokens
-            extra["items_saved_usd"] = saved_usd
-        else:
-            extra.update(tokens_in=got.saved_tokens, tokens_out=0, saved_usd=saved_usd)
-        if saved_usd is None:
-            extra["unpriced"] = True
+    if not got.saved_tokens:
+        return
+    saved = st.fetcher.prices.cost(
+        rec.route, got.model or plan.model, {"prompt_tokens": got.saved_tokens}, {}
+    )
+    saved_usd = saved.usd if saved is not None else None
+    if got.sent:
+        extra["items_saved_tokens"] = got.saved_tokens
+        extra["items_saved_usd"] = saved_usd
+    else:
+        extra.update(tokens_in=got.saved_tokens, tokens_out=0, saved_usd=saved_usd)
+    if saved_usd is None:
+        extra["unpriced"] = True
+
+
+def _answer(body: bytes, got: _Got, status: CacheStatus, rec: Record) -> web.Response:
+    """The 200 answer with the last call's headers and the cache status headers."""
     resp = web.Response(status=200, body=body, content_type="application/json")
     for name, value in got.headers:  # a call was made: its id and rate limits, as a MISS has
         if name.lower() != "content-type":
@@ -441,41 +498,15 @@ async def _call(
     got.upstream_ms += (time.perf_counter() - t0) * 1000.0
     if status == 200 and st.auth is not None:
         st.auth.seen(tenant)
-    split = None
-    if status == 200 and data is not None:
-        if len(data) > OFF_LOOP_BYTES:  # a long list's answer: parsed off the loop
-            split = await asyncio.get_running_loop().run_in_executor(
-                st.cpu, split_answer, data, len(lead)
-            )
-        else:
-            split = split_answer(data, len(lead))
-        if split is None:  # a 200 that does not answer these items one by one
-            return web.Response(
-                status=502,
-                body=error_body(
-                    "The upstream's embeddings answer does not match the items sent.",
-                    "proxy_error",
-                    "upstream_bad_answer",
-                ),
-                content_type="application/json",
-            )
+    split = await _split(st, status, data, len(lead))
     if split is None:  # the upstream's error: relayed as it came
-        resp = web.Response(status=status, body=data or b"")
-        for name, value in headers:
-            resp.headers.add(name, value)
-        resp.headers["X-Cache-Status"] = MISS.header
-        resp.headers["Cache-Status"] = MISS.rfc9211
-        return resp
+        return _relayed(status, data, headers)
+    if isinstance(split, web.Response):
+        return split
     embeddings, usage, model = split
     got.headers = headers
     got.model = got.model or model
-    for name in ("prompt_tokens", "total_tokens"):
-        count = usage.get(name)
-        if isinstance(count, int):
-            got.usage[name] = got.usage.get(name, 0) + count
-    cost = st.fetcher.prices.cost("/v1/embeddings", model or None, usage, {})
-    if cost is not None and cost.usd is not None:
-        got.spent_usd = round((got.spent_usd or 0.0) + cost.usd, 8)
+    _spent(st, got, usage, model)
     tokens = usage.get("prompt_tokens")
     share = shares(tokens if isinstance(tokens, int) else 0, [items.weights[i] for i in lead])
     now = CLOCK.now()
@@ -490,16 +521,68 @@ async def _call(
         if future is not None and not future.done():
             future.set_result(emb)
         if store:
-            entry = CachedResponse(
-                200,
-                (),
-                emb,
-                now,
-                upstream_ms=(now - began) * 1000.0,  # when the fill began (Cache.purged)
-                meta={"ttl": keyed.ttl_s, "tokens": share[j], "model": model},
-            )
+            entry = _entry(emb, now, began, keyed.ttl_s, share[j], model)
             _put(st, key, entry, keyed.ttl_s + keyed.keep_s)
     return None
+
+
+def _entry(
+    emb: bytes, now: float, began: float, ttl_s: float, tokens: int, model: str
+) -> CachedResponse:
+    """One item's entry: its embedding bytes, its share of the call's tokens, the model."""
+    return CachedResponse(
+        200,
+        (),
+        emb,
+        now,
+        upstream_ms=(now - began) * 1000.0,  # when the fill began (Cache.purged)
+        meta={"ttl": ttl_s, "tokens": tokens, "model": model},
+    )
+
+
+async def _split(
+    st: State, status: int, data: bytes | None, n: int
+) -> tuple[list[bytes], dict[str, Any], str] | web.Response | None:
+    """A 200 answer split per item (parsed off the loop when long); a 502 answer when it
+    does not answer these `n` items one by one; None for an answer to relay as it came."""
+    if status != 200 or data is None:
+        return None
+    if len(data) > OFF_LOOP_BYTES:  # a long list's answer: parsed off the loop
+        split = await asyncio.get_running_loop().run_in_executor(st.cpu, split_answer, data, n)
+    else:
+        split = split_answer(data, n)
+    if split is None:  # a 200 that does not answer these items one by one
+        return web.Response(
+            status=502,
+            body=error_body(
+                "The upstream's embeddings answer does not match the items sent.",
+                "proxy_error",
+                "upstream_bad_answer",
+            ),
+            content_type="application/json",
+        )
+    return split
+
+
+def _relayed(status: int, data: bytes | None, headers: Sequence[tuple[str, str]]) -> web.Response:
+    """The upstream's error answer, as it came, marked a MISS."""
+    resp = web.Response(status=status, body=data or b"")
+    for name, value in headers:
+        resp.headers.add(name, value)
+    resp.headers["X-Cache-Status"] = MISS.header
+    resp.headers["Cache-Status"] = MISS.rfc9211
+    return resp
+
+
+def _spent(st: State, got: _Got, usage: dict[str, Any], model: str) -> None:
+    """Adds one call's usage and its cost to `got`."""
+    for name in ("prompt_tokens", "total_tokens"):
+        count = usage.get(name)
+        if isinstance(count, int):
+            got.usage[name] = got.usage.get(name, 0) + count
+    cost = st.fetcher.prices.cost("/v1/embeddings", model or None, usage, {})
+    if cost is not None and cost.usd is not None:
+        got.spent_usd = round((got.spent_usd or 0.0) + cost.usd, 8)
 
 
 def _put(st: State, key: str, entry: CachedResponse, ttl_s: float) -> None:

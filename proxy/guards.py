@@ -40,6 +40,7 @@ import struct
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 
 def _wordset(text: str) -> frozenset[str]:
@@ -511,7 +512,6 @@ def _content(text: str) -> tuple[list[str], list[tuple[str, int]], bool]:
     words: list[str] = []
     seen: set[str] = set()
     marks: list[tuple[str, int]] = []
-    marked: set[str] = set()
     after_number = False
     paired = False
     for raw, end in _pieces(text):
@@ -529,47 +529,52 @@ def _content(text: str) -> tuple[list[str], list[tuple[str, int]], bool]:
             raw = "->"
         lower = raw.lower().replace("\u2019", "'")
         if lower in ORDER_MARKERS:
-            if lower not in marked and len(marks) < MARKERS_MAX:
-                marked.add(lower)
-                marks.append((lower, len(words)))
+            _add_mark(lower, marks, len(words))
             continue
-        # north, before, above: the words around it have roles
-        if (
-            POLES.get(lower, ("", 0, 0))[2] == 1
-            and lower not in marked
-            and len(marks) < MARKERS_MAX
-        ):
-            marked.add(lower)
-            marks.append((lower, len(words)))
-        lower = _ELISION.sub("", lower)
-        if lower.endswith("'s"):
-            lower = lower[:-2]
-        parts = [
-            p
-            for p in re.split(r"[-']", lower)
-            if p and not p.isdigit() and (p not in UNITS or p == lower == "first")
-        ]
-        if len(parts) > 1 and all(len(p) >= 3 and p not in STOPWORDS for p in parts):
-            for part in parts[:-1]:  # "cast-iron" is "cast iron"; "grown-up" stays one word
-                _add_content(_fold(part), words, seen)
-            parts = parts[-1:]
-        word = _fold("".join(parts))
-        if (
-            not word
-            or word in STOPWORDS
-            or lower in STOPWORDS
-            or word in NEGATIONS
-            or (lower in UNITS and lower != "first")
-            or lower in SCALES
-            or (_roman(raw) is not None and len(raw) > 1)
-        ):
-            continue
-        canon = SCOPE.get(word)  # a grown-up is an adult
-        if canon is not None:
-            _add_content(canon, words, seen, stem=False)
-            continue
-        _add_content(word, words, seen, stem=not (raw.isupper() and len(raw) > 1))
+        if POLES.get(lower, ("", 0, 0))[2] == 1:  # north, before, above: the words around
+            _add_mark(lower, marks, len(words))  # it have roles
+        _add_content_of(raw, lower, words, seen)
     return words, marks, paired
+
+
+def _add_mark(marker: str, marks: list[tuple[str, int]], at: int) -> None:
+    """Adds an order marker with the number of content words before it (first one each)."""
+    if len(marks) < MARKERS_MAX and all(m != marker for m, _ in marks):
+        marks.append((marker, at))
+
+
+def _add_content_of(raw: str, lower: str, words: list[str], seen: set[str]) -> None:
+    """Adds the content word(s) of one piece of text: elisions and "'s" dropped, a compound
+    of long words split ("cast-iron"), stop words, negations, units, scales and roman numerals
+    left out, a scope word as its canonical form."""
+    lower = _ELISION.sub("", lower)
+    if lower.endswith("'s"):
+        lower = lower[:-2]
+    parts = [
+        p
+        for p in re.split(r"[-']", lower)
+        if p and not p.isdigit() and (p not in UNITS or p == lower == "first")
+    ]
+    if len(parts) > 1 and all(len(p) >= 3 and p not in STOPWORDS for p in parts):
+        for part in parts[:-1]:  # "cast-iron" is "cast iron"; "grown-up" stays one word
+            _add_content(_fold(part), words, seen)
+        parts = parts[-1:]
+    word = _fold("".join(parts))
+    if (
+        not word
+        or word in STOPWORDS
+        or lower in STOPWORDS
+        or word in NEGATIONS
+        or (lower in UNITS and lower != "first")
+        or lower in SCALES
+        or (_roman(raw) is not None and len(raw) > 1)
+    ):
+        return
+    canon = SCOPE.get(word)  # a grown-up is an adult
+    if canon is not None:
+        _add_content(canon, words, seen, stem=False)
+    else:
+        _add_content(word, words, seen, stem=not (raw.isupper() and len(raw) > 1))
 
 
 def _pieces(text: str) -> list[tuple[str, int]]:
@@ -670,32 +675,135 @@ class _Num:
 
 def features(text: str, key: bytes = b"") -> Features:
     """The guards' view of `text`, as digests keyed with `key`."""
-    words: set[str] = set()
-    negated: set[str] = set()
-    poles: set[tuple[str, int, int]] = set()
-    entities: list[str] = []
-    scope: set[str] = set()
-    lang_votes: dict[str, int] = {}
-    scripts: dict[str, int] = {}
-    numbers: list[str] = []
-    negations = 0
-    directed = False
-    roles: set[tuple[str, int]] = set()
-    role = 0  # the last marker seen, waiting for its word
+    reader = _Reader(text)
+    reader.read()
+    d = _hasher(key)
+    content, marks, paired = _content(text)
+    return Features(
+        numbers=_numbers_digest(reader.nums, reader.joins, d),
+        negations=reader.negations,
+        words=frozenset(d(w) for w in reader.words),
+        negated=frozenset(d(w) for w in reader.negated),
+        poles=frozenset((d(g), p, k) for g, p, k in reader.poles),
+        entities=tuple(d(e) for e in reader.entities),
+        scope=frozenset(d(s) for s in reader.scope),
+        directed=reader.directed,
+        language=_language(reader.lang_votes, reader.scripts),
+        roles=frozenset((d(w), r) for w, r in reader.roles),
+        content=tuple(d(w) for w in content),
+        typos=tuple(_typos(d, w) for w in content),
+        marks=tuple((d(m), n) for m, n in marks),
+        paired=paired,
+        joins=tuple((d(j), i, k) for j, i, k in _joins(text, content)),
+    )
 
-    nums: list[_Num | str] = []  # numbers and operators, in order
-    run: list[float] = []
-    pending_sign = False
-    pending_currency = ""
-    last_kind = ""  # "num", "op", "word", ""
-    prev_word = ""
-    prev_word_raw = ""
-    prev_initial = True
-    join_at = -1  # where a number joined to the one before by "and", "vs", ... would stand
-    joins: list[int] = []
 
-    def flush_run() -> None:
-        nonlocal pending_sign, pending_currency
+_TEMPERATURES = {"c": "celsius", "f": "fahrenheit"}
+_CURRENCY_UNITS = frozenset({"usd", "eur", "gbp", "jpy", "inr", "cad", "aud", "chf", "btc"})
+_ARITHMETIC_WORDS = _wordset("minus negative plus times over power squared cubed")
+_WORD_OPS = {"plus": "+", "times": "*", "over": "/"}
+
+
+def _numbers_digest(nums: list[_Num | str], joins: list[int], d: Callable[[str], int]) -> int:
+    """The digest of the numbers and operators in order (0: no number), a trailing operator
+    left out as punctuation ("5 -")."""
+    numbers = [n.canon() if isinstance(n, _Num) else n for n in nums]
+    while numbers and not isinstance(nums[len(numbers) - 1], _Num):
+        numbers.pop()
+    return d(_number_text(nums[: len(numbers)], numbers, joins)) if numbers else 0
+
+
+def _digits(digits: str) -> tuple[float, str]:
+    """A number written in digits -> (value, time of day): "1,500" is 1500.0, "2:30" a time."""
+    if ":" in digits:
+        return 0.0, digits.lstrip("0") or "0"
+    try:
+        return _parse_digits(digits), ""
+    except ValueError:
+        return 0.0, ""
+
+
+def _starts_sentence(text: str, at: int) -> bool:
+    """Does the token at `at` start a sentence (nothing but spaces since a sentence end)?"""
+    j = at - 1
+    while j >= 0 and text[j].isspace():  # the gap since the last token: O(n) in all
+        j -= 1
+    return j < 0 or text[j] in _SENTENCE_END
+
+
+class _Reader:
+    """One left-to-right pass over the tokens of a text, collecting what `features` digests:
+    numbers with their units and operators, negations, poles, entities, scope, roles."""
+
+    __slots__ = (
+        "directed",
+        "entities",
+        "join_at",
+        "joins",
+        "lang_votes",
+        "last_kind",
+        "negated",
+        "negations",
+        "nums",
+        "pending_currency",
+        "pending_sign",
+        "poles",
+        "prev_initial",
+        "prev_word",
+        "prev_word_raw",
+        "role",
+        "roles",
+        "run",
+        "scope",
+        "scripts",
+        "seen",
+        "skip",
+        "text",
+        "tokens",
+        "words",
+    )
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.tokens = list(_TOKEN.finditer(text))
+        self.words: set[str] = set()
+        self.negated: set[str] = set()
+        self.poles: set[tuple[str, int, int]] = set()
+        self.entities: list[str] = []
+        self.seen: set[str] = set()  # the entities so far
+        self.scope: set[str] = set()
+        self.lang_votes: dict[str, int] = {}
+        self.scripts: dict[str, int] = {}
+        self.negations = 0
+        self.directed = False
+        self.roles: set[tuple[str, int]] = set()
+        self.role = 0  # the last marker seen, waiting for its word
+        self.nums: list[_Num | str] = []  # numbers and operators, in order
+        self.run: list[float] = []  # number words not summed yet ("twenty five")
+        self.pending_sign = False
+        self.pending_currency = ""
+        self.last_kind = ""  # "num", "op", "word", ""
+        self.prev_word = ""
+        self.prev_word_raw = ""
+        self.prev_initial = True
+        self.join_at = -1  # where a number joined to the one before by "and", "vs"... would stand
+        self.joins: list[int] = []
+        self.skip = -1  # a token already read with the one before it ("°" "F")
+
+    def read(self) -> None:
+        """Reads every token in order, then closes the last run of number words."""
+        readers = _TOKEN_READERS
+        for i, match in enumerate(self.tokens):
+            if i != self.skip:
+                readers["num" if match.group("num") is not None else match.lastgroup](
+                    self, i, match
+                )
+        self.flush_run()
+        self.close_join()
+
+    def flush_run(self) -> None:
+        """Sums the pending number words into one number ("two hundred thousand five")."""
+        run = self.run
         if not run:
             return
         total = current = 0.0
@@ -706,308 +814,346 @@ def features(text: str, key: bytes = b"") -> Features:
                     total, current = total + current, 0.0
             else:
                 current += value
-        nums.append(_Num(total + current, negative=pending_sign, currency=pending_currency))
-        pending_sign, pending_currency = False, ""
+        self.nums.append(self.signed(total + current))
         run.clear()
 
-    seen: set[str] = set()
+    def signed(self, value: float, time: str = "") -> _Num:
+        """A number taking the sign and currency that stood before it."""
+        num = _Num(value, negative=self.pending_sign, currency=self.pending_currency, time=time)
+        self.pending_sign, self.pending_currency = False, ""
+        return num
 
-    def add_entity(canon: str) -> None:
-        words.add(canon)
-        if canon not in seen and len(entities) < MARKS_MAX:
-            seen.add(canon)
-            entities.append(canon)
+    def add_entity(self, canon: str) -> None:
+        """Notes an entity (a word too), first occurrence each, MARKS_MAX at most."""
+        self.words.add(canon)
+        if canon not in self.seen and len(self.entities) < MARKS_MAX:
+            self.seen.add(canon)
+            self.entities.append(canon)
 
-    tokens = list(_TOKEN.finditer(text))
-    skip = -1  # a token already read with the one before it ("°" "F")
-    for i, match in enumerate(tokens):
-        kind = "num" if match.group("num") is not None else match.lastgroup
+    def close_join(self) -> None:
+        """Keeps the pending join once a number came after its joiner ("4G and 5G")."""
+        if self.join_at >= 0 and len(self.nums) > self.join_at:
+            self.joins.append(self.join_at)
+            self.join_at = -1
+
+    def last_number(self) -> _Num | None:
+        """The number just read, when the last token read was one."""
+        nums = self.nums
+        if self.last_kind == "num" and nums and isinstance(nums[-1], _Num):
+            return nums[-1]
+        return None
+
+    def remember(self, lower: str, raw: str, initial: bool) -> None:
+        """Notes the word just read as the one before the next."""
+        self.prev_word, self.prev_word_raw, self.prev_initial = lower, raw, initial
+
+    # ------------------------------------------------------------ tokens by kind
+
+    def number(self, i: int, match: re.Match[str]) -> None:
+        """A number in digits, with its suffix (5k, 3rd, 500mg, 40°F, 2pm)."""
+        self.flush_run()
+        value, time = _digits(match.group("num"))
+        num = self.signed(value, time)
+        suffix = match.group("suf")
+        if suffix:
+            self.suffix(num, suffix)
+        self.nums.append(num)
+        self.last_kind = "num"
+
+    def suffix(self, num: _Num, suffix: str) -> None:
+        """Applies a suffix to its number: a multiplier, an ordinal or a unit."""
+        lower = suffix.lower()
+        if suffix in MULTIPLIERS and not (suffix == "mm" and not num.currency):
+            num.value *= MULTIPLIERS[suffix]
+        elif suffix == "m" and num.currency:
+            num.value *= 1e6
+        elif lower in _ORDINAL_SUFFIXES:
+            num.ordinal = True
+        elif lower not in UNIT_NAMES and suffix[:1] != "°":
+            pass  # "2FA", "3D": a number in a name, read as the number (two-factor)
+        else:
+            num.unit = UNIT_NAMES.get(lower, lower)
+            if num.unit in _TEMPERATURES:
+                self.add_entity(_TEMPERATURES[num.unit])
+
+    def fraction(self, i: int, match: re.Match[str]) -> None:
+        """A fraction sign (½)."""
+        self.flush_run()
+        self.nums.append(self.signed(FRACTIONS[match.group()]))
+        self.last_kind = "num"
+
+    def arrow(self, i: int, match: re.Match[str]) -> None:
+        """An arrow (->, →): a direction marker."""
+        self.flush_run()
+        self.directed = True
+        self.last_kind = "op"
+
+    def operator(self, i: int, match: re.Match[str]) -> None:
+        """A sign: a hyphen inside a number's words, a currency, a unit (%, °F), a minus
+        sign or an arithmetic operator after a number."""
         raw = match.group()
-        if i == skip:
-            continue
-        j = match.start() - 1
-        while j >= 0 and text[j].isspace():  # the gap since the last token: O(n) in all
-            j -= 1
-        initial = j < 0 or text[j] in _SENTENCE_END
-        if kind == "num":
-            flush_run()
-            digits = match.group("num")
-            suffix = match.group("suf") or ""
-            time = ""
-            if ":" in digits:
-                time = digits.lstrip("0") or "0"
-                value = 0.0
-            else:
-                try:
-                    value = _parse_digits(digits)
-                except ValueError:
-                    value = 0.0
-            num = _Num(value, negative=pending_sign, currency=pending_currency, time=time)
-            pending_sign, pending_currency = False, ""
-            if suffix:
-                if suffix in MULTIPLIERS and not (suffix == "mm" and not num.currency):
-                    num.value *= MULTIPLIERS[suffix]
-                elif suffix == "m" and num.currency:
-                    num.value *= 1e6
-                elif suffix.lower() in _ORDINAL_SUFFIXES:
-                    num.ordinal = True
-                elif suffix.lower() not in UNIT_NAMES and suffix[:1] != "°":
-                    pass  # "2FA", "3D": a number in a name, read as the number (two-factor)
-                else:
-                    num.unit = UNIT_NAMES.get(suffix.lower(), suffix.lower())
-                    if num.unit in ("c", "f"):
-                        add_entity("celsius" if num.unit == "c" else "fahrenheit")
-            nums.append(num)
-            last_kind = "num"
-            continue
-        if kind == "frac":
-            flush_run()
-            nums.append(_Num(FRACTIONS[raw], negative=pending_sign, currency=pending_currency))
-            pending_sign, pending_currency = False, ""
-            last_kind = "num"
-            continue
-        if kind == "arrow":
-            flush_run()
-            directed = True
-            last_kind = "op"
-            continue
-        if kind == "op":
-            nxt = tokens[i + 1] if i + 1 < len(tokens) else None
-            adjacent = nxt is not None and nxt.start() == match.end()
-            if raw == "-" and run and adjacent and nxt is not None and nxt.group().lower() in UNITS:
-                continue  # "twenty-five"
-            if (
-                raw == "-"
-                and (run or last_kind == "num")
-                and adjacent
-                and nxt is not None
-                and nxt.lastgroup == "word"
-                and nxt.group().lower() in UNIT_NAMES
-            ):
-                continue  # "ten-year-old" is "ten year old", "10-minute" is "10 minute"
-            flush_run()
-            if raw in CURRENCY_SIGNS:
-                pending_currency = CURRENCY_SIGNS[raw]
-                add_entity(ENTITIES.get(raw, CURRENCY_SIGNS[raw]))
-                continue
-            if raw == "°" and adjacent and nxt is not None and nxt.group().lower() in ("c", "f"):
-                skip = i + 1
-                add_entity("celsius" if nxt.group().lower() == "c" else "fahrenheit")
-                if nums and isinstance(nums[-1], _Num) and last_kind == "num":
-                    nums[-1].unit = nxt.group().lower()
-                continue
-            if raw in ("%", "°"):
-                if nums and isinstance(nums[-1], _Num) and last_kind == "num":
-                    nums[-1].unit = "pct" if raw == "%" else "deg"
-                continue
-            if (
-                raw in ("-", "\u2212")
-                and last_kind != "num"
-                and adjacent
-                and nxt is not None
-                and nxt.group("num") is not None
-                and not (i > 0 and tokens[i - 1].end() == match.start())  # COVID-19
-            ):
-                pending_sign = True
-                continue
-            if last_kind == "num" and raw in _OPS:
-                nums.append(_OPS[raw])
-                last_kind = "op"
-            continue
-        # a word
+        tokens = self.tokens
+        nxt = tokens[i + 1] if i + 1 < len(tokens) else None
+        if nxt is not None and nxt.start() != match.end():
+            nxt = None  # only a token right after the sign reads with it
+        if raw == "-" and nxt is not None and self.hyphen_in_number(nxt):
+            return
+        self.flush_run()
+        if raw in CURRENCY_SIGNS:
+            self.pending_currency = CURRENCY_SIGNS[raw]
+            self.add_entity(ENTITIES.get(raw, CURRENCY_SIGNS[raw]))
+        elif raw == "°" and nxt is not None and nxt.group().lower() in _TEMPERATURES:
+            self.skip = i + 1
+            self.add_entity(_TEMPERATURES[nxt.group().lower()])
+            last = self.last_number()
+            if last is not None:
+                last.unit = nxt.group().lower()
+        elif raw in ("%", "°"):
+            last = self.last_number()
+            if last is not None:
+                last.unit = "pct" if raw == "%" else "deg"
+        elif (
+            raw in ("-", "\u2212")
+            and self.last_kind != "num"
+            and nxt is not None
+            and nxt.group("num") is not None
+            and not (i > 0 and tokens[i - 1].end() == match.start())  # COVID-19
+        ):
+            self.pending_sign = True
+        elif self.last_kind == "num" and raw in _OPS:
+            self.nums.append(_OPS[raw])
+            self.last_kind = "op"
+
+    def hyphen_in_number(self, nxt: re.Match[str]) -> bool:
+        """Does a hyphen before `nxt` join the words of one number: "twenty-five",
+        "ten-year-old" ("ten year old"), "10-minute" ("10 minute")?"""
+        lower = nxt.group().lower()
+        if self.run and lower in UNITS:
+            return True
+        return (
+            bool(self.run or self.last_kind == "num")
+            and nxt.lastgroup == "word"
+            and lower in UNIT_NAMES
+        )
+
+    def word(self, i: int, match: re.Match[str]) -> None:
+        """A word: a part of a number, else a plain word."""
+        raw = match.group()
         lower = raw.lower().replace("\u2019", "'")
         if lower.endswith("'s"):
             lower, raw = lower[:-2], raw[:-2]  # "France's"
-        plain = lower.replace("'", "")
-        # units and multipliers after a number
+        initial = _starts_sentence(self.text, match.start())
+        if not self.number_word(i, raw, lower, initial):
+            self.plain_word(i, raw, lower, initial)
+
+    # ------------------------------------------------------------ words in numbers
+
+    def number_word(self, i: int, raw: str, lower: str, initial: bool) -> bool:
+        """Reads a word that belongs to a number: its unit or multiplier, a number word, an
+        arithmetic word or a roman numeral. False: it is a plain word."""
+        run = self.run
         if run and (lower in UNIT_NAMES or lower in ("degree", "degrees")):
-            flush_run()  # "ten minutes"
-            last_kind = "num"
-        if (
-            last_kind == "num"
-            and nums
-            and isinstance(nums[-1], _Num)
-            and not run
-            and not nums[-1].ordinal
-        ):
-            last = nums[-1]
-            if lower in SCALES:
-                last.value *= SCALES[lower]
-                continue
-            if lower in ("bn", "mn", "k") or (raw in MULTIPLIERS and raw not in ("t", "b")):
-                last.value *= MULTIPLIERS.get(raw, MULTIPLIERS.get(lower, 1.0))
-                continue
-            if lower in ("degree", "degrees") and not last.unit:
-                last.unit = "deg"
-                continue
-            unit = UNIT_NAMES.get(lower)
-            if unit is not None and (not last.unit or last.unit == "deg"):
-                if unit in ("usd", "eur", "gbp", "jpy", "inr", "cad", "aud", "chf", "btc"):
-                    last.currency = last.currency or unit
-                    add_entity(ENTITIES.get(lower, unit))
-                elif unit in _ORDINAL_SUFFIXES:
-                    last.ordinal = True
-                else:
-                    last.unit = unit
-                if unit in ("c", "f"):
-                    add_entity("celsius" if unit == "c" else "fahrenheit")
-                continue
-        # number words
-        if lower in UNITS and _counts(tokens, i, lower, prev_word):
-            value = float(UNITS[lower])
-            if lower in _ORDINAL_WORDS or lower in _TIMES_WORDS:
-                flush_run()
-                # "twice" is "two times"
-                unit = "x" if lower in _TIMES_WORDS else ""
-                nums.append(_Num(value, unit=unit, ordinal=lower in _ORDINAL_WORDS))
-                last_kind = "num"
-                prev_word, prev_word_raw, prev_initial = lower, raw, initial
-                continue
-            if run and not _continues(run[-1], value):
-                flush_run()
-            run.append(value)
-            last_kind = "word"
-            prev_word, prev_word_raw, prev_initial = lower, raw, initial
-            continue
+            self.flush_run()  # "ten minutes"
+            self.last_kind = "num"
+        if self.last_kind == "num" and not run and self.unit_word(raw, lower):
+            return True
+        if lower in UNITS and _counts(self.tokens, i, lower, self.prev_word):
+            self.counting_word(lower)
+            self.remember(lower, raw, initial)
+            return True
         if lower in SCALES:
             run.append(float(SCALES[lower]))
-            continue
+            return True
         if lower == "and" and run and run[-1] in _SCALE_VALUES:
-            continue
-        if lower in ("minus", "negative") and (
-            i + 1 < len(tokens) and tokens[i + 1].group("num") is not None
-        ):
-            flush_run()
-            if last_kind == "num":
-                nums.append("-")
-                last_kind = "op"
+            return True  # "two hundred and five"
+        if lower in _ARITHMETIC_WORDS and self.arithmetic_word(i, lower):
+            return True
+        return self.roman_numeral(raw, lower, initial)
+
+    def unit_word(self, raw: str, lower: str) -> bool:
+        """Applies a word after a number to it: a scale, a multiplier, a unit, a currency
+        or an ordinal suffix. False: the word is not one of these."""
+        last = self.last_number()
+        if last is None or last.ordinal:
+            return False
+        if lower in SCALES:
+            last.value *= SCALES[lower]
+            return True
+        if lower in ("bn", "mn", "k") or (raw in MULTIPLIERS and raw not in ("t", "b")):
+            last.value *= MULTIPLIERS.get(raw, MULTIPLIERS.get(lower, 1.0))
+            return True
+        if lower in ("degree", "degrees") and not last.unit:
+            last.unit = "deg"
+            return True
+        unit = UNIT_NAMES.get(lower)
+        if unit is None or (last.unit and last.unit != "deg"):
+            return False
+        if unit in _CURRENCY_UNITS:
+            last.currency = last.currency or unit
+            self.add_entity(ENTITIES.get(lower, unit))
+        elif unit in _ORDINAL_SUFFIXES:
+            last.ordinal = True
+        else:
+            last.unit = unit
+        if unit in _TEMPERATURES:
+            self.add_entity(_TEMPERATURES[unit])
+        return True
+
+    def counting_word(self, lower: str) -> None:
+        """A number word: an ordinal or "twice" stands alone, others join the run."""
+        value = float(UNITS[lower])
+        if lower in _ORDINAL_WORDS or lower in _TIMES_WORDS:
+            self.flush_run()
+            unit = "x" if lower in _TIMES_WORDS else ""  # "twice" is "two times"
+            self.nums.append(_Num(value, unit=unit, ordinal=lower in _ORDINAL_WORDS))
+            self.last_kind = "num"
+            return
+        if self.run and not _continues(self.run[-1], value):
+            self.flush_run()
+        self.run.append(value)
+        self.last_kind = "word"
+
+    def arithmetic_word(self, i: int, lower: str) -> bool:
+        """Minus, plus, times, over, power, squared, cubed between numbers, as operators."""
+        tokens = self.tokens
+        if lower in ("minus", "negative"):
+            if not (i + 1 < len(tokens) and tokens[i + 1].group("num") is not None):
+                return False
+            self.flush_run()
+            if self.last_kind == "num":
+                self.nums.append("-")
+                self.last_kind = "op"
             else:
-                pending_sign = True
-            continue
-        if (
-            lower in ("plus", "times", "over")
-            and (last_kind == "num" or run)
-            and _number_next(tokens, i)
-        ):
-            flush_run()
-            nums.append({"plus": "+", "times": "*", "over": "/"}[lower])
-            last_kind = "op"
-            continue
-        if lower in ("power", "squared", "cubed") and nums:
-            nums.append("^")
-            if lower != "power":
-                nums.append(_Num(2.0 if lower == "squared" else 3.0))
-            continue
-        # roman numerals: "World War II", "Henry VIII", "Part IV"
+                self.pending_sign = True
+            return True
+        if lower in _WORD_OPS:
+            if not ((self.last_kind == "num" or self.run) and _number_next(tokens, i)):
+                return False
+            self.flush_run()
+            self.nums.append(_WORD_OPS[lower])
+            self.last_kind = "op"
+            return True
+        if not self.nums:
+            return False
+        self.nums.append("^")
+        if lower != "power":
+            self.nums.append(_Num(2.0 if lower == "squared" else 3.0))
+        return True
+
+    def roman_numeral(self, raw: str, lower: str, initial: bool) -> bool:
+        """A roman numeral: "World War II", "Henry VIII", "Part IV" (one letter only after
+        a capitalised word inside a sentence)."""
         roman = _roman(raw)
-        if roman is not None and (
-            len(raw) >= 2
-            or (prev_word_raw[:1].isupper() and not prev_initial and raw != "I")
-            or (raw == "I" and prev_word_raw[:1].isupper() and not prev_initial)
+        if roman is None or not (
+            len(raw) >= 2 or (self.prev_word_raw[:1].isupper() and not self.prev_initial)
         ):
-            flush_run()
-            nums.append(_Num(float(roman)))
-            last_kind = "num"
-            prev_word, prev_word_raw, prev_initial = lower, raw, initial
-            continue
-        after_number = last_kind == "num" or bool(run)
-        flush_run()
-        if join_at >= 0 and len(nums) > join_at:
-            joins.append(join_at)  # "4G and 5G": the number after the joiner came
-            join_at = -1
-        if lower in _NUMBER_JOINERS and after_number and nums and isinstance(nums[-1], _Num):
-            join_at = len(nums)
+            return False
+        self.flush_run()
+        self.nums.append(_Num(float(roman)))
+        self.last_kind = "num"
+        self.remember(lower, raw, initial)
+        return True
+
+    # ------------------------------------------------------------ plain words
+
+    def plain_word(self, i: int, raw: str, lower: str, initial: bool) -> None:
+        """A word outside any number: negation, direction, polarity, entity, scope."""
+        plain = lower.replace("'", "")
+        after_number = self.last_kind == "num" or bool(self.run)
+        self.flush_run()
+        self.close_join()
+        if (
+            lower in _NUMBER_JOINERS
+            and after_number
+            and self.nums
+            and isinstance(self.nums[-1], _Num)
+        ):
+            self.join_at = len(self.nums)
         elif lower not in _JOIN_FILLERS:
-            join_at = -1
-        last_kind = "word"
-        _scripts(raw, scripts)
-        # negation
+            self.join_at = -1
+        self.last_kind = "word"
+        _scripts(raw, self.scripts)
+        self.negations += self.negation_count(i, raw, lower, plain)
+        self.direction(lower, plain)
+        if len(self.words) < WORDS_MAX:
+            self.words.add(plain)
+            if plain.endswith("ful") and len(plain) > 6:
+                self.words.add(plain[:-3])  # "careful" stands for "care" against "careless"
+        for lang in _LANG_OF.get(lower, ()):
+            self.lang_votes[lang] = self.lang_votes.get(lang, 0) + 1
+        self.polarity(plain)
+        self.entity(raw, lower, plain, initial)
+        self.scoped(i, lower, plain)
+        self.remember(lower, raw, initial)
+
+    def negation_count(self, i: int, raw: str, lower: str, plain: str) -> int:
+        """How many negations the word holds (not, n't, -free, 不, ない, 안...)."""
         if plain in NEGATIONS or lower.endswith("n't"):
-            negations += 1
-        elif (plain == "free" and i > 0 and tokens[i - 1].group() == "-") or (
+            return 1
+        if (plain == "free" and i > 0 and self.tokens[i - 1].group() == "-") or (
             len(plain) >= 7 and plain.endswith(("free", "frei"))
         ):
-            negations += 1  # "chemical-free" is "without chemicals", glutenfrei
-        elif any(ch in raw for ch in NEGATION_CHARS):
-            negations += sum(raw.count(ch) for ch in NEGATION_CHARS)
-        elif any(s in raw for s in NEGATION_KANA):
-            negations += sum(raw.count(s) for s in NEGATION_KANA)
-        elif any(s in raw for s in NEGATION_HANGUL):
-            negations += sum(raw.count(s) for s in NEGATION_HANGUL)
-        if role and plain not in _DETERMINERS:
-            if len(roles) < MARKS_MAX:
-                roles.add((plain, role))
-            role = 0
+            return 1  # "chemical-free" is "without chemicals", glutenfrei
+        for signs in (NEGATION_CHARS, NEGATION_KANA, NEGATION_HANGUL):
+            if any(s in raw for s in signs):
+                return sum(raw.count(s) for s in signs)
+        return 0
+
+    def direction(self, lower: str, plain: str) -> None:
+        """Gives the word after "from" / "to" its role; notes a direction marker."""
+        if self.role and plain not in _DETERMINERS:
+            if len(self.roles) < MARKS_MAX:
+                self.roles.add((plain, self.role))
+            self.role = 0
         if lower in DIRECTION_MARKERS:
-            directed = True
-            role = 1 if lower == "from" else 2 if lower in _TO_MARKERS else 0
-        if len(words) < WORDS_MAX:
-            words.add(plain)
-            if plain.endswith("ful") and len(plain) > 6:
-                words.add(plain[:-3])  # "careful" stands for "care" against "careless"
-        # language votes
-        for lang in _LANG_OF.get(lower, ()):
-            lang_votes[lang] = lang_votes.get(lang, 0) + 1
-        # polarity: lexicon, then affixes
+            self.directed = True
+            self.role = 1 if lower == "from" else 2 if lower in _TO_MARKERS else 0
+
+    def polarity(self, plain: str) -> None:
+        """A pole from the lexicon, else a stem negated by an affix (unsuitable, non-...)."""
         pole = POLES.get(plain)
         if pole is not None:
-            poles.add(pole)
+            self.poles.add(pole)
         else:
             stem = _negated_stem(plain)
-            if stem is not None and len(negated) < MARKS_MAX:
-                negated.add(stem)
-        if prev_word == "non" and len(negated) < MARKS_MAX:  # "non-transferable"
-            negated.add(plain)
-        # entities
-        bigram = _ENTITY_BIGRAMS.get((prev_word, lower))
+            if stem is not None and len(self.negated) < MARKS_MAX:
+                self.negated.add(stem)
+        if self.prev_word == "non" and len(self.negated) < MARKS_MAX:  # "non-transferable"
+            self.negated.add(plain)
+
+    def entity(self, raw: str, lower: str, plain: str, initial: bool) -> None:
+        """A named entity: a known bigram or name, a month written as one, a proper noun."""
+        bigram = _ENTITY_BIGRAMS.get((self.prev_word, lower))
         canon = ENTITIES.get(plain)
         if bigram is not None:
-            add_entity(bigram)
+            self.add_entity(bigram)
         elif canon is not None and not (canon == "march-month" or canon == "may-month"):
             if plain not in ("us",) or raw == "US":
-                add_entity(canon)
+                self.add_entity(canon)
         elif (plain in ("march", "may") and raw[:1].isupper() and not initial) or (
             _looks_named(raw, initial) and plain not in SCOPE
         ):
-            add_entity(plain[:-1] if plain.endswith("s") and len(plain) > 4 else plain)
-        # scope
+            self.add_entity(plain[:-1] if plain.endswith("s") and len(plain) > 4 else plain)
+
+    def scoped(self, i: int, lower: str, plain: str) -> None:
+        """Who or what it is for: grown-up, a scope word, a travel class."""
         sc = SCOPE.get(plain)
-        if lower == "up" and prev_word == "grown":
-            scope.add("adult")
-        elif sc is not None and plain not in _SCOPE_SKIP_IF_ENTITY and _scoped(tokens, i, sc):
-            scope.add(sc)
-        elif lower == "class" and prev_word in ("first", "business", "economy", "premium"):
-            scope.add(prev_word + "-class")
-        prev_word, prev_word_raw, prev_initial = lower, raw, initial
-    flush_run()
-    if join_at >= 0 and len(nums) > join_at:
-        joins.append(join_at)
-    numbers = [n.canon() if isinstance(n, _Num) else n for n in nums]
-    while numbers and not isinstance(nums[len(numbers) - 1], _Num):
-        numbers.pop()  # a trailing operator is punctuation ("5 -")
-    number_text = _number_text(nums[: len(numbers)], numbers, joins)
-    language = _language(lang_votes, scripts)
+        if lower == "up" and self.prev_word == "grown":
+            self.scope.add("adult")
+        elif sc is not None and plain not in _SCOPE_SKIP_IF_ENTITY and _scoped(self.tokens, i, sc):
+            self.scope.add(sc)
+        elif lower == "class" and self.prev_word in ("first", "business", "economy", "premium"):
+            self.scope.add(self.prev_word + "-class")
 
-    d = _hasher(key)
 
-    content, marks, paired = _content(text)
-    return Features(
-        numbers=d(number_text) if numbers else 0,
-        negations=negations,
-        words=frozenset(d(w) for w in words),
-        negated=frozenset(d(w) for w in negated),
-        poles=frozenset((d(g), p, k) for g, p, k in poles),
-        entities=tuple(d(e) for e in entities),
-        scope=frozenset(d(s) for s in scope),
-        directed=directed,
-        language=language,
-        roles=frozenset((d(w), r) for w, r in roles),
-        content=tuple(d(w) for w in content),
-        typos=tuple(_typos(d, w) for w in content),
-        marks=tuple((d(m), n) for m, n in marks),
-        paired=paired,
-        joins=tuple((d(j), i, k) for j, i, k in _joins(text, content)),
-    )
+_TOKEN_READERS: dict[str | None, Callable[[_Reader, int, re.Match[str]], None]] = {
+    "num": _Reader.number,
+    "frac": _Reader.fraction,
+    "arrow": _Reader.arrow,
+    "op": _Reader.operator,
+    "word": _Reader.word,
+}
+"""How each kind of token (a group of _TOKEN) is read."""
 
 
 _NUMBER_JOINERS = _wordset("and or vs versus differ differs compared compare und oder et ou y o e")
@@ -1428,55 +1574,80 @@ def pack(f: Features) -> bytes:
     return b"".join(parts)
 
 
+_SHORT = struct.Struct("<H")
+
+
+class _Cursor:
+    """Reads a packed guard record front to back."""
+
+    __slots__ = ("at", "data")
+
+    def __init__(self, data: bytes, at: int) -> None:
+        self.data = data
+        self.at = at
+
+    def byte(self) -> int:
+        """One unsigned byte."""
+        self.at += 1
+        return self.data[self.at - 1]
+
+    def ints(self, n: int) -> tuple[int, ...]:
+        """`n` unsigned 32-bit ints."""
+        out = struct.unpack_from(f"<{n}I", self.data, self.at)
+        self.at += 4 * n
+        return out
+
+    def records(self, fmt: struct.Struct, n: int) -> list[tuple[Any, ...]]:
+        """`n` records of one fixed layout."""
+        out = []
+        for _ in range(n):
+            out.append(fmt.unpack_from(self.data, self.at))
+            self.at += fmt.size
+        return out
+
+    def short(self) -> int:
+        """One unsigned 16-bit int."""
+        (value,) = _SHORT.unpack_from(self.data, self.at)
+        self.at += 2
+        return int(value)
+
+    def typos(self, n: int) -> list[tuple[int, ...]]:
+        """`n` typo lists, each its length byte then 16-bit digests."""
+        out = []
+        for _ in range(n):
+            nt = self.byte()
+            out.append(struct.unpack_from(f"<{nt}H", self.data, self.at))
+            self.at += 2 * nt
+        return out
+
+
+_POLE = struct.Struct("<Ibb")
+_ROLE = struct.Struct("<Ib")
+_MARK = struct.Struct("<IH")
+_JOIN = struct.Struct("<IBB")
+
+
 def unpack(data: bytes) -> Features:
     """pack() reversed; ValueError (or struct.error) when damaged."""
     version, neg, nums, nw, nn, np_, ne, ns, nr, directed, paired = _HEAD.unpack_from(data)
     if version != VERSION:
         raise ValueError("unknown guard record version")
-    at = _HEAD.size
-    llen = data[at]
-    lang = data[at + 1 : at + 1 + llen].decode()
-    at += 1 + llen
-
-    def ints(n: int) -> tuple[int, ...]:
-        nonlocal at
-        out = struct.unpack_from(f"<{n}I", data, at)
-        at += 4 * n
-        return out
-
-    words = ints(nw)
-    negated = ints(nn)
-    poles = []
-    for _ in range(np_):
-        poles.append(struct.unpack_from("<Ibb", data, at))
-        at += 6
-    entities = ints(ne)
-    scope = ints(ns)
-    roles = []
-    for _ in range(nr):
-        roles.append(struct.unpack_from("<Ib", data, at))
-        at += 5
-    (nc,) = struct.unpack_from("<H", data, at)
-    at += 2
-    content = ints(nc)
-    typos = []
-    for _ in range(nc):
-        nt = data[at]
-        typos.append(struct.unpack_from(f"<{nt}H", data, at + 1))
-        at += 1 + 2 * nt
-    nm = data[at]
-    at += 1
-    marks = []
-    for _ in range(nm):
-        marks.append(struct.unpack_from("<IH", data, at))
-        at += 6
-    nj = data[at]
-    at += 1
-    joins = []
-    for _ in range(nj):
-        joins.append(struct.unpack_from("<IBB", data, at))
-        at += 6
-    if at != len(data):
+    read = _Cursor(data, _HEAD.size)
+    llen = read.byte()
+    lang = data[read.at : read.at + llen].decode()
+    read.at += llen
+    words = read.ints(nw)
+    negated = read.ints(nn)
+    poles = read.records(_POLE, np_)
+    entities = read.ints(ne)
+    scope = read.ints(ns)
+    roles = read.records(_ROLE, nr)
+    nc = read.short()
+    content = read.ints(nc)
+    typos = read.typos(nc)
+    marks = read.records(_MARK, read.byte())
+    joins = read.records(_JOIN, read.byte())
+    if read.at != len(data):
         raise ValueError("damaged guard record")
     return Features(
         numbers=nums,

@@ -68,63 +68,81 @@ def chat_to_sse(body: bytes, include_usage: bool) -> bytes:
     for name, value in doc.items():
         if name not in base and name not in ("choices", "usage"):
             base[name] = value
-    out = []
-
-    def chunk(choices: list[dict[str, Any]], usage: Any = None, last: bool = False) -> None:
-        obj = {**base, "choices": choices}
-        if include_usage:
-            obj["usage"] = usage if last else None
-        out.append(_sse(orjson.dumps(obj)))
-
-    def piece(i: int, delta: dict[str, Any], logprobs: Any = None) -> None:
-        chunk([{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": None}])
-
+    stream = _ChunkStream(base, include_usage)
     choices = doc.get("choices") or []
     for choice in sorted(choices, key=lambda c: c.get("index", 0)):
-        i = choice.get("index", 0)
-        msg = choice.get("message") or {}
-        content = msg.get("content")
-        first: dict[str, Any] = {
-            "role": msg.get("role", "assistant"),
-            "content": "" if isinstance(content, str) else content,
-        }
-        if "refusal" in msg:
-            refusal = msg["refusal"]
-            first["refusal"] = "" if refusal == "" or not isinstance(refusal, str) else None
-            if not isinstance(refusal, str):
-                first["refusal"] = refusal
-        for name, value in msg.items():
-            if name not in CHAT_MESSAGE_DELTAS:
-                first[name] = value
-        opening = {"index": i, "delta": first, "logprobs": None, "finish_reason": None}
-        for name, value in choice.items():
-            if name not in CHOICE_FIELDS:
-                opening[name] = value
-        chunk([opening])
-        logprobs = choice.get("logprobs")
-        if isinstance(content, str) and content:
-            piece(i, {"content": content}, logprobs)
-        elif logprobs is not None:
-            piece(i, {}, logprobs)
-        refusal = msg.get("refusal")
-        if isinstance(refusal, str) and refusal:
-            piece(i, {"refusal": refusal})
-        for n, call in enumerate(msg.get("tool_calls") or []):
-            piece(i, {"tool_calls": [{"index": n, **call}]})
-        chunk(
-            [
-                {
-                    "index": i,
-                    "delta": {},
-                    "logprobs": None,
-                    "finish_reason": choice.get("finish_reason"),
-                }
-            ]
-        )
+        _stream_choice(stream, choice)
     if include_usage:
-        chunk([], doc.get("usage"), last=True)
-    out.append(b"data: [DONE]\n\n")
-    return b"".join(out)
+        stream.chunk([], doc.get("usage"), last=True)
+    stream.out.append(b"data: [DONE]\n\n")
+    return b"".join(stream.out)
+
+
+class _ChunkStream:
+    """The chat.completion.chunk events written so far, each carrying the object's fields."""
+
+    __slots__ = ("base", "include_usage", "out")
+
+    def __init__(self, base: dict[str, Any], include_usage: bool) -> None:
+        self.base = base
+        self.include_usage = include_usage
+        self.out: list[bytes] = []
+
+    def chunk(self, choices: list[dict[str, Any]], usage: Any = None, last: bool = False) -> None:
+        """One chunk with these choices (and `usage`, null but on the last chunk, if asked)."""
+        obj = {**self.base, "choices": choices}
+        if self.include_usage:
+            obj["usage"] = usage if last else None
+        self.out.append(_sse(orjson.dumps(obj)))
+
+    def piece(self, i: int, delta: dict[str, Any], logprobs: Any = None) -> None:
+        """One chunk with one delta for choice `i`."""
+        self.chunk([{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": None}])
+
+
+def _stream_choice(stream: _ChunkStream, choice: dict[str, Any]) -> None:
+    """One choice's chunks: the opening delta, its content with the logprobs, its refusal,
+    each tool call, then the finish_reason."""
+    i = choice.get("index", 0)
+    msg = choice.get("message") or {}
+    content = msg.get("content")
+    stream.chunk([_opening(i, choice, msg)])
+    logprobs = choice.get("logprobs")
+    if isinstance(content, str) and content:
+        stream.piece(i, {"content": content}, logprobs)
+    elif logprobs is not None:
+        stream.piece(i, {}, logprobs)
+    refusal = msg.get("refusal")
+    if isinstance(refusal, str) and refusal:
+        stream.piece(i, {"refusal": refusal})
+    for n, call in enumerate(msg.get("tool_calls") or []):
+        stream.piece(i, {"tool_calls": [{"index": n, **call}]})
+    stream.chunk(
+        [{"index": i, "delta": {}, "logprobs": None, "finish_reason": choice.get("finish_reason")}]
+    )
+
+
+def _opening(i: int, choice: dict[str, Any], msg: dict[str, Any]) -> dict[str, Any]:
+    """A choice's first delta: the role, empty content and refusal, and every message and
+    choice field not streamed in pieces, whole."""
+    content = msg.get("content")
+    first: dict[str, Any] = {
+        "role": msg.get("role", "assistant"),
+        "content": "" if isinstance(content, str) else content,
+    }
+    if "refusal" in msg:
+        refusal = msg["refusal"]
+        first["refusal"] = "" if refusal == "" or not isinstance(refusal, str) else None
+        if not isinstance(refusal, str):
+            first["refusal"] = refusal
+    for name, value in msg.items():
+        if name not in CHAT_MESSAGE_DELTAS:
+            first[name] = value
+    opening = {"index": i, "delta": first, "logprobs": None, "finish_reason": None}
+    for name, value in choice.items():
+        if name not in CHOICE_FIELDS:
+            opening[name] = value
+    return opening
 
 
 def chat_to_json(body: bytes) -> bytes:
@@ -298,101 +316,95 @@ def responses_to_sse(body: bytes) -> bytes:
     """A response object -> the event sequence the API streams, from response.created to
     response.completed (or response.incomplete) carrying the stored response."""
     doc = _object(body, "response")
-    seq = 0
-    out = []
-
-    def emit(kind: str, **fields: Any) -> None:
-        nonlocal seq
-        out.append(_sse(orjson.dumps({"type": kind, "sequence_number": seq, **fields}), kind))
-        seq += 1
-
+    events = _EventStream()
     start = {**doc, "status": "in_progress", "output": [], "usage": None}
-    emit("response.created", response=start)
-    emit("response.in_progress", response=start)
+    events.emit("response.created", response=start)
+    events.emit("response.in_progress", response=start)
     for n, item in enumerate(doc.get("output") or []):
-        item_id = item.get("id")
-        if item.get("type") == "message":
-            emit(
-                "response.output_item.added",
-                output_index=n,
-                item={**item, "status": "in_progress", "content": []},
-            )
-            for c, part in enumerate(item.get("content") or []):
-                empty = {**part, "text": ""} if "text" in part else {**part}
-                if part.get("type") == "output_text":
-                    empty["annotations"] = []
-                    if "logprobs" in part:
-                        empty["logprobs"] = []
-                emit(
-                    "response.content_part.added",
-                    item_id=item_id,
-                    output_index=n,
-                    content_index=c,
-                    part=empty,
-                )
-                if part.get("type") == "output_text":
-                    emit(
-                        "response.output_text.delta",
-                        item_id=item_id,
-                        output_index=n,
-                        content_index=c,
-                        delta=part.get("text", ""),
-                        logprobs=part.get("logprobs") or [],
-                    )
-                    emit(
-                        "response.output_text.done",
-                        item_id=item_id,
-                        output_index=n,
-                        content_index=c,
-                        text=part.get("text", ""),
-                        logprobs=part.get("logprobs") or [],
-                    )
-                elif part.get("type") == "refusal":
-                    emit(
-                        "response.refusal.delta",
-                        item_id=item_id,
-                        output_index=n,
-                        content_index=c,
-                        delta=part.get("refusal", ""),
-                    )
-                    emit(
-                        "response.refusal.done",
-                        item_id=item_id,
-                        output_index=n,
-                        content_index=c,
-                        refusal=part.get("refusal", ""),
-                    )
-                emit(
-                    "response.content_part.done",
-                    item_id=item_id,
-                    output_index=n,
-                    content_index=c,
-                    part=part,
-                )
-        elif item.get("type") == "function_call":
-            emit(
-                "response.output_item.added",
-                output_index=n,
-                item={**item, "status": "in_progress", "arguments": ""},
-            )
-            emit(
-                "response.function_call_arguments.delta",
-                item_id=item_id,
-                output_index=n,
-                delta=item.get("arguments", ""),
-            )
-            emit(
-                "response.function_call_arguments.done",
-                item_id=item_id,
-                output_index=n,
-                arguments=item.get("arguments", ""),
-            )
+        kind = item.get("type")
+        if kind == "message":
+            _stream_message(events, n, item)
+        elif kind == "function_call":
+            _stream_function_call(events, n, item)
         else:
-            emit("response.output_item.added", output_index=n, item=item)
-        emit("response.output_item.done", output_index=n, item=item)
+            events.emit("response.output_item.added", output_index=n, item=item)
+        events.emit("response.output_item.done", output_index=n, item=item)
     terminal = "response.incomplete" if doc.get("status") == "incomplete" else "response.completed"
-    emit(terminal, response=doc)
-    return b"".join(out)
+    events.emit(terminal, response=doc)
+    return b"".join(events.out)
+
+
+class _EventStream:
+    """The Responses API events written so far, numbered in order."""
+
+    __slots__ = ("out", "seq")
+
+    def __init__(self) -> None:
+        self.out: list[bytes] = []
+        self.seq = 0
+
+    def emit(self, kind: str, **fields: Any) -> None:
+        """One event of type `kind` with the next sequence number and these fields."""
+        obj = {"type": kind, "sequence_number": self.seq, **fields}
+        self.out.append(_sse(orjson.dumps(obj), kind))
+        self.seq += 1
+
+
+def _stream_message(events: _EventStream, n: int, item: dict[str, Any]) -> None:
+    """A message item's events but its last: added (no content yet), then each part."""
+    events.emit(
+        "response.output_item.added",
+        output_index=n,
+        item={**item, "status": "in_progress", "content": []},
+    )
+    for c, part in enumerate(item.get("content") or []):
+        where = {"item_id": item.get("id"), "output_index": n, "content_index": c}
+        empty = {**part, "text": ""} if "text" in part else {**part}
+        if part.get("type") == "output_text":
+            empty["annotations"] = []
+            if "logprobs" in part:
+                empty["logprobs"] = []
+        events.emit("response.content_part.added", **where, part=empty)
+        _stream_part_text(events, where, part)
+        events.emit("response.content_part.done", **where, part=part)
+
+
+def _stream_part_text(events: _EventStream, where: dict[str, Any], part: dict[str, Any]) -> None:
+    """A content part's text or refusal, as one delta and its done event."""
+    kind = part.get("type")
+    if kind == "output_text":
+        text = part.get("text", "")
+        events.emit(
+            "response.output_text.delta", **where, delta=text, logprobs=part.get("logprobs") or []
+        )
+        events.emit(
+            "response.output_text.done", **where, text=text, logprobs=part.get("logprobs") or []
+        )
+    elif kind == "refusal":
+        refusal = part.get("refusal", "")
+        events.emit("response.refusal.delta", **where, delta=refusal)
+        events.emit("response.refusal.done", **where, refusal=refusal)
+
+
+def _stream_function_call(events: _EventStream, n: int, item: dict[str, Any]) -> None:
+    """A function call item's events but its last: added (no arguments yet), the arguments
+    as one delta, done."""
+    events.emit(
+        "response.output_item.added",
+        output_index=n,
+        item={**item, "status": "in_progress", "arguments": ""},
+    )
+    item_id = item.get("id")
+    arguments = item.get("arguments", "")
+    events.emit(
+        "response.function_call_arguments.delta", item_id=item_id, output_index=n, delta=arguments
+    )
+    events.emit(
+        "response.function_call_arguments.done",
+        item_id=item_id,
+        output_index=n,
+        arguments=arguments,
+    )
 
 
 def _object(body: bytes, kind: str) -> dict[str, Any]:

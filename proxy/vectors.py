@@ -315,6 +315,23 @@ class Embedding:
     """What the call cost the caller; None when it came from the cache."""
 
 
+def _inflight_key(tenant: bytes, namespace: str, path: str, server: str, body: bytes) -> str:
+    """The key under which concurrent identical embeddings requests share one call: one
+    tenant, namespace, route and embeddings server only."""
+    return hashlib.blake2b(
+        tenant + b"\0" + namespace.encode() + b"\0" + path.encode() + b"\0" + server.encode() + body
+    ).hexdigest()
+
+
+def _as_failure(exc: BaseException, timeout_s: float) -> EmbeddingFailed:
+    """Any exception out of an embeddings call, as the EmbeddingFailed to raise."""
+    if isinstance(exc, EmbeddingFailed):
+        return exc
+    if isinstance(exc, TimeoutError):
+        return EmbeddingFailed(f"no embedding within {timeout_s:g} s")
+    return EmbeddingFailed(type(exc).__name__)
+
+
 class Embedder:
     """Embeddings through the exact cache, time-limited, fail-open."""
 
@@ -372,10 +389,8 @@ class Embedder:
         scope = Scope(self.secret, tenant, "POST", path, qs)
         plan = make_plan(self.rules, scope, namespace, "application/json", body)
         # in-flight sharing within one tenant (and namespace, route) only
-        where = (server or self.default_server if local is not None else "").encode()
-        memo = hashlib.blake2b(
-            tenant + b"\0" + namespace.encode() + b"\0" + path.encode() + b"\0" + where + body
-        ).hexdigest()
+        where = server or self.default_server if local is not None else ""
+        memo = _inflight_key(tenant, namespace, path, where, body)
         shared = self._inflight.get(memo)
         if shared is not None:
             return await asyncio.shield(shared)
@@ -388,15 +403,7 @@ class Embedder:
                 else:
                     result = await self._embed(plan, path, qs, body, headers)
         except BaseException as exc:
-            failure = (
-                exc
-                if isinstance(exc, EmbeddingFailed)
-                else EmbeddingFailed(
-                    f"no embedding within {self.timeout_s:g} s"
-                    if isinstance(exc, TimeoutError)
-                    else type(exc).__name__
-                )
-            )
+            failure = _as_failure(exc, self.timeout_s)
             future.set_exception(failure)
             future.exception()  # retrieved: a future nobody shared must not warn
             if isinstance(exc, asyncio.CancelledError):
@@ -672,6 +679,22 @@ class Probe:
         return out
 
 
+def _guarded(
+    probe: Probe, mine: guards.Features, sig: bytes, score: float, threshold: float
+) -> bool:
+    """Does a guard refuse the candidate (a damaged record is refused too)? The first
+    refusal of a candidate at or above the threshold is noted on the probe."""
+    try:
+        why = guards.refusal(mine, guards.unpack(sig))
+    except (ValueError, struct.error, UnicodeDecodeError):
+        why = "damaged"
+    if why is None:
+        return False
+    if score >= threshold and probe.guard is None:
+        probe.guard, probe.guard_score = why, score
+    return True
+
+
 class Semantic:
     """The lookup and the indexing, as the handler calls them."""
 
@@ -745,22 +768,13 @@ class Semantic:
         probe.embed_ms = (time.perf_counter() - t0) * 1000.0
         probe.embed_usd = emb.cost_usd
         probe.vector = emb.vector
-        if len(text) > FEATURES_ON_LOOP:
-            loop = asyncio.get_running_loop()
-            mine = await loop.run_in_executor(self.cpu, guards.features, text, self.mac_key)
-        else:
-            mine = guards.features(text, self.mac_key)
+        mine = await self._features(text)
         probe.sig = guards.pack(mine)
         view = await self.index.sync(plan.semantic.partition)
         rows, dims = view.matrix.shape
         if rows == 0 or dims != emb.vector.shape[0]:
             return
-        now = CLOCK.now()
-        if rows * dims > OFF_LOOP:
-            loop = asyncio.get_running_loop()
-            scores = await loop.run_in_executor(self.cpu, view.scores, emb.vector, now)
-        else:
-            scores = view.scores(emb.vector, now)
+        scores = await self._scores(view, emb.vector)
         prefix = plan.semantic.partition.rpartition(".")[0] + "."
         for row in top(scores, TOP_K):
             score = float(scores[row])
@@ -769,36 +783,72 @@ class Semantic:
             member = view.members[row]
             if not member.startswith(prefix):
                 continue  # never another tenant's, namespace's, model's or route's entry
-            try:
-                why = guards.refusal(mine, guards.unpack(view.sigs[row]))
-            except (ValueError, struct.error, UnicodeDecodeError):
-                why = "damaged"
-            if why is not None:
-                if score >= rule.semantic_threshold and probe.guard is None:
-                    probe.guard, probe.guard_score = why, score
+            if _guarded(probe, mine, view.sigs[row], score, rule.semantic_threshold):
                 continue
             if score < rule.semantic_threshold:
                 # below the threshold: its score is logged (shadow data), its entry not read
                 probe.score, probe.member = score, member
                 return
-            entry = self.cache.peek(member)
+            entry = await self._live_entry(view, row, member, max_age)
             if entry is None:
-                entry = await self.cache.get(member)
-            if entry is None or entry.fresh_until < CLOCK.now():
-                view.forget(row)
                 continue
-            if max_age is not None and CLOCK.now() - entry.created > max_age:
-                continue
-            if (
-                rule.semantic == "on"
-                and rule.semantic_verify == "llm"
-                and not await self._verified(probe, plan, text, member, entry, headers)
-            ):
-                if probe.guard is None:
-                    probe.guard, probe.guard_score = "verifier", score
+            if not await self._confirmed(probe, plan, text, member, entry, headers, score):
                 continue
             probe.score, probe.member, probe.entry, probe.hit = score, member, entry, True
             return
+
+    async def _features(self, text: str) -> guards.Features:
+        """The guard features of the request's text (taken off the loop when long)."""
+        if len(text) > FEATURES_ON_LOOP:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.cpu, guards.features, text, self.mac_key)
+        return guards.features(text, self.mac_key)
+
+    async def _scores(self, view: View, vector: np.ndarray) -> np.ndarray:
+        """Each indexed entry's similarity to `vector` (computed off the loop when large)."""
+        rows, dims = view.matrix.shape
+        now = CLOCK.now()
+        if rows * dims > OFF_LOOP:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.cpu, view.scores, vector, now)
+        return view.scores(vector, now)
+
+    async def _live_entry(
+        self, view: View, row: int, member: str, max_age: float | None
+    ) -> CachedResponse | None:
+        """The candidate's stored entry when fresh and young enough (a gone or expired one
+        is dropped from the index view)."""
+        entry = self.cache.peek(member)
+        if entry is None:
+            entry = await self.cache.get(member)
+        if entry is None or entry.fresh_until < CLOCK.now():
+            view.forget(row)
+            return None
+        if max_age is not None and CLOCK.now() - entry.created > max_age:
+            return None
+        return entry
+
+    async def _confirmed(
+        self,
+        probe: Probe,
+        plan: Plan,
+        text: str,
+        member: str,
+        entry: CachedResponse,
+        headers: Headers,
+        score: float,
+    ) -> bool:
+        """The candidate passes the LLM verifier when the rule asks for one (a refusal is
+        noted as the "verifier" guard)."""
+        assert plan.rule is not None
+        rule = plan.rule
+        if not (rule.semantic == "on" and rule.semantic_verify == "llm"):
+            return True
+        if await self._verified(probe, plan, text, member, entry, headers):
+            return True
+        if probe.guard is None:
+            probe.guard, probe.guard_score = "verifier", score
+        return False
 
     async def _verified(
         self,

@@ -224,19 +224,8 @@ class ScriptedUpstream:
             head = await reader.readuntil(b"\r\n\r\n")
         except asyncio.IncompleteReadError:
             return False
-        lines = head.decode("latin-1").split("\r\n")
-        method, path, _ = lines[0].split(" ", 2)
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            if ":" in line:
-                name, _, value = line.partition(":")
-                headers[name.strip().lower()] = value.strip()
-        extra_at = self._extra_at.pop(number, None)
-        if extra_at is not None:  # a request on a connection that got an unsolicited answer
-            if time.monotonic() - extra_at < CROSSING_S:
-                self.crossed.add(headers.get("x-fuzz-id", ""))
-            else:
-                self.violations.append("a connection was used after an unsolicited answer")
+        method, path, headers = _parse_head(head)
+        self._check_crossing(number, headers)
         length = int(headers.get("content-length", "0"))
         req = Request(method, path, headers, b"", number)
         how = self.behave(req)
@@ -247,46 +236,63 @@ class ScriptedUpstream:
             return False
         if how is Behaviour.EARLY:
             self.requests.append(req)
-            writer.write(message(401, _error(req, "answered before the body was read")))
-            await writer.drain()
-            body = await reader.readexactly(length)
-            if b" HTTP/1.1\r\n" in body or b"authorization:" in body.lower():
-                self.violations.append("a request head arrived inside another's body")
+            await self._early(reader, writer, req, length)
             return True
         req.body = await reader.readexactly(length)
         self.requests.append(req)
-        fuzz_id = headers.get("x-fuzz-id")
-        if fuzz_id is not None:
-            if fuzz_id in self._ids:
-                self.violations.append(f"request {fuzz_id} was sent twice")
-            self._ids.add(fuzz_id)
-        if not any(name in headers for name in ("authorization", "api-key", "x-api-key")):
-            writer.write(message(401, _error(req, "no credential")))
+        self._check_resent(headers.get("x-fuzz-id"))
+        plain = _plain_answer(req)
+        if plain is None and path.endswith("/audio/speech"):
+            plain = _speech(how)
+        if plain is not None:
+            writer.write(plain)
             await writer.drain()
             return True
-        if method == "HEAD" or path.endswith("/models"):
-            listing = orjson.dumps({"object": "list", "data": [], "who": who(headers)})
-            if method == "HEAD":
-                writer.write(message(200, b"", length=len(listing)))
-            else:
-                writer.write(message(200, listing))
-            await writer.drain()
-            return True
-        answer = answer_body(req)
-        ctype = "application/json"
+        answer, ctype = answer_body(req), "application/json"
         if b'"stream":true' in req.body.replace(b" ", b""):
             answer, ctype = stream_body(req), "text/event-stream"
-        if path.endswith("/audio/speech"):  # audio, always sent gzip-coded
-            coded = gzip.compress(SPEECH)
-            if how is Behaviour.CUT_GZIP:
-                coded = coded[: len(coded) // 2]
-            writer.write(
-                message(200, coded, "Content-Encoding: gzip", ctype="audio/mpeg")
-                if how is not Behaviour.CUT_BR
-                else message(200, brotli.compress(SPEECH)[:-20], "Content-Encoding: br")
-            )
-            await writer.drain()
-            return True
+        return await self._answer(reader, writer, number, how, answer, ctype)
+
+    def _check_crossing(self, number: int, headers: dict[str, str]) -> None:
+        """A request on a connection that got an unsolicited answer: crossed it on the wire
+        (soon after it), else a violation."""
+        extra_at = self._extra_at.pop(number, None)
+        if extra_at is None:
+            return
+        if time.monotonic() - extra_at < CROSSING_S:
+            self.crossed.add(headers.get("x-fuzz-id", ""))
+        else:
+            self.violations.append("a connection was used after an unsolicited answer")
+
+    def _check_resent(self, fuzz_id: str | None) -> None:
+        """A request id seen before is a request sent twice: a violation."""
+        if fuzz_id is None:
+            return
+        if fuzz_id in self._ids:
+            self.violations.append(f"request {fuzz_id} was sent twice")
+        self._ids.add(fuzz_id)
+
+    async def _early(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, req: Request, length: int
+    ) -> None:
+        """EARLY: a 401 before the body is read, then the body read and checked for a
+        request head inside it."""
+        writer.write(message(401, _error(req, "answered before the body was read")))
+        await writer.drain()
+        body = await reader.readexactly(length)
+        if b" HTTP/1.1\r\n" in body or b"authorization:" in body.lower():
+            self.violations.append("a request head arrived inside another's body")
+
+    async def _answer(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        number: int,
+        how: Behaviour,
+        answer: bytes,
+        ctype: str,
+    ) -> bool:
+        """Write the answer the way `how` says; False: the connection is done."""
         match how:
             case Behaviour.NORMAL:
                 writer.write(message(200, answer, ctype=ctype))
@@ -296,18 +302,7 @@ class ScriptedUpstream:
             case Behaviour.EXTRA_SAME_WRITE:
                 writer.write(message(200, answer, ctype=ctype) + message(200, answer, ctype=ctype))
             case Behaviour.EXTRA_LATE | Behaviour.IDLE_408:
-                writer.write(message(200, answer, ctype=ctype))
-                await writer.drain()
-                await asyncio.sleep(self.late_s)
-                if not _idle(reader, writer):
-                    return True  # a next request came: no longer "on an idle connection"
-                if how is Behaviour.EXTRA_LATE:
-                    writer.write(message(200, answer, ctype=ctype))
-                    self._extra_at[number] = time.monotonic()
-                else:
-                    writer.write(message(408, b"", "Connection: close"))
-                    await writer.drain()
-                    return False
+                return await self._late(reader, writer, number, how, answer, ctype)
             case Behaviour.READ_CLOSE:
                 return False
             case Behaviour.CLOSE_MID:
@@ -329,6 +324,67 @@ class ScriptedUpstream:
                 raise AssertionError("handled above")
         await writer.drain()
         return True
+
+    async def _late(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        number: int,
+        how: Behaviour,
+        answer: bytes,
+        ctype: str,
+    ) -> bool:
+        """EXTRA_LATE / IDLE_408: the answer; a moment later, if the connection is idle, a
+        second answer (EXTRA_LATE) or a 408 and the end of the connection (IDLE_408)."""
+        writer.write(message(200, answer, ctype=ctype))
+        await writer.drain()
+        await asyncio.sleep(self.late_s)
+        if not _idle(reader, writer):
+            return True  # a next request came: no longer "on an idle connection"
+        if how is Behaviour.EXTRA_LATE:
+            writer.write(message(200, answer, ctype=ctype))
+            self._extra_at[number] = time.monotonic()
+            await writer.drain()
+            return True
+        writer.write(message(408, b"", "Connection: close"))
+        await writer.drain()
+        return False
+
+
+def _parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
+    """A request head -> its method, path and headers (names in lower case)."""
+    lines = head.decode("latin-1").split("\r\n")
+    method, path, _ = lines[0].split(" ", 2)
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if ":" in line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    return method, path, headers
+
+
+def _plain_answer(req: Request) -> bytes | None:
+    """The answer no behaviour changes: a 401 without a credential, the model listing (its
+    head only for HEAD); None for any other request."""
+    if not any(name in req.headers for name in ("authorization", "api-key", "x-api-key")):
+        return message(401, _error(req, "no credential"))
+    if req.method == "HEAD" or req.path.endswith("/models"):
+        listing = orjson.dumps({"object": "list", "data": [], "who": who(req.headers)})
+        if req.method == "HEAD":
+            return message(200, b"", length=len(listing))
+        return message(200, listing)
+    return None
+
+
+def _speech(how: Behaviour) -> bytes:
+    """/v1/audio/speech's answer, always gzip-coded (cut short for CUT_GZIP), or
+    brotli-coded and cut short for CUT_BR."""
+    if how is Behaviour.CUT_BR:
+        return message(200, brotli.compress(SPEECH)[:-20], "Content-Encoding: br")
+    coded = gzip.compress(SPEECH)
+    if how is Behaviour.CUT_GZIP:
+        coded = coded[: len(coded) // 2]
+    return message(200, coded, "Content-Encoding: gzip", ctype="audio/mpeg")
 
 
 def _idle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:

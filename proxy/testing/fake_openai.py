@@ -396,19 +396,12 @@ class FakeOpenAI:
 
     # -- routes -------------------------------------------------------------------------------
     async def chat(self, request: web.Request) -> web.StreamResponse:
+        """Chat Completions: a chat.completion, or its chunk stream (with a usage chunk when
+        `stream_options.include_usage` asks); the "recorded" models replay real answers."""
         req, n = request[BODY], request[CALL_N]
         model = req.get("model", "gpt-4o-mini")
-        if model == "recorded":
-            rec = recorded("chat_completion_stream_prompt_caching_cache_read")["response"]
-            events = [e + b"\n\n" for e in rec["body_text"].encode().split(b"\n\n") if e]
-            return await self._sse(request, events, None)
-        if model == "recorded-tools":  # the recorded real tool call, in the form asked for
-            if req.get("stream"):
-                rec = recorded("chat_completion_tool_call_streamed")["response"]
-                events = [e + b"\n\n" for e in rec["body_text"].encode().split(b"\n\n") if e]
-                return await self._sse(request, events, None)
-            rec = recorded("chat_completion_tool_call")["response"]
-            return web.Response(body=rec["body_text"].encode(), content_type="application/json")
+        if model in ("recorded", "recorded-tools"):
+            return await self._recorded_chat(request, model)
         prompt = orjson.dumps(req.get("messages", []))
         words = self._words(prompt.decode(), n)
         if model in self.model_replies:
@@ -421,13 +414,15 @@ class FakeOpenAI:
         if self.prompt_cache_machines:
             _, cached = self._prompt_cached(req, "messages")
             usage["prompt_tokens_details"] = {"cached_tokens": min(cached, len(prompt) // 4)}
-        cid, created = f"chatcmpl-fake-{n}", 1_700_000_000 + n
+        base = {
+            "id": f"chatcmpl-fake-{n}",
+            "object": "chat.completion",
+            "created": 1_700_000_000 + n,
+            "model": model,
+        }
         if not req.get("stream"):
             body = {
-                "id": cid,
-                "object": "chat.completion",
-                "created": created,
-                "model": model,
+                **base,
                 "choices": [
                     {
                         "index": 0,
@@ -439,38 +434,25 @@ class FakeOpenAI:
             }
             return web.json_response(body, headers=self._headers(n), dumps=_dumps)
         include_usage = bool((req.get("stream_options") or {}).get("include_usage"))
-        events = []
-        for i, word in enumerate(words):
-            delta: dict[str, Any] = {"content": word}
-            if i == 0:
-                delta["role"] = "assistant"
-            chunk: dict[str, Any] = {
-                "id": cid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "delta": delta,
-                        "finish_reason": "stop" if i == len(words) - 1 else None,
-                    }
-                ],
-            }
-            if include_usage:
-                chunk["usage"] = None
-            events.append(b"data: " + orjson.dumps(chunk) + b"\n\n")
-        if include_usage:
-            last = {
-                "id": cid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "choices": [],
-                "usage": usage,
-            }
-            events.append(b"data: " + orjson.dumps(last) + b"\n\n")
+        events = _chat_chunks(
+            {**base, "object": "chat.completion.chunk"}, words, usage, include_usage
+        )
         return await self._sse(request, events, b"data: [DONE]\n\n")
+
+    async def _recorded_chat(self, request: web.Request, model: str) -> web.StreamResponse:
+        """A real recorded answer: a stream using the prompt cache ("recorded"), or a tool
+        call in the form asked for ("recorded-tools")."""
+        if model == "recorded-tools" and not request[BODY].get("stream"):
+            rec = recorded("chat_completion_tool_call")["response"]
+            return web.Response(body=rec["body_text"].encode(), content_type="application/json")
+        name = (
+            "chat_completion_stream_prompt_caching_cache_read"
+            if model == "recorded"
+            else "chat_completion_tool_call_streamed"
+        )
+        rec = recorded(name)["response"]
+        events = [e + b"\n\n" for e in rec["body_text"].encode().split(b"\n\n") if e]
+        return await self._sse(request, events, None)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         req, n = request[BODY], request[CALL_N]
@@ -508,6 +490,8 @@ class FakeOpenAI:
         return await self._sse(request, events, b"data: [DONE]\n\n")
 
     async def responses(self, request: web.Request) -> web.StreamResponse:
+        """The Responses API: a response, or its event stream (ending in response.failed
+        with `fail_responses`); the "recorded" model replays a real stream."""
         req, n = request[BODY], request[CALL_N]
         model = req.get("model", "gpt-4.1")
         if model == "recorded":
@@ -515,8 +499,6 @@ class FakeOpenAI:
             events = [e + b"\n\n" for e in rec["body_text"].encode().split(b"\n\n") if e]
             return await self._sse(request, events, None)
         words = self._words(orjson.dumps(req.get("input", "")).decode(), n)
-        text = "".join(words)
-        rid, mid = f"resp_fake_{n}", f"msg_fake_{n}"
         prefix_tokens, cached = self._prompt_cached(req, "input")
         usage = {
             "input_tokens": 11 + prefix_tokens,
@@ -525,96 +507,19 @@ class FakeOpenAI:
             "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": 11 + len(words),
         }
-
-        def response(status: str, output: list[Any], with_usage: bool) -> dict[str, Any]:
-            return {
-                "id": rid,
-                "object": "response",
-                "created_at": 1_700_000_000 + n,
-                "status": status,
-                "model": model,
-                "output": output,
-                "error": None,
-                "incomplete_details": None,
-                "instructions": None,
-                "parallel_tool_calls": True,
-                "tool_choice": "auto",
-                "tools": [],
-                "temperature": 1.0,
-                "top_p": 1.0,
-                "metadata": {},
-                "usage": usage if with_usage else None,
-            }
-
-        message = {
-            "type": "message",
-            "id": mid,
-            "status": "completed",
-            "role": "assistant",
-            "content": [{"type": "output_text", "text": text, "annotations": []}],
-        }
+        answer = _Answer(f"resp_fake_{n}", f"msg_fake_{n}", 1_700_000_000 + n, model, usage, words)
         if not req.get("stream"):
-            body = response("completed", [message], True)
+            body = answer.response("completed", [answer.message()], True)
             return web.json_response(body, headers=self._headers(n), dumps=_dumps)
-        seq = 0
-
-        def ev(kind: str, **data: Any) -> bytes:
-            nonlocal seq
-            payload = {"type": kind, "sequence_number": seq, **data}
-            seq += 1
-            return f"event: {kind}\n".encode() + b"data: " + orjson.dumps(payload) + b"\n\n"
-
-        events = [
-            ev("response.created", response=response("in_progress", [], False)),
-            ev("response.in_progress", response=response("in_progress", [], False)),
-            ev(
-                "response.output_item.added",
-                output_index=0,
-                item={**message, "status": "in_progress", "content": []},
-            ),
-            ev(
-                "response.content_part.added",
-                item_id=mid,
-                output_index=0,
-                content_index=0,
-                part={"type": "output_text", "text": "", "annotations": []},
-            ),
-        ]
-        events += [
-            ev(
-                "response.output_text.delta",
-                item_id=mid,
-                output_index=0,
-                content_index=0,
-                delta=w,
-                logprobs=[],
-            )
-            for w in words
-        ]
-        events += [
-            ev(
-                "response.output_text.done",
-                item_id=mid,
-                output_index=0,
-                content_index=0,
-                text=text,
-                logprobs=[],
-            ),
-            ev(
-                "response.content_part.done",
-                item_id=mid,
-                output_index=0,
-                content_index=0,
-                part={"type": "output_text", "text": text, "annotations": []},
-            ),
-            ev("response.output_item.done", output_index=0, item=message),
-        ]
+        stream = _Numbered()
+        events = answer.events(stream)
         if self.fail_responses:
-            failed = response("failed", [], False)
+            failed = answer.response("failed", [], False)
             failed["error"] = {"code": "server_error", "message": "The model failed."}
-            terminal = ev("response.failed", response=failed)
+            terminal = stream.event("response.failed", response=failed)
         else:
-            terminal = ev("response.completed", response=response("completed", [message], True))
+            done = answer.response("completed", [answer.message()], True)
+            terminal = stream.event("response.completed", response=done)
         return await self._sse(request, events, terminal)
 
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
@@ -774,6 +679,119 @@ class FakeOpenAI:
         return error_json(
             404, f"Invalid URL ({request.method} {request.path})", "invalid_request_error", None
         )
+
+
+def _chat_chunks(
+    base: dict[str, Any], words: list[str], usage: dict[str, Any], include_usage: bool
+) -> list[bytes]:
+    """A fake chat stream's chunk events: a word each (the role in the first, the
+    finish_reason in the last), then the usage chunk when asked."""
+    events = []
+    for i, word in enumerate(words):
+        delta: dict[str, Any] = {"content": word}
+        if i == 0:
+            delta["role"] = "assistant"
+        finish = "stop" if i == len(words) - 1 else None
+        chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        if include_usage:
+            chunk["usage"] = None
+        events.append(b"data: " + orjson.dumps(chunk) + b"\n\n")
+    if include_usage:
+        last = {**base, "choices": [], "usage": usage}
+        events.append(b"data: " + orjson.dumps(last) + b"\n\n")
+    return events
+
+
+class _Numbered:
+    """Responses API events, numbered in the order they are made."""
+
+    def __init__(self) -> None:
+        self.seq = 0
+
+    def event(self, kind: str, **data: Any) -> bytes:
+        """One event of type `kind` with the next sequence number."""
+        payload = {"type": kind, "sequence_number": self.seq, **data}
+        self.seq += 1
+        return f"event: {kind}\n".encode() + b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """One fake Responses API answer: a single message of `words`."""
+
+    rid: str
+    mid: str
+    created_at: int
+    model: str
+    usage: dict[str, Any]
+    words: list[str]
+
+    def message(self) -> dict[str, Any]:
+        """The answer's one output item."""
+        text = "".join(self.words)
+        return {
+            "type": "message",
+            "id": self.mid,
+            "status": "completed",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": []}],
+        }
+
+    def response(self, status: str, output: list[Any], with_usage: bool) -> dict[str, Any]:
+        """The response object in `status` with this output."""
+        return {
+            "id": self.rid,
+            "object": "response",
+            "created_at": self.created_at,
+            "status": status,
+            "model": self.model,
+            "output": output,
+            "error": None,
+            "incomplete_details": None,
+            "instructions": None,
+            "parallel_tool_calls": True,
+            "tool_choice": "auto",
+            "tools": [],
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "metadata": {},
+            "usage": self.usage if with_usage else None,
+        }
+
+    def events(self, stream: _Numbered) -> list[bytes]:
+        """The stream's events up to the terminal one: created, in progress, the message
+        added, its text a word per delta, done."""
+        message, text = self.message(), "".join(self.words)
+        at = {"item_id": self.mid, "output_index": 0, "content_index": 0}
+        start = self.response("in_progress", [], False)
+        events = [
+            stream.event("response.created", response=start),
+            stream.event("response.in_progress", response=start),
+            stream.event(
+                "response.output_item.added",
+                output_index=0,
+                item={**message, "status": "in_progress", "content": []},
+            ),
+            stream.event(
+                "response.content_part.added",
+                **at,
+                part={"type": "output_text", "text": "", "annotations": []},
+            ),
+        ]
+        events += [
+            stream.event("response.output_text.delta", **at, delta=w, logprobs=[])
+            for w in self.words
+        ]
+        events += [
+            stream.event("response.output_text.done", **at, text=text, logprobs=[]),
+            stream.event(
+                "response.content_part.done",
+                **at,
+                part={"type": "output_text", "text": text, "annotations": []},
+            ),
+            stream.event("response.output_item.done", output_index=0, item=message),
+        ]
+        return events
 
 
 def _dumps(obj: Any) -> str:
