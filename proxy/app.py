@@ -33,7 +33,6 @@ from proxy.handlers import State, json_error, proxy_handler
 from proxy.images import LocalImageStore, open_image_store
 from proxy.images.base import NAME_RE
 from proxy.images.rehost import ImageRehoster
-from proxy.keys import mac_key
 from proxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from proxy.metrics import registry_for, render
 from proxy.rules import default_rules_path, load_rules
@@ -41,6 +40,7 @@ from proxy.secret import NAME as SECRET_NAME
 from proxy.secret import SecretMismatch, agree, record_of
 from proxy.server import GuardedServer
 from proxy.settings import Settings
+from proxy.state import Planner, Workers
 from proxy.stats import Shared, Stats
 from proxy.stores import MemoryStore, open_store
 from proxy.stores.base import Store
@@ -105,11 +105,17 @@ def build_state(settings: Settings) -> State:
         prices=prices,
         image_timeout_s=settings.image_timeout_s,
     )
+    planner = Planner(
+        rules,
+        secret,
+        max_body=settings.max_body_bytes,
+        max_body_mb=settings.max_body_mb,
+        idempotency_ttl_s=settings.idempotency_ttl_s,
+        workers=Workers(),
+    )
     state = State(
         settings=settings,
-        rules=rules,
-        secret=secret,
-        mac_key=mac_key(secret),
+        planner=planner,
         cache=cache,
         upstream=upstream,
         flights=flights,
@@ -169,12 +175,12 @@ def _bus(settings: Settings, store: Store) -> RedisBus | None:
 def _semantic(settings: Settings, state: State, prices: Prices) -> Semantic:
     """The semantic cache: the vector index, the embedder (and its embeddings servers) and
     the verifier when a rule asks for one."""
-    rules, cache, upstream = state.rules, state.cache, state.upstream
+    rules, cache, upstream = state.planner.rules, state.cache, state.upstream
     index = VectorIndex(
         cache,
         keep=settings.semantic_max_entries,
         max_bytes=int(settings.semantic_memory_mb * 1024 * 1024),
-        cpu=state.cpu,
+        cpu=state.workers.cpu,
     )
     urls = {settings.semantic_embeddings_url}
     urls |= {r.semantic_embeddings_url for r in rules.rules if r.semantic != "off"}
@@ -190,7 +196,7 @@ def _semantic(settings: Settings, state: State, prices: Prices) -> Semantic:
         upstream,
         cache,
         rules,
-        state.secret,
+        state.planner.secret,
         prices,
         timeout_s=settings.semantic_timeout_s,
         servers=servers,
@@ -200,7 +206,8 @@ def _semantic(settings: Settings, state: State, prices: Prices) -> Semantic:
     verifier = None
     if any(r.semantic_verify == "llm" for r in rules.rules):
         verifier = Verifier(upstream, prices, timeout_s=settings.semantic_verify_timeout_s)
-    return Semantic(embedder, index, cache, state.mac_key, state.cpu, verifier=verifier)
+    planner = state.planner
+    return Semantic(embedder, index, cache, planner.mac_key, planner.workers.cpu, verifier=verifier)
 
 
 UNSHARED = (
@@ -211,12 +218,10 @@ UNSHARED = (
 
 def adopt_secret(st: State, secret: bytes) -> None:
     """Make keys and tenant ids with `secret` from now on (the store's shared one)."""
-    st.secret = secret
-    st.mac_key = mac_key(secret)
-    st.plans.clear()
+    st.planner.rekey(secret)
     if st.semantic is not None:
         st.semantic.embedder.secret = secret
-        st.semantic.mac_key = st.mac_key
+        st.semantic.mac_key = st.planner.mac_key
 
 
 AdminHandler = Callable[[State, web.BaseRequest], Awaitable[web.StreamResponse]]
@@ -452,7 +457,7 @@ class ProxyApp:
         return json_error(404, f"No proxy route {path}.", "invalid_request_error", None)
 
     def server(self) -> GuardedServer:
-        max_size = self.state.max_body
+        max_size = self.state.planner.max_body
 
         def request_factory(
             message: Any, payload: Any, protocol: Any, writer: Any, task: Any
@@ -485,8 +490,7 @@ class ProxyApp:
         if st.semantic is not None:
             for server in st.semantic.embedder.servers.values():
                 stack.push_async_callback(server.aclose)
-        stack.callback(st.cpu.shutdown, wait=False, cancel_futures=True)
-        stack.callback(st.close_parsers)
+        stack.callback(st.workers.close)
         cache = st.cache
         await cache.warm()
         await cache.probe()
@@ -543,7 +547,7 @@ class ProxyApp:
             return
         explicit = bool(self.settings.secret)
         try:
-            stored: bytes = await claim(SECRET_NAME, record_of(st.secret, explicit))
+            stored: bytes = await claim(SECRET_NAME, record_of(st.planner.secret, explicit))
         except StoreUnavailable as exc:
             if not self.secret_pending:
                 log.warning("store.secret_unshared", store=st.cache.store.name, error=str(exc))
@@ -553,8 +557,8 @@ class ProxyApp:
         if self.secret_pending:
             st.cache.notes.remove(UNSHARED)
         self.secret_pending = False
-        use = agree(st.secret, explicit, stored)
-        if use != st.secret:
+        use = agree(st.planner.secret, explicit, stored)
+        if use != st.planner.secret:
             adopt_secret(st, use)
 
     async def shutdown(self) -> None:

@@ -63,7 +63,9 @@ async def backfill(st: State, *, show_progress: bool = True) -> BackfillReport:
                 if new is None:
                     report.lost.append(key_id(key))
                     continue
-                rule = st.rules.match("POST", str(entry.meta["route"]), entry.meta.get("model"))
+                rule = st.planner.rules.match(
+                    "POST", str(entry.meta["route"]), entry.meta.get("model")
+                )
                 ttl = rule.ttl_s if rule is not None else 365 * 86400.0
                 meta = {**entry.meta, "rebase": True} if has_placeholder(new) else entry.meta
                 await store.set(key, dataclasses.replace(entry, body=new, meta=meta), ttl)

@@ -254,7 +254,7 @@ async def _keys(
     """The request's items and their store keys (keyed off the loop for a long body)."""
     assert plan.rule is not None
     args = (
-        st.secret,
+        st.planner.secret,
         tenant,
         ex.request.method,
         rec.route,
@@ -265,7 +265,7 @@ async def _keys(
         ex.body,
     )
     if len(ex.body) > OFF_LOOP_BYTES:
-        return await asyncio.get_running_loop().run_in_executor(st.cpu, item_keys, *args)
+        return await asyncio.get_running_loop().run_in_executor(st.workers.cpu, item_keys, *args)
     return item_keys(*args)
 
 
@@ -317,7 +317,7 @@ async def _assembled(st: State, got: _Got, model: str) -> bytes:
     parts = [e or b"null" for e in got.embeddings]
     if sum(len(e) for e in parts) > OFF_LOOP_BYTES:
         return await asyncio.get_running_loop().run_in_executor(
-            st.cpu, assemble, parts, model, got.usage
+            st.workers.cpu, assemble, parts, model, got.usage
         )
     return assemble(parts, model, got.usage)
 
@@ -548,7 +548,9 @@ async def _split(
     if status != 200 or data is None:
         return None
     if len(data) > OFF_LOOP_BYTES:  # a long list's answer: parsed off the loop
-        split = await asyncio.get_running_loop().run_in_executor(st.cpu, split_answer, data, n)
+        split = await asyncio.get_running_loop().run_in_executor(
+            st.workers.cpu, split_answer, data, n
+        )
     else:
         split = split_answer(data, n)
     if split is None:  # a 200 that does not answer these items one by one

@@ -38,7 +38,7 @@ async def proxy_handler(st: State, request: web.BaseRequest) -> web.StreamRespon
     rec = Record(route, request.method)
     resp: web.StreamResponse | None = None
     try:
-        intake = await read_intake(st, request, route, upstream_path, query, rec, t0)
+        intake = await read_intake(st.planner, request, route, upstream_path, query, rec, t0)
         match intake:
             case Intake():
                 pass
@@ -55,7 +55,7 @@ async def proxy_handler(st: State, request: web.BaseRequest) -> web.StreamRespon
             resp = hot(st, request, rec, plan, intake.tenant)  # the HIT fast path
             if resp is not None:
                 return resp
-        fwd, what = onward(st, intake, rec)
+        fwd, what = onward(st.planner, intake, rec)
         match what:
             case Keyed() if plan.per_item and not intake.idem:
                 resp = await serve_items(st, fwd, rec, plan, intake.tenant, what)

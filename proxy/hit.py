@@ -187,7 +187,7 @@ async def twin(
     body = st.converted.get(memo_key)
     if body is None:
         try:  # a large answer is converted off the loop, like a large request body
-            body = await off_loop(st, len(entry.body), _convert_twin, plan, entry)
+            body = await off_loop(st.workers, len(entry.body), _convert_twin, plan, entry)
         except NotConvertible as exc:
             rec.extra["twin_error"] = bounded(str(exc), 120)
             await st.cache.delete(key, entry)

@@ -30,7 +30,7 @@ from proxy.plan import (
 )
 from proxy.prompt_cache import with_prompt_cache_key
 from proxy.record import Record
-from proxy.state import OFF_LOOP_BYTES, Forward, State, off_loop
+from proxy.state import OFF_LOOP_BYTES, Forward, Planner, off_loop
 from proxy.upstream import forward_headers
 
 log = structlog.get_logger()
@@ -79,7 +79,7 @@ class Intake(NamedTuple):
 
 
 async def read_intake(
-    st: State,
+    pl: Planner,
     request: web.BaseRequest,
     route: str,
     upstream_path: str,
@@ -93,10 +93,10 @@ async def read_intake(
     content = request.content
     if content.is_eof() and not request.headers.get("Expect"):
         body = content.read_nowait()  # the whole body came with the head (most requests)
-        if len(body) > st.max_body:
-            return Refused(too_large(st))
+        if len(body) > pl.max_body:
+            return Refused(too_large(pl))
     else:
-        read = await _read_body(st, request)
+        read = await _read_body(pl, request)
         if type(read) is not bytes:  # (not isinstance: web.Response is an ABC, slow to check)
             return Refused(cast(web.Response, read))
         body = read
@@ -104,14 +104,14 @@ async def read_intake(
     encoding = h.get("Content-Encoding")
     decoded = False
     if encoding is not None and body:
-        taken = await _decode(st, request, body, encoding, path_qs(upstream_path, query), rec, t0)
+        taken = await _decode(pl, request, body, encoding, path_qs(upstream_path, query), rec, t0)
         if type(taken) is not bytes:
             return cast(Refused | Opaque, taken)
         body, decoded = taken, True
     idem = h.get("Idempotency-Key")
     try:  # a bad cache header (BadCacheHeader) or body (BadBody): a 4xx
         controls, caller = read_controls(h)
-        args = (st, request, route, query, controls, caller, idem, body)
+        args = (pl, request, route, query, controls, caller, idem, body)
         memo = _planned(*args) if len(body) <= OFF_LOOP_BYTES else await _planned_large(*args)
     except BadBody as exc:
         return Refused(json_error(exc.status, str(exc), "invalid_request_error", exc.code))
@@ -149,7 +149,7 @@ def _bad_target() -> web.Response:
 
 
 async def _decode(
-    st: State,
+    pl: Planner,
     request: web.BaseRequest,
     body: bytes,
     encoding: str,
@@ -164,18 +164,18 @@ async def _decode(
         rec.tenant = None
         return Opaque(Forward(request, body, forward_headers(h), upstream_path_qs, t0))
     try:
-        return await off_loop(st, len(body), decode, body, encoding, st.max_body)
+        return await off_loop(pl.workers, len(body), decode, body, encoding, pl.max_body)
     except BodyTooLarge:
-        return Refused(too_large(st))
+        return Refused(too_large(pl))
     except BadBody as exc:
         return Refused(json_error(400, str(exc), "invalid_request_error", exc.code))
 
 
-async def _read_body(st: State, request: web.BaseRequest) -> bytes | web.Response:
+async def _read_body(pl: Planner, request: web.BaseRequest) -> bytes | web.Response:
     """A body still to come, capped at max_body (413), `Expect: 100-continue` answered first."""
     length = request.content_length
-    if length is not None and length > st.max_body:
-        return too_large(st)
+    if length is not None and length > pl.max_body:
+        return too_large(pl)
     if request.headers.get("Expect"):
         refused = await _expect(request)
         if refused is not None:
@@ -183,15 +183,15 @@ async def _read_body(st: State, request: web.BaseRequest) -> bytes | web.Respons
     content = request.content
     if content.is_eof():
         body = content.read_nowait()
-        return too_large(st) if len(body) > st.max_body else body
+        return too_large(pl) if len(body) > pl.max_body else body
     try:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
-        return too_large(st)
+        return too_large(pl)
 
 
 def _planned(
-    st: State,
+    pl: Planner,
     request: web.BaseRequest,
     route: str,
     query: str,
@@ -203,21 +203,21 @@ def _planned(
     """The request's (Plan, tenant digest, tenant id), memoised on a keyed digest of the raw
     request: for a small body, on the loop (no coroutine: a HIT's 3 %)."""
     parts = _memo_parts(request, route, query, controls, caller, idem)
-    raw, creds = request_digest(st.mac_key, request.headers, parts, body)
-    memo = st.plans.get(raw)
+    raw, creds = request_digest(pl.mac_key, request.headers, parts, body)
+    memo = pl.plans.get(raw)
     if memo is None:
-        tenant = tenant_digest(st.mac_key, *creds)
-        scope = Scope(st.secret, tenant, request.method, route, query)
+        tenant = tenant_digest(pl.mac_key, *creds)
+        scope = Scope(pl.secret, tenant, request.method, route, query)
         ctype = request.headers.get("Content-Type", "")
         plan = make_plan(
-            st.rules, scope, controls.namespace, ctype, body, fingerprint=bool(idem), caller=caller
+            pl.rules, scope, controls.namespace, ctype, body, fingerprint=bool(idem), caller=caller
         )
-        memo = _memoise(st, raw, plan, tenant)
+        memo = _memoise(pl, raw, plan, tenant)
     return memo
 
 
 async def _planned_large(
-    st: State,
+    pl: Planner,
     request: web.BaseRequest,
     route: str,
     query: str,
@@ -230,21 +230,21 @@ async def _planned_large(
     PROCESS_BYTES, in a worker process)."""
     parts = _memo_parts(request, route, query, controls, caller, idem)
     raw, creds = await off_loop(
-        st, len(body), request_digest, st.mac_key, request.headers, parts, body
+        pl.workers, len(body), request_digest, pl.mac_key, request.headers, parts, body
     )
-    memo = st.plans.get(raw)
+    memo = pl.plans.get(raw)
     if memo is None:
-        tenant = tenant_digest(st.mac_key, *creds)
+        tenant = tenant_digest(pl.mac_key, *creds)
         ctype = request.headers.get("Content-Type", "")
-        scope = Scope(st.secret, tenant, request.method, route, query)
-        args = (st.rules, scope, controls.namespace, ctype)
+        scope = Scope(pl.secret, tenant, request.method, route, query)
+        args = (pl.rules, scope, controls.namespace, ctype)
         if len(body) <= PROCESS_BYTES:
             plan = await off_loop(
-                st, len(body), make_plan, *args, body, fingerprint=bool(idem), caller=caller
+                pl.workers, len(body), make_plan, *args, body, fingerprint=bool(idem), caller=caller
             )
         else:
-            plan = await _plan_large(st, args, body, bool(idem), caller)
-        memo = _memoise(st, raw, plan, tenant)
+            plan = await _plan_large(pl, args, body, bool(idem), caller)
+        memo = _memoise(pl, raw, plan, tenant)
     return memo
 
 
@@ -270,16 +270,16 @@ def _memo_parts(
     )
 
 
-def _memoise(st: State, raw: bytes, plan: Plan, tenant: bytes) -> tuple[Plan, bytes, str]:
+def _memoise(pl: Planner, raw: bytes, plan: Plan, tenant: bytes) -> tuple[Plan, bytes, str]:
     """Keep a plan (the memo is emptied when full)."""
-    if len(st.plans) >= PLAN_MEMO_MAX:
-        st.plans.clear()
-    memo = st.plans[raw] = (plan, tenant, tenant.hex()[:12])
+    if len(pl.plans) >= PLAN_MEMO_MAX:
+        pl.plans.clear()
+    memo = pl.plans[raw] = (plan, tenant, tenant.hex()[:12])
     return memo
 
 
 async def _plan_large(
-    st: State, args: tuple[Any, ...], body: bytes, fingerprint: bool, caller: CallerControls
+    pl: Planner, args: tuple[Any, ...], body: bytes, fingerprint: bool, caller: CallerControls
 ) -> Plan:
     """make_plan for a body over PROCESS_BYTES, in a worker process, so parsing it holds no
     lock this process's loop needs; on State.cpu if the workers cannot be had."""
@@ -287,14 +287,14 @@ async def _plan_large(
     call: Callable[[], Plan] = partial(
         cast(Any, make_plan), *args, body, fingerprint=fingerprint, caller=caller
     )
-    pool = await st.parser_pool()
+    pool = await pl.workers.parser_pool()
     if pool is not None:
         try:
             return await loop.run_in_executor(pool, call)
         except BrokenProcessPool:
             log.warning("parsers.broken")
-            st.parsers_broken()
-    return await loop.run_in_executor(st.cpu, call)
+            pl.workers.parsers_broken()
+    return await loop.run_in_executor(pl.workers.cpu, call)
 
 
 async def _expect(request: web.BaseRequest) -> web.Response | None:
@@ -309,12 +309,12 @@ async def _expect(request: web.BaseRequest) -> web.Response | None:
     return None
 
 
-def too_large(st: State) -> web.Response:
+def too_large(pl: Planner) -> web.Response:
     """413, and the connection closed: the unread rest of the body must not be taken for the
     next request."""
     resp = json_error(
         413,
-        f"Request body too large: the limit is {st.settings.max_body_mb:g} MB.",
+        f"Request body too large: the limit is {pl.max_body_mb:g} MB.",
         "invalid_request_error",
         "request_too_large",
     )
@@ -338,10 +338,10 @@ def path_qs(upstream_path: str, query: str) -> str:
     return upstream_path + ("?" + query if query else "")
 
 
-def onward(st: State, intake: Intake, rec: Record) -> tuple[Forward, PassThrough | Keyed]:
+def onward(pl: Planner, intake: Intake, rec: Record) -> tuple[Forward, PassThrough | Keyed]:
     """What becomes of a request not answered by the hot fast path: the request as it goes
     upstream (forward_of), and plan.decide's decision for it (decision)."""
-    return forward_of(intake, rec), decision(st, intake)
+    return forward_of(intake, rec), decision(pl, intake)
 
 
 def forward_of(intake: Intake, rec: Record) -> Forward:
@@ -357,20 +357,20 @@ def forward_of(intake: Intake, rec: Record) -> Forward:
     return Forward(request, body, headers, path_qs(intake.upstream_path, intake.query), intake.t0)
 
 
-def decision(st: State, intake: Intake) -> PassThrough | Keyed:
+def decision(pl: Planner, intake: Intake) -> PassThrough | Keyed:
     """plan.decide for this request: its Cache-Control, and its Idempotency-Key if any."""
     plan, idem = intake.plan, intake.idem
     idempotency = None
     if idem:
         tenant, query = intake.tenant, intake.query
         fingerprint = plan.fingerprint or passthrough_fingerprint(
-            st.secret, tenant, intake.request.method, intake.route, query, intake.body
+            pl.secret, tenant, intake.request.method, intake.route, query, intake.body
         )
-        key = idempotency_key(st.secret, tenant, idem, intake.controls.namespace)
+        key = idempotency_key(pl.secret, tenant, idem, intake.controls.namespace)
         idempotency = (key, fingerprint)
     return decide(
         plan,
         intake.controls,
         idempotency=idempotency,
-        idempotency_ttl_s=st.settings.idempotency_ttl_s,
+        idempotency_ttl_s=pl.idempotency_ttl_s,
     )

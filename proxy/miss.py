@@ -473,7 +473,7 @@ async def probe_meaning(
     """One semantic lookup; its fields go on the request's line."""
     assert st.semantic is not None and plan.rule is not None and plan.twin is not None
     request, controls = fwd.request, keyed.controls
-    text = await off_loop(st, len(fwd.body), text_of, plan.twin, fwd.body)
+    text = await off_loop(st.workers, len(fwd.body), text_of, plan.twin, fwd.body)
     probe = await st.semantic.probe(
         plan,
         text,

@@ -53,7 +53,7 @@ async def test_two_instances_without_secret_coalesce_into_one_call(
     assert (tmp_path / "a" / "secret.key").read_text() != (
         tmp_path / "b" / "secret.key"
     ).read_text()
-    assert a.state.secret == b.state.secret
+    assert a.state.planner.secret == b.state.planner.secret
     fake.latency = 0.5
     urls = [p.url + CHAT_PATH for p in (a, b)]
     results = await asyncio.gather(*(post(urls[i % 2], CHAT) for i in range(20)))

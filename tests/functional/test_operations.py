@@ -337,6 +337,6 @@ async def test_shutdown_closes_everything_even_when_one_close_fails(tmp_path: Pa
     with pytest.raises(RuntimeError, match="image store"):
         await app.shutdown()
     assert upstream.closed  # closed before the failing one (reverse order)
-    assert app.state.cpu._shutdown
+    assert app.state.workers.cpu._shutdown
     store = app.state.cache.store
     assert isinstance(store, MemoryStore) and store.bytes == 0 and len(store) == 0
