@@ -255,7 +255,7 @@ class Stats:
             row["provider_cached_tokens"] += cell.tokens_provider_cached
             row["provider_saved_usd"] += cell.usd_provider_saved
         for row in out.values():
-            served = row["hit"] + row["coalesced"] + row["stale"]
+            served = sum(row[status] for status in SERVED)
             row["hit_ratio"] = round(served / row["requests"], 4) if row["requests"] else 0.0
             row["spent_usd"] = round(row["spent_usd"], 6)
             row["saved_usd"] = round(row["saved_usd"], 6)
@@ -265,7 +265,7 @@ class Stats:
     def snapshot(self) -> dict[str, Any]:
         t = self.total
         by_status = self.by_status
-        served = by_status["hit"] + by_status["coalesced"] + by_status["stale"]
+        served = sum(by_status[status] for status in SERVED)
         return {
             "uptime_s": round(time.time() - self.started, 1),
             "requests": t.requests,
