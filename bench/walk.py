@@ -1,7 +1,7 @@
 """A walk of one request through the data path: which proxy/ files it enters, how often, and
 the longest functions it runs.
 
-    python -m bench.walk [--top 12] [--stream]
+    python -m bench.walk [--top 12] [--stream] [--why]
 
 Starts the bare upstream (bench.servers bare) and, in this process, the proxy on a memory
 store; then sends one chat completion twice (a MISS, then a HIT) while sys.setprofile
@@ -57,6 +57,7 @@ class Walk:
         self.entries: Counter[str] = Counter()
         self.transport: Counter[str] = Counter()
         self.codes: set[Any] = set()
+        self.edges: dict[str, list[str]] = {}
 
     def hook(self, frame: FrameType, event: str, arg: object) -> None:
         if event != "call" or frame in self.frames:
@@ -75,6 +76,10 @@ class Walk:
                 self.transport[name] += 1
             else:
                 self.entries[name] += 1
+                caller = back.f_code.co_qualname if back is not None else "(loop)"
+                if back is not None and back.f_code.co_filename.startswith(PROXY):
+                    caller = f"{back.f_code.co_filename[len(PROXY) :]}:{caller}"
+                self.edges.setdefault(name, []).append(f"{caller} -> {frame.f_code.co_qualname}")
 
 
 def lines_of(code: Any) -> int:
@@ -108,7 +113,7 @@ async def walk_one(port: int, body: str) -> tuple[str, Walk]:
     return status, walk
 
 
-def report(status: str, walk: Walk, top: int) -> None:
+def report(status: str, walk: Walk, top: int, why: bool = False) -> None:
     print(f"\n== {status}: {sum(walk.starts.values())} function starts in proxy/")
     print(f"{'file':24s}{'entered':>9s}{'transport':>11s}{'starts':>8s}")
     for name in sorted(walk.starts, key=lambda n: (-walk.entries[n], n)):
@@ -116,6 +121,11 @@ def report(status: str, walk: Walk, top: int) -> None:
         print(f"{name:24s}{n:9d}{cb:11d}{walk.starts[name]:8d}")
     most = max(walk.entries.values(), default=0)
     print(f"most entries into one file: {most} ({'within' if most <= 3 else 'over'} 3)")
+    for name, n in sorted(walk.entries.items()):
+        if why and n > 3:
+            print(f"entries into {name}:")
+            for edge in walk.edges[name]:
+                print(f"    {edge}")
     print(f"longest functions run ({top}):")
     longest = sorted(walk.codes, key=lines_of, reverse=True)[:top]
     for code in longest:
@@ -123,7 +133,7 @@ def report(status: str, walk: Walk, top: int) -> None:
         print(f"  {lines_of(code):4d}  {code.co_qualname:36s} {where}")
 
 
-async def main_async(upstream: str, top: int, body: str) -> None:
+async def main_async(upstream: str, top: int, body: str, why: bool) -> None:
     data = tempfile.mkdtemp(prefix="ocp-walk-")
     settings = Settings(
         upstream=upstream, data_dir=Path(data), cache="memory://", secret="walk-secret"
@@ -136,19 +146,20 @@ async def main_async(upstream: str, top: int, body: str) -> None:
         for _ in range(3):  # imports, the upstream connection, the first MISS and HIT
             await asyncio.to_thread(ask, port, warm)
         for status, walk in [await walk_one(port, body), await walk_one(port, body)]:
-            report(status, walk, top)
+            report(status, walk, top, why)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--top", type=int, default=12, help="longest functions to list")
     p.add_argument("--stream", action="store_true", help="walk a streamed chat completion")
+    p.add_argument("--why", action="store_true", help="list the entries into files over 3")
     args = p.parse_args()
     up = free_port()
     body = HIT_BODY.replace('"messages"', '"stream":true,"messages"') if args.stream else HIT_BODY
     kind = "fake" if args.stream else "bare"
     with process([sys.executable, "-m", "bench.servers", kind, "--port", str(up)], up):
-        asyncio.run(main_async(f"http://127.0.0.1:{up}", args.top, body))
+        asyncio.run(main_async(f"http://127.0.0.1:{up}", args.top, body, args.why))
 
 
 if __name__ == "__main__":

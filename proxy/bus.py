@@ -32,6 +32,7 @@ import structlog
 from proxy.coalesce import Flight, Outcome
 from proxy.errors import BusError
 from proxy.keys import key_id
+from proxy.status import Failure
 from proxy.stores.redis import RACES
 from proxy.tasks import spawn
 
@@ -302,7 +303,11 @@ class RedisBus:
                     flight.append(fields[b"d"])
                 elif kind == b"e":
                     ok = fields.get(b"o") == b"ok"
-                    flight.finish(Outcome.COMPLETE if ok else Outcome.CUT, "leader's stream")
+                    if ok:
+                        flight.finish(Outcome.COMPLETE)
+                    else:
+                        detail = "the leading instance's answer broke off"
+                        flight.finish(Outcome.CUT, Failure.UPSTREAM_CUT, detail)
                     return Followed.DONE
 
     async def aclose(self) -> None:

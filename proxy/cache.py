@@ -190,27 +190,27 @@ class Cache:
         except StoreUnavailable:
             pass
 
-    @property
-    def can_put(self) -> bool:
-        """Does put() take writes (without waiting) for this store?"""
-        return self.hot is self.store or self._enqueue is not None
-
-    def put(self, key: str, entry: CachedResponse, ttl_s: float) -> None:
-        """set() without waiting, for stores that can_put: the entry is in the hot tier at
-        once (so a duplicate that comes next is a HIT) and goes to the store with the next
-        batch. A failed batch is counted and logged as set() does; nothing raises here."""
-        if self._purges and self.purged(key, entry):
-            return
+    def put(self, key: str, entry: CachedResponse, ttl_s: float) -> bool:
+        """set() without waiting, where the store takes writes so (memory, SQLite's batches):
+        the entry is in the hot tier at once (so a duplicate that comes next is a HIT) and
+        goes to the store with the next batch. A failed batch is counted and logged as set()
+        does; nothing raises here. False, with nothing done, for a store that does not take
+        writes without waiting (Redis): set() it then."""
         store = self.store
+        if self.hot is not store and self._enqueue is None:
+            return False
+        if self._purges and self.purged(key, entry):
+            return True
         if self.hot is store:
             self.hot.put(key, entry, ttl_s)
-            return
+            return True
         assert self._enqueue is not None
         if self.hot is not None:
             self.hot.put(key, entry, min(ttl_s, self.hot_ttl_s))
         if not self.healthy and time.monotonic() < self.open_until:
-            return  # breaker open: skipped, as set() skips it
+            return True  # breaker open: skipped, as set() skips it
         self._enqueue(key, entry, ttl_s).add_done_callback(self._written)
+        return True
 
     def _written(self, batch: asyncio.Future[Any]) -> None:
         if not batch.cancelled() and isinstance(batch.exception(), StoreUnavailable):

@@ -27,17 +27,21 @@ import time
 from array import array
 from collections.abc import AsyncIterator
 from enum import Enum
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from proxy.errors import Lagged
+from proxy.errors import GivenUp, Lagged
 from proxy.models import CachedResponse
 from proxy.sse import Scanner
+from proxy.status import Failure
+
+if TYPE_CHECKING:
+    from proxy.http1 import Response
 
 LAG_BYTES = 4 * 1024 * 1024
+"""Least a reader of an overflowing flight may lag behind the upstream before it is cut."""
 WHOLE_READ_MAX = 64 * 1024 * 1024
 """Largest answer a handler reads whole before relaying it (Flight.whole); past it the read
 is cut, so a broken upstream cannot make one answer hold more."""
-"""Least a reader of an overflowing flight may lag behind the upstream before it is cut."""
 
 
 class Outcome(Enum):
@@ -52,6 +56,7 @@ PENDING, COMPLETE, CUT = Outcome.PENDING, Outcome.COMPLETE, Outcome.CUT
 """The members as module names, for the data path: in Python 3.11 every read of an Enum
 member through its class costs about 0.17 us (EnumType's __getattr__ puts each class
 attribute read on a slow path), and a request reads them a dozen times."""
+TOO_LARGE, CLIENTS_LEFT = Failure.TOO_LARGE, Failure.CLIENTS_LEFT
 
 
 class Head(NamedTuple):
@@ -64,13 +69,14 @@ class Flight:
 
     __slots__ = (
         "_base",
-        "_joined",
         "_positions",
         "_waiters",
         "busy",
         "chunk_ms",
         "chunks",
         "detached_since",
+        "detail",
+        "done",
         "entry",
         "expected_size",
         "fingerprint",
@@ -90,6 +96,7 @@ class Flight:
         "task",
         "upstream_ms",
         "whole",
+        "whole_body",
     )
 
     def __init__(self, key: str, *, max_bytes: int, fingerprint: str = "") -> None:
@@ -121,12 +128,20 @@ class Flight:
         """Read whole by its leading handler before anyone relays it (fetch.py): nothing is
         released past max_bytes, since the leader relays from the first byte afterwards
         (the read is capped at WHOLE_READ_MAX instead)."""
-        self._joined: bytes | None = None
+        self.whole_body: bytes | None = None
+        """The body, joined once when the flight ended COMPLETE with nothing let go (under
+        max_bytes): the stored entry, the leading handler's reply and late joiners share it."""
         self.outcome = PENDING
+        self.done = False
+        """The outcome is no longer PENDING (a plain attribute: read on every chunk)."""
         self.overflow = False
         self.readers = 0
         self.detached_since: float | None = time.monotonic()
-        self.reason = ""
+        self.reason: Failure | None = None
+        """Why the flight failed: the proxy answered for the upstream (a PROXY_FAILURES code,
+        outcome COMPLETE) or the answer broke off (outcome CUT); None for an answer as it came."""
+        self.detail = ""
+        """What went wrong, in words, beside `reason` (bounded where it is logged)."""
         self.task: asyncio.Task[Any] | None = None
         """The upstream read feeding this flight: its own task, or for a whole (non-streamed)
         chat or Responses answer the leading client's handler, which reads it inline."""
@@ -166,12 +181,40 @@ class Flight:
             self.scan.feed(chunk)
         self._wake()
 
-    def finish(self, outcome: Outcome, reason: str = "") -> None:
-        if self.outcome is not PENDING:
+    def finish(self, outcome: Outcome, reason: Failure | None = None, detail: str = "") -> None:
+        """End the flight (the first end stays): COMPLETE, or CUT with its reason."""
+        if self.done:
             return
         self.outcome = outcome
+        self.done = True
         self.reason = reason
+        self.detail = detail
+        if outcome is COMPLETE and not self.overflow and self._base == 0:
+            self.whole_body = b"".join(self.chunks)
         self._wake()
+
+    async def feed(
+        self, resp: Response, headers: tuple[tuple[str, str], ...], detached_max_s: float
+    ) -> None:
+        """The writer side in one call: the upstream answer's head (`headers`: those a client
+        may see), then each chunk as it arrives, then the end. Raises UpstreamError (a cut
+        body), or GivenUp past a limit (a whole read past WHOLE_READ_MAX, nobody reading for
+        detached_max_s); the caller ends the flight then. A flight read whole by its handler
+        is never given up for want of readers: that handler reads it."""
+        if "Content-Encoding" not in resp.headers:
+            self.expected_size = resp.content_length
+        self.publish_head(resp.status, headers)
+        async for chunk in resp.iter_any():
+            self.append(chunk)
+            if self.whole:
+                if self.size > WHOLE_READ_MAX:
+                    raise GivenUp("the answer is larger than a whole answer may be", TOO_LARGE)
+            elif (
+                self.detached_since is not None
+                and time.monotonic() - self.detached_since > detached_max_s
+            ):
+                raise GivenUp("every client left and detached_max_s passed", CLIENTS_LEFT)
+        self.finish(COMPLETE)
 
     def _wake(self) -> None:
         if self._waiters:
@@ -208,10 +251,6 @@ class Flight:
             self.kept -= freed
 
     # -- reader side (one per client) -------------------------------------------------------
-    @property
-    def done(self) -> bool:
-        return self.outcome is not PENDING
-
     @property
     def joinable(self) -> bool:
         """A new reader can still get the whole answer from its first byte."""
@@ -251,14 +290,9 @@ class Flight:
             self.detached_since = time.monotonic()
 
     def body(self) -> bytes:
-        """The chunks held, joined. Once the flight is done with none let go, joined once:
-        the stored entry and the leading handler's reply share one copy."""
-        if self._joined is not None:
-            return self._joined
-        body = b"".join(self.chunks)
-        if self.done and self._base == 0:
-            self._joined = body
-        return body
+        """The chunks held, joined (whole_body once the flight ended whole)."""
+        whole = self.whole_body
+        return whole if whole is not None else b"".join(self.chunks)
 
 
 class Flights:
@@ -279,10 +313,23 @@ class Flights:
         return flight
 
     def lead(self, key: str, *, max_bytes: int, fingerprint: str = "") -> Flight:
+        """A new flight for `key`, registered in place of any other."""
         flight = Flight(key, max_bytes=max_bytes, fingerprint=fingerprint)
         self.forget_key(key)
         self._flights[key] = flight
         return flight
+
+    def take(
+        self, key: str, *, share: bool, max_bytes: int, fingerprint: str = ""
+    ) -> tuple[Flight, bool]:
+        """The key's flight for one request: (the joinable flight in progress, False), else
+        (a new flight it leads, True), registered for others to join when `share`."""
+        if share:
+            flight = self.get(key)
+            if flight is not None:
+                return flight, False
+            return self.lead(key, max_bytes=max_bytes, fingerprint=fingerprint), True
+        return Flight(key, max_bytes=max_bytes, fingerprint=fingerprint), True
 
     def forget(self, flight: Flight, after_s: float = 0.0) -> None:
         """Drop the flight from the registry, now or after a debounce window."""

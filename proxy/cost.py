@@ -241,3 +241,23 @@ def _int(usage: dict[str, Any], *names: str) -> int:
         if isinstance(value, int):
             return value
     return 0
+
+
+def money_fields(cost: dict[str, Any] | None, *, saved: bool) -> dict[str, Any]:
+    """The request.done fields for an answer's stored cost: what it spent, or what reusing it
+    saved. {} when the answer had nothing countable."""
+    if not cost:
+        return {}
+    usd = cost.get("cost_usd")
+    fields = {
+        "tokens_in": cost.get("tokens_in", 0),
+        "tokens_out": cost.get("tokens_out", 0),
+        "saved_usd" if saved else "cost_usd": usd,
+    }
+    if usd is None:
+        fields["unpriced"] = True
+    cached = cost.get("cached_tokens")
+    if cached and not saved:  # the provider's cache saved this at the time it was spent
+        fields["cached_tokens"] = cached
+        fields["provider_saved_usd"] = cost.get("provider_saved_usd")
+    return fields

@@ -589,8 +589,7 @@ def _spent(st: State, got: _Got, usage: dict[str, Any], model: str) -> None:
 
 def _put(st: State, key: str, entry: CachedResponse, ttl_s: float) -> None:
     cache = st.cache
-    if cache.can_put:
-        cache.put(key, entry, ttl_s)
+    if cache.put(key, entry, ttl_s):
         return
 
     async def write() -> None:

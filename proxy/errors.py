@@ -34,6 +34,14 @@ class UpstreamTimeout(UpstreamError, TimeoutError):
     """The upstream did not answer in time."""
 
 
+class GivenUp(UpstreamError):
+    """An upstream read the proxy gave up on purpose (a limit passed), with its reason."""
+
+    def __init__(self, message: str, reason: Failure) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class StoreUnavailable(ProxyError):
     """The cache store failed; the request goes on as a pass-through."""
 
@@ -106,7 +114,7 @@ class FailureAnswer:
     """The proxy's own answer for an upstream it could not get an answer from."""
 
     status: int
-    code: str
+    code: Failure
     """Also the request line's `error`."""
     message: str
 
@@ -127,6 +135,17 @@ def failure_answer(exc: BaseException) -> FailureAnswer:
     return FailureAnswer(
         502, Failure.PROXY_FAILURE, "The proxy failed while reading the upstream answer."
     )
+
+
+def cut_reason(exc: BaseException) -> Failure:
+    """Why an answer broke off after its head, for an exception that ended its read."""
+    if isinstance(exc, GivenUp):
+        return exc.reason
+    if isinstance(exc, UpstreamTimeout):
+        return Failure.UPSTREAM_TIMEOUT
+    if isinstance(exc, UpstreamError):
+        return Failure.UPSTREAM_CUT
+    return Failure.PROXY_FAILURE
 
 
 def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:

@@ -22,19 +22,21 @@ from multidict import CIMultiDict
 from proxy.answers import Verdict, make_entry, storable
 from proxy.bus import Followed, RedisBus
 from proxy.cache import Cache
-from proxy.coalesce import COMPLETE, CUT, WHOLE_READ_MAX, Flight, Flights
+from proxy.coalesce import COMPLETE, CUT, Flight, Flights
 from proxy.cost import Prices
 from proxy.errors import (
     BusError,
     FailureAnswer,
     StoreUnavailable,
     UpstreamError,
-    UpstreamTimeout,
+    cut_reason,
     failure_answer,
 )
 from proxy.images.base import has_placeholder
 from proxy.keys import key_id
 from proxy.models import CachedResponse
+from proxy.record import bounded
+from proxy.status import Failure
 from proxy.tasks import spawn
 from proxy.upstream import Upstream, response_headers
 
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger()
 
 JSON_HEADERS = (("Content-Type", "application/json"),)
+CANCELLED = Failure.CANCELLED  # a module name: see coalesce.PENDING
 
 # A hook that may rewrite a whole non-streamed 2xx body before anyone sees it (image rehosting).
 # It returns the new body, or None to leave the answer as it is and not store it.
@@ -76,11 +79,11 @@ class FetchJob:
     """Run (in its own task) once the answer is stored: the semantic layer indexes it."""
 
 
-def proxy_error(flight: Flight, answer: FailureAnswer) -> None:
+def proxy_error(flight: Flight, answer: FailureAnswer, detail: str = "") -> None:
     """End a flight that has no head yet with the proxy's own answer for its failure."""
     flight.publish_head(answer.status, JSON_HEADERS)
     flight.append(answer.body)
-    flight.finish(COMPLETE, answer.code)
+    flight.finish(COMPLETE, answer.code, detail)
 
 
 class Fetcher:
@@ -122,7 +125,7 @@ class Fetcher:
         try:
             await self._follow(bus, flight, job)
         except asyncio.CancelledError:
-            flight.finish(CUT, "cancelled")
+            flight.finish(CUT, CANCELLED)
             self.flights.forget(flight)
             raise
         except Exception as exc:
@@ -130,7 +133,7 @@ class Fetcher:
             if flight.head is None and not flight.done:
                 self.start(flight, job)  # nothing reached a client yet: fetch it ourselves
             else:
-                flight.finish(CUT, "following the leading instance failed")
+                flight.finish(CUT, Failure.FOLLOW_FAILED, type(exc).__name__)
                 self.flights.forget(flight)
 
     async def _follow(self, bus: RedisBus, flight: Flight, job: FetchJob) -> None:
@@ -167,7 +170,7 @@ class Fetcher:
                 continue  # another instance took over: follow its new stream
             # Our clients already have part of the lost answer: they get a cut; the one
             # instance that won the lease fetches again for newcomers and the cache.
-            flight.finish(CUT, "the leading instance was lost")
+            flight.finish(CUT, Failure.LEADER_LOST, "the leading instance was lost")
             self.flights.forget(flight)
             if token is not None:
                 fresh = self.flights.lead(key, max_bytes=flight.max_bytes)
@@ -180,10 +183,9 @@ class Fetcher:
         flight's own task (start()), `keep`: then keep() it, and the task ends there (a store
         that takes writes without waiting lets the flight go at once). A handler may await
         this itself (a non-streamed answer has no client to keep pace with, and aiohttp does
-        not cancel a handler whose client hangs up), then call keep().
-
-        One frame for the whole read (no helper awaited under it): a stream holds it, and
-        each frame is a few hundred bytes of a stream's memory."""
+        not cancel a handler whose client hangs up), then call keep(). The answer itself
+        goes into the flight through Flight.feed (its whole writer side, one call: a stream
+        holds two frames here, a few hundred bytes each, not one per step)."""
         started = time.monotonic()
         read = Read(stream=job.stream, keep=True)
         try:
@@ -200,33 +202,26 @@ class Fetcher:
                 if job.transform is not None and 200 <= resp.status < 300 and not stream:
                     read = await self._rehost(flight, job, resp.status, headers, resp)
                 else:
-                    if "Content-Encoding" not in resp.headers:
-                        flight.expected_size = resp.content_length
-                    flight.publish_head(resp.status, headers)
-                    async for chunk in resp.content.iter_any():
-                        flight.append(chunk)
-                        if flight.whole and flight.size > WHOLE_READ_MAX:
-                            raise UpstreamError("the answer is larger than a whole answer may be")
-                        if (
-                            flight.detached_since is not None
-                            and time.monotonic() - flight.detached_since > self.detached_max_s
-                        ):
-                            raise UpstreamError("every client left and detached_max_s passed")
+                    await flight.feed(resp, headers, self.detached_max_s)
                     read = Read(stream=stream, keep=True)
-            flight.finish(COMPLETE)
         except asyncio.CancelledError:
-            flight.finish(CUT, "cancelled")
+            flight.finish(CUT, CANCELLED)
             self.flights.forget(flight)
             raise
         except Exception as exc:  # UpstreamError, or a bug: the readers get the proxy's answer
             _failed(flight, exc)
         finally:
             flight.busy = False
-            if not flight.done:
-                flight.finish(CUT, "fetch ended early")
+            if not flight.done:  # (a BaseException other than cancellation)
+                flight.finish(CUT, Failure.PROXY_FAILURE, "the upstream read ended early")
         flight.upstream_ms = (time.monotonic() - started) * 1000.0
         if flight.outcome is CUT and flight.head is not None and flight.head.status < 400:
-            log.warning("stream.aborted", key=key_id(flight.key), reason=flight.reason)
+            log.warning(
+                "stream.aborted",
+                key=key_id(flight.key),
+                reason=flight.reason,
+                detail=bounded(flight.detail, 200),
+            )
         if keep:
             self.keep(flight, job, read)
         return read
@@ -255,6 +250,7 @@ class Fetcher:
             flight.rebase = has_placeholder(data)
         flight.publish_head(status, headers)
         flight.append(data)
+        flight.finish(COMPLETE)
         return Read(stream=False, keep=new is not None)
 
     def keep(self, flight: Flight, job: FetchJob, read: Read) -> None:
@@ -269,12 +265,13 @@ class Fetcher:
         entry = self._entry(flight, job, read, body, storable(flight, read.stream, body))
         if entry is None:
             self.flights.forget(flight)
-        elif job.store_key and read.keep and (job.on_stored is not None or not self.cache.can_put):
-            spawn(self._store(flight, job, read, entry), name=f"store:{key_id(flight.key)}")
-        else:
-            if job.store_key and read.keep:
-                self.cache.put(job.store_key, entry, job.ttl_s + job.keep_s)
-            self.flights.forget(flight, after_s=job.debounce_s if read.keep else 0.0)
+            return
+        if job.store_key and read.keep:
+            ttl_s = job.ttl_s + job.keep_s
+            if job.on_stored is not None or not self.cache.put(job.store_key, entry, ttl_s):
+                spawn(self._store(flight, job, read, entry), name=f"store:{key_id(flight.key)}")
+                return
+        self.flights.forget(flight, after_s=job.debounce_s if read.keep else 0.0)
 
     async def _keep_large(self, flight: Flight, job: FetchJob, read: Read, body: bytes) -> None:
         """keep() for an answer over VERDICT_OFF_LOOP: parsing it would stall the loop."""
@@ -322,21 +319,17 @@ def _failed(flight: Flight, exc: Exception) -> None:
     client yet, else as a cut."""
     if not isinstance(exc, UpstreamError):
         log.exception("fetch.failed", key=key_id(flight.key))
+    detail = str(exc) if isinstance(exc, UpstreamError) else type(exc).__name__
     if flight.head is None:
-        proxy_error(flight, failure_answer(exc))
-    if isinstance(exc, UpstreamTimeout):
-        flight.finish(CUT, "upstream timeout")
-    elif isinstance(exc, UpstreamError):
-        flight.finish(CUT, str(exc))
+        proxy_error(flight, failure_answer(exc), detail)
     else:
-        flight.finish(CUT, f"internal error: {type(exc).__name__}")
+        flight.finish(CUT, cut_reason(exc), detail)
 
 
 def _good_body(flight: Flight) -> bytes:
     """The flight's body if it may be stored at all (a whole 2xx under the limit), else b""."""
-    head = flight.head
-    ok = head is not None and 200 <= head.status < 300 and not flight.overflow
-    return flight.body() if ok else b""
+    head, body = flight.head, flight.whole_body
+    return body if body is not None and head is not None and 200 <= head.status < 300 else b""
 
 
 class Read(NamedTuple):

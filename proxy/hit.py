@@ -29,6 +29,7 @@ from proxy.status import (
 )
 from proxy.twins import convert
 
+UPSTREAM_FAILED = Failure.UPSTREAM_FAILED  # a module name: see coalesce.PENDING
 STALE_STATUSES = frozenset({429, 500, 502, 503, 504})
 """Upstream answers that make a stale answer the better one (RFC 5861 stale-if-error): rate
 limits, server errors, and the proxy's own 502/504 for an unreachable or silent upstream.
@@ -157,9 +158,11 @@ async def serve_stale(
     form asked for (the failure is relayed then)."""
     head = flight.head
     error, status = rec.error, rec.upstream_status
-    if head is None or flight.reason in PROXY_FAILURES:
-        rec.error = flight.reason if flight.reason in PROXY_FAILURES else Failure.UPSTREAM_FAILED
-        cause = f"detail={rec.error.replace('_', '-')}"
+    reason = flight.reason
+    if head is None or reason in PROXY_FAILURES:
+        code = reason if reason is not None and reason in PROXY_FAILURES else UPSTREAM_FAILED
+        rec.error = code
+        cause = f"detail={code.replace('_', '-')}"
     else:
         rec.upstream_status = head.status
         cause = f"fwd-status={head.status}"

@@ -46,6 +46,7 @@ import time
 import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 from urllib.parse import SplitResult, unquote, urlsplit
@@ -881,24 +882,23 @@ class Client:
         self._busy.clear()
 
 
+@dataclass(slots=True)
 class Exchange:
-    """`async with client.request(...) as resp`: the answer is open inside the block; leaving
-    it before the answer was read whole closes its connection."""
+    """`async with Exchange(client, ...) as resp`: the answer is open inside the block; leaving
+    it before the answer was read whole closes its connection. (A dataclass: its generated
+    __init__ is the caller's only step into this module before the block.)"""
 
-    __slots__ = ("_args", "_client", "_conn", "_resp")
-
-    def __init__(
-        self, client: Client, method: str, path_qs: str, headers: Mapping[str, str], body: bytes
-    ) -> None:
-        self._client = client
-        self._args = (method, path_qs, headers, body)
-        self._conn: _Connection | None = None
-        self._resp: Response | None = None
+    client: Client
+    method: str
+    path_qs: str
+    headers: Mapping[str, str]
+    body: bytes
+    _conn: _Connection | None = None
+    _resp: Response | None = None
 
     async def __aenter__(self) -> Response:
-        client = self._client
-        method, path_qs, headers, body = self._args
-        head = client.head_bytes(method, path_qs, headers, body)
+        client, method, body = self.client, self.method, self.body
+        head = client.head_bytes(method, self.path_qs, self.headers, body)
         self._conn, self._resp = await client.send(method, head, body)
         return self._resp
 
@@ -910,4 +910,4 @@ class Exchange:
     ) -> None:
         resp, conn = self._resp, self._conn
         if conn is not None and resp is not None and not resp._done:
-            self._client.discard(conn)
+            self.client.discard(conn)

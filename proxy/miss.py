@@ -15,13 +15,14 @@ from aiohttp import web
 from proxy.bus import Conflict, Follow, Leader, Local, RedisBus
 from proxy.coalesce import COMPLETE, CUT, Flight, Reader
 from proxy.controls import Mode
+from proxy.cost import money_fields
 from proxy.errors import StoreUnavailable, json_error
 from proxy.fetch import FetchJob
 from proxy.hit import Stale, auth_refusal, failed, serve_entry, serve_stale
 from proxy.images.base import PLACEHOLDER_BASE
 from proxy.images.rehost import rewrites
 from proxy.keys import key_id
-from proxy.models import CLOCK, CachedResponse, money_fields
+from proxy.models import CLOCK, CachedResponse
 from proxy.passthrough import passthrough
 from proxy.plan import Keyed, Plan
 from proxy.record import Record
@@ -34,6 +35,7 @@ from proxy.status import (
     HIT_CACHE_STATUS,
     MISS,
     REFRESH,
+    Failure,
     mark,
     semantic_hit,
 )
@@ -68,11 +70,13 @@ class Join(NamedTuple):
 
 
 class Lead(NamedTuple):
-    """No flight for the key: lead one (`probe`: the semantic lookup already made)."""
+    """No flight to join: lead `flight` (None until a lookup by meaning has found no answer:
+    by_meaning takes it then); `probe`: the semantic lookup already made."""
 
     fkey: str
     semantic: str
     probe: Probe | None
+    flight: Flight | None
 
 
 MISSING, DEGRADED = Missing(), Missing(degraded=True)
@@ -158,8 +162,9 @@ def judge(
 
 
 def choose_flight(st: State, plan: Plan, keyed: Keyed, degraded: bool) -> Join | Lead:
-    """Join the key's flight if there is one, else lead one (after a lookup by meaning, when
-    Lead.semantic is "on": by_meaning)."""
+    """Join the key's flight if there is one, else lead one (registered at once, for the
+    requests that come next to join); with a lookup by meaning to make first (Lead.semantic
+    "on"), the flight is taken after it (by_meaning)."""
     rule = plan.rule
     fingerprint, controls = keyed.fingerprint, keyed.controls
     # Twins share the store key, never a flight: a streamed and a non-streamed request in
@@ -167,9 +172,6 @@ def choose_flight(st: State, plan: Plan, keyed: Keyed, degraded: bool) -> Join |
     # Idempotency-Key names one request in every form: one flight, which another form waits
     # for whole, then gets converted (join_form).
     fkey = f"{keyed.key}#{plan.form}" if plan.twin and not fingerprint else keyed.key
-    flight = st.flights.get(fkey) if rule is None or rule.coalesce else None
-    if flight is not None:
-        return Join(flight)
     semantic = (
         rule.semantic
         if rule is not None
@@ -180,7 +182,22 @@ def choose_flight(st: State, plan: Plan, keyed: Keyed, degraded: bool) -> Join |
         and not fingerprint
         else "off"
     )
-    return Lead(fkey, semantic, None)
+    if semantic == "on":
+        flight = st.flights.get(fkey) if rule is None or rule.coalesce else None
+        return Lead(fkey, semantic, None, None) if flight is None else Join(flight)
+    return take(st, plan, keyed, Lead(fkey, semantic, None, None))
+
+
+def take(st: State, plan: Plan, keyed: Keyed, chosen: Lead) -> Join | Lead:
+    """The key's flight in progress (Join), else `chosen` with a new flight to lead."""
+    rule = plan.rule
+    flight, new = st.flights.take(
+        chosen.fkey,
+        share=rule is None or rule.coalesce,
+        max_bytes=int(st.settings.max_record_mb * 1024 * 1024),
+        fingerprint=keyed.fingerprint,
+    )
+    return chosen._replace(flight=flight) if new else Join(flight)
 
 
 async def by_meaning(
@@ -198,9 +215,7 @@ async def by_meaning(
         if served is not None:
             rec.extra["semantic_key"] = key_id(probe.member)
             return Answered(served)
-    rule = plan.rule
-    flight = st.flights.get(chosen.fkey) if rule is None or rule.coalesce else None
-    return Lead(chosen.fkey, chosen.semantic, probe) if flight is None else Join(flight)
+    return take(st, plan, keyed, chosen._replace(probe=probe))
 
 
 async def join(
@@ -262,39 +277,38 @@ async def lead(
     degraded: bool,
 ) -> web.StreamResponse:
     """Lead the key's flight (MISS, REFRESH, or BYPASS with the store down) and relay it."""
-    rule = plan.rule
-    coalesce = rule.coalesce if rule is not None else True
+    rule, flight = plan.rule, chosen.flight
+    assert flight is not None
     label = BYPASS if degraded else (REFRESH if keyed.controls.mode is REFRESH_MODE else MISS)
     rec.cache = label
-    flight = st.flights.lead(
-        chosen.fkey,
-        max_bytes=int(st.settings.max_record_mb * 1024 * 1024),
-        fingerprint=keyed.fingerprint,
-    )
     flight.form = plan.form
-    if not coalesce:
-        st.flights.forget(flight)
     job = _job(st, fwd, rec, plan, keyed, degraded)
     shadow = _shadow(st, fwd, rec, plan, tenant, keyed, chosen, job) if not degraded else None
-    reader = flight.attach()
-    bus = st.bus if coalesce and not degraded else None
-    if bus is None:
-        inline = _start_local(st, flight, reader, job, plan)
-    else:
-        inline = False
-        started = await _start_shared(st, fwd, rec, flight, reader, job, plan, keyed, stale, bus)
-        if started is not None:
-            return started
-    if inline:
+    bus = st.bus if (rule is None or rule.coalesce) and not degraded else None
+    reader: Reader | None = None
+    if bus is None and not plan.stream and plan.twin is not None:
+        # A chat or Responses answer asked for whole (a JSON object, bounded by the model's
+        # output) is read by this handler, a task fewer per MISS; it needs no reader (nothing
+        # is let go from a flight read whole).
         flight.task = asyncio.current_task()
         flight.whole = True
         st.fetcher.keep(flight, job, await st.fetcher.fetch(flight, job))
-    if flight.head is None and not flight.done:  # (an inline read has it already)
-        await flight.wait_head(None)
+    else:
+        reader = flight.attach()
+        if bus is None:
+            _start_local(st, flight, reader, job)
+        else:
+            shared = _start_shared(st, fwd, rec, flight, reader, job, plan, keyed, stale, bus)
+            started = await shared
+            if started is not None:
+                return started
+        if flight.head is None and not flight.done:
+            await flight.wait_head(None)
     if stale is not None and failed(flight):
         served = await serve_stale(st, fwd.request, rec, flight, stale)
         if served is not None:
-            reader.close()
+            if reader is not None:
+                reader.close()
             return served
     wt = st.settings.write_timeout_s
     resp = await relay(fwd.request, rec, flight, reader, label, fwd.t0, wt)
@@ -332,24 +346,19 @@ def _shadow(
 def _abandon(st: State, flight: Flight, reader: Reader) -> None:
     """No upstream read was started for a flight: it must not stay registered."""
     reader.close()
-    flight.finish(CUT, "no upstream read was started")
+    flight.finish(CUT, Failure.NOT_STARTED)
     st.flights.forget(flight)
 
 
-def _start_local(st: State, flight: Flight, reader: Reader, job: FetchJob, plan: Plan) -> bool:
-    """Start reading a flight this process leads; True if this handler is to read it. A
-    streamed answer is read by its own task, at the upstream's pace whatever this client's.
-    A chat or Responses answer asked for whole (a JSON object, bounded by the model's output)
-    is read by the leading handler, which saves a task per MISS; other whole answers (speech,
-    embeddings) can be large: they are relayed live, from their own task."""
-    inline = not plan.stream and plan.twin is not None
-    if not inline:
-        try:
-            st.fetcher.start(flight, job)
-        except BaseException:
-            _abandon(st, flight, reader)
-            raise
-    return inline
+def _start_local(st: State, flight: Flight, reader: Reader, job: FetchJob) -> None:
+    """Start the upstream read of a flight this process leads, in its own task: a stream at
+    the upstream's pace whatever this client's; other whole answers (speech, embeddings) can
+    be large, and are relayed live."""
+    try:
+        st.fetcher.start(flight, job)
+    except BaseException:
+        _abandon(st, flight, reader)
+        raise
 
 
 async def _start_shared(

@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 
+from proxy.cost import money_fields
 from proxy.errors import CorruptEntry
 from proxy.status import HIT_CACHE_STATUS, CacheStatus
 
@@ -75,6 +76,8 @@ class CachedResponse:
     _saved_fields: dict[str, Any] | None = field(
         init=False, repr=False, compare=False, default=None
     )
+    size: int = field(init=False, repr=False, compare=False)
+    """Bytes it holds, roughly (body, chunk tables, the object): what store limits count."""
 
     def __post_init__(self) -> None:
         if self.chunk_ends and not isinstance(self.chunk_ends, array):
@@ -88,6 +91,7 @@ class CachedResponse:
         self.fresh_until = fresh
         self.form = form
         self.rebase = bool(meta.get("rebase"))
+        self.size = len(self.body) + 64 * len(self.chunk_ends) + 256
 
     @property
     def hit_headers(self) -> tuple[tuple[str, str], ...]:
@@ -115,10 +119,6 @@ class CachedResponse:
             }
             self._saved_fields = saved
         return saved
-
-    @property
-    def size(self) -> int:
-        return len(self.body) + 64 * len(self.chunk_ends) + 256
 
     def chunks(self) -> list[bytes]:
         """The body cut where the upstream chunks ended."""
@@ -183,26 +183,6 @@ class CachedResponse:
         ):
             raise CorruptEntry("damaged stored answer (inconsistent)")
         return entry
-
-
-def money_fields(cost: dict[str, Any] | None, *, saved: bool) -> dict[str, Any]:
-    """The request.done fields for an answer's stored cost: what it spent, or what reusing it
-    saved. {} when the answer had nothing countable."""
-    if not cost:
-        return {}
-    usd = cost.get("cost_usd")
-    fields = {
-        "tokens_in": cost.get("tokens_in", 0),
-        "tokens_out": cost.get("tokens_out", 0),
-        "saved_usd" if saved else "cost_usd": usd,
-    }
-    if usd is None:
-        fields["unpriced"] = True
-    cached = cost.get("cached_tokens")
-    if cached and not saved:  # the provider's cache saved this at the time it was spent
-        fields["cached_tokens"] = cached
-        fields["provider_saved_usd"] = cost.get("provider_saved_usd")
-    return fields
 
 
 def purged_fill(key: str, entry: CachedResponse, purges: Iterable[tuple[float, str]]) -> bool:

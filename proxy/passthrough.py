@@ -12,10 +12,10 @@ from multidict import CIMultiDict
 
 from proxy import sse
 from proxy.answers import answer_cost, usage_of_json
-from proxy.errors import UpstreamError, UpstreamTimeout, failure_answer
-from proxy.models import money_fields
+from proxy.cost import money_fields
+from proxy.errors import UpstreamError, cut_reason, failure_answer
 from proxy.plan import Plan
-from proxy.record import Record, bounded
+from proxy.record import Record
 from proxy.relay import cut, pump
 from proxy.state import Forward, State
 from proxy.status import BYPASS, mark
@@ -66,13 +66,13 @@ async def passthrough(
             await resp.write_eof()
         return resp
     except UpstreamError as exc:
-        failure = failure_answer(exc)
-        rec.error = failure.code
         if resp is None:
+            failure = failure_answer(exc)
+            rec.error = failure.code
             return web.Response(
                 status=failure.status, body=failure.body, content_type="application/json"
             )
-        rec.cut = "upstream timeout" if isinstance(exc, UpstreamTimeout) else bounded(str(exc), 200)
+        rec.cut, rec.cut_detail = cut_reason(exc), str(exc)
     cut(request)
     return resp
 

@@ -48,6 +48,8 @@ class Record:
     error: str | None = None
     """A failure the proxy answered for (upstream_unreachable, upstream_timeout...)."""
     cut: str | None = None
+    """Why an answer broke off after its head (a status.Failure code); cut_detail in words."""
+    cut_detail: str | None = None
     converted: str | None = None
     client_gone: bool = False
     client_dropped: bool = False
@@ -57,7 +59,7 @@ class Record:
     """A task the line waits for (a shadow semantic lookup still running); not rendered."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Money (tokens, cost_usd / saved_usd, saved_ms) and semantic lookup fields, as the
-    functions that compute them name them (models.money_fields, vectors.Probe.fields)."""
+    functions that compute them name them (cost.money_fields, vectors.Probe.fields)."""
 
     def __post_init__(self) -> None:
         # client-given: bounded before anything can log them
@@ -98,6 +100,8 @@ class Record:
             out["error"] = self.error
         if self.cut is not None:
             out["cut"] = self.cut
+            if self.cut_detail:
+                out["cut_detail"] = bounded(self.cut_detail, 200)
         if self.converted is not None:
             out["converted"] = self.converted
         if self.client_gone:

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy.coalesce import COMPLETE, CUT, Flight, Reader
+from proxy.coalesce import CUT, Flight, Reader
 from proxy.errors import Lagged, UpstreamError, json_error
 from proxy.images.base import client_base, rebase
 from proxy.models import CachedResponse
@@ -21,6 +21,7 @@ from proxy.replay import headers_of
 from proxy.rules import Rule
 from proxy.status import PROXY_FAILURES, CacheStatus, Failure, mark
 
+UPSTREAM_FAILED, UPSTREAM_CUT = Failure.UPSTREAM_FAILED, Failure.UPSTREAM_CUT  # see PENDING
 WHOLE_MAX = 1024 * 1024
 """Answers up to this size are handed to aiohttp whole; larger ones are written piece by piece
 under the write timeout, so a client that reads nothing pins at most a socket buffer's worth."""
@@ -79,49 +80,52 @@ async def relay(
     request: web.BaseRequest,
     rec: Record,
     flight: Flight,
-    reader: Reader,
+    reader: Reader | None,
     label: CacheStatus,
     t0: float,
     write_timeout: float,
 ) -> web.StreamResponse:
-    """Send a flight to one client: from its first chunk, then live; show a cut as a cut."""
+    """Send a flight to one client: from its first chunk, then live; show a cut as a cut.
+    `reader`: this client's place in the flight, attached when it joined (so nothing it needs
+    is let go); None for the handler that read the flight whole, which attaches one only if
+    the answer is too large to hand over at once. Closed here in every case."""
     try:
         head = flight.head
         if head is None:
-            rec.error = Failure.UPSTREAM_FAILED
-            return json_error(
-                502,
-                f"The upstream answer failed: {bounded(flight.reason, 200)}",
-                "proxy_error",
-                Failure.UPSTREAM_FAILED,
-            )
+            rec.error = UPSTREAM_FAILED
+            detail = bounded(flight.detail or str(flight.reason), 200)
+            message = f"The upstream answer failed: {detail}"
+            return json_error(502, message, "proxy_error", UPSTREAM_FAILED)
         if flight.reason in PROXY_FAILURES:
             rec.error = flight.reason  # the 502/504 is the proxy's own answer
         headers: CIMultiDict[str] = CIMultiDict(head.headers)
         mark(headers, label)
+        body = flight.whole_body
+        if body is not None and not flight.rebase and len(body) <= WHOLE_MAX:
+            rec.chunks = len(flight.chunks)
+            return web.Response(status=head.status, headers=headers, body=body)
+        if reader is None:
+            reader = flight.attach()
         if flight.rebase:  # a small image answer: whole, with links under this client's base
             body = b"".join([chunk async for chunk in reader.chunks()])
             body = rebase(body, request_base(request))
             return web.Response(status=head.status, headers=headers, body=body)
-        whole = flight.done and flight.outcome is COMPLETE and not flight.overflow
-        if whole and flight.size <= WHOLE_MAX:
-            rec.chunks = len(flight.chunks)
-            return web.Response(status=head.status, headers=headers, body=flight.body())
         resp = web.StreamResponse(status=head.status, headers=headers)
-        if whole:
-            resp.content_length = flight.size
+        if body is not None:
+            resp.content_length = len(body)
         await resp.prepare(request)
         rec.ttfb_ms = round((time.perf_counter() - t0) * 1000.0, 2)
         if not await pump(request, resp, reader.chunks(), rec, write_timeout):
             return resp
         if flight.outcome is CUT:
-            rec.cut = bounded(flight.reason, 200)
+            rec.cut, rec.cut_detail = flight.reason or UPSTREAM_CUT, flight.detail
             cut(request)
             return resp
         await resp.write_eof()
         return resp
     finally:
-        reader.close()
+        if reader is not None:
+            reader.close()
 
 
 async def in_pieces(

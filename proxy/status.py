@@ -86,8 +86,9 @@ def mark(headers: MutableMapping[str, str], status: CacheStatus, cache_status: s
 
 
 class Failure(StrEnum):
-    """Why a flight or an answer failed: the code of the proxy's error answer, the `error`
-    field of request.done, and Flight.reason when the proxy answered for the upstream."""
+    """Why a flight or an answer failed, one vocabulary for all: the code of the proxy's error
+    answer, the `error` field of request.done (when the proxy answered for the upstream), the
+    `cut` field (when an answer broke off after its head), and Flight.reason for both."""
 
     UPSTREAM_UNREACHABLE = "upstream_unreachable"
     UPSTREAM_TIMEOUT = "upstream_timeout"
@@ -95,6 +96,20 @@ class Failure(StrEnum):
     """The proxy failed while reading the upstream answer."""
     UPSTREAM_FAILED = "upstream_failed"
     """The upstream answer broke off before its head (the proxy's 502)."""
+    UPSTREAM_CUT = "upstream_cut"
+    """The upstream answer broke off after its head (cut body, bad framing, decoding)."""
+    TOO_LARGE = "too_large"
+    """An answer read whole grew past what one may hold (coalesce.WHOLE_READ_MAX)."""
+    CLIENTS_LEFT = "clients_left"
+    """Every client left and detached_max_s passed: the upstream read was given up."""
+    CANCELLED = "cancelled"
+    """The upstream read was cancelled (the proxy shutting down)."""
+    LEADER_LOST = "leader_lost"
+    """The instance leading the flight (bus.py) was lost after its answer began."""
+    FOLLOW_FAILED = "follow_failed"
+    """Following the leading instance failed after its answer began."""
+    NOT_STARTED = "not_started"
+    """No upstream read was started for the flight."""
 
 
 PROXY_FAILURES = frozenset(

@@ -124,7 +124,7 @@ class Upstream:
     ) -> Exchange:
         """Send one request: `async with` it, the response is open inside the block. Raises
         UpstreamError (UpstreamTimeout) for the upstream's failures, in the block too."""
-        return self.client.request(method, self.path_for(path_qs), headers, body)
+        return Exchange(self.client, method, self.path_for(path_qs), headers, body)
 
     async def aclose(self) -> None:
         await self.client.aclose()

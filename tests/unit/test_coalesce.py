@@ -8,6 +8,7 @@ import pytest
 
 from proxy.coalesce import COMPLETE, LAG_BYTES, Flight, Flights, Outcome, Reader
 from proxy.errors import Lagged
+from proxy.status import Failure
 
 
 async def read_all(reader: Reader) -> list[bytes]:
@@ -50,8 +51,9 @@ async def test_an_ended_flight_without_a_head_answers_none() -> None:
     flight = Flight("k", max_bytes=100)
     waiter = asyncio.ensure_future(flight.wait_head(None))
     await asyncio.sleep(0)
-    flight.finish(Outcome.CUT, "upstream unreachable")
-    assert await waiter is None and flight.reason == "upstream unreachable"
+    flight.finish(Outcome.CUT, Failure.UPSTREAM_CUT, "the socket closed")
+    assert await waiter is None
+    assert flight.reason is Failure.UPSTREAM_CUT and flight.detail == "the socket closed"
 
 
 async def test_overflow_stops_joiners_and_releases_what_every_reader_passed() -> None:
@@ -92,7 +94,7 @@ async def test_a_cut_flight_ends_its_readers_and_is_not_joinable() -> None:
     reader = flight.attach()
     flight.publish_head(200, ())
     flight.append(b"a")
-    flight.finish(Outcome.CUT, "upstream broke off")
+    flight.finish(Outcome.CUT, Failure.UPSTREAM_CUT)
     assert await read_all(reader) == [b"a"]
     assert flight.outcome is Outcome.CUT and not flight.joinable
     flight.finish(Outcome.COMPLETE)  # the first outcome stays

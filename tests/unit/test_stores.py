@@ -63,9 +63,8 @@ async def test_cache_put_writes_through_sqlite_batches_without_waiting(tmp_path:
     store = SQLiteStore(path)
     await store.warm()
     cache = Cache(store, hot=MemoryStore())
-    assert cache.can_put
-    cache.put("v2:a", entry(10), 60)
-    cache.put("v2:b", entry(20), 60)
+    assert cache.put("v2:a", entry(10), 60)  # taken without waiting
+    assert cache.put("v2:b", entry(20), 60)
     assert cache.peek("v2:a") is not None  # a duplicate arriving now is a HIT
     batch = store._next_batch
     assert batch is not None
