@@ -12,15 +12,17 @@ The data path, one request (handlers.proxy_handler, on one screen; docs/architec
    (passthrough.py: streamed both ways, cost counted) | Keyed (embeddings lists item by
    item: embeddings.py)
 4. miss.serve_keyed: the stored entry judged Fresh (hit.serve_entry: a HIT, a twin
-   converted by twins.py) | Stale | Missing; then choose_flight -> Join (COALESCED) | Lead
-   (MISS / REFRESH; by_meaning first for a rule with `semantic`, vectors.py); across
-   instances bus.RedisBus.lead answers Local | Leader | Follow | Conflict; fetch.Fetcher
-   reads upstream.Upstream (http1.py) into the flight, and answers.storable decides
-   whether the whole answer becomes a models.CachedResponse in the store
+   converted by twins.py) | Stale | Missing; then choose_flight (coalesce.Flights.take)
+   -> Join (COALESCED) | Lead (MISS / REFRESH; by_meaning first for a rule with
+   `semantic`, vectors.py); across instances bus.RedisBus.lead answers Local | Leader |
+   Follow | Conflict; fetch.Fetcher reads upstream.Upstream (http1.py) into the flight
+   (Flight.feed), and answers.storable decides whether the whole answer becomes a
+   models.CachedResponse in the store
 5. relay.relay / relay.pump: the one write loop to the client (write timeout, drop, cut)
 6. one `request.done` line, rendered from a record.Record (log.py), and the counters behind
-   /_proxy/stats (stats.py); status.py is the vocabulary of both (CacheStatus, Failure,
-   mark() for the status headers)
+   /_proxy/stats (stats.py); status.py is the vocabulary of both (CacheStatus; Failure,
+   the one set of failure codes for error answers, the `error` and `cut` fields and
+   Flight.reason; mark() for the status headers)
 
 Module map:
 
@@ -31,7 +33,9 @@ Module map:
     app.py        build_state, ProxyApp: the /_proxy/ routes (health, stats, metrics,
                   dashboard, purge, images), start-up and shutdown
     handlers.py   proxy_handler: the stages above in order, each match ending in assert_never
-    state.py      State (the collaborators a request needs), Forward (the upstream request)
+    state.py      State (the collaborators a request needs), Planner (what intake needs:
+                  rules, secrets, body cap, plan memo), Workers (pools for large bodies),
+                  Forward (the upstream request)
     intake.py     request -> Refused | Opaque | Intake (route, body, Plan memo); onward
     controls.py   the cache headers -> ClientControls (Cache-Control, namespace)  [pure]
     caller_keys.py X-Cache-Key, ignored fields, TTL and their aliases -> CallerControls [pure]
@@ -52,13 +56,14 @@ Module map:
     calibrate.py  `semantic calibrate`: a model's threshold from labelled pairs
     rules.py      rules/*.toml -> Rules                                          [pure]
     sse.py        SSE checks, fed incrementally (Scanner)                        [pure]
-    cost.py       usage -> tokens and dollars                                    [pure]
+    cost.py       usage -> tokens and dollars; money_fields for the log line     [pure]
     models.py     CachedResponse, the store clock
     errors.py     every exception type, under ProxyError; OpenAI-shaped error bodies
     stores/       memory, sqlite (capped, swept; keyfilter: its keys, in memory), redis (+ cluster);
                   open_store()
     cache.py      hot tier, breaker (reads only), probe, purge
-    coalesce.py   Flight, Reader: single flight in one process, bounded buffers
+    coalesce.py   Flights.take (join or lead), Flight.feed (head, chunks, end), Reader:
+                  single flight in one process, bounded buffers
     bus.py        Redis lease + stream: flights across instances; who leads
     fetch.py      upstream -> flight -> store (a task, or the leading handler)
     answers.py    storable(): may a finished answer be stored; its stored form from an

@@ -2,9 +2,10 @@
 
 intake (intake.py)   request -> Refused | Opaque | Intake (body, tenant, Plan)
 hot HIT (hit.py)     a fresh entry in the hot tier, sent whole
-decide (plan.py)     -> PassThrough (passthrough.py) | Keyed
+onward (intake.py)   the Forward; decide (plan.py) -> PassThrough (passthrough.py) | Keyed
 keyed (miss.py)      lookup -> Fresh (hit.py) | Stale | Missing;
-                     flight -> Join | Lead, relayed to the client (relay.py)
+                     flight (coalesce.Flights.take) -> Join | Lead, read by fetch.py,
+                     relayed to the client (relay.py)
 embeddings items     embeddings.py: each input item keyed and fetched on its own
 the line             one `request.done` line (record.py, log.py) and the stats
 """
