@@ -42,7 +42,7 @@ from proxy.errors import StoreUnavailable, UpstreamError, error_body, failure_an
 from proxy.keys import cache_key, store_key
 from proxy.models import CLOCK, CachedResponse
 from proxy.normalize import canonical_json, has_float
-from proxy.status import BYPASS, COALESCED, HIT, MISS, PARTIAL, STALE, CacheStatus, stale
+from proxy.status import BYPASS, COALESCED, HIT, MISS, PARTIAL, STALE, CacheStatus, mark, stale
 from proxy.tasks import spawn
 from proxy.upstream import response_headers
 
@@ -357,10 +357,8 @@ def _answer(body: bytes, got: _Got, status: CacheStatus, rec: Record) -> web.Res
     for name, value in got.headers:  # a call was made: its id and rate limits, as a MISS has
         if name.lower() != "content-type":
             resp.headers.add(name, value)
-    resp.headers["X-Cache-Status"] = status.header
-    resp.headers["Cache-Status"] = (
-        stale(f"fwd-status={rec.upstream_status}") if status is STALE else status.rfc9211
-    )
+    cause = stale(f"fwd-status={rec.upstream_status}") if status is STALE else ""
+    mark(resp.headers, status, cause)
     return resp
 
 
@@ -571,8 +569,7 @@ def _relayed(status: int, data: bytes | None, headers: Sequence[tuple[str, str]]
     resp = web.Response(status=status, body=data or b"")
     for name, value in headers:
         resp.headers.add(name, value)
-    resp.headers["X-Cache-Status"] = MISS.header
-    resp.headers["Cache-Status"] = MISS.rfc9211
+    mark(resp.headers, MISS)
     return resp
 
 

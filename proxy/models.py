@@ -14,12 +14,12 @@ import orjson
 
 from proxy.cost import money_fields
 from proxy.errors import CorruptEntry
-from proxy.status import HIT_CACHE_STATUS, CacheStatus
+from proxy.status import CacheStatus, status_pair
 
 _MAGIC = b"OCP1"
 _COMPRESSED = b"OCZ1"
 COMPRESS_ABOVE = 16 * 1024
-"""RFC 9211 Cache-Status of a HIT (the cache's name is openai-cache-proxy)."""
+"""Serialised entries larger than this are stored zlib-compressed (to_bytes)."""
 
 
 class Clock:
@@ -99,11 +99,7 @@ class CachedResponse:
         never reused): later HITs only add Age."""
         built = self._hit_headers
         if built is None:
-            built = (
-                *self.headers,
-                ("X-Cache-Status", CacheStatus.HIT.header),
-                ("Cache-Status", HIT_CACHE_STATUS),
-            )
+            built = (*self.headers, *status_pair(CacheStatus.HIT))
             self._hit_headers = built
         return built
 

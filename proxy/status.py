@@ -79,10 +79,18 @@ def stale(cause: str) -> str:
 
 def mark(headers: MutableMapping[str, str], status: CacheStatus, cache_status: str = "") -> None:
     """Write the pair of status headers an answer carries (X-Cache-Status, Cache-Status), set
-    over any already there: the one place they are written. `cache_status`: Cache-Status when
-    it says more than the status's own (a STALE answer's cause, a semantic HIT)."""
+    over any already there: the one place they are written into headers (status_pair builds
+    them as items). `cache_status`: Cache-Status when it says more than the status's own (a
+    STALE answer's cause, a semantic HIT)."""
     headers["X-Cache-Status"] = status.header
     headers["Cache-Status"] = cache_status or status.rfc9211
+
+
+def status_pair(
+    status: CacheStatus, cache_status: str = ""
+) -> tuple[tuple[str, str], tuple[str, str]]:
+    """The same pair as mark() writes, as header items (for headers built as a tuple)."""
+    return ("X-Cache-Status", status.header), ("Cache-Status", cache_status or status.rfc9211)
 
 
 class Failure(StrEnum):
