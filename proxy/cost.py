@@ -207,7 +207,7 @@ class Prices:
         tin = _int(usage, "prompt_tokens", "input_tokens")
         tout = _int(usage, "completion_tokens", "output_tokens")
         details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
-        cached = int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
+        cached = _int(details, "cached_tokens") if isinstance(details, dict) else 0
         cached = max(0, min(cached, tin))
         price = self.token_price(model, today)
         if price is None:

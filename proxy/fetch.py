@@ -297,15 +297,23 @@ class Fetcher:
     def _entry(
         self, flight: Flight, job: FetchJob, read: Read, body: bytes, verdict: Verdict
     ) -> CachedResponse | None:
-        """The flight's entry (also set on the flight) if the verdict lets it be stored."""
+        """The flight's entry (also set on the flight) if the verdict lets it be stored. An
+        answer the proxy fails to make an entry of is not stored (the upstream's bytes are
+        not the proxy's to trust): raising here would leave its flight registered, joined
+        by every later duplicate."""
         if not verdict.ok:
             if verdict.why:
                 event = "stream.not_stored" if flight.overflow else "answer.not_stored"
                 log.info(event, key=key_id(flight.key), reason=verdict.why)
             return None
-        entry = make_entry(
-            flight, job, stream=read.stream, body=body, prices=self.prices, usage=verdict.usage
-        )
+        try:
+            entry = make_entry(
+                flight, job, stream=read.stream, body=body, prices=self.prices, usage=verdict.usage
+            )
+        except Exception as exc:
+            why = f"no entry could be made: {type(exc).__name__}"
+            log.warning("answer.not_stored", key=key_id(flight.key), reason=why)
+            return None
         flight.entry = entry
         return entry
 

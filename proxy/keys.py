@@ -98,9 +98,13 @@ def raw_digest(key: bytes, head: str, body: bytes) -> bytes:
 
     `head` joins the credential, organisation, project, method, path, query and the headers
     that matter with NUL, which no header value, path or query can hold, so no two requests
-    share a head; the memo keyed on it therefore never crosses tenants.
+    share a head; the memo keyed on it therefore never crosses tenants. The head goes in
+    behind its length: its last part (the caller's key and ignored fields) and the body
+    could otherwise run into each other ("3:abc|" + body and "" + "3:abc|" + body).
     """
-    h = hashlib.blake2b(head.encode(), key=key, digest_size=24, person=b"raw")
+    data = head.encode()
+    h = hashlib.blake2b(len(data).to_bytes(4, "big"), key=key, digest_size=24, person=b"raw")
+    h.update(data)
     h.update(body)
     return h.digest()
 
