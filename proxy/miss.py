@@ -302,16 +302,27 @@ async def lead(
             started = await shared
             if started is not None:
                 return started
-        if flight.head is None and not flight.done:
+    try:  # the reader is let go whatever happens (a cancelled wait included)
+        if flight.head is None and not flight.done:  # (a flight read inline has it)
             await flight.wait_head(None)
-    if stale is not None and failed(flight):
-        served = await serve_stale(st, fwd.request, rec, flight, stale)
-        if served is not None:
-            if reader is not None:
-                reader.close()
-            return served
-    wt = st.settings.write_timeout_s
-    resp = await relay(fwd.request, rec, flight, reader, label, fwd.t0, wt)
+        if stale is not None and failed(flight):
+            served = await serve_stale(st, fwd.request, rec, flight, stale)
+            if served is not None:
+                return served
+        wt = st.settings.write_timeout_s
+        resp = await relay(fwd.request, rec, flight, reader, label, fwd.t0, wt)
+    finally:
+        if reader is not None:
+            reader.close()
+    _led(st, rec, tenant, flight, shadow)
+    return resp
+
+
+def _led(
+    st: State, rec: Record, tenant: bytes, flight: Flight, shadow: asyncio.Task[Probe] | None
+) -> None:
+    """What a led flight's answer adds to the line (upstream time, what it cost), and to the
+    credential check (a tenant the upstream accepted)."""
     rec.upstream_ms = round(flight.upstream_ms, 2) or None
     if st.auth is not None and flight.head is not None and flight.head.status < 300:
         st.auth.seen(tenant)
@@ -319,7 +330,6 @@ async def lead(
         rec.extra.update(money_fields(flight.entry.meta.get("cost"), saved=False))
     if shadow is not None and not shadow.done():
         rec.after = shadow  # the answer goes now; its line when the lookup is done
-    return resp
 
 
 def _shadow(
@@ -418,21 +428,24 @@ async def follow(
     lock_timeout: float,
     stale: Stale | None = None,
 ) -> web.StreamResponse:
-    """Answer with a flight someone else leads (here or on another instance)."""
-    head = await flight.wait_head(lock_timeout)
-    if head is None and not flight.done:
-        # The leader hangs: go upstream ourselves, uncached (nginx proxy_cache_lock_timeout).
-        reader.close()
-        rec.lock_timeout = True
-        return await passthrough(st, fwd._replace(t0=time.perf_counter()), rec)
-    if stale is not None and failed(flight):
-        served = await serve_stale(st, fwd.request, rec, flight, stale)
-        if served is not None:
+    """Answer with a flight someone else leads (here or on another instance); the reader
+    is let go whatever happens."""
+    try:
+        head = await flight.wait_head(lock_timeout)
+        if head is None and not flight.done:
+            # The leader hangs: go upstream ourselves, uncached (nginx proxy_cache_lock_timeout).
             reader.close()
-            return served
-    rec.cache = COALESCED
-    wt = st.settings.write_timeout_s
-    resp = await relay(fwd.request, rec, flight, reader, COALESCED, fwd.t0, wt)
+            rec.lock_timeout = True
+            return await passthrough(st, fwd._replace(t0=time.perf_counter()), rec)
+        if stale is not None and failed(flight):
+            served = await serve_stale(st, fwd.request, rec, flight, stale)
+            if served is not None:
+                return served
+        rec.cache = COALESCED
+        wt = st.settings.write_timeout_s
+        resp = await relay(fwd.request, rec, flight, reader, COALESCED, fwd.t0, wt)
+    finally:
+        reader.close()
     if flight.entry is not None:
         rec.extra.update(flight.entry.saved_fields)
     return resp
