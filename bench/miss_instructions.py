@@ -3,6 +3,7 @@ the machine's load, so two versions can be compared across runs and machines.
 
     python -m bench.miss_instructions [--requests 200] [--configs bare,memory,sqlite]
     python -m bench.miss_instructions --hit [--configs app,memory,sqlite]
+    (--keep: leave callgrind's files, to read with callgrind_annotate)
 
 Each configuration runs under valgrind's callgrind with instrumentation off until it has
 answered 100 warm-up requests; then the instructions the process executes (every thread:
@@ -118,6 +119,9 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--configs", default="")
     p.add_argument("--hit", action="store_true", help="count HITs instead of MISSes")
+    p.add_argument(
+        "--keep", action="store_true", help="keep callgrind's files (for callgrind_annotate)"
+    )
     args = p.parse_args()
     configs = args.configs or ("app,memory,sqlite" if args.hit else "bare,memory,sqlite")
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
@@ -131,7 +135,10 @@ def main() -> None:
                 upstream = f"http://127.0.0.1:{up}"
                 rows.append((config, measure(config, upstream, args.requests, work, args.hit)))
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            print(f"callgrind files kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     base = dict(rows).get("app" if args.hit else "bare")
     what = "HIT" if args.hit else "MISS"
     print(f"instructions per {what}, {args.requests} requests at 1 connection (callgrind)")

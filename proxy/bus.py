@@ -258,10 +258,10 @@ class RedisBus:
             pass  # followers see the lease go without an end entry and take over
         finally:
             reader.close()
-            task = flight.task
-            if task is not None and not task.done():
-                # Hold the lease until the answer is stored, or a newcomer on another
-                # instance could find neither the lease nor the stored answer, and fetch again.
+            # Hold the lease until the answer is stored, or a newcomer on another instance
+            # could find neither the lease nor the stored answer, and fetch again: the read,
+            # then the store task it hands the answer to (flight.task, in turn).
+            while (task := flight.task) is not None and not task.done():
                 await asyncio.wait({task})
             renewer.cancel()
             if not lost.is_set():

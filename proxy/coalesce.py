@@ -143,8 +143,9 @@ class Flight:
         self.detail = ""
         """What went wrong, in words, beside `reason` (bounded where it is logged)."""
         self.task: asyncio.Task[Any] | None = None
-        """The upstream read feeding this flight: its own task, or for a whole (non-streamed)
-        chat or Responses answer the leading client's handler, which reads it inline."""
+        """The work on this flight: the upstream read feeding it (its own task, or for a
+        whole chat or Responses answer the leading client's handler, which reads it inline),
+        then the task storing its answer, if keeping it takes one (fetch.Fetcher.keep)."""
         self.upstream_ms = 0.0
         """How long the upstream read took (set by the fetcher when it ends)."""
         self.entry: CachedResponse | None = None
@@ -324,12 +325,15 @@ class Flights:
     ) -> tuple[Flight, bool]:
         """The key's flight for one request: (the joinable flight in progress, False), else
         (a new flight it leads, True), registered for others to join when `share`."""
-        if share:
-            flight = self.get(key)
-            if flight is not None:
+        flight = self._flights.get(key) if share else None
+        if flight is not None:
+            if flight.joinable:
                 return flight, False
-            return self.lead(key, max_bytes=max_bytes, fingerprint=fingerprint), True
-        return Flight(key, max_bytes=max_bytes, fingerprint=fingerprint), True
+            self.forget(flight)
+        flight = Flight(key, max_bytes=max_bytes, fingerprint=fingerprint)
+        if share:  # (nothing is registered under the key now, nor timed)
+            self._flights[key] = flight
+        return flight, True
 
     def forget(self, flight: Flight, after_s: float = 0.0) -> None:
         """Drop the flight from the registry, now or after a debounce window."""

@@ -259,8 +259,9 @@ class Fetcher:
         a store that takes writes without waiting (memory, SQLite's batches), unless
         something is to run once it is stored. Otherwise a task does the rest."""
         body = _good_body(flight)
-        if len(body) > VERDICT_OFF_LOOP:
-            spawn(self._keep_large(flight, job, read, body), name=f"keep:{key_id(flight.key)}")
+        if len(body) > VERDICT_OFF_LOOP:  # (flight.task: the work on it goes on in this task)
+            large = self._keep_large(flight, job, read, body)
+            flight.task = spawn(large, name=f"keep:{key_id(flight.key)}")
             return
         entry = self._entry(flight, job, read, body, storable(flight, read.stream, body))
         if entry is None:
@@ -269,7 +270,8 @@ class Fetcher:
         if job.store_key and read.keep:
             ttl_s = job.ttl_s + job.keep_s
             if job.on_stored is not None or not self.cache.put(job.store_key, entry, ttl_s):
-                spawn(self._store(flight, job, read, entry), name=f"store:{key_id(flight.key)}")
+                store = self._store(flight, job, read, entry)
+                flight.task = spawn(store, name=f"store:{key_id(flight.key)}")
                 return
         self.flights.forget(flight, after_s=job.debounce_s if read.keep else 0.0)
 

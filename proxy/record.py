@@ -62,9 +62,11 @@ class Record:
     functions that compute them name them (cost.money_fields, vectors.Probe.fields)."""
 
     def __post_init__(self) -> None:
-        # client-given: bounded before anything can log them
-        self.route = bounded(self.route, ROUTE_MAX)
-        self.method = bounded(self.method, METHOD_MAX)
+        # client-given: bounded before anything can log them (most are short already)
+        if len(self.route) > ROUTE_MAX:
+            self.route = bounded(self.route, ROUTE_MAX)
+        if len(self.method) > METHOD_MAX:
+            self.method = bounded(self.method, METHOD_MAX)
 
     def fields(self) -> dict[str, Any]:
         """The line's fields: every field that was set, then the extra ones. (Spelled out
