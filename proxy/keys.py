@@ -42,16 +42,6 @@ def credential_of(headers: Headers) -> str:
     )
 
 
-def credentials(headers: Headers) -> tuple[str, str, str]:
-    """What names the tenant: the credential (credential_of), OpenAI-Organization and
-    OpenAI-Project, each framed (one call from the data path, not three)."""
-    return (
-        credential_of(headers),
-        header_values(headers, "OpenAI-Organization"),
-        header_values(headers, "OpenAI-Project"),
-    )
-
-
 def _frame(*parts: bytes) -> bytes:
     # Length-prefixed, so ("ab", "c") and ("a", "bc") can never collide.
     return b"".join(len(p).to_bytes(4, "big") + p for p in parts)
@@ -114,7 +104,11 @@ def request_digest(
 ) -> tuple[bytes, tuple[str, str, str]]:
     """The request as it arrived, digested (raw_digest over its credentials, then `parts`,
     then the body), and its credentials (for tenant_digest when the plan memo misses)."""
-    creds = credentials(headers)
+    creds = (  # what names the tenant: the credential, organisation and project, framed
+        credential_of(headers),
+        header_values(headers, "OpenAI-Organization"),
+        header_values(headers, "OpenAI-Project"),
+    )
     return raw_digest(key, "\0".join((*creds, *parts)), body), creds
 
 

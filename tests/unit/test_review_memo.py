@@ -10,7 +10,7 @@ from multidict import CIMultiDict
 
 from proxy.controls import read_controls
 from proxy.intake import _planned
-from proxy.keys import Scope, credentials, tenant_digest
+from proxy.keys import Scope, request_digest, tenant_digest
 from proxy.plan import Plan, make_plan
 from proxy.rules import load_rules
 from proxy.state import Planner, Workers
@@ -26,7 +26,8 @@ def _plan(pl: Planner, headers: dict[str, str], body: bytes) -> tuple[Plan, Plan
     request = make_mocked_request("POST", "/v1/chat/completions", headers=CIMultiDict(headers))
     controls, caller = read_controls(request.headers)
     memo = _planned(pl, request, "/v1/chat/completions", "", controls, caller, None, body)
-    tenant = tenant_digest(pl.mac_key, *credentials(request.headers))
+    _, creds = request_digest(pl.mac_key, request.headers, (), b"")
+    tenant = tenant_digest(pl.mac_key, *creds)
     scope = Scope(pl.secret, tenant, "POST", "/v1/chat/completions", "")
     fresh = make_plan(
         pl.rules,
