@@ -129,6 +129,17 @@ def body_of(answer: bytes) -> bytes:
 HEADERS = {"Authorization": "Bearer sk-test-a", "Content-Type": "application/json"}
 
 
+async def post_json(
+    url: str, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> tuple[int, CIMultiDictProxy[str], bytes]:
+    """POST a JSON body (as the test tenant, HEADERS) and read the whole answer."""
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(url, data=orjson.dumps(body), headers={**HEADERS, **(headers or {})}) as r,
+    ):
+        return r.status, r.headers, await r.read()
+
+
 async def post_stream(
     url: str, body: dict[str, Any], headers: dict[str, str] | None = None
 ) -> tuple[int, CIMultiDictProxy[str], list[tuple[float, bytes]]]:

@@ -10,27 +10,16 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from multidict import CIMultiDictProxy
 
 from proxy.testing import FakeOpenAI
 from tests.conftest import BackgroundLoop, ProxyServer
-from tests.helpers import HEADERS, joined, post_stream, wait_until
+from tests.helpers import HEADERS, joined, post_json, post_stream, wait_until
 
 CHAT: dict[str, Any] = {
     "model": "gpt-4o-mini",
     "messages": [{"role": "user", "content": "Persona for Ann"}],
 }
 STREAM = {**CHAT, "stream": True}
-
-
-async def post(
-    url: str, body: dict[str, Any], headers: dict[str, str] | None = None
-) -> tuple[int, CIMultiDictProxy[str], bytes]:
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(url, data=orjson.dumps(body), headers={**HEADERS, **(headers or {})}) as r,
-    ):
-        return r.status, r.headers, await r.read()
 
 
 async def test_fifty_identical_requests_one_upstream_call(
@@ -41,7 +30,7 @@ async def test_fifty_identical_requests_one_upstream_call(
     fake.latency = 0.6
     url = proxy.url + "/v1/chat/completions"
     t0 = time.monotonic()
-    results = await asyncio.gather(*(post(url, CHAT) for _ in range(50)))
+    results = await asyncio.gather(*(post_json(url, CHAT) for _ in range(50)))
     took = time.monotonic() - t0
     assert fake.count() == 1
     assert {body for _, _, body in results} == {results[0][2]}
@@ -91,12 +80,12 @@ async def test_upstream_error_reaches_every_waiter_then_retries(
     fake.latency = 0.3
     body = {**CHAT, "model": "fake-error-500"}
     url = proxy.url + "/v1/chat/completions"
-    results = await asyncio.gather(*(post(url, body) for _ in range(10)))
+    results = await asyncio.gather(*(post_json(url, body) for _ in range(10)))
     assert [s for s, _, _ in results] == [500] * 10
     assert {b for _, _, b in results} == {results[0][2]}
     assert orjson.loads(results[0][2])["error"]["code"] == "fake_500"
     assert fake.count() == 1
-    status, _, _ = await post(url, body)
+    status, _, _ = await post_json(url, body)
     assert status == 500 and fake.count() == 2
 
 
@@ -107,10 +96,11 @@ async def test_different_prompts_and_tenants_never_merge(
     fake.latency = 0.2
     url = proxy.url + "/v1/chat/completions"
     jobs = [
-        post(url, {**CHAT, "messages": [{"role": "user", "content": f"p{i}"}]}) for i in range(5)
+        post_json(url, {**CHAT, "messages": [{"role": "user", "content": f"p{i}"}]})
+        for i in range(5)
     ]
-    jobs += [post(url, CHAT, {"Authorization": f"Bearer sk-tenant-{i}"}) for i in range(3)]
-    jobs += [post(url, CHAT, {"OpenAI-Organization": "org-other"})]
+    jobs += [post_json(url, CHAT, {"Authorization": f"Bearer sk-tenant-{i}"}) for i in range(3)]
+    jobs += [post_json(url, CHAT, {"OpenAI-Organization": "org-other"})]
     results = await asyncio.gather(*jobs)
     assert fake.count() == 9
     assert len({b for _, _, b in results}) == 9
@@ -126,9 +116,9 @@ async def test_a_slow_upstream_is_not_a_silent_leader(
     proxy = start_proxy(rules=rules)
     fake.latencies = [1.5]  # the first call takes 1.5 s to its first byte
     url = proxy.url + "/v1/chat/completions"
-    leader = asyncio.ensure_future(post(url, CHAT))
+    leader = asyncio.ensure_future(post_json(url, CHAT))
     await asyncio.sleep(0.1)
-    results = await asyncio.gather(*(post(url, CHAT) for _ in range(4)))
+    results = await asyncio.gather(*(post_json(url, CHAT) for _ in range(4)))
     assert (await leader)[0] == 200
     assert [(s, h["X-Cache-Status"]) for s, h, _ in results] == [(200, "COALESCED")] * 4
     assert fake.count() == 1
@@ -145,9 +135,9 @@ async def test_followers_of_a_slow_leader_wait_only_up_to_the_read_timeout(
     fake.latencies = [8.0]
     url = proxy.url + "/v1/chat/completions"
     t0 = time.monotonic()
-    leader = asyncio.ensure_future(post(url, CHAT))
+    leader = asyncio.ensure_future(post_json(url, CHAT))
     await asyncio.sleep(0.1)
-    results = await asyncio.gather(leader, *(post(url, CHAT) for _ in range(3)))
+    results = await asyncio.gather(leader, *(post_json(url, CHAT) for _ in range(3)))
     took = time.monotonic() - t0
     assert [s for s, _, _ in results] == [504] * 4
     assert 0.9 < took < 5.0
@@ -166,7 +156,7 @@ async def test_cancelled_leader_task_fails_waiters_fast(
 
     async def ask() -> int:
         try:
-            status, _, _ = await post(url, body)
+            status, _, _ = await post_json(url, body)
         except aiohttp.ClientError:
             return -1  # the cancelled handler's own client
         return status
@@ -244,15 +234,15 @@ async def test_coalesce_without_store_and_debounce(
     proxy = start_proxy(rules=rules)
     url = proxy.url + "/v1/chat/completions"
     fake.latency = 0.2
-    burst = await asyncio.gather(*(post(url, CHAT) for _ in range(5)))
+    burst = await asyncio.gather(*(post_json(url, CHAT) for _ in range(5)))
     assert fake.count() == 1 and len({b for _, _, b in burst}) == 1
     fake.latency = 0.0
-    _, headers, body = await post(url, CHAT)  # within the debounce window
+    _, headers, body = await post_json(url, CHAT)  # within the debounce window
     assert headers["X-Cache-Status"] == "COALESCED" and body == burst[0][2]
-    _, headers, _ = await post(url, CHAT, {"Cache-Control": "no-store"})
+    _, headers, _ = await post_json(url, CHAT, {"Cache-Control": "no-store"})
     assert headers["X-Cache-Status"] == "BYPASS" and fake.count() == 2
     await asyncio.sleep(0.6)
-    _status, headers, body = await post(url, CHAT)  # after it: not stored, so upstream again
+    _status, headers, body = await post_json(url, CHAT)  # after it: not stored, so upstream again
     assert headers["X-Cache-Status"] == "MISS" and body != burst[0][2]
     assert fake.count() == 3
 
@@ -265,18 +255,18 @@ async def test_idempotency_key(start_proxy: Any, fake: FakeOpenAI, tmp_path: Pat
     proxy = start_proxy(rules=rules)
     url = proxy.url + "/v1/chat/completions"
     key = {"Idempotency-Key": "order-42"}
-    s1, _h1, b1 = await post(url, CHAT, key)
-    s2, h2, b2 = await post(url, CHAT, key)
+    s1, _h1, b1 = await post_json(url, CHAT, key)
+    s2, h2, b2 = await post_json(url, CHAT, key)
     assert (s1, s2) == (200, 200) and b1 == b2 and h2["X-Cache-Status"] == "HIT"
     assert fake.count() == 1
     other = {**CHAT, "messages": [{"role": "user", "content": "something else"}]}
-    s3, _, b3 = await post(url, other, key)
+    s3, _, b3 = await post_json(url, other, key)
     assert s3 == 422
     err = orjson.loads(b3)["error"]
     assert err["code"] == "idempotency_key_reused" and err["type"] == "invalid_request_error"
-    s4, _, b4 = await post(url, CHAT, {**key, "Authorization": "Bearer sk-someone-else"})
+    s4, _, b4 = await post_json(url, CHAT, {**key, "Authorization": "Bearer sk-someone-else"})
     assert s4 == 200 and b4 != b1  # keys are per tenant
-    without = await post(url, CHAT)
+    without = await post_json(url, CHAT)
     assert without[2] != b1  # the route itself is not cached
     assert fake.count() == 3
     assert all("idempotency-key" not in {k.lower() for k in c.headers} for c in fake.calls)
@@ -291,6 +281,9 @@ async def test_idempotency_key_concurrent_duplicates_coalesce(
     url = proxy.url + "/v1/embeddings"
     body = {"model": "text-embedding-3-small", "input": "x"}
     results = await asyncio.gather(
-        *(post(url, body, {"Idempotency-Key": "k1", "Cache-Control": "no-store"}) for _ in range(5))
+        *(
+            post_json(url, body, {"Idempotency-Key": "k1", "Cache-Control": "no-store"})
+            for _ in range(5)
+        )
     )
     assert fake.count() == 1 and len({b for _, _, b in results}) == 1

@@ -9,12 +9,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import orjson
 import pytest
 
 from proxy.testing import FakeOpenAI
 from tests.conftest import ProxyServer, RedisServer, start_redis
+from tests.helpers import post_json
 
 CHAT_PATH = "/v1/chat/completions"
 CHAT: dict[str, Any] = {
@@ -22,16 +22,6 @@ CHAT: dict[str, Any] = {
     "messages": [{"role": "user", "content": "one fleet"}],
 }
 HEADERS = {"Authorization": "Bearer sk-fleet", "Content-Type": "application/json"}
-
-
-async def post(
-    url: str, body: dict[str, Any], headers: dict[str, str] | None = None
-) -> tuple[int, Any, bytes]:
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(url, data=orjson.dumps(body), headers={**HEADERS, **(headers or {})}) as r,
-    ):
-        return r.status, r.headers, await r.read()
 
 
 @pytest.fixture
@@ -56,7 +46,7 @@ async def test_two_instances_without_secret_coalesce_into_one_call(
     assert a.state.planner.secret == b.state.planner.secret
     fake.latency = 0.5
     urls = [p.url + CHAT_PATH for p in (a, b)]
-    results = await asyncio.gather(*(post(urls[i % 2], CHAT) for i in range(20)))
+    results = await asyncio.gather(*(post_json(urls[i % 2], CHAT) for i in range(20)))
     assert [s for s, _, _ in results] == [200] * 20
     assert fake.count(CHAT_PATH) == 1 and len({body for _, _, body in results}) == 1
 
@@ -67,9 +57,9 @@ async def test_one_idempotency_key_with_two_bodies_across_instances_is_422(
     """An Idempotency-Key used on A, then on B with another body: 422, one upstream call."""
     a, b = fleet
     key = {"Idempotency-Key": "order-7"}
-    first = await post(a.url + CHAT_PATH, CHAT, key)
+    first = await post_json(a.url + CHAT_PATH, CHAT, key)
     other = {**CHAT, "messages": [{"role": "user", "content": "another body"}]}
-    second = await post(b.url + CHAT_PATH, other, key)
+    second = await post_json(b.url + CHAT_PATH, other, key)
     assert first[0] == 200 and second[0] == 422
     assert orjson.loads(second[2])["error"]["code"] == "idempotency_key_reused"
     assert fake.count(CHAT_PATH) == 1

@@ -14,12 +14,11 @@ import aiohttp
 import orjson
 import pytest
 import redis
-from multidict import CIMultiDictProxy
 from structlog.testing import capture_logs
 
 from proxy.testing import FakeOpenAI
 from tests.conftest import ProxyServer, RedisServer, sdk, spawn_proxy, start_redis
-from tests.helpers import HEADERS, joined, post_stream, wait_until
+from tests.helpers import joined, post_json, post_stream, wait_until
 
 CHAT: dict[str, Any] = {
     "model": "gpt-4o-mini",
@@ -29,16 +28,6 @@ CHAT: dict[str, Any] = {
 STREAM = {**CHAT, "messages": [{"role": "user", "content": "Shared stream"}], "stream": True}
 ROOT = Path(__file__).resolve().parents[2]
 CHAT_PATH = "/v1/chat/completions"
-
-
-async def post(
-    url: str, body: dict[str, Any], headers: dict[str, str] | None = None
-) -> tuple[int, CIMultiDictProxy[str], bytes]:
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(url, data=orjson.dumps(body), headers={**HEADERS, **(headers or {})}) as r,
-    ):
-        return r.status, r.headers, await r.read()
 
 
 def assert_clean(url: str) -> None:
@@ -99,7 +88,7 @@ async def test_forty_requests_over_two_instances_one_call(
     a, b = two
     fake.latency = 0.5
     urls = [p.url + "/v1/chat/completions" for p in (a, b)]
-    results = await asyncio.gather(*(post(urls[i % 2], CHAT) for i in range(40)))
+    results = await asyncio.gather(*(post_json(urls[i % 2], CHAT) for i in range(40)))
     assert fake.count(CHAT_PATH) == 1
     assert [s for s, _, _ in results] == [200] * 40
     assert len({b for _, _, b in results}) == 1
@@ -128,9 +117,9 @@ async def test_upstream_error_crosses_instances_uncached(
     fake.latency = 0.3
     body = {**CHAT, "model": "fake-error-503"}
     urls = [p.url + "/v1/chat/completions" for p in (a, b)]
-    results = await asyncio.gather(*(post(urls[i % 2], body) for i in range(6)))
+    results = await asyncio.gather(*(post_json(urls[i % 2], body) for i in range(6)))
     assert [s for s, _, _ in results] == [503] * 6 and fake.count(CHAT_PATH) == 1
-    status, _, _ = await post(urls[1], body)
+    status, _, _ = await post_json(urls[1], body)
     assert status == 503 and fake.count(CHAT_PATH) == 2
 
 
@@ -204,7 +193,7 @@ async def test_redis_killed_while_requests_flow(start_proxy: Any, fake: FakeOpen
                     server.proc.kill()
                     server.proc.wait()
                 t0 = time.monotonic()
-                status, headers, _ = await post(url, body(i))
+                status, headers, _ = await post_json(url, body(i))
                 slowest = max(slowest, time.monotonic() - t0) if i >= 20 else slowest
                 statuses.append((status, headers["X-Cache-Status"]))
             async with aiohttp.ClientSession() as s, s.get(proxy.url + "/_proxy/health") as r:
@@ -220,7 +209,7 @@ async def test_redis_killed_while_requests_flow(start_proxy: Any, fake: FakeOpen
         await asyncio.sleep(0.6)
         labels = []
         for _ in range(3):
-            _, headers, _ = await post(url, body(99))
+            _, headers, _ = await post_json(url, body(99))
             labels.append(headers["X-Cache-Status"])
             await asyncio.sleep(0.1)
         assert labels[-1] == "HIT", labels
@@ -238,10 +227,10 @@ async def test_coalescing_on_redis_cluster(
     b = start_proxy(cache=redis_cluster, lease_s=1.0)
     fake.latency = 0.5
     urls = [p.url + "/v1/chat/completions" for p in (a, b)]
-    results = await asyncio.gather(*(post(urls[i % 2], CHAT) for i in range(20)))
+    results = await asyncio.gather(*(post_json(urls[i % 2], CHAT) for i in range(20)))
     assert fake.count(CHAT_PATH) == 1 and len({b for _, _, b in results}) == 1
     fake.chunk_delay = 0.02
     streams = await asyncio.gather(*(post_stream(urls[i % 2], STREAM) for i in range(10)))
     assert fake.count(CHAT_PATH) == 2 and len({joined(c) for _, _, c in streams}) == 1
-    _status, headers, _ = await post(urls[1], CHAT)
+    _status, headers, _ = await post_json(urls[1], CHAT)
     assert headers["X-Cache-Status"] == "HIT"

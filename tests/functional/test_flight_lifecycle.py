@@ -10,23 +10,12 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from multidict import CIMultiDictProxy
 
 from proxy.testing import FakeOpenAI
 from tests.conftest import BackgroundLoop, ProxyServer, RedisServer
-from tests.helpers import HEADERS, joined, post_stream
+from tests.helpers import HEADERS, joined, post_json, post_stream
 
 BIG = "x" * (2 * 1024 * 1024)
-
-
-async def post(
-    url: str, body: dict[str, Any], headers: dict[str, str] | None = None
-) -> tuple[int, CIMultiDictProxy[str], bytes]:
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(url, data=orjson.dumps(body), headers={**HEADERS, **(headers or {})}) as r,
-    ):
-        return r.status, r.headers, await r.read()
 
 
 async def test_a_large_inline_answer_reaches_leader_and_joiners_whole(
@@ -38,13 +27,13 @@ async def test_a_large_inline_answer_reaches_leader_and_joiners_whole(
     fake.latency = 0.3
     url = proxy.url + "/v1/chat/completions"
     chat = {"model": "big", "messages": [{"role": "user", "content": "big one"}]}
-    results = await asyncio.gather(*(post(url, chat) for _ in range(6)))
+    results = await asyncio.gather(*(post_json(url, chat) for _ in range(6)))
     assert fake.count() == 1
     bodies = {b for _, _, b in results}
     assert len(bodies) == 1
     answer = orjson.loads(next(iter(bodies)))
     assert answer["choices"][0]["message"]["content"] == BIG
-    status, headers, body = await post(url, chat)
+    status, headers, body = await post_json(url, chat)
     assert status == 200 and headers["X-Cache-Status"] == "HIT" and body in bodies
 
 
@@ -58,12 +47,12 @@ async def test_an_inline_answer_over_max_record_mb_reaches_everyone_unstored(
     fake.latency = 0.3
     url = proxy.url + "/v1/chat/completions"
     chat = {"model": "big", "messages": [{"role": "user", "content": "big two"}]}
-    results = await asyncio.gather(*(post(url, chat) for _ in range(4)))
+    results = await asyncio.gather(*(post_json(url, chat) for _ in range(4)))
     assert fake.count() == 1
     for status, _, body in results:
         assert status == 200
         assert orjson.loads(body)["choices"][0]["message"]["content"] == BIG
-    status, headers, _ = await post(url, chat)
+    status, headers, _ = await post_json(url, chat)
     assert status == 200 and headers["X-Cache-Status"] == "MISS" and fake.count() == 2
 
 
@@ -82,10 +71,10 @@ async def test_without_coalescing_on_redis_an_inline_answer_is_stored_and_let_go
     fake.latency = 0.3
     url = proxy.url + "/v1/chat/completions"
     chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "nc"}]}
-    results = await asyncio.gather(*(post(url, chat) for _ in range(3)))
+    results = await asyncio.gather(*(post_json(url, chat) for _ in range(3)))
     assert [s for s, _, _ in results] == [200] * 3 and fake.count() == 3
     await asyncio.sleep(0.3)
-    status, headers, _ = await post(url, chat)
+    status, headers, _ = await post_json(url, chat)
     assert status == 200 and headers["X-Cache-Status"] == "HIT" and fake.count() == 3
     assert len(proxy.state.flights) == 0
 
@@ -209,11 +198,11 @@ async def test_an_answer_with_an_odd_usage_is_answered_and_its_flight_let_go(
     fake.errors = [(200, orjson.dumps(answer))]
     url = proxy.url + "/v1/chat/completions"
     chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "odd usage"}]}
-    status, _, body = await post(url, chat)
+    status, _, body = await post_json(url, chat)
     assert status == 200 and orjson.loads(body)["id"] == "chatcmpl-odd"
     await asyncio.sleep(0.1)
     assert len(proxy.state.flights) == 0
-    status, headers, _ = await post(url, chat)
+    status, headers, _ = await post_json(url, chat)
     assert status == 200 and headers["X-Cache-Status"] != "COALESCED"
 
 
@@ -229,7 +218,7 @@ async def test_a_failure_to_make_an_entry_still_answers_and_lets_the_flight_go(
     monkeypatch.setattr("proxy.fetch.make_entry", broken)
     url = proxy.url + "/v1/chat/completions"
     chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "no entry"}]}
-    status, _, body = await post(url, chat)
+    status, _, body = await post_json(url, chat)
     assert status == 200 and orjson.loads(body)["object"] == "chat.completion"
     _, _, chunks = await post_stream(url, {**chat, "stream": True})
     assert joined(chunks).endswith(b"data: [DONE]\n\n")
