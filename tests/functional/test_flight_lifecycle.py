@@ -18,16 +18,25 @@ from tests.helpers import HEADERS, joined, post_json, post_stream
 BIG = "x" * (2 * 1024 * 1024)
 
 
+async def _big_burst(
+    proxy: ProxyServer, fake: FakeOpenAI, prompt: str, n: int
+) -> tuple[str, dict[str, Any], list[tuple[int, Any, bytes]]]:
+    """`n` identical chat requests at once whose answer is BIG (the upstream takes 0.3 s):
+    the URL, the request, and each (status, headers, body)."""
+    fake.model_replies["big"] = BIG
+    fake.latency = 0.3
+    url = proxy.url + "/v1/chat/completions"
+    chat: dict[str, Any] = {"model": "big", "messages": [{"role": "user", "content": prompt}]}
+    results = await asyncio.gather(*(post_json(url, chat) for _ in range(n)))
+    return url, chat, list(results)
+
+
 async def test_a_large_inline_answer_reaches_leader_and_joiners_whole(
     proxy: ProxyServer, fake: FakeOpenAI
 ) -> None:
     """A 2 MB non-streamed chat answer (read inline, relayed through a late reader) reaches
     the leader and 5 joiners whole and identical, from one upstream call, then is a HIT."""
-    fake.model_replies["big"] = BIG
-    fake.latency = 0.3
-    url = proxy.url + "/v1/chat/completions"
-    chat = {"model": "big", "messages": [{"role": "user", "content": "big one"}]}
-    results = await asyncio.gather(*(post_json(url, chat) for _ in range(6)))
+    url, chat, results = await _big_burst(proxy, fake, "big one", 6)
     assert fake.count() == 1
     bodies = {b for _, _, b in results}
     assert len(bodies) == 1
@@ -43,11 +52,7 @@ async def test_an_inline_answer_over_max_record_mb_reaches_everyone_unstored(
     """An inline answer larger than max_record_mb (its flight overflows: no whole body)
     reaches the leader and its joiners whole, and is not stored."""
     proxy = start_proxy(max_record_mb=1.0)
-    fake.model_replies["big"] = BIG
-    fake.latency = 0.3
-    url = proxy.url + "/v1/chat/completions"
-    chat = {"model": "big", "messages": [{"role": "user", "content": "big two"}]}
-    results = await asyncio.gather(*(post_json(url, chat) for _ in range(4)))
+    url, chat, results = await _big_burst(proxy, fake, "big two", 4)
     assert fake.count() == 1
     for status, _, body in results:
         assert status == 200
