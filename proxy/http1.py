@@ -13,7 +13,9 @@ what the proxy needs, for one origin:
   connection is reused the kernel is asked whether anything arrived on it (quiet()). An
   answer that begins before the request was written out stops the writing and ends the
   connection's reuse. (What no HTTP/1.1 client can tell apart: an extra answer the upstream
-  sends at the very moment the next request crosses it on the wire.)
+  sends at the very moment the next request crosses it on the wire. That request's own
+  answer then comes one behind, and so does each next one while requests keep crossing
+  them; the first that arrives while no request waits closes the connection.)
 - a request written once: once any byte of it may have reached the upstream it is never
   sent again (RFC 9112 9.3.1), but for a GET on a reused connection that closed unanswered;
 - the request as one write: the request line, the client's headers, Host, Content-Length,

@@ -175,8 +175,18 @@ class ScriptedUpstream:
     crossed: set[str] = field(default_factory=set)
     """X-Fuzz-Ids of requests that crossed an unsolicited answer on the wire: written by the
     client before that answer reached it (see CROSSING_S). No HTTP/1.1 client can tell such
-    an answer from its own; everything else must never read one."""
+    an answer from its own; everything else must never read one.
+
+    A crossing leaves its connection shifted: the client took the extra answer for its
+    request, so the answer to that request comes one behind, unsolicited too. A request
+    written before it arrives crosses it in turn (and so on); the first one that arrives
+    while no request waits is the client's cue to close the connection."""
+    _shifted: set[int] = field(default_factory=set)
+    """Connections on which a request crossed an unsolicited answer."""
     _extra_at: dict[int, float] = field(default_factory=dict)
+    history: dict[int, list[str]] = field(default_factory=dict)
+    """Per connection, what happened on it in order: each request (its X-Fuzz-Id's first 8
+    characters, its credential's name, its behaviour), each unsolicited answer (see story)."""
     _server: asyncio.Server | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -230,6 +240,7 @@ class ScriptedUpstream:
         req = Request(method, path, headers, b"", number)
         how = self.behave(req)
         self.behaviours[how.value] += 1
+        self._note(number, f"{headers.get('x-fuzz-id', '-')[:8]} {who(headers)} {how.value}")
         if how is Behaviour.HEAD_ONLY:
             self.requests.append(req)
             await asyncio.sleep(3600)  # reads nothing more (stop() ends it)
@@ -245,13 +256,36 @@ class ScriptedUpstream:
         if plain is None and path.endswith("/audio/speech"):
             plain = _speech(how)
         if plain is not None:
-            writer.write(plain)
+            self._write(writer, number, plain)
             await writer.drain()
             return True
         answer, ctype = answer_body(req), "application/json"
         if b'"stream":true' in req.body.replace(b" ", b""):
             answer, ctype = stream_body(req), "text/event-stream"
         return await self._answer(reader, writer, number, how, answer, ctype)
+
+    def story(self, fuzz_ids: set[str]) -> str:
+        """What happened, in order, on each connection that carried one of these requests."""
+        short = {fuzz_id[:8] for fuzz_id in fuzz_ids}
+        return "\n".join(
+            f"connection {number}:\n  " + "\n  ".join(lines)
+            for number, lines in self.history.items()
+            if any(line.split()[1] in short for line in lines)
+        )
+
+    def _note(self, number: int, what: str) -> None:
+        """One line of a connection's history (at most 200 a connection)."""
+        lines = self.history.setdefault(number, [])
+        if len(lines) < 200:
+            lines.append(f"{time.monotonic():.4f} {what}")
+
+    def _write(self, writer: asyncio.StreamWriter, number: int, answer: bytes) -> None:
+        """Write an answer. On a shifted connection (see `crossed`) the client already took
+        an answer for the request this one is for: to it, this one is unsolicited too."""
+        writer.write(answer)
+        if number in self._shifted:
+            self._extra_at[number] = time.monotonic()
+            self._note(number, "an answer one behind")
 
     def _check_crossing(self, number: int, headers: dict[str, str]) -> None:
         """A request on a connection that got an unsolicited answer: crossed it on the wire
@@ -261,6 +295,7 @@ class ScriptedUpstream:
             return
         if time.monotonic() - extra_at < CROSSING_S:
             self.crossed.add(headers.get("x-fuzz-id", ""))
+            self._shifted.add(number)
         else:
             self.violations.append("a connection was used after an unsolicited answer")
 
@@ -277,7 +312,8 @@ class ScriptedUpstream:
     ) -> None:
         """EARLY: a 401 before the body is read, then the body read and checked for a
         request head inside it."""
-        writer.write(message(401, _error(req, "answered before the body was read")))
+        answer = message(401, _error(req, "answered before the body was read"))
+        self._write(writer, req.connection, answer)
         await writer.drain()
         body = await reader.readexactly(length)
         if b" HTTP/1.1\r\n" in body or b"authorization:" in body.lower():
@@ -295,20 +331,23 @@ class ScriptedUpstream:
         """Write the answer the way `how` says; False: the connection is done."""
         match how:
             case Behaviour.NORMAL:
-                writer.write(message(200, answer, ctype=ctype))
+                self._write(writer, number, message(200, answer, ctype=ctype))
             case Behaviour.DELAY:
                 await asyncio.sleep(self.delay_s)
-                writer.write(message(200, answer, ctype=ctype))
+                self._write(writer, number, message(200, answer, ctype=ctype))
             case Behaviour.EXTRA_SAME_WRITE:
-                writer.write(message(200, answer, ctype=ctype) + message(200, answer, ctype=ctype))
+                self._write(
+                    writer,
+                    number,
+                    message(200, answer, ctype=ctype) + message(200, answer, ctype=ctype),
+                )
             case Behaviour.EXTRA_LATE | Behaviour.IDLE_408:
                 return await self._late(reader, writer, number, how, answer, ctype)
             case Behaviour.READ_CLOSE:
                 return False
             case Behaviour.CLOSE_MID:
-                writer.write(
-                    message(200, answer[: len(answer) // 2], length=len(answer), ctype=ctype)
-                )
+                half = answer[: len(answer) // 2]
+                self._write(writer, number, message(200, half, length=len(answer), ctype=ctype))
                 await writer.drain()
                 return False
             case Behaviour.CUT_GZIP | Behaviour.CUT_BR:
@@ -317,9 +356,11 @@ class ScriptedUpstream:
                 )
                 cut = coded[: max(1, len(coded) * 2 // 3)]
                 coding = "gzip" if how is Behaviour.CUT_GZIP else "br"
-                writer.write(message(200, cut, f"Content-Encoding: {coding}", ctype=ctype))
+                self._write(
+                    writer, number, message(200, cut, f"Content-Encoding: {coding}", ctype=ctype)
+                )
             case Behaviour.BODY_AFTER_204:
-                writer.write(b"HTTP/1.1 204 No Content\r\n\r\n" + answer)
+                self._write(writer, number, b"HTTP/1.1 204 No Content\r\n\r\n" + answer)
             case Behaviour.EARLY | Behaviour.HEAD_ONLY:
                 raise AssertionError("handled above")
         await writer.drain()
@@ -336,17 +377,18 @@ class ScriptedUpstream:
     ) -> bool:
         """EXTRA_LATE / IDLE_408: the answer; a moment later, if the connection is idle, a
         second answer (EXTRA_LATE) or a 408 and the end of the connection (IDLE_408)."""
-        writer.write(message(200, answer, ctype=ctype))
+        self._write(writer, number, message(200, answer, ctype=ctype))
         await writer.drain()
         await asyncio.sleep(self.late_s)
         if not _idle(reader, writer):
             return True  # a next request came: no longer "on an idle connection"
         if how is Behaviour.EXTRA_LATE:
-            writer.write(message(200, answer, ctype=ctype))
+            self._write(writer, number, message(200, answer, ctype=ctype))
             self._extra_at[number] = time.monotonic()
+            self._note(number, "an extra answer")
             await writer.drain()
             return True
-        writer.write(message(408, b"", "Connection: close"))
+        self._write(writer, number, message(408, b"", "Connection: close"))
         await writer.drain()
         return False
 
