@@ -14,8 +14,10 @@ what the proxy needs, for one origin:
   answer that begins before the request was written out stops the writing and ends the
   connection's reuse. (What no HTTP/1.1 client can tell apart: an extra answer the upstream
   sends at the very moment the next request crosses it on the wire. That request's own
-  answer then comes one behind, and so does each next one while requests keep crossing
-  them; the first that arrives while no request waits closes the connection.)
+  answer then comes one behind, and each next request written before it arrives reads it:
+  under load, with answers that take seconds, that can go on until one arrives while no
+  request waits, which closes the connection. Countering it would take answers that name
+  their request, which HTTP/1.1 lacks; see docs/architecture.md.)
 - a request written once: once any byte of it may have reached the upstream it is never
   sent again (RFC 9112 9.3.1), but for a GET on a reused connection that closed unanswered;
 - the request as one write: the request line, the client's headers, Host, Content-Length,

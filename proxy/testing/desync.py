@@ -25,13 +25,16 @@ Each request may carry `X-Fuzz-Id`; an id seen twice is a resent request (`viola
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import enum
+import fcntl
 import gzip
 import hashlib
 import select
 import ssl
+import termios
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -39,11 +42,6 @@ from dataclasses import dataclass, field
 
 import brotli
 import orjson
-
-CROSSING_S = 0.5
-"""A request that reaches a connection this soon after an unsolicited answer was written on
-it crossed that answer on the wire (on a loaded machine the client's poll and write may be
-this far apart); later than that, the client kept a connection it should have closed."""
 
 
 class Behaviour(enum.Enum):
@@ -69,6 +67,13 @@ class Request:
     body: bytes
     connection: int
     """Which connection it came on (1, 2, ...)."""
+
+
+CROSSING_S = 0.05
+"""A request read this soon after an unsolicited answer was written may have crossed it even
+if it was not there yet when that answer was written: the client may have looked for
+unsolicited bytes just before the answer landed and been descheduled before its write. Later
+than that, the client kept a connection it should have closed."""
 
 
 def who(headers: dict[str, str]) -> str:
@@ -172,18 +177,25 @@ class ScriptedUpstream:
     behaviours: Counter[str] = field(default_factory=Counter)
     connections: int = 0
     _ids: set[str] = field(default_factory=set)
-    crossed: set[str] = field(default_factory=set)
-    """X-Fuzz-Ids of requests that crossed an unsolicited answer on the wire: written by the
-    client before that answer reached it (see CROSSING_S). No HTTP/1.1 client can tell such
-    an answer from its own; everything else must never read one.
+    crossed: dict[str, str] = field(default_factory=dict)
+    """Requests that crossed an unsolicited answer on the wire (by X-Fuzz-Id), each with the
+    words that name that answer (`[who:...] prompt`, or its error's message): the request's
+    bytes had reached this upstream when the answer was written (on loopback a write lands
+    in the peer's buffer at once, so the client wrote its request before the answer reached
+    it), or came within CROSSING_S. No HTTP/1.1 client can tell such an answer from its own;
+    everything else must never read one: a request that comes after an unsolicited answer
+    without having crossed it is a violation (the client kept a connection it should have
+    closed).
 
-    A crossing leaves its connection shifted: the client took the extra answer for its
-    request, so the answer to that request comes one behind, unsolicited too. A request
-    written before it arrives crosses it in turn (and so on); the first one that arrives
-    while no request waits is the client's cue to close the connection."""
+    A crossing leaves its connection shifted: the client took the unsolicited answer for its
+    request, so the answer to that request comes one behind, unsolicited too, and a request
+    already written when it is written crosses it in turn."""
     _shifted: set[int] = field(default_factory=set)
     """Connections on which a request crossed an unsolicited answer."""
-    _extra_at: dict[int, float] = field(default_factory=dict)
+    _unsolicited: dict[int, tuple[str, bool, float]] = field(default_factory=dict)
+    """Per connection, the last unsolicited answer written on it and not yet followed by a
+    request: the words that name it, whether a next request was already there, and when."""
+    _readers: dict[int, asyncio.StreamReader] = field(default_factory=dict)
     history: dict[int, list[str]] = field(default_factory=dict)
     """Per connection, what happened on it in order: each request (its X-Fuzz-Id's first 8
     characters, its credential's name, its behaviour), each unsolicited answer (see story)."""
@@ -215,6 +227,7 @@ class ScriptedUpstream:
         self._tasks.add(task)
         self.connections += 1
         number = self.connections
+        self._readers[number] = reader
         try:
             while await self._one(reader, writer, number):
                 pass
@@ -224,6 +237,7 @@ class ScriptedUpstream:
             pass
         finally:
             self._tasks.discard(task)
+            self._readers.pop(number, None)
             writer.close()
 
     async def _one(
@@ -256,13 +270,13 @@ class ScriptedUpstream:
         if plain is None and path.endswith("/audio/speech"):
             plain = _speech(how)
         if plain is not None:
-            self._write(writer, number, plain)
+            self._write(writer, req, plain, marker=f"[who:{who(headers)}]")
             await writer.drain()
             return True
         answer, ctype = answer_body(req), "application/json"
         if b'"stream":true' in req.body.replace(b" ", b""):
             answer, ctype = stream_body(req), "text/event-stream"
-        return await self._answer(reader, writer, number, how, answer, ctype)
+        return await self._answer(reader, writer, req, how, answer, ctype)
 
     def story(self, fuzz_ids: set[str]) -> str:
         """What happened, in order, on each connection that carried one of these requests."""
@@ -279,22 +293,41 @@ class ScriptedUpstream:
         if len(lines) < 200:
             lines.append(f"{time.monotonic():.4f} {what}")
 
-    def _write(self, writer: asyncio.StreamWriter, number: int, answer: bytes) -> None:
-        """Write an answer. On a shifted connection (see `crossed`) the client already took
-        an answer for the request this one is for: to it, this one is unsolicited too."""
+    def _write(
+        self,
+        writer: asyncio.StreamWriter,
+        req: Request,
+        answer: bytes,
+        *,
+        marker: str | None = None,
+        unread: int = 0,
+        extra: bool = False,
+    ) -> None:
+        """Write an answer to `req` (named by `marker`, by default its content). An `extra`
+        one is unsolicited; so is any on a shifted connection (see `crossed`). For those, note
+        whether a next request was already there (more bytes than `unread`, what is left of
+        `req` itself)."""
+        number = req.connection
         writer.write(answer)
-        if number in self._shifted:
-            self._extra_at[number] = time.monotonic()
-            self._note(number, "an answer one behind")
+        if not extra and number not in self._shifted:
+            return
+        if marker is None:
+            marker = f"[who:{who(req.headers)}] {prompt_of(req.body)}"
+        ahead = _pending(self._readers[number], writer) > unread
+        self._unsolicited[number] = (marker, ahead, time.monotonic())
+        kind = "an extra answer" if extra else "an answer one behind"
+        self._note(number, f"{kind}, {'a next request already there' if ahead else 'idle'}")
 
     def _check_crossing(self, number: int, headers: dict[str, str]) -> None:
         """A request on a connection that got an unsolicited answer: crossed it on the wire
-        (soon after it), else a violation."""
-        extra_at = self._extra_at.pop(number, None)
-        if extra_at is None:
+        if it was already there when that answer was written (or came within CROSSING_S),
+        else a violation."""
+        sent = self._unsolicited.pop(number, None)
+        if sent is None:
             return
-        if time.monotonic() - extra_at < CROSSING_S:
-            self.crossed.add(headers.get("x-fuzz-id", ""))
+        marker, ahead, written_at = sent
+        if ahead or time.monotonic() - written_at < CROSSING_S:
+            self.crossed[headers.get("x-fuzz-id", "")] = marker
             self._shifted.add(number)
         else:
             self.violations.append("a connection was used after an unsolicited answer")
@@ -312,8 +345,9 @@ class ScriptedUpstream:
     ) -> None:
         """EARLY: a 401 before the body is read, then the body read and checked for a
         request head inside it."""
-        answer = message(401, _error(req, "answered before the body was read"))
-        self._write(writer, req.connection, answer)
+        text = "answered before the body was read"
+        answer = message(401, _error(req, text))
+        self._write(writer, req, answer, marker=f"[who:{who(req.headers)}] {text}", unread=length)
         await writer.drain()
         body = await reader.readexactly(length)
         if b" HTTP/1.1\r\n" in body or b"authorization:" in body.lower():
@@ -323,7 +357,7 @@ class ScriptedUpstream:
         self,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        number: int,
+        req: Request,
         how: Behaviour,
         answer: bytes,
         ctype: str,
@@ -331,23 +365,23 @@ class ScriptedUpstream:
         """Write the answer the way `how` says; False: the connection is done."""
         match how:
             case Behaviour.NORMAL:
-                self._write(writer, number, message(200, answer, ctype=ctype))
+                self._write(writer, req, message(200, answer, ctype=ctype))
             case Behaviour.DELAY:
                 await asyncio.sleep(self.delay_s)
-                self._write(writer, number, message(200, answer, ctype=ctype))
+                self._write(writer, req, message(200, answer, ctype=ctype))
             case Behaviour.EXTRA_SAME_WRITE:
                 self._write(
                     writer,
-                    number,
+                    req,
                     message(200, answer, ctype=ctype) + message(200, answer, ctype=ctype),
                 )
             case Behaviour.EXTRA_LATE | Behaviour.IDLE_408:
-                return await self._late(reader, writer, number, how, answer, ctype)
+                return await self._late(reader, writer, req, how, answer, ctype)
             case Behaviour.READ_CLOSE:
                 return False
             case Behaviour.CLOSE_MID:
                 half = answer[: len(answer) // 2]
-                self._write(writer, number, message(200, half, length=len(answer), ctype=ctype))
+                self._write(writer, req, message(200, half, length=len(answer), ctype=ctype))
                 await writer.drain()
                 return False
             case Behaviour.CUT_GZIP | Behaviour.CUT_BR:
@@ -357,10 +391,10 @@ class ScriptedUpstream:
                 cut = coded[: max(1, len(coded) * 2 // 3)]
                 coding = "gzip" if how is Behaviour.CUT_GZIP else "br"
                 self._write(
-                    writer, number, message(200, cut, f"Content-Encoding: {coding}", ctype=ctype)
+                    writer, req, message(200, cut, f"Content-Encoding: {coding}", ctype=ctype)
                 )
             case Behaviour.BODY_AFTER_204:
-                self._write(writer, number, b"HTTP/1.1 204 No Content\r\n\r\n" + answer)
+                self._write(writer, req, b"HTTP/1.1 204 No Content\r\n\r\n" + answer)
             case Behaviour.EARLY | Behaviour.HEAD_ONLY:
                 raise AssertionError("handled above")
         await writer.drain()
@@ -370,25 +404,23 @@ class ScriptedUpstream:
         self,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        number: int,
+        req: Request,
         how: Behaviour,
         answer: bytes,
         ctype: str,
     ) -> bool:
         """EXTRA_LATE / IDLE_408: the answer; a moment later, if the connection is idle, a
         second answer (EXTRA_LATE) or a 408 and the end of the connection (IDLE_408)."""
-        self._write(writer, number, message(200, answer, ctype=ctype))
+        self._write(writer, req, message(200, answer, ctype=ctype))
         await writer.drain()
         await asyncio.sleep(self.late_s)
         if not _idle(reader, writer):
             return True  # a next request came: no longer "on an idle connection"
         if how is Behaviour.EXTRA_LATE:
-            self._write(writer, number, message(200, answer, ctype=ctype))
-            self._extra_at[number] = time.monotonic()
-            self._note(number, "an extra answer")
+            self._write(writer, req, message(200, answer, ctype=ctype), extra=True)
             await writer.drain()
             return True
-        self._write(writer, number, message(408, b"", "Connection: close"))
+        self._write(writer, req, message(408, b"", "Connection: close"))
         await writer.drain()
         return False
 
@@ -427,6 +459,21 @@ def _speech(how: Behaviour) -> bytes:
     if how is Behaviour.CUT_GZIP:
         coded = coded[: len(coded) // 2]
     return message(200, coded, "Content-Encoding: gzip", ctype="audio/mpeg")
+
+
+def _pending(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
+    """Bytes that have arrived and are not read yet: in the reader's buffer and in the
+    kernel's."""
+    buffered = len(reader.__dict__.get("_buffer") or b"")
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return buffered
+    waiting = array.array("i", [0])
+    try:
+        fcntl.ioctl(sock.fileno(), termios.FIONREAD, waiting)
+    except OSError:
+        return buffered
+    return buffered + waiting[0]
 
 
 def _idle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:

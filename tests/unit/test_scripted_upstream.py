@@ -4,12 +4,15 @@ as having crossed an unsolicited answer on the wire, and which reuse it calls a 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import orjson
 import pytest
 
-from proxy.testing.desync import Behaviour, Request, ScriptedUpstream
+from proxy.testing import desync
+from proxy.testing.desync import Behaviour, Request, ScriptedUpstream, who
+
+NAME = who({"authorization": "Bearer k"})
 
 
 @pytest.fixture
@@ -19,7 +22,7 @@ async def upstream() -> AsyncIterator[ScriptedUpstream]:
     def behave(_req: Request) -> Behaviour:
         return next(steps, Behaviour.NORMAL)
 
-    up = ScriptedUpstream(behave=behave, late_s=0.02)
+    up = ScriptedUpstream(behave=behave, late_s=0.05)
     await up.start()
     yield up
     await up.stop()
@@ -34,54 +37,58 @@ def chat(fuzz_id: str) -> bytes:
     return head.encode() + body
 
 
-async def wait_for(condition: object, seconds: float = 2.0) -> None:
+async def until(condition: Callable[[], object], seconds: float = 3.0) -> None:
     for _ in range(int(seconds / 0.005)):
-        if callable(condition) and condition():
+        if condition():
             return
         await asyncio.sleep(0.005)
     raise AssertionError("the upstream never got there")
 
 
-async def test_a_crossing_shifts_the_connection_until_the_client_lets_an_answer_arrive(
-    upstream: ScriptedUpstream,
+async def test_requests_already_there_cross_and_a_later_one_is_a_violation(
+    upstream: ScriptedUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A request written just after an extra answer crossed it; so did each next request
-    written before the answer one behind arrived; reusing the connection well after an
-    unsolicited answer is a violation."""
+    """An extra answer written while the next request was already there is crossed by it;
+    the answer to that request then comes one behind, crossed by the request after it if
+    that one was there too; a request written after an unsolicited answer arrived is a
+    violation (written later than CROSSING_S after it)."""
+    monkeypatch.setattr(desync, "_idle", lambda _r, _w: True)  # it misses the next request
     reader, writer = await asyncio.open_connection(upstream.host, upstream.port)
-    writer.write(chat("first"))  # EXTRA_LATE: its answer, then an extra one while idle
-    await wait_for(lambda: upstream._extra_at)
-    writer.write(chat("second"))  # written before reading the extra: it crossed it
-    await wait_for(lambda: len(upstream.requests) == 2)
-    writer.write(chat("third"))  # the answer to "second" is one behind: crossed too
-    await wait_for(lambda: len(upstream.requests) == 3)
-    assert upstream.crossed == {"second", "third"}
+    writer.write(chat("first"))  # EXTRA_LATE: its answer; after late_s, an extra one
+    await until(lambda: len(upstream.requests) == 1)
+    writer.write(chat("second") + chat("third"))  # both there before the extra is written
+    await until(lambda: len(upstream.requests) == 3)
+    assert upstream.crossed == {
+        "second": f"[who:{NAME}] first",  # the extra answer, to "first"
+        "third": f"[who:{NAME}] second",  # the answer to "second", one behind
+    }
     assert upstream.violations == []
-    await asyncio.sleep(0.6)  # the answer to "third" came while idle: the cue to close
+    await until(lambda: "idle" in upstream.history[1][-1])  # "third"'s answer: nobody waits
+    await asyncio.sleep(desync.CROSSING_S + 0.05)
     writer.write(chat("fourth"))
-    await wait_for(lambda: len(upstream.requests) == 4)
-    assert upstream.crossed == {"second", "third"}
+    await until(lambda: len(upstream.requests) == 4)
+    assert set(upstream.crossed) == {"second", "third"}
     assert upstream.violations == ["a connection was used after an unsolicited answer"]
     story = upstream.story({"second"})
     assert story.startswith("connection 1:") and story.count("an answer one behind") == 3
-    assert "an extra answer" in story and "fourth" in story
     writer.close()
     await writer.wait_closed()
     del reader
 
 
-async def test_a_next_request_before_the_extra_crosses_nothing(upstream: ScriptedUpstream) -> None:
-    """A next request that reaches the upstream before its extra answer is due stops the
-    extra answer: nothing is unsolicited, nothing crossed."""
-    upstream.late_s = 1.0  # (a client stalled this long would be too late)
+async def test_a_request_after_an_extra_answer_arrived_is_a_violation(
+    upstream: ScriptedUpstream,
+) -> None:
+    """A client that writes its next request well after an extra answer reached it kept a
+    connection it should have closed: not a crossing, a violation."""
     reader, writer = await asyncio.open_connection(upstream.host, upstream.port)
     writer.write(chat("first"))
-    await reader.readuntil(b"\r\n\r\n")
+    await until(lambda: "an extra answer" in " ".join(upstream.history.get(1, [])))
+    await asyncio.sleep(desync.CROSSING_S + 0.05)
     writer.write(chat("second"))
-    await wait_for(lambda: len(upstream.requests) == 2)
-    await asyncio.sleep(upstream.late_s + 0.1)  # past when an extra answer was due
-    assert upstream.crossed == set()
-    assert upstream._extra_at == {}
-    assert upstream.violations == []
+    await until(lambda: len(upstream.requests) == 2)
+    assert upstream.crossed == {}
+    assert upstream.violations == ["a connection was used after an unsolicited answer"]
     writer.close()
     await writer.wait_closed()
+    del reader
