@@ -124,10 +124,12 @@ SPEECH = bytes(range(256)) * 400
 
 
 def stream_body(req: Request) -> bytes:
-    """The same answer as a chat completion stream (three content chunks, then [DONE])."""
-    content = f"[who:{who(req.headers)}] {prompt_of(req.body)}"
-    third = max(1, len(content) // 3)
-    pieces = [content[:third], content[third : 2 * third], content[2 * third :]]
+    """The same answer as a chat completion stream (three content chunks, then [DONE]). The
+    first chunk holds the whole `[who:...]` name, so that even the raw bytes of a stream
+    read by a request that did not ask for one name its credential."""
+    name, rest = f"[who:{who(req.headers)}]", f" {prompt_of(req.body)}"
+    third = max(1, len(rest) // 3)
+    pieces = [name + rest[:third], rest[third : 2 * third], rest[2 * third :]]
     events = []
     for i, piece in enumerate(pieces):
         delta = {"role": "assistant", "content": piece} if i == 0 else {"content": piece}

@@ -584,6 +584,31 @@ async def test_an_answer_nobody_asked_for_closes_the_idle_connection() -> None:
     assert srv.connections == 2
 
 
+async def test_bytes_the_loop_has_not_read_yet_keep_an_idle_connection_from_reuse() -> None:
+    """Stray bytes still in the kernel's buffer (the loop has not handed them over) are seen
+    just before reuse (quiet()): the next request goes on a new connection."""
+
+    async def answer(_r: asyncio.StreamReader, w: asyncio.StreamWriter, req: bytes) -> bool:
+        w.write(ok(req[-3:]))
+        await w.drain()
+        await asyncio.sleep(0.05)
+        w.write(ok(b"stray"))
+        await w.drain()
+        return True
+
+    async with Server(answer) as srv:
+        client = srv.client(read=2.0)
+        assert await ask(client, b"one") == (200, b"one")
+        idle = client._idle[-1]
+        assert idle.transport is not None
+        idle.transport.pause_reading()  # the stray answer stays in the kernel, unread
+        await asyncio.sleep(0.2)
+        assert not idle.quiet()
+        assert await ask(client, b"two") == (200, b"two")
+        await client.aclose()
+    assert srv.connections == 2
+
+
 async def test_a_second_answer_in_the_same_write_is_never_the_next_answer() -> None:
     """An extra whole answer in the bytes of the first: the first is read, the connection is
     closed, and the next request gets its own answer on a new one."""
