@@ -32,7 +32,6 @@ import enum
 import fcntl
 import gzip
 import hashlib
-import select
 import ssl
 import termios
 import time
@@ -197,7 +196,6 @@ class ScriptedUpstream:
     _unsolicited: dict[int, tuple[str, bool, float]] = field(default_factory=dict)
     """Per connection, the last unsolicited answer written on it and not yet followed by a
     request: the words that name it, whether a next request was already there, and when."""
-    _readers: dict[int, asyncio.StreamReader] = field(default_factory=dict)
     history: dict[int, list[str]] = field(default_factory=dict)
     """Per connection, what happened on it in order: each request (its X-Fuzz-Id's first 8
     characters, its credential's name, its behaviour), each unsolicited answer (see story)."""
@@ -229,7 +227,6 @@ class ScriptedUpstream:
         self._tasks.add(task)
         self.connections += 1
         number = self.connections
-        self._readers[number] = reader
         try:
             while await self._one(reader, writer, number):
                 pass
@@ -239,7 +236,6 @@ class ScriptedUpstream:
             pass
         finally:
             self._tasks.discard(task)
-            self._readers.pop(number, None)
             writer.close()
 
     async def _one(
@@ -272,7 +268,7 @@ class ScriptedUpstream:
         if plain is None and path.endswith("/audio/speech"):
             plain = _speech(how)
         if plain is not None:
-            self._write(writer, req, plain, marker=f"[who:{who(headers)}]")
+            self._write(reader, writer, req, plain, marker=f"[who:{who(headers)}]")
             await writer.drain()
             return True
         answer, ctype = answer_body(req), "application/json"
@@ -297,6 +293,7 @@ class ScriptedUpstream:
 
     def _write(
         self,
+        reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         req: Request,
         answer: bytes,
@@ -315,7 +312,7 @@ class ScriptedUpstream:
             return
         if marker is None:
             marker = f"[who:{who(req.headers)}] {prompt_of(req.body)}"
-        ahead = _pending(self._readers[number], writer) > unread
+        ahead = _pending(reader, writer) > unread
         self._unsolicited[number] = (marker, ahead, time.monotonic())
         kind = "an extra answer" if extra else "an answer one behind"
         self._note(number, f"{kind}, {'a next request already there' if ahead else 'idle'}")
@@ -349,7 +346,9 @@ class ScriptedUpstream:
         request head inside it."""
         text = "answered before the body was read"
         answer = message(401, _error(req, text))
-        self._write(writer, req, answer, marker=f"[who:{who(req.headers)}] {text}", unread=length)
+        self._write(
+            reader, writer, req, answer, marker=f"[who:{who(req.headers)}] {text}", unread=length
+        )
         await writer.drain()
         body = await reader.readexactly(length)
         if b" HTTP/1.1\r\n" in body or b"authorization:" in body.lower():
@@ -367,12 +366,13 @@ class ScriptedUpstream:
         """Write the answer the way `how` says; False: the connection is done."""
         match how:
             case Behaviour.NORMAL:
-                self._write(writer, req, message(200, answer, ctype=ctype))
+                self._write(reader, writer, req, message(200, answer, ctype=ctype))
             case Behaviour.DELAY:
                 await asyncio.sleep(self.delay_s)
-                self._write(writer, req, message(200, answer, ctype=ctype))
+                self._write(reader, writer, req, message(200, answer, ctype=ctype))
             case Behaviour.EXTRA_SAME_WRITE:
                 self._write(
+                    reader,
                     writer,
                     req,
                     message(200, answer, ctype=ctype) + message(200, answer, ctype=ctype),
@@ -383,7 +383,9 @@ class ScriptedUpstream:
                 return False
             case Behaviour.CLOSE_MID:
                 half = answer[: len(answer) // 2]
-                self._write(writer, req, message(200, half, length=len(answer), ctype=ctype))
+                self._write(
+                    reader, writer, req, message(200, half, length=len(answer), ctype=ctype)
+                )
                 await writer.drain()
                 return False
             case Behaviour.CUT_GZIP | Behaviour.CUT_BR:
@@ -393,10 +395,13 @@ class ScriptedUpstream:
                 cut = coded[: max(1, len(coded) * 2 // 3)]
                 coding = "gzip" if how is Behaviour.CUT_GZIP else "br"
                 self._write(
-                    writer, req, message(200, cut, f"Content-Encoding: {coding}", ctype=ctype)
+                    reader,
+                    writer,
+                    req,
+                    message(200, cut, f"Content-Encoding: {coding}", ctype=ctype),
                 )
             case Behaviour.BODY_AFTER_204:
-                self._write(writer, req, b"HTTP/1.1 204 No Content\r\n\r\n" + answer)
+                self._write(reader, writer, req, b"HTTP/1.1 204 No Content\r\n\r\n" + answer)
             case Behaviour.EARLY | Behaviour.HEAD_ONLY:
                 raise AssertionError("handled above")
         await writer.drain()
@@ -413,16 +418,16 @@ class ScriptedUpstream:
     ) -> bool:
         """EXTRA_LATE / IDLE_408: the answer; a moment later, if the connection is idle, a
         second answer (EXTRA_LATE) or a 408 and the end of the connection (IDLE_408)."""
-        self._write(writer, req, message(200, answer, ctype=ctype))
+        self._write(reader, writer, req, message(200, answer, ctype=ctype))
         await writer.drain()
         await asyncio.sleep(self.late_s)
         if not _idle(reader, writer):
             return True  # a next request came: no longer "on an idle connection"
         if how is Behaviour.EXTRA_LATE:
-            self._write(writer, req, message(200, answer, ctype=ctype), extra=True)
+            self._write(reader, writer, req, message(200, answer, ctype=ctype), extra=True)
             await writer.drain()
             return True
-        self._write(writer, req, message(408, b"", "Connection: close"))
+        self._write(reader, writer, req, message(408, b"", "Connection: close"))
         await writer.drain()
         return False
 
@@ -479,15 +484,8 @@ def _pending(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
 
 
 def _idle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-    """No byte of a next request has arrived: none in the reader's buffer, none in the
-    kernel's."""
-    if reader.__dict__.get("_buffer") or reader.at_eof():
-        return False
-    sock = writer.get_extra_info("socket")
-    if sock is None:
-        return True
-    readable, _, _ = select.select([sock.fileno()], [], [], 0)
-    return not readable
+    """No byte of a next request has arrived (nor the connection's end)."""
+    return not reader.at_eof() and _pending(reader, writer) == 0
 
 
 def _error(req: Request, text: str) -> bytes:

@@ -563,19 +563,26 @@ async def test_through_an_http_proxy_the_target_is_absolute_and_authenticated() 
     assert b"Proxy-Authorization: Basic dXNlcjpwYUBzcw==\r\n" in sent  # user:pa@ss
 
 
-async def test_an_answer_nobody_asked_for_closes_the_idle_connection() -> None:
-    """Bytes that arrive while the connection idles (a late 408) close it: the next request
-    goes on a new connection and gets its own answer, never the stray one."""
+def echo_then(stray: bytes) -> Answer:
+    """Answers with the request's last three bytes, then 50 ms later sends `stray` while the
+    connection idles."""
 
     async def answer(_r: asyncio.StreamReader, w: asyncio.StreamWriter, req: bytes) -> bool:
         w.write(ok(req[-3:]))
         await w.drain()
         await asyncio.sleep(0.05)
-        w.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")
+        w.write(stray)
         await w.drain()
         return True
 
-    async with Server(answer) as srv:
+    return answer
+
+
+async def test_an_answer_nobody_asked_for_closes_the_idle_connection() -> None:
+    """Bytes that arrive while the connection idles (a late 408) close it: the next request
+    goes on a new connection and gets its own answer, never the stray one."""
+    late_408 = b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n"
+    async with Server(echo_then(late_408)) as srv:
         client = srv.client()
         assert await ask(client, b"one") == (200, b"one")
         await asyncio.sleep(0.2)
@@ -587,16 +594,7 @@ async def test_an_answer_nobody_asked_for_closes_the_idle_connection() -> None:
 async def test_bytes_the_loop_has_not_read_yet_keep_an_idle_connection_from_reuse() -> None:
     """Stray bytes still in the kernel's buffer (the loop has not handed them over) are seen
     just before reuse (quiet()): the next request goes on a new connection."""
-
-    async def answer(_r: asyncio.StreamReader, w: asyncio.StreamWriter, req: bytes) -> bool:
-        w.write(ok(req[-3:]))
-        await w.drain()
-        await asyncio.sleep(0.05)
-        w.write(ok(b"stray"))
-        await w.drain()
-        return True
-
-    async with Server(answer) as srv:
+    async with Server(echo_then(ok(b"stray"))) as srv:
         client = srv.client(read=2.0)
         assert await ask(client, b"one") == (200, b"one")
         idle = client._idle[-1]
