@@ -19,7 +19,7 @@ from proxy.models import CachedResponse
 from proxy.testing import FakeOpenAI
 from tests.conftest import ROOT, BackgroundLoop, ProxyServer, RedisServer, sdk
 from tests.functional.test_operations import TOKEN, purge_http, tenant_of
-from tests.helpers import body_of, header, post, status_of
+from tests.helpers import body_of, header, post, status_of, wait_until
 
 CHAT = "/v1/chat/completions"
 AUTH = {"Authorization": "Bearer sk-a", "Content-Type": "application/json"}
@@ -230,6 +230,22 @@ def test_a_tenant_purge_takes_its_idempotency_entries(
     assert fake.count(CHAT) == 3  # sk-a's retry went upstream again, sk-b's was kept
 
 
+async def purge_mid_fill(fake: FakeOpenAI, fill_port: int, purge_port: int, body: bytes) -> None:
+    """Purge gpt-4o-mini through `purge_port` while the upstream holds the answer to `body`,
+    asked through `fill_port`: the fill has begun, by the upstream's own count, before the purge
+    and ends after it (no sleep decides the order)."""
+    loop = asyncio.get_running_loop()
+    fake.hang = asyncio.Event()
+    try:
+        filling = loop.run_in_executor(None, post, fill_port, body, AUTH)
+        await wait_until(lambda: fake.count(CHAT) == 1, within_s=30.0)
+        purged = await loop.run_in_executor(None, purge_http, purge_port, {"model": "gpt-4o-mini"})
+        assert purged == (200, {"purged": 0})
+    finally:
+        fake.hang.set()
+    assert header(await filling, "X-Cache-Status") == "MISS"
+
+
 async def test_a_fill_begun_before_a_purge_is_not_stored(
     start_proxy: Any, fake: FakeOpenAI
 ) -> None:
@@ -238,15 +254,7 @@ async def test_a_fill_begun_before_a_purge_is_not_stored(
     proxy = start_proxy(admin_token=TOKEN)
     port = port_of(proxy)
     loop = asyncio.get_running_loop()
-    fake.latency = 1.0
-    filling = loop.run_in_executor(None, post, port, chat_body(False, "during"), AUTH)
-    await asyncio.sleep(0.4)
-    assert await loop.run_in_executor(None, purge_http, port, {"model": "gpt-4o-mini"}) == (
-        200,
-        {"purged": 0},
-    )
-    assert header(await filling, "X-Cache-Status") == "MISS"
-    fake.latency = 0.0
+    await purge_mid_fill(fake, port, port, chat_body(False, "during"))
     again = await loop.run_in_executor(None, post, port, chat_body(False, "during"), AUTH)
     assert header(again, "X-Cache-Status") == "MISS"
     assert fake.count(CHAT) == 2
@@ -260,14 +268,8 @@ async def test_a_fill_on_another_instance_begun_before_a_purge_is_not_stored(
     a = start_proxy(cache=redis_server.url, admin_token=TOKEN, hot_cache_mb=0)
     b = start_proxy(cache=redis_server.url, admin_token=TOKEN, hot_cache_mb=0)
     loop = asyncio.get_running_loop()
-    fake.latency = 1.0
     body = chat_body(False, "elsewhere")
-    filling = loop.run_in_executor(None, post, port_of(b), body, AUTH)
-    await asyncio.sleep(0.4)
-    purged = await loop.run_in_executor(None, purge_http, port_of(a), {"model": "gpt-4o-mini"})
-    assert purged == (200, {"purged": 0})
-    assert header(await filling, "X-Cache-Status") == "MISS"
-    fake.latency = 0.0
+    await purge_mid_fill(fake, port_of(b), port_of(a), body)
     again = await loop.run_in_executor(None, post, port_of(b), body, AUTH)
     assert header(again, "X-Cache-Status") == "MISS"  # the purged fill was not stored
     assert fake.count(CHAT) == 2
@@ -286,14 +288,8 @@ async def test_a_fill_on_another_process_of_one_sqlite_file_is_kept_out_by_a_pur
     a = start_proxy(cache=cache, admin_token=TOKEN, hot_cache_mb=0)
     b = start_proxy(cache=cache, admin_token=TOKEN, hot_cache_mb=0)
     loop = asyncio.get_running_loop()
-    fake.latency = 1.0
     body = chat_body(False, "one file")
-    filling = loop.run_in_executor(None, post, port_of(b), body, AUTH)
-    await asyncio.sleep(0.4)
-    purged = await loop.run_in_executor(None, purge_http, port_of(a), {"model": "gpt-4o-mini"})
-    assert purged == (200, {"purged": 0})
-    assert header(await filling, "X-Cache-Status") == "MISS"
-    fake.latency = 0.0
+    await purge_mid_fill(fake, port_of(b), port_of(a), body)
     await asyncio.sleep(0.5)  # B's batch is written, and A's key filter has read the file
     again = await loop.run_in_executor(None, post, port_of(a), body, AUTH)
     assert header(again, "X-Cache-Status") == "MISS"  # the purged fill was not stored
