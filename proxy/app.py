@@ -483,7 +483,6 @@ class ProxyApp:
         # Closed in reverse: the log flushes last, after every other close has logged.
         stack.callback(st.log.flush)
         stack.callback(_cancel, spawn(st.log.flush_forever(), name="log-flusher"))
-        stack.push_async_callback(_close_optional, st.bus)
         stack.push_async_callback(st.cache.aclose)
         stack.push_async_callback(_close_optional, st.rehoster)
         stack.push_async_callback(st.upstream.aclose)

@@ -97,6 +97,9 @@ class Followed(Enum):
 
 
 class RedisBus:
+    """Leases and answer streams between instances, over the Redis store's blocking client
+    (borrowed: the store closes it)."""
+
     def __init__(
         self,
         client: Any,
@@ -309,6 +312,3 @@ class RedisBus:
                         detail = "the leading instance's answer broke off"
                         flight.finish(Outcome.CUT, Failure.UPSTREAM_CUT, detail)
                     return Followed.DONE
-
-    async def aclose(self) -> None:
-        await self.client.aclose()

@@ -53,6 +53,8 @@ PURGE_LOG = 256
 """Purges remembered in Redis (newest first) to keep fills begun before them from storing."""
 PURGE_LOG_S = 3600
 """How long that list lives after the last purge: longer than any fill may take."""
+CLOCK_READINGS = 5
+"""Readings of Redis TIME at start-up; the one with the shortest round trip is kept."""
 
 EVICTING_POLICIES = ("allkeys-lru", "allkeys-lfu", "allkeys-random")
 """maxmemory policies that may evict keys without a TTL protection: a lease or a stream key
@@ -128,17 +130,29 @@ class RedisStore:
                 log.warning("store.eviction_policy", store=self.name, policy=policy)
 
     async def _read_clock(self) -> None:
-        """Take Redis's clock as the one for `created`, Age and max-age (see models.Clock)."""
+        """Take Redis's clock as the one for `created`, Age and max-age (see models.Clock).
+        Each reading is off by at most half its round trip, and one round trip can be long
+        (this process descheduled on a busy machine): the shortest of CLOCK_READINGS is kept,
+        as NTP does, so instances on one store agree closely on when a purge came."""
+        best: tuple[float, float] | None = None  # (round trip, offset)
         try:
-            before = time.time()
-            got = await self._call(self.client.time)
-            if isinstance(got, dict):  # a cluster client may answer per node
-                got = next(iter(got.values()))
-            seconds, micros = got
-            CLOCK.offset = float(seconds) + float(micros) / 1e6 - (before + time.time()) / 2
+            for _ in range(CLOCK_READINGS):
+                before = time.time()
+                got = await self._call(self.client.time)
+                after = time.time()
+                if isinstance(got, dict):  # a cluster client may answer per node
+                    got = next(iter(got.values()))
+                seconds, micros = got
+                reading = (
+                    after - before,
+                    float(seconds) + float(micros) / 1e6 - (before + after) / 2,
+                )
+                best = reading if best is None else min(best, reading)
         except Exception as exc:  # no TIME (a proxy in front of Redis...): this machine's clock
             log.info("store.clock_unavailable", store=self.name, error=type(exc).__name__)
             return
+        if best is not None:
+            CLOCK.offset = best[1]
         if abs(CLOCK.offset) > 1.0:
             log.warning("store.clock_skew", store=self.name, offset_s=round(CLOCK.offset, 3))
 
@@ -331,4 +345,7 @@ class RedisStore:
         return [k for k in found if not is_partition(k)]
 
     async def aclose(self) -> None:
+        """Close both clients: the store made them, the bus only borrows the blocking one."""
         await self.client.aclose()
+        if self._blocking is not self.client:
+            await self._blocking.aclose()

@@ -1,4 +1,5 @@
-"""The memory store, store URLs, and the cache's writes without waiting (Cache.put)."""
+"""The memory store, store URLs, the cache's writes without waiting (Cache.put), and the
+shared clock read from Redis."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from hypothesis import strategies as st
 
 from proxy.cache import Cache
 from proxy.errors import ConfigError, StoreUnavailable
-from proxy.models import CachedResponse
+from proxy.models import CLOCK, CachedResponse
 from proxy.stores import MemoryStore, open_store
 from proxy.stores.keyfilter import KeyFilter
+from proxy.stores.redis import RedisStore
 from proxy.stores.sqlite import SQLiteStore
+from tests.conftest import RedisServer
 from tests.helpers import wait_until
 
 
@@ -345,3 +348,27 @@ def test_a_key_added_again_is_not_counted_twice() -> None:
     f.add("v2:a")
     f.add("v2:b")
     assert f.count == 2
+
+
+async def test_one_slow_reading_of_redis_time_does_not_skew_the_clock(
+    redis_server: RedisServer,
+) -> None:
+    """A process stalled right after its first TIME reading (a busy machine) still takes
+    Redis's clock within a few ms: the reading with the shortest round trip is the one kept."""
+    store = RedisStore.from_url(redis_server.url)
+    real_time, stalls = store.client.time, [0.4]
+
+    async def time_then_stall() -> object:
+        got = await real_time()
+        if stalls:
+            await asyncio.sleep(stalls.pop())  # the reading comes back late
+        return got
+
+    store.client.time = time_then_stall
+    try:
+        await store.warm()
+        assert not stalls  # the stalled reading was taken (and left out)
+        assert abs(CLOCK.offset) < 0.05  # one machine: Redis's clock is this one
+    finally:
+        CLOCK.offset = 0.0
+        await store.aclose()
