@@ -11,7 +11,7 @@ Knobs, set on the instance while it runs:
 - `cut_after`: streams stop after N chunks without their terminal event (and the connection
   is cut); `error_after`: an `error` event after N chunks; `fail_responses`: a Responses
   stream ends with `response.failed`;
-- `hang`: an asyncio.Event; while it is not set, every request waits for it;
+- `hold()` / `release()` (from any thread): requests are counted, then wait until released;
 - `path_latency` / `path_errors`: one path is slow, or answers an error status;
 - embeddings are a hashed bag of words (`bag_of_words`): paraphrases embed alike;
 - `image_ttl_s`: how long image URLs work (like OpenAI's 60 minutes).
@@ -202,7 +202,8 @@ class FakeOpenAI:
     cut_after: int | None = None
     error_after: int | None = None
     fail_responses: bool = False
-    hang: asyncio.Event | None = None
+    _gate: asyncio.Event | None = None
+    _loop: asyncio.AbstractEventLoop | None = None
     calls: list[Call] = field(default_factory=list)
     image_downloads: list[str] = field(default_factory=list)
     sent: list[float] = field(default_factory=list)
@@ -255,6 +256,7 @@ class FakeOpenAI:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Serve on host:port (0: a free port); returns the base URL (no /v1)."""
+        self._loop = asyncio.get_running_loop()
         self._runner = web.AppRunner(self.app(), access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
@@ -269,6 +271,22 @@ class FakeOpenAI:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    def hold(self) -> None:
+        """From now on every request is counted, then waits until release(): a test orders
+        what happens while an answer is pending by the upstream's own count, not by a sleep."""
+        self._gate = asyncio.Event()
+
+    def release(self) -> None:
+        """Let the held requests go on, from any thread (the gate is set on the fake's loop:
+        asyncio.Event is not thread-safe)."""
+        gate, self._gate = self._gate, None
+        if gate is None:
+            return
+        if self._loop is None or self._loop.is_closed():
+            gate.set()
+        else:
+            self._loop.call_soon_threadsafe(gate.set)
 
     def count(self, path: str | None = None) -> int:
         """Calls so far, to one path or to any API path (image downloads are not calls)."""
@@ -286,8 +304,9 @@ class FakeOpenAI:
         )
         self._n += 1
         request[CALL_N] = self._n
-        if self.hang is not None:
-            await self.hang.wait()
+        gate = self._gate
+        if gate is not None:
+            await gate.wait()
         delay = self.latencies.pop(0) if self.latencies else self.latency
         delay = self.path_latency.get(request.path, delay)
         if delay:

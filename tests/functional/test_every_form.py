@@ -235,14 +235,14 @@ async def purge_mid_fill(fake: FakeOpenAI, fill_port: int, purge_port: int, body
     asked through `fill_port`: the fill has begun, by the upstream's own count, before the purge
     and ends after it (no sleep decides the order)."""
     loop = asyncio.get_running_loop()
-    fake.hang = asyncio.Event()
+    fake.hold()
     try:
         filling = loop.run_in_executor(None, post, fill_port, body, AUTH)
         await wait_until(lambda: fake.count(CHAT) == 1, within_s=30.0)
         purged = await loop.run_in_executor(None, purge_http, purge_port, {"model": "gpt-4o-mini"})
         assert purged == (200, {"purged": 0})
     finally:
-        fake.hang.set()
+        fake.release()
     assert header(await filling, "X-Cache-Status") == "MISS"
 
 
