@@ -173,3 +173,12 @@ def eventually(cond: Callable[[], object], within_s: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.01)
+
+
+def flight_readers(*proxies: Any) -> int:
+    """Requests of these in-process proxies (tests.conftest.ProxyServer) now reading a
+    flight's answer through a Reader: every joiner and follower, and a leader that relays
+    through one (a leader that reads a whole JSON answer itself is not counted). A test holds
+    the upstream (FakeOpenAI.hold) until this reaches its burst's count, so that every
+    duplicate has joined before the answer comes, however slow the machine."""
+    return sum(f.readers for p in proxies for f in p.state.flights._flights.values())
