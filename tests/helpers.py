@@ -16,7 +16,7 @@ import aiohttp
 import orjson
 from multidict import CIMultiDictProxy
 
-from tests.conftest import spawn_proxy
+from tests.conftest import BackgroundLoop, ProxyServer, spawn_proxy
 
 CHAT = "/v1/chat/completions"
 
@@ -178,7 +178,24 @@ def eventually(cond: Callable[[], object], within_s: float = 10.0) -> None:
 def flight_readers(*proxies: Any) -> int:
     """Requests of these in-process proxies (tests.conftest.ProxyServer) now reading a
     flight's answer through a Reader: every joiner and follower, and a leader that relays
-    through one (a leader that reads a whole JSON answer itself is not counted). A test holds
-    the upstream (FakeOpenAI.hold) until this reaches its burst's count, so that every
-    duplicate has joined before the answer comes, however slow the machine."""
-    return sum(f.readers for p in proxies for f in p.state.flights._flights.values())
+    through one. A leader that reads a whole JSON answer itself is not counted; on a Redis
+    store every request reads through one, and the leader's copy to Redis is one more (n + 1
+    for a burst of n). A test holds the upstream (FakeOpenAI.hold) until this reaches its
+    burst's count, so that every duplicate has joined before the answer comes, however slow
+    the machine."""
+    # list() copies the flights in one step under the GIL: the proxy's loop runs on another
+    # thread and may add or drop flights meanwhile.
+    return sum(f.readers for p in proxies for f in list(p.state.flights._flights.values()))
+
+
+def recheck_s_passes(bg: BackgroundLoop, proxy: ProxyServer) -> None:
+    """As if --auth-recheck-s had passed since every credential was last seen accepted: each
+    one's re-check deadline moves that much earlier, on the proxy's own loop (no sleep)."""
+    auth = proxy.state.auth
+    assert auth is not None
+
+    async def earlier() -> None:
+        for tenant in list(auth._until):
+            auth._until[tenant] -= auth.recheck_s
+
+    bg.run(earlier())

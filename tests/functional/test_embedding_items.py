@@ -16,14 +16,13 @@ import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from openai.types import CreateEmbeddingResponse
 from structlog.testing import capture_logs
 
 from proxy.report import Report
 from proxy.testing import FakeOpenAI
 from proxy.testing.fake_openai import bag_of_words
-from tests.conftest import ProxyServer, RedisServer, async_sdk, sdk
-from tests.helpers import eventually
+from tests.conftest import BackgroundLoop, ProxyServer, RedisServer, async_sdk, sdk
+from tests.helpers import eventually, recheck_s_passes, wait_until
 
 EMB = "/v1/embeddings"
 MODEL = "text-embedding-3-small"
@@ -221,19 +220,18 @@ def test_an_answer_that_does_not_match_the_items_is_a_502(
     assert again.headers["x-cache-status"] == "MISS" and fake.count(EMB) == 2
 
 
-def test_a_revoked_key_gets_no_cached_items(start_proxy: Any, fake: FakeOpenAI) -> None:
+def test_a_revoked_key_gets_no_cached_items(
+    start_proxy: Any, fake: FakeOpenAI, bg: BackgroundLoop
+) -> None:
     """Past --auth-recheck-s, cached items are served only after the credential is checked
     again: a revoked key gets the upstream's 401, not the items it stored."""
-    import time
-
-    import openai
-
-    proxy = start_proxy(auth_recheck_s=0.3)
+    proxy = start_proxy(auth_recheck_s=3600)
     client = sdk(proxy, key="sk-soon-revoked")
     embed(client, texts(3), dimensions=8)
     assert embed(client, texts(3), dimensions=8).headers["x-cache-status"] == "HIT"
+    assert fake.count("/v1/models") == 0  # seen accepted within the hour: no check
     fake.revoked_keys.add("sk-soon-revoked")
-    time.sleep(0.4)
+    recheck_s_passes(bg, proxy)
     with pytest.raises(openai.AuthenticationError):
         embed(client, texts(3), dimensions=8)
     assert fake.count(EMB) == 1 and fake.count("/v1/models") == 1
@@ -298,15 +296,21 @@ async def test_a_rule_without_coalescing_joins_no_items(
     rules = tmp_path / "r.toml"
     rules.write_text('[[rule]]\nroute = "/v1/embeddings"\ncoalesce = false\n')
     proxy = start_proxy(rules=rules)
-    fake.latencies = [0.8, 0.0]
     a, b = texts(3, "c"), [*texts(3, "c")[1:], "only in b"]
     async with async_sdk(proxy) as client:
-
-        async def later() -> CreateEmbeddingResponse:
-            await asyncio.sleep(0.3)
-            return await client.embeddings.create(model=MODEL, input=b, dimensions=8)
-
-        await asyncio.gather(client.embeddings.create(model=MODEL, input=a, dimensions=8), later())
+        fake.hold()
+        try:
+            first = asyncio.ensure_future(
+                client.embeddings.create(model=MODEL, input=a, dimensions=8)
+            )
+            await wait_until(lambda: fake.count(EMB) == 1, within_s=30.0)  # a's items in flight
+            second = asyncio.ensure_future(
+                client.embeddings.create(model=MODEL, input=b, dimensions=8)
+            )
+            await wait_until(lambda: fake.count(EMB) == 2, within_s=30.0)
+        finally:
+            fake.release()
+        await asyncio.gather(first, second)
     assert sent_items(fake) == [a, b]
 
 
@@ -353,24 +357,24 @@ async def test_a_purge_during_the_call_keeps_its_items_out(
     """A purge by model made while a list's items are upstream: the items that come back
     after it are not stored, so the same list again goes upstream (as a whole answer does)."""
     proxy = start_proxy()
-    fake.latencies = [1.0]
     items = texts(3, "purged")
     async with async_sdk(proxy) as client:
-
-        async def purge_midway() -> tuple[int, bytes, dict[str, str]]:
-            await asyncio.sleep(0.4)
-            return await asyncio.to_thread(
+        fake.hold()
+        try:
+            call = asyncio.ensure_future(
+                client.embeddings.with_raw_response.create(model=MODEL, input=items, dimensions=8)
+            )
+            await wait_until(lambda: fake.count(EMB) == 1, within_s=30.0)  # the items are upstream
+            status, _, _ = await asyncio.to_thread(
                 _post,
                 proxy,
                 "/_proxy/purge",
                 orjson.dumps({"model": MODEL}),
                 {"Content-Type": "application/json"},
             )
-
-        first, (status, _, _) = await asyncio.gather(
-            client.embeddings.with_raw_response.create(model=MODEL, input=items, dimensions=8),
-            purge_midway(),
-        )
+        finally:
+            fake.release()
+        first = await call
         assert status == 200 and first.headers["x-cache-status"] == "MISS"
         again = await client.embeddings.with_raw_response.create(
             model=MODEL, input=items, dimensions=8
