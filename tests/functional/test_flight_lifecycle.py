@@ -10,10 +10,11 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import redis
 
 from proxy.testing import FakeOpenAI
 from tests.conftest import BackgroundLoop, ProxyServer, RedisServer
-from tests.helpers import HEADERS, joined, post_json, post_stream
+from tests.helpers import HEADERS, flight_readers, joined, post_json, post_stream, wait_until
 
 BIG = "x" * (2 * 1024 * 1024)
 
@@ -21,14 +22,19 @@ BIG = "x" * (2 * 1024 * 1024)
 async def _big_burst(
     proxy: ProxyServer, fake: FakeOpenAI, prompt: str, n: int
 ) -> tuple[str, dict[str, Any], list[tuple[int, Any, bytes]]]:
-    """`n` identical chat requests at once whose answer is BIG (the upstream takes 0.3 s):
-    the URL, the request, and each (status, headers, body)."""
+    """`n` identical chat requests at once whose answer is BIG, held at the upstream until the
+    n - 1 duplicates have joined the flight (its leader reads the answer whole itself, without
+    a reader): the URL, the request, and each (status, headers, body)."""
     fake.model_replies["big"] = BIG
-    fake.latency = 0.3
     url = proxy.url + "/v1/chat/completions"
     chat: dict[str, Any] = {"model": "big", "messages": [{"role": "user", "content": prompt}]}
-    results = await asyncio.gather(*(post_json(url, chat) for _ in range(n)))
-    return url, chat, list(results)
+    fake.hold()
+    try:
+        jobs = [asyncio.ensure_future(post_json(url, chat)) for _ in range(n)]
+        await wait_until(lambda: fake.count() == 1 and flight_readers(proxy) == n - 1, 30.0)
+    finally:
+        fake.release()
+    return url, chat, list(await asyncio.gather(*jobs))
 
 
 async def test_a_large_inline_answer_reaches_leader_and_joiners_whole(
@@ -78,7 +84,11 @@ async def test_without_coalescing_on_redis_an_inline_answer_is_stored_and_let_go
     chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "nc"}]}
     results = await asyncio.gather(*(post_json(url, chat) for _ in range(3)))
     assert [s for s, _, _ in results] == [200] * 3 and fake.count() == 3
-    await asyncio.sleep(0.3)
+    r = redis.Redis.from_url(redis_server.url)
+    try:  # set() wrote it to Redis (not only to this process's hot tier)
+        await wait_until(lambda: any(r.scan_iter(match="ocp:resp:*")), 5.0)
+    finally:
+        r.close()
     status, headers, _ = await post_json(url, chat)
     assert status == 200 and headers["X-Cache-Status"] == "HIT" and fake.count() == 3
     assert len(proxy.state.flights) == 0
@@ -106,17 +116,29 @@ async def test_without_coalescing_streams_are_stored_and_let_go(
 
 class HalfAnswer:
     """A raw upstream: each chat request gets a 200 head promising N bytes, half of them
-    after `delay_s`, then the connection closes."""
+    after `delay_s`, then the connection closes. Like FakeOpenAI, hold() makes each request
+    counted (`calls`) wait for release() (from any thread) before its answer."""
 
-    def __init__(self, delay_s: float = 0.3) -> None:
+    def __init__(self, delay_s: float = 0.1) -> None:
         self.delay_s = delay_s
         self.calls = 0
         self.server: asyncio.Server | None = None
         self.url = ""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._gate: asyncio.Event | None = None
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    def hold(self) -> None:
+        self._gate = asyncio.Event()
+
+    def release(self) -> None:
+        gate, self._gate = self._gate, None
+        if gate is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(gate.set)
 
     async def stop(self) -> None:
         if self.server is not None:
@@ -133,6 +155,9 @@ class HalfAnswer:
         )
         await reader.readexactly(length)
         self.calls += 1
+        gate = self._gate
+        if gate is not None:
+            await gate.wait()
         body = orjson.dumps({"id": "x", "object": "chat.completion", "choices": []}) * 50
         writer.write(
             b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
@@ -160,15 +185,21 @@ async def test_an_inline_answer_cut_short_is_a_cut_for_leader_and_joiners(
     start_proxy: Any, bg: BackgroundLoop
 ) -> None:
     """A non-streamed chat answer whose upstream closes half-way (read inline, no leader
-    reader): the leader and its joiners all see a cut, nothing is stored, no flight stays,
-    and the next request goes upstream again."""
+    reader): the leader and its 3 joiners (held until they joined) all see a cut, nothing is
+    stored, no flight stays, and the next request goes upstream again."""
     up = HalfAnswer()
     bg.run(up.start())
     try:
         proxy = start_proxy(upstream=up.url)
         url = proxy.url + "/v1/chat/completions"
         chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "cut"}]}
-        results = await asyncio.gather(*(_raw_post(url, chat) for _ in range(4)))
+        up.hold()
+        try:
+            jobs = [asyncio.ensure_future(_raw_post(url, chat)) for _ in range(4)]
+            await wait_until(lambda: up.calls == 1 and flight_readers(proxy) == 3, 30.0)
+        finally:
+            up.release()
+        results = await asyncio.gather(*jobs)
         assert up.calls == 1
         assert [b for _, b, _ in results] == [b"<cut>"] * 4, results
         await asyncio.sleep(0.1)

@@ -10,11 +10,21 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import redis
 from structlog.testing import capture_logs
 
 from proxy.testing import FakeOpenAI
 from tests.conftest import ProxyServer, RedisServer, free_port
-from tests.helpers import body_of, header, post, raw, status_of
+from tests.helpers import (
+    body_of,
+    eventually,
+    flight_readers,
+    header,
+    post,
+    raw,
+    status_of,
+    wait_until,
+)
 
 CHAT = "/v1/chat/completions"
 AUTH = {"Authorization": "Bearer sk-a", "Content-Type": "application/json"}
@@ -113,21 +123,30 @@ def test_the_request_directive_opts_in_on_any_rule(
 async def test_waiters_on_the_failed_flight_get_the_stale_answer(
     start_proxy: Any, fake: FakeOpenAI, tmp_path: Path
 ) -> None:
-    """Five identical requests while the upstream fails: one call, five STALE answers."""
+    """Five identical requests while the upstream fails (held until the four duplicates
+    joined the leader's flight): one call, five STALE answers."""
     proxy = start_proxy(rules=rules(tmp_path))
     async with aiohttp.ClientSession() as s:
         async with s.post(proxy.url + CHAT, data=chat("q"), headers=AUTH) as r:
             original = await r.read()
         await asyncio.sleep(1.1)
         fake.errors = [(500, ERROR)]
-        fake.latency = 0.3
         calls = fake.count(CHAT)
 
         async def one() -> tuple[str, bytes]:
             async with s.post(proxy.url + CHAT, data=chat("q"), headers=AUTH) as r:
                 return r.headers["X-Cache-Status"], await r.read()
 
-        answers = await asyncio.gather(*(one() for _ in range(5)))
+        fake.hold()
+        try:
+            jobs = [asyncio.ensure_future(one()) for _ in range(5)]
+            # the leader reads its JSON answer itself: the 4 others read the flight
+            await wait_until(
+                lambda: fake.count(CHAT) == calls + 1 and flight_readers(proxy) == 4, 30.0
+            )
+        finally:
+            fake.release()
+        answers = await asyncio.gather(*jobs)
     assert fake.count(CHAT) == calls + 1
     assert {a[0] for a in answers} == {"STALE"} and {a[1] for a in answers} == {original}
 
@@ -154,6 +173,12 @@ def test_an_unreachable_upstream_on_a_second_instance(
     assert header(stale, "Cache-Status") == (
         "openai-cache-proxy; fwd=stale; detail=upstream-unreachable"
     )
-    time.sleep(0.5)  # B lets go of its lease (a request in that window shares B's failure)
+    # B lets go of its lease once its flight is done (a request before that would follow
+    # B's flight and share its failure); within 3 s, less than a lease left to expire lasts
+    r = redis.Redis.from_url(redis_server.url)
+    try:
+        eventually(lambda: not any(r.scan_iter(match="*:lease")), 3.0)
+    finally:
+        r.close()
     fresh = post(port_of(a), chat("shared"), AUTH)  # A's upstream is fine: replaced
     assert header(fresh, "X-Cache-Status") == "MISS"
