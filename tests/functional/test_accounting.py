@@ -19,6 +19,7 @@ from structlog.testing import capture_logs
 from proxy.report import Report, render
 from proxy.testing import FakeOpenAI
 from tests.conftest import ProxyServer, async_sdk
+from tests.helpers import flight_readers, wait_until
 
 PRICE_IN, PRICE_OUT = 0.15, 0.60  # gpt-4o-mini in rules/prices.toml, per 1M tokens
 DALLE2_1024 = 0.020
@@ -54,10 +55,15 @@ async def test_scripted_workload_adds_up_everywhere(start_proxy: Any, fake: Fake
             tokens_spent += miss.usage.total_tokens
             tokens_saved += miss.usage.total_tokens
 
-            fake.latency = 0.3
             dup = {**chat, "messages": [{"role": "user", "content": "five at once"}]}
-            burst = await asyncio.gather(*(c.chat.completions.create(**dup) for _ in range(5)))
-            fake.latency = 0.0
+            fake.hold()  # until all five are in: one upstream call, four joined to it
+            try:
+                five = [asyncio.ensure_future(c.chat.completions.create(**dup)) for _ in range(5)]
+                # one call more than the miss above, and the 4 others reading its flight
+                await wait_until(lambda: fake.count() == 2 and flight_readers(proxy) == 4, 30.0)
+            finally:
+                fake.release()
+            burst = await asyncio.gather(*five)
             one = burst[0].usage
             spent += chat_cost(one)
             saved += 4 * chat_cost(one)

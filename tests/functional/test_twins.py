@@ -12,7 +12,7 @@ import orjson
 from proxy.stores.memory import MemoryStore
 from proxy.testing import FakeOpenAI
 from tests.conftest import ProxyServer, async_sdk, sdk
-from tests.helpers import eventually
+from tests.helpers import eventually, wait_until
 
 PROMPT: list[Any] = [{"role": "user", "content": "twin persona"}]
 
@@ -125,19 +125,27 @@ async def test_twins_in_flight_each_go_upstream(proxy: ProxyServer, fake: FakeOp
     """A streamed and a non-streamed request in flight at once do not share the live answer
     (a live stream is not converted half-way): two upstream calls; later both forms HIT,
     whichever was stored last (the stream asks its usage, so either form serves the other)."""
-    fake.latency = 0.3
     usage: Any = {"include_usage": True}
     async with async_sdk(proxy) as c:
-        stream_call = c.chat.completions.create(
-            model="gpt-4o-mini", messages=PROMPT, stream=True, stream_options=usage
-        )
-        json_call = c.chat.completions.create(model="gpt-4o-mini", messages=PROMPT)
+        fake.hold()  # neither answer comes before both requests are in flight
+        try:
+            stream_call = asyncio.ensure_future(
+                c.chat.completions.create(
+                    model="gpt-4o-mini", messages=PROMPT, stream=True, stream_options=usage
+                )
+            )
+            json_call = asyncio.ensure_future(
+                c.chat.completions.create(model="gpt-4o-mini", messages=PROMPT)
+            )
+            # the second did not join the first one's flight: it went upstream too
+            await wait_until(lambda: fake.count("/v1/chat/completions") == 2, 30.0)
+        finally:
+            fake.release()
         stream, _plain = await asyncio.gather(stream_call, json_call)
         async for _ in stream:
             pass
         assert fake.count("/v1/chat/completions") == 2
         await asyncio.sleep(0.1)  # both stored (the last one written is the entry)
-        fake.latency = 0.0
         forms: tuple[dict[str, Any], ...] = ({"stream": True, "stream_options": usage}, {})
         for form in forms:
             raw = await c.chat.completions.with_raw_response.create(
