@@ -306,6 +306,12 @@ class Flights:
     def __len__(self) -> int:
         return len(self._flights)
 
+    def readers(self) -> int:
+        """Requests now reading these flights through a Reader: joiners and followers, and a
+        leader that relays through one (one that reads a whole JSON answer itself does not).
+        Safe from another thread: list() copies the flights in one step under the GIL."""
+        return sum(f.readers for f in list(self._flights.values()))
+
     def get(self, key: str) -> Flight | None:
         flight = self._flights.get(key)
         if flight is not None and not flight.joinable:

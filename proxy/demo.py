@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import shutil
 import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from proxy.app import ProxyApp, running
+from proxy.coalesce import Flights
 from proxy.log import configure_logging
 from proxy.settings import Settings
 from proxy.testing import FakeOpenAI
@@ -56,7 +59,7 @@ def _http_status(url: str) -> tuple[int, bytes]:
         return exc.code, b""
 
 
-async def tour(client: openai.AsyncOpenAI, fake: FakeOpenAI) -> list[Row]:
+async def tour(client: openai.AsyncOpenAI, fake: FakeOpenAI, flights: Flights) -> list[Row]:
     """Every step of the demo in order, one row each."""
     chat: dict[str, Any] = {
         "model": "gpt-4o-mini",
@@ -64,7 +67,7 @@ async def tour(client: openai.AsyncOpenAI, fake: FakeOpenAI) -> list[Row]:
     }
     rows = await _chat_steps(client, fake, chat)
     rows += await _stream_steps(client, fake, chat)
-    rows.append(await _coalesce_step(client, fake, chat))
+    rows.append(await _coalesce_step(client, fake, chat, flights))
     rows += await semantic_steps(client, fake, chat)
     generated = await _image_step(client, fake)
     rows.append(generated)
@@ -111,13 +114,17 @@ async def _stream_steps(
     return rows
 
 
-async def _coalesce_step(client: openai.AsyncOpenAI, fake: FakeOpenAI, chat: dict[str, Any]) -> Row:
+async def _coalesce_step(
+    client: openai.AsyncOpenAI, fake: FakeOpenAI, chat: dict[str, Any], flights: Flights
+) -> Row:
     """Twenty identical calls at once: one goes upstream, the rest join it."""
     dup = {**chat, "messages": [{"role": "user", "content": "Same question, 20 clicks"}]}
     t0 = time.perf_counter()
-    answers = await asyncio.gather(
-        *(client.chat.completions.with_raw_response.create(**dup) for _ in range(20))
-    )
+    async with _answer_held_until_joined(fake, flights, 19):
+        batch = asyncio.gather(
+            *(client.chat.completions.with_raw_response.create(**dup) for _ in range(20))
+        )
+    answers = await batch
     ms = (time.perf_counter() - t0) * 1000
     labels = [a.headers["x-cache-status"] for a in answers]
     summary = f"{labels.count('MISS')} MISS + {labels.count('COALESCED')} COALESCED"
@@ -130,6 +137,28 @@ async def _coalesce_step(client: openai.AsyncOpenAI, fake: FakeOpenAI, chat: dic
         f"identical answers: {same}",
         measures="the batch of 20",
     )
+
+
+POLL_S = 0.005
+"""How often the demo's burst step looks whether its duplicates have all joined."""
+
+
+@contextlib.asynccontextmanager
+async def _answer_held_until_joined(
+    fake: FakeOpenAI, flights: Flights, joiners: int, within_s: float = 5.0
+) -> AsyncIterator[None]:
+    """Hold the fake upstream's chat answers until `joiners` requests read its flight (or
+    `within_s` passed): a real upstream takes seconds, longer than a burst takes to arrive
+    even on a busy machine; the fake's 250 ms may not be."""
+    fake.hold("/v1/chat/completions")
+    try:
+        yield
+        for _ in range(int(within_s / POLL_S)):
+            if flights.readers() >= joiners:
+                break
+            await asyncio.sleep(POLL_S)
+    finally:
+        fake.release()
 
 
 async def _image_step(client: openai.AsyncOpenAI, fake: FakeOpenAI) -> Row:
@@ -242,7 +271,7 @@ async def run(
         async with openai.AsyncOpenAI(
             base_url=url + "/v1", api_key="sk-demo-not-a-real-key", max_retries=0
         ) as client:
-            rows = await tour(client, fake)
+            rows = await tour(client, fake, app.state.flights)
         print_table(rows, console)
         if serve:
             console.print(

@@ -183,9 +183,7 @@ def flight_readers(*proxies: Any) -> int:
     for a burst of n). A test holds the upstream (FakeOpenAI.hold) until this reaches its
     burst's count, so that every duplicate has joined before the answer comes, however slow
     the machine."""
-    # list() copies the flights in one step under the GIL: the proxy's loop runs on another
-    # thread and may add or drop flights meanwhile.
-    return sum(f.readers for p in proxies for f in list(p.state.flights._flights.values()))
+    return sum(p.state.flights.readers() for p in proxies)
 
 
 def recheck_s_passes(bg: BackgroundLoop, proxy: ProxyServer) -> None:

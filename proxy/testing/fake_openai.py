@@ -11,7 +11,8 @@ Knobs, set on the instance while it runs:
 - `cut_after`: streams stop after N chunks without their terminal event (and the connection
   is cut); `error_after`: an `error` event after N chunks; `fail_responses`: a Responses
   stream ends with `response.failed`;
-- `hold()` / `release()` (from any thread): requests are counted, then wait until released;
+- `hold(*paths)` / `release()` (from any thread): requests (to those paths) are counted, then
+  wait until released;
 - `path_latency` / `path_errors`: one path is slow, or answers an error status;
 - embeddings are a hashed bag of words (`bag_of_words`): paraphrases embed alike;
 - `image_ttl_s`: how long image URLs work (like OpenAI's 60 minutes).
@@ -203,6 +204,7 @@ class FakeOpenAI:
     error_after: int | None = None
     fail_responses: bool = False
     _gate: asyncio.Event | None = None
+    _held_paths: frozenset[str] = frozenset()
     _loop: asyncio.AbstractEventLoop | None = None
     calls: list[Call] = field(default_factory=list)
     image_downloads: list[str] = field(default_factory=list)
@@ -272,9 +274,11 @@ class FakeOpenAI:
             await self._runner.cleanup()
             self._runner = None
 
-    def hold(self) -> None:
-        """From now on every request is counted, then waits until release(): a test orders
-        what happens while an answer is pending by the upstream's own count, not by a sleep."""
+    def hold(self, *paths: str) -> None:
+        """From now on every request (to one of `paths`, if given) is counted, then waits
+        until release(): a test orders what happens while an answer is pending by the
+        upstream's own count, not by a sleep."""
+        self._held_paths = frozenset(paths)
         self._gate = asyncio.Event()
 
     def release(self) -> None:
@@ -305,7 +309,7 @@ class FakeOpenAI:
         self._n += 1
         request[CALL_N] = self._n
         gate = self._gate
-        if gate is not None:
+        if gate is not None and (not self._held_paths or request.path in self._held_paths):
             await gate.wait()
         delay = self.latencies.pop(0) if self.latencies else self.latency
         delay = self.path_latency.get(request.path, delay)
