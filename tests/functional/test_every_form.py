@@ -368,8 +368,8 @@ while True:
 def test_health_answers_while_15_mb_bodies_are_parsed(tmp_path: Path) -> None:
     """While two processes keep sending new 15 MB nested-array JSON bodies (each takes a
     JSON parser about a second here), /_proxy/health answers at once: the bodies are parsed
-    in worker processes, not on (or beside, holding the GIL of) the event loop
-    (bench/large_bodies_bench.py measures the p99 with four clients)."""
+    in worker processes, not on (or beside, holding the GIL of) the event loop, which would
+    stall it once per body (bench/large_bodies_bench.py measures the p99 with four clients)."""
     from bench.common import fake_upstream
     from tests.helpers import Proc, raw
 
@@ -396,6 +396,11 @@ def test_health_answers_while_15_mb_bodies_are_parsed(tmp_path: Path) -> None:
                 a.kill()
                 a.wait()
             p.stop()
-    # a parse on (or beside, holding the GIL of) the loop stalls it 0.5-2 s; observed here:
-    # under 0.1 s at worst
-    assert max(took) < 0.4, sorted(took)[-10:]
+    # Probes follow one another, so the slow ones add up to the time the loop could not
+    # answer. A parse on the loop stalls it 0.5-2 s per body, beside it (a thread holding the
+    # GIL) 0.5 s or so, several bodies in the window: measured here, 3.5 s and 2.5 s of
+    # probes over 0.1 s. With the workers: none over 0.05 s, with or without a CPU burner.
+    # The budget lets a loaded CI host pause once; the median probe answers at once.
+    took.sort()
+    stalled = sum(t for t in took if t > 0.1)
+    assert took[len(took) // 2] < 0.1 and stalled < 1.2, (stalled, took[-10:])

@@ -43,6 +43,11 @@ def proc(hostile: HostileUpstream, tmp_path: Path) -> Iterator[Proc]:
         p.stop()
 
 
+def healthy(port: int) -> bool:
+    got = raw(port, b"GET /_proxy/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    return bool(orjson.loads(body_of(got))["status"] == "ok")
+
+
 def chat(prompt: str, model: str = "gpt-4o-mini") -> bytes:
     return orjson.dumps({"model": model, "messages": [{"role": "user", "content": prompt}]})
 
@@ -241,18 +246,18 @@ def test_no_secret_reaches_stdout_or_stderr_for_malformed_http(proc: Proc) -> No
 def test_expect_100_continue_is_answered_here_and_never_forwarded(
     proc: Proc, hostile: HostileUpstream
 ) -> None:
-    """The proxy answers 100 Continue at once; the upstream (which ignores Expect) never sees
-    the header; a 2 MB body goes through without the client's wait."""
+    """The proxy answers 100 Continue itself, before the body is sent (the upstream ignores
+    Expect and never sends one); the upstream never sees the header; a 2 MB body goes
+    through without the client's wait."""
     body = chat("x" * 2_000_000)
     head = (
         f"POST {CHAT} HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\napi-key: k\r\n"
         f"Expect: 100-continue\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     )
-    with socket.create_connection(("127.0.0.1", proc.port), timeout=5) as s:
+    with socket.create_connection(("127.0.0.1", proc.port), timeout=10) as s:
         s.sendall(head.encode())
-        t0 = time.monotonic()
-        interim = s.recv(100)
-        assert interim.startswith(b"HTTP/1.1 100 Continue") and time.monotonic() - t0 < 0.5
+        interim = s.recv(100)  # (a proxy that waits for the body answers nothing: timeout)
+        assert interim.startswith(b"HTTP/1.1 100 Continue")
         s.sendall(body)
         data = b""
         while not _complete(data.partition(b"HTTP/1.1 100 Continue\r\n\r\n")[2] or data):
@@ -314,14 +319,7 @@ def test_a_corrupt_entry_is_a_miss_that_replaces_it_and_redis_restarts_are_retri
         server.stop()
         server = start_redis(port)
         # the store probe (every second) may have seen Redis down meanwhile: let it see it back
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            got = raw(
-                p.port, b"GET /_proxy/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-            )
-            if orjson.loads(body_of(got))["status"] == "ok":
-                break
-            time.sleep(0.1)
+        eventually(lambda: healthy(p.port), within_s=15)
         miss = post(p.port, chat("one"), headers)
         assert header(miss, "X-Cache-Status") == "MISS"  # reconnected: not BYPASS
         assert header(post(p.port, chat("one"), headers), "X-Cache-Status") == "HIT"
@@ -361,13 +359,14 @@ def test_idempotency_key_conflict_across_instances(
     fake: FakeOpenAI, tmp_path: Path, redis_server: RedisServer
 ) -> None:
     """The same Idempotency-Key with another body on a second instance, while the first is
-    in flight, is a 422; with the same body it shares the first answer."""
+    in flight, is a 422; with the same body it follows the first and shares its answer."""
     import threading
 
-    fake.latency = 1.5
     shared = ("--cache", redis_server.url, "--secret", "one-deployment")
     a, pa = spawn_proxy(fake.base_url, tmp_path / "a", *shared)
     b, pb = spawn_proxy(fake.base_url, tmp_path / "b", *shared)
+    r = redis.Redis(port=redis_server.port)
+    fake.hold()  # A's call waits upstream, holding the lease, until released
     try:
         headers = {
             "Authorization": "Bearer sk-a",
@@ -377,15 +376,23 @@ def test_idempotency_key_conflict_across_instances(
         results: dict[str, bytes] = {}
         first = threading.Thread(target=lambda: results.update(a=post(pa, chat("one"), headers)))
         first.start()
-        time.sleep(0.5)
+        eventually(lambda: fake.count(CHAT) == 1)
         other = post(pb, chat("two"), headers)
-        same = post(pb, chat("one"), headers)
+        second = threading.Thread(target=lambda: results.update(b=post(pb, chat("one"), headers)))
+        second.start()
+        # B follows A's flight: a blocking read of its Redis stream
+        eventually(lambda: r.info("clients")["blocked_clients"] >= 1)
+        fake.release()
         first.join(20)
+        second.join(20)
         assert status_of(other) == 422
         assert orjson.loads(body_of(other))["error"]["code"] == "idempotency_key_reused"
+        same = results["b"]
         assert status_of(same) == 200 and body_of(same) == body_of(results["a"])
         assert fake.count(CHAT) == 1
     finally:
+        fake.release()
+        r.close()
         for p in (a, b):
             p.terminate()
             p.wait(20)

@@ -87,8 +87,8 @@ def test_a_stdout_nobody_reads_never_stalls_the_proxy(fake: FakeOpenAI, tmp_path
             answer.read()
             assert answer.status == 200, i
         t0 = time.monotonic()
-        conn.request("GET", "/_proxy/health")
-        assert conn.getresponse().status == 200 and time.monotonic() - t0 < 1.0
+        conn.request("GET", "/_proxy/health")  # (a stalled proxy never answers: timeout)
+        assert conn.getresponse().status == 200 and time.monotonic() - t0 < 8.0
         conn.close()
     finally:
         proc.terminate()

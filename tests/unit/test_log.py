@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import array
+import fcntl
 import io
 import os
+import termios
 import threading
 import time
 
@@ -30,20 +33,29 @@ def test_the_sink_writes_once_it_holds_more_than_drain_bytes() -> None:
 
 
 def test_a_full_pipe_blocks_the_writer_thread_not_the_caller() -> None:
-    """drain() returns at once while nobody reads the pipe; past the backlog, lines are
+    """write() and drain() return while nobody reads the pipe; past the backlog, lines are
     dropped and counted, and a log.dropped line says so once the pipe is read again."""
     read_end, write_end = os.pipe()
     out = os.fdopen(write_end, "wb")
     sink = BufferedSink(out, threaded=True, backlog_bytes=256 * 1024)
     line = b'{"event":"request.done"}' + b" " * 1000 + b"\n"
-    slowest = 0.0
-    for _ in range(2000):  # 2 MB: the pipe holds 64 KB, the backlog 256 KB more
-        t0 = time.monotonic()
-        sink.write(line)
-        slowest = max(slowest, time.monotonic() - t0)
-    sink.drain()
-    assert slowest < 0.1
-    assert 0 < sink.dropped_lines < 2000
+
+    def caller() -> None:
+        for _ in range(2000):  # 2 MB: the pipe holds 64 KB, the backlog 256 KB more
+            sink.write(line)
+        sink.drain()
+
+    writes = threading.Thread(target=caller, daemon=True)
+    writes.start()
+    writes.join(timeout=10)  # about 10 ms; a write that waits for the pipe never ends
+    if writes.is_alive():
+        os.close(read_end)  # (its write then fails, and the thread ends)
+        raise AssertionError("the caller waited for the full pipe")
+    full = fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
+    deadline = time.monotonic() + 10
+    while _unread(read_end) < full:  # the writer thread fills it (and waits there)
+        assert time.monotonic() < deadline, "the pipe never filled"
+        time.sleep(0.01)
     got = bytearray()
     with os.fdopen(read_end, "rb") as pipe:
 
@@ -60,5 +72,13 @@ def test_a_full_pipe_blocks_the_writer_thread_not_the_caller() -> None:
     notes = [orjson.loads(ln) for ln in lines if b"log.dropped" in ln]
     kept = [ln for ln in lines if b"request.done" in ln]
     assert len(notes) >= 1 and notes[0]["level"] == "warning"
+    assert 0 < len(kept) < 2000
     assert len(kept) + sum(n["lines"] for n in notes) == 2000
     assert all(ln == line.rstrip(b"\n") for ln in kept)
+
+
+def _unread(fd: int) -> int:
+    """Bytes waiting in a pipe, from its read end."""
+    got = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, got)
+    return got[0]
