@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -278,11 +279,20 @@ async def run(
                 f"\nThe proxy keeps running in front of the fake upstream. Try it:\n"
                 f"  export OPENAI_BASE_URL={url}/v1 OPENAI_API_KEY=sk-anything\n"
                 f"Its request log (one JSON line per request): {log_path}\n"
-                f"Ctrl-C to stop (the demo's temporary folder goes with it)."
+                f"Ctrl-C (or SIGTERM) to stop; the demo's temporary folder goes with it."
             )
             print(f"OPENAI_BASE_URL={url}/v1", flush=True)
-            await asyncio.Event().wait()
+            await _until_stopped()
     return 0
+
+
+async def _until_stopped() -> None:
+    """Wait for a SIGTERM (`docker stop`, `kill`), which then ends the demo as Ctrl-C does:
+    through main's cleanup, so no temporary folder (with its key secret) is left behind."""
+    stop = asyncio.Event()
+    with contextlib.suppress(NotImplementedError):  # (no signal handlers on Windows' loop)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
 
 
 def main(argv: list[str]) -> int:

@@ -62,7 +62,8 @@ def test_demo_runs_offline_in_under_15_seconds(tmp_path: Path) -> None:
 
 
 def test_demo_serve_answers_an_sdk_request() -> None:
-    """`demo --serve` keeps the proxy up at the printed base URL; an SDK call gets through."""
+    """`demo --serve` keeps the proxy up at the printed base URL; an SDK call gets through;
+    a SIGTERM stops it cleanly, its temporary folder (key secret, store, log) removed."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy", "demo", "--serve", "--port", str(port)],
@@ -89,8 +90,12 @@ def test_demo_serve_answers_an_sdk_request() -> None:
                 model="gpt-4o-mini", messages=[{"role": "user", "content": "hello from me"}]
             )
         assert r.choices[0].message.content
-    finally:
         proc.terminate()
-        proc.wait(10)
+        assert proc.wait(10) == 0
+        assert not Path(log.group(1)).parent.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
         if proc.stdout is not None:
             proc.stdout.close()
