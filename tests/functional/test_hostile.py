@@ -162,13 +162,14 @@ def test_deep_nesting_and_huge_multipart_get_openai_shaped_400s(
 
 
 ATTACKER = """
-import socket, sys
+import itertools, os, socket, sys
 port = int(sys.argv[1])
-body = b'{"model":"m","x":[' + b"0," * 3_000_000 + b'0]}'
-head = (f"POST /v1/chat/completions HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n"
-        f"Content-Type: application/json\\r\\napi-key: k\\r\\n"
-        f"Content-Length: {len(body)}\\r\\n\\r\\n").encode()
-while True:
+numbers = b"0," * 3_000_000 + b'0]}'
+for n in itertools.count():  # a new body each time: none is a memoised plan
+    body = b'{"model":"m%d-%d","x":[' % (os.getpid(), n) + numbers
+    head = (f"POST /v1/chat/completions HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n"
+            f"Content-Type: application/json\\r\\napi-key: k\\r\\n"
+            f"Content-Length: {len(body)}\\r\\n\\r\\n").encode()
     with socket.create_connection(("127.0.0.1", port)) as s:
         s.sendall(head + body)
         while s.recv(65536):
@@ -183,7 +184,7 @@ def test_health_answers_while_pathological_bodies_are_parsed(proc: Proc) -> None
     attackers = [
         subprocess.Popen([sys.executable, "-c", ATTACKER, str(proc.port)]) for _ in range(2)
     ]
-    worst = 0.0
+    took: list[float] = []
     try:
         time.sleep(1.0)
         for _ in range(40):
@@ -191,14 +192,18 @@ def test_health_answers_while_pathological_bodies_are_parsed(proc: Proc) -> None
             answer = raw(
                 proc.port, b"GET /_proxy/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
             )
-            worst = max(worst, time.monotonic() - t0)
+            took.append(time.monotonic() - t0)
             assert status_of(answer) == 200
             time.sleep(0.02)
     finally:
         for a in attackers:
             a.kill()
             a.wait()
-    assert worst < 2.0
+    # As in test_every_form's 15 MB test: the slow probes add up to the time the loop could
+    # not answer; the budget lets a loaded host pause once.
+    took.sort()
+    stalled = sum(t for t in took if t > 0.1)
+    assert took[len(took) // 2] < 0.1 and stalled < 1.2, (stalled, took[-10:])
 
 
 def test_client_strings_never_grow_logs_metrics_or_memory(
