@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -55,6 +56,8 @@ PURGE_LOG_S = 3600
 """How long that list lives after the last purge: longer than any fill may take."""
 CLOCK_READINGS = 5
 """Readings of Redis TIME at start-up; the one with the shortest round trip is kept."""
+CLOCK_SANE_S = 86400.0
+"""A Redis clock further than this from this machine's is refused (this machine's is kept)."""
 
 EVICTING_POLICIES = ("allkeys-lru", "allkeys-lfu", "allkeys-random")
 """maxmemory policies that may evict keys without a TTL protection: a lease or a stream key
@@ -135,24 +138,26 @@ class RedisStore:
         (this process descheduled on a busy machine): the shortest of CLOCK_READINGS is kept,
         as NTP does, so instances on one store agree closely on when a purge came."""
         best: tuple[float, float] | None = None  # (round trip, offset)
-        try:
-            for _ in range(CLOCK_READINGS):
+        for _ in range(CLOCK_READINGS):
+            try:
                 before = time.time()
                 got = await self._call(self.client.time)
                 after = time.time()
                 if isinstance(got, dict):  # a cluster client may answer per node
                     got = next(iter(got.values()))
                 seconds, micros = got
-                reading = (
-                    after - before,
-                    float(seconds) + float(micros) / 1e6 - (before + after) / 2,
-                )
-                best = reading if best is None else min(best, reading)
-        except Exception as exc:  # no TIME (a proxy in front of Redis...): this machine's clock
-            log.info("store.clock_unavailable", store=self.name, error=type(exc).__name__)
+                offset = float(seconds) + float(micros) / 1e6 - (before + after) / 2
+            except Exception as exc:  # no TIME (a proxy in front of Redis...), or a bad answer
+                log.info("store.clock_unavailable", store=self.name, error=type(exc).__name__)
+                break
+            if not math.isfinite(offset) or abs(offset) > CLOCK_SANE_S:
+                log.warning("store.clock_refused", store=self.name, offset_s=str(offset)[:24])
+                break
+            reading = (after - before, offset)
+            best = reading if best is None else min(best, reading)
+        if best is None:  # this machine's clock
             return
-        if best is not None:
-            CLOCK.offset = best[1]
+        CLOCK.offset = best[1]  # the readings taken before any failure still count
         if abs(CLOCK.offset) > 1.0:
             log.warning("store.clock_skew", store=self.name, offset_s=round(CLOCK.offset, 3))
 
@@ -346,6 +351,8 @@ class RedisStore:
 
     async def aclose(self) -> None:
         """Close both clients: the store made them, the bus only borrows the blocking one."""
-        await self.client.aclose()
-        if self._blocking is not self.client:
-            await self._blocking.aclose()
+        try:
+            await self.client.aclose()
+        finally:
+            if self._blocking is not self.client:
+                await self._blocking.aclose()

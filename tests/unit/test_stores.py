@@ -349,25 +349,50 @@ def test_a_key_added_again_is_not_counted_twice() -> None:
     assert f.count == 2
 
 
-async def test_one_slow_reading_of_redis_time_does_not_skew_the_clock(
-    redis_server: RedisServer,
-) -> None:
-    """A process stalled right after its first TIME reading (a busy machine) still takes
-    Redis's clock within a few ms: the reading with the shortest round trip is the one kept."""
+async def _clock_read_with(redis_server: RedisServer, script: list[object]) -> float:
+    """CLOCK.offset after warm(), each Redis TIME reading done as `script` says: a number of
+    seconds by which its answer comes back late, an exception to raise, or a (seconds,
+    micros) answer in place of Redis's."""
     store = RedisStore.from_url(redis_server.url)
-    real_time, stalls = store.client.time, [0.4]
+    real_time, steps = store.client.time, list(script)
 
-    async def time_then_stall() -> object:
+    async def scripted() -> object:
+        step = steps.pop(0) if steps else 0.0
+        if isinstance(step, Exception):
+            raise step
+        if isinstance(step, tuple):
+            return step
         got = await real_time()
-        if stalls:
-            await asyncio.sleep(stalls.pop())  # the reading comes back late
+        await asyncio.sleep(float(step))  # type: ignore[arg-type]
         return got
 
-    store.client.time = time_then_stall
+    store.client.time = scripted
     try:
         await store.warm()
-        assert not stalls  # the stalled reading was taken (and left out)
-        assert abs(CLOCK.offset) < 0.05  # one machine: Redis's clock is this one
+        return CLOCK.offset
     finally:
         CLOCK.offset = 0.0
         await store.aclose()
+
+
+async def test_the_redis_time_reading_with_the_shortest_round_trip_is_kept(
+    redis_server: RedisServer,
+) -> None:
+    """Of five Redis TIME readings, four of them late (a stalled process), the quick one sets
+    the clock: within a few ms of this machine's, whichever place it has."""
+    for quick in range(5):
+        script: list[object] = [0.3] * 5
+        script[quick] = 0.0
+        assert abs(await _clock_read_with(redis_server, script)) < 0.05, quick
+
+
+async def test_a_failed_or_absurd_redis_time_keeps_the_readings_before_it(
+    redis_server: RedisServer,
+) -> None:
+    """A reading that fails after good ones keeps the good ones' clock; a NaN or far-off
+    answer is refused (this machine's clock, not NaN Ages)."""
+    ahead = (int(time.time()) + 100, 0)  # a Redis whose clock is 100 s ahead
+    assert 99 < await _clock_read_with(redis_server, [ahead, ahead, TimeoutError()]) < 101
+    assert await _clock_read_with(redis_server, [(b"nan", b"0")]) == 0.0
+    assert await _clock_read_with(redis_server, [(b"inf", b"0")]) == 0.0
+    assert await _clock_read_with(redis_server, [(10**12, 0)]) == 0.0
