@@ -282,17 +282,14 @@ async def run(
                 f"Ctrl-C (or SIGTERM) to stop; the demo's temporary folder goes with it."
             )
             print(f"OPENAI_BASE_URL={url}/v1", flush=True)
-            await _until_stopped()
+            await asyncio.Event().wait()  # until Ctrl-C or SIGTERM (see _interrupt)
     return 0
 
 
-async def _until_stopped() -> None:
-    """Wait for a SIGTERM (`docker stop`, `kill`), which then ends the demo as Ctrl-C does:
-    through main's cleanup, so no temporary folder (with its key secret) is left behind."""
-    stop = asyncio.Event()
-    with contextlib.suppress(NotImplementedError):  # (no signal handlers on Windows' loop)
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    await stop.wait()
+def _interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM (`kill`, `docker stop`) ends the demo as Ctrl-C does, through main's cleanup,
+    so no temporary folder (with its key secret) is left behind, at any step."""
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str]) -> int:
@@ -307,6 +304,7 @@ def main(argv: list[str]) -> int:
     given, args = Settings.parse(
         argv, prog="python -m proxy demo", description=__doc__, epilog=None, extra=serve_flag
     )
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # before the folder is made
     work = Path(tempfile.mkdtemp(prefix="openai-cache-proxy-demo-"))
     log = (work / "requests.log").open("wb")
     log_sink = configure_logging("json", out=log)  # the tour's request lines go to this file
@@ -337,3 +335,4 @@ def main(argv: list[str]) -> int:
     finally:
         log.close()
         shutil.rmtree(work, ignore_errors=True)  # the store, images and log of the tour
+        signal.signal(signal.SIGTERM, previous)

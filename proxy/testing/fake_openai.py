@@ -270,6 +270,7 @@ class FakeOpenAI:
         return self.base_url
 
     async def stop(self) -> None:
+        self.release()  # a request still held would keep the runner's cleanup waiting
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -279,7 +280,8 @@ class FakeOpenAI:
         until release(): a test orders what happens while an answer is pending by the
         upstream's own count, not by a sleep."""
         self._held_paths = frozenset(paths)
-        self._gate = asyncio.Event()
+        if self._gate is None:  # (held again: the requests already waiting keep their gate)
+            self._gate = asyncio.Event()
 
     def release(self) -> None:
         """Let the held requests go on, from any thread (the gate is set on the fake's loop:

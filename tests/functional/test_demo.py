@@ -99,3 +99,29 @@ def test_demo_serve_answers_an_sdk_request() -> None:
             proc.wait(10)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def test_demo_stopped_mid_tour_leaves_no_folder(tmp_path: Path) -> None:
+    """A SIGTERM while the tour still runs stops the demo through its cleanup: its temporary
+    folder (key secret, store, log) is gone, as after Ctrl-C."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "demo", "--serve", "--port", str(free_port())],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not any(tmp_path.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert any(tmp_path.iterdir())  # the demo's folder is made: the tour begins
+        time.sleep(0.3)
+        proc.terminate()
+        assert proc.wait(20) == 0
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
